@@ -1,0 +1,131 @@
+"""Float64 references shared by tests, benchmarks and tuning.
+
+Conventions every kernel follows:
+- ``lse`` is the natural-log sum-exp of the *scaled* logits: ``log(sum_j exp(sm_scale * q.k_j))``.
+- Causal masking with a position offset: query ``i`` of a sequence with ``T`` new tokens and ``N``
+  KV rows (the new rows included, ``N >= T``) sees rows ``j <= i + (N - T)``.
+- Ragged batches use CSR-style ``indptr`` arrays: sequence ``b`` owns query rows
+  ``q_indptr[b]:q_indptr[b+1]`` and KV rows ``kv_indptr[b]:kv_indptr[b+1]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _f64(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().to(torch.float64)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, sm_scale: float, causal: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence, per-head K/V or one shared KV head.
+
+    q: [T, H, Dk]; k: [N, H, Dk] or [N, Dk]; v: [N, H, Dv] or [N, Dv].
+    Returns O [T, H, Dv] and LSE [T, H], both float64.
+    """
+    q, k, v = _f64(q), _f64(k), _f64(v)
+    t, n = q.shape[0], k.shape[0]
+    if k.dim() == 2:
+        s = torch.einsum("thd,nd->htn", q, k) * sm_scale  # [H, T, N]
+    else:
+        s = torch.einsum("thd,nhd->htn", q, k) * sm_scale
+    if causal:
+        i = torch.arange(t)[:, None]
+        j = torch.arange(n)[None, :]
+        s = s.masked_fill(j > i + (n - t), float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)  # [H, T]
+    p = torch.exp(s - lse[..., None])
+    if v.dim() == 2:
+        o = torch.einsum("htn,nd->thd", p, v)
+    else:
+        o = torch.einsum("htn,nhd->thd", p, v)
+    return o, lse.transpose(0, 1).contiguous()
+
+
+def absorbed_attention(
+    q: torch.Tensor, kv: torch.Tensor, *, v_dim: int, sm_scale: float, causal: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absorbed MLA over latent rows: q [T, H, 576], kv [N, 576]; V = kv[:, :v_dim] (512).
+
+    Returns O [T, H, v_dim] and LSE [T, H].
+    """
+    return attention(q, kv, kv[:, :v_dim], sm_scale=sm_scale, causal=causal)
+
+
+def ragged(fn, q: torch.Tensor, kv_args: tuple[torch.Tensor, ...], q_indptr, kv_indptr, **kw):
+    """Apply a one-sequence reference ``fn(q, *kv, **kw)`` to each sequence of a ragged batch."""
+    outs, lses = [], []
+    for b in range(len(q_indptr) - 1):
+        q0, q1 = int(q_indptr[b]), int(q_indptr[b + 1])
+        k0, k1 = int(kv_indptr[b]), int(kv_indptr[b + 1])
+        o, lse = fn(q[q0:q1], *(a[k0:k1] for a in kv_args), **kw)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def merge_states(
+    o_parts: torch.Tensor, lse_parts: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge split-KV partial results: o_parts [S, ..., D], lse_parts [S, ...] -> (O, LSE)."""
+    o_parts, lse_parts = _f64(o_parts), _f64(lse_parts)
+    lse = torch.logsumexp(lse_parts, dim=0)
+    w = torch.exp(lse_parts - lse)  # empty splits carry lse = -inf and weigh 0
+    w = torch.nan_to_num(w, nan=0.0)
+    return (w[..., None] * o_parts).sum(0), lse
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x = _f64(x)
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * _f64(weight)
+
+
+def gemm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """y = a @ w.T with a [M, K] and w [N, K] (torch.nn.Linear layout)."""
+    return _f64(a) @ _f64(w).T
+
+
+def moe_route(
+    logits: torch.Tensor,
+    *,
+    top_k: int,
+    method: str = "greedy",
+    n_group: int = 1,
+    topk_group: int = 1,
+    norm_topk_prob: bool = False,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V2 softmax routing: logits [T, E] -> (weights [T, k], expert ids [T, k])."""
+    scores = torch.softmax(_f64(logits), dim=-1)
+    if method == "group_limited_greedy":
+        t, e = scores.shape
+        group_scores = scores.view(t, n_group, e // n_group).max(dim=-1).values
+        group_idx = torch.topk(group_scores, k=topk_group, dim=-1).indices
+        mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+        mask = mask[:, :, None].expand(t, n_group, e // n_group).reshape(t, e)
+        scores = scores.masked_fill(mask == 0, 0.0)
+    w, idx = torch.topk(scores, k=top_k, dim=-1)
+    if norm_topk_prob and top_k > 1:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return w * routed_scaling_factor, idx
+
+
+def moe_experts(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    ids: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+) -> torch.Tensor:
+    """Routed experts: x [T, D], gate_up [E, 2I, D] (gate rows first), down [E, D, I]."""
+    x = _f64(x)
+    out = torch.zeros_like(x)
+    inter = down.shape[-1]
+    for t in range(x.shape[0]):
+        for w, e in zip(weights[t].tolist(), ids[t].tolist(), strict=True):
+            h = _f64(gate_up[e]) @ x[t]
+            h = torch.nn.functional.silu(h[:inter]) * h[inter:]
+            out[t] += w * (_f64(down[e]) @ h)
+    return out

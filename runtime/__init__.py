@@ -1,0 +1,1 @@
+"""Lightweight runtime: loads compiled artifacts with TVM's runtime library only."""

@@ -1,0 +1,1 @@
+"""TensorIR kernel factories and per-target schedule configs."""
