@@ -83,14 +83,18 @@ TOPK_METHODS = ("greedy", "group_limited_greedy")  # method code of mla.moe
 CONVERTERS = {"cache_write.default": _cache_write, "attention.default": _attention, "moe.default": _moe}
 
 
-def example_inputs(model: DeepseekV2, *, cache_rows: int) -> dict[str, torch.Tensor]:
+def example_inputs(
+    model: DeepseekV2, *, cache_rows: int, kv_dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     """Inputs used to trace: 3 prompt tokens after 2 cached ones (no dim is 0 or 1)."""
     inp = single_sequence_inputs([1, 2, 3], start=2, logits="all")
-    inp["cache"] = model.new_cache(cache_rows)
+    inp["cache"] = model.new_cache(cache_rows, kv_dtype)
     return inp
 
 
-def export_program(model: DeepseekV2, *, cache_rows: int = 64) -> torch.export.ExportedProgram:
+def export_program(
+    model: DeepseekV2, *, kv_dtype: torch.dtype = torch.float16, cache_rows: int = 64
+) -> torch.export.ExportedProgram:
     """``torch.export`` with dynamic tokens T, sequences B, KV rows N, logit rows R, cache rows C."""
     dim = torch.export.Dim
     t, n, r = dim("T", min=1, max=1 << 20), dim("N", min=1, max=1 << 24), dim("R", min=1)
@@ -106,7 +110,7 @@ def export_program(model: DeepseekV2, *, cache_rows: int = 64) -> torch.export.E
         "logit_rows": {0: r},
         "cache": {1: c},
     }
-    inputs = example_inputs(model, cache_rows=cache_rows)
+    inputs = example_inputs(model, cache_rows=cache_rows, kv_dtype=kv_dtype)
     with torch.no_grad():
         return torch.export.export(model, (), kwargs=inputs, dynamic_shapes=dynamic, strict=False)
 
@@ -121,5 +125,6 @@ def to_relax(ep: torch.export.ExportedProgram, model: DeepseekV2) -> Exported:
     return Exported(mod=mod, param_names=names)
 
 
-def export_relax(model: DeepseekV2) -> Exported:
-    return to_relax(export_program(model), model)
+def export_relax(model: DeepseekV2, *, kv_dtype: torch.dtype = torch.float16) -> Exported:
+    """Export and import; the cache is ``kv_dtype`` (f16: 2 bytes per latent element)."""
+    return to_relax(export_program(model, kv_dtype=kv_dtype), model)

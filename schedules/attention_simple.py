@@ -38,11 +38,14 @@ def simple_attention(
     target: tvm.target.Target,
     variant: str,
     sm_scale: float,
+    kv_dtype: str | None = None,
     threads: int = 64,
 ) -> tvm.tirx.PrimFunc:
+    """``kv_dtype`` is the cache's dtype (absorbed only; f16 even when q is f32)."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     absorbed = variant == "absorbed"
+    kv_dtype = kv_dtype or dtype
     dk = dims.latent_dim if absorbed else dims.qk_head_dim
     dv = dims.kv_lora_rank if absorbed else dims.v_head_dim
     neg_inf = T.float32(-3.0e38)
@@ -89,15 +92,15 @@ def simple_attention(
             var_q_indptr: T.handle,
             var_kv_rows: T.handle,
             var_kv_indptr: T.handle,
+            layer: T.int64,
             var_o: T.handle,
             var_lse: T.handle,
-            layer: T.int64,
         ):
             T.func_attr({"global_symbol": "attn_absorbed_simple", "tirx.noalias": True})
             n_tok, n_layers, n_rows = T.int64(), T.int64(), T.int64()
             n_kv, n_seq1 = T.int64(), T.int64()
             q = T.match_buffer(var_q, (n_tok, heads, dk), dtype)
-            cache = T.match_buffer(var_cache, (n_layers, n_rows, dk), dtype)
+            cache = T.match_buffer(var_cache, (n_layers, n_rows, dk), kv_dtype)
             q_indptr = T.match_buffer(var_q_indptr, (n_seq1,), "int32")
             kv_rows = T.match_buffer(var_kv_rows, (n_kv,), "int32")
             kv_indptr = T.match_buffer(var_kv_indptr, (n_seq1,), "int32")

@@ -51,7 +51,7 @@ def cache_gather(width: int, *, dtype: str, target: tvm.target.Target) -> tvm.ti
     """``out[i, :] = cache[layer, kv_rows[i], :]``: the rows a decompressed attention reads."""
 
     @T.prim_func(s_tir=True)
-    def gather(var_cache: T.handle, var_idx: T.handle, var_out: T.handle, layer: T.int64):
+    def gather(var_cache: T.handle, var_idx: T.handle, layer: T.int64, var_out: T.handle):
         T.func_attr({"global_symbol": "kv_cache_gather", "tirx.noalias": True})
         n_layers, n_rows, n = T.int64(), T.int64(), T.int64()
         cache = T.match_buffer(var_cache, (n_layers, n_rows, width), dtype)

@@ -1,0 +1,102 @@
+"""The compile pipeline, flat and phased (each phase can dump its IR with ``--dump-ir``):
+
+1. export     torch.export -> Relax ``main`` with ``mla.*`` pseudo-calls
+2. phases     ``main`` becomes ``prefill`` and ``decode`` (same signature)
+3. mla        RewriteMLAAttention: the MLA form of each phase for the chosen mode
+4. moe        LowerMoE
+5. kernels    LowerMLAKernels: call_tir to the target's attention / cache kernels
+6. params     LiftTransformParams: weight transforms (W_UK / W_UV absorption) into
+              ``transform_params``, run once at compile time
+7. build      TVM's default pipeline for the target (dlight schedules for unscheduled GPU ops)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import tvm
+from tvm import relax
+
+from mla_compiler.errors import ConfigError
+from mla_compiler.model_export.config import ModelConfig
+from mla_compiler.model_export.export import INPUT_NAMES, export_relax
+from mla_compiler.model_export.modeling import DeepseekV2
+from mla_compiler.passes import pseudo
+from mla_compiler.passes.lower_mla_kernels import LowerMLAKernels
+from mla_compiler.passes.lower_moe import LowerMoE
+from mla_compiler.passes.rewrite_mla_attention import RewriteMLAAttention
+
+MLA_MODES = (0, 2, 3)
+# attention form of (prefill, decode) per MLA mode; see RewriteMLAAttention
+FORMS = {
+    0: ("decompressed_cache", "decompressed_cache"),
+    2: ("absorbed", "absorbed"),
+    3: ("decompress", "absorbed"),
+}
+PHASES = ("prefill", "decode")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledIR:
+    mod: tvm.IRModule  # prefill, decode, transform_params, kernels
+    param_names: tuple[str, ...]
+
+
+def split_phases(mod: tvm.IRModule) -> tvm.IRModule:
+    main = mod["main"]
+    funcs = {gv: f for gv, f in mod.functions_items() if gv.name_hint != "main"}
+    out = tvm.IRModule(funcs, attrs=mod.attrs)
+    for phase in PHASES:
+        out[phase] = main.with_attr("global_symbol", phase)
+    return out
+
+
+def lower_to_kernels(
+    mod: tvm.IRModule, cfg: ModelConfig, *, mla: int, target: tvm.target.Target,
+    dump: Callable[[str, tvm.IRModule], None] | None = None, kernel_config=None,
+) -> tvm.IRModule:
+    if mla not in MLA_MODES:
+        raise ConfigError(f"unknown --mla {mla}: use 0 (decompressed), 2 (absorbed) or 3 (phase-aware)")
+    dump = dump or (lambda _name, _mod: None)
+    mod = split_phases(mod)
+    dump("phases", mod)
+    forms = dict(zip(PHASES, FORMS[mla], strict=True))
+    mod = RewriteMLAAttention(dims=cfg.dims, forms=forms)(mod)
+    dump("mla", mod)
+    mod = LowerMoE()(mod)
+    dump("moe", mod)
+    mod = LowerMLAKernels(dims=cfg.dims, target=target, config=kernel_config)(mod)
+    pseudo.check_lowered(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, tvm.tirx.PrimFunc):
+            mod[gv] = func.with_attr("tirx.is_scheduled", True)
+    dump("kernels", mod)
+    mod = relax.transform.LiftTransformParams(shared_transform=True)(mod)
+    dump("params", mod)
+    return mod
+
+
+def compile_ir(
+    model: DeepseekV2, *, mla: int, target: tvm.target.Target, dump_dir: str | Path | None = None,
+    kv_dtype: str = "float16", kernel_config=None,
+) -> CompiledIR:
+    def dump(name: str, mod: tvm.IRModule) -> None:
+        if dump_dir is not None:
+            path = Path(dump_dir)
+            path.mkdir(parents=True, exist_ok=True)
+            idx = len(list(path.glob("*.py")))
+            (path / f"{idx:02d}_{name}.py").write_text(mod.script(show_meta=False))
+
+    exported = export_relax(model, kv_dtype=getattr(torch, kv_dtype))
+    dump("export", exported.mod)
+    mod = lower_to_kernels(
+        exported.mod, model.cfg, mla=mla, target=target, dump=dump, kernel_config=kernel_config
+    )
+    return CompiledIR(mod=mod, param_names=exported.param_names)
+
+
+def user_input_names() -> tuple[str, ...]:
+    return INPUT_NAMES
