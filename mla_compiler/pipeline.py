@@ -83,12 +83,17 @@ def compile_ir(
     model: DeepseekV2, *, mla: int, target: tvm.target.Target, dump_dir: str | Path | None = None,
     kv_dtype: str = "float16", kernel_config=None,
 ) -> CompiledIR:
+    names: list[str] = []
+    if dump_dir is not None:
+        Path(dump_dir).mkdir(parents=True, exist_ok=True)
+        for old in Path(dump_dir).glob("[0-9][0-9]_*.py"):
+            old.unlink()
+
     def dump(name: str, mod: tvm.IRModule) -> None:
         if dump_dir is not None:
-            path = Path(dump_dir)
-            path.mkdir(parents=True, exist_ok=True)
-            idx = len(list(path.glob("*.py")))
-            (path / f"{idx:02d}_{name}.py").write_text(mod.script(show_meta=False))
+            names.append(name)
+            path = Path(dump_dir) / f"{len(names) - 1:02d}_{name}.py"
+            path.write_text(mod.script(show_meta=False))
 
     exported = export_relax(model, kv_dtype=getattr(torch, kv_dtype))
     dump("export", exported.mod)

@@ -119,7 +119,9 @@ def to_relax(ep: torch.export.ExportedProgram, model: DeepseekV2) -> Exported:
     from tvm.relax.frontend.torch import from_exported_program
 
     mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=CONVERTERS)
-    func = mod["main"].without_attr("params")
+    # Drop the dims' upper bounds: Relax's memory planner would reserve every intermediate at
+    # its bound (e.g. gathered KV rows at 16M rows). Without bounds it allocates per call.
+    func = mod["main"].without_attr("params").without_attr("tir_var_upper_bound")
     mod["main"] = func
     names = tuple(name for name, _ in model.named_parameters())
     return Exported(mod=mod, param_names=names)

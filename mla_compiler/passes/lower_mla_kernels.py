@@ -40,6 +40,8 @@ class _Lower(relax.PyExprMutator):
         args = [self.visit_expr(a) for a in pseudo.args_of(op)]
         if name == "cache_write":
             cache, rows, slots, layer = args
+            if rows.ty.dtype != cache.ty.dtype:
+                rows = self.builder_.emit(relax.op.astype(rows, cache.ty.dtype))
             gv = self._kernel("cache_write", width=int(cache.ty.shape[2]), dtype=cache.ty.dtype)
             return relax.call_tir_inplace(
                 gv, [cache, rows, slots, layer], inplace_indices=[0], out_ty=cache.ty

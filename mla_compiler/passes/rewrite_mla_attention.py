@@ -181,7 +181,7 @@ def rewrite_function(func: relax.Function, *, dims: MLADims, form: str, mod=None
     params = list(func.params)
     new_cache = None
     if form == "decompressed_cache":
-        idx = [p.name_hint for p in params].index("cache")
+        idx = [p.name for p in params].index("cache")
         old = params[idx]
         layers, rows, _ = old.ty.shape
         width = dims.heads * (dims.qk_head_dim + dims.v_head_dim)

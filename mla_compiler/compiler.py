@@ -1,0 +1,136 @@
+"""The Python API behind ``mla-compiler compile``: model source -> artifact directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from mla_compiler import artifact
+from mla_compiler.errors import ConfigError
+from mla_compiler.model_export.config import ModelConfig, load_config, preset
+from mla_compiler.model_export.modeling import DeepseekV2
+from mla_compiler.model_export.weights import load_hf_model, random_model, torch_dtype
+from mla_compiler.pipeline import MLA_MODES, compile_ir
+from mla_compiler.schedules.target import parse_targets, tvm_target
+
+# Presets whose weights take more than this are not stored: the runtime draws them from the seed.
+MAX_STORED_RANDOM_BYTES = 1 << 30
+DEFAULT_MAX_CONTEXT = 4096
+DEFAULT_UBATCH = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileOptions:
+    target: str = "cpu"
+    dtype: str = "float32"
+    kv_dtype: str = "float16"
+    mla: int = 3
+    max_context: int = DEFAULT_MAX_CONTEXT
+    ubatch: int = DEFAULT_UBATCH
+    decode_threshold: int = 1  # calls with at most this many new tokens per sequence run decode
+    seed: int = 0
+    dump_ir: str | None = None
+
+
+def resolve_model(*, model_dir: str | None, preset_name: str | None, dtype: str, seed: int):
+    """(config, model, where the weights come from). Big random presets are built on 'meta'."""
+    torch_dtype(dtype)  # validates the name
+    if model_dir is not None:
+        cfg = load_config(model_dir)
+        return cfg, load_hf_model(cfg, model_dir, dtype=dtype), {"source": "hf", "path": str(model_dir)}
+    cfg = preset(preset_name or "tiny")
+    if param_bytes(cfg, dtype) <= MAX_STORED_RANDOM_BYTES:
+        return cfg, random_model(cfg, seed=seed, dtype=dtype), {"source": "random", "seed": seed}
+    with torch.device("meta"):
+        model = DeepseekV2(cfg).to(torch_dtype(dtype))
+    model.inv_freq = model.inv_freq.to("meta")
+    return cfg, model.eval(), {"source": "random", "seed": seed, "stored": False}
+
+
+def param_bytes(cfg: ModelConfig, dtype: str) -> int:
+    with torch.device("meta"):
+        model = DeepseekV2(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    return n * torch.tensor([], dtype=torch_dtype(dtype)).element_size()
+
+
+def build_module(mod, target_names: list[str], output_dir: Path) -> dict:
+    """Build the Relax module for the target(s) into ``output_dir/model.so``; return build facts."""
+    import tvm
+
+    if target_names == ["cpu"]:
+        ex = tvm.compile(mod, target=tvm_target("cpu"))
+        ex.export_library(str(output_dir / artifact.MODULE))
+        return {"archs": []}
+    try:
+        from mla_compiler import cuda_build
+    except ImportError:
+        cuda_build = None
+    if cuda_build is not None:
+        res = cuda_build.build(mod, target_names, output=output_dir / artifact.MODULE)
+        return {"archs": list(res.archs), "ptx_arch": res.ptx_arch}
+    target = tvm_target(target_names[0])
+    with target:
+        ex = tvm.compile(mod, target=target)
+    ex.export_library(str(output_dir / artifact.MODULE))
+    return {"archs": target_names[:1], "ptx_arch": None, "device_code": "source"}
+
+
+def compile_model(
+    *, output: str | Path, model_dir: str | None = None, preset_name: str | None = None,
+    options: CompileOptions = CompileOptions(), command: str | None = None, log=print,
+) -> Path:
+    targets = parse_targets(options.target)
+    if options.mla not in MLA_MODES:
+        raise ConfigError(f"unknown --mla {options.mla}: use 0, 2 or 3")
+    if options.max_context < 1:
+        raise ConfigError(f"--max-context must be positive, got {options.max_context}")
+    t0 = time.time()
+    cfg, model, weights = resolve_model(
+        model_dir=model_dir, preset_name=preset_name, dtype=options.dtype, seed=options.seed
+    )
+    log(f"[1/3] model {cfg.name}: {cfg.num_hidden_layers} layers, mla={options.mla}, {options.dtype}")
+    ir = compile_ir(
+        model, mla=options.mla, target=tvm_target(targets[0]), dump_dir=options.dump_ir,
+        kv_dtype=options.kv_dtype,
+    )
+    log(f"[2/3] Relax pipeline done ({time.time() - t0:.1f}s); building for {','.join(targets)}")
+    kv_item = torch.tensor([], dtype=torch_dtype(options.kv_dtype)).element_size()
+    per_token = cfg.dims.cache_bytes_per_token(cfg.num_hidden_layers, mla=options.mla, itemsize=kv_item)
+
+    def write(tmp: Path) -> None:
+        facts = build_module(ir.mod, targets, tmp)
+        if weights.get("stored", True):
+            from safetensors.torch import save_file
+
+            state = {n: p.detach().contiguous() for n, p in model.named_parameters()}
+            save_file(state, str(tmp / artifact.WEIGHTS))
+        meta = {
+            "format_version": artifact.FORMAT_VERSION,
+            "model": cfg.to_dict(),
+            "target": options.target,
+            **facts,
+            "dtype": options.dtype,
+            "kv_dtype": options.kv_dtype,
+            "tvm_version": artifact.tvm_version(),
+            "mla": options.mla,
+            "max_context": options.max_context,
+            "ubatch": options.ubatch,
+            "decode_threshold": options.decode_threshold,
+            "kv_cache_bytes_per_token": per_token,
+            "kv_cache_width": int(ir.mod["prefill"].params[7].ty.shape[2]),
+            "param_names": list(ir.param_names),
+            "weights": weights,
+            "created_by": command or " ".join(sys.argv),
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (tmp / artifact.METADATA).write_text(json.dumps(meta, indent=2))
+
+    out = artifact.write_atomic(output, write)
+    log(f"[3/3] wrote {out} ({time.time() - t0:.1f}s)")
+    return out

@@ -1,0 +1,225 @@
+"""Engine: runs a compiled artifact with TVM's runtime (no compiler needed).
+
+The engine owns the KV cache ``[layers, slots * max_context, width]`` (f16 latent rows in MLA
+modes 2/3); each sequence is a slot of ``max_context`` consecutive rows. Prompts run through the
+``prefill`` function in chunks of ``ubatch`` tokens; single tokens through ``decode`` (in mla=3
+these are the decompressed and the absorbed attention forms).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from mla_compiler import artifact
+from mla_compiler.errors import InputError
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def validate(self) -> SamplingParams:
+        if not self.temperature >= 0:
+            raise InputError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InputError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise InputError(f"top_k must be >= 0, got {self.top_k}")
+        return self
+
+
+def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """Greedy at temperature 0, else top-k / top-p sampling from softmax(logits / T)."""
+    if params.temperature == 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / params.temperature
+    order = np.argsort(-z, kind="stable")
+    if params.top_k:
+        order = order[: params.top_k]
+    p = np.exp(z[order] - z[order[0]])
+    p /= p.sum()
+    if params.top_p < 1:
+        keep = int(np.searchsorted(np.cumsum(p), params.top_p) + 1)
+        order, p = order[:keep], p[:keep] / p[:keep].sum()
+    return int(rng.choice(order, p=p))
+
+
+class Engine:
+    def __init__(self, path: Path, meta: dict, vm, device, params: list, *, max_context: int):
+        import tvm
+
+        self.path, self.meta, self.vm, self.device = path, meta, vm, device
+        self.params = params
+        self.max_context = max_context
+        cfg = meta["model"]
+        self.vocab_size = cfg["vocab_size"]
+        self.eos_token_id = cfg.get("eos_token_id")
+        layers = cfg["num_hidden_layers"]
+        self.ubatch = int(meta.get("ubatch", 2048))
+        self.decode_threshold = int(meta.get("decode_threshold", 1))
+        shape = (layers, max_context, meta["kv_cache_width"])
+        self.cache = tvm.runtime.empty(shape, meta["kv_dtype"], device)
+        self.pos = 0
+
+    # ---- loading -------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | Path, device: str | None = None, *, max_context: int | None = None,
+             log=None) -> Engine:
+        import tvm
+
+        path = Path(path)
+        meta = artifact.read_metadata(path)
+        kind = device or ("cpu" if meta["target"] == "cpu" else "cuda")
+        dev = tvm.cpu() if kind == "cpu" else tvm.cuda(0)
+        arch = None
+        if kind == "cuda":
+            if not dev.exist:
+                raise InputError("no CUDA GPU is visible: run on a GPU machine or use a CPU artifact")
+            major, minor = dev.compute_version.split(".")
+            arch = f"sm_{major}{minor}" + ("a" if major == "9" else "")
+        artifact.check_compatible(meta, device_kind=kind, device_arch=arch)
+        max_context = max_context or int(meta["max_context"])
+        layers = meta["model"]["num_hidden_layers"]
+        item = 2 if meta["kv_dtype"] == "float16" else 4
+        cache_bytes = layers * max_context * meta["kv_cache_width"] * item
+        if log:
+            log(f"KV cache: {max_context} tokens x {meta['kv_cache_bytes_per_token']} B = "
+                f"{cache_bytes / 2**20:.1f} MiB")
+        lib = tvm.runtime.load_module(str(path / artifact.MODULE))
+        vm = tvm.runtime.vm.VirtualMachine(lib, dev)
+        raw = _load_weights(path, meta, dev)
+        params = list(vm["transform_params"](raw))
+        return cls(path, meta, vm, dev, params, max_context=max_context)
+
+    # ---- stepping ------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.pos = 0
+
+    def _check_tokens(self, tokens: Sequence[int]) -> np.ndarray:
+        ids = np.asarray(tokens, dtype=np.int64)
+        if ids.ndim != 1 or ids.size == 0:
+            raise InputError("empty prompt: give at least one token id")
+        bad = ids[(ids < 0) | (ids >= self.vocab_size)]
+        if bad.size:
+            raise InputError(
+                f"token id {int(bad[0])} is outside the vocabulary (0..{self.vocab_size - 1})"
+            )
+        if self.pos + ids.size > self.max_context:
+            raise InputError(
+                f"context of {self.pos + ids.size} tokens exceeds --max-context "
+                f"{self.max_context}: raise --max-context or shorten the prompt"
+            )
+        return ids
+
+    def _step(self, ids: np.ndarray, *, all_logits: bool = False) -> np.ndarray:
+        import tvm
+
+        t, start = ids.size, self.pos
+        n = start + t
+        fn = "decode" if t <= self.decode_threshold else "prefill"
+        inputs = [
+            ids,
+            np.arange(start, n, dtype=np.int64),
+            np.arange(start, n, dtype=np.int32),
+            np.array([0, t], dtype=np.int32),
+            np.arange(n, dtype=np.int32),
+            np.array([0, n], dtype=np.int32),
+            np.arange(t, dtype=np.int64) if all_logits else np.array([t - 1], dtype=np.int64),
+        ]
+        args = [tvm.runtime.tensor(x, self.device) for x in inputs]
+        out = self.vm[fn](*args, self.cache, *self.params)
+        self.pos = n
+        return out[0].numpy()
+
+    def prefill(self, tokens: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
+        """Append tokens in ``ubatch`` chunks; logits of the last token (or all, [T, V])."""
+        ids = self._check_tokens(tokens)
+        outs = []
+        for i in range(0, ids.size, self.ubatch):
+            outs.append(self._step(ids[i : i + self.ubatch], all_logits=all_logits))
+        return np.concatenate(outs) if all_logits else outs[-1][0]
+
+    def decode(self, token: int) -> np.ndarray:
+        return self._step(self._check_tokens([token]))[0]
+
+    def stream(self, prompt_ids: Sequence[int], *, max_new_tokens: int, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
+               stop_ids: Sequence[int] = ()) -> Iterator[int]:
+        params = SamplingParams(temperature, top_p, top_k, seed).validate()
+        if max_new_tokens < 0:
+            raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        rng = np.random.default_rng(seed)
+        self.reset()
+        self._check_tokens(prompt_ids)
+        if len(prompt_ids) + max_new_tokens > self.max_context:
+            raise InputError(
+                f"prompt ({len(prompt_ids)}) + max_new_tokens ({max_new_tokens}) exceeds "
+                f"--max-context {self.max_context}: raise --max-context or ask for fewer tokens"
+            )
+        if max_new_tokens == 0:
+            return
+        logits = self.prefill(prompt_ids)
+        for i in range(max_new_tokens):
+            tok = sample(logits, params, rng)
+            yield tok
+            if tok in stop_ids or i + 1 == max_new_tokens:
+                return
+            logits = self.decode(tok)
+
+    def generate(self, prompt_ids: Sequence[int], **kw) -> list[int]:
+        return list(self.stream(prompt_ids, **kw))
+
+
+def _load_weights(path: Path, meta: dict, dev) -> list:
+    """The model's parameters, in export order, as device tensors."""
+    import tvm
+
+    names = meta["param_names"]
+    file = path / artifact.WEIGHTS
+    if file.exists():
+        from safetensors.numpy import load_file
+
+        try:
+            state = load_file(str(file))
+        except Exception as e:
+            raise artifact.ArtifactError(f"{file} is unreadable ({e}): compile the artifact again") from None
+        missing = [n for n in names if n not in state]
+        if missing:
+            raise artifact.ArtifactError(f"{file} lacks {missing[0]}: compile the artifact again")
+        return [tvm.runtime.tensor(state[n], dev) for n in names]
+    return _random_weights(meta, dev)
+
+
+def _random_weights(meta: dict, dev) -> list:
+    """Seeded random weights drawn on the device (presets too large to store)."""
+    import tvm
+
+    try:
+        import torch
+    except ImportError as e:
+        raise artifact.ArtifactError("random-weight artifacts need torch to draw weights") from e
+    from mla_compiler.model_export.config import ModelConfig
+    from mla_compiler.model_export.modeling import DeepseekV2
+
+    cfg = ModelConfig.from_dict(meta["model"])
+    with torch.device("meta"):
+        shapes = {n: p.shape for n, p in DeepseekV2(cfg).named_parameters()}
+    tdev = "cuda" if dev.device_type == 2 else "cpu"
+    gen = torch.Generator(tdev).manual_seed(int(meta["weights"].get("seed", 0)))
+    dtype = getattr(torch, meta["dtype"])
+    out = []
+    for n in meta["param_names"]:
+        if "norm" in n:
+            t = 1.0 + 0.1 * torch.randn(shapes[n], generator=gen, device=tdev)
+        else:
+            t = 0.02 * torch.randn(shapes[n], generator=gen, device=tdev)
+        t = t.to(dtype).contiguous()
+        out.append(tvm.runtime.from_dlpack(t) if tdev == "cuda" else tvm.runtime.tensor(t.numpy(), dev))
+    return out
