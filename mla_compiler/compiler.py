@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -105,6 +106,10 @@ def compile_model(
 
     def write(tmp: Path) -> None:
         facts = build_module(ir.mod, targets, tmp)
+        if model_dir is not None:
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                if (Path(model_dir) / name).exists():
+                    shutil.copy(Path(model_dir) / name, tmp / name)
         if weights.get("stored", True):
             from safetensors.torch import save_file
 

@@ -80,7 +80,25 @@ def _moe(node, importer):
 
 TOPK_METHODS = ("greedy", "group_limited_greedy")  # method code of mla.moe
 
-CONVERTERS = {"cache_write.default": _cache_write, "attention.default": _attention, "moe.default": _moe}
+
+def _matmul(node, importer):
+    """TVM's importer forces matmul outputs to float32; keep the inputs' dtype (f16 stays f16,
+    the kernels accumulate in f32 anyway)."""
+    args = importer.retrieve_args(node)
+    a, b = args[0], args[1]
+    if "linear" in str(node.target):
+        b = relax.op.permute_dims(b, [1, 0])
+    return importer.block_builder.emit(relax.op.matmul(a, b, out_dtype=a.ty.dtype.dtype))
+
+CONVERTERS = {
+    "cache_write.default": _cache_write,
+    "attention.default": _attention,
+    "moe.default": _moe,
+    "mm.default": _matmul,
+    "matmul.default": _matmul,
+    "bmm.default": _matmul,
+    "linear.default": _matmul,
+}
 
 
 def example_inputs(

@@ -203,6 +203,14 @@ class DeepseekV2(nn.Module):
         inv_freq, self.rope_scale = rope_tables(cfg)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        """Keep the RoPE frequencies float32 when the model moves to f16/bf16."""
+        inv_freq = self.inv_freq
+        out = super()._apply(fn, recurse)
+        moved = fn(inv_freq)
+        self.inv_freq = inv_freq.to(moved.device) if moved.is_floating_point() else moved
+        return out
+
     def forward(
         self, input_ids, positions, slot_rows, q_indptr, kv_rows, kv_indptr, logit_rows, cache
     ):

@@ -67,6 +67,20 @@ class Engine:
         shape = (layers, max_context, meta["kv_cache_width"])
         self.cache = tvm.runtime.empty(shape, meta["kv_dtype"], device)
         self.pos = 0
+        self.tokenizer = _load_tokenizer(path)
+
+    def encode(self, text: str) -> list[int]:
+        if self.tokenizer is None:
+            raise InputError(
+                f"{self.path} has no tokenizer.json: pass --prompt-ids, or compile from a model "
+                "directory that has one"
+            )
+        ids = self.tokenizer.encode(text).ids
+        bos = self.meta["model"].get("bos_token_id")
+        return ([bos] if bos is not None and (not ids or ids[0] != bos) else []) + ids
+
+    def decode_text(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids)) if self.tokenizer else " ".join(map(str, ids))
 
     # ---- loading -------------------------------------------------------------------------
     @classmethod
@@ -175,6 +189,17 @@ class Engine:
 
     def generate(self, prompt_ids: Sequence[int], **kw) -> list[int]:
         return list(self.stream(prompt_ids, **kw))
+
+
+def _load_tokenizer(path: Path):
+    file = path / "tokenizer.json"
+    if not file.exists():
+        return None
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise InputError("this artifact has a tokenizer: `pip install tokenizers` to use it") from None
+    return Tokenizer.from_file(str(file))
 
 
 def _load_weights(path: Path, meta: dict, dev) -> list:

@@ -1,0 +1,147 @@
+"""``mla-compiler``: a thin argparse layer over ``compiler``, ``runtime`` and ``inspect_artifact``.
+
+Every ``MLAError`` becomes one line on stderr and exit code 2; no tracebacks for bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+
+from mla_compiler.errors import InputError, MLAError
+
+
+def _add_compile(sub) -> None:
+    p = sub.add_parser("compile", help="compile a model into an artifact directory")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="HF_DIR", help="HF checkpoint directory (config.json + safetensors)")
+    src.add_argument("--preset", metavar="NAME", help="built-in config with seeded random weights (tiny, deepseek-v2-lite)")
+    p.add_argument("--target", default="cpu", help="cpu, or GPU archs: sm_89, sm_90a, sm_89,sm_90a")
+    p.add_argument("--output", "-o", required=True, metavar="DIR")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="weights/activations (default float32 on cpu, float16 on GPUs)")
+    p.add_argument("--kv-dtype", default="float16", choices=["float16", "float32"],
+                   help="KV cache element type (default float16: 1152 B per token and layer)")
+    p.add_argument("--mla", type=int, default=3, choices=[0, 2, 3],
+                   help="0 decompressed cache, 2 absorbed, 3 phase-aware (default)")
+    p.add_argument("--max-context", type=int, default=4096, metavar="N")
+    p.add_argument("--ubatch", type=int, default=2048, metavar="N", help="prompt chunk size")
+    p.add_argument("--seed", type=int, default=0, help="seed of preset random weights")
+    p.add_argument("--dump-ir", metavar="DIR", help="write the Relax IR after each pipeline phase")
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help="generate tokens with a compiled artifact")
+    p.add_argument("artifact")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt-ids", metavar="1,2,3")
+    prompt.add_argument("--prompt", metavar="TEXT")
+    p.add_argument("--max-new-tokens", type=int, required=True, metavar="N")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-context", type=int, default=None, metavar="N")
+    p.add_argument("--ubatch", type=int, default=None, metavar="N")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="list the kernels of a GPU artifact with SASS statistics")
+    p.add_argument("artifact")
+    p.add_argument("--json", action="store_true")
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise InputError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise InputError("empty prompt: --prompt-ids needs at least one id")
+    return ids
+
+
+def cmd_compile(args) -> int:
+    from mla_compiler.compiler import CompileOptions, compile_model
+
+    dtype = args.dtype or ("float32" if args.target == "cpu" else "float16")
+    if args.ubatch < 1:
+        raise InputError(f"--ubatch must be positive, got {args.ubatch}")
+    opts = CompileOptions(
+        target=args.target, dtype=dtype, kv_dtype=args.kv_dtype, mla=args.mla,
+        max_context=args.max_context, ubatch=args.ubatch, seed=args.seed, dump_ir=args.dump_ir,
+    )
+    compile_model(
+        output=args.output, model_dir=args.model, preset_name=args.preset, options=opts,
+        command="mla-compiler " + shlex.join(sys.argv[1:]),
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    return 0
+
+
+def cmd_run(args) -> int:
+    from mla_compiler.runtime.engine import Engine
+
+    eng = Engine.load(args.artifact, args.device, max_context=args.max_context,
+                      log=lambda m: print(m, file=sys.stderr))
+    if args.ubatch is not None:
+        if args.ubatch < 1:
+            raise InputError(f"--ubatch must be positive, got {args.ubatch}")
+        eng.ubatch = args.ubatch
+    if args.prompt is not None:
+        prompt = eng.encode(args.prompt)
+    else:
+        prompt = _parse_ids(args.prompt_ids)
+    tokens = []
+    for tok in eng.stream(
+        prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+        stop_ids=() if eng.eos_token_id is None else (eng.eos_token_id,),
+    ):
+        tokens.append(tok)
+        if not args.json:
+            print(eng.decode_text([tok]) if eng.tokenizer else tok,
+                  end="" if eng.tokenizer else " ", flush=True)
+    if args.json:
+        out = {"prompt_tokens": len(prompt), "tokens": tokens}
+        if eng.tokenizer:
+            out["text"] = eng.decode_text(tokens)
+        print(json.dumps(out))
+    else:
+        print()
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from mla_compiler import inspect_artifact
+
+    report = inspect_artifact.inspect(args.artifact)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(inspect_artifact.format_table(report))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mla-compiler", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    _add_compile(sub)
+    _add_run(sub)
+    _add_inspect(sub)
+    args = parser.parse_args(argv)
+    try:
+        return {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect}[args.cmd](args)
+    except MLAError as e:
+        print(f"mla-compiler {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
