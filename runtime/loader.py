@@ -1,0 +1,189 @@
+"""Load a compiled artifact with TVM's runtime library only (no compiler, no nvcc, no NVRTC).
+
+An artifact built by ``mla_compiler.cuda_build`` carries its kernels as a fatbin (cubins + PTX),
+so loading needs ``libtvm_runtime.so``, ``libtvm_runtime_cuda.so`` and the NVIDIA driver. Call
+``use_runtime_only()`` before anything imports ``tvm`` to keep ``libtvm_compiler.so`` out of the
+process (it sets ``TVM_USE_RUNTIME_LIB=1``); the loader also works in a full TVM process.
+
+Nothing here imports ``tvm`` at module import time, nor any compiler-side module of the package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+from mla_compiler.errors import ArtifactError, TargetError
+
+MANIFEST_FORMAT = "mla-compiler/cuda-artifact/1"
+MANIFEST_SUFFIX = ".manifest.json"
+
+_KDL_CUDA = 2  # DLPack device type of CUDA
+_IMAGE = re.compile(r"(sm|compute)_(\d)(\d{1,2})([af]?)")
+
+
+def use_runtime_only() -> bool:
+    """Ask for TVM's runtime library only; True when the process will run (or runs) without
+    the compiler. Has effect only before the first ``import tvm``."""
+    if "tvm" not in sys.modules:
+        os.environ["TVM_USE_RUNTIME_LIB"] = "1"
+        return True
+    import tvm
+
+    return bool(tvm.base._RUNTIME_ONLY)
+
+
+def compiler_loaded() -> bool:
+    """Whether ``libtvm_compiler.so`` is mapped into this process (Linux)."""
+    try:
+        return "libtvm_compiler" in Path("/proc/self/maps").read_text()
+    except OSError:
+        return False
+
+
+def read_manifest(path: str | Path) -> tuple[Path, dict]:
+    """(artifact directory, manifest) from a library, manifest or artifact directory path."""
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob(f"*{MANIFEST_SUFFIX}"))
+        if len(found) != 1:
+            raise ArtifactError(f"{path}: expected one *{MANIFEST_SUFFIX}, found {len(found)}")
+        path = found[0]
+    elif path.suffix == ".so":
+        path = path.with_name(path.stem + MANIFEST_SUFFIX)
+    if not path.is_file():
+        raise ArtifactError(f"{path}: artifact manifest missing (rebuild the artifact)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ArtifactError(f"{path}: corrupt manifest ({err})") from err
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ArtifactError(f"{path}: not an mla-compiler artifact manifest")
+    return path.parent, manifest
+
+
+def device_capability(device) -> tuple[int, int]:
+    """(major, minor) of a GPU: a TVM device, anything with ``compute_version`` ("9.0"),
+    a "9.0" string or a (9, 0) tuple."""
+    if isinstance(device, tuple):
+        return int(device[0]), int(device[1])
+    version = device if isinstance(device, str) else device.compute_version
+    major, minor = str(version).split(".")
+    return int(major), int(minor)
+
+
+def _runs_on(image: str, cap: tuple[int, int]) -> bool:
+    """CUDA's compatibility rules: cubin sm_Xy runs on X.z (z >= y) of the same major; PTX
+    compute_Xy is JIT-compiled for any X'.z >= X.y; the ``a`` variants only on exactly X.y;
+    ``f`` (family) variants on X.z, z >= y."""
+    m = _IMAGE.fullmatch(image)
+    if not m:
+        raise ArtifactError(f"unknown image {image!r} in artifact (expected sm_XX or compute_XX)")
+    kind, major, minor, suffix = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+    if suffix == "a":
+        return (major, minor) == cap
+    if kind == "sm" or suffix == "f":
+        return major == cap[0] and minor <= cap[1]
+    return (major, minor) <= cap
+
+
+def check_arch(artifact_archs, device) -> str:
+    """The image of the artifact a GPU will run: its best cubin, else PTX (JIT by the driver).
+
+    ``artifact_archs``: what the fatbin holds, nvcc style (``["sm_89", "compute_89"]``); a
+    ``compute_*`` entry is PTX. Raises ``TargetError`` naming the arch to compile for.
+    """
+    cap = device_capability(device)
+    images = list(artifact_archs)
+    cubins = [a for a in images if a.startswith("sm_") and _runs_on(a, cap)]
+    if cubins:  # exact arch-specific first, then the newest compatible
+        return max(cubins, key=lambda a: (_IMAGE.fullmatch(a).group(4) == "a", a))
+    ptx = [a for a in images if a.startswith("compute_") and _runs_on(a, cap)]
+    if ptx:
+        return max(
+            ptx, key=lambda a: int(_IMAGE.fullmatch(a).group(2) + _IMAGE.fullmatch(a).group(3))
+        )
+    want = f"sm_{cap[0]}{cap[1]}" + ("a" if cap[0] >= 9 else "")
+    held = ", ".join(images) if images else "no CUDA code"
+    raise TargetError(
+        f"artifact built for {held} cannot run on this GPU (compute capability "
+        f"{cap[0]}.{cap[1]}{', and it carries no usable PTX' if cubins == [] else ''}): "
+        f"recompile with --target {want}"
+    )
+
+
+def _device(device):
+    import tvm
+
+    if isinstance(device, str):
+        kind, _, index = device.partition(":")
+        return tvm.runtime.device(kind, int(index or 0))
+    return device
+
+
+def ensure_cuda_runtime() -> None:
+    """Load ``libtvm_runtime_cuda.so`` (CUDA device API and fatbin loader) if not loaded:
+    ``import tvm`` skips it in runtime-only mode."""
+    import tvm
+
+    if tvm.get_global_func("ffi.Module.load_from_bytes.cuda", allow_missing=True) is not None:
+        return
+    from tvm.base import _LOADED_LIBS
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    runtime_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent
+    try:
+        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+            "tvm", "tvm_runtime_cuda", "RTLD_LOCAL", extra_lib_paths=[runtime_dir]
+        )
+    except (OSError, RuntimeError) as err:
+        raise TargetError(
+            f"cannot load TVM's CUDA runtime (libtvm_runtime_cuda.so: {err}); "
+            "a CUDA artifact needs an NVIDIA GPU with its driver (libcuda.so.1)"
+        ) from err
+
+
+def load_module(path: str | Path, device):
+    """Load an artifact's library (directory, ``.so`` or manifest path) for ``device``
+    (a TVM device, or "cuda", "cuda:1", "cpu") with the runtime library only.
+
+    Returns the runtime Module: the Relax VM executable for a Relax build (see ``load_vm``),
+    or the kernel library for a TIR-only build.
+    """
+    import tvm
+
+    path = Path(path)
+    plain_library = (
+        path.suffix == ".so" and not path.with_name(path.stem + MANIFEST_SUFFIX).exists()
+    )
+    if plain_library:  # a library not built by mla_compiler: nothing to check
+        library, targets, images = path, None, []
+    else:
+        directory, manifest = read_manifest(path)
+        library = directory / manifest["library"]
+        targets, images = manifest["targets"], manifest["images"]
+    if not library.is_file():
+        raise ArtifactError(f"{library}: library missing from the artifact")
+    dev = _device(device)
+    is_cuda = int(dev.dlpack_device_type()) == _KDL_CUDA
+    if targets is not None and is_cuda == (targets == ["cpu"]):
+        where = "a GPU" if is_cuda else "the CPU"
+        raise TargetError(f"artifact built for {', '.join(targets)} cannot run on {where}")
+    if is_cuda or (targets is not None and targets != ["cpu"]):
+        ensure_cuda_runtime()
+    if is_cuda and targets is not None:
+        if not dev.exist:
+            raise TargetError(f"no CUDA device {dev.index} on this machine")
+        check_arch(images, dev)
+    return tvm.runtime.load_module(str(library))
+
+
+def load_vm(path: str | Path, device):
+    """A Relax VM over an artifact built from a Relax module."""
+    from tvm.runtime import vm
+
+    dev = _device(device)
+    return vm.VirtualMachine(load_module(path, dev), dev)
