@@ -37,7 +37,7 @@ import tvm
 
 from mla_compiler import nvcc
 from mla_compiler.errors import ArtifactError, TargetError
-from mla_compiler.runtime.loader import MANIFEST_FORMAT, MANIFEST_SUFFIX
+from mla_compiler.runtime.loader import MANIFEST_FORMAT, MANIFEST_SUFFIX, SMOKE_IO
 from mla_compiler.schedules.target import parse_targets, tvm_target
 
 
@@ -98,6 +98,7 @@ def build(
     relax_pipeline="default",
     tir_pipeline="default",
     codegen_arch: str | None = None,
+    ptx: bool = True,
 ) -> BuildResult:
     """Compile ``mod`` (Relax, or TIR only) for ``archs`` and export it to ``output``.
 
@@ -113,13 +114,17 @@ def build(
         executable = tvm.compile(
             mod, target=target, relax_pipeline=relax_pipeline, tir_pipeline=tir_pipeline
         )
-    return export(executable, targets, output=output, name=name)
+    return export(executable, targets, output=output, name=name, ptx=ptx)
 
 
-def export(executable, archs: list[str], *, output: Path, name: str = "model") -> BuildResult:
+def export(
+    executable, archs: list[str], *, output: Path, name: str = "model", ptx: bool = True
+) -> BuildResult:
     """Export a compiled module (``tvm.compile`` output, or a runtime Module) to ``output``.
 
-    Its CUDA device modules must still hold source: compile under ``source_only()``.
+    Its CUDA device modules must still hold source: compile under ``source_only()``. ``ptx``:
+    also carry PTX of the lowest arch (skipped when that arch is arch-specific, e.g. sm_90a,
+    whose PTX runs nowhere else).
     """
     targets = tuple(parse_targets(",".join(archs)))
     output = Path(output)
@@ -139,7 +144,8 @@ def export(executable, archs: list[str], *, output: Path, name: str = "model") -
     device_modules, fatbins = [], []
     for index, source in enumerate(sources):
         suffix = "" if index == 0 else f".{index}"
-        dm, fatbin = _compile_device_module(source, targets, output / f"{name}.cuda{suffix}")
+        directory = output / f"{name}.cuda{suffix}"
+        dm, fatbin = _compile_device_module(source, targets, directory, ptx=ptx)
         device_modules.append(dm)
         fatbins.append(fatbin)
     new_blob = _rewrite_payloads(blob, fatbins)
@@ -153,13 +159,13 @@ def export(executable, archs: list[str], *, output: Path, name: str = "model") -
 
 
 def _compile_device_module(
-    source: str, targets: tuple[str, ...], directory: Path
+    source: str, targets: tuple[str, ...], directory: Path, *, ptx: bool
 ) -> tuple[DeviceModule, bytes]:
     """nvcc: one cubin per arch, PTX of the lowest arch (unless arch-specific), one fatbin."""
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "kernels.cu").write_text(source)
     low = lowest_arch(targets)
-    ptx_archs = [] if nvcc.arch_number(low).endswith(("a", "f")) else [low]
+    ptx_archs = [low] if ptx and not nvcc.arch_number(low).endswith(("a", "f")) else []
     flags = nvcc.TVM_NVCC_FLAGS
     workers = max(1, min(len(targets) + len(ptx_archs), os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -170,13 +176,13 @@ def _compile_device_module(
             a: pool.submit(nvcc.compile_ptx, source, a, extra_flags=flags) for a in ptx_archs
         }
         cubins = {a: job.result() for a, job in cubin_jobs.items()}
-        ptx = {a: job.result() for a, job in ptx_jobs.items()}
-    fatbin = nvcc.make_fatbin({a: c for a, (c, _) in cubins.items()}, ptx)
+        ptx_text = {a: job.result() for a, job in ptx_jobs.items()}
+    fatbin = nvcc.make_fatbin({a: c for a, (c, _) in cubins.items()}, ptx_text)
     cubin_files, ptx_files = {}, {}
     for arch, (cubin, _) in cubins.items():
         cubin_files[arch] = directory / f"{arch}.cubin"
         cubin_files[arch].write_bytes(cubin)
-    for arch, text in ptx.items():
+    for arch, text in ptx_text.items():
         virtual = f"compute_{nvcc.arch_number(arch)}"
         ptx_files[virtual] = directory / f"{virtual}.ptx"
         ptx_files[virtual].write_text(text)
@@ -353,3 +359,59 @@ def _blob_object(root, blob: bytes, is_system_lib: bool, prefix: str, workspace:
         f"const unsigned char {symbol}[{len(blob)}] = {{\n" + ",\n".join(rows) + "\n};\n"
     )
     return str(path)
+
+
+# --- deployment self-test ----------------------------------------------------------------------
+
+
+def smoke_module(*, m: int = 64, n: int = 96, k: int = 128, dtype: str = "float16"):
+    """Relax ``main(x [m, k], w [n, k], b [n]) = x @ w.T + b``: a small GEMM + bias."""
+    from tvm import relax
+
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((m, k), dtype))
+    w = relax.Var("w", relax.TensorType((n, k), dtype))
+    b = relax.Var("b", relax.TensorType((n,), dtype))
+    with bb.function("main", [x, w, b]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.matmul(x, relax.op.permute_dims(w)))  # [m, n]
+            out = bb.emit_output(relax.op.add(y, b))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def write_smoke_artifact(output: Path, archs: list[str], *, ptx: bool = True) -> BuildResult:
+    """Build ``smoke_module`` for ``archs`` into ``output`` with random inputs and the float64
+    reference output (``smoke_io.npz``) that ``runtime.loader.run_smoke`` checks against."""
+    import numpy as np
+    import torch
+
+    from mla_compiler import reference
+
+    result = build(smoke_module(), archs, output=output, name="smoke", ptx=ptx)
+    rng = np.random.default_rng()
+    x = rng.standard_normal((64, 128)).astype("float16")
+    w = (rng.standard_normal((96, 128)) / 8).astype("float16")
+    b = rng.standard_normal(96).astype("float16")
+    expected = reference.gemm(torch.from_numpy(x), torch.from_numpy(w)) + torch.from_numpy(b)
+    np.savez(Path(output) / SMOKE_IO, x=x, w=w, b=b, expected=expected.numpy())
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m mla_compiler.cuda_build",
+        description="Build the deployment self-test artifact (GEMM + bias) for GPU archs.",
+    )
+    parser.add_argument("output", type=Path)
+    parser.add_argument("--target", default="sm_89,sm_90a")
+    parser.add_argument("--no-ptx", action="store_true")
+    args = parser.parse_args(argv)
+    result = write_smoke_artifact(args.output, args.target.split(","), ptx=not args.no_ptx)
+    print(f"{result.library}: images {', '.join(result.images) or '(cpu)'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -20,6 +20,7 @@ from mla_compiler.errors import ArtifactError, TargetError
 
 MANIFEST_FORMAT = "mla-compiler/cuda-artifact/1"
 MANIFEST_SUFFIX = ".manifest.json"
+SMOKE_IO = "smoke_io.npz"  # inputs + float64 expected output of the self-test artifact
 
 _KDL_CUDA = 2  # DLPack device type of CUDA
 _IMAGE = re.compile(r"(sm|compute)_(\d)(\d{1,2})([af]?)")
@@ -107,11 +108,11 @@ def check_arch(artifact_archs, device) -> str:
             ptx, key=lambda a: int(_IMAGE.fullmatch(a).group(2) + _IMAGE.fullmatch(a).group(3))
         )
     want = f"sm_{cap[0]}{cap[1]}" + ("a" if cap[0] >= 9 else "")
+    has_ptx = any(a.startswith("compute_") for a in images)
     held = ", ".join(images) if images else "no CUDA code"
     raise TargetError(
-        f"artifact built for {held} cannot run on this GPU (compute capability "
-        f"{cap[0]}.{cap[1]}{', and it carries no usable PTX' if cubins == [] else ''}): "
-        f"recompile with --target {want}"
+        f"artifact built for {held}{'' if has_ptx else ' (no PTX)'} cannot run on this GPU "
+        f"(compute capability {cap[0]}.{cap[1]}): recompile with --target {want}"
     )
 
 
@@ -187,3 +188,78 @@ def load_vm(path: str | Path, device):
 
     dev = _device(device)
     return vm.VirtualMachine(load_module(path, dev), dev)
+
+
+def run_smoke(directory: str | Path, device="cuda") -> dict:
+    """Run a self-test artifact (``python -m mla_compiler.cuda_build``) and compare it with the
+    float64 output saved at build time. An artifact the GPU cannot run (arch, or CPU build) is
+    reported as "refused", not raised."""
+    import numpy as np
+    import tvm
+
+    directory = Path(directory)
+    _, manifest = read_manifest(directory)
+    row = {"artifact": directory.name, "images": manifest["images"] or ["cpu"]}
+    dev = _device(device)
+    is_cuda = int(dev.dlpack_device_type()) == _KDL_CUDA
+    if is_cuda == (manifest["targets"] == ["cpu"]):
+        where = "a GPU" if is_cuda else "the CPU"
+        return {
+            **row,
+            "status": "refused",
+            "message": f"built for {manifest['targets']}, not {where}",
+        }
+    if is_cuda:
+        ensure_cuda_runtime()  # a missing driver is an error here, not a refusal
+        row["gpu"] = "sm_{}{}".format(*device_capability(dev))
+        try:
+            row["image"] = check_arch(manifest["images"], dev)
+        except TargetError as err:
+            return {**row, "status": "refused", "message": str(err)}
+    vm = load_vm(directory, dev)
+    io = np.load(directory / SMOKE_IO)
+    args = [tvm.runtime.tensor(io[k], dev) for k in ("x", "w", "b")]
+    out = vm["main"](*args).numpy().astype(np.float64)  # [64, 96]
+    expected = io["expected"]
+    err = float(np.abs(out - expected).max())
+    scale = float(np.abs(expected).max())
+    ok = bool(np.all(np.abs(out - expected) <= 1e-2 * scale + 1e-2 * np.abs(expected)))
+    return {
+        **row,
+        "status": "ok" if ok else "WRONG",
+        "max_abs_err": err,
+        "max_abs_expected": scale,
+        "compiler_loaded": compiler_loaded(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mla_compiler.runtime.loader DIR... [--device cuda]``: run self-test
+    artifacts with the runtime library only; exit 1 when one is wrong or fails."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m mla_compiler.runtime.loader")
+    parser.add_argument("artifacts", nargs="+", type=Path)
+    parser.add_argument("--device", default="cuda")
+    args = parser.parse_args(argv)
+    use_runtime_only()
+    rows = []
+    for path in args.artifacts:
+        try:
+            rows.append(run_smoke(path, args.device))
+        except Exception as err:  # report every artifact, then fail
+            rows.append({"artifact": path.name, "status": "error", "message": repr(err)[:300]})
+        print(json.dumps(rows[-1]), flush=True)
+    cols = ["artifact", "images", "gpu", "image", "status", "max_abs_err", "compiler_loaded"]
+    print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
+    for row in rows:
+        print("| " + " | ".join(str(row.get(c, "")) for c in cols) + " |")
+    for row in rows:
+        if "message" in row:
+            print(f"- {row['artifact']}: {row['message']}")
+    bad = [r for r in rows if r["status"] in ("WRONG", "error") or r.get("compiler_loaded")]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
