@@ -130,8 +130,9 @@ def sass_opcodes(cubin: bytes) -> dict[str, dict[str, int]]:
 
 # --- build-time fatbin packing (used by mla_compiler.cuda_build) ---------------------------------
 
-# The nvcc flags TVM's own CUDA compile path uses (tvm.support.nvcc), so kernels compiled here get
-# the same numerics as a TVM JIT build. ``-w``: TVM's source declares many unused temporaries.
+# The nvcc flags TVM's own CUDA compile paths use (tvm.support.nvcc: nvcc and NVRTC), so kernels
+# compiled here get the numerics and register allocation of a TVM JIT build. ``-w``: TVM's
+# source declares many unused temporaries.
 TVM_NVCC_FLAGS: tuple[str, ...] = (
     "-U__CUDA_NO_HALF_OPERATORS__",
     "-U__CUDA_NO_HALF_CONVERSIONS__",
@@ -142,6 +143,7 @@ TVM_NVCC_FLAGS: tuple[str, ...] = (
     "--expt-relaxed-constexpr",
     "--expt-extended-lambda",
     "--use_fast_math",
+    "--ptxas-options=--register-usage-level=10",  # TVM's default (TVM_CUDA_PTXAS_REG_LEVEL)
     "-w",
 )
 

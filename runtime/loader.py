@@ -234,31 +234,35 @@ def run_smoke(directory: str | Path, device="cuda") -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m mla_compiler.runtime.loader DIR... [--device cuda]``: run self-test
-    artifacts with the runtime library only; exit 1 when one is wrong or fails."""
+    """``python -m mla_compiler.runtime.loader DIR[=refused]... [--device cuda]``: run
+    self-test artifacts with the runtime library only. Each is expected to run correctly, or
+    (``=refused``) to be refused for its arch; exit 1 when one does otherwise."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m mla_compiler.runtime.loader")
-    parser.add_argument("artifacts", nargs="+", type=Path)
+    parser.add_argument("artifacts", nargs="+", help="artifact directory, optionally =refused")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args(argv)
     use_runtime_only()
     rows = []
-    for path in args.artifacts:
+    for spec in args.artifacts:
+        path, _, expect = spec.partition("=")
         try:
-            rows.append(run_smoke(path, args.device))
+            row = run_smoke(Path(path), args.device)
         except Exception as err:  # report every artifact, then fail
-            rows.append({"artifact": path.name, "status": "error", "message": repr(err)[:300]})
-        print(json.dumps(rows[-1]), flush=True)
-    cols = ["artifact", "images", "gpu", "image", "status", "max_abs_err", "compiler_loaded"]
+            row = {"artifact": Path(path).name, "status": "error", "message": repr(err)[:400]}
+        row["expected"] = expect or "ok"
+        row["pass"] = row["status"] == row["expected"] and not row.get("compiler_loaded")
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    cols = ["artifact", "images", "gpu", "image", "status", "expected", "max_abs_err", "pass"]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for row in rows:
         print("| " + " | ".join(str(row.get(c, "")) for c in cols) + " |")
     for row in rows:
         if "message" in row:
             print(f"- {row['artifact']}: {row['message']}")
-    bad = [r for r in rows if r["status"] in ("WRONG", "error") or r.get("compiler_loaded")]
-    return 1 if bad else 0
+    return 0 if all(r["pass"] for r in rows) else 1
 
 
 if __name__ == "__main__":
