@@ -260,6 +260,10 @@ def _gpu_capability() -> tuple[int, int]:
     torch = pytest.importorskip("torch")
     if not torch.cuda.is_available() or not tvm.cuda(0).exist:
         pytest.skip("needs an NVIDIA GPU")
+    try:
+        nvcc.find_tool("nvcc")
+    except TargetError:
+        pytest.skip("needs nvcc to build here (without it: benchmarks/device_smoke.sh)")
     return torch.cuda.get_device_capability()
 
 
