@@ -147,6 +147,26 @@ def ensure_cuda_runtime() -> None:
         ) from err
 
 
+def _is_cuda(dev) -> bool:
+    return int(dev.dlpack_device_type()) == _KDL_CUDA
+
+
+def select_image(targets, images, dev) -> str:
+    """What ``dev`` will run of an artifact built for ``targets`` holding ``images``: "cpu",
+    or the fatbin image (``check_arch``). Loads TVM's CUDA runtime for a GPU. Raises
+    ``TargetError`` when the artifact cannot run there."""
+    cuda = _is_cuda(dev)
+    if cuda == (list(targets) == ["cpu"]):
+        where = "a GPU" if cuda else "the CPU"
+        raise TargetError(f"artifact built for {', '.join(targets)} cannot run on {where}")
+    if not cuda:
+        return "cpu"
+    ensure_cuda_runtime()
+    if not dev.exist:
+        raise TargetError(f"no CUDA device {dev.index} on this machine")
+    return check_arch(images, dev)
+
+
 def load_module(path: str | Path, device):
     """Load an artifact's library (directory, ``.so`` or manifest path) for ``device``
     (a TVM device, or "cuda", "cuda:1", "cpu") with the runtime library only.
@@ -169,16 +189,10 @@ def load_module(path: str | Path, device):
     if not library.is_file():
         raise ArtifactError(f"{library}: library missing from the artifact")
     dev = _device(device)
-    is_cuda = int(dev.dlpack_device_type()) == _KDL_CUDA
-    if targets is not None and is_cuda == (targets == ["cpu"]):
-        where = "a GPU" if is_cuda else "the CPU"
-        raise TargetError(f"artifact built for {', '.join(targets)} cannot run on {where}")
-    if is_cuda or (targets is not None and targets != ["cpu"]):
+    if targets is not None:
+        select_image(targets, images, dev)
+    elif _is_cuda(dev):
         ensure_cuda_runtime()
-    if is_cuda and targets is not None:
-        if not dev.exist:
-            raise TargetError(f"no CUDA device {dev.index} on this machine")
-        check_arch(images, dev)
     return tvm.runtime.load_module(str(library))
 
 
@@ -201,21 +215,13 @@ def run_smoke(directory: str | Path, device="cuda") -> dict:
     _, manifest = read_manifest(directory)
     row = {"artifact": directory.name, "images": manifest["images"] or ["cpu"]}
     dev = _device(device)
-    is_cuda = int(dev.dlpack_device_type()) == _KDL_CUDA
-    if is_cuda == (manifest["targets"] == ["cpu"]):
-        where = "a GPU" if is_cuda else "the CPU"
-        return {
-            **row,
-            "status": "refused",
-            "message": f"built for {manifest['targets']}, not {where}",
-        }
-    if is_cuda:
+    if _is_cuda(dev):
         ensure_cuda_runtime()  # a missing driver is an error here, not a refusal
         row["gpu"] = "sm_{}{}".format(*device_capability(dev))
-        try:
-            row["image"] = check_arch(manifest["images"], dev)
-        except TargetError as err:
-            return {**row, "status": "refused", "message": str(err)}
+    try:
+        row["image"] = select_image(manifest["targets"], manifest["images"], dev)
+    except TargetError as err:
+        return {**row, "status": "refused", "message": str(err)}
     vm = load_vm(directory, dev)
     io = np.load(directory / SMOKE_IO)
     args = [tvm.runtime.tensor(io[k], dev) for k in ("x", "w", "b")]

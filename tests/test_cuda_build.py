@@ -163,6 +163,18 @@ def test_tir_only_module_arch_specific_has_no_ptx(tmp_path):
     assert dm.fatbin.read_bytes() in res.library.read_bytes()
 
 
+def test_export_of_caller_compiled_module(tmp_path):
+    """The pipeline's path: tvm.compile under source_only(), then export()."""
+    prim = gemm_bias_prim_func(m=16, n=16, k=16)
+    mod = gpu_schedule(tvm.IRModule({"gemm_bias": prim}), "sm_89")
+    with cuda_build.source_only():
+        executable = tvm.compile(mod, target=tvm_target("sm_89"))
+    res = cuda_build.export(executable, ["sm_89"], output=tmp_path, name="k")
+    assert res.images == ("sm_89", "compute_89") and res.library.name == "k.so"
+    with pytest.raises(TargetError, match="exported for target cpu"):
+        cuda_build.export(executable, ["cpu"], output=tmp_path / "cpu")
+
+
 def test_cpu_build_has_no_device_code(tmp_path):
     res = cuda_build.build(cuda_build.smoke_module(), ["cpu"], output=tmp_path)
     assert res.images == () and res.device_modules == ()
