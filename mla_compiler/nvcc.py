@@ -126,3 +126,87 @@ def sass_opcodes(cubin: bytes) -> dict[str, dict[str, int]]:
         elif current is not None and (m := _SASS_INSN.search(line)):
             current[m.group(1)] += 1
     return {k: dict(v) for k, v in counts.items()}
+
+
+# --- build-time fatbin packing (used by mla_compiler.cuda_build) ---------------------------------
+
+# The nvcc flags TVM's own CUDA compile paths use (tvm.support.nvcc: nvcc and NVRTC), so kernels
+# compiled here get the numerics and register allocation of a TVM JIT build. ``-w``: TVM's
+# source declares many unused temporaries.
+TVM_NVCC_FLAGS: tuple[str, ...] = (
+    "-U__CUDA_NO_HALF_OPERATORS__",
+    "-U__CUDA_NO_HALF_CONVERSIONS__",
+    "-U__CUDA_NO_BFLOAT16_OPERATORS__",
+    "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+    "-U__CUDA_NO_BFLOAT162_OPERATORS__",
+    "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
+    "--expt-relaxed-constexpr",
+    "--expt-extended-lambda",
+    "--use_fast_math",
+    "--ptxas-options=--register-usage-level=10",  # TVM's default (TVM_CUDA_PTXAS_REG_LEVEL)
+    "-w",
+)
+
+
+def arch_number(arch: str) -> str:
+    """``sm_90a`` / ``compute_90a`` / ``90a`` -> ``90a``."""
+    num = arch.removeprefix("sm_").removeprefix("compute_")
+    if not re.fullmatch(r"\d{2,3}[af]?", num):
+        raise TargetError(f"not a CUDA arch: {arch!r} (expected e.g. sm_89 or sm_90a)")
+    return num
+
+
+def compile_ptx(
+    source: str, arch: str, *, workdir: str | Path | None = None, extra_flags: tuple[str, ...] = ()
+) -> str:
+    """Compile CUDA C++ to PTX for the virtual arch of ``arch`` (``sm_89`` -> ``compute_89``)."""
+    nvcc = find_tool("nvcc")
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        src, ptx = Path(tmp) / "kernels.cu", Path(tmp) / "kernels.ptx"
+        src.write_text(source)
+        cmd = [nvcc, "--ptx", "-O3", f"-arch=compute_{arch_number(arch)}", *extra_flags]
+        proc = subprocess.run([*cmd, "-o", str(ptx), str(src)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise TargetError(f"nvcc --ptx failed for {arch}:\n{proc.stderr[-4000:]}")
+        return ptx.read_text()
+
+
+def make_fatbin(
+    cubins: dict[str, bytes], ptx: dict[str, str], *, workdir: str | Path | None = None
+) -> bytes:
+    """Pack cubins (``{"sm_89": bytes}``) and PTX (``{"sm_89": text}``) into one fatbin."""
+    tool = find_tool("fatbinary")
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        images = []
+        for kind, table in (("elf", cubins), ("ptx", ptx)):
+            for arch, data in table.items():
+                path = Path(tmp) / f"{arch_number(arch)}.{kind}"
+                if isinstance(data, str):
+                    path.write_text(data)
+                else:
+                    path.write_bytes(data)
+                images.append(f"--image3=kind={kind},sm={arch_number(arch)},file={path}")
+        out = Path(tmp) / "kernels.fatbin"
+        proc = subprocess.run(
+            [tool, "-64", f"--create={out}", *images], capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            raise TargetError(f"fatbinary failed: {proc.stderr.strip()}")
+        return out.read_bytes()
+
+
+def fatbin_images(fatbin: bytes) -> list[str]:
+    """Images in a fatbin as nvcc names them: ``["sm_89", "sm_90a", "compute_89"]``."""
+    tool = find_tool("cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".fatbin") as f:
+        f.write(fatbin)
+        f.flush()
+        proc = subprocess.run([tool, "-lelf", "-lptx", f.name], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise TargetError(f"cuobjdump failed: {proc.stderr.strip()}")
+    found = []
+    for kind, arch in re.findall(
+        r"(ELF|PTX) file\s+\d+: \S*?\.(sm_\w+?)\.(?:cubin|ptx)", proc.stdout
+    ):
+        found.append(arch if kind == "ELF" else arch.replace("sm_", "compute_"))
+    return found
