@@ -29,7 +29,12 @@ METADATA = "metadata.json"
 def tvm_version() -> str:
     import importlib.metadata as md
 
-    return md.version("apache-tvm")
+    try:
+        return md.version("apache-tvm")
+    except md.PackageNotFoundError:  # a TVM runtime bundle unpacked without dist-info
+        import tvm
+
+        return tvm.__version__
 
 
 def write_atomic(output: str | Path, write_into) -> Path:
@@ -72,35 +77,12 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def check_compatible(meta: dict[str, Any], *, device_kind: str, device_arch: str | None = None) -> None:
-    """Refuse an artifact built for another TVM version or device kind, naming the fix."""
+def check_tvm_version(meta: dict[str, Any]) -> None:
+    """Refuse an artifact built with another TVM version (the device/arch checks are the
+    loader's: ``mla_compiler.runtime.loader.select_image``)."""
     built = meta["tvm_version"]
     if built != tvm_version():
         raise TargetError(
             f"artifact was built with TVM {built}, this runtime has TVM {tvm_version()}: "
             f"recompile it, or install apache-tvm=={built}"
         )
-    target = meta["target"]
-    if device_kind == "cpu" and target != "cpu":
-        raise TargetError(f"artifact was built for {target}, not the CPU: compile with --target cpu")
-    if device_kind == "cuda" and target == "cpu":
-        raise TargetError("artifact was built for the CPU: compile with --target sm_XX for this GPU")
-    if device_kind == "cuda" and device_arch is not None:
-        archs = meta.get("archs", [])
-        if device_arch not in archs and not _runs_from_ptx(meta, device_arch):
-            raise TargetError(
-                f"artifact was built for {','.join(archs)}, this GPU is {device_arch}: "
-                f"compile with --target {device_arch}"
-            )
-
-
-def _runs_from_ptx(meta: dict[str, Any], device_arch: str) -> bool:
-    ptx = meta.get("ptx_arch")
-    if not ptx:
-        return False
-
-    def num(a: str) -> int:
-        return int(a.removeprefix("sm_").rstrip("a"))
-
-    # PTX of an arch-specific target (sm_90a) does not run elsewhere
-    return not ptx.endswith("a") and num(ptx) <= num(device_arch)

@@ -84,6 +84,9 @@ def cmd_compile(args) -> int:
 
 
 def cmd_run(args) -> int:
+    from mla_compiler.runtime import loader
+
+    loader.use_runtime_only()  # before tvm is imported: keep libtvm_compiler.so out
     from mla_compiler.runtime.engine import Engine
 
     eng = Engine.load(args.artifact, args.device, max_context=args.max_context,
@@ -141,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # output piped into `head`
+        return 0
 
 
 if __name__ == "__main__":

@@ -61,25 +61,12 @@ def param_bytes(cfg: ModelConfig, dtype: str) -> int:
 
 
 def build_module(mod, target_names: list[str], output_dir: Path) -> dict:
-    """Build the Relax module for the target(s) into ``output_dir/model.so``; return build facts."""
-    import tvm
+    """Build into ``output_dir/model.so`` (device code as a fatbin compiled by nvcc here, so the
+    GPU box needs only TVM's runtime); return the facts metadata.json records."""
+    from mla_compiler import cuda_build
 
-    if target_names == ["cpu"]:
-        ex = tvm.compile(mod, target=tvm_target("cpu"))
-        ex.export_library(str(output_dir / artifact.MODULE))
-        return {"archs": []}
-    try:
-        from mla_compiler import cuda_build
-    except ImportError:
-        cuda_build = None
-    if cuda_build is not None:
-        res = cuda_build.build(mod, target_names, output=output_dir / artifact.MODULE)
-        return {"archs": list(res.archs), "ptx_arch": res.ptx_arch}
-    target = tvm_target(target_names[0])
-    with target:
-        ex = tvm.compile(mod, target=target)
-    ex.export_library(str(output_dir / artifact.MODULE))
-    return {"archs": target_names[:1], "ptx_arch": None, "device_code": "source"}
+    res = cuda_build.build(mod, target_names, output=output_dir, name=Path(artifact.MODULE).stem)
+    return {"archs": [t for t in res.targets if t != "cpu"], "images": list(res.images)}
 
 
 def compile_model(
@@ -96,8 +83,12 @@ def compile_model(
         model_dir=model_dir, preset_name=preset_name, dtype=options.dtype, seed=options.seed
     )
     log(f"[1/3] model {cfg.name}: {cfg.num_hidden_layers} layers, mla={options.mla}, {options.dtype}")
+    from mla_compiler.cuda_build import lowest_arch
+
+    # kernels are chosen for the lowest arch: its CUDA source is compiled for every arch
+    codegen = targets[0] if targets == ["cpu"] else lowest_arch(targets)
     ir = compile_ir(
-        model, mla=options.mla, target=tvm_target(targets[0]), dump_dir=options.dump_ir,
+        model, mla=options.mla, target=tvm_target(codegen), dump_dir=options.dump_ir,
         kv_dtype=options.kv_dtype,
     )
     log(f"[2/3] Relax pipeline done ({time.time() - t0:.1f}s); building for {','.join(targets)}")

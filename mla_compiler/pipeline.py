@@ -66,7 +66,7 @@ def lower_to_kernels(
     forms = dict(zip(PHASES, FORMS[mla], strict=True))
     mod = RewriteMLAAttention(dims=cfg.dims, forms=forms)(mod)
     dump("mla", mod)
-    mod = LowerMoE()(mod)
+    mod = LowerMoE(target=target)(mod)
     dump("moe", mod)
     mod = LowerMLAKernels(dims=cfg.dims, target=target, config=kernel_config)(mod)
     pseudo.check_lowered(mod)

@@ -88,17 +88,12 @@ class Engine:
              log=None) -> Engine:
         import tvm
 
+        from mla_compiler.runtime import loader
+
         path = Path(path)
         meta = artifact.read_metadata(path)
+        artifact.check_tvm_version(meta)
         kind = device or ("cpu" if meta["target"] == "cpu" else "cuda")
-        dev = tvm.cpu() if kind == "cpu" else tvm.cuda(0)
-        arch = None
-        if kind == "cuda":
-            if not dev.exist:
-                raise InputError("no CUDA GPU is visible: run on a GPU machine or use a CPU artifact")
-            major, minor = dev.compute_version.split(".")
-            arch = f"sm_{major}{minor}" + ("a" if major == "9" else "")
-        artifact.check_compatible(meta, device_kind=kind, device_arch=arch)
         max_context = max_context or int(meta["max_context"])
         layers = meta["model"]["num_hidden_layers"]
         item = 2 if meta["kv_dtype"] == "float16" else 4
@@ -106,8 +101,8 @@ class Engine:
         if log:
             log(f"KV cache: {max_context} tokens x {meta['kv_cache_bytes_per_token']} B = "
                 f"{cache_bytes / 2**20:.1f} MiB")
-        lib = tvm.runtime.load_module(str(path / artifact.MODULE))
-        vm = tvm.runtime.vm.VirtualMachine(lib, dev)
+        dev = tvm.cpu() if kind == "cpu" else tvm.cuda(0)
+        vm = loader.load_vm(path, dev)  # checks the device and arch against the fatbin
         raw = _load_weights(path, meta, dev)
         params = list(vm["transform_params"](raw))
         return cls(path, meta, vm, dev, params, max_context=max_context)
