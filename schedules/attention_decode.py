@@ -1,0 +1,309 @@
+"""Absorbed-MLA decode (FlashMLA-style): split-KV attention over the f16 latent cache.
+
+One decode step reads every cache row of every sequence once, so the kernel is bandwidth-bound.
+``absorbed_decode`` builds two kernels:
+
+- ``split``: grid ``(num_splits, batch)``. CTA ``(s, b)`` streams its slice of sequence ``b``'s
+  rows ``kv[layer, kv_indptr[b]:kv_indptr[b+1]]`` once, scores them against all ``H x Q`` query
+  rows (heads x new tokens form the MMA M dimension) and keeps an online softmax; it writes a
+  float32 partial output and its LSE (``-inf`` for an empty slice).
+- ``merge``: combines the ``num_splits`` partials with ``reference.merge_states`` semantics.
+
+V is the first ``kv_lora_rank`` columns of the same rows, read from the same shared-memory tile.
+``num_splits`` is the leading extent of ``o_part``: the caller picks it at run time with
+``choose_splits`` and allocates the workspace with ``workspace_shapes``.
+
+On CUDA the split kernel uses mma.sync m16n8k16 (ldmatrix operands, ldmatrix.trans for V) and a
+cp.async multi-stage pipeline of 16-byte copies (``attention_decode_mma.py``). On ``llvm`` (and as
+the simple CUDA fallback, ``Config(tensor_cores=False)``) it is a plain two-pass loop nest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import tvm
+from mla_compiler.model_export.config import MLADims
+from mla_compiler.schedules.target import gpu_spec, is_gpu
+from tvm.script import tirx as T
+
+from mla_compiler.errors import TargetError
+
+MAX_Q_TOKENS = 4
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Schedule knobs of the split kernel.
+
+    ``block_n`` cache rows per pipeline tile; ``stages`` tiles in flight (cp.async groups);
+    ``warps_n`` warps sharing one 16-row M tile (each owns ``block_n / warps_n`` score columns and
+    ``kv_lora_rank / warps_n`` output columns); one such warp group per M tile of ``H x Q``.
+    ``tensor_cores=False`` selects the simple loop kernel (the llvm schedule, slow on a GPU).
+    ``split_min_tiles``: fewest tiles a split gets before ``choose_splits`` adds CTAs.
+    """
+
+    block_n: int = 64
+    stages: int = 2
+    warps_n: int = 4
+    tensor_cores: bool = True
+    split_min_tiles: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeKernels:
+    """The two PrimFuncs of one decode attention, plus the config they were built with."""
+
+    split: tvm.tirx.PrimFunc
+    merge: tvm.tirx.PrimFunc
+    config: Config
+
+
+CPU_CONFIG = Config(block_n=64, stages=1, warps_n=1, tensor_cores=False)
+
+
+def m_tiles(heads: int, q_tokens: int) -> int:
+    """16-row MMA tiles the ``heads x q_tokens`` query rows take (the last one padded)."""
+    return -(-heads * q_tokens // 16)
+
+
+def shared_bytes(config: Config, dims: MLADims, *, heads: int, q_tokens: int) -> int:
+    """Dynamic shared memory of the tensor-core split kernel (rows padded by 8 halves)."""
+    rows = 16 * m_tiles(heads, q_tokens)
+    row = (dims.latent_dim + 8) * 2
+    kv = config.stages * config.block_n * row
+    q = rows * row
+    p = rows * (config.block_n + 8) * 2
+    red = 2 * config.warps_n * rows * 4
+    return kv + q + p + red
+
+
+def keep(config: Config, target: tvm.target.Target, dims: MLADims, *, heads: int, q_tokens: int):
+    """Whether ``config`` builds a valid kernel on ``target`` (tile shapes, smem, threads)."""
+    if not config.tensor_cores:
+        return True
+    if not is_gpu(target):
+        return False
+    spec = gpu_spec(target)
+    warps = config.warps_n * m_tiles(heads, q_tokens)
+    return (
+        config.block_n % (16 * config.warps_n) == 0
+        and dims.kv_lora_rank % (16 * config.warps_n) == 0
+        and dims.latent_dim % 16 == 0
+        and 1 <= config.stages <= 4
+        and warps * 32 <= 1024
+        and shared_bytes(config, dims, heads=heads, q_tokens=q_tokens)
+        <= spec.max_shared_bytes_per_block
+    )
+
+
+def candidate_configs(target, dims: MLADims, *, heads: int, q_tokens: int) -> list[Config]:
+    """Every tensor-core config ``keep`` accepts, most preferred first (bigger tiles in flight)."""
+    out = []
+    for block_n, stages, warps_n in itertools.product((64, 32, 128), (2, 3, 4, 1), (4, 2, 8)):
+        c = Config(block_n=block_n, stages=stages, warps_n=warps_n)
+        if keep(c, target, dims, heads=heads, q_tokens=q_tokens):
+            out.append(c)
+    return out
+
+
+def default_config(target, dims: MLADims | None = None, *, heads: int = 16, q_tokens: int = 1):
+    """sm_90a: 64-row tiles, 2 stages (~170 KB smem); sm_89 (99 KB): 32-row tiles, 2 stages."""
+    dims = dims or MLADims(heads=heads)
+    if not is_gpu(target):
+        return CPU_CONFIG
+    found = candidate_configs(target, dims, heads=heads, q_tokens=q_tokens)
+    if not found:
+        raise TargetError(
+            f"no decode config fits {gpu_spec(target).arch} for heads={heads}, q_tokens="
+            f"{q_tokens}: lower q_tokens"
+        )
+    return found[0]
+
+
+def choose_splits(batch: int, max_context: int, sm_count: int, *, block_n: int = 64) -> int:
+    """Splits per sequence: fill every SM with as few, evenly loaded waves as possible.
+
+    Models the step time as ``waves * tiles_per_split`` (+ a small per-split merge cost) and
+    returns the smallest split count with the least modelled time.
+    """
+    tiles = max(1, -(-max_context // block_n))
+    best, best_cost = 1, math.inf
+    for s in range(1, min(tiles, 4 * sm_count) + 1):
+        waves = -(-(batch * s) // sm_count)
+        per_split = -(-tiles // s)
+        cost = waves * (per_split + 2) + 0.05 * s
+        if cost < best_cost - 1e-9:
+            best, best_cost = s, cost
+    return best
+
+
+def workspace_shapes(
+    dims: MLADims, *, batch: int, heads: int, q_tokens: int, num_splits: int
+) -> dict[str, tuple[int, ...]]:
+    """Float32 workspace the split kernel writes: ``o_part`` and ``lse_part``."""
+    return {
+        "o_part": (num_splits, batch, q_tokens, heads, dims.kv_lora_rank),
+        "lse_part": (num_splits, batch, q_tokens, heads),
+    }
+
+
+def absorbed_decode(
+    dims: MLADims,
+    *,
+    heads: int,
+    dtype: str = "float16",
+    target: tvm.target.Target,
+    config: Config | None = None,
+    sm_scale: float,
+    q_tokens: int = 1,
+) -> DecodeKernels:
+    """Split + merge kernels of absorbed decode attention over the whole latent cache.
+
+    split(q [B, Q, H, 576], kv [L, C, 576], kv_indptr [B+1] i32, layer i32,
+          o_part [S, B, Q, H, 512] f32, lse_part [S, B, Q, H] f32)
+    merge(o_part, lse_part, o [B, Q, H, 512] dtype, lse [B, Q, H] f32)
+    """
+    if not 1 <= q_tokens <= MAX_Q_TOKENS:
+        raise TargetError(f"q_tokens={q_tokens} is not supported: use 1..{MAX_Q_TOKENS}")
+    if dtype != "float16":
+        raise TargetError(f"decode dtype {dtype!r} is not supported: use float16 (the f16 cache)")
+    gpu = is_gpu(target)
+    if config is None:
+        config = default_config(target, dims, heads=heads, q_tokens=q_tokens)
+    if not keep(config, target, dims, heads=heads, q_tokens=q_tokens):
+        raise TargetError(f"decode config {config} does not fit target {target}")
+    if config.tensor_cores:
+        from mla_compiler.schedules.attention_decode_mma import split_mma
+
+        split = split_mma(dims, heads=heads, q_tokens=q_tokens, config=config, sm_scale=sm_scale)
+    else:
+        split = _split_simple(
+            dims, heads=heads, q_tokens=q_tokens, block_n=config.block_n, sm_scale=sm_scale, gpu=gpu
+        )
+    merge = _merge(dims, heads=heads, q_tokens=q_tokens, dtype=dtype, gpu=gpu)
+    return DecodeKernels(split=split, merge=merge, config=config)
+
+
+def _split_simple(dims: MLADims, *, heads: int, q_tokens: int, block_n: int, sm_scale, gpu: bool):
+    """Two-pass loop kernel: one (split, sequence, query row) per CPU task / GPU thread."""
+    D, DV, H, Q = dims.latent_dim, dims.kv_lora_rank, heads, q_tokens
+    R = H * Q
+    scale = float(sm_scale)
+    neg_inf = -math.inf
+
+    @T.prim_func
+    def split(
+        q_h: T.handle,
+        kv_h: T.handle,
+        indptr_h: T.handle,
+        layer: T.int32,
+        o_part_h: T.handle,
+        lse_part_h: T.handle,
+    ):
+        T.func_attr({"global_symbol": "decode_split", "tirx.noalias": True})
+        B = T.int32()
+        L = T.int32()
+        C = T.int32()
+        S = T.int32()
+        q = T.match_buffer(q_h, (B, Q, H, D), "float16")
+        kv = T.match_buffer(kv_h, (L, C, D), "float16")
+        kv_indptr = T.match_buffer(indptr_h, (B + 1,), "int32")
+        o_part = T.match_buffer(o_part_h, (S, B, Q, H, DV), "float32")
+        lse_part = T.match_buffer(lse_part_h, (S, B, Q, H), "float32")
+        for task in T.parallel(S * B * R) if not gpu else T.thread_binding(S * B * R, "blockIdx.x"):
+            s = task // (B * R)
+            b = task // R % B
+            t = task % R // H
+            h = task % H
+            start = kv_indptr[b]
+            n = kv_indptr[b + 1] - start
+            chunk = T.ceildiv(T.ceildiv(n, S), block_n) * block_n
+            lo = s * chunk
+            hi = T.min(T.min(lo + chunk, n), n - Q + t + 1)
+            m = T.alloc_buffer((1,), "float32", scope="local")
+            acc = T.alloc_buffer((1,), "float32", scope="local")
+            l_sum = T.alloc_buffer((1,), "float32", scope="local")
+            m[0] = T.float32(neg_inf)
+            l_sum[0] = T.float32(0)
+            for d in range(DV):
+                o_part[s, b, t, h, d] = T.float32(0)
+            for j in range(T.max(hi - lo, 0)):
+                acc[0] = T.float32(0)
+                for d in range(D):
+                    acc[0] = acc[0] + T.Cast("float32", q[b, t, h, d]) * T.Cast(
+                        "float32", kv[layer, start + lo + j, d]
+                    )
+                m[0] = T.max(m[0], acc[0] * T.float32(scale))
+            for j in range(T.max(hi - lo, 0)):
+                acc[0] = T.float32(0)
+                for d in range(D):
+                    acc[0] = acc[0] + T.Cast("float32", q[b, t, h, d]) * T.Cast(
+                        "float32", kv[layer, start + lo + j, d]
+                    )
+                acc[0] = T.exp(acc[0] * T.float32(scale) - m[0])
+                l_sum[0] = l_sum[0] + acc[0]
+                for d in range(DV):
+                    o_part[s, b, t, h, d] = o_part[s, b, t, h, d] + acc[0] * T.Cast(
+                        "float32", kv[layer, start + lo + j, d]
+                    )
+            if l_sum[0] > T.float32(0):
+                for d in range(DV):
+                    o_part[s, b, t, h, d] = o_part[s, b, t, h, d] / l_sum[0]
+                lse_part[s, b, t, h] = m[0] + T.log(l_sum[0])
+            else:
+                lse_part[s, b, t, h] = T.float32(neg_inf)
+
+    return split
+
+
+def _merge(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, gpu: bool):
+    """o = sum_s exp(lse_s - lse) o_s with lse = logsumexp_s lse_s; empty splits weigh 0."""
+    DV, H, Q = dims.kv_lora_rank, heads, q_tokens
+    threads = min(DV, 128)
+    per_thread = DV // threads
+    neg_inf = -math.inf
+
+    @T.prim_func
+    def merge(o_part_h: T.handle, lse_part_h: T.handle, o_h: T.handle, lse_h: T.handle):
+        T.func_attr({"global_symbol": "decode_merge", "tirx.noalias": True})
+        B = T.int32()
+        S = T.int32()
+        o_part = T.match_buffer(o_part_h, (S, B, Q, H, DV), "float32")
+        lse_part = T.match_buffer(lse_part_h, (S, B, Q, H), "float32")
+        o = T.match_buffer(o_h, (B, Q, H, DV), dtype)
+        lse = T.match_buffer(lse_h, (B, Q, H), "float32")
+        for row in T.parallel(B * Q * H) if not gpu else T.thread_binding(B * Q * H, "blockIdx.x"):
+            for tx in T.serial(threads) if not gpu else T.thread_binding(threads, "threadIdx.x"):
+                b = row // (Q * H)
+                t = row // H % Q
+                h = row % H
+                m = T.alloc_buffer((1,), "float32", scope="local")
+                total = T.alloc_buffer((1,), "float32", scope="local")
+                acc = T.alloc_buffer((per_thread,), "float32", scope="local")
+                m[0] = T.float32(neg_inf)
+                for s in range(S):
+                    m[0] = T.max(m[0], lse_part[s, b, t, h])
+                total[0] = T.float32(0)
+                for i in range(per_thread):
+                    acc[i] = T.float32(0)
+                if m[0] > T.float32(neg_inf):
+                    for s in range(S):
+                        w = T.exp(lse_part[s, b, t, h] - m[0])
+                        total[0] = total[0] + w
+                        for i in range(per_thread):
+                            acc[i] = acc[i] + w * o_part[s, b, t, h, i * threads + tx]
+                for i in range(per_thread):
+                    o[b, t, h, i * threads + tx] = T.Cast(
+                        dtype, T.if_then_else(total[0] > 0, acc[i] / total[0], T.float32(0))
+                    )
+                if tx == 0:
+                    lse[b, t, h] = T.if_then_else(
+                        total[0] > 0, m[0] + T.log(total[0]), T.float32(neg_inf)
+                    )
+
+    return merge
