@@ -101,14 +101,23 @@ def keep(config: Config, target: tvm.target.Target, dims: MLADims, *, heads: int
     )
 
 
+# Preferred first, per arch; the rest of the space follows, most rows in flight first.
+PREFERRED: dict[str, tuple[Config, ...]] = {
+    "sm_90a": (Config(block_n=64, stages=2, warps_n=4), Config(block_n=32, stages=4, warps_n=2)),
+    "sm_89": (Config(block_n=32, stages=2, warps_n=2), Config(block_n=64, stages=1, warps_n=4)),
+}
+
+
 def candidate_configs(target, dims: MLADims, *, heads: int, q_tokens: int) -> list[Config]:
-    """Every tensor-core config ``keep`` accepts, most preferred first (bigger tiles in flight)."""
-    out = []
-    for block_n, stages, warps_n in itertools.product((64, 32, 128), (2, 3, 4, 1), (4, 2, 8)):
-        c = Config(block_n=block_n, stages=stages, warps_n=warps_n)
-        if keep(c, target, dims, heads=heads, q_tokens=q_tokens):
-            out.append(c)
-    return out
+    """Every tensor-core config ``keep`` accepts: ``PREFERRED`` first, then by rows in flight."""
+    space = [
+        Config(block_n=block_n, stages=stages, warps_n=warps_n)
+        for block_n, stages, warps_n in itertools.product((32, 64, 128), (1, 2, 3, 4), (2, 4, 8))
+    ]
+    space.sort(key=lambda c: (-(max(c.stages - 1, 0.5) * c.block_n), c.warps_n != 4))
+    preferred = PREFERRED.get(str(target.attrs.get("arch", "")), ())
+    ordered = list(preferred) + [c for c in space if c not in preferred]
+    return [c for c in ordered if keep(c, target, dims, heads=heads, q_tokens=q_tokens)]
 
 
 def default_config(target, dims: MLADims | None = None, *, heads: int = 16, q_tokens: int = 1):
@@ -207,8 +216,8 @@ def _split_simple(dims: MLADims, *, heads: int, q_tokens: int, block_n: int, sm_
     ):
         T.func_attr({"global_symbol": "decode_split", "tirx.noalias": True})
         B = T.int32()
-        L = T.int32()
-        C = T.int32()
+        L = T.int64()
+        C = T.int64()
         S = T.int32()
         q = T.match_buffer(q_h, (B, Q, H, D), "float16")
         kv = T.match_buffer(kv_h, (L, C, D), "float16")
@@ -307,3 +316,9 @@ def _merge(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, gpu: bool):
                     )
 
     return merge
+
+
+def build(kernels: DecodeKernels, target: tvm.target.Target) -> tvm.runtime.Module:
+    """Compile both kernels into one module with functions ``decode_split``/``decode_merge``."""
+    mod = tvm.IRModule({"decode_split": kernels.split, "decode_merge": kernels.merge})
+    return tvm.compile(mod, target=target)
