@@ -44,14 +44,12 @@ class Config:
     ``warps_n`` warps sharing one 16-row M tile (each owns ``block_n / warps_n`` score columns and
     ``kv_lora_rank / warps_n`` output columns); one such warp group per M tile of ``H x Q``.
     ``tensor_cores=False`` selects the simple loop kernel (the llvm schedule, slow on a GPU).
-    ``split_min_tiles``: fewest tiles a split gets before ``choose_splits`` adds CTAs.
     """
 
     block_n: int = 64
     stages: int = 2
     warps_n: int = 4
     tensor_cores: bool = True
-    split_min_tiles: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,18 +131,21 @@ def default_config(target, dims: MLADims | None = None, *, heads: int = 16, q_to
     return found[0] if found else Config(tensor_cores=False)
 
 
-def choose_splits(batch: int, max_context: int, sm_count: int, *, block_n: int = 64) -> int:
+def choose_splits(
+    batch: int, max_context: int, sm_count: int, *, block_n: int = 64, ctas_per_sm: int = 1
+) -> int:
     """Splits per sequence: fill every SM with as few, evenly loaded waves as possible.
 
-    Models the step time as ``waves * tiles_per_split`` (+ a small per-split merge cost) and
-    returns the smallest split count with the least modelled time.
+    Modelled step time in units of one tile load per SM: ``waves * (tiles_per_split + 1)`` (the
+    +1 is the pipeline fill) plus the merge, which reads ``16 x 512`` floats (~0.45 tile) per
+    split and sequence, spread over the whole GPU. Returns the smallest best split count.
     """
     tiles = max(1, -(-max_context // block_n))
+    slots = sm_count * ctas_per_sm
     best, best_cost = 1, math.inf
-    for s in range(1, min(tiles, 4 * sm_count) + 1):
-        waves = -(-(batch * s) // sm_count)
-        per_split = -(-tiles // s)
-        cost = waves * (per_split + 2) + 0.05 * s
+    for s in range(1, min(tiles, 4 * slots) + 1):
+        waves = -(-(batch * s) // slots)
+        cost = waves * (-(-tiles // s) + 1) + 0.45 * batch * s / slots
         if cost < best_cost - 1e-9:
             best, best_cost = s, cost
     return best

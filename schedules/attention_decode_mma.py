@@ -76,7 +76,7 @@ def split_mma(dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: flo
         red_m = T.alloc_buffer((WN, MT * 16), "float32", scope="shared.dyn")
         red_l = T.alloc_buffer((WN, MT * 16), "float32", scope="shared.dyn")
         acc_o = T.alloc_buffer((NO * 4,), "float32", scope="local")
-        acc_s = T.alloc_buffer((NS * 4,), "float32", scope="local")
+        acc_s = T.alloc_buffer((NS * 8,), "float32", scope="local")  # 2 k-chains
         a_frag = T.alloc_buffer((8,), "float16", scope="local")
         b_frag = T.alloc_buffer((8,), "float16", scope="local")
         m_i = T.alloc_buffer((2,), "float32", scope="local")
@@ -159,9 +159,9 @@ def split_mma(dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: flo
             st_off = T.meta_var(kt % ST * (BN * DP))
 
             # S = Q Kᵀ for this warp's SN columns
-            for e in T.unroll(NS * 4):
+            for e in T.unroll(NS * 8):
                 acc_s[e] = T.float32(0)
-            for ks in T.unroll(D // 16):
+            for ks in T.unroll(D // 16):  # even / odd k-steps accumulate apart (2 mma chains)
                 T.evaluate(
                     T.ptx_legacy.ldmatrix(
                         False,
@@ -204,12 +204,14 @@ def split_mma(dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: flo
                                 b_frag.data,
                                 half * 4,
                                 acc_s.data,
-                                (np * 2 + half) * 4,
+                                ks % 2 * (NS * 4) + (np * 2 + half) * 4,
                                 False,
                                 dtype="float32",
                             )
                         )
 
+            for e in T.unroll(NS * 4):
+                acc_s[e] = acc_s[e] + acc_s[NS * 4 + e]
             # scale, mask (split end and causal among the Q new tokens), row max
             for k in T.unroll(2):
                 m_new[k] = T.float32(neg_inf)
