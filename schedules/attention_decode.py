@@ -278,10 +278,15 @@ def _split_simple(dims: MLADims, *, heads: int, q_tokens: int, block_n: int, sm_
 
 
 def _merge(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, gpu: bool):
-    """o = sum_s exp(lse_s - lse) o_s with lse = logsumexp_s lse_s; empty splits weigh 0."""
+    """o = sum_s exp(lse_s - lse) o_s with lse = logsumexp_s lse_s; empty splits weigh 0.
+
+    One GPU thread per output element (blocks of 64 columns, so even batch 1 spreads over
+    ``16 x 512 / 64`` CTAs); each reads the split LSEs of its row (L1 hits) and one float32
+    partial per split.
+    """
     DV, H, Q = dims.kv_lora_rank, heads, q_tokens
-    threads = min(DV, 128)
-    per_thread = DV // threads
+    CW = 64 if gpu and DV % 64 == 0 else DV  # columns per block
+    NC = DV // CW
     neg_inf = -math.inf
 
     @T.prim_func
@@ -293,31 +298,33 @@ def _merge(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, gpu: bool):
         lse_part = T.match_buffer(lse_part_h, (S, B, Q, H), "float32")
         o = T.match_buffer(o_h, (B, Q, H, DV), dtype)
         lse = T.match_buffer(lse_h, (B, Q, H), "float32")
-        for row in T.parallel(B * Q * H) if not gpu else T.thread_binding(B * Q * H, "blockIdx.x"):
-            for tx in T.serial(threads) if not gpu else T.thread_binding(threads, "threadIdx.x"):
-                b = row // (Q * H)
-                t = row // H % Q
-                h = row % H
+        for blk in (
+            T.parallel(B * Q * H * NC)
+            if not gpu
+            else T.thread_binding(B * Q * H * NC, "blockIdx.x")
+        ):
+            for tx in T.serial(CW) if not gpu else T.thread_binding(CW, "threadIdx.x"):
+                b = blk // NC // (Q * H)
+                t = blk // NC // H % Q
+                h = blk // NC % H
+                col = blk % NC * CW + tx
                 m = T.alloc_buffer((1,), "float32", scope="local")
                 total = T.alloc_buffer((1,), "float32", scope="local")
-                acc = T.alloc_buffer((per_thread,), "float32", scope="local")
+                acc = T.alloc_buffer((1,), "float32", scope="local")
                 m[0] = T.float32(neg_inf)
                 for s in range(S):
                     m[0] = T.max(m[0], lse_part[s, b, t, h])
                 total[0] = T.float32(0)
-                for i in range(per_thread):
-                    acc[i] = T.float32(0)
+                acc[0] = T.float32(0)
                 if m[0] > T.float32(neg_inf):
                     for s in range(S):
                         w = T.exp(lse_part[s, b, t, h] - m[0])
                         total[0] = total[0] + w
-                        for i in range(per_thread):
-                            acc[i] = acc[i] + w * o_part[s, b, t, h, i * threads + tx]
-                for i in range(per_thread):
-                    o[b, t, h, i * threads + tx] = T.Cast(
-                        dtype, T.if_then_else(total[0] > 0, acc[i] / total[0], T.float32(0))
-                    )
-                if tx == 0:
+                        acc[0] = acc[0] + w * o_part[s, b, t, h, col]
+                o[b, t, h, col] = T.Cast(
+                    dtype, T.if_then_else(total[0] > 0, acc[0] / total[0], T.float32(0))
+                )
+                if col == 0:
                     lse[b, t, h] = T.if_then_else(
                         total[0] > 0, m[0] + T.log(total[0]), T.float32(neg_inf)
                     )
