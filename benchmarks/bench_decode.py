@@ -68,11 +68,13 @@ def make_inputs(dims: MLADims, batch: int, ctx: int):
     return q, kv, indptr
 
 
-def ours(mod, dims, config, arch, q, kv, indptr):
+def ours(mod, dims, config, target, q, kv, indptr):
     """A closure running split + merge (workspace preallocated), and its outputs."""
     batch = q.shape[0]
     ctx = int(indptr[1] - indptr[0])
-    splits = dec.choose_splits(batch, ctx, GPUS[arch].sm_count, block_n=config.block_n)
+    splits = dec.splits_for(
+        config, target, dims, heads=HEADS, q_tokens=1, batch=batch, max_context=ctx
+    )
     ws = dec.workspace_shapes(dims, batch=batch, heads=HEADS, q_tokens=1, num_splits=splits)
     o_part = torch.full(ws["o_part"], float("nan"), device="cuda")
     lse_part = torch.full(ws["lse_part"], float("nan"), device="cuda")
@@ -142,7 +144,7 @@ def torch_sdpa(dims, q, kv, *, sm_scale):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file for the results")
-    ap.add_argument("--configs", type=int, default=3, help="candidate configs to try (best kept)")
+    ap.add_argument("--configs", type=int, default=6, help="candidate configs to try (best kept)")
     ap.add_argument("--reps", type=int, default=50)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -167,7 +169,7 @@ def main() -> None:
         nbytes = kv.numel() * 2 + q.numel() * 2 + batch * HEADS * dims.kv_lora_rank * 2
         row = {"batch": batch, "ctx": ctx, "bytes": nbytes, "arch": arch, "configs": {}}
         for cfg, mod in mods.items():
-            run, o, lse, splits = ours(mod, dims, cfg, arch, q, kv, indptr)
+            run, o, lse, splits = ours(mod, dims, cfg, target, q, kv, indptr)
             name = f"bn{cfg.block_n}-st{cfg.stages}-w{cfg.warps_n}"
             try:
                 run()

@@ -101,7 +101,12 @@ def keep(config: Config, target: tvm.target.Target, dims: MLADims, *, heads: int
 
 # Preferred first, per arch; the rest of the space follows, most rows in flight first.
 PREFERRED: dict[str, tuple[Config, ...]] = {
-    "sm_90a": (Config(block_n=64, stages=2, warps_n=4), Config(block_n=32, stages=4, warps_n=2)),
+    "sm_90a": (
+        Config(block_n=64, stages=2, warps_n=4),  # 1 CTA/SM, 64 rows in flight while computing
+        Config(block_n=32, stages=2, warps_n=2),  # 95 KB: 2 CTAs/SM overlap each other's syncs
+        Config(block_n=32, stages=4, warps_n=2),
+        Config(block_n=32, stages=3, warps_n=2),
+    ),
     "sm_89": (Config(block_n=32, stages=2, warps_n=2), Config(block_n=64, stages=1, warps_n=4)),
 }
 
@@ -149,6 +154,35 @@ def choose_splits(
         if cost < best_cost - 1e-9:
             best, best_cost = s, cost
     return best
+
+
+def ctas_per_sm(config: Config, target, dims: MLADims, *, heads: int, q_tokens: int) -> int:
+    """Split CTAs one SM holds at once, as shared memory allows (per-SM smem = per-block + 1 KB)."""
+    if not config.tensor_cores:
+        return 1
+    per_sm = gpu_spec(target).max_shared_bytes_per_block + 1024
+    need = shared_bytes(config, dims, heads=heads, q_tokens=q_tokens) + 1024  # +1 KB reserved
+    return max(1, per_sm // need)
+
+
+def splits_for(
+    config: Config,
+    target,
+    dims: MLADims,
+    *,
+    heads: int,
+    q_tokens: int,
+    batch: int,
+    max_context: int,
+) -> int:
+    """``choose_splits`` for this config on this GPU (its tile size and CTAs per SM)."""
+    return choose_splits(
+        batch,
+        max_context,
+        gpu_spec(target).sm_count,
+        block_n=config.block_n,
+        ctas_per_sm=ctas_per_sm(config, target, dims, heads=heads, q_tokens=q_tokens),
+    )
 
 
 def workspace_shapes(

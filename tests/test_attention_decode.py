@@ -120,6 +120,17 @@ def test_default_config_fits(arch, q_tokens):
     assert cfg.stages >= 2 or q_tokens > 1  # Q=1 always gets a real pipeline
 
 
+def test_ctas_per_sm():
+    sm90, sm89 = tvm_target("sm_90a"), tvm_target("sm_89")
+    assert dec.ctas_per_sm(dec.Config(64, 2, 4), sm90, LITE, heads=16, q_tokens=1) == 1
+    assert dec.ctas_per_sm(dec.Config(32, 2, 2), sm90, LITE, heads=16, q_tokens=1) == 2
+    assert dec.ctas_per_sm(dec.Config(32, 2, 2), sm89, LITE, heads=16, q_tokens=1) == 1
+    two = dec.splits_for(
+        dec.Config(32, 2, 2), sm90, LITE, heads=16, q_tokens=1, batch=1, max_context=65536
+    )
+    assert two > GPUS["sm_90a"].sm_count  # two CTAs per SM: more splits fill the GPU
+
+
 def test_keep_rejects_oversized():
     big = dec.Config(block_n=128, stages=4, warps_n=4)
     assert not dec.keep(big, tvm_target("sm_90a"), LITE, heads=16, q_tokens=1)
@@ -188,8 +199,11 @@ def test_gpu_matches_reference(case, splits):
     arch = _gpu_arch()
     lens, q_tokens = GPU_CASES[case]
     mod = _module("lite", q_tokens, arch)
-    cfg = dec.default_config(tvm_target(arch), LITE, heads=16, q_tokens=q_tokens)
-    num_splits = dec.choose_splits(len(lens), max(lens), GPUS[arch].sm_count, block_n=cfg.block_n)
+    target = tvm_target(arch)
+    cfg = dec.default_config(target, LITE, heads=16, q_tokens=q_tokens)
+    num_splits = dec.splits_for(
+        cfg, target, LITE, heads=16, q_tokens=q_tokens, batch=len(lens), max_context=max(lens)
+    )
     if splits == "many":  # more splits than tiles for the short sequences: empty splits
         num_splits = max(num_splits, math.ceil(max(lens) / cfg.block_n) // 2 + 3)
     _run_and_check(mod, LITE, lens=lens, q_tokens=q_tokens, num_splits=num_splits, device="cuda")
