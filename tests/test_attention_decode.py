@@ -149,8 +149,11 @@ def _nvcc_available() -> bool:
 
 
 @pytest.mark.skipif(not _nvcc_available(), reason="needs nvcc and cuobjdump")
-@pytest.mark.parametrize("arch", ["sm_89", "sm_90a"])
-@pytest.mark.parametrize("q_tokens", [1, 2], ids=lambda q: f"q{q}")
+@pytest.mark.parametrize(
+    "arch,q_tokens",
+    [("sm_89", 1), ("sm_89", 2), ("sm_90a", 1), ("sm_90a", 2), ("sm_90a", 4)],
+    ids=["sm_89-q1", "sm_89-q2", "sm_90a-q1", "sm_90a-q2", "sm_90a-q4"],
+)
 def test_cuda_static(arch, q_tokens):
     """Builds for the arch, 0 spills, and the SASS has HMMA, LDSM and LDGSTS."""
     from mla_compiler.nvcc import compile_cubin, sass_opcodes
