@@ -228,7 +228,10 @@ def absorbed_decode(
         split = _split_simple(
             dims, heads=heads, q_tokens=q_tokens, block_n=config.block_n, sm_scale=sm_scale, gpu=gpu
         )
-    merge = _merge(dims, heads=heads, q_tokens=q_tokens, dtype=dtype, gpu=gpu)
+    if gpu and dims.kv_lora_rank % 8 == 0:
+        merge = _merge_gpu(dims, heads=heads, q_tokens=q_tokens, dtype=dtype)
+    else:
+        merge = _merge(dims, heads=heads, q_tokens=q_tokens, dtype=dtype, gpu=gpu)
     return DecodeKernels(split=split, merge=merge, config=config)
 
 
@@ -362,6 +365,100 @@ def _merge(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, gpu: bool):
                     lse[b, t, h] = T.if_then_else(
                         total[0] > 0, m[0] + T.log(total[0]), T.float32(neg_inf)
                     )
+
+    return merge
+
+
+def _merge_gpu(dims: MLADims, *, heads: int, q_tokens: int, dtype: str):
+    """CUDA merge with memory-level parallelism for batch 1 (up to hundreds of splits).
+
+    Lane ``8 g + sl`` of a warp owns output columns ``8 g .. 8 g + 7`` (two float4 loads, one
+    full 32-byte sector per split) and splits ``sl, sl + 8, ...``, four splits per unrolled step
+    (8 float4 loads in flight per thread). Max, weights and partial sums are combined across
+    the 8 split lanes with shuffles: no shared memory, no block barrier.
+    """
+    DV, H, Q = dims.kv_lora_rank, heads, q_tokens
+    SL, U, CG = 8, 4, 8  # split lanes, unroll, columns per lane
+    GROUPS = DV // CG  # column groups per row
+    THREADS = 128
+    neg_inf = -math.inf
+
+    @T.prim_func
+    def merge(o_part_h: T.handle, lse_part_h: T.handle, o_h: T.handle, lse_h: T.handle):
+        T.func_attr({"global_symbol": "decode_merge", "tirx.noalias": True})
+        B = T.int32()
+        S = T.int32()
+        o_part = T.match_buffer(o_part_h, (S, B, Q, H, DV), "float32")
+        lse_part = T.match_buffer(lse_part_h, (S, B, Q, H), "float32")
+        o = T.match_buffer(o_h, (B, Q, H, DV), dtype)
+        lse = T.match_buffer(lse_h, (B, Q, H), "float32")
+        for blk in T.thread_binding(T.ceildiv(B * Q * H * GROUPS * SL, THREADS), "blockIdx.x"):
+            for tx in T.thread_binding(THREADS, "threadIdx.x"):
+                m = T.alloc_buffer((1,), "float32", scope="local")
+                total = T.alloc_buffer((1,), "float32", scope="local")
+                w = T.alloc_buffer((U,), "float32", scope="local")
+                acc = T.alloc_buffer((CG,), "float32", scope="local")
+                part = T.alloc_buffer((U * CG,), "float32", scope="local")
+                gid = T.meta_var((blk * THREADS + tx) // SL)  # (row, column group)
+                sl = T.meta_var(tx % SL)
+                row = T.meta_var(gid // GROUPS)
+                col = T.meta_var(gid % GROUPS * CG)
+                b = T.meta_var(row // (Q * H))
+                t = T.meta_var(row // H % Q)
+                h = T.meta_var(row % H)
+                valid = T.meta_var(row < B * Q * H)
+                m[0] = T.float32(neg_inf)
+                for so in range(T.ceildiv(S, SL * U)):
+                    for u in T.unroll(U):
+                        w[u] = T.if_then_else(
+                            valid and (so * U + u) * SL + sl < S,
+                            lse_part[(so * U + u) * SL + sl, b, t, h],
+                            T.float32(neg_inf),
+                        )
+                    for u in T.unroll(U):
+                        m[0] = T.max(m[0], w[u])
+                for k in T.unroll(3):
+                    m[0] = T.max(
+                        m[0], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), m[0], 1 << k, 32, 32)
+                    )
+                total[0] = T.float32(0)
+                for c in T.unroll(CG):
+                    acc[c] = T.float32(0)
+                if m[0] > T.float32(neg_inf):
+                    for so in range(T.ceildiv(S, SL * U)):
+                        for u in T.unroll(U):
+                            if (so * U + u) * SL + sl < S:
+                                for v in T.unroll(CG // 4):
+                                    part[T.ramp(u * CG + v * 4, 1, 4)] = o_part[
+                                        (so * U + u) * SL + sl, b, t, h, T.ramp(col + v * 4, 1, 4)
+                                    ]
+                                w[u] = T.exp(lse_part[(so * U + u) * SL + sl, b, t, h] - m[0])
+                            else:
+                                w[u] = T.float32(0)
+                                for c in T.unroll(CG):
+                                    part[u * CG + c] = T.float32(0)
+                        for u in T.unroll(U):
+                            total[0] = total[0] + w[u]
+                            for c in T.unroll(CG):
+                                acc[c] = acc[c] + w[u] * part[u * CG + c]
+                for k in T.unroll(3):
+                    total[0] = total[0] + T.tvm_warp_shuffle_xor(
+                        T.uint32(0xFFFFFFFF), total[0], 1 << k, 32, 32
+                    )
+                    for c in T.unroll(CG):
+                        acc[c] = acc[c] + T.tvm_warp_shuffle_xor(
+                            T.uint32(0xFFFFFFFF), acc[c], 1 << k, 32, 32
+                        )
+                if valid and sl == 0:
+                    for c in T.unroll(CG):
+                        o[b, t, h, col + c] = T.Cast(
+                            dtype,
+                            T.if_then_else(total[0] > 0, acc[c] / total[0], T.float32(0)),
+                        )
+                    if col == 0:
+                        lse[b, t, h] = T.if_then_else(
+                            total[0] > 0, m[0] + T.log(total[0]), T.float32(neg_inf)
+                        )
 
     return merge
 
