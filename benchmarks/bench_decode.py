@@ -68,18 +68,14 @@ def make_inputs(dims: MLADims, batch: int, ctx: int):
     return q, kv, indptr
 
 
-def ours(mod, dims, config, target, q, kv, indptr):
-    """A closure running split + merge (workspace preallocated), and its outputs."""
-    batch = q.shape[0]
-    ctx = int(indptr[1] - indptr[0])
-    splits = dec.splits_for(
-        config, target, dims, heads=HEADS, q_tokens=1, batch=batch, max_context=ctx
-    )
+def ours(mod, dims, q, kv, indptr, *, splits: int):
+    """A closure running split + merge (workspace preallocated, outputs NaN-poisoned)."""
+    batch, dev = q.shape[0], q.device
     ws = dec.workspace_shapes(dims, batch=batch, heads=HEADS, q_tokens=1, num_splits=splits)
-    o_part = torch.full(ws["o_part"], float("nan"), device="cuda")
-    lse_part = torch.full(ws["lse_part"], float("nan"), device="cuda")
-    o = torch.full((batch, 1, HEADS, dims.kv_lora_rank), float("nan"), device="cuda").half()
-    lse = torch.full((batch, 1, HEADS), float("nan"), device="cuda")
+    o_part = torch.full(ws["o_part"], float("nan"), device=dev)
+    lse_part = torch.full(ws["lse_part"], float("nan"), device=dev)
+    o = torch.full((batch, 1, HEADS, dims.kv_lora_rank), float("nan"), device=dev).half()
+    lse = torch.full((batch, 1, HEADS), float("nan"), device=dev)
     split, merge = mod["decode_split"], mod["decode_merge"]
     args_split = [_t(q), _t(kv), _t(indptr), 0, _t(o_part), _t(lse_part)]
     args_merge = [_t(o_part), _t(lse_part), _t(o), _t(lse)]
@@ -88,7 +84,7 @@ def ours(mod, dims, config, target, q, kv, indptr):
         split(*args_split)
         merge(*args_merge)
 
-    return run, o, lse, splits
+    return run, o, lse
 
 
 def verify(dims, q, kv, indptr, o, lse, *, sm_scale) -> float:
@@ -172,7 +168,10 @@ def main() -> None:
         nbytes = kv.numel() * 2 + q.numel() * 2 + batch * HEADS * dims.kv_lora_rank * 2
         row = {"batch": batch, "ctx": ctx, "bytes": nbytes, "arch": arch, "configs": {}}
         for cfg, mod in mods.items():
-            run, o, lse, splits = ours(mod, dims, cfg, target, q, kv, indptr)
+            splits = dec.splits_for(
+                cfg, target, dims, heads=HEADS, q_tokens=1, batch=batch, max_context=ctx
+            )
+            run, o, lse = ours(mod, dims, q, kv, indptr, splits=splits)
             name = f"bn{cfg.block_n}-st{cfg.stages}-w{cfg.warps_n}"
             try:
                 run()
