@@ -137,20 +137,34 @@ def default_config(target, dims: MLADims | None = None, *, heads: int = 16, q_to
 
 
 def choose_splits(
-    batch: int, max_context: int, sm_count: int, *, block_n: int = 64, ctas_per_sm: int = 1
+    batch: int,
+    max_context: int,
+    sm_count: int,
+    *,
+    block_n: int = 64,
+    ctas_per_sm: int = 1,
+    sm_bandwidth_ratio: float = 1.5,
 ) -> int:
-    """Splits per sequence: fill every SM with as few, evenly loaded waves as possible.
+    """Splits per sequence: enough CTAs to pull DRAM bandwidth, few enough partials to merge.
 
-    Modelled step time in units of one tile load per SM: ``waves * (tiles_per_split + 1)`` (the
-    +1 is the pipeline fill) plus the merge, which reads ``16 x 512`` floats (~0.45 tile) per
-    split and sequence, spread over the whole GPU. Returns the smallest best split count.
+    Modelled step time, in units of one tile load per SM at a fair share of DRAM bandwidth::
+
+        max(tiles_total / SMs, waves * tiles_per_split * ctas_per_sm / ratio)  # stream
+        + waves                                      # pipeline fill, once per wave
+        + 0.9 * batch * splits / SMs                 # f32 partials: written + merged
+
+    ``sm_bandwidth_ratio``: how much faster than its fair share one SM streams when others
+    idle (an uncalibrated guess; ``bench_decode.py`` sweeps the split count around this
+    choice so it can be fitted). Returns the smallest split count of least modelled time.
     """
     tiles = max(1, -(-max_context // block_n))
     slots = sm_count * ctas_per_sm
     best, best_cost = 1, math.inf
     for s in range(1, min(tiles, 4 * slots) + 1):
         waves = -(-(batch * s) // slots)
-        cost = waves * (-(-tiles // s) + 1) + 0.45 * batch * s / slots
+        per_split = -(-tiles // s)
+        stream = max(batch * tiles / sm_count, waves * per_split * ctas_per_sm / sm_bandwidth_ratio)
+        cost = stream + waves + 0.9 * batch * s / sm_count
         if cost < best_cost - 1e-9:
             best, best_cost = s, cost
     return best
