@@ -147,6 +147,7 @@ def main() -> None:
         sys.exit("needs a CUDA GPU")
     arch = gpu_arch()
     target = tvm_target(arch)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     dims = MLADims(heads=HEADS)
     sm_scale = dims.qk_head_dim**-0.5
     configs = dec.candidate_configs(target, dims, heads=HEADS, q_tokens=1)[: args.configs]
@@ -170,7 +171,14 @@ def main() -> None:
         for cfg, mod in mods.items():
             name = f"bn{cfg.block_n}-st{cfg.stages}-w{cfg.warps_n}"
             chosen = dec.splits_for(
-                cfg, target, dims, heads=HEADS, q_tokens=1, batch=batch, max_context=ctx
+                cfg,
+                target,
+                dims,
+                heads=HEADS,
+                q_tokens=1,
+                batch=batch,
+                max_context=ctx,
+                sm_count=sms,
             )
             tiles = -(-ctx // cfg.block_n)
             for splits in sorted({chosen, max(1, chosen // 2), min(tiles, 2 * chosen)}):
@@ -206,7 +214,7 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+        json.dump({"device": torch.cuda.get_device_name(), "sms": sms, "rows": rows}, f, indent=1)
 
     def cell(d):
         return f"{d['gbps']:.0f} ({d['us']:.1f} us)" if d and "gbps" in d else "err"

@@ -188,12 +188,16 @@ def splits_for(
     q_tokens: int,
     batch: int,
     max_context: int,
+    sm_count: int | None = None,
 ) -> int:
-    """``choose_splits`` for this config on this GPU (its tile size and CTAs per SM)."""
+    """``choose_splits`` for this config on this GPU (its tile size and CTAs per SM).
+
+    ``sm_count`` overrides the arch's nominal count (e.g. the device's real one).
+    """
     return choose_splits(
         batch,
         max_context,
-        gpu_spec(target).sm_count,
+        sm_count or gpu_spec(target).sm_count,
         block_n=config.block_n,
         ctas_per_sm=ctas_per_sm(config, target, dims, heads=heads, q_tokens=q_tokens),
     )

@@ -207,7 +207,14 @@ def test_gpu_matches_reference(case, splits):
     target = tvm_target(arch)
     cfg = dec.default_config(target, LITE, heads=16, q_tokens=q_tokens)
     num_splits = dec.splits_for(
-        cfg, target, LITE, heads=16, q_tokens=q_tokens, batch=len(lens), max_context=max(lens)
+        cfg,
+        target,
+        LITE,
+        heads=16,
+        q_tokens=q_tokens,
+        batch=len(lens),
+        max_context=max(lens),
+        sm_count=torch.cuda.get_device_properties(0).multi_processor_count,
     )
     if splits == "many":  # more splits than tiles for the short sequences: empty splits
         num_splits = max(num_splits, math.ceil(max(lens) / cfg.block_n) // 2 + 3)
