@@ -89,7 +89,7 @@ def keep(config: Config, target: tvm.target.Target, dims: MLADims, *, heads: int
     spec = gpu_spec(target)
     warps = config.warps_n * m_tiles(heads, q_tokens)
     return (
-        config.block_n % (16 * config.warps_n) == 0
+        config.block_n % (8 * config.warps_n) == 0
         and dims.kv_lora_rank % (16 * config.warps_n) == 0
         and dims.latent_dim % 16 == 0
         and 1 <= config.stages <= 4
@@ -102,6 +102,7 @@ def keep(config: Config, target: tvm.target.Target, dims: MLADims, *, heads: int
 # Preferred first, per arch; the rest of the space follows, most rows in flight first.
 PREFERRED: dict[str, tuple[Config, ...]] = {
     "sm_90a": (
+        Config(block_n=64, stages=2, warps_n=8),  # 1 CTA/SM, 2 warps per SM sub-partition
         Config(block_n=64, stages=2, warps_n=4),  # 1 CTA/SM, 64 rows in flight while computing
         Config(block_n=32, stages=2, warps_n=2),  # 95 KB: 2 CTAs/SM overlap each other's syncs
         Config(block_n=32, stages=4, warps_n=2),
@@ -115,7 +116,9 @@ def candidate_configs(target, dims: MLADims, *, heads: int, q_tokens: int) -> li
     """Every tensor-core config ``keep`` accepts: ``PREFERRED`` first, then by rows in flight."""
     space = [
         Config(block_n=block_n, stages=stages, warps_n=warps_n)
-        for block_n, stages, warps_n in itertools.product((32, 64, 128), (1, 2, 3, 4), (2, 4, 8))
+        for block_n, stages, warps_n in itertools.product(
+            (32, 64, 128), (1, 2, 3, 4), (2, 4, 8, 16)
+        )
     ]
     space.sort(key=lambda c: (-(max(c.stages - 1, 0.5) * c.block_n), c.warps_n != 4))
     preferred = PREFERRED.get(str(target.attrs.get("arch", "")), ())

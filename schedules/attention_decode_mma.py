@@ -210,6 +210,40 @@ def split_mma(dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: flo
                             )
                         )
 
+                for _odd in T.unroll(NS % 2):  # a lone n8 tile: ldmatrix.x2 (lanes 0-15)
+                    T.evaluate(
+                        T.ptx_legacy.ldmatrix(
+                            False,
+                            2,
+                            ".b16",
+                            b_frag.data,
+                            0,
+                            kvs.access_ptr("r"),
+                            st_off
+                            + (wn * SN + (NS - 1) * 8 + lane % 8) * DP
+                            + ks * 16
+                            + lane // 8 % 2 * 8,
+                            dtype="float16",
+                        )
+                    )
+                    T.evaluate(
+                        T.ptx_legacy.mma(
+                            "m16n8k16",
+                            "row",
+                            "col",
+                            "fp16",
+                            "fp16",
+                            "fp32",
+                            a_frag.data,
+                            0,
+                            b_frag.data,
+                            0,
+                            acc_s.data,
+                            ks % 2 * (NS * 4) + (NS - 1) * 4,
+                            False,
+                            dtype="float32",
+                        )
+                    )
             for e in T.unroll(NS * 4):
                 acc_s[e] = acc_s[e] + acc_s[NS * 4 + e]
             # scale, mask (split end and causal among the Q new tokens), row max
