@@ -26,14 +26,13 @@ import math
 
 import tvm
 from mla_compiler.model_export.config import MLADims
+from mla_compiler.schedules.attention_decode_mma import split_mma
 from mla_compiler.schedules.target import gpu_spec, is_gpu
 from tvm.script import tirx as T
 
 from mla_compiler.errors import TargetError
 
 MAX_Q_TOKENS = 4
-_LOG2E = 1.4426950408889634
-_LN2 = 0.6931471805599453
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +79,9 @@ def shared_bytes(config: Config, dims: MLADims, *, heads: int, q_tokens: int) ->
     return kv + q + p + red
 
 
-def keep(config: Config, target: tvm.target.Target, dims: MLADims, *, heads: int, q_tokens: int):
+def keep(
+    config: Config, target: tvm.target.Target, dims: MLADims, *, heads: int, q_tokens: int
+) -> bool:
     """Whether ``config`` builds a valid kernel on ``target`` (tile shapes, smem, threads)."""
     if not config.tensor_cores:
         return True
@@ -247,8 +248,6 @@ def absorbed_decode(
     if not keep(config, target, dims, heads=heads, q_tokens=q_tokens):
         raise TargetError(f"decode config {config} does not fit target {target}")
     if config.tensor_cores:
-        from mla_compiler.schedules.attention_decode_mma import split_mma
-
         split = split_mma(dims, heads=heads, q_tokens=q_tokens, config=config, sm_scale=sm_scale)
     else:
         split = _split_simple(
