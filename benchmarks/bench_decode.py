@@ -202,6 +202,9 @@ def main() -> None:
             modelled = [v for v in good.values() if v["model_choice"]]
             if modelled:  # the default config at the split count the model picks
                 row["ours_default"] = modelled[0]
+        # what streaming the cache alone costs here: torch.sum over the rows (a read roofline)
+        us = bench(lambda kv=kv: kv.sum(dtype=torch.float32), reps=args.reps)
+        row["read_roofline"] = {"us": us, "gbps": kv.numel() * 2 / us / 1e3}
         for base, make in (("torch_matmul", torch_matmul), ("torch_sdpa_mem_eff", torch_sdpa)):
             try:
                 us = bench(make(dims, q, kv, sm_scale=sm_scale), reps=args.reps)
@@ -222,15 +225,16 @@ def main() -> None:
     print(f"\n{torch.cuda.get_device_name()} ({arch}), 16 heads, f16, GB/s (median time)\n")
     print(
         "| batch | ctx | ours (best) | config | splits | ours (default, model splits) "
-        "| torch matmul | torch SDPA mem-eff |"
+        "| torch matmul | torch SDPA mem-eff | cache read roofline (torch.sum) |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         o = r.get("ours")
         print(
             f"| {r['batch']} | {r['ctx']} | {cell(o)} | {o['config'] if o else '-'} | "
             f"{o['splits'] if o else '-'} | {cell(r.get('ours_default'))} | "
-            f"{cell(r['torch_matmul'])} | {cell(r['torch_sdpa_mem_eff'])} |"
+            f"{cell(r['torch_matmul'])} | {cell(r['torch_sdpa_mem_eff'])} | "
+            f"{cell(r['read_roofline'])} |"
         )
 
 
