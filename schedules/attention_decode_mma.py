@@ -47,6 +47,22 @@ def split_mma(dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: flo
     scale_log2 = float(sm_scale) * _LOG2E
     neg_inf = -math.inf
 
+    @T.macro
+    def load_tile(kvs, kv, layer, start, lo, hi, tid, tile, stage):
+        """cp.async rows ``lo + tile * BN ..`` into ring slot ``stage`` (zero-fill past ``hi``)."""
+        for i in T.unroll(KV_ITERS):
+            idx = T.meta_var(i * NT + tid)
+            if idx < BN * CH:
+                row = T.meta_var(lo + tile * BN + idx // CH)
+                T.evaluate(
+                    T.ptx["cp.async.cg.shared.global"](
+                        kvs.ptr_to([stage, idx // CH, idx % CH * 8]),
+                        kv.ptr_to([layer, start + T.min(row, hi - 1), idx % CH * 8]),
+                        16,
+                        T.Cast("uint32", T.if_then_else(row < hi, 16, 0)),
+                    )
+                )
+
     @T.prim_func
     def split(
         q_h: T.handle,
@@ -118,18 +134,7 @@ def split_mma(dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: flo
         # prologue: tiles 0 .. ST-2
         for st in T.unroll(ST - 1):
             if st < ntiles:
-                for i in T.unroll(KV_ITERS):
-                    idx = T.meta_var(i * NT + tid)
-                    if idx < BN * CH:
-                        row = T.meta_var(lo + st * BN + idx // CH)
-                        T.evaluate(
-                            T.ptx["cp.async.cg.shared.global"](
-                                kvs.ptr_to([st, idx // CH, idx % CH * 8]),
-                                kv.ptr_to([layer, start + T.min(row, hi - 1), idx % CH * 8]),
-                                16,
-                                T.Cast("uint32", T.if_then_else(row < hi, 16, 0)),
-                            )
-                        )
+                load_tile(kvs, kv, layer, start, lo, hi, tid, st, st)
             T.evaluate(T.ptx.cp.async_.commit_group())
 
         for e in T.unroll(NO * 4):
@@ -141,18 +146,7 @@ def split_mma(dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: flo
         for kt in range(ntiles):
             nxt = T.meta_var(kt + (ST - 1))
             if nxt < ntiles:
-                for i in T.unroll(KV_ITERS):
-                    idx = T.meta_var(i * NT + tid)
-                    if idx < BN * CH:
-                        row = T.meta_var(lo + nxt * BN + idx // CH)
-                        T.evaluate(
-                            T.ptx["cp.async.cg.shared.global"](
-                                kvs.ptr_to([nxt % ST, idx // CH, idx % CH * 8]),
-                                kv.ptr_to([layer, start + T.min(row, hi - 1), idx % CH * 8]),
-                                16,
-                                T.Cast("uint32", T.if_then_else(row < hi, 16, 0)),
-                            )
-                        )
+                load_tile(kvs, kv, layer, start, lo, hi, tid, nxt, nxt % ST)
             T.evaluate(T.ptx.cp.async_.commit_group())
             T.evaluate(T.ptx.cp.async_.wait_group(ST - 1))
             T.tvm_storage_sync("shared")
