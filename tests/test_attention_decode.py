@@ -158,13 +158,14 @@ def _nvcc_available() -> bool:
 )
 def test_cuda_static(arch, q_tokens):
     """Builds for the arch, 0 spills, and the SASS has HMMA, LDSM and LDGSTS."""
-    from mla_compiler.nvcc import compile_cubin, sass_opcodes
+    from mla_compiler import nvcc
 
     mod = _module("lite", q_tokens, arch)
-    cubin, res = compile_cubin(mod.mod.imports[0].inspect_source(), arch)
+    flags = getattr(nvcc, "TVM_NVCC_FLAGS", ())  # the flags of TVM's own JIT build, where known
+    cubin, res = nvcc.compile_cubin(mod.mod.imports[0].inspect_source(), arch, extra_flags=flags)
     split = next(r for name, r in res.items() if "decode_split" in name)
     assert split.spill_bytes == 0, split
-    ops = next(c for name, c in sass_opcodes(cubin).items() if "decode_split" in name)
+    ops = next(c for name, c in nvcc.sass_opcodes(cubin).items() if "decode_split" in name)
     # Q·Kᵀ: 36 k-steps x (score n8 tiles per warp) + P·V k-steps x (output n8 tiles per warp)
     assert ops.get("HMMA", 0) >= 36 + 16, ops
     assert ops.get("LDSM", 0) >= 36, ops
