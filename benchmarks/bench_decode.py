@@ -20,11 +20,37 @@ import time
 
 import torch
 import tvm
-from mla_compiler.model_export.config import MLADims
-from mla_compiler.schedules import attention_decode as dec
-from mla_compiler.schedules.target import GPUS, tvm_target
 
-from mla_compiler import reference
+
+def _package_shim() -> None:
+    """Without an install, link the package-dir layout (schedules/ -> mla_compiler.schedules)."""
+    try:
+        import mla_compiler.schedules  # noqa: F401
+    except ImportError:
+        import pathlib
+        import tempfile
+
+        root = pathlib.Path(__file__).resolve().parent.parent
+        shim = pathlib.Path(tempfile.mkdtemp()) / "mla_compiler"
+        shim.mkdir()
+        for f in (root / "mla_compiler").glob("*.py"):
+            (shim / f.name).symlink_to(f)
+        for sub in ("runtime", "schedules", "model_export"):
+            (shim / sub).symlink_to(root / sub)
+        sys.path.insert(0, str(shim.parent))
+        for name in [
+            m for m in sys.modules if m == "mla_compiler" or m.startswith("mla_compiler.")
+        ]:
+            del sys.modules[name]
+
+
+_package_shim()
+
+from mla_compiler.model_export.config import MLADims  # noqa: E402
+from mla_compiler.schedules import attention_decode as dec  # noqa: E402
+from mla_compiler.schedules.target import GPUS, tvm_target  # noqa: E402
+
+from mla_compiler import reference  # noqa: E402
 
 SHAPES = [(1, 4096), (1, 16384), (1, 32768), (32, 4096), (128, 4096), (128, 8192)]
 HEADS = 16
