@@ -1,0 +1,494 @@
+"""Absorbed-MLA decode (FlashMLA-style): split-KV attention over the f16 latent cache.
+
+One decode step reads every cache row of every sequence once, so the kernel is bandwidth-bound.
+``absorbed_decode`` builds two kernels:
+
+- ``split``: grid ``(num_splits, batch)``. CTA ``(s, b)`` streams its slice of sequence ``b``'s
+  rows ``kv[layer, kv_indptr[b]:kv_indptr[b+1]]`` once, scores them against all ``H x Q`` query
+  rows (heads x new tokens form the MMA M dimension) and keeps an online softmax; it writes a
+  float32 partial output and its LSE (``-inf`` for an empty slice).
+- ``merge``: combines the ``num_splits`` partials with ``reference.merge_states`` semantics.
+
+V is the first ``kv_lora_rank`` columns of the same rows, read from the same shared-memory tile.
+``num_splits`` is the leading extent of ``o_part``: the caller picks it at run time with
+``choose_splits`` and allocates the workspace with ``workspace_shapes``.
+
+On CUDA the split kernel uses mma.sync m16n8k16 (ldmatrix operands, ldmatrix.trans for V) and a
+cp.async multi-stage pipeline of 16-byte copies (``attention_decode_mma.py``). On ``llvm`` (and as
+the simple CUDA fallback, ``Config(tensor_cores=False)``) it is a plain two-pass loop nest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import tvm
+from mla_compiler.model_export.config import MLADims
+from mla_compiler.schedules.attention_decode_mma import split_mma
+from mla_compiler.schedules.target import gpu_spec, is_gpu
+from tvm.script import tirx as T
+
+from mla_compiler.errors import TargetError
+
+MAX_Q_TOKENS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Schedule knobs of the split kernel.
+
+    ``block_n`` cache rows per pipeline tile; ``stages`` tiles in flight (cp.async groups);
+    ``warps_n`` warps sharing one 16-row M tile (each owns ``block_n / warps_n`` score columns and
+    ``kv_lora_rank / warps_n`` output columns); one such warp group per M tile of ``H x Q``.
+    ``tensor_cores=False`` selects the simple loop kernel (the llvm schedule, slow on a GPU).
+    """
+
+    block_n: int = 64
+    stages: int = 2
+    warps_n: int = 4
+    tensor_cores: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeKernels:
+    """The two PrimFuncs of one decode attention, plus the config they were built with."""
+
+    split: tvm.tirx.PrimFunc
+    merge: tvm.tirx.PrimFunc
+    config: Config
+
+
+CPU_CONFIG = Config(block_n=64, stages=1, warps_n=1, tensor_cores=False)
+
+
+def m_tiles(heads: int, q_tokens: int) -> int:
+    """16-row MMA tiles the ``heads x q_tokens`` query rows take (the last one padded)."""
+    return -(-heads * q_tokens // 16)
+
+
+def shared_bytes(config: Config, dims: MLADims, *, heads: int, q_tokens: int) -> int:
+    """Dynamic shared memory of the tensor-core split kernel (rows padded by 8 halves)."""
+    rows = 16 * m_tiles(heads, q_tokens)
+    row = (dims.latent_dim + 8) * 2
+    kv = config.stages * config.block_n * row
+    q = rows * row
+    p = rows * (config.block_n + 8) * 2
+    red = 2 * config.warps_n * rows * 4
+    return kv + q + p + red
+
+
+def keep(
+    config: Config, target: tvm.target.Target, dims: MLADims, *, heads: int, q_tokens: int
+) -> bool:
+    """Whether ``config`` builds a valid kernel on ``target`` (tile shapes, smem, threads)."""
+    if not config.tensor_cores:
+        return True
+    if not is_gpu(target):
+        return False
+    spec = gpu_spec(target)
+    warps = config.warps_n * m_tiles(heads, q_tokens)
+    return (
+        config.block_n % (8 * config.warps_n) == 0
+        and dims.kv_lora_rank % (16 * config.warps_n) == 0
+        and dims.latent_dim % 16 == 0
+        and 1 <= config.stages <= 4
+        and warps * 32 <= 1024
+        and shared_bytes(config, dims, heads=heads, q_tokens=q_tokens)
+        <= spec.max_shared_bytes_per_block
+    )
+
+
+# Preferred first, per arch; the rest of the space follows, most rows in flight first.
+PREFERRED: dict[str, tuple[Config, ...]] = {
+    "sm_90a": (
+        Config(block_n=64, stages=2, warps_n=8),  # 1 CTA/SM, 2 warps per SM sub-partition
+        Config(block_n=32, stages=2, warps_n=4),  # 95 KB: 2 CTAs/SM overlap each other's syncs
+        Config(block_n=64, stages=2, warps_n=4),
+        Config(block_n=32, stages=2, warps_n=2),
+        Config(block_n=32, stages=4, warps_n=4),
+        Config(block_n=32, stages=3, warps_n=2),
+    ),
+    "sm_89": (
+        Config(block_n=32, stages=2, warps_n=4),
+        Config(block_n=32, stages=2, warps_n=2),
+        Config(block_n=64, stages=1, warps_n=4),
+    ),
+}
+
+
+def candidate_configs(target, dims: MLADims, *, heads: int, q_tokens: int) -> list[Config]:
+    """Every tensor-core config ``keep`` accepts: ``PREFERRED`` first, then by rows in flight."""
+    space = [
+        Config(block_n=block_n, stages=stages, warps_n=warps_n)
+        for block_n, stages, warps_n in itertools.product(
+            (32, 64, 128), (1, 2, 3, 4), (2, 4, 8, 16)
+        )
+    ]
+    space.sort(key=lambda c: (-(max(c.stages - 1, 0.5) * c.block_n), c.warps_n != 4))
+    preferred = PREFERRED.get(str(target.attrs.get("arch", "")), ())
+    ordered = list(preferred) + [c for c in space if c not in preferred]
+    return [c for c in ordered if keep(c, target, dims, heads=heads, q_tokens=q_tokens)]
+
+
+def default_config(target, dims: MLADims | None = None, *, heads: int = 16, q_tokens: int = 1):
+    """sm_90a: 64-row tiles, 2 stages, 8 warps (171 KB smem); sm_89 (99 KB): 32 rows, 4 warps.
+
+    Where no tensor-core config fits (sm_89 with 4 query tokens: Q alone takes 75 KB of smem)
+    this falls back to the simple loop kernel, which is correct but slow.
+    """
+    dims = dims or MLADims(heads=heads)
+    if not is_gpu(target):
+        return CPU_CONFIG
+    found = candidate_configs(target, dims, heads=heads, q_tokens=q_tokens)
+    return found[0] if found else Config(tensor_cores=False)
+
+
+def choose_splits(
+    batch: int,
+    max_context: int,
+    sm_count: int,
+    *,
+    block_n: int = 64,
+    ctas_per_sm: int = 1,
+    sm_bandwidth_ratio: float = 1.5,
+) -> int:
+    """Splits per sequence: enough CTAs to pull DRAM bandwidth, few enough partials to merge.
+
+    Modelled step time, in units of one tile load per SM at a fair share of DRAM bandwidth::
+
+        max(tiles_total / SMs, waves * tiles_per_split * ctas_per_sm / ratio)  # stream
+        + waves                                      # pipeline fill, once per wave
+        + 0.9 * batch * splits / SMs                 # f32 partials: written + merged
+
+    ``sm_bandwidth_ratio``: how much faster than its fair share one SM streams when others
+    idle (an uncalibrated guess; ``bench_decode.py`` sweeps the split count around this
+    choice so it can be fitted). Returns the smallest split count of least modelled time.
+    """
+    tiles = max(1, -(-max_context // block_n))
+    slots = sm_count * ctas_per_sm
+    best, best_cost = 1, math.inf
+    for s in range(1, min(tiles, 4 * slots) + 1):
+        waves = -(-(batch * s) // slots)
+        per_split = -(-tiles // s)
+        stream = max(batch * tiles / sm_count, waves * per_split * ctas_per_sm / sm_bandwidth_ratio)
+        cost = stream + waves + 0.9 * batch * s / sm_count
+        if cost < best_cost - 1e-9:
+            best, best_cost = s, cost
+    return best
+
+
+def ctas_per_sm(config: Config, target, dims: MLADims, *, heads: int, q_tokens: int) -> int:
+    """Split CTAs one SM holds at once, as shared memory allows (per-SM smem = per-block + 1 KB)."""
+    if not config.tensor_cores:
+        return 1
+    per_sm = gpu_spec(target).max_shared_bytes_per_block + 1024
+    need = shared_bytes(config, dims, heads=heads, q_tokens=q_tokens) + 1024  # +1 KB reserved
+    return max(1, per_sm // need)
+
+
+def splits_for(
+    config: Config,
+    target,
+    dims: MLADims,
+    *,
+    heads: int,
+    q_tokens: int,
+    batch: int,
+    max_context: int,
+    sm_count: int | None = None,
+) -> int:
+    """``choose_splits`` for this config on this GPU (its tile size and CTAs per SM).
+
+    ``sm_count`` overrides the arch's nominal count (e.g. the device's real one).
+    """
+    return choose_splits(
+        batch,
+        max_context,
+        sm_count or gpu_spec(target).sm_count,
+        block_n=config.block_n,
+        ctas_per_sm=ctas_per_sm(config, target, dims, heads=heads, q_tokens=q_tokens),
+    )
+
+
+def workspace_shapes(
+    dims: MLADims, *, batch: int, heads: int, q_tokens: int, num_splits: int
+) -> dict[str, tuple[int, ...]]:
+    """Float32 workspace the split kernel writes: ``o_part`` and ``lse_part``."""
+    return {
+        "o_part": (num_splits, batch, q_tokens, heads, dims.kv_lora_rank),
+        "lse_part": (num_splits, batch, q_tokens, heads),
+    }
+
+
+def absorbed_decode(
+    dims: MLADims,
+    *,
+    heads: int,
+    dtype: str = "float16",
+    target: tvm.target.Target,
+    config: Config | None = None,
+    sm_scale: float,
+    q_tokens: int = 1,
+) -> DecodeKernels:
+    """Split + merge kernels of absorbed decode attention over the whole latent cache.
+
+    split(q [B, Q, H, 576], kv [L, C, 576], kv_indptr [B+1] i32, layer i32,
+          o_part [S, B, Q, H, 512] f32, lse_part [S, B, Q, H] f32)
+    merge(o_part, lse_part, o [B, Q, H, 512] dtype, lse [B, Q, H] f32)
+    """
+    if not 1 <= q_tokens <= MAX_Q_TOKENS:
+        raise TargetError(f"q_tokens={q_tokens} is not supported: use 1..{MAX_Q_TOKENS}")
+    if dtype != "float16":
+        raise TargetError(f"decode dtype {dtype!r} is not supported: use float16 (the f16 cache)")
+    gpu = is_gpu(target)
+    if config is None:
+        config = default_config(target, dims, heads=heads, q_tokens=q_tokens)
+    if not keep(config, target, dims, heads=heads, q_tokens=q_tokens):
+        raise TargetError(f"decode config {config} does not fit target {target}")
+    if config.tensor_cores:
+        split = split_mma(dims, heads=heads, q_tokens=q_tokens, config=config, sm_scale=sm_scale)
+    else:
+        split = _split_simple(
+            dims, heads=heads, q_tokens=q_tokens, block_n=config.block_n, sm_scale=sm_scale, gpu=gpu
+        )
+    if gpu and dims.kv_lora_rank % 8 == 0:
+        merge = _merge_gpu(dims, heads=heads, q_tokens=q_tokens, dtype=dtype)
+    else:
+        merge = _merge(dims, heads=heads, q_tokens=q_tokens, dtype=dtype, gpu=gpu)
+    return DecodeKernels(split=split, merge=merge, config=config)
+
+
+def _split_simple(dims: MLADims, *, heads: int, q_tokens: int, block_n: int, sm_scale, gpu: bool):
+    """Two-pass loop kernel: one (split, sequence, query row) per CPU task / GPU thread."""
+    D, DV, H, Q = dims.latent_dim, dims.kv_lora_rank, heads, q_tokens
+    R = H * Q
+    scale = float(sm_scale)
+    neg_inf = -math.inf
+
+    @T.prim_func
+    def split(
+        q_h: T.handle,
+        kv_h: T.handle,
+        indptr_h: T.handle,
+        layer: T.int32,
+        o_part_h: T.handle,
+        lse_part_h: T.handle,
+    ):
+        T.func_attr({"global_symbol": "decode_split", "tirx.noalias": True})
+        B = T.int32()
+        L = T.int64()
+        C = T.int64()
+        S = T.int32()
+        q = T.match_buffer(q_h, (B, Q, H, D), "float16")
+        kv = T.match_buffer(kv_h, (L, C, D), "float16")
+        kv_indptr = T.match_buffer(indptr_h, (B + 1,), "int32")
+        o_part = T.match_buffer(o_part_h, (S, B, Q, H, DV), "float32")
+        lse_part = T.match_buffer(lse_part_h, (S, B, Q, H), "float32")
+        for task_o in (
+            T.parallel(S * B * R)
+            if not gpu
+            else T.thread_binding(T.ceildiv(S * B * R, 64), "blockIdx.x")
+        ):
+            for task_i in T.serial(1) if not gpu else T.thread_binding(64, "threadIdx.x"):
+                task = T.meta_var(task_o * (64 if gpu else 1) + task_i)
+                if task < S * B * R:
+                    s = task // (B * R)
+                    b = task // R % B
+                    t = task % R // H
+                    h = task % H
+                    start = kv_indptr[b]
+                    n = kv_indptr[b + 1] - start
+                    chunk = T.ceildiv(T.ceildiv(n, S), block_n) * block_n
+                    lo = s * chunk
+                    hi = T.min(T.min(lo + chunk, n), n - Q + t + 1)
+                    m = T.alloc_buffer((1,), "float32", scope="local")
+                    acc = T.alloc_buffer((1,), "float32", scope="local")
+                    l_sum = T.alloc_buffer((1,), "float32", scope="local")
+                    m[0] = T.float32(neg_inf)
+                    l_sum[0] = T.float32(0)
+                    for d in range(DV):
+                        o_part[s, b, t, h, d] = T.float32(0)
+                    for j in range(T.max(hi - lo, 0)):
+                        acc[0] = T.float32(0)
+                        for d in range(D):
+                            acc[0] = acc[0] + T.Cast("float32", q[b, t, h, d]) * T.Cast(
+                                "float32", kv[layer, start + lo + j, d]
+                            )
+                        m[0] = T.max(m[0], acc[0] * T.float32(scale))
+                    for j in range(T.max(hi - lo, 0)):
+                        acc[0] = T.float32(0)
+                        for d in range(D):
+                            acc[0] = acc[0] + T.Cast("float32", q[b, t, h, d]) * T.Cast(
+                                "float32", kv[layer, start + lo + j, d]
+                            )
+                        acc[0] = T.exp(acc[0] * T.float32(scale) - m[0])
+                        l_sum[0] = l_sum[0] + acc[0]
+                        for d in range(DV):
+                            o_part[s, b, t, h, d] = o_part[s, b, t, h, d] + acc[0] * T.Cast(
+                                "float32", kv[layer, start + lo + j, d]
+                            )
+                    if l_sum[0] > T.float32(0):
+                        for d in range(DV):
+                            o_part[s, b, t, h, d] = o_part[s, b, t, h, d] / l_sum[0]
+                        lse_part[s, b, t, h] = m[0] + T.log(l_sum[0])
+                    else:
+                        lse_part[s, b, t, h] = T.float32(neg_inf)
+
+    return split
+
+
+def _merge(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, gpu: bool):
+    """o = sum_s exp(lse_s - lse) o_s with lse = logsumexp_s lse_s; empty splits weigh 0.
+
+    One GPU thread per output element (blocks of 64 columns, so even batch 1 spreads over
+    ``16 x 512 / 64`` CTAs); each reads the split LSEs of its row (L1 hits) and one float32
+    partial per split.
+    """
+    DV, H, Q = dims.kv_lora_rank, heads, q_tokens
+    CW = 64 if gpu and DV % 64 == 0 else DV  # columns per block
+    NC = DV // CW
+    neg_inf = -math.inf
+
+    @T.prim_func
+    def merge(o_part_h: T.handle, lse_part_h: T.handle, o_h: T.handle, lse_h: T.handle):
+        T.func_attr({"global_symbol": "decode_merge", "tirx.noalias": True})
+        B = T.int32()
+        S = T.int32()
+        o_part = T.match_buffer(o_part_h, (S, B, Q, H, DV), "float32")
+        lse_part = T.match_buffer(lse_part_h, (S, B, Q, H), "float32")
+        o = T.match_buffer(o_h, (B, Q, H, DV), dtype)
+        lse = T.match_buffer(lse_h, (B, Q, H), "float32")
+        for blk in (
+            T.parallel(B * Q * H * NC)
+            if not gpu
+            else T.thread_binding(B * Q * H * NC, "blockIdx.x")
+        ):
+            for tx in T.serial(CW) if not gpu else T.thread_binding(CW, "threadIdx.x"):
+                b = blk // NC // (Q * H)
+                t = blk // NC // H % Q
+                h = blk // NC % H
+                col = blk % NC * CW + tx
+                m = T.alloc_buffer((1,), "float32", scope="local")
+                total = T.alloc_buffer((1,), "float32", scope="local")
+                acc = T.alloc_buffer((1,), "float32", scope="local")
+                m[0] = T.float32(neg_inf)
+                for s in range(S):
+                    m[0] = T.max(m[0], lse_part[s, b, t, h])
+                total[0] = T.float32(0)
+                acc[0] = T.float32(0)
+                if m[0] > T.float32(neg_inf):
+                    for s in range(S):
+                        w = T.exp(lse_part[s, b, t, h] - m[0])
+                        total[0] = total[0] + w
+                        acc[0] = acc[0] + w * o_part[s, b, t, h, col]
+                o[b, t, h, col] = T.Cast(
+                    dtype, T.if_then_else(total[0] > 0, acc[0] / total[0], T.float32(0))
+                )
+                if col == 0:
+                    lse[b, t, h] = T.if_then_else(
+                        total[0] > 0, m[0] + T.log(total[0]), T.float32(neg_inf)
+                    )
+
+    return merge
+
+
+def _merge_gpu(dims: MLADims, *, heads: int, q_tokens: int, dtype: str):
+    """CUDA merge with memory-level parallelism for batch 1 (up to hundreds of splits).
+
+    Lane ``8 g + sl`` of a warp owns output columns ``8 g .. 8 g + 7`` (two float4 loads, one
+    full 32-byte sector per split) and splits ``sl, sl + 8, ...``, four splits per unrolled step
+    (8 float4 loads in flight per thread). Max, weights and partial sums are combined across
+    the 8 split lanes with shuffles: no shared memory, no block barrier.
+    """
+    DV, H, Q = dims.kv_lora_rank, heads, q_tokens
+    SL, U, CG = 8, 4, 8  # split lanes, unroll, columns per lane
+    GROUPS = DV // CG  # column groups per row
+    THREADS = 128
+    neg_inf = -math.inf
+
+    @T.prim_func
+    def merge(o_part_h: T.handle, lse_part_h: T.handle, o_h: T.handle, lse_h: T.handle):
+        T.func_attr({"global_symbol": "decode_merge", "tirx.noalias": True})
+        B = T.int32()
+        S = T.int32()
+        o_part = T.match_buffer(o_part_h, (S, B, Q, H, DV), "float32")
+        lse_part = T.match_buffer(lse_part_h, (S, B, Q, H), "float32")
+        o = T.match_buffer(o_h, (B, Q, H, DV), dtype)
+        lse = T.match_buffer(lse_h, (B, Q, H), "float32")
+        for blk in T.thread_binding(T.ceildiv(B * Q * H * GROUPS * SL, THREADS), "blockIdx.x"):
+            for tx in T.thread_binding(THREADS, "threadIdx.x"):
+                m = T.alloc_buffer((1,), "float32", scope="local")
+                total = T.alloc_buffer((1,), "float32", scope="local")
+                w = T.alloc_buffer((U,), "float32", scope="local")
+                acc = T.alloc_buffer((CG,), "float32", scope="local")
+                part = T.alloc_buffer((U * CG,), "float32", scope="local")
+                gid = T.meta_var((blk * THREADS + tx) // SL)  # (row, column group)
+                sl = T.meta_var(tx % SL)
+                row = T.meta_var(gid // GROUPS)
+                col = T.meta_var(gid % GROUPS * CG)
+                b = T.meta_var(row // (Q * H))
+                t = T.meta_var(row // H % Q)
+                h = T.meta_var(row % H)
+                valid = T.meta_var(row < B * Q * H)
+                m[0] = T.float32(neg_inf)
+                for so in range(T.ceildiv(S, SL * U)):
+                    for u in T.unroll(U):
+                        w[u] = T.if_then_else(
+                            valid and (so * U + u) * SL + sl < S,
+                            lse_part[(so * U + u) * SL + sl, b, t, h],
+                            T.float32(neg_inf),
+                        )
+                    for u in T.unroll(U):
+                        m[0] = T.max(m[0], w[u])
+                for k in T.unroll(3):
+                    m[0] = T.max(
+                        m[0], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), m[0], 1 << k, 32, 32)
+                    )
+                total[0] = T.float32(0)
+                for c in T.unroll(CG):
+                    acc[c] = T.float32(0)
+                if m[0] > T.float32(neg_inf):
+                    for so in range(T.ceildiv(S, SL * U)):
+                        for u in T.unroll(U):
+                            if (so * U + u) * SL + sl < S:
+                                for v in T.unroll(CG // 4):
+                                    part[T.ramp(u * CG + v * 4, 1, 4)] = o_part[
+                                        (so * U + u) * SL + sl, b, t, h, T.ramp(col + v * 4, 1, 4)
+                                    ]
+                                w[u] = T.exp(lse_part[(so * U + u) * SL + sl, b, t, h] - m[0])
+                            else:
+                                w[u] = T.float32(0)
+                                for c in T.unroll(CG):
+                                    part[u * CG + c] = T.float32(0)
+                        for u in T.unroll(U):
+                            total[0] = total[0] + w[u]
+                            for c in T.unroll(CG):
+                                acc[c] = acc[c] + w[u] * part[u * CG + c]
+                for k in T.unroll(3):
+                    total[0] = total[0] + T.tvm_warp_shuffle_xor(
+                        T.uint32(0xFFFFFFFF), total[0], 1 << k, 32, 32
+                    )
+                    for c in T.unroll(CG):
+                        acc[c] = acc[c] + T.tvm_warp_shuffle_xor(
+                            T.uint32(0xFFFFFFFF), acc[c], 1 << k, 32, 32
+                        )
+                if valid and sl == 0:
+                    for c in T.unroll(CG):
+                        o[b, t, h, col + c] = T.Cast(
+                            dtype,
+                            T.if_then_else(total[0] > 0, acc[c] / total[0], T.float32(0)),
+                        )
+                    if col == 0:
+                        lse[b, t, h] = T.if_then_else(
+                            total[0] > 0, m[0] + T.log(total[0]), T.float32(neg_inf)
+                        )
+
+    return merge
+
+
+def build(kernels: DecodeKernels, target: tvm.target.Target) -> tvm.runtime.Module:
+    """Compile both kernels into one module with functions ``decode_split``/``decode_merge``."""
+    mod = tvm.IRModule({"decode_split": kernels.split, "decode_merge": kernels.merge})
+    return tvm.compile(mod, target=target)

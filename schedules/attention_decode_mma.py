@@ -1,0 +1,368 @@
+"""Tensor-core split kernel of absorbed-MLA decode (see ``attention_decode.py`` for the contract).
+
+CTA ``(s, b)`` = split ``s`` of sequence ``b``. Threads: ``m_tiles x warps_n`` warps; warp
+``(wm, wn)`` owns query rows ``16 wm .. 16 wm + 15`` (row ``r`` = token ``r // H``, head
+``r % H``), score columns ``wn * block_n / warps_n ..`` of each tile and output columns
+``wn * kv_lora_rank / warps_n ..``.
+
+Per tile of ``block_n`` cache rows (cp.async 16-byte copies into a ``stages``-deep ring):
+  S = Q Kᵀ       mma.sync m16n8k16, A = Q (ldmatrix from smem), B = K rows (ldmatrix)
+  online softmax  row max across the ``warps_n`` warps through smem, base-2 exponent
+  O += P V       A = P (f16 via smem, ldmatrix), B = V = first 512 columns (ldmatrix.trans)
+Shared rows are padded by 8 halves (row stride an odd number of 16-byte chunks: ldmatrix is
+bank-conflict free). Rows past the split end are zero-filled (cp.async src-size 0) and masked.
+
+Fragment layouts (PTX ISA, m16n8k16 f16): lane = 4 g + c. A regs: (g, 2c), (g + 8, 2c),
+(g, 2c + 8), (g + 8, 2c + 8); B regs: k = 2c (+ 8), n = g; C: (g, 2c..2c+1), (g + 8, 2c..2c+1).
+"""
+
+from __future__ import annotations
+
+import math
+
+from mla_compiler.model_export.config import MLADims
+from tvm.script import tirx as T
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+_NEG = -1.0e30  # running-max start: finite, so fully masked rows give exp2(-inf - _NEG) = 0
+
+
+def split_mma(dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: float):
+    """The tensor-core split PrimFunc for ``config`` (already checked by ``keep``)."""
+    D, DV, H, Q = dims.latent_dim, dims.kv_lora_rank, heads, q_tokens
+    R = H * Q  # valid query rows
+    MT = -(-R // 16)  # 16-row M tiles, one warp group each
+    BN, ST, WN = config.block_n, config.stages, config.warps_n
+    SN = BN // WN  # score columns per warp
+    OW = DV // WN  # output columns per warp
+    NS = SN // 8  # n8 tiles of S per warp
+    NO = OW // 8  # n8 tiles of O per warp
+    DP = D + 8  # padded smem row (halves)
+    BNP = BN + 8
+    NT = 32 * MT * WN  # threads
+    CH = D // 8  # 16-byte chunks per row
+    KV_ITERS = -(-(BN * CH) // NT)
+    Q_ITERS = -(-(MT * 16 * CH) // NT)
+    scale_log2 = float(sm_scale) * _LOG2E
+    neg_inf = -math.inf
+
+    @T.macro
+    def load_tile(kvs, kv, layer, start, lo, hi, tid, tile, stage):
+        """cp.async rows ``lo + tile * BN ..`` into ring slot ``stage`` (zero-fill past ``hi``)."""
+        for i in T.unroll(KV_ITERS):
+            idx = T.meta_var(i * NT + tid)
+            if idx < BN * CH:
+                row = T.meta_var(lo + tile * BN + idx // CH)
+                T.evaluate(
+                    T.ptx["cp.async.cg.shared.global"](
+                        kvs.ptr_to([stage, idx // CH, idx % CH * 8]),
+                        kv.ptr_to([layer, start + T.min(row, hi - 1), idx % CH * 8]),
+                        16,
+                        T.Cast("uint32", T.if_then_else(row < hi, 16, 0)),
+                    )
+                )
+
+    @T.prim_func
+    def split(
+        q_h: T.handle,
+        kv_h: T.handle,
+        indptr_h: T.handle,
+        layer: T.int32,
+        o_part_h: T.handle,
+        lse_part_h: T.handle,
+    ):
+        T.func_attr({"global_symbol": "decode_split", "tirx.noalias": True})
+        B = T.int32()
+        L = T.int64()
+        C = T.int64()  # rows per layer: L * C * 576 may pass 2^31
+        S = T.int32()
+        q = T.match_buffer(q_h, (B, Q, H, D), "float16")  # [B, Q, H, 576]
+        kv = T.match_buffer(kv_h, (L, C, D), "float16")  # [L, C, 576]
+        kv_indptr = T.match_buffer(indptr_h, (B + 1,), "int32")
+        o_part = T.match_buffer(o_part_h, (S, B, Q, H, DV), "float32")  # [S, B, Q, H, 512]
+        lse_part = T.match_buffer(lse_part_h, (S, B, Q, H), "float32")  # [S, B, Q, H]
+
+        sid = T.launch_thread("blockIdx.x", S)
+        b = T.launch_thread("blockIdx.y", B)
+        tid = T.launch_thread("threadIdx.x", NT)
+        kvs = T.alloc_buffer((ST, BN, DP), "float16", scope="shared.dyn")  # cache tile ring
+        qs = T.alloc_buffer((MT * 16, DP), "float16", scope="shared.dyn")
+        ps = T.alloc_buffer((MT * 16, BNP), "float16", scope="shared.dyn")
+        red_m = T.alloc_buffer((WN, MT * 16), "float32", scope="shared.dyn")
+        red_l = T.alloc_buffer((WN, MT * 16), "float32", scope="shared.dyn")
+        acc_o = T.alloc_buffer((NO * 4,), "float32", scope="local")
+        acc_s = T.alloc_buffer((NS * 8,), "float32", scope="local")  # 2 k-chains
+        a_frag = T.alloc_buffer((8,), "float16", scope="local")
+        b_frag = T.alloc_buffer((8,), "float16", scope="local")
+        m_i = T.alloc_buffer((2,), "float32", scope="local")
+        l_i = T.alloc_buffer((2,), "float32", scope="local")
+        m_new = T.alloc_buffer((2,), "float32", scope="local")
+        alpha = T.alloc_buffer((2,), "float32", scope="local")
+
+        lane = T.meta_var(tid % 32)
+        wm = T.meta_var(tid // 32 // WN)
+        wn = T.meta_var(tid // 32 % WN)
+        # per-CTA scalars, computed once: start row, rows, split begin / end (all >= 0)
+        geo = T.alloc_buffer((4,), "int32", scope="local")
+        geo[0] = kv_indptr[b]
+        geo[1] = kv_indptr[b + 1] - geo[0]
+        geo[2] = sid * (T.truncdiv(T.truncdiv(geo[1] + S - 1, S) + BN - 1, BN) * BN)
+        geo[3] = T.min(geo[2] + T.truncdiv(T.truncdiv(geo[1] + S - 1, S) + BN - 1, BN) * BN, geo[1])
+        start = T.meta_var(geo[0])
+        n = T.meta_var(geo[1])
+        lo = T.meta_var(geo[2])
+        hi = T.meta_var(geo[3])
+        ntiles = T.meta_var(T.truncdiv(T.max(hi - lo, 0) + BN - 1, BN))
+
+        # Q rows (padded rows zero-filled) ride in their own first cp.async group
+        for i in T.unroll(Q_ITERS):
+            idx = T.meta_var(i * NT + tid)
+            if idx < MT * 16 * CH:
+                r = T.meta_var(idx // CH)
+                rc = T.meta_var(T.min(r, R - 1))
+                T.evaluate(
+                    T.ptx["cp.async.cg.shared.global"](
+                        qs.ptr_to([r, idx % CH * 8]),
+                        q.ptr_to([b, rc // H, rc % H, idx % CH * 8]),
+                        16,
+                        T.Cast("uint32", T.if_then_else(r < R, 16, 0)),
+                    )
+                )
+        T.evaluate(T.ptx.cp.async_.commit_group())
+
+        # prologue: tiles 0 .. ST-2
+        for st in T.unroll(ST - 1):
+            if st < ntiles:
+                load_tile(kvs, kv, layer, start, lo, hi, tid, st, st)
+            T.evaluate(T.ptx.cp.async_.commit_group())
+
+        for e in T.unroll(NO * 4):
+            acc_o[e] = T.float32(0)
+        for k in T.unroll(2):
+            m_i[k] = T.float32(_NEG)
+            l_i[k] = T.float32(0)
+
+        for kt in range(ntiles):
+            nxt = T.meta_var(kt + (ST - 1))
+            if nxt < ntiles:
+                load_tile(kvs, kv, layer, start, lo, hi, tid, nxt, nxt % ST)
+            T.evaluate(T.ptx.cp.async_.commit_group())
+            T.evaluate(T.ptx.cp.async_.wait_group(ST - 1))
+            T.tvm_storage_sync("shared")
+            st_off = T.meta_var(kt % ST * (BN * DP))
+
+            # S = Q Kᵀ for this warp's SN columns
+            for e in T.unroll(NS * 8):
+                acc_s[e] = T.float32(0)
+            for ks in T.unroll(D // 16):  # even / odd k-steps accumulate apart (2 mma chains)
+                T.evaluate(
+                    T.ptx_legacy.ldmatrix(
+                        False,
+                        4,
+                        ".b16",
+                        a_frag.data,
+                        0,
+                        qs.access_ptr("r"),
+                        (wm * 16 + lane % 16) * DP + ks * 16 + lane // 16 * 8,
+                        dtype="float16",
+                    )
+                )
+                for np in T.unroll(NS // 2):
+                    T.evaluate(
+                        T.ptx_legacy.ldmatrix(
+                            False,
+                            4,
+                            ".b16",
+                            b_frag.data,
+                            0,
+                            kvs.access_ptr("r"),
+                            st_off
+                            + (wn * SN + np * 16 + lane % 8 + lane // 16 * 8) * DP
+                            + ks * 16
+                            + lane // 8 % 2 * 8,
+                            dtype="float16",
+                        )
+                    )
+                    for half in T.unroll(2):
+                        T.evaluate(
+                            T.ptx_legacy.mma(
+                                "m16n8k16",
+                                "row",
+                                "col",
+                                "fp16",
+                                "fp16",
+                                "fp32",
+                                a_frag.data,
+                                0,
+                                b_frag.data,
+                                half * 4,
+                                acc_s.data,
+                                ks % 2 * (NS * 4) + (np * 2 + half) * 4,
+                                False,
+                                dtype="float32",
+                            )
+                        )
+
+                for _odd in T.unroll(NS % 2):  # a lone n8 tile: ldmatrix.x2 (lanes 0-15)
+                    T.evaluate(
+                        T.ptx_legacy.ldmatrix(
+                            False,
+                            2,
+                            ".b16",
+                            b_frag.data,
+                            0,
+                            kvs.access_ptr("r"),
+                            st_off
+                            + (wn * SN + (NS - 1) * 8 + lane % 8) * DP
+                            + ks * 16
+                            + lane // 8 % 2 * 8,
+                            dtype="float16",
+                        )
+                    )
+                    T.evaluate(
+                        T.ptx_legacy.mma(
+                            "m16n8k16",
+                            "row",
+                            "col",
+                            "fp16",
+                            "fp16",
+                            "fp32",
+                            a_frag.data,
+                            0,
+                            b_frag.data,
+                            0,
+                            acc_s.data,
+                            ks % 2 * (NS * 4) + (NS - 1) * 4,
+                            False,
+                            dtype="float32",
+                        )
+                    )
+            for e in T.unroll(NS * 4):
+                acc_s[e] = acc_s[e] + acc_s[NS * 4 + e]
+            # scale, mask (split end and causal among the Q new tokens), row max
+            for k in T.unroll(2):
+                m_new[k] = T.float32(neg_inf)
+            for i in T.unroll(NS):
+                for e in T.unroll(4):
+                    jj = T.meta_var(lo + kt * BN + wn * SN + i * 8 + lane % 4 * 2 + e % 2)
+                    tok = T.meta_var((wm * 16 + lane // 4 + e // 2 * 8) // H)
+                    acc_s[i * 4 + e] = T.if_then_else(
+                        jj < hi and jj <= n - Q + tok,
+                        acc_s[i * 4 + e] * T.float32(scale_log2),
+                        T.float32(neg_inf),
+                    )
+                    m_new[e // 2] = T.max(m_new[e // 2], acc_s[i * 4 + e])
+            for k in T.unroll(2):
+                for sh in T.unroll(2):
+                    m_new[k] = T.max(
+                        m_new[k],
+                        T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), m_new[k], 1 << sh, 32, 32),
+                    )
+                if lane % 4 == 0:
+                    red_m[wn, wm * 16 + lane // 4 + k * 8] = m_new[k]
+            T.tvm_storage_sync("shared")
+            for k in T.unroll(2):
+                m_new[k] = m_i[k]
+                for w in T.unroll(WN):
+                    m_new[k] = T.max(m_new[k], red_m[w, wm * 16 + lane // 4 + k * 8])
+                alpha[k] = T.exp2(m_i[k] - m_new[k])
+                m_i[k] = m_new[k]
+                l_i[k] = l_i[k] * alpha[k]
+            for i in T.unroll(NS):
+                for e in T.unroll(4):
+                    acc_s[i * 4 + e] = T.exp2(acc_s[i * 4 + e] - m_new[e // 2])
+                    l_i[e // 2] = l_i[e // 2] + acc_s[i * 4 + e]
+                    ps[wm * 16 + lane // 4 + e // 2 * 8, wn * SN + i * 8 + lane % 4 * 2 + e % 2] = (
+                        T.Cast("float16", acc_s[i * 4 + e])
+                    )
+            for j in T.unroll(NO):
+                for e in T.unroll(4):
+                    acc_o[j * 4 + e] = acc_o[j * 4 + e] * alpha[e // 2]
+            T.tvm_storage_sync("shared")
+
+            # O += P V over this warp's OW output columns
+            for kk in T.unroll(BN // 16):
+                T.evaluate(
+                    T.ptx_legacy.ldmatrix(
+                        False,
+                        4,
+                        ".b16",
+                        a_frag.data,
+                        0,
+                        ps.access_ptr("r"),
+                        (wm * 16 + lane % 16) * BNP + kk * 16 + lane // 16 * 8,
+                        dtype="float16",
+                    )
+                )
+                for np in T.unroll(NO // 2):
+                    T.evaluate(
+                        T.ptx_legacy.ldmatrix(
+                            True,
+                            4,
+                            ".b16",
+                            b_frag.data,
+                            0,
+                            kvs.access_ptr("r"),
+                            st_off
+                            + (kk * 16 + lane % 16) * DP
+                            + wn * OW
+                            + np * 16
+                            + lane // 16 * 8,
+                            dtype="float16",
+                        )
+                    )
+                    for half in T.unroll(2):
+                        T.evaluate(
+                            T.ptx_legacy.mma(
+                                "m16n8k16",
+                                "row",
+                                "col",
+                                "fp16",
+                                "fp16",
+                                "fp32",
+                                a_frag.data,
+                                0,
+                                b_frag.data,
+                                half * 4,
+                                acc_o.data,
+                                (np * 2 + half) * 4,
+                                False,
+                                dtype="float32",
+                            )
+                        )
+            T.tvm_storage_sync("shared")
+
+        T.evaluate(T.ptx.cp.async_.wait_group(0))
+        # l: quad lanes, then the warps_n warps of this M tile
+        for k in T.unroll(2):
+            for sh in T.unroll(2):
+                l_i[k] = l_i[k] + T.tvm_warp_shuffle_xor(
+                    T.uint32(0xFFFFFFFF), l_i[k], 1 << sh, 32, 32
+                )
+            if lane % 4 == 0:
+                red_l[wn, wm * 16 + lane // 4 + k * 8] = l_i[k]
+        T.tvm_storage_sync("shared")
+        for k in T.unroll(2):
+            l_i[k] = T.float32(0)
+            for w in T.unroll(WN):
+                l_i[k] = l_i[k] + red_l[w, wm * 16 + lane // 4 + k * 8]
+            alpha[k] = T.if_then_else(l_i[k] > T.float32(0), T.float32(1) / l_i[k], T.float32(0))
+        for j in T.unroll(NO):
+            for e in T.unroll(4):
+                r = T.meta_var(wm * 16 + lane // 4 + e // 2 * 8)
+                if r < R:
+                    o_part[sid, b, r // H, r % H, wn * OW + j * 8 + lane % 4 * 2 + e % 2] = (
+                        acc_o[j * 4 + e] * alpha[e // 2]
+                    )
+        if wn == 0 and lane % 4 == 0:
+            for k in T.unroll(2):
+                r = T.meta_var(wm * 16 + lane // 4 + k * 8)
+                if r < R:
+                    lse_part[sid, b, r // H, r % H] = T.if_then_else(
+                        l_i[k] > T.float32(0),
+                        m_i[k] * T.float32(_LN2) + T.log(l_i[k]),
+                        T.float32(neg_inf),
+                    )
+
+    return split

@@ -1,0 +1,239 @@
+"""Absorbed-MLA decode (split-KV + merge) vs the float64 reference; CUDA static checks; GPU runs."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+import tvm
+from mla_compiler.model_export.config import MLADims, preset
+from mla_compiler.schedules import attention_decode as dec
+from mla_compiler.schedules.target import GPUS, tvm_target
+
+from mla_compiler import reference
+
+TINY = preset("tiny").dims
+LITE = MLADims()  # DeepSeek-V2-Lite: 576-wide rows, V = first 512 columns, 16 heads
+DIMS = {"tiny": TINY, "lite": LITE}
+
+
+@functools.cache
+def _module(dims_name: str, q_tokens: int, target_name: str, config: dec.Config | None = None):
+    dims = DIMS[dims_name]
+    target = tvm_target(target_name)
+    kernels = dec.absorbed_decode(
+        dims,
+        heads=dims.heads,
+        target=target,
+        config=config,
+        sm_scale=dims.qk_head_dim**-0.5,
+        q_tokens=q_tokens,
+    )
+    return dec.build(kernels, target)
+
+
+def _tvm(x: torch.Tensor):
+    return tvm.runtime.from_dlpack(x)
+
+
+def _run_and_check(mod, dims, *, lens, q_tokens, num_splits, layers=2, layer=1, device="cpu"):
+    """Run split + merge on a ragged batch in a multi-layer cache; compare O and LSE."""
+    gen = torch.Generator().manual_seed(sum(lens) * 7 + q_tokens * 131 + num_splits)
+    b, h = len(lens), dims.heads
+    indptr = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    rows = int(indptr[-1]) + 5  # spare rows past the last sequence: never read
+    q = torch.randn(b, q_tokens, h, dims.latent_dim, generator=gen).half()
+    kv = torch.randn(layers, rows, dims.latent_dim, generator=gen).half()
+    kv[:, int(indptr[-1]) :] = float("nan")
+    ws = dec.workspace_shapes(dims, batch=b, heads=h, q_tokens=q_tokens, num_splits=num_splits)
+    o_part = torch.full(ws["o_part"], float("nan"))
+    lse_part = torch.full(ws["lse_part"], float("nan"))
+    o = torch.full((b, q_tokens, h, dims.kv_lora_rank), float("nan")).half()
+    lse = torch.full((b, q_tokens, h), float("nan"))
+    args = [x.to(device) for x in (q, kv, indptr, o_part, lse_part, o, lse)]
+    q, kv, indptr, o_part, lse_part, o, lse = args
+    mod["decode_split"](_tvm(q), _tvm(kv), _tvm(indptr), layer, _tvm(o_part), _tvm(lse_part))
+    mod["decode_merge"](_tvm(o_part), _tvm(lse_part), _tvm(o), _tvm(lse))
+    if device != "cpu":
+        torch.cuda.synchronize()
+    scale = dims.qk_head_dim**-0.5
+    for i in range(b):
+        k0, k1 = int(indptr[i]), int(indptr[i + 1])
+        ref_o, ref_lse = reference.absorbed_attention(
+            q[i], kv[layer, k0:k1], v_dim=dims.kv_lora_rank, sm_scale=scale
+        )
+        torch.testing.assert_close(o[i].double(), ref_o, atol=4e-3, rtol=1e-2)
+        torch.testing.assert_close(lse[i].double(), ref_lse, atol=2e-3, rtol=1e-4)
+        # the partials alone merge to the same answer (reference.merge_states semantics)
+        m_o, m_lse = reference.merge_states(o_part[:, i], lse_part[:, i])
+        torch.testing.assert_close(m_lse, ref_lse, atol=2e-3, rtol=1e-4)
+        torch.testing.assert_close(m_o, ref_o, atol=4e-3, rtol=1e-2)
+    assert not torch.isnan(lse_part).any() and not torch.isnan(o_part).any()
+    return lse_part
+
+
+# (dims, lens, q_tokens, num_splits)
+CPU_CASES = {
+    "tiny-ctx70-not-tile-multiple-q1-s2": ("tiny", [70], 1, 2),
+    "tiny-ragged-b3-q2-s4-empty-splits": ("tiny", [70, 5, 130], 2, 4),
+    "tiny-more-splits-than-tiles-q1-s8": ("tiny", [100], 1, 8),
+    "tiny-ctx-equals-q-q2-s3": ("tiny", [2, 9], 2, 3),
+    "lite-ctx97-q1-s2": ("lite", [97], 1, 2),
+    "lite-ragged-b3-q2-s3": ("lite", [40, 3, 77], 2, 3),
+}
+
+
+@pytest.mark.parametrize("case", list(CPU_CASES), ids=list(CPU_CASES))
+def test_llvm_matches_reference(case):
+    dims_name, lens, q_tokens, num_splits = CPU_CASES[case]
+    mod = _module(dims_name, q_tokens, "cpu")
+    lse_part = _run_and_check(
+        mod, DIMS[dims_name], lens=lens, q_tokens=q_tokens, num_splits=num_splits
+    )
+    if "empty" in case or "more-splits" in case:
+        assert torch.isneginf(lse_part).any(), "case meant to have empty splits has none"
+
+
+def test_choose_splits_fills_the_gpu():
+    sms = GPUS["sm_90a"].sm_count
+    s = dec.choose_splits(1, 32768, sms)
+    assert sms // 2 <= s <= 2 * sms  # one sequence spreads over most SMs
+    # more bandwidth per SM assumed -> fewer splits (fewer f32 partials), never more
+    assert dec.choose_splits(1, 32768, sms, sm_bandwidth_ratio=3.0) <= s
+    assert dec.choose_splits(128, 4096, sms) <= 2  # a big batch needs (almost) no split
+    assert dec.choose_splits(1, 100, sms) <= 2  # never more splits than 64-row tiles
+    assert dec.choose_splits(1, 0, sms) == 1
+
+
+@pytest.mark.parametrize("arch", ["sm_89", "sm_90a"])
+@pytest.mark.parametrize("q_tokens", [1, 2, 4], ids=lambda q: f"q{q}")
+def test_default_config_fits(arch, q_tokens):
+    target = tvm_target(arch)
+    cfg = dec.default_config(target, LITE, heads=16, q_tokens=q_tokens)
+    if arch == "sm_89" and q_tokens == 4:  # Q needs 75 KB of the 99: simple-kernel fallback
+        assert not cfg.tensor_cores
+        return
+    assert cfg.tensor_cores
+    assert dec.keep(cfg, target, LITE, heads=16, q_tokens=q_tokens)
+    smem = dec.shared_bytes(cfg, LITE, heads=16, q_tokens=q_tokens)
+    assert smem <= GPUS[arch].max_shared_bytes_per_block
+    assert cfg.stages >= 2 or q_tokens > 1  # Q=1 always gets a real pipeline
+
+
+def test_ctas_per_sm():
+    sm90, sm89 = tvm_target("sm_90a"), tvm_target("sm_89")
+    assert dec.ctas_per_sm(dec.Config(64, 2, 4), sm90, LITE, heads=16, q_tokens=1) == 1
+    assert dec.ctas_per_sm(dec.Config(32, 2, 2), sm90, LITE, heads=16, q_tokens=1) == 2
+    assert dec.ctas_per_sm(dec.Config(32, 2, 2), sm89, LITE, heads=16, q_tokens=1) == 1
+    two = dec.splits_for(
+        dec.Config(32, 2, 2), sm90, LITE, heads=16, q_tokens=1, batch=1, max_context=65536
+    )
+    assert two > GPUS["sm_90a"].sm_count  # two CTAs per SM: more splits fill the GPU
+
+
+def test_keep_rejects_oversized():
+    big = dec.Config(block_n=128, stages=4, warps_n=4)
+    assert not dec.keep(big, tvm_target("sm_90a"), LITE, heads=16, q_tokens=1)
+    assert not dec.keep(dec.Config(), tvm_target("cpu"), LITE, heads=16, q_tokens=1)
+
+
+def _nvcc_available() -> bool:
+    from mla_compiler.nvcc import find_tool
+
+    try:
+        find_tool("nvcc")
+        find_tool("cuobjdump")
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _nvcc_available(), reason="needs nvcc and cuobjdump")
+@pytest.mark.parametrize(
+    "arch,q_tokens",
+    [("sm_89", 1), ("sm_89", 2), ("sm_90a", 1), ("sm_90a", 2), ("sm_90a", 4)],
+    ids=["sm_89-q1", "sm_89-q2", "sm_90a-q1", "sm_90a-q2", "sm_90a-q4"],
+)
+def test_cuda_static(arch, q_tokens):
+    """Builds for the arch, 0 spills, and the SASS has HMMA, LDSM and LDGSTS."""
+    from mla_compiler import nvcc
+
+    mod = _module("lite", q_tokens, arch)
+    flags = getattr(nvcc, "TVM_NVCC_FLAGS", ())  # the flags of TVM's own JIT build, where known
+    cubin, res = nvcc.compile_cubin(mod.mod.imports[0].inspect_source(), arch, extra_flags=flags)
+    split = next(r for name, r in res.items() if "decode_split" in name)
+    assert split.spill_bytes == 0, split
+    ops = next(c for name, c in nvcc.sass_opcodes(cubin).items() if "decode_split" in name)
+    # Q·Kᵀ: 36 k-steps x (score n8 tiles per warp) + P·V k-steps x (output n8 tiles per warp)
+    assert ops.get("HMMA", 0) >= 36 + 16, ops
+    assert ops.get("LDSM", 0) >= 36, ops
+    assert ops.get("LDGSTS", 0) >= 8, ops  # per thread: tile chunks / threads, unrolled
+    merge = next(r for name, r in res.items() if "decode_merge" in name)
+    assert merge.spill_bytes == 0, merge
+
+
+def _gpu_arch() -> str | None:
+    if not torch.cuda.is_available():
+        return None
+    try:
+        if not tvm.cuda(0).exist:
+            return None
+    except Exception:
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"sm_{major}{minor}" + ("a" if major == 9 else "")
+    return arch if arch in GPUS else None
+
+
+GPU_CASES = {
+    "b1-ctx1000-q1": ([1000], 1),
+    "b3-ragged-q1": ([4097, 17, 2500], 1),
+    "b3-ragged-q2": ([4097, 17, 2500], 2),
+    "b1-ctx32k-q1": ([32768], 1),
+    "b2-ctx128k-q1": ([131072, 65537], 1),
+    "b1-ctx128k-q2": ([131072], 2),
+    "b2-ragged-q4": ([5000, 300], 4),
+    "b32-ctx4k-q1": ([4096] * 32, 1),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_arch() is None, reason="needs a CUDA GPU and TVM with CUDA")
+@pytest.mark.parametrize("case", list(GPU_CASES), ids=list(GPU_CASES))
+@pytest.mark.parametrize("splits", ["chosen", "many"])
+def test_gpu_matches_reference(case, splits):
+    arch = _gpu_arch()
+    lens, q_tokens = GPU_CASES[case]
+    mod = _module("lite", q_tokens, arch)
+    target = tvm_target(arch)
+    cfg = dec.default_config(target, LITE, heads=16, q_tokens=q_tokens)
+    num_splits = dec.splits_for(
+        cfg,
+        target,
+        LITE,
+        heads=16,
+        q_tokens=q_tokens,
+        batch=len(lens),
+        max_context=max(lens),
+        sm_count=torch.cuda.get_device_properties(0).multi_processor_count,
+    )
+    if splits == "many":  # more splits than tiles for the short sequences: empty splits
+        num_splits = max(num_splits, math.ceil(max(lens) / cfg.block_n) // 2 + 3)
+    _run_and_check(mod, LITE, lens=lens, q_tokens=q_tokens, num_splits=num_splits, device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_arch() is None, reason="needs a CUDA GPU and TVM with CUDA")
+@pytest.mark.parametrize("cfg", ["simple", "alt1", "alt2", "alt3"])
+def test_gpu_other_configs(cfg):
+    """The simple CUDA fallback and the next tensor-core configs agree with the reference."""
+    arch = _gpu_arch()
+    config = (
+        dec.Config(tensor_cores=False)
+        if cfg == "simple"
+        else dec.candidate_configs(tvm_target(arch), LITE, heads=16, q_tokens=1)[int(cfg[-1])]
+    )
+    mod = _module("lite", 1, arch, config)
+    _run_and_check(mod, LITE, lens=[3000, 130], q_tokens=1, num_splits=5, device="cuda")
