@@ -1,4 +1,3 @@
-bash .device/tvm/unpack.sh && export PYTHONPATH=/tmp/site:$PYTHONPATH
 # Device smoke test of build-time CUDA artifacts, loaded with TVM's runtime library only.
 #
 # Build the artifacts on the build machine (full TVM + nvcc; no GPU needed), under an ignored
@@ -14,21 +13,9 @@ bash .device/tvm/unpack.sh && export PYTHONPATH=/tmp/site:$PYTHONPATH
 # argument ending in =refused must be refused for its arch (TargetError naming the arch).
 # Exit status 1 when an artifact does not do what it is expected to. A markdown table at the end.
 set -eo pipefail
+source benchmarks/device_env.sh
 if [ $# -eq 0 ]; then
   echo "usage: bash benchmarks/device_smoke.sh ARTIFACT_DIR[=refused]..." >&2
   exit 2
 fi
-# The package maps runtime/ -> mla_compiler.runtime etc.; without an install, link that layout
-# (and keep the repo root, whose mla_compiler/ lacks that mapping, off the front of sys.path).
-export PYTHONSAFEPATH=1
-if ! python3 -c "import mla_compiler.runtime.loader" 2>/dev/null; then
-  SHIM=$(mktemp -d)
-  mkdir "$SHIM/mla_compiler"
-  for f in mla_compiler/*.py; do ln -s "$PWD/$f" "$SHIM/mla_compiler/"; done
-  ln -s "$PWD/runtime" "$SHIM/mla_compiler/runtime"
-  ln -s "$PWD/schedules" "$SHIM/mla_compiler/schedules"
-  ln -s "$PWD/model_export" "$SHIM/mla_compiler/model_export"
-  export PYTHONPATH=$SHIM:$PYTHONPATH
-fi
-nvidia-smi --query-gpu=name,compute_cap,driver_version --format=csv,noheader || true
 TVM_USE_RUNTIME_LIB=1 python3 -m mla_compiler.runtime.loader "$@" --device cuda

@@ -55,6 +55,17 @@ def _add_inspect(sub) -> None:
     p.add_argument("--json", action="store_true")
 
 
+def _add_bench(sub) -> None:
+    p = sub.add_parser("bench", help="llama-bench-style prompt (pp) and generation (tg) speed")
+    p.add_argument("artifact")
+    p.add_argument("-p", "--prompts", default="512", help="prompt lengths, e.g. 512,2048")
+    p.add_argument("-n", "--gen", type=int, default=128, help="tokens to generate (tgN)")
+    p.add_argument("-r", "--reps", type=int, default=3)
+    p.add_argument("--max-context", type=int, default=None)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+
+
 def _parse_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t]
@@ -119,6 +130,29 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from mla_compiler.runtime import loader
+
+    loader.use_runtime_only()
+    from mla_compiler.runtime.bench import bench_engine, markdown_table
+    from mla_compiler.runtime.engine import Engine
+
+    prompts = [int(x) for x in args.prompts.split(",") if x]
+    need = max(prompts + [8 + args.gen])
+    eng = Engine.load(args.artifact, args.device, max_context=args.max_context or max(need, 16),
+                      log=lambda m: print(m, file=sys.stderr))
+    results = bench_engine(eng, prompts=prompts, gen=args.gen, reps=args.reps,
+                           progress=lambda m: print(m, file=sys.stderr))
+    name = eng.meta["model"]["name"]
+    print(markdown_table(results, model=name, mla=eng.meta["mla"]))
+    if args.json:
+        payload = {"model": name, "mla": eng.meta["mla"], "target": eng.meta["target"],
+                   "results": [r.to_dict() for r in results]}
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2)
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from mla_compiler import inspect_artifact
 
@@ -136,9 +170,12 @@ def main(argv: list[str] | None = None) -> int:
     _add_compile(sub)
     _add_run(sub)
     _add_inspect(sub)
+    _add_bench(sub)
     args = parser.parse_args(argv)
     try:
-        return {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect}[args.cmd](args)
+        return {
+            "compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "bench": cmd_bench
+        }[args.cmd](args)
     except MLAError as e:
         print(f"mla-compiler {args.cmd}: error: {e}", file=sys.stderr)
         return 2

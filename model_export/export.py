@@ -7,6 +7,7 @@ their scalar attributes as ``R.prim_value``/``R.str`` arguments; the compiler's 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -15,7 +16,7 @@ from tvm import relax
 
 from mla_compiler.model_export import moe as _moe  # noqa: F401  (registers mla::moe)
 from mla_compiler.model_export import ops as _ops  # noqa: F401  (registers mla::attention)
-from mla_compiler.model_export.modeling import DeepseekV2, single_sequence_inputs
+from mla_compiler.model_export.modeling import DeepseekV2, rope_tables, single_sequence_inputs
 
 INPUT_NAMES = (
     "input_ids",
@@ -129,14 +130,45 @@ def export_program(
         "cache": {1: c},
     }
     inputs = example_inputs(model, cache_rows=cache_rows, kv_dtype=kv_dtype)
+    if model.embed_tokens.weight.is_meta:  # too large to materialise: trace on 'meta'
+        inputs = {k: v.to("meta") for k, v in inputs.items()}
     with torch.no_grad():
         return torch.export.export(model, (), kwargs=inputs, dynamic_shapes=dynamic, strict=False)
+
+
+@contextlib.contextmanager
+def _meta_tensors_as_placeholders(model: DeepseekV2):
+    """Let the importer take a model built on 'meta': parameters (kept as function inputs, their
+    values unused) become 1-element placeholders; the RoPE table gets its real values."""
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter as imp
+
+    inv_freq, _ = rope_tables(model.cfg)
+    original = imp._convert_pytorch_tensor_to_tvm
+
+    def convert(t: torch.Tensor):
+        if not t.is_meta:
+            return original(t)
+        if tuple(t.shape) == tuple(inv_freq.shape) and t.dtype == inv_freq.dtype:
+            return original(inv_freq)
+        return original(torch.zeros(1, dtype=t.dtype))
+
+    imp._convert_pytorch_tensor_to_tvm = staticmethod(convert)
+    try:
+        yield
+    finally:
+        imp._convert_pytorch_tensor_to_tvm = staticmethod(original)
 
 
 def to_relax(ep: torch.export.ExportedProgram, model: DeepseekV2) -> Exported:
     from tvm.relax.frontend.torch import from_exported_program
 
-    mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=CONVERTERS)
+    guard = (
+        _meta_tensors_as_placeholders(model)
+        if model.embed_tokens.weight.is_meta
+        else contextlib.nullcontext()
+    )
+    with guard:
+        mod = from_exported_program(ep, keep_params_as_input=True, custom_convert_map=CONVERTERS)
     # Drop the dims' upper bounds: Relax's memory planner would reserve every intermediate at
     # its bound (e.g. gathered KV rows at 16M rows). Without bounds it allocates per call.
     func = mod["main"].without_attr("params").without_attr("tir_var_upper_bound")

@@ -9,6 +9,7 @@ these are the decompressed and the absorbed attention forms).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -105,6 +106,9 @@ class Engine:
         vm = loader.load_vm(path, dev)  # checks the device and arch against the fatbin
         raw = _load_weights(path, meta, dev)
         params = list(vm["transform_params"](raw))
+        del raw
+        if "torch" in sys.modules and kind == "cuda":  # seeded weights were drawn with torch
+            sys.modules["torch"].cuda.empty_cache()
         return cls(path, meta, vm, dev, params, max_context=max_context)
 
     # ---- stepping ------------------------------------------------------------------------
