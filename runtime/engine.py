@@ -67,6 +67,7 @@ class Engine:
         self.decode_threshold = int(meta.get("decode_threshold", 1))
         shape = (layers, max_context, meta["kv_cache_width"])
         self.cache = tvm.runtime.empty(shape, meta["kv_dtype"], device)
+        self.cache.copyfrom(np.zeros(shape, dtype=meta["kv_dtype"]))  # no garbage in unused rows
         self.pos = 0
         self.tokenizer = _load_tokenizer(path)
 
@@ -235,7 +236,7 @@ def _random_weights(meta: dict, dev) -> list:
     cfg = ModelConfig.from_dict(meta["model"])
     with torch.device("meta"):
         shapes = {n: p.shape for n, p in DeepseekV2(cfg).named_parameters()}
-    tdev = "cuda" if dev.device_type == 2 else "cpu"
+    tdev = "cuda" if dev.dlpack_device_type() == 2 else "cpu"
     gen = torch.Generator(tdev).manual_seed(int(meta["weights"].get("seed", 0)))
     dtype = getattr(torch, meta["dtype"])
     out = []
