@@ -131,8 +131,9 @@ def sass_opcodes(cubin: bytes) -> dict[str, dict[str, int]]:
 # --- build-time fatbin packing (used by mla_compiler.cuda_build) ---------------------------------
 
 # The nvcc flags TVM's own CUDA compile paths use (tvm.support.nvcc: nvcc and NVRTC), so kernels
-# compiled here get the numerics and register allocation of a TVM JIT build. ``-w``: TVM's
-# source declares many unused temporaries.
+# compiled here get the register allocation of a TVM JIT build. ``-w``: TVM's source declares
+# many unused temporaries. Not ``--use_fast_math`` (TVM's default): it turns ``powf(x, 2)`` into
+# exp2(2*log2(x)), NaN for every negative x (seen on the H100 in RMSNorm, 2026-11-24).
 TVM_NVCC_FLAGS: tuple[str, ...] = (
     "-U__CUDA_NO_HALF_OPERATORS__",
     "-U__CUDA_NO_HALF_CONVERSIONS__",
@@ -142,7 +143,6 @@ TVM_NVCC_FLAGS: tuple[str, ...] = (
     "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
     "--expt-relaxed-constexpr",
     "--expt-extended-lambda",
-    "--use_fast_math",
     "--ptxas-options=--register-usage-level=10",  # TVM's default (TVM_CUDA_PTXAS_REG_LEVEL)
     "-w",
 )

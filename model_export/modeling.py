@@ -30,7 +30,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = xf * torch.rsqrt((xf * xf).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
 
