@@ -89,7 +89,7 @@ def compile_model(
     codegen = targets[0] if targets == ["cpu"] else lowest_arch(targets)
     ir = compile_ir(
         model, mla=options.mla, target=tvm_target(codegen), dump_dir=options.dump_ir,
-        kv_dtype=options.kv_dtype,
+        kv_dtype=options.kv_dtype, max_context=options.max_context,
     )
     log(f"[2/3] Relax pipeline done ({time.time() - t0:.1f}s); building for {','.join(targets)}")
     kv_item = torch.tensor([], dtype=torch_dtype(options.kv_dtype)).element_size()

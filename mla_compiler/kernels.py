@@ -28,3 +28,26 @@ def select(op: str, *, dims: MLADims, target: tvm.target.Target, config=None, **
             sm_scale=kw["sm_scale"],
         )
     raise KeyError(f"no kernel for {op}")
+
+
+def decode_kernels(dims: MLADims, *, target: tvm.target.Target, dtype: str, sm_scale: float,
+                   max_context: int):
+    """(DecodeKernels, split count) of tensor-core split-KV decode, or None where it does not
+    apply: CPU targets, non-f16 queries, shapes no config fits."""
+    from mla_compiler.errors import TargetError
+    from mla_compiler.schedules import attention_decode as ad
+    from mla_compiler.schedules.target import is_gpu
+
+    if not is_gpu(target) or dtype != "float16":
+        return None
+    try:
+        config = ad.default_config(target, dims, heads=dims.heads, q_tokens=1)
+        if not config.tensor_cores:
+            return None
+        dk = ad.absorbed_decode(dims, heads=dims.heads, dtype=dtype, target=target,
+                                config=config, sm_scale=sm_scale, q_tokens=1)
+    except TargetError:
+        return None
+    splits = ad.splits_for(config, target, dims, heads=dims.heads, q_tokens=1, batch=1,
+                           max_context=max_context)
+    return dk, splits

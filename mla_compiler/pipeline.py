@@ -46,17 +46,26 @@ class CompiledIR:
 
 
 def split_phases(mod: tvm.IRModule) -> tvm.IRModule:
+    """``main`` becomes ``prefill`` and ``decode``; decode is specialised to one sequence and
+    one new token (T = 1, B = 1, one logits row), so its kernels see static shapes."""
     main = mod["main"]
     funcs = {gv: f for gv, f in mod.functions_items() if gv.name_hint != "main"}
     out = tvm.IRModule(funcs, attrs=mod.attrs)
     for phase in PHASES:
         out[phase] = main.with_attr("global_symbol", phase)
-    return out
+    shape = {p.name: p.ty.shape for p in main.params}
+    one_token = {
+        shape["input_ids"][0]: 1,  # T
+        shape["q_indptr"][0]: 2,  # B + 1
+        shape["logit_rows"][0]: 1,  # R
+    }
+    return relax.transform.BindSymbolicVars(one_token, func_name="decode")(out)
 
 
 def lower_to_kernels(
     mod: tvm.IRModule, cfg: ModelConfig, *, mla: int, target: tvm.target.Target,
     dump: Callable[[str, tvm.IRModule], None] | None = None, kernel_config=None,
+    max_context: int = 4096,
 ) -> tvm.IRModule:
     if mla not in MLA_MODES:
         raise ConfigError(f"unknown --mla {mla}: use 0 (decompressed), 2 (absorbed) or 3 (phase-aware)")
@@ -68,11 +77,10 @@ def lower_to_kernels(
     dump("mla", mod)
     mod = LowerMoE(target=target)(mod)
     dump("moe", mod)
-    mod = LowerMLAKernels(dims=cfg.dims, target=target, config=kernel_config)(mod)
+    mod = LowerMLAKernels(
+        dims=cfg.dims, target=target, config=kernel_config, max_context=max_context
+    )(mod)
     pseudo.check_lowered(mod)
-    for gv, func in mod.functions_items():
-        if isinstance(func, tvm.tirx.PrimFunc):
-            mod[gv] = func.with_attr("tirx.is_scheduled", True)
     dump("kernels", mod)
     mod = relax.transform.LiftTransformParams(shared_transform=True)(mod)
     dump("params", mod)
@@ -81,7 +89,7 @@ def lower_to_kernels(
 
 def compile_ir(
     model: DeepseekV2, *, mla: int, target: tvm.target.Target, dump_dir: str | Path | None = None,
-    kv_dtype: str = "float16", kernel_config=None,
+    kv_dtype: str = "float16", kernel_config=None, max_context: int = 4096,
 ) -> CompiledIR:
     names: list[str] = []
     if dump_dir is not None:
@@ -98,7 +106,8 @@ def compile_ir(
     exported = export_relax(model, kv_dtype=getattr(torch, kv_dtype))
     dump("export", exported.mod)
     mod = lower_to_kernels(
-        exported.mod, model.cfg, mla=mla, target=target, dump=dump, kernel_config=kernel_config
+        exported.mod, model.cfg, mla=mla, target=target, dump=dump, kernel_config=kernel_config,
+        max_context=max_context,
     )
     return CompiledIR(mod=mod, param_names=exported.param_names)
 

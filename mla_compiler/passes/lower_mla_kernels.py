@@ -20,18 +20,58 @@ from mla_compiler.passes import pseudo
 
 @relax.expr_functor.mutator
 class _Lower(relax.PyExprMutator):
-    def __init__(self, mod, *, dims: MLADims, target, config):
+    def __init__(self, mod, *, dims: MLADims, target, config, max_context: int):
         super().__init__(mod)
         self.dims, self.target, self.config = dims, target, config
+        self.max_context = max_context
+        self.phase = None  # name of the Relax function being lowered
         self.funcs: dict[tuple, relax.GlobalVar] = {}
+
+    def _add(self, key, func, name: str) -> relax.GlobalVar:
+        if key not in self.funcs:
+            func = func.with_attr("tirx.is_scheduled", True).without_attr("global_symbol")
+            self.funcs[key] = self.builder_.add_func(func, name)
+        return self.funcs[key]
 
     def _kernel(self, op_name: str, **kw) -> relax.GlobalVar:
         key = (op_name, tuple(sorted(kw.items())))
         if key not in self.funcs:
             func = kernels.select(op_name, dims=self.dims, target=self.target, config=self.config, **kw)
             name = func.attrs["global_symbol"] if func.attrs and "global_symbol" in func.attrs else op_name
-            self.funcs[key] = self.builder_.add_func(func.without_attr("global_symbol"), str(name))
+            return self._add(key, func, str(name))
         return self.funcs[key]
+
+    def _decode_attention(self, q, cache, kv_indptr, layer, sm_scale, out_ty):
+        """Split-KV tensor-core decode (one token of one sequence) or None where it does not
+        apply (CPU, non-f16, a config that does not fit)."""
+        found = kernels.decode_kernels(
+            self.dims, target=self.target, dtype=q.ty.dtype.dtype, sm_scale=sm_scale,
+            max_context=self.max_context,
+        )
+        if found is None:
+            return None
+        dk, splits = found
+        d, key = self.dims, ("decode", sm_scale)
+        split = self._add(key + ("split",), dk.split, "mla_decode_split")
+        merge = self._add(key + ("merge",), dk.merge, "mla_decode_merge")
+        q4 = self.builder_.emit(relax.op.reshape(q, [1, 1, d.heads, d.latent_dim]))  # [B, Q, H, 576]
+        part = self.builder_.emit(relax.call_tir(
+            split, [q4, cache, kv_indptr, relax.prim_value(tvm.tirx.IntImm("int32", layer))],
+            out_ty=[
+                relax.TensorType([splits, 1, 1, d.heads, d.kv_lora_rank], "float32"),
+                relax.TensorType([splits, 1, 1, d.heads], "float32"),
+            ],
+        ))
+        res = self.builder_.emit(relax.call_tir(
+            merge, [relax.TupleGetItem(part, 0), relax.TupleGetItem(part, 1)],
+            out_ty=[
+                relax.TensorType([1, 1, d.heads, d.kv_lora_rank], q.ty.dtype),
+                relax.TensorType([1, 1, d.heads], "float32"),
+            ],
+        ))
+        o = relax.op.reshape(relax.TupleGetItem(res, 0), out_ty[0].shape)
+        lse = relax.op.reshape(relax.TupleGetItem(res, 1), out_ty[1].shape)
+        return relax.Tuple([o, lse])
 
     def visit_call_(self, op):
         name = pseudo.name_of(op)
@@ -52,6 +92,13 @@ class _Lower(relax.PyExprMutator):
             return relax.call_tir(gv, [cache, rows, layer], out_ty=op.ty)
         if name == "attn_absorbed":
             q, cache, q_indptr, kv_rows, kv_indptr, layer, sm_scale = args
+            if self.phase == "decode":
+                fast = self._decode_attention(
+                    q, cache, kv_indptr, int(pseudo.scalar(layer)),
+                    float(pseudo.scalar(sm_scale)), list(op.ty.fields),
+                )
+                if fast is not None:
+                    return fast
             gv = self._kernel(
                 "attn_absorbed", dtype=q.ty.dtype, kv_dtype=cache.ty.dtype,
                 sm_scale=float(pseudo.scalar(sm_scale)),
@@ -68,11 +115,16 @@ class _Lower(relax.PyExprMutator):
         return super().visit_call_(op)
 
 
-def LowerMLAKernels(*, dims: MLADims, target: tvm.target.Target, config=None) -> tvm.transform.Pass:  # noqa: N802
+def LowerMLAKernels(  # noqa: N802
+    *, dims: MLADims, target: tvm.target.Target, config=None, max_context: int = 4096
+) -> tvm.transform.Pass:
+    """``max_context`` sizes the decode kernel's split count (and its workspace)."""
+
     def transform(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        lower = _Lower(mod, dims=dims, target=target, config=config)
+        lower = _Lower(mod, dims=dims, target=target, config=config, max_context=max_context)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
+                lower.phase = gv.name_hint
                 body = lower.visit_expr(func.body)
                 new = relax.Function(func.params, body, is_pure=func.is_pure, attrs=func.attrs)
                 lower.builder_.update_func(gv, new)
