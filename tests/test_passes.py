@@ -1,0 +1,180 @@
+"""The MLA passes: structure before/after each, and numerics of each mode against PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from tvm import relax
+
+from mla_compiler.compiler import CompileOptions, compile_model
+from mla_compiler.errors import ConfigError, InputError
+from mla_compiler.model_export.config import preset
+from mla_compiler.model_export.export import export_relax
+from mla_compiler.model_export.modeling import single_sequence_inputs
+from mla_compiler.model_export.weights import random_model
+from mla_compiler.passes import pseudo
+from mla_compiler.passes.lower_mla_kernels import LowerMLAKernels
+from mla_compiler.passes.lower_moe import LowerMoE
+from mla_compiler.passes.rewrite_mla_attention import RewriteMLAAttention
+from mla_compiler.pipeline import lower_to_kernels, split_phases
+from mla_compiler.runtime.engine import Engine
+from mla_compiler.schedules.target import tvm_target
+
+CPU = tvm_target("cpu")
+
+
+def _pseudo_names(func) -> list[str]:
+    names: list[str] = []
+
+    @relax.expr_functor.visitor
+    class _V(relax.PyExprVisitor):
+        def visit_call_(self, op):
+            if (n := pseudo.name_of(op)) is not None:
+                names.append(n)
+            for a in op.args:
+                self.visit_expr(a)
+
+    _V().visit_expr(func)
+    return names
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    model = random_model(preset("tiny"), seed=3)
+    return model, split_phases(export_relax(model).mod)
+
+
+def test_export_marks_attention_cache_and_moe(tiny):
+    model, mod = tiny
+    names = _pseudo_names(mod["prefill"])
+    layers = model.cfg.num_hidden_layers
+    assert names.count("attention") == layers and names.count("cache_write") == layers
+    moe_layers = sum(model.cfg.is_moe_layer(i) for i in range(layers))
+    assert names.count("moe") == moe_layers
+
+
+def test_decode_phase_is_one_token(tiny):
+    _, mod = tiny
+    ids = mod["decode"].params[0]
+    assert int(ids.ty.shape[0]) == 1
+    assert not isinstance(mod["prefill"].params[0].ty.shape[0], tvm.tirx.IntImm)
+
+
+@pytest.mark.parametrize(
+    "form,expect",
+    [
+        ("absorbed", {"attn_absorbed", "cache_write", "moe"}),
+        ("decompress", {"attn_decompressed", "cache_gather", "cache_write", "moe"}),
+        ("decompressed_cache", {"attn_decompressed", "cache_gather", "cache_write", "moe"}),
+    ],
+)
+def test_rewrite_mla_attention_forms(tiny, form, expect):
+    model, mod = tiny
+    out = RewriteMLAAttention(dims=model.cfg.dims, forms={"prefill": form})(mod)
+    assert set(_pseudo_names(out["prefill"])) == expect
+    assert "attention" in _pseudo_names(out["decode"])  # untouched
+    cache = [p for p in out["prefill"].params if p.name == "cache"][0]
+    d = model.cfg.dims
+    width = d.heads * (d.qk_head_dim + d.v_head_dim) if form == "decompressed_cache" else d.latent_dim
+    assert int(cache.ty.shape[2]) == width
+    assert cache.ty.dtype.dtype == "float16"
+
+
+def test_lower_moe_and_kernels_leave_no_pseudo_ops(tiny):
+    model, mod = tiny
+    mod = RewriteMLAAttention(dims=model.cfg.dims, forms={"prefill": "absorbed", "decode": "absorbed"})(mod)
+    mod = LowerMoE(target=CPU)(mod)
+    assert "moe" not in _pseudo_names(mod["prefill"])
+    mod = LowerMLAKernels(dims=model.cfg.dims, target=CPU)(mod)
+    pseudo.check_lowered(mod)
+    text = mod.script(show_meta=False)
+    assert "call_tir_inplace" in text  # the cache is written in place
+    assert "attn_absorbed_simple" in text and "kv_cache_write" in text
+
+
+def test_absorbed_weights_are_lifted_to_transform_params(tiny):
+    model, mod = tiny
+    exported = export_relax(model).mod
+    mod = lower_to_kernels(exported, model.cfg, mla=2, target=CPU)
+    names = [gv.name_hint for gv, _ in mod.functions_items()]
+    assert "transform_params" in names
+    # W_UK / W_UV come out of transform_params: prefill takes more inputs than the checkpoint has
+    assert len(mod["prefill"].params) > 8 + len(list(model.parameters()))
+
+
+def test_unknown_mode_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="--mla"):
+        compile_model(output=tmp_path / "x", options=CompileOptions(mla=1))
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    out = {}
+    for mla in (0, 2, 3):
+        path = tmp_path_factory.mktemp("mla") / f"m{mla}"
+        compile_model(output=path, preset_name="tiny", options=CompileOptions(mla=mla, seed=3, max_context=96),
+                      log=lambda _m: None)
+        out[mla] = Engine.load(path)
+    return out
+
+
+@pytest.mark.parametrize("mla", [0, 2, 3], ids=["mla0", "mla2", "mla3"])
+def test_full_sequence_logits(engines, mla):
+    model = random_model(preset("tiny"), seed=3)
+    ids = torch.randint(0, 512, (37,), generator=torch.Generator().manual_seed(mla)).tolist()
+    with torch.no_grad():
+        ref, _ = model(**single_sequence_inputs(ids, start=0, logits="all"), cache=model.new_cache(64))
+    eng = engines[mla]
+    eng.reset()
+    got = eng.prefill(ids, all_logits=True)
+    rel = np.linalg.norm(got - ref.numpy()) / np.linalg.norm(ref.numpy())
+    assert rel < 2e-3, rel  # the f16 cache rounds K/V
+
+
+@pytest.mark.parametrize("mla", [0, 2, 3], ids=["mla0", "mla2", "mla3"])
+def test_chunked_prefill_then_decode_equals_one_shot(engines, mla):
+    eng = engines[mla]
+    ids = torch.randint(0, 512, (50,), generator=torch.Generator().manual_seed(10 + mla)).tolist()
+    eng.reset()
+    one_shot = eng.prefill(ids, all_logits=True)  # 50 tokens in one call
+    eng.reset()
+    eng.ubatch = 7
+    chunked = [eng.prefill(ids[:30], all_logits=True)]  # 5 chunks of <= 7
+    chunked += [eng.decode(t)[None] for t in ids[30:]]  # 20 decode steps
+    eng.ubatch = 2048
+    chunked = np.concatenate(chunked)
+    assert chunked.shape == one_shot.shape
+    np.testing.assert_allclose(chunked, one_shot, rtol=0, atol=2e-5 * np.abs(one_shot).max() + 1e-6)
+
+
+@pytest.mark.parametrize("mla", [2, 3])
+def test_cache_is_latent_f16_row(engines, mla):
+    eng = engines[mla]
+    d = preset("tiny").dims
+    assert tuple(eng.cache.shape) == (3, 96, d.latent_dim)
+    assert eng.cache.dtype == "float16"
+    assert eng.meta["kv_cache_bytes_per_token"] == 3 * d.latent_dim * 2
+
+
+def test_v2_lite_cache_row_is_576_f16():
+    """The deepseek-v2-lite pipeline (built on 'meta', no weights) keeps a [27, C, 576] f16 cache."""
+    from mla_compiler.compiler import resolve_model
+    from mla_compiler.pipeline import compile_ir
+
+    cfg, model, _ = resolve_model(model_dir=None, preset_name="deepseek-v2-lite", dtype="float16", seed=0)
+    ir = compile_ir(model, mla=3, target=tvm_target("sm_90a"))
+    for phase in ("prefill", "decode"):
+        cache = [p for p in ir.mod[phase].params if p.name == "cache"][0]
+        assert int(cache.ty.shape[0]) == 27 and int(cache.ty.shape[2]) == 576
+        assert cache.ty.dtype.dtype == "float16"
+    assert "mla_decode_split" in [gv.name_hint for gv, _ in ir.mod.functions_items()]
+
+
+def test_context_overflow(engines):
+    eng = engines[3]
+    eng.reset()
+    eng.prefill(list(range(90)))
+    with pytest.raises(InputError, match="exceeds --max-context 96"):
+        eng.prefill(list(range(7)))
