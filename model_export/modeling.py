@@ -113,6 +113,12 @@ class MLAttention(nn.Module):
         q_pe = apply_rope(q_pe, batch.cos, batch.sin)  # [T, H, 64]
         k_pe = apply_rope(k_pe, batch.cos, batch.sin)  # [T, 64]
         latent = torch.cat([c, k_pe], dim=-1)  # [T, 576]: the cache row
+        if ops.plain():
+            o = ops.dense_causal_attention(
+                q_nope, q_pe, latent, self.kv_b_proj.weight, kv_lora_rank=d.kv_lora_rank,
+                sm_scale=self.sm_scale,
+            )
+            return self.o_proj(o.reshape(t, d.heads * d.v_head_dim)), cache
         cache = ops.cache_write(cache, latent, batch.slot_rows, self.layer)
         o = ops.attention(
             q_nope,
@@ -153,7 +159,8 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.cfg
-        y = moe_ops.moe(
+        fn = moe_ops.dense_moe if ops.plain() else moe_ops.moe
+        y = fn(
             x,
             self.gate.weight,
             self.experts_gate_up,

@@ -65,6 +65,18 @@ def moe(
     return out.to(x.dtype)
 
 
+def dense_moe(x, router, gate_up, down, top_k, method, n_group, topk_group, norm, scaling):
+    """Every expert on every token, weighted by the routing weights (zeros off the top-k): the
+    traceable form of ``moe`` for exporters that cannot carry custom ops."""
+    weights, ids = route(x, router, top_k, method, n_group, topk_group, norm, scaling)
+    dense = torch.zeros(x.shape[0], router.shape[0], dtype=torch.float32).scatter(1, ids, weights)
+    inter = down.shape[-1]
+    h = torch.einsum("td,eid->eti", x, gate_up)  # [E, T, 2I]
+    h = torch.nn.functional.silu(h[..., :inter]) * h[..., inter:]
+    y = torch.einsum("eti,edi->etd", h, down).float()  # [E, T, D]
+    return (y * dense.T[..., None]).sum(0).to(x.dtype)
+
+
 @moe.register_fake
 def _(x, router, gate_up, down, top_k, method, n_group, topk_group, norm_topk_prob, scaling):
     return torch.empty_like(x)

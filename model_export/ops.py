@@ -15,8 +15,44 @@ The cache is ``[layers, rows, kv_lora_rank + qk_rope_head_dim]``: one latent row
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.library import custom_op
+
+_PLAIN = False  # see plain_ops()
+
+
+@contextlib.contextmanager
+def plain_ops():
+    """Trace with plain torch ops instead of the custom ops (for exporters, such as ONNX, that
+    cannot carry them): the model then computes one whole sequence without a cache."""
+    global _PLAIN
+    old, _PLAIN = _PLAIN, True
+    try:
+        yield
+    finally:
+        _PLAIN = old
+
+
+def plain() -> bool:
+    return _PLAIN
+
+
+def dense_causal_attention(q_nope, q_pe, latent, kv_b, *, kv_lora_rank: int, sm_scale: float):
+    """One sequence from position 0, no cache: decompress the latent rows and attend causally.
+
+    q_nope [T, H, dn], q_pe [T, H, dr], latent [T, R+dr], kv_b [H*(dn+dv), R] -> [T, H, dv].
+    """
+    t, heads, dn = q_nope.shape
+    kv = (latent[:, :kv_lora_rank] @ kv_b.T).view(t, heads, -1)  # [T, H, dn+dv]
+    k_nope, v = kv[..., :dn], kv[..., dn:]
+    k_pe = latent[:, kv_lora_rank:]  # [T, dr]
+    s = torch.einsum("thd,nhd->htn", q_nope, k_nope) + torch.einsum("thd,nd->htn", q_pe, k_pe)
+    pos = torch.arange(t, device=q_nope.device)
+    s = (s * sm_scale).masked_fill(pos[None, :] > pos[:, None], float("-inf"))
+    p = torch.softmax(s.float(), dim=-1).to(v.dtype)
+    return torch.einsum("htn,nhd->thd", p, v)
 
 
 @custom_op("mla::cache_write", mutates_args=())
