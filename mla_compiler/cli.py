@@ -64,6 +64,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--max-context", type=int, default=None)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--plot", metavar="FILE.png", help="bar chart of the results")
+    p.add_argument("--baseline", choices=["hf"], default=None,
+                   help="also time HF transformers' eager DeepseekV2 (same config) in this process")
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -134,22 +137,41 @@ def cmd_bench(args) -> int:
     from mla_compiler.runtime import loader
 
     loader.use_runtime_only()
-    from mla_compiler.runtime.bench import bench_engine, markdown_table
+    from mla_compiler import artifact
+    from mla_compiler.runtime.bench import bench_engine, bench_hf, markdown_table, plot
     from mla_compiler.runtime.engine import Engine
 
-    prompts = [int(x) for x in args.prompts.split(",") if x]
+    try:
+        prompts = [int(x) for x in args.prompts.split(",") if x]
+    except ValueError:
+        raise InputError(f"-p takes comma-separated lengths, got {args.prompts!r}") from None
     need = max(prompts + [8 + args.gen])
+    say = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    base = None
+    if args.baseline == "hf":  # first, so its memory is free again before the engine loads
+        meta = artifact.read_metadata(args.artifact)
+        device = "cpu" if meta["target"] == "cpu" else "cuda"
+        base = bench_hf(meta, prompts=prompts, gen=args.gen, reps=args.reps, device=device,
+                        dtype="float32" if device == "cpu" else "bfloat16", progress=say)
     eng = Engine.load(args.artifact, args.device, max_context=args.max_context or max(need, 16),
-                      log=lambda m: print(m, file=sys.stderr))
-    results = bench_engine(eng, prompts=prompts, gen=args.gen, reps=args.reps,
-                           progress=lambda m: print(m, file=sys.stderr))
+                      log=say)
+    results = bench_engine(eng, prompts=prompts, gen=args.gen, reps=args.reps, progress=say)
     name = eng.meta["model"]["name"]
-    print(markdown_table(results, model=name, mla=eng.meta["mla"]))
+    base_tps = {b.test: b.tps_mean for b in base} if base else None
+    print(markdown_table(results, model=name, mla=eng.meta["mla"], baseline=base_tps))
     if args.json:
         payload = {"model": name, "mla": eng.meta["mla"], "target": eng.meta["target"],
                    "results": [r.to_dict() for r in results]}
+        if base:
+            payload["baseline"] = {"name": "hf-transformers-eager", "results": [b.to_dict() for b in base]}
+            for r in payload["results"]:
+                if r["test"] in base_tps:
+                    r["speedup"] = r["tps_mean"] / base_tps[r["test"]]
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
+    if args.plot:
+        plot(results, args.plot, title=f"{name} mla={eng.meta['mla']} {eng.meta['target']}",
+             baseline=base)
     return 0
 
 

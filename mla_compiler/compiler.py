@@ -69,6 +69,27 @@ def build_module(mod, target_names: list[str], output_dir: Path) -> dict:
     return {"archs": [t for t in res.targets if t != "cpu"], "images": list(res.images)}
 
 
+def attention_workspace_bytes(cfg: ModelConfig, *, mla: int, context: int, ubatch: int,
+                              itemsize: int = 2) -> dict[str, int]:
+    """Estimated peak bytes of attention intermediates of one layer at a KV length ``context``
+    (the Relax VM frees them between layers), for a prompt chunk (``ubatch`` tokens) and for a
+    decode step. Absorbed attention streams KV tiles: its workspace does not grow with the
+    context; decompressing (mla 3 prompts, mla 0) materialises K/V of the whole context."""
+    d = cfg.dims
+    t, n = min(ubatch, context), context
+    q_absorbed = t * d.heads * (d.latent_dim + d.kv_lora_rank) * itemsize + t * d.heads * 4
+    decompressed = n * d.heads * (d.qk_head_dim + d.v_head_dim) * itemsize  # K, V
+    if mla == 2:
+        prefill = q_absorbed
+    elif mla == 3:
+        prefill = decompressed + n * (d.latent_dim * 2 + d.heads * (d.qk_nope_head_dim + d.v_head_dim)) * itemsize
+    else:
+        prefill = 2 * decompressed
+    splits = 132 * 2  # upper bound of the split-KV partials (H x 512 f32 each)
+    decode = splits * d.heads * (d.kv_lora_rank + 1) * 4 + (2 * decompressed if mla == 0 else 0)
+    return {"prefill": int(prefill), "decode": int(decode)}
+
+
 def compile_model(
     *, output: str | Path, model_dir: str | None = None, preset_name: str | None = None,
     options: CompileOptions = CompileOptions(), command: str | None = None, log=print,
@@ -119,6 +140,12 @@ def compile_model(
             "ubatch": options.ubatch,
             "decode_threshold": options.decode_threshold,
             "kv_cache_bytes_per_token": per_token,
+            "attention_workspace_bytes": {
+                str(ctx): attention_workspace_bytes(
+                    cfg, mla=options.mla, context=ctx, ubatch=options.ubatch, itemsize=kv_item
+                )
+                for ctx in (4096, 32768, 131072)
+            },
             "kv_cache_width": int(ir.mod["prefill"].params[7].ty.shape[2]),
             "param_names": list(ir.param_names),
             "weights": weights,

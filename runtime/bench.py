@@ -79,3 +79,87 @@ def markdown_table(results: list[BenchResult], *, model: str, mla: int,
             row += f" {b:,.2f} | {r.tps_mean / b:.2f}x |" if b else " - | - |"
         rows.append(row)
     return "\n".join(rows)
+
+
+def bench_hf(meta: dict, *, prompts: Sequence[int], gen: int, reps: int = 3, seed: int = 0,
+             device: str = "cuda", dtype: str = "bfloat16",
+             progress: Callable[[str], None] | None = None) -> list[BenchResult]:
+    """HF transformers' eager DeepseekV2ForCausalLM of the artifact's config (random weights:
+    speed does not depend on their values), timed like ``bench_engine``."""
+    import torch
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
+
+    from mla_compiler.model_export.config import ModelConfig, to_hf_dict
+
+    cfg = ModelConfig.from_dict(meta["model"])
+    hf_cfg = DeepseekV2Config(**to_hf_dict(cfg))
+    hf_cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = DeepseekV2ForCausalLM(hf_cfg).to(getattr(torch, dtype)).eval()
+    rng = np.random.default_rng(seed)
+
+    def sync():
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    results = []
+    with torch.no_grad():
+        for n in prompts:
+            times = []
+            for r in range(reps + 1):
+                ids = torch.as_tensor(rng.integers(0, cfg.vocab_size, (1, n)), device=device)
+                sync()
+                t0 = time.perf_counter()
+                model(ids, logits_to_keep=1)
+                sync()
+                if r:
+                    times.append(time.perf_counter() - t0)
+            results.append(_stats(f"pp{n}", n, times))
+            if progress:
+                progress(f"hf pp{n}: {results[-1].tps_mean:,.1f} t/s")
+        if gen:
+            times = []
+            for r in range(reps + 1):
+                ids = torch.as_tensor(rng.integers(0, cfg.vocab_size, (1, 8)), device=device)
+                sync()
+                t0 = time.perf_counter()
+                model.generate(ids, max_new_tokens=gen, min_new_tokens=gen, do_sample=False)
+                sync()
+                if r:
+                    times.append(time.perf_counter() - t0)
+            results.append(_stats(f"tg{gen}", gen, times))
+            if progress:
+                progress(f"hf tg{gen}: {results[-1].tps_mean:,.1f} t/s")
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return results
+
+
+def plot(results: list[BenchResult], path: str, *, title: str,
+         baseline: list[BenchResult] | None = None) -> None:
+    """Bar chart of t/s per test (ours and, if given, the baseline) into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tests = [r.test for r in results]
+    x = np.arange(len(tests))
+    width = 0.4 if baseline else 0.6
+    fig, ax = plt.subplots(figsize=(1.4 * len(tests) + 3, 4))
+    ax.bar(x - (width / 2 if baseline else 0), [r.tps_mean for r in results], width,
+           yerr=[r.tps_std for r in results], label="mla-compiler")
+    if baseline:
+        by = {b.test: b for b in baseline}
+        ax.bar(x + width / 2, [by[t].tps_mean if t in by else 0 for t in tests], width,
+               yerr=[by[t].tps_std if t in by else 0 for t in tests], label="HF transformers (eager)")
+    ax.set_xticks(x, tests)
+    ax.set_ylabel("tokens / s")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
