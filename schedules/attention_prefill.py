@@ -25,12 +25,12 @@ import dataclasses
 import math
 
 import tvm
-from tvm.script import tirx as T
-
-from mla_compiler.errors import TargetError
 from mla_compiler.model_export.config import MLADims
 from mla_compiler.schedules import attention_prefill_mma as _mma
 from mla_compiler.schedules.target import gpu_spec, is_gpu
+from tvm.script import tirx as T
+
+from mla_compiler.errors import TargetError
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -111,13 +111,14 @@ def candidates(target, *, kind: str = "absorbed", dims: MLADims | None = None) -
         return [CPUConfig(t) for t in (32, 64, 16)]
     dims = dims or MLADims()
     arch = gpu_spec(target).arch
+    # (tile_q, tile_kv, warps, stages), ordered by what ptxas fits without spills.
     if kind == "absorbed":
-        # O is [rows, 512] f32: two warps split V's columns of each 16-row slice.
-        pref = [(64, 32, 8, 3), (64, 32, 8, 2), (64, 64, 8, 2), (32, 32, 4, 3), (32, 16, 4, 2)]
+        # O is [rows, 512] f32: 2-4 warps split V's columns of each 16-row slice.
+        pref = [(64, 16, 8, 3), (64, 16, 8, 2), (32, 16, 8, 3), (32, 16, 8, 2)]
         if arch == "sm_89":
-            pref = [(32, 16, 4, 3), (32, 16, 4, 2), (16, 32, 2, 2), (16, 16, 2, 2)]
+            pref = [(32, 16, 8, 3), (32, 16, 8, 2), (16, 16, 4, 3)]
     else:
-        pref = [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2)]
+        pref = [(128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2)]
         if arch == "sm_89":
             pref = [(64, 32, 4, 2), (128, 32, 8, 2), (64, 16, 4, 3)]
     out = [MMAConfig(*p) for p in pref]
@@ -156,7 +157,7 @@ def shared_bytes(config: MMAConfig, *, kind: str = "absorbed", dims: MLADims | N
 
 
 @T.macro(hygienic=False)
-def _cpu_body(P, tile_kv, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch):
+def _cpu_body(P, tile_kv, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t_total):
     # P: _Layout; qf/kf/vf/of/lsef: flat views of q, k (or the latent cache), v, o, lse.
     for b in T.serial(batch):
         q0 = q_indptr[b]
@@ -221,7 +222,7 @@ def _body_for(target, config, layout: _Layout, *, kind: str, dims: MLADims):
     if not keep(config, target, kind=kind, dims=dims):
         raise TargetError(f"prefill config {config} does not fit {target}")
     if is_gpu(target):
-        return _mma.mma_body, (layout, config)
+        return _mma.mma_body, (layout, _mma.geometry(config, layout))
     return _cpu_body, (layout, config.tile_kv)
 
 
@@ -264,8 +265,20 @@ def absorbed_prefill(
         kf = T.decl_buffer((n_layers * rows * dl,), dtype, data=kv.data)
         of = T.decl_buffer((t_total * h * dv,), dtype, data=o.data)
         lsef = T.decl_buffer((t_total * h,), "float32", data=lse.data)
-        k_base = T.Cast("int64", layer) * rows * dl
-        body(static[0], static[1], qf, kf, kf, k_base, q_indptr, kv_indptr, of, lsef, batch1 - 1)
+        body(
+            static[0],
+            static[1],
+            qf,
+            kf,
+            kf,
+            T.Cast("int64", layer) * rows * dl,  # first element of this layer
+            q_indptr,
+            kv_indptr,
+            of,
+            lsef,
+            batch1 - 1,
+            t_total,
+        )
 
     return absorbed_prefill
 
@@ -308,6 +321,19 @@ def decompressed_prefill(
         vf = T.decl_buffer((n_total * h * dv,), dtype, data=v.data)
         of = T.decl_buffer((t_total * h * dv,), dtype, data=o.data)
         lsef = T.decl_buffer((t_total * h,), "float32", data=lse.data)
-        body(static[0], static[1], qf, kf, vf, T.int64(0), q_indptr, kv_indptr, of, lsef, batch1 - 1)
+        body(
+            static[0],
+            static[1],
+            qf,
+            kf,
+            vf,
+            T.int64(0),
+            q_indptr,
+            kv_indptr,
+            of,
+            lsef,
+            batch1 - 1,
+            t_total,
+        )
 
     return decompressed_prefill

@@ -1,24 +1,387 @@
-"""CUDA tensor-core body of the prefill kernels (placeholder)."""
+# The helper macros are TVMScript expanded inside `mma_body` (hygienic=False): they read its
+# locals (tx, lane, smem, fragments, ...), which Python static analysis cannot see.
+# ruff: noqa: F821, F841
+"""CUDA tensor-core body of the prefill kernels (sm_80+: mma.sync m16n8k16, ldmatrix, cp.async).
+
+One thread block owns ``tile_q`` consecutive query rows of one sequence (for absorbed MLA a row
+is a (token, head) pair) and one head group (``blockIdx.y``). Its warps form a
+``m_warps x d_split`` grid: warp ``(wm, wd)`` owns rows ``16*wm .. 16*wm+15`` and the V columns
+``wd*dv_w .. (wd+1)*dv_w - 1``; when ``d_split > 1`` the warps of one row slice each recompute
+that slice's scores (absorbed MLA: O is 16 x 512 f32 per slice, too big for one warp's
+registers). Per KV tile:
+
+1. ``S = Q Kᵀ`` with ``ldmatrix.x4`` fragments of Q and K from shared memory, f32 accumulators.
+2. Causal mask, online softmax in base 2 (row max and sum over the 4 lanes of a quad).
+3. ``P`` stays in registers: the f32 accumulator layout of two adjacent 8-column tiles of S is
+   the f16 A-fragment layout of one 16-deep k-step, so ``O += P V`` reads V with
+   ``ldmatrix.x4.trans`` from the same shared-memory rows.
+
+KV tiles stream through a ``stages``-deep ``cp.async`` ring (one commit group per tile, one
+``__syncthreads`` per tile). Rows past a sequence's end are clamped to its last row (finite data
+that the mask zeroes), so no zero fill is needed. Query tiles are handed out latest first so the
+longest causal rows start first.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
+
+from tvm.script import tirx as T
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+_PAD = 8  # halfs of padding per shared-memory row: rows 16 B apart mod 128 B, no ldmatrix conflicts
 
 
 @dataclasses.dataclass(frozen=True)
 class MMAConfig:
+    """CUDA tile shape: ``tile_q`` query rows per block, ``tile_kv`` KV rows per pipeline step."""
+
     tile_q: int
     tile_kv: int
     warps: int
     stages: int
 
 
-def fits(config, layout, smem_limit):
-    return True
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Every compile-time constant of the CUDA body, derived from a layout and a config."""
+
+    dk: int
+    dv: int
+    tq: int
+    tkv: int
+    warps: int
+    stages: int
+    shared_kv: bool
+
+    @property
+    def threads(self) -> int:
+        return self.warps * 32
+
+    @property
+    def m_warps(self) -> int:
+        return self.tq // 16
+
+    @property
+    def d_split(self) -> int:
+        return self.warps // self.m_warps
+
+    @property
+    def dv_w(self) -> int:
+        return self.dv // self.d_split
+
+    @property
+    def dkp(self) -> int:
+        return self.dk + _PAD
+
+    @property
+    def v_stride(self) -> int:
+        """Shared-memory row stride of V: the K rows themselves when V is part of them."""
+        return self.dkp if self.shared_kv else self.dv + _PAD
+
+    @property
+    def k_off(self) -> int:
+        return self.tq * self.dkp
+
+    @property
+    def v_off(self) -> int:
+        return self.k_off if self.shared_kv else self.k_off + self.tkv * self.dkp
+
+    @property
+    def stage_halfs(self) -> int:
+        return self.tkv * (self.dkp + (0 if self.shared_kv else self.dv + _PAD))
+
+    @property
+    def smem_halfs(self) -> int:
+        return self.k_off + self.stages * self.stage_halfs
+
+    def iters(self, rows: int, width: int) -> int:
+        """Loop trips for ``threads`` to cp.async ``rows x width`` halfs in 16-byte chunks."""
+        return (rows * width // 8 + self.threads - 1) // self.threads
+
+    @property
+    def acc_registers(self) -> int:
+        """f32 registers per thread held across the KV loop (O, S, P as f16 pairs)."""
+        return self.dv_w // 2 + self.tkv // 2 + self.tkv // 4
 
 
-def shared_bytes(config, layout):
-    return 0
+def geometry(config: MMAConfig, layout) -> Geometry:
+    return Geometry(
+        layout.dk,
+        layout.dv,
+        config.tile_q,
+        config.tile_kv,
+        config.warps,
+        config.stages,
+        layout.shared_kv,
+    )
 
 
-mma_body = None
+def shared_bytes(config: MMAConfig, layout) -> int:
+    return geometry(config, layout).smem_halfs * 2
+
+
+def fits(config: MMAConfig, layout, smem_limit: int) -> bool:
+    """Tile shape valid for the MMA layout, registers bounded, shared memory within the limit."""
+    c = config
+    if c.tile_q % 16 or c.tile_kv % 16 or c.stages < 2 or not 0 < c.warps <= 16:
+        return False
+    if layout.dk % 16 or layout.dv % 16 or (c.warps * 16) % c.tile_q:
+        return False
+    g = geometry(c, layout)
+    if g.d_split < 1 or g.dv % (g.d_split * 16):
+        return False
+    return g.acc_registers <= 200 and shared_bytes(c, layout) <= smem_limit
+
+
+@T.macro(hygienic=False)
+def _load_rows(G, P, dst_off, dst_stride, width, n_rows, src, base, first, start, last, stride):
+    # cp.async `n_rows x width` halfs; tile row r is source row first + min(start + r, last).
+    for i in T.unroll(G.iters(n_rows, width)):
+        c = tx + i * G.threads
+        if c < n_rows * width // 8:
+            r = c // (width // 8)
+            cc = c % (width // 8)
+            T.ptx["cp.async.cg.shared.global"](
+                smem.ptr_to([dst_off + r * dst_stride + cc * 8]),
+                src.ptr_to(
+                    [
+                        base
+                        + T.Cast("int64", (first + T.min(start + r, last)) * P.groups + g) * stride
+                        + cc * 8
+                    ]
+                ),
+                16,
+            )
+
+
+@T.macro(hygienic=False)
+def _load_kv(G, P, tile, stage):
+    # KV tile `tile` into ring slot `stage`; rows past the sequence end repeat its last row.
+    _load_rows(
+        G,
+        P,
+        G.k_off + stage * G.stage_halfs,
+        G.dkp,
+        G.dk,
+        G.tkv,
+        kf,
+        k_base,
+        k0,
+        tile * G.tkv,
+        n_b - 1,
+        P.k_stride,
+    )
+    if not G.shared_kv:
+        _load_rows(
+            G,
+            P,
+            G.v_off + stage * G.stage_halfs,
+            G.v_stride,
+            G.dv,
+            G.tkv,
+            vf,
+            T.int64(0),
+            k0,
+            tile * G.tkv,
+            n_b - 1,
+            P.v_stride,
+        )
+
+
+@T.macro(hygienic=False)
+def _mma(a, a_off, b, b_off, c, c_off):
+    T.ptx_legacy.mma(
+        "m16n8k16",
+        "row",
+        "col",
+        "fp16",
+        "fp16",
+        "fp32",
+        a.data,
+        a_off,
+        b.data,
+        b_off,
+        c.data,
+        c_off,
+        False,
+        dtype="float32",
+    )
+
+
+@T.macro(hygienic=False)
+def _tile_step(G, P, stage, it):
+    # S = Q K^T for this warp's 16 rows and all tkv columns of the tile.
+    for i in T.unroll(G.tkv // 2):
+        s_acc[i] = T.float32(0)
+    k_tile = G.k_off + stage * G.stage_halfs
+    for kk in T.serial(G.dk // 16):
+        T.ptx_legacy.ldmatrix(
+            False,
+            4,
+            ".b16",
+            qa.data,
+            0,
+            smem.data,
+            (wm * 16 + lane % 16) * G.dkp + kk * 16 + lane // 16 * 8,
+            dtype="float16",
+        )
+        for n2 in T.unroll(G.tkv // 16):
+            T.ptx_legacy.ldmatrix(
+                False,
+                4,
+                ".b16",
+                kb.data,
+                0,
+                smem.data,
+                k_tile
+                + (n2 * 16 + lane // 16 * 8 + lane % 8) * G.dkp
+                + kk * 16
+                + lane // 8 % 2 * 8,
+                dtype="float16",
+            )
+            _mma(qa, 0, kb, 0, s_acc, n2 * 8)
+            _mma(qa, 0, kb, 4, s_acc, n2 * 8 + 4)
+    # Causal mask (query token of the row + offset) and online softmax in base 2.
+    tmp[0] = T.float32(-math.inf)
+    tmp[1] = T.float32(-math.inf)
+    for n in T.unroll(G.tkv // 8):
+        for c in T.unroll(4):
+            lim = (row0 + wm * 16 + lane // 4 + c // 2 * 8) // P.rows_per_token + n_b - t_b
+            s_acc[n * 4 + c] = T.if_then_else(
+                it * G.tkv + n * 8 + lane % 4 * 2 + c % 2 <= lim,
+                s_acc[n * 4 + c] * T.float32(P.sm_scale * LOG2E),
+                T.float32(-math.inf),
+            )
+            tmp[c // 2] = T.max(tmp[c // 2], s_acc[n * 4 + c])
+    for h in T.unroll(2):
+        tmp[h] = T.max(tmp[h], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), tmp[h], 1, 32, 32))
+        tmp[h] = T.max(tmp[h], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), tmp[h], 2, 32, 32))
+        m_new = T.max(st[h], tmp[h])
+        tmp[2 + h] = T.exp2(st[h] - m_new)
+        st[h] = m_new
+        st[2 + h] = st[2 + h] * tmp[2 + h]
+    for n in T.unroll(G.tkv // 8):
+        for c in T.unroll(4):
+            p = T.exp2(s_acc[n * 4 + c] - st[c // 2])
+            st[2 + c // 2] = st[2 + c // 2] + p
+            ph[n * 4 + c] = T.Cast("float16", p)
+    for d in T.unroll(G.dv_w // 8):
+        for c in T.unroll(4):
+            o_acc[d * 4 + c] = o_acc[d * 4 + c] * tmp[2 + c // 2]
+    # O += P V: P's accumulator layout is already the A-fragment layout.
+    v_tile = G.v_off + stage * G.stage_halfs
+    for ks in T.unroll(G.tkv // 16):
+        for d2 in T.unroll(G.dv_w // 16):
+            T.ptx_legacy.ldmatrix(
+                True,
+                4,
+                ".b16",
+                kb.data,
+                0,
+                smem.data,
+                v_tile
+                + (ks * 16 + lane // 8 % 2 * 8 + lane % 8) * G.v_stride
+                + wd * G.dv_w
+                + d2 * 16
+                + lane // 16 * 8,
+                dtype="float16",
+            )
+            _mma(ph, ks * 8, kb, 0, o_acc, d2 * 8)
+            _mma(ph, ks * 8, kb, 4, o_acc, d2 * 8 + 4)
+
+
+@T.macro(hygienic=False)
+def _epilogue(G, P):
+    for h in T.unroll(2):
+        st[2 + h] = st[2 + h] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), st[2 + h], 1, 32, 32)
+        st[2 + h] = st[2 + h] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), st[2 + h], 2, 32, 32)
+        row = row0 + wm * 16 + lane // 4 + h * 8
+        if row < rows_b:
+            orow = T.Cast("int64", (q0 * P.rows_per_token + row) * P.groups + g)
+            inv = T.float32(1) / st[2 + h]
+            for d in T.unroll(G.dv_w // 8):
+                for c in T.unroll(2):
+                    of[orow * G.dv + wd * G.dv_w + d * 8 + lane % 4 * 2 + c] = T.Cast(
+                        "float16", o_acc[d * 4 + h * 2 + c] * inv
+                    )
+            if wd == 0 and lane % 4 == 0:
+                lsef[orow] = (st[h] + T.log2(st[2 + h])) * T.float32(LN2)
+
+
+@T.macro(hygienic=True)
+def mma_body(P, G, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t_total):
+    # P: prefill _Layout, G: Geometry; qf/kf/vf/of/lsef: flat views of q, k, v, o, lse.
+    bx = T.launch_thread(
+        "blockIdx.x", T.Cast("int32", (t_total * P.rows_per_token + G.tq - 1) // G.tq + batch)
+    )
+    g = T.launch_thread("blockIdx.y", P.groups)
+    tx = T.launch_thread("threadIdx.x", G.threads)
+    smem = T.alloc_buffer((G.smem_halfs,), "float16", scope="shared.dyn")
+    qa = T.alloc_buffer((8,), "float16", scope="local")  # A fragment of Q (16 x 16)
+    kb = T.alloc_buffer((8,), "float16", scope="local")  # B fragments of two 8-wide n tiles
+    s_acc = T.alloc_buffer((G.tkv // 2,), "float32", scope="local")  # S, 16 x tkv per warp
+    ph = T.alloc_buffer((G.tkv // 2,), "float16", scope="local")  # P as A fragments
+    o_acc = T.alloc_buffer((G.dv_w // 2,), "float32", scope="local")  # O, 16 x dv_w per warp
+    st = T.alloc_buffer((4,), "float32", scope="local")  # row max (lo, hi), row sum (lo, hi)
+    tmp = T.alloc_buffer((4,), "float32", scope="local")  # tile max (lo, hi), rescale (lo, hi)
+    sel = T.alloc_buffer((3,), "int32", scope="local")  # sequence, tile, first block of seq
+    # Which (sequence, query tile) this block owns: scan the per-sequence tile counts.
+    sel[0] = -1
+    sel[1] = 0
+    sel[2] = 0
+    for b in T.serial(T.Cast("int32", batch)):
+        nt = ((q_indptr[b + 1] - q_indptr[b]) * P.rows_per_token + G.tq - 1) // G.tq
+        if sel[2] <= bx and bx < sel[2] + nt:
+            sel[0] = b
+            sel[1] = nt - 1 - (bx - sel[2])
+        sel[2] = sel[2] + nt
+    if sel[0] >= 0:
+        q0 = q_indptr[sel[0]]
+        t_b = q_indptr[sel[0] + 1] - q0
+        k0 = kv_indptr[sel[0]]
+        n_b = kv_indptr[sel[0] + 1] - k0
+        rows_b = t_b * P.rows_per_token
+        row0 = sel[1] * G.tq
+        last_row = T.min(row0 + G.tq, rows_b) - 1
+        n_tiles = (last_row // P.rows_per_token + n_b - t_b + G.tkv) // G.tkv
+        warp = tx // 32
+        lane = tx % 32
+        wm = warp % G.m_warps
+        wd = warp // G.m_warps
+        _load_rows(
+            G,
+            P,
+            0,
+            G.dkp,
+            G.dk,
+            G.tq,
+            qf,
+            T.int64(0),
+            q0 * P.rows_per_token,
+            row0,
+            rows_b - 1,
+            G.dk,
+        )
+        for s in T.unroll(G.stages - 1):
+            if s < n_tiles:
+                _load_kv(G, P, s, s)
+            T.ptx["cp.async.commit_group"]()
+        for d in T.unroll(G.dv_w // 2):
+            o_acc[d] = T.float32(0)
+        st[0] = T.float32(-math.inf)
+        st[1] = T.float32(-math.inf)
+        st[2] = T.float32(0)
+        st[3] = T.float32(0)
+        for it in T.serial(n_tiles):
+            T.ptx["cp.async.wait_group"](G.stages - 2)
+            T.tvm_storage_sync("shared")
+            if it + G.stages - 1 < n_tiles:
+                _load_kv(G, P, it + G.stages - 1, (it + G.stages - 1) % G.stages)
+            T.ptx["cp.async.commit_group"]()
+            stage = it % G.stages
+            _tile_step(G, P, stage, it)
+        T.ptx["cp.async.wait_group"](0)
+        _epilogue(G, P)
