@@ -283,7 +283,7 @@ def print_table(results) -> None:
     impls = list(dict.fromkeys(r["impl"] for r in results))
     keys = list(dict.fromkeys((r["kind"], r["n"]) for r in results))
     cell = {(r["kind"], r["n"], r["impl"]): r for r in results}
-    print("\nTFLOP/s (causal, N_eff = N/2; '-': the backend rejected the shape or ran out of memory)")
+    print("\nTFLOP/s (causal, N_eff = N/2; '-': rejected the shape or ran out of memory)")
     print()
     print("| kind | n | " + " | ".join(impls) + " |")
     print("|---|---:|" + "---:|" * len(impls))
