@@ -111,12 +111,12 @@ def candidates(target, *, kind: str = "absorbed", dims: MLADims | None = None) -
         return [CPUConfig(t) for t in (32, 64, 16)]
     dims = dims or MLADims()
     arch = gpu_spec(target).arch
-    # (tile_q, tile_kv, warps, stages), ordered by what ptxas fits without spills.
+    # (tile_q, tile_kv, warps, stages[, split_s]), ordered by what ptxas fits without spills.
     if kind == "absorbed":
         # O is [rows, 512] f32: 2-4 warps split V's columns of each 16-row slice.
-        pref = [(64, 16, 8, 3), (64, 16, 8, 2), (32, 16, 8, 3), (32, 16, 8, 2)]
+        pref = [(64, 32, 8, 3), (64, 32, 8, 2), (64, 16, 8, 3, False), (32, 16, 8, 3, False)]
         if arch == "sm_89":
-            pref = [(32, 16, 8, 3), (32, 16, 8, 2), (16, 16, 4, 3)]
+            pref = [(32, 16, 8, 3, False), (32, 16, 8, 2, False)]
     else:
         pref = [(128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2)]
         if arch == "sm_89":

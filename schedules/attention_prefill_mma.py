@@ -42,6 +42,7 @@ class MMAConfig:
     tile_kv: int
     warps: int
     stages: int
+    split_s: bool = True  # with split V columns, split S's columns too and share P via smem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +56,7 @@ class Geometry:
     warps: int
     stages: int
     shared_kv: bool
+    split: bool
 
     @property
     def threads(self) -> int:
@@ -71,6 +73,25 @@ class Geometry:
     @property
     def dv_w(self) -> int:
         return self.dv // self.d_split
+
+    @property
+    def split_s(self) -> bool:
+        """Warps sharing a row slice each compute ``1/d_split`` of S and exchange P in smem."""
+        return self.split and self.d_split > 1
+
+    @property
+    def s_cols(self) -> int:
+        """Columns of S one warp computes per KV tile."""
+        return self.tkv // self.d_split if self.split_s else self.tkv
+
+    @property
+    def p_stride(self) -> int:
+        return self.tkv + _PAD
+
+    @property
+    def p_off(self) -> int:
+        """Shared-memory P tile [tq, tkv] (f16) of the split-S scheme, after the KV ring."""
+        return self.k_off + self.stages * self.stage_halfs
 
     @property
     def dkp(self) -> int:
@@ -95,7 +116,7 @@ class Geometry:
 
     @property
     def smem_halfs(self) -> int:
-        return self.k_off + self.stages * self.stage_halfs
+        return self.p_off + (self.tq * self.p_stride if self.split_s else 0)
 
     def iters(self, rows: int, width: int) -> int:
         """Loop trips for ``threads`` to cp.async ``rows x width`` halfs in 16-byte chunks."""
@@ -104,7 +125,7 @@ class Geometry:
     @property
     def acc_registers(self) -> int:
         """f32 registers per thread held across the KV loop (O, S, P as f16 pairs)."""
-        return self.dv_w // 2 + self.tkv // 2 + self.tkv // 4
+        return self.dv_w // 2 + self.s_cols // 2 + (0 if self.split_s else self.tkv // 4)
 
 
 def geometry(config: MMAConfig, layout) -> Geometry:
@@ -116,6 +137,7 @@ def geometry(config: MMAConfig, layout) -> Geometry:
         config.warps,
         config.stages,
         layout.shared_kv,
+        config.split_s,
     )
 
 
@@ -131,7 +153,7 @@ def fits(config: MMAConfig, layout, smem_limit: int) -> bool:
     if layout.dk % 16 or layout.dv % 16 or (c.warps * 16) % c.tile_q:
         return False
     g = geometry(c, layout)
-    if g.d_split < 1 or g.dv % (g.d_split * 16):
+    if g.d_split < 1 or g.dv % (g.d_split * 16) or g.s_cols % 16:
         return False
     return g.acc_registers <= 200 and shared_bytes(c, layout) <= smem_limit
 
@@ -213,10 +235,10 @@ def _mma(a, a_off, b, b_off, c, c_off):
 
 @T.macro(hygienic=False)
 def _tile_step(G, P, stage, it):
-    # S = Q K^T for this warp's 16 rows and all tkv columns of the tile.
-    for i in T.unroll(G.tkv // 2):
+    # S = Q K^T for this warp's 16 rows and its s_cols columns of the tile (all, unless split).
+    for i in T.unroll(G.s_cols // 2):
         s_acc[i] = T.float32(0)
-    k_tile = G.k_off + stage * G.stage_halfs
+    k_tile = G.k_off + stage * G.stage_halfs + s_col0 * G.dkp
     for kk in T.serial(G.dk // 16):
         T.ptx_legacy.ldmatrix(
             False,
@@ -228,7 +250,7 @@ def _tile_step(G, P, stage, it):
             (wm * 16 + lane % 16) * G.dkp + kk * 16 + lane // 16 * 8,
             dtype="float16",
         )
-        for n2 in T.unroll(G.tkv // 16):
+        for n2 in T.unroll(G.s_cols // 16):
             T.ptx_legacy.ldmatrix(
                 False,
                 4,
@@ -247,11 +269,11 @@ def _tile_step(G, P, stage, it):
     # Causal mask (query token of the row + offset) and online softmax in base 2.
     tmp[0] = T.float32(-math.inf)
     tmp[1] = T.float32(-math.inf)
-    for n in T.unroll(G.tkv // 8):
+    for n in T.unroll(G.s_cols // 8):
         for c in T.unroll(4):
             lim = (row0 + wm * 16 + lane // 4 + c // 2 * 8) // P.rows_per_token + n_b - t_b
             s_acc[n * 4 + c] = T.if_then_else(
-                it * G.tkv + n * 8 + lane % 4 * 2 + c % 2 <= lim,
+                it * G.tkv + s_col0 + n * 8 + lane % 4 * 2 + c % 2 <= lim,
                 s_acc[n * 4 + c] * T.float32(P.sm_scale * LOG2E),
                 T.float32(-math.inf),
             )
@@ -259,21 +281,47 @@ def _tile_step(G, P, stage, it):
     for h in T.unroll(2):
         tmp[h] = T.max(tmp[h], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), tmp[h], 1, 32, 32))
         tmp[h] = T.max(tmp[h], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), tmp[h], 2, 32, 32))
+    if G.split_s:
+        _exchange_rows(G, tmp, T.max)
+    for h in T.unroll(2):
         m_new = T.max(st[h], tmp[h])
         tmp[2 + h] = T.exp2(st[h] - m_new)
         st[h] = m_new
         st[2 + h] = st[2 + h] * tmp[2 + h]
-    for n in T.unroll(G.tkv // 8):
+    for n in T.unroll(G.s_cols // 8):
         for c in T.unroll(4):
             p = T.exp2(s_acc[n * 4 + c] - st[c // 2])
             st[2 + c // 2] = st[2 + c // 2] + p
-            ph[n * 4 + c] = T.Cast("float16", p)
+            if G.split_s:
+                smem[
+                    G.p_off
+                    + (wm * 16 + lane // 4 + c // 2 * 8) * G.p_stride
+                    + s_col0
+                    + n * 8
+                    + lane % 4 * 2
+                    + c % 2
+                ] = T.Cast("float16", p)
+            else:
+                ph[n * 4 + c] = T.Cast("float16", p)
     for d in T.unroll(G.dv_w // 8):
         for c in T.unroll(4):
             o_acc[d * 4 + c] = o_acc[d * 4 + c] * tmp[2 + c // 2]
-    # O += P V: P's accumulator layout is already the A-fragment layout.
+    if G.split_s:
+        T.tvm_storage_sync("shared")  # all of P is in shared memory
+    # O += P V. Unsplit, P's accumulator layout already is the A-fragment layout.
     v_tile = G.v_off + stage * G.stage_halfs
     for ks in T.unroll(G.tkv // 16):
+        if G.split_s:
+            T.ptx_legacy.ldmatrix(
+                False,
+                4,
+                ".b16",
+                qa.data,
+                0,
+                smem.data,
+                G.p_off + (wm * 16 + lane % 16) * G.p_stride + ks * 16 + lane // 16 * 8,
+                dtype="float16",
+            )
         for d2 in T.unroll(G.dv_w // 16):
             T.ptx_legacy.ldmatrix(
                 True,
@@ -289,8 +337,30 @@ def _tile_step(G, P, stage, it):
                 + lane // 16 * 8,
                 dtype="float16",
             )
-            _mma(ph, ks * 8, kb, 0, o_acc, d2 * 8)
-            _mma(ph, ks * 8, kb, 4, o_acc, d2 * 8 + 4)
+            if G.split_s:
+                _mma(qa, 0, kb, 0, o_acc, d2 * 8)
+                _mma(qa, 0, kb, 4, o_acc, d2 * 8 + 4)
+            else:
+                _mma(ph, ks * 8, kb, 0, o_acc, d2 * 8)
+                _mma(ph, ks * 8, kb, 4, o_acc, d2 * 8 + 4)
+
+
+@T.macro(hygienic=False)
+def _exchange_rows(G, vals, combine):
+    # vals[0], vals[1] (rows g, g+8 of this warp, quad-reduced) := combine over the d_split
+    # warps of the row slice, through shared memory.
+    if lane % 4 == 0:
+        red[(wm * G.d_split + wd) * 16 + lane // 4] = vals[0]
+        red[(wm * G.d_split + wd) * 16 + lane // 4 + 8] = vals[1]
+    T.tvm_storage_sync("shared")
+    for h in T.unroll(2):
+        vals[h] = red[wm * G.d_split * 16 + lane // 4 + h * 8]
+        for w in T.unroll(1, G.d_split):
+            vals[h] = combine(vals[h], red[(wm * G.d_split + w) * 16 + lane // 4 + h * 8])
+
+
+def _add(a, b):
+    return a + b
 
 
 @T.macro(hygienic=False)
@@ -298,6 +368,15 @@ def _epilogue(G, P):
     for h in T.unroll(2):
         st[2 + h] = st[2 + h] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), st[2 + h], 1, 32, 32)
         st[2 + h] = st[2 + h] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), st[2 + h], 2, 32, 32)
+    if G.split_s:
+        # Each warp summed only its columns of P: add the partial row sums of the slice.
+        T.tvm_storage_sync("shared")
+        tmp[0] = st[2]
+        tmp[1] = st[3]
+        _exchange_rows(G, tmp, _add)
+        st[2] = tmp[0]
+        st[3] = tmp[1]
+    for h in T.unroll(2):
         row = row0 + wm * 16 + lane // 4 + h * 8
         if row < rows_b:
             orow = T.Cast("int64", (q0 * P.rows_per_token + row) * P.groups + g)
@@ -320,9 +399,10 @@ def mma_body(P, G, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t_t
     g = T.launch_thread("blockIdx.y", P.groups)
     tx = T.launch_thread("threadIdx.x", G.threads)
     smem = T.alloc_buffer((G.smem_halfs,), "float16", scope="shared.dyn")
+    red = T.alloc_buffer((G.tq * G.d_split,), "float32", scope="shared")  # row max / sum exchange
     qa = T.alloc_buffer((8,), "float16", scope="local")  # A fragment of Q (16 x 16)
     kb = T.alloc_buffer((8,), "float16", scope="local")  # B fragments of two 8-wide n tiles
-    s_acc = T.alloc_buffer((G.tkv // 2,), "float32", scope="local")  # S, 16 x tkv per warp
+    s_acc = T.alloc_buffer((G.s_cols // 2,), "float32", scope="local")  # S, 16 x s_cols per warp
     ph = T.alloc_buffer((G.tkv // 2,), "float16", scope="local")  # P as A fragments
     o_acc = T.alloc_buffer((G.dv_w // 2,), "float32", scope="local")  # O, 16 x dv_w per warp
     st = T.alloc_buffer((4,), "float32", scope="local")  # row max (lo, hi), row sum (lo, hi)
@@ -351,6 +431,7 @@ def mma_body(P, G, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t_t
         lane = tx % 32
         wm = warp % G.m_warps
         wd = warp // G.m_warps
+        s_col0 = wd * G.s_cols if G.split_s else 0  # first S column of this warp in a tile
         _load_rows(
             G,
             P,

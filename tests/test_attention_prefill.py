@@ -147,7 +147,7 @@ def test_keep_prunes_configs_past_sm89_shared_memory():
     big = ap.MMAConfig(tile_q=64, tile_kv=64, warps=8, stages=3)  # ~290 KB of shared memory
     assert not ap.keep(big, "sm_89", kind="absorbed", dims=V2_LITE)
     assert not ap.keep(big, "sm_90a", kind="absorbed", dims=V2_LITE)
-    mid = ap.MMAConfig(tile_q=64, tile_kv=16, warps=8, stages=3)  # ~128 KB
+    mid = ap.MMAConfig(tile_q=64, tile_kv=16, warps=8, stages=3, split_s=False)  # ~128 KB
     assert ap.keep(mid, "sm_90a", kind="absorbed", dims=V2_LITE)
     assert not ap.keep(mid, "sm_89", kind="absorbed", dims=V2_LITE)
 
@@ -156,6 +156,9 @@ def test_keep_rejects_bad_tile_shapes():
     assert not ap.keep(ap.MMAConfig(24, 16, 4, 2), "sm_90a", kind="decompressed")  # tile_q % 16
     assert not ap.keep(ap.MMAConfig(64, 16, 4, 1), "sm_90a", kind="decompressed")  # 1 stage
     assert not ap.keep(ap.MMAConfig(64, 16, 6, 2), "sm_90a", kind="absorbed")  # warps % rows
+    # split S: each of the 2 warps of a row slice gets 8 columns, under one ldmatrix.x4 pair
+    assert not ap.keep(ap.MMAConfig(64, 16, 8, 2, split_s=True), "sm_90a", kind="absorbed")
+    assert ap.keep(ap.MMAConfig(64, 16, 8, 2, split_s=False), "sm_90a", kind="absorbed")
 
 
 def test_factory_rejects_config_that_does_not_fit():
