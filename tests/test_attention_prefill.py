@@ -46,9 +46,11 @@ def _indptr(lens) -> torch.Tensor:
 
 
 @functools.cache
-def _build(kind: str, dims: MLADims, target: str):
+def _build(kind: str, dims: MLADims, target: str, config=None):
     factory = ap.absorbed_prefill if kind == "absorbed" else ap.decompressed_prefill
-    func = factory(dims, heads=dims.heads, dtype="float16", target=target, sm_scale=SM_SCALE)
+    func = factory(
+        dims, heads=dims.heads, dtype="float16", target=target, config=config, sm_scale=SM_SCALE
+    )
     return tvm.compile(tvm.IRModule({"main": func}), target=tvm_target(target))
 
 
@@ -233,16 +235,10 @@ GPU_CASES = {
 }
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("case", GPU_CASES.values(), ids=GPU_CASES.keys())
-def test_cuda_matches_reference(kind, case):
-    arch = _cuda_arch()
-    if arch is None:
-        pytest.skip("no CUDA device visible to torch and TVM")
+def _run_cuda(kind: str, case: Case, arch: str, config=None):
     gen = torch.Generator().manual_seed(sum(case.t) + len(kind))
     kv_args, qi, ki, o, lse, expected = _inputs(kind, case, gen, device="cuda")
-    lib = _build(kind, case.dims, arch)
+    lib = _build(kind, case.dims, arch, config)
     args = [tvm.runtime.from_dlpack(x) for x in (*kv_args, qi, ki, o, lse)]
     if kind == "absorbed":
         lib["main"](*args, 1)
@@ -250,3 +246,24 @@ def test_cuda_matches_reference(kind, case):
         lib["main"](*args)
     torch.cuda.synchronize()
     _check(o, lse, expected, atol=5e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", GPU_CASES.values(), ids=GPU_CASES.keys())
+def test_cuda_matches_reference(kind, case):
+    arch = _cuda_arch()
+    if arch is None:
+        pytest.skip("no CUDA device visible to torch and TVM")
+    _run_cuda(kind, case, arch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_every_candidate_config_matches_reference(kind):
+    arch = _cuda_arch()
+    if arch is None:
+        pytest.skip("no CUDA device visible to torch and TVM")
+    case = Case(V2_LITE, (37, 1, 300), (37, 90, 301))
+    for config in ap.candidates(arch, kind=kind, dims=V2_LITE):
+        _run_cuda(kind, case, arch, config)
