@@ -111,14 +111,17 @@ def candidates(target, *, kind: str = "absorbed", dims: MLADims | None = None) -
         return [CPUConfig(t) for t in (32, 64, 16)]
     dims = dims or MLADims()
     arch = gpu_spec(target).arch
-    # (tile_q, tile_kv, warps, stages[, split_s]), ordered by what ptxas fits without spills.
+    # (tile_q, tile_kv, warps, stages[, split_s[, wgmma]]): mma.sync first (the default), then
+    # the sm_90a warpgroup-MMA variants; all free of spills under ptxas.
     if kind == "absorbed":
-        # O is [rows, 512] f32: 2-4 warps split V's columns of each 16-row slice.
+        # O is [rows, 512] f32: 2-4 warps (or 2 warpgroups) split V's columns of each row slice.
         pref = [(64, 32, 8, 3), (64, 32, 8, 2), (64, 16, 8, 3, False), (32, 16, 8, 3, False)]
+        pref += [(64, 48, 8, 2, True, True), (64, 32, 8, 3, True, True)]
         if arch == "sm_89":
             pref = [(32, 16, 8, 3, False), (32, 16, 8, 2, False)]
     else:
         pref = [(128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2)]
+        pref += [(128, 64, 8, 2, True, True), (128, 64, 8, 3, True, True)]
         if arch == "sm_89":
             pref = [(64, 32, 4, 2), (128, 32, 8, 2), (64, 16, 4, 3)]
     out = [MMAConfig(*p) for p in pref]
@@ -143,7 +146,8 @@ def keep(config, target, *, kind: str = "absorbed", dims: MLADims | None = None)
     if not isinstance(config, MMAConfig):
         return False
     layout = _layout_for(kind, dims)
-    return _mma.fits(config, layout, gpu_spec(target).max_shared_bytes_per_block)
+    spec = gpu_spec(target)
+    return _mma.fits(config, layout, spec.max_shared_bytes_per_block, has_wgmma=spec.has_wgmma)
 
 
 def shared_bytes(config: MMAConfig, *, kind: str = "absorbed", dims: MLADims | None = None) -> int:

@@ -43,6 +43,7 @@ class MMAConfig:
     warps: int
     stages: int
     split_s: bool = True  # with split V columns, split S's columns too and share P via smem
+    wgmma: bool = False  # sm_90a: warpgroup MMAs with operands in (core-matrix tiled) smem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,7 @@ class Geometry:
     stages: int
     shared_kv: bool
     split: bool
+    wgmma: bool
 
     @property
     def threads(self) -> int:
@@ -85,8 +87,17 @@ class Geometry:
         return self.tkv // self.d_split if self.split_s else self.tkv
 
     @property
+    def pad(self) -> int:
+        """Halfs appended to each shared row (mma.sync); wgmma tiles are unpadded core matrices."""
+        return 0 if self.wgmma else _PAD
+
+    @property
+    def p_in_smem(self) -> bool:
+        return self.split_s or self.wgmma
+
+    @property
     def p_stride(self) -> int:
-        return self.tkv + _PAD
+        return self.tkv + self.pad
 
     @property
     def p_off(self) -> int:
@@ -95,12 +106,16 @@ class Geometry:
 
     @property
     def dkp(self) -> int:
-        return self.dk + _PAD
+        return self.dk + self.pad
+
+    @property
+    def v_width(self) -> int:
+        """Row width of the shared V tile: the K rows themselves when V is part of them."""
+        return self.dk if self.shared_kv else self.dv
 
     @property
     def v_stride(self) -> int:
-        """Shared-memory row stride of V: the K rows themselves when V is part of them."""
-        return self.dkp if self.shared_kv else self.dv + _PAD
+        return self.v_width + self.pad
 
     @property
     def k_off(self) -> int:
@@ -112,11 +127,11 @@ class Geometry:
 
     @property
     def stage_halfs(self) -> int:
-        return self.tkv * (self.dkp + (0 if self.shared_kv else self.dv + _PAD))
+        return self.tkv * (self.dkp + (0 if self.shared_kv else self.v_stride))
 
     @property
     def smem_halfs(self) -> int:
-        return self.p_off + (self.tq * self.p_stride if self.split_s else 0)
+        return self.p_off + (self.tq * self.p_stride if self.p_in_smem else 0)
 
     def iters(self, rows: int, width: int) -> int:
         """Loop trips for ``threads`` to cp.async ``rows x width`` halfs in 16-byte chunks."""
@@ -125,7 +140,7 @@ class Geometry:
     @property
     def acc_registers(self) -> int:
         """f32 registers per thread held across the KV loop (O, S, P as f16 pairs)."""
-        return self.dv_w // 2 + self.s_cols // 2 + (0 if self.split_s else self.tkv // 4)
+        return self.dv_w // 2 + self.s_cols // 2 + (0 if self.p_in_smem else self.tkv // 4)
 
 
 def geometry(config: MMAConfig, layout) -> Geometry:
@@ -136,8 +151,9 @@ def geometry(config: MMAConfig, layout) -> Geometry:
         config.tile_kv,
         config.warps,
         config.stages,
-        layout.shared_kv,
-        config.split_s,
+        bool(layout.shared_kv),
+        bool(config.split_s),
+        bool(config.wgmma),
     )
 
 
@@ -145,7 +161,7 @@ def shared_bytes(config: MMAConfig, layout) -> int:
     return geometry(config, layout).smem_halfs * 2
 
 
-def fits(config: MMAConfig, layout, smem_limit: int) -> bool:
+def fits(config: MMAConfig, layout, smem_limit: int, *, has_wgmma: bool = False) -> bool:
     """Tile shape valid for the MMA layout, registers bounded, shared memory within the limit."""
     c = config
     if c.tile_q % 16 or c.tile_kv % 16 or c.stages < 2 or not 0 < c.warps <= 16:
@@ -153,9 +169,27 @@ def fits(config: MMAConfig, layout, smem_limit: int) -> bool:
     if layout.dk % 16 or layout.dv % 16 or (c.warps * 16) % c.tile_q:
         return False
     g = geometry(c, layout)
-    if g.d_split < 1 or g.dv % (g.d_split * 16) or g.s_cols % 16:
+    if g.d_split < 1 or g.dv % (g.d_split * 16) or g.s_cols % (8 if c.wgmma else 16):
         return False
+    if c.wgmma:
+        # A warpgroup owns 64 rows; the d_split warpgroups of a row block split S's and O's
+        # columns (m64nNk16 with N = s_cols, then N = dv_w <= 256).
+        if not has_wgmma or c.tile_q % 64 or (g.d_split > 1 and not c.split_s) or g.dv_w > 256:
+            return False
     return g.acc_registers <= 200 and shared_bytes(c, layout) <= smem_limit
+
+
+def _chunk_offset(G, r, cc, stride, width):
+    """Shared offset (halfs) of the 16-byte chunk ``cc`` of tile row ``r``.
+
+    mma.sync tiles are padded rows (``stride`` halfs apart). wgmma tiles are unpadded core
+    matrices: 8 rows x 16 B stored as 128 contiguous bytes, core matrix (r // 8, cc) at
+    ``((r // 8) * (width // 8) + cc) * 64``; their descriptors use LBO = 128 B between
+    neighbours along the row and SBO = ``width * 16`` B between 8-row groups.
+    """
+    if G.wgmma:
+        return ((r // 8) * (width // 8) + cc) * 64 + r % 8 * 8
+    return r * stride + cc * 8
 
 
 @T.macro(hygienic=False)
@@ -167,7 +201,7 @@ def _load_rows(G, P, dst_off, dst_stride, width, n_rows, src, base, first, start
             r = c // (width // 8)
             cc = c % (width // 8)
             T.ptx["cp.async.cg.shared.global"](
-                smem.ptr_to([dst_off + r * dst_stride + cc * 8]),
+                smem.ptr_to([dst_off + _chunk_offset(G, r, cc, dst_stride, width)]),
                 src.ptr_to(
                     [
                         base
@@ -236,6 +270,55 @@ def _mma(a, a_off, b, b_off, c, c_off):
 @T.macro(hygienic=False)
 def _tile_step(G, P, stage, it):
     # S = Q K^T for this warp's 16 rows and its s_cols columns of the tile (all, unless split).
+    if G.wgmma:
+        _s_wgmma(G, stage)
+    else:
+        _s_mma(G, stage)
+    _softmax_pv(G, P, stage, it)
+
+
+@T.macro(hygienic=False)
+def _s_wgmma(G, stage):
+    # The warpgroup's 64 rows x s_cols columns: m64n{s_cols}k16, Q and K from shared memory.
+    T.cuda.wgmma.encode_matrix_descriptor(
+        T.address_of(desc[0]), smem.ptr_to([wm // 4 * 64 * G.dk]), 8, G.dk, 0
+    )
+    T.cuda.wgmma.encode_matrix_descriptor(
+        T.address_of(desc[1]),
+        smem.ptr_to([G.k_off + stage * G.stage_halfs + s_col0 * G.dk]),
+        8,
+        G.dk,
+        0,
+    )
+    T.ptx["wgmma.fence.sync.aligned"]()
+    for kk in T.serial(G.dk // 16):
+        _wgmma(G.s_cols, s_acc, desc[0] + T.uint64(kk * 16), desc[1] + T.uint64(kk * 16), kk > 0, 0)
+    T.ptx["wgmma.commit_group.sync.aligned"]()
+    T.ptx["wgmma.wait_group.sync.aligned"](0)
+    _pin(s_acc, G.s_cols // 2)
+
+
+_PIN_SOURCE = """
+__forceinline__ __device__ void mla_pin_f32(float& x) { asm volatile("" : "+f"(x) :: "memory"); }
+"""
+
+
+@T.macro(hygienic=False)
+def _pin(acc, n):
+    # Empty asm reading and writing each accumulator: the compiler may not move their other
+    # uses across the wgmma fence / wait that it cannot see them depend on.
+    for i in T.unroll(n):
+        T.cuda.func_call("mla_pin_f32", acc[i], source_code=_PIN_SOURCE)
+
+
+def _wgmma(n, acc, a_desc, b_desc, accumulate, trans_b):
+    """One m64n{n}k16 f16 -> f32 wgmma, A and B from shared memory (descriptors)."""
+    op = T.ptx[f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.f16.f16"]
+    return op(*[acc[i] for i in range(n // 2)], a_desc, b_desc, accumulate, 1, 1, 0, trans_b)
+
+
+@T.macro(hygienic=False)
+def _s_mma(G, stage):
     for i in T.unroll(G.s_cols // 2):
         s_acc[i] = T.float32(0)
     k_tile = G.k_off + stage * G.stage_halfs + s_col0 * G.dkp
@@ -266,6 +349,10 @@ def _tile_step(G, P, stage, it):
             )
             _mma(qa, 0, kb, 0, s_acc, n2 * 8)
             _mma(qa, 0, kb, 4, s_acc, n2 * 8 + 4)
+
+
+@T.macro(hygienic=False)
+def _softmax_pv(G, P, stage, it):
     # Causal mask (query token of the row + offset) and online softmax in base 2.
     tmp[0] = T.float32(-math.inf)
     tmp[1] = T.float32(-math.inf)
@@ -292,24 +379,66 @@ def _tile_step(G, P, stage, it):
         for c in T.unroll(4):
             p = T.exp2(s_acc[n * 4 + c] - st[c // 2])
             st[2 + c // 2] = st[2 + c // 2] + p
-            if G.split_s:
-                smem[
-                    G.p_off
-                    + (wm * 16 + lane // 4 + c // 2 * 8) * G.p_stride
-                    + s_col0
-                    + n * 8
-                    + lane % 4 * 2
-                    + c % 2
-                ] = T.Cast("float16", p)
+            if G.p_in_smem:
+                if G.wgmma:
+                    col = s_col0 + n * 8 + lane % 4 * 2 + c % 2
+                    row = wm * 16 + lane // 4 + c // 2 * 8
+                    at = G.p_off + _chunk_offset(G, row, col // 8, G.p_stride, G.tkv) + col % 8
+                    smem[at] = T.Cast("float16", p)
+                else:
+                    smem[
+                        G.p_off
+                        + (wm * 16 + lane // 4 + c // 2 * 8) * G.p_stride
+                        + s_col0
+                        + n * 8
+                        + lane % 4 * 2
+                        + c % 2
+                    ] = T.Cast("float16", p)
             else:
                 ph[n * 4 + c] = T.Cast("float16", p)
     for d in T.unroll(G.dv_w // 8):
         for c in T.unroll(4):
             o_acc[d * 4 + c] = o_acc[d * 4 + c] * tmp[2 + c // 2]
-    if G.split_s:
+    if G.p_in_smem:
+        if G.wgmma:
+            T.ptx["fence.proxy.async.shared::cta"]()  # P stores -> wgmma reads
         T.tvm_storage_sync("shared")  # all of P is in shared memory
     # O += P V. Unsplit, P's accumulator layout already is the A-fragment layout.
     v_tile = G.v_off + stage * G.stage_halfs
+    if G.wgmma:
+        _pv_wgmma(G, v_tile)
+    else:
+        _pv_mma(G, v_tile)
+
+
+@T.macro(hygienic=False)
+def _pv_wgmma(G, v_tile):
+    # m64n{dv_w}k16: A = P (K-major, 64 rows x tkv), B = V (MN-major: d contiguous in a core
+    # matrix row, so LBO = one 8-row KV group, SBO = one 8-column d group = 128 B).
+    T.cuda.wgmma.encode_matrix_descriptor(
+        T.address_of(desc[2]), smem.ptr_to([G.p_off + wm // 4 * 64 * G.tkv]), 8, G.tkv, 0
+    )
+    T.cuda.wgmma.encode_matrix_descriptor(
+        T.address_of(desc[3]), smem.ptr_to([v_tile + wd * G.dv_w * 8]), G.v_width, 8, 0
+    )
+    _pin(o_acc, G.dv_w // 2)
+    T.ptx["wgmma.fence.sync.aligned"]()
+    for ks in T.unroll(G.tkv // 16):
+        _wgmma(
+            G.dv_w,
+            o_acc,
+            desc[2] + T.uint64(ks * 16),
+            desc[3] + T.uint64(ks * 2 * G.v_width),
+            True,
+            1,
+        )
+    T.ptx["wgmma.commit_group.sync.aligned"]()
+    T.ptx["wgmma.wait_group.sync.aligned"](0)
+    _pin(o_acc, G.dv_w // 2)
+
+
+@T.macro(hygienic=False)
+def _pv_mma(G, v_tile):
     for ks in T.unroll(G.tkv // 16):
         if G.split_s:
             T.ptx_legacy.ldmatrix(
@@ -408,6 +537,7 @@ def mma_body(P, G, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t_t
     st = T.alloc_buffer((4,), "float32", scope="local")  # row max (lo, hi), row sum (lo, hi)
     tmp = T.alloc_buffer((4,), "float32", scope="local")  # tile max (lo, hi), rescale (lo, hi)
     sel = T.alloc_buffer((3,), "int32", scope="local")  # sequence, tile, first block of seq
+    desc = T.alloc_buffer((4,), "uint64", scope="local")  # wgmma descriptors: Q, K, P, V
     # Which (sequence, query tile) this block owns: scan the per-sequence tile counts.
     sel[0] = -1
     sel[1] = 0
@@ -458,6 +588,8 @@ def mma_body(P, G, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t_t
         st[3] = T.float32(0)
         for it in T.serial(n_tiles):
             T.ptx["cp.async.wait_group"](G.stages - 2)
+            if G.wgmma:
+                T.ptx["fence.proxy.async.shared::cta"]()  # cp.async data -> wgmma reads
             T.tvm_storage_sync("shared")
             if it + G.stages - 1 < n_tiles:
                 _load_kv(G, P, it + G.stages - 1, (it + G.stages - 1) % G.stages)

@@ -209,6 +209,22 @@ def test_cuda_build_uses_tensor_cores_without_spills(kind, arch):
         assert ops.get(opcode, 0) > 0, f"{opcode} missing from {kind} {arch} SASS"
 
 
+@pytest.mark.skipif(not _nvcc_available(), reason="nvcc / cuobjdump not installed")
+@pytest.mark.parametrize("kind", KINDS)
+def test_sm90a_wgmma_variant_uses_warpgroup_mma_without_spills(kind):
+    from mla_compiler.nvcc import compile_cubin, sass_opcodes
+
+    (config,) = [c for c in ap.candidates("sm_90a", kind=kind, dims=V2_LITE) if c.wgmma][:1]
+    assert not ap.keep(config, "sm_89", kind=kind, dims=V2_LITE), "wgmma is sm_90a only"
+    lib = _build(kind, V2_LITE, "sm_90a", config)
+    cubin, resources = compile_cubin(lib.mod.imports[0].inspect_source(), "sm_90a")
+    (res,) = resources.values()
+    assert res.spill_bytes == 0, res
+    assert res.shared_bytes + ap.shared_bytes(config, kind=kind, dims=V2_LITE) <= 227 * 1024
+    (ops,) = sass_opcodes(cubin).values()
+    assert ops.get("HGMMA", 0) > 0 and ops.get("LDGSTS", 0) > 0, ops
+
+
 # ----------------------------------------------------------------------------------------------
 # CUDA numerics (lead's GPU run)
 # ----------------------------------------------------------------------------------------------
