@@ -218,9 +218,14 @@ def _cpu_body(P, tile_kv, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, bat
 # ----------------------------------------------------------------------------------------------
 
 
-def _body_for(target, config, layout: _Layout, *, kind: str, dims: MLADims):
+def _body_for(target, config, layout: _Layout, *, kind: str, dims: MLADims, dtype: str):
     """(macro, static args) of the kernel body for ``target``, checking ``config``."""
     target = _target_of(target)
+    if is_gpu(target) and dtype != "float16":
+        raise TargetError(
+            f"the CUDA prefill kernels take float16 q/kv/o (f16 tensor-core MMAs), got {dtype}: "
+            "cast to float16 or compile for cpu"
+        )
     if config is None:
         config = default_config(target, kind=kind, dims=dims)
     if not keep(config, target, kind=kind, dims=dims):
@@ -244,7 +249,7 @@ def absorbed_prefill(
     Sequence ``b`` reads ``kv[layer, kv_indptr[b]:kv_indptr[b+1]]`` (its new rows at the end).
     """
     layout = _absorbed_layout(dims, heads, sm_scale)
-    body, static = _body_for(target, config, layout, kind="absorbed", dims=dims)
+    body, static = _body_for(target, config, layout, kind="absorbed", dims=dims, dtype=dtype)
     dl, dv, h = dims.latent_dim, dims.kv_lora_rank, heads
 
     @T.prim_func
@@ -298,7 +303,7 @@ def decompressed_prefill(
 ) -> tvm.tirx.PrimFunc:
     """Multi-head prefill with decompressed per-head K [N, H, 192] and V [N, H, 128]."""
     layout = _decompressed_layout(dims, heads, sm_scale)
-    body, static = _body_for(target, config, layout, kind="decompressed", dims=dims)
+    body, static = _body_for(target, config, layout, kind="decompressed", dims=dims, dtype=dtype)
     dk, dv, h = dims.qk_head_dim, dims.v_head_dim, heads
 
     @T.prim_func

@@ -174,6 +174,29 @@ def test_factory_rejects_config_that_does_not_fit():
         )
 
 
+def test_cuda_factories_reject_non_f16():
+    with pytest.raises(TargetError, match="float16"):
+        ap.decompressed_prefill(
+            V2_LITE, heads=16, dtype="float32", target="sm_90a", sm_scale=SM_SCALE
+        )
+
+
+def test_llvm_float32_runs():
+    """The llvm body is dtype-generic: f32 q/k/v/o against the same reference."""
+    case = CPU_CASES["tiny-ragged3"]
+    gen = torch.Generator().manual_seed(4)
+    (q, k, v), qi, ki, o, lse, expected = _inputs("decompressed", case, gen)
+    func = ap.decompressed_prefill(
+        TINY, heads=TINY.heads, dtype="float32", target="cpu", sm_scale=SM_SCALE
+    )
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=tvm_target("cpu"))
+    args = [tvm.runtime.tensor(x.float().numpy()) for x in (q, k, v)]
+    args += [tvm.runtime.tensor(x.numpy()) for x in (qi, ki, o.float(), lse)]
+    lib["main"](*args)
+    out_o = torch.from_numpy(args[-2].numpy())
+    _check(out_o, torch.from_numpy(args[-1].numpy()), expected, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # CUDA static checks: generated source compiles, tensor cores and async copies are in the SASS
 # ----------------------------------------------------------------------------------------------
