@@ -1,25 +1,32 @@
 # The helper macros are TVMScript expanded inside `mma_body` (hygienic=False): they read its
 # locals (tx, lane, smem, fragments, ...), which Python static analysis cannot see.
 # ruff: noqa: F821, F841
-"""CUDA tensor-core body of the prefill kernels (sm_80+: mma.sync m16n8k16, ldmatrix, cp.async).
+"""CUDA tensor-core body of the prefill kernels: mma.sync (sm_80+) or wgmma (sm_90a).
 
 One thread block owns ``tile_q`` consecutive query rows of one sequence (for absorbed MLA a row
 is a (token, head) pair) and one head group (``blockIdx.y``). Its warps form a
 ``m_warps x d_split`` grid: warp ``(wm, wd)`` owns rows ``16*wm .. 16*wm+15`` and the V columns
-``wd*dv_w .. (wd+1)*dv_w - 1``; when ``d_split > 1`` the warps of one row slice each recompute
-that slice's scores (absorbed MLA: O is 16 x 512 f32 per slice, too big for one warp's
-registers). Per KV tile:
+``wd*dv_w .. (wd+1)*dv_w - 1`` (absorbed MLA: O is 16 x 512 f32 per slice, too big for one
+warp's registers). Per KV tile:
 
-1. ``S = Q Kᵀ`` with ``ldmatrix.x4`` fragments of Q and K from shared memory, f32 accumulators.
-2. Causal mask, online softmax in base 2 (row max and sum over the 4 lanes of a quad).
-3. ``P`` stays in registers: the f32 accumulator layout of two adjacent 8-column tiles of S is
-   the f16 A-fragment layout of one 16-deep k-step, so ``O += P V`` reads V with
-   ``ldmatrix.x4.trans`` from the same shared-memory rows.
+1. ``S = Q Kᵀ``: mma.sync ``m16n8k16`` on ``ldmatrix.x4`` fragments, or (``wgmma``) one
+   ``wgmma m64nNk16`` per 16-deep step per warpgroup with Q and K read from shared memory by
+   descriptor. With ``split_s`` the ``d_split`` warps of a row slice take ``1/d_split`` of S's
+   columns each instead of all recomputing it.
+2. Causal mask, online softmax in base 2 (row max and sum over the 4 lanes of a quad, and over
+   the ``d_split`` warps through a small shared buffer when S is split).
+3. ``O += P V``. Unsplit mma.sync keeps P in registers (the f32 accumulator layout of two
+   adjacent 8-column S tiles is the f16 A-fragment layout of one k-step); otherwise P goes
+   through shared memory. V is read with ``ldmatrix.x4.trans`` (or as an MN-major wgmma B
+   operand) from the K rows themselves for absorbed MLA.
 
-KV tiles stream through a ``stages``-deep ``cp.async`` ring (one commit group per tile, one
-``__syncthreads`` per tile). Rows past a sequence's end are clamped to its last row (finite data
-that the mask zeroes), so no zero fill is needed. Query tiles are handed out latest first so the
-longest causal rows start first.
+The wgmma accumulators have the mma.sync per-warp layout (warp ``w`` of a warpgroup holds rows
+``16w..16w+15``), so masking, softmax and the epilogue are shared by both paths.
+
+KV tiles stream through a ``stages``-deep ``cp.async`` ring (one commit group per tile). Rows
+past a sequence's end are clamped to its last row (finite data that the mask zeroes), so no
+zero fill is needed. Query tiles are handed out latest first so the longest causal rows start
+first.
 """
 
 from __future__ import annotations
