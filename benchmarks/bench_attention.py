@@ -98,8 +98,10 @@ class Problem:
             self.o = torch.empty(n, HEADS, dims.kv_lora_rank, dtype=torch.float16, device="cuda")
             self.sdpa_q = self.q.transpose(0, 1)[None]  # [1, H, T, 576]
             k = self.kv[0][None, None]  # [1, 1, N, 576]
-            self.sdpa_k = k.expand(1, HEADS, n, dims.latent_dim)
-            self.sdpa_v = k[..., : dims.kv_lora_rank].expand(1, HEADS, n, dims.kv_lora_rank)
+            # The shared KV head repeated per head (contiguous: not every backend takes stride 0).
+            self.sdpa_k = k.expand(1, HEADS, n, dims.latent_dim).contiguous()
+            v = k[..., : dims.kv_lora_rank]
+            self.sdpa_v = v.expand(1, HEADS, n, dims.kv_lora_rank).contiguous()
         else:
             self.q = rnd(n, HEADS, dims.qk_head_dim)  # [T, H, 192]
             self.k = rnd(n, HEADS, dims.qk_head_dim)  # [N, H, 192]
@@ -166,20 +168,23 @@ def naive(problem: Problem):
 
 
 def verify(problem: Problem, run_ours) -> float:
-    """Max |ours - torch| over O (torch in f32 on the last 256 query rows, which see most keys)."""
+    """Max |ours - torch| over O: torch in f32 on the first 128 and the last 256 query rows."""
     p = problem
+    p.o.fill_(float("nan"))  # poisoned: rows the kernel leaves unwritten fail the check
+    p.lse.fill_(float("nan"))
     run_ours()
     torch.cuda.synchronize()
-    rows = slice(max(0, p.n - 256), p.n)
-    q = p.sdpa_q[:, :, rows].float()
-    s = torch.matmul(q, p.sdpa_k.float().transpose(-1, -2)) * SM_SCALE  # [1, H, 256, N]
-    i = torch.arange(rows.start, rows.stop, device="cuda")[:, None]
-    s.masked_fill_(torch.arange(p.n, device="cuda")[None, :] > i, float("-inf"))
-    expected = torch.matmul(torch.softmax(s, dim=-1), p.sdpa_v.float())[0].transpose(0, 1)
-    lse_expected = torch.logsumexp(s, dim=-1)[0].transpose(0, 1)
-    err = (p.o[rows].float() - expected).abs().max().item()
-    lse_err = (p.lse[rows] - lse_expected).abs().max().item()
-    if not (err < 2e-2 and lse_err < 1e-2):
+    err = lse_err = 0.0
+    for rows in (slice(0, min(128, p.n)), slice(max(0, p.n - 256), p.n)):
+        q = p.sdpa_q[:, :, rows].float()
+        s = torch.matmul(q, p.sdpa_k.float().transpose(-1, -2)) * SM_SCALE  # [1, H, rows, N]
+        i = torch.arange(rows.start, rows.stop, device="cuda")[:, None]
+        s.masked_fill_(torch.arange(p.n, device="cuda")[None, :] > i, float("-inf"))
+        expected = torch.matmul(torch.softmax(s, dim=-1), p.sdpa_v.float())[0].transpose(0, 1)
+        lse_expected = torch.logsumexp(s, dim=-1)[0].transpose(0, 1)
+        err = max(err, (p.o[rows].float() - expected).abs().max().item())
+        lse_err = max(lse_err, (p.lse[rows] - lse_expected).abs().max().item())
+    if not (err < 2e-2 and lse_err < 1e-2):  # NaN fails too
         raise AssertionError(f"ours differs from torch: |dO| = {err:.3g}, |dLSE| = {lse_err:.3g}")
     return err
 
