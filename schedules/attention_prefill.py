@@ -115,12 +115,13 @@ def candidates(target, *, kind: str = "absorbed", dims: MLADims | None = None) -
     # the sm_90a warpgroup-MMA variants; all free of spills under ptxas.
     if kind == "absorbed":
         # O is [rows, 512] f32: 2-4 warps (or 2 warpgroups) split V's columns of each row slice.
-        pref = [(64, 32, 8, 3), (64, 32, 8, 2), (64, 16, 8, 3, False), (32, 16, 8, 3, False)]
-        pref += [(64, 48, 8, 2, True, True), (64, 32, 8, 3, True, True)]
+        # tile_kv = 64 = the rope width: P is stored over the K tile's dead rope columns.
+        pref = [(64, 32, 8, 3), (64, 64, 8, 2), (64, 32, 8, 2), (64, 16, 8, 3, False)]
+        pref += [(64, 64, 8, 2, True, True), (64, 48, 8, 2, True, True), (64, 32, 8, 3, True, True)]
         if arch == "sm_89":
             pref = [(32, 16, 8, 3, False), (32, 16, 8, 2, False)]
     else:
-        pref = [(128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 2)]
+        pref = [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)]
         pref += [(128, 64, 8, 2, True, True), (128, 64, 8, 3, True, True)]
         if arch == "sm_89":
             pref = [(64, 32, 4, 2), (128, 32, 8, 2), (64, 16, 4, 3)]

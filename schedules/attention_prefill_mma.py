@@ -103,8 +103,26 @@ class Geometry:
         return self.split_s or self.wgmma
 
     @property
+    def p_in_k(self) -> bool:
+        """P [tq, tkv] lives in the K tile's own rows, in columns ``dv..dv+tkv``.
+
+        Absorbed MLA with ``tile_q <= tile_kv <= 64``: once S is done, the 64 rope columns of the
+        current K tile are dead (P·V reads only the first ``dv``), so P needs no smem of its own.
+        """
+        return self.p_in_smem and self.shared_kv and self.tq <= self.tkv <= self.dk - self.dv
+
+    @property
+    def p_width(self) -> int:
+        """Width (halfs) of the rows P is stored in, and its first column there."""
+        return self.dk if self.p_in_k else self.tkv
+
+    @property
+    def p_col0(self) -> int:
+        return self.dv if self.p_in_k else 0
+
+    @property
     def p_stride(self) -> int:
-        return self.tkv + self.pad
+        return self.p_width + self.pad
 
     @property
     def p_off(self) -> int:
@@ -138,7 +156,7 @@ class Geometry:
 
     @property
     def smem_halfs(self) -> int:
-        return self.p_off + (self.tq * self.p_stride if self.p_in_smem else 0)
+        return self.p_off + (self.tq * self.p_stride if self.p_in_smem and not self.p_in_k else 0)
 
     def iters(self, rows: int, width: int) -> int:
         """Loop trips for ``threads`` to cp.async ``rows x width`` halfs in 16-byte chunks."""
@@ -202,7 +220,7 @@ def _chunk_offset(G, r, cc, stride, width):
 @T.macro(hygienic=False)
 def _load_rows(G, P, dst_off, dst_stride, width, n_rows, src, base, first, start, last, stride):
     # cp.async `n_rows x width` halfs; tile row r is source row first + min(start + r, last).
-    for i in T.unroll(G.iters(n_rows, width)):
+    for i in T.serial(G.iters(n_rows, width)):
         c = tx + i * G.threads
         if c < n_rows * width // 8:
             r = c // (width // 8)
@@ -361,6 +379,7 @@ def _s_mma(G, stage):
 @T.macro(hygienic=False)
 def _softmax_pv(G, P, stage, it):
     # Causal mask (query token of the row + offset) and online softmax in base 2.
+    p_base = G.k_off + stage * G.stage_halfs if G.p_in_k else G.p_off  # where P's rows start
     tmp[0] = T.float32(-math.inf)
     tmp[1] = T.float32(-math.inf)
     for n in T.unroll(G.s_cols // 8):
@@ -388,14 +407,15 @@ def _softmax_pv(G, P, stage, it):
             st[2 + c // 2] = st[2 + c // 2] + p
             if G.p_in_smem:
                 if G.wgmma:
-                    col = s_col0 + n * 8 + lane % 4 * 2 + c % 2
+                    col = G.p_col0 + s_col0 + n * 8 + lane % 4 * 2 + c % 2
                     row = wm * 16 + lane // 4 + c // 2 * 8
-                    at = G.p_off + _chunk_offset(G, row, col // 8, G.p_stride, G.tkv) + col % 8
+                    at = p_base + _chunk_offset(G, row, col // 8, G.p_stride, G.p_width) + col % 8
                     smem[at] = T.Cast("float16", p)
                 else:
                     smem[
-                        G.p_off
+                        p_base
                         + (wm * 16 + lane // 4 + c // 2 * 8) * G.p_stride
+                        + G.p_col0
                         + s_col0
                         + n * 8
                         + lane % 4 * 2
@@ -413,17 +433,21 @@ def _softmax_pv(G, P, stage, it):
     # O += P V. Unsplit, P's accumulator layout already is the A-fragment layout.
     v_tile = G.v_off + stage * G.stage_halfs
     if G.wgmma:
-        _pv_wgmma(G, v_tile)
+        _pv_wgmma(G, v_tile, p_base)
     else:
-        _pv_mma(G, v_tile)
+        _pv_mma(G, v_tile, p_base)
 
 
 @T.macro(hygienic=False)
-def _pv_wgmma(G, v_tile):
+def _pv_wgmma(G, v_tile, p_base):
     # m64n{dv_w}k16: A = P (K-major, 64 rows x tkv), B = V (MN-major: d contiguous in a core
     # matrix row, so LBO = one 8-row KV group, SBO = one 8-column d group = 128 B).
     T.cuda.wgmma.encode_matrix_descriptor(
-        T.address_of(desc[2]), smem.ptr_to([G.p_off + wm // 4 * 64 * G.tkv]), 8, G.tkv, 0
+        T.address_of(desc[2]),
+        smem.ptr_to([p_base + _chunk_offset(G, wm // 4 * 64, G.p_col0 // 8, 0, G.p_width)]),
+        8,
+        G.p_width,
+        0,
     )
     T.cuda.wgmma.encode_matrix_descriptor(
         T.address_of(desc[3]), smem.ptr_to([v_tile + wd * G.dv_w * 8]), G.v_width, 8, 0
@@ -445,7 +469,7 @@ def _pv_wgmma(G, v_tile):
 
 
 @T.macro(hygienic=False)
-def _pv_mma(G, v_tile):
+def _pv_mma(G, v_tile, p_base):
     for ks in T.unroll(G.tkv // 16):
         if G.split_s:
             T.ptx_legacy.ldmatrix(
@@ -455,7 +479,7 @@ def _pv_mma(G, v_tile):
                 qa.data,
                 0,
                 smem.data,
-                G.p_off + (wm * 16 + lane % 16) * G.p_stride + ks * 16 + lane // 16 * 8,
+                p_base + (wm * 16 + lane % 16) * G.p_stride + G.p_col0 + ks * 16 + lane // 16 * 8,
                 dtype="float16",
             )
         for d2 in T.unroll(G.dv_w // 16):

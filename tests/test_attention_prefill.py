@@ -237,6 +237,22 @@ def test_cuda_build_uses_tensor_cores_without_spills(kind, arch):
         assert ops.get(opcode, 0) > 0, f"{opcode} missing from {kind} {arch} SASS"
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not _nvcc_available(), reason="nvcc / cuobjdump not installed")
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_candidate_config_compiles_without_spills(kind, arch):
+    from mla_compiler.nvcc import compile_cubin, sass_opcodes
+
+    for config in ap.candidates(arch, kind=kind, dims=V2_LITE):
+        lib = _build(kind, V2_LITE, arch, config)
+        cubin, resources = compile_cubin(lib.mod.imports[0].inspect_source(), arch)
+        (res,) = resources.values()
+        assert res.spill_bytes == 0, (config, res)
+        (ops,) = sass_opcodes(cubin).values()
+        assert ops.get("HGMMA" if config.wgmma else "HMMA", 0) > 0, (config, ops)
+
+
 @pytest.mark.skipif(not _nvcc_available(), reason="nvcc / cuobjdump not installed")
 @pytest.mark.parametrize("kind", KINDS)
 def test_sm90a_wgmma_variant_uses_warpgroup_mma_without_spills(kind):
