@@ -318,12 +318,24 @@ def test_cuda_matches_reference(kind, case):
     _run_cuda(kind, case, arch)
 
 
+def _config_id(config) -> str:
+    split = config.split_s and config.warps * 16 > config.tile_q  # only when V's columns split
+    tags = ("split" if split else "nosplit") + ("-wgmma" if config.wgmma else "")
+    return f"{config.tile_q}x{config.tile_kv}x{config.warps}w{config.stages}s-{tags}"
+
+
+_ARCH_FOR_PARAMS = _cuda_arch() or "sm_90a"
+_CANDIDATES = [
+    pytest.param(kind, cfg, id=f"{kind}-{_config_id(cfg)}")
+    for kind in KINDS
+    for cfg in ap.candidates(_ARCH_FOR_PARAMS, kind=kind, dims=V2_LITE)
+]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("kind", KINDS)
-def test_cuda_every_candidate_config_matches_reference(kind):
+@pytest.mark.parametrize(("kind", "config"), _CANDIDATES)
+def test_cuda_every_candidate_config_matches_reference(kind, config):
     arch = _cuda_arch()
     if arch is None:
         pytest.skip("no CUDA device visible to torch and TVM")
-    case = Case(V2_LITE, (37, 1, 300), (37, 90, 301))
-    for config in ap.candidates(arch, kind=kind, dims=V2_LITE):
-        _run_cuda(kind, case, arch, config)
+    _run_cuda(kind, Case(V2_LITE, (37, 1, 300), (37, 90, 301)), arch, config)
