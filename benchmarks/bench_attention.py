@@ -121,7 +121,7 @@ def ours(problem: Problem, lib):
     return lambda: lib["main"](*args)
 
 
-def tvm_builtin(problem: Problem, lib):
+def tvm_builtin(problem: Problem, kernel):
     """TVM's own prefill kernels: paged MLA for absorbed (16-row pages), ragged MHA otherwise."""
     p = problem
     if p.kind == "absorbed":
@@ -134,11 +134,11 @@ def tvm_builtin(problem: Problem, lib):
         page_values = torch.arange(n_pages, dtype=torch.int32, device="cuda")
         last_len = torch.tensor([p.n - (n_pages - 1) * page], dtype=torch.int32, device="cuda")
         args = tvm_args(p.q, p.qi, pages, page_indptr, page_values, last_len, p.o, p.lse)
-        return lambda: lib["main"](*args, 1, SM_SCALE)
+        return lambda: kernel(*args, 1, SM_SCALE)
     zeros_q = torch.zeros(p.n, dtype=torch.int32, device="cuda")
     zeros_b = torch.zeros(1, dtype=torch.int32, device="cuda")
     args = tvm_args(p.q, p.qi, p.k, p.v, p.ki, zeros_q, zeros_b, p.o, p.lse)
-    return lambda: lib["main"](*args, 1, 0, 1.0, 10000.0, SM_SCALE)
+    return lambda: kernel(*args, 1, 0, 1.0, 10000.0, SM_SCALE)
 
 
 def sdpa(problem: Problem, backend):
@@ -213,7 +213,10 @@ def build_builtin(kind: str, arch: str, dims: MLADims):
         func = pk._attention_prefill_ragged(
             HEADS, HEADS, dims.qk_head_dim, dims.v_head_dim, "float16", {}, target
         )
-    return tvm.compile(tvm.IRModule({"main": func}), target=target)
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
+    # the paged MLA kernel names itself (global_symbol); the ragged one is exported as "main"
+    symbol = func.attrs.get("global_symbol", "main") if func.attrs else "main"
+    return lib[str(symbol)]
 
 
 def main() -> None:
