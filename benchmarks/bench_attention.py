@@ -22,6 +22,8 @@ import argparse
 import contextlib
 import json
 import math
+import subprocess
+import sys
 import time
 import traceback
 
@@ -219,9 +221,50 @@ def build_builtin(kind: str, arch: str, dims: MLADims):
     return lib[str(symbol)]
 
 
+def measure_ours(kind: str, config, ns: list[int], *, default: bool) -> list[dict]:
+    """Build one config of ours, check it against torch and time it at each n (in this process)."""
+    arch, dims = cuda_arch(), MLADims(heads=HEADS)
+    lib, build_s = build(kind, arch, dims, config)
+    impl = "ours" if default else "ours-config"
+    label = ",".join(str(int(v)) for v in config.__dict__.values())
+    rows = []
+    for n in ns:
+        row = {"kind": kind, "n": n, "impl": impl, "config": label, "build_s": round(build_s, 2)}
+        p = Problem(kind, n, dims)
+        run_ours = ours(p, lib)
+        try:
+            row["max_abs_err"] = verify(p, run_ours)
+            ms = bench_ms(run_ours)
+            row.update(ms=ms, tflops=flops(kind, n, dims) / ms / 1e9)
+        except AssertionError as e:  # never time a wrong kernel
+            row.update(ms=None, tflops=None, error=f"WRONG: {e}")
+        rows.append(row)
+        del p
+        torch.cuda.empty_cache()
+    return rows
+
+
+def measure_ours_isolated(kind: str, config, ns: list[int], *, default: bool) -> list[dict]:
+    """``measure_ours`` in a child process: a kernel that faults cannot poison the baselines."""
+    label = ",".join(str(int(v)) for v in config.__dict__.values())
+    cmd = [sys.executable, __file__, "--worker", kind, "--config", label]
+    cmd += ["--n", ",".join(map(str, ns))] + (["--default"] if default else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("[") or line.startswith("{"):
+            return json.loads(line)
+    err = (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]
+    impl = "ours" if default else "ours-config"
+    return [
+        {"kind": kind, "n": n, "impl": impl, "config": label, "ms": None, "tflops": None,
+         "error": f"worker failed (rc {proc.returncode}): {err}"}
+        for n in ns
+    ]  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", required=True, help="JSON file to write")
+    parser.add_argument("--out", help="JSON file to write")
     parser.add_argument("--n", default="512,2048,8192,16384", help="sequence lengths")
     parser.add_argument("--kinds", default="absorbed,decompressed")
     parser.add_argument("--naive-max-n", type=int, default=16384, help="skip naive above this n")
@@ -231,9 +274,20 @@ def main() -> None:
         default=True,
         help="also time every candidate config of ours (ours-best = the fastest)",
     )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # kind: measure one config, print JSON
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--default", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention needs a CUDA GPU visible to torch")
+    ns = [int(x) for x in args.n.split(",")]
+    if args.worker:
+        values = [int(v) for v in args.config.split(",")]
+        config = ap.MMAConfig(*values[:4], *(bool(v) for v in values[4:]))
+        print(json.dumps(measure_ours(args.worker, config, ns, default=args.default)))
+        return
+    if not args.out:
+        parser.error("--out is required")
     from torch.nn.attention import SDPBackend
 
     arch = cuda_arch()
@@ -252,42 +306,35 @@ def main() -> None:
             row.update(ms=None, tflops=None, error=f"{type(e).__name__}: {str(e)[:160]}")
             torch.cuda.empty_cache()
         results.append(row)
-        tf = f"{row['tflops']:.1f} TFLOP/s" if row["tflops"] else row.get("error")
-        print(f"{kind:13s} n={n:6d} {impl:16s} {tf}", flush=True)
+        report(row)
+
+    def report(row):
+        tf = f"{row['tflops']:.1f} TFLOP/s" if row.get("tflops") else row.get("error")
+        cfg = f" [{row['config']}]" if row.get("config") else ""
+        print(f"{row['kind']:13s} n={row['n']:6d} {row['impl']}{cfg}: {tf}", flush=True)
 
     for kind in args.kinds.split(","):
         default = ap.default_config(arch, kind=kind, dims=dims)
         configs = ap.candidates(arch, kind=kind, dims=dims) if args.all_configs else [default]
-        libs = {}
+        meta["configs"][kind] = [{**c.__dict__, "default": c == default} for c in configs]
         for cfg in configs:
-            libs[cfg], build_s = build(kind, arch, dims, cfg)
-            meta["configs"].setdefault(kind, []).append(
-                {**cfg.__dict__, "default": cfg == default, "build_s": round(build_s, 2)}
-            )
+            for row in measure_ours_isolated(kind, cfg, ns, default=cfg == default):
+                results.append(row)
+                report(row)
+        for n in ns:
+            timed = [
+                r for r in results
+                if (r["kind"], r["n"]) == (kind, n) and r["impl"].startswith("ours") and r["tflops"]
+            ]  # fmt: skip
+            if timed:
+                results.append({**max(timed, key=lambda r: r["tflops"]), "impl": "ours-best"})
         try:
             builtin = build_builtin(kind, arch, dims)
         except Exception:
             traceback.print_exc()
             builtin = None
-        for n in (int(x) for x in args.n.split(",")):
+        for n in ns:
             p = Problem(kind, n, dims)
-            for cfg, lib in libs.items():
-                impl = "ours" if cfg == default else "ours-config"
-                label = ",".join(str(v) for v in cfg.__dict__.values())
-                run_ours = ours(p, lib)
-                try:
-                    err = verify(p, run_ours)
-                except AssertionError as e:  # never time a wrong kernel
-                    results.append({"kind": kind, "n": n, "impl": impl, "ms": None, "tflops": None})
-                    results[-1].update(config=label, error=str(e))
-                    print(f"{kind:13s} n={n:6d} {impl} [{label}] WRONG: {e}", flush=True)
-                else:
-                    record(kind, n, impl, run_ours, max_abs_err=err, config=label)
-            mine = [r for r in results if (r["kind"], r["n"]) == (kind, n)]
-            timed = [r for r in mine if r["impl"].startswith("ours") and r["tflops"]]
-            if timed:
-                best = max(timed, key=lambda r: r["tflops"])
-                results.append({**best, "impl": "ours-best"})
             for name, backend in (
                 ("sdpa-math", SDPBackend.MATH),
                 ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
@@ -313,7 +360,7 @@ def print_table(results) -> None:
     impls = [i for i in dict.fromkeys(r["impl"] for r in results) if i != "ours-config"]
     keys = list(dict.fromkeys((r["kind"], r["n"]) for r in results))
     cell = {(r["kind"], r["n"], r["impl"]): r for r in results}
-    print("\nTFLOP/s (causal, N_eff = N/2; '-': rejected the shape or ran out of memory)")
+    print("\nTFLOP/s (causal, N_eff = N/2; '-': wrong, rejected or out of memory: see the JSON)")
     print()
     print("| kind | n | " + " | ".join(impls) + " |")
     print("|---|---:|" + "---:|" * len(impls))
