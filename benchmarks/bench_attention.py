@@ -11,9 +11,11 @@ N_eff = N/2 (causal). Kinds:
 Implementations timed in the same run: ours (``mla_compiler.schedules.attention_prefill``),
 PyTorch SDPA with each backend that accepts the shape (math, efficient, flash, cudnn), a naive
 matmul-softmax-matmul in PyTorch, and TVM's built-in prefill TIR kernels (paged MLA kernel
-``_attention_prefill_mla`` for absorbed, ``_attention_prefill_ragged`` for decompressed). Ours is
-checked against PyTorch before it is timed. JSON goes to ``--out``; a markdown table is printed
-last.
+``_attention_prefill_mla`` for absorbed, ``_attention_prefill_ragged`` for decompressed). Every
+candidate config of ours is built, checked against PyTorch (poisoned outputs, f32 reference on
+the first 128 and last 256 query rows) and only then timed, each in its own child process;
+``ours`` is the default config, ``ours-best`` the fastest correct one. JSON goes to ``--out``; a
+markdown table is printed last.
 """
 
 from __future__ import annotations
