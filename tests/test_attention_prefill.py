@@ -292,6 +292,8 @@ GPU_CASES = {
     "t64-n32768-offset": Case(V2_LITE, (64,), (32768,)),
     "ragged3": Case(V2_LITE, (100, 1, 1000), (333, 50, 1000)),
     "t1-n2049": Case(V2_LITE, (1,), (2049,)),
+    # 24 heads: a 64-row absorbed tile holds 2 2/3 tokens, so tokens straddle blocks
+    "heads24-ragged2": Case(MLADims(heads=24), (50, 7), (120, 7)),
 }
 
 
