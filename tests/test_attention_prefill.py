@@ -38,6 +38,7 @@ CPU_CASES = {
     "tiny-t1-decode-like": Case(TINY, (1,), (21,)),
     "tiny-ragged2-t1": Case(TINY, (1, 6), (33, 6)),
     "v2lite-ragged2": Case(V2_LITE, (4, 3), (9, 35)),
+    "tiny-3heads": Case(dataclasses.replace(TINY, heads=3), (4, 2), (9, 2)),
 }
 
 
