@@ -22,6 +22,7 @@ scaled logits; query ``i`` of sequence ``b`` (``T_b`` queries, ``N_b`` KV rows) 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import tvm
@@ -72,12 +73,30 @@ class _Layout:
 
 def _absorbed_layout(dims: MLADims, heads: int, sm_scale: float) -> _Layout:
     d = dims.latent_dim
-    return _Layout(d, dims.kv_lora_rank, heads, 1, d, d, True, sm_scale)
+    return _Layout(
+        dk=d,
+        dv=dims.kv_lora_rank,
+        rows_per_token=heads,
+        groups=1,
+        k_stride=d,
+        v_stride=d,
+        shared_kv=True,
+        sm_scale=sm_scale,
+    )
 
 
 def _decompressed_layout(dims: MLADims, heads: int, sm_scale: float) -> _Layout:
     dk, dv = dims.qk_head_dim, dims.v_head_dim
-    return _Layout(dk, dv, 1, heads, dk, dv, False, sm_scale)
+    return _Layout(
+        dk=dk,
+        dv=dv,
+        rows_per_token=1,
+        groups=heads,
+        k_stride=dk,
+        v_stride=dv,
+        shared_kv=False,
+        sm_scale=sm_scale,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,21 +130,22 @@ def candidates(target, *, kind: str = "absorbed", dims: MLADims | None = None) -
         return [CPUConfig(t) for t in (32, 64, 16)]
     dims = dims or MLADims()
     arch = gpu_spec(target).arch
-    # (tile_q, tile_kv, warps, stages[, split_s[, wgmma]]): mma.sync first (the default), then
-    # the sm_90a warpgroup-MMA variants; all free of spills under ptxas.
-    if kind == "absorbed":
+    # mma.sync first (the first one that fits is the default), then the sm_90a warpgroup-MMA
+    # variants; all free of spills under ptxas (tests/test_attention_prefill.py).
+    mma, wg = MMAConfig, functools.partial(MMAConfig, wgmma=True)
+    if kind == "absorbed" and arch == "sm_89":
+        out = [mma(32, 16, 8, 3, split_s=False), mma(32, 16, 8, 2, split_s=False)]
+    elif kind == "absorbed":
         # O is [rows, 512] f32: 2-4 warps (or 2 warpgroups) split V's columns of each row slice.
         # tile_kv = 64 = the rope width: P is stored over the K tile's dead rope columns.
-        pref = [(64, 32, 8, 3), (64, 64, 8, 2), (64, 32, 8, 2), (64, 16, 8, 3, False)]
-        pref += [(64, 64, 8, 2, True, True), (64, 48, 8, 2, True, True), (64, 32, 8, 3, True, True)]
-        if arch == "sm_89":
-            pref = [(32, 16, 8, 3, False), (32, 16, 8, 2, False)]
+        out = [mma(64, 32, 8, 3), mma(64, 64, 8, 2), mma(64, 32, 8, 2)]
+        out += [mma(64, 16, 8, 3, split_s=False)]
+        out += [wg(64, 64, 8, 2), wg(64, 48, 8, 2), wg(64, 32, 8, 3)]
+    elif arch == "sm_89":
+        out = [mma(64, 32, 4, 2), mma(128, 32, 8, 2), mma(64, 16, 4, 3)]
     else:
-        pref = [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)]
-        pref += [(128, 64, 8, 2, True, True), (128, 64, 8, 3, True, True)]
-        if arch == "sm_89":
-            pref = [(64, 32, 4, 2), (128, 32, 8, 2), (64, 16, 4, 3)]
-    out = [MMAConfig(*p) for p in pref]
+        out = [mma(128, 64, 8, 2), mma(128, 32, 8, 2), mma(64, 32, 4, 2)]
+        out += [wg(128, 64, 8, 2), wg(128, 64, 8, 3)]
     return [c for c in out if keep(c, target, kind=kind, dims=dims)]
 
 

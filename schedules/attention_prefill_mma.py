@@ -170,15 +170,15 @@ class Geometry:
 
 def geometry(config: MMAConfig, layout) -> Geometry:
     return Geometry(
-        layout.dk,
-        layout.dv,
-        config.tile_q,
-        config.tile_kv,
-        config.warps,
-        config.stages,
-        bool(layout.shared_kv),
-        bool(config.split_s),
-        bool(config.wgmma),
+        dk=layout.dk,
+        dv=layout.dv,
+        tq=config.tile_q,
+        tkv=config.tile_kv,
+        warps=config.warps,
+        stages=config.stages,
+        shared_kv=bool(layout.shared_kv),
+        split=bool(config.split_s),
+        wgmma=bool(config.wgmma),
     )
 
 
@@ -317,7 +317,8 @@ def _s_wgmma(G, stage):
     )
     T.ptx["wgmma.fence.sync.aligned"]()
     for kk in T.serial(G.dk // 16):
-        _wgmma(G.s_cols, s_acc, desc[0] + T.uint64(kk * 16), desc[1] + T.uint64(kk * 16), kk > 0, 0)
+        a_desc, b_desc = desc[0] + T.uint64(kk * 16), desc[1] + T.uint64(kk * 16)
+        _wgmma(G.s_cols, s_acc, a_desc, b_desc, accumulate=kk > 0, trans_b=0)
     T.ptx["wgmma.commit_group.sync.aligned"]()
     T.ptx["wgmma.wait_group.sync.aligned"](0)
     _pin(s_acc, G.s_cols // 2)
@@ -336,7 +337,7 @@ def _pin(acc, n):
         T.cuda.func_call("mla_pin_f32", acc[i], source_code=_PIN_SOURCE)
 
 
-def _wgmma(n, acc, a_desc, b_desc, accumulate, trans_b):
+def _wgmma(n, acc, a_desc, b_desc, *, accumulate, trans_b: int):
     """One m64n{n}k16 f16 -> f32 wgmma, A and B from shared memory (descriptors)."""
     op = T.ptx[f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.f16.f16"]
     return op(*[acc[i] for i in range(n // 2)], a_desc, b_desc, accumulate, 1, 1, 0, trans_b)
@@ -460,8 +461,8 @@ def _pv_wgmma(G, v_tile, p_base):
             o_acc,
             desc[2] + T.uint64(ks * 16),
             desc[3] + T.uint64(ks * 2 * G.v_width),
-            True,
-            1,
+            accumulate=True,
+            trans_b=1,
         )
     T.ptx["wgmma.commit_group.sync.aligned"]()
     T.ptx["wgmma.wait_group.sync.aligned"](0)
