@@ -220,11 +220,17 @@ def _chunk_offset(G, r, cc, stride, width):
 @T.macro(hygienic=False)
 def _load_rows(G, P, dst_off, dst_stride, width, n_rows, src, base, first, start, last, stride):
     # cp.async `n_rows x width` halfs; tile row r is source row first + min(start + r, last).
+    # Consecutive threads fill consecutive 16-byte chunks of shared memory (no bank conflicts):
+    # row-major chunks for padded rows, core-matrix order (8 rows of one chunk column) for wgmma.
     for i in T.serial(G.iters(n_rows, width)):
         c = tx + i * G.threads
         if c < n_rows * width // 8:
-            r = c // (width // 8)
-            cc = c % (width // 8)
+            if G.wgmma:
+                r = c // 8 // (width // 8) * 8 + c % 8
+                cc = c // 8 % (width // 8)
+            else:
+                r = c // (width // 8)
+                cc = c % (width // 8)
             T.ptx["cp.async.cg.shared.global"](
                 smem.ptr_to([dst_off + _chunk_offset(G, r, cc, dst_stride, width)]),
                 src.ptr_to(
