@@ -1,0 +1,369 @@
+"""FlashMLA-style prefill attention: ragged batch, causal with offset, O and LSE.
+
+Two kernel factories share one kernel body per target:
+
+- ``absorbed_prefill``: MLA with the up-projections absorbed. Every query head reads the same
+  576-wide latent rows of one layer of the f16 cache (one KV head, GQA ratio = heads); V is the
+  first ``kv_lora_rank`` columns of the same rows. The heads of a token are folded into the row
+  (M) dimension: the ``[T, H, 576]`` queries of a sequence are one ``[T*H, 576]`` matrix whose
+  row ``r`` is token ``r // H``.
+- ``decompressed_prefill``: ordinary multi-head attention with per-head K ``[N, H, 192]`` and
+  V ``[N, H, 128]`` (MLA mode 0); one block row-tile per head.
+
+Both are described by ``_Layout``: rows of the query matrix per token (``rows_per_token``),
+head groups mapped to ``blockIdx.y`` (``groups``) and the strides of the K / V rows, so the
+kernels are written once (``_cpu_body`` for llvm, ``attention_prefill_mma.mma_body`` for CUDA).
+
+Conventions (see ``mla_compiler.reference``): ``lse`` is the natural log of the sum of exp of the
+scaled logits; query ``i`` of sequence ``b`` (``T_b`` queries, ``N_b`` KV rows) sees KV rows
+``j <= i + N_b - T_b``; sequences are delimited by CSR ``q_indptr`` / ``kv_indptr``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import tvm
+from mla_compiler.model_export.config import MLADims
+from mla_compiler.schedules import attention_prefill_mma as _mma
+from mla_compiler.schedules.target import gpu_spec, is_gpu
+from tvm.script import tirx as T
+
+from mla_compiler.errors import TargetError
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class CPUConfig:
+    """llvm schedule: queries in parallel, KV rows in chunks of ``tile_kv`` per softmax update."""
+
+    tile_kv: int = 32
+
+
+MMAConfig = _mma.MMAConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How one kernel body reads q / k / v / o of either kind of attention.
+
+    Query row ``r`` of sequence ``b`` and head group ``g`` lives at
+    ``((q_indptr[b] * rows_per_token + r) * groups + g)`` in rows of ``dk`` (q) / ``dv`` (o) /
+    1 (lse). KV row ``j`` lives at ``k_base + ((kv_indptr[b] + j) * groups + g) * k_stride``
+    (K, ``dk`` wide) and the same row index times ``v_stride`` for V (``dv`` wide).
+    """
+
+    dk: int
+    dv: int
+    rows_per_token: int
+    groups: int
+    k_stride: int
+    v_stride: int
+    shared_kv: bool  # V is the first dv columns of the K rows (absorbed MLA)
+    sm_scale: float
+
+    @property
+    def heads(self) -> int:
+        return self.rows_per_token * self.groups
+
+
+def _absorbed_layout(dims: MLADims, heads: int, sm_scale: float) -> _Layout:
+    d = dims.latent_dim
+    return _Layout(
+        dk=d,
+        dv=dims.kv_lora_rank,
+        rows_per_token=heads,
+        groups=1,
+        k_stride=d,
+        v_stride=d,
+        shared_kv=True,
+        sm_scale=sm_scale,
+    )
+
+
+def _decompressed_layout(dims: MLADims, heads: int, sm_scale: float) -> _Layout:
+    dk, dv = dims.qk_head_dim, dims.v_head_dim
+    return _Layout(
+        dk=dk,
+        dv=dv,
+        rows_per_token=1,
+        groups=heads,
+        k_stride=dk,
+        v_stride=dv,
+        shared_kv=False,
+        sm_scale=sm_scale,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------
+
+
+def _target_of(target) -> tvm.target.Target:
+    if isinstance(target, str):
+        from mla_compiler.schedules.target import tvm_target
+
+        return tvm_target(target)
+    return target
+
+
+def default_config(target, *, kind: str = "absorbed", dims: MLADims | None = None):
+    """The config each target uses when none is given (first candidate that ``keep`` accepts)."""
+    target = _target_of(target)
+    if not is_gpu(target):
+        return CPUConfig()
+    dims = dims or MLADims()
+    for cfg in candidates(target, kind=kind, dims=dims):
+        return cfg
+    raise TargetError(f"no {kind} prefill config fits {gpu_spec(target).arch}")
+
+
+def candidates(target, *, kind: str = "absorbed", dims: MLADims | None = None) -> list:
+    """Configs worth tuning over on ``target``, best guess first, already pruned by ``keep``."""
+    target = _target_of(target)
+    if not is_gpu(target):
+        return [CPUConfig(t) for t in (32, 64, 16)]
+    dims = dims or MLADims()
+    arch = gpu_spec(target).arch
+    # mma.sync first (the first one that fits is the default), then the sm_90a warpgroup-MMA
+    # variants; all free of spills under ptxas (tests/test_attention_prefill.py).
+    mma, wg = MMAConfig, functools.partial(MMAConfig, wgmma=True)
+    if kind == "absorbed" and arch == "sm_89":
+        out = [mma(32, 16, 8, 3, split_s=False), mma(32, 16, 8, 2, split_s=False)]
+    elif kind == "absorbed":
+        # O is [rows, 512] f32: 2-4 warps (or 2 warpgroups) split V's columns of each row slice.
+        # tile_kv = 64 = the rope width: P is stored over the K tile's dead rope columns.
+        out = [mma(64, 32, 8, 3), mma(64, 64, 8, 2), mma(64, 32, 8, 2)]
+        out += [mma(64, 16, 8, 3, split_s=False)]
+        out += [wg(64, 64, 8, 2), wg(64, 48, 8, 2), wg(64, 32, 8, 3)]
+    elif arch == "sm_89":
+        out = [mma(64, 32, 4, 2), mma(128, 32, 8, 2), mma(64, 16, 4, 3)]
+    else:
+        out = [mma(128, 64, 8, 2), mma(128, 32, 8, 2), mma(64, 32, 4, 2)]
+        out += [wg(128, 64, 8, 2), wg(128, 64, 8, 3)]
+    return [c for c in out if keep(c, target, kind=kind, dims=dims)]
+
+
+def _layout_for(kind: str, dims: MLADims, heads: int | None = None) -> _Layout:
+    heads = heads or dims.heads
+    if kind == "absorbed":
+        return _absorbed_layout(dims, heads, 1.0)
+    if kind == "decompressed":
+        return _decompressed_layout(dims, heads, 1.0)
+    raise ValueError(f"unknown prefill kind {kind!r}: use 'absorbed' or 'decompressed'")
+
+
+def keep(config, target, *, kind: str = "absorbed", dims: MLADims | None = None) -> bool:
+    """Whether ``config`` is valid on ``target``: tile shapes, registers, shared memory."""
+    target = _target_of(target)
+    dims = dims or MLADims()
+    if not is_gpu(target):
+        return isinstance(config, CPUConfig) and config.tile_kv > 0
+    if not isinstance(config, MMAConfig):
+        return False
+    layout = _layout_for(kind, dims)
+    spec = gpu_spec(target)
+    return _mma.fits(config, layout, spec.max_shared_bytes_per_block, has_wgmma=spec.has_wgmma)
+
+
+def shared_bytes(config: MMAConfig, *, kind: str = "absorbed", dims: MLADims | None = None) -> int:
+    """Dynamic shared memory one block of the CUDA kernel allocates."""
+    return _mma.shared_bytes(config, _layout_for(kind, dims or MLADims()))
+
+
+# ----------------------------------------------------------------------------------------------
+# llvm body
+# ----------------------------------------------------------------------------------------------
+
+
+@T.macro(hygienic=False)
+def _cpu_body(P, tile_kv, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t_total):
+    # P: _Layout; qf/kf/vf/of/lsef: flat views of q, k (or the latent cache), v, o, lse.
+    for b in T.serial(batch):
+        q0 = q_indptr[b]
+        t_b = q_indptr[b + 1] - q0
+        k0 = kv_indptr[b]
+        n_b = kv_indptr[b + 1] - k0
+        for rg in T.parallel(t_b * P.rows_per_token * P.groups):
+            r = rg // P.groups
+            g = rg % P.groups
+            qrow = T.Cast("int64", (q0 * P.rows_per_token + r) * P.groups + g)
+            limit = r // P.rows_per_token + n_b - t_b + 1  # KV rows [0, limit) are visible
+            acc = T.alloc_buffer((P.dv,), "float32")  # [dv]
+            qv = T.alloc_buffer((P.dk,), "float32")  # [dk]
+            s = T.alloc_buffer((tile_kv,), "float32")  # [tile_kv]
+            st = T.alloc_buffer((3,), "float32")  # running max, running sum, tile max
+            for d in T.serial(P.dk):
+                qv[d] = T.Cast("float32", qf[qrow * P.dk + d]) * T.float32(P.sm_scale * LOG2E)
+            for d in T.serial(P.dv):
+                acc[d] = T.float32(0)
+            st[0] = T.float32(-math.inf)
+            st[1] = T.float32(0)
+            for jt in T.serial((limit + tile_kv - 1) // tile_kv):
+                st[2] = T.float32(-math.inf)
+                for jj in T.serial(tile_kv):
+                    j = jt * tile_kv + jj
+                    s[jj] = T.float32(-math.inf)
+                    if j < limit:
+                        krow = k_base + T.Cast("int64", (k0 + j) * P.groups + g) * P.k_stride
+                        s[jj] = T.float32(0)
+                        for d in T.serial(P.dk):
+                            s[jj] = s[jj] + qv[d] * T.Cast("float32", kf[krow + d])
+                        st[2] = T.max(st[2], s[jj])
+                m_new = T.max(st[0], st[2])
+                alpha = T.exp2(st[0] - m_new)
+                st[0] = m_new
+                st[1] = st[1] * alpha
+                for d in T.serial(P.dv):
+                    acc[d] = acc[d] * alpha
+                for jj in T.serial(tile_kv):
+                    j = jt * tile_kv + jj
+                    if j < limit:
+                        p = T.exp2(s[jj] - m_new)
+                        st[1] = st[1] + p
+                        vrow = T.Cast("int64", (k0 + j) * P.groups + g) * P.v_stride
+                        for d in T.serial(P.dv):
+                            acc[d] = acc[d] + p * T.Cast("float32", vf[k_base + vrow + d])
+            for d in T.serial(P.dv):
+                of[qrow * P.dv + d] = T.Cast(of.dtype, acc[d] / st[1])
+            lsef[qrow] = (st[0] + T.log2(st[1])) * T.float32(LN2)
+
+
+# ----------------------------------------------------------------------------------------------
+# Factories
+# ----------------------------------------------------------------------------------------------
+
+
+def _body_for(target, config, layout: _Layout, *, kind: str, dims: MLADims, dtype: str):
+    """(macro, static args) of the kernel body for ``target``, checking ``config``."""
+    target = _target_of(target)
+    if is_gpu(target) and dtype != "float16":
+        raise TargetError(
+            f"the CUDA prefill kernels take float16 q/kv/o (f16 tensor-core MMAs), got {dtype}: "
+            "cast to float16 or compile for cpu"
+        )
+    if config is None:
+        config = default_config(target, kind=kind, dims=dims)
+    if not keep(config, target, kind=kind, dims=dims):
+        raise TargetError(f"prefill config {config} does not fit {target}")
+    if is_gpu(target):
+        return _mma.mma_body, (layout, _mma.geometry(config, layout))
+    return _cpu_body, (layout, config.tile_kv)
+
+
+def absorbed_prefill(
+    dims: MLADims,
+    *,
+    heads: int,
+    dtype: str = "float16",
+    target,
+    config=None,
+    sm_scale: float,
+) -> tvm.tirx.PrimFunc:
+    """Absorbed-MLA prefill over one layer of the whole latent cache ``kv [L, C, 576]``.
+
+    Sequence ``b`` reads ``kv[layer, kv_indptr[b]:kv_indptr[b+1]]`` (its new rows at the end).
+    """
+    layout = _absorbed_layout(dims, heads, sm_scale)
+    body, static = _body_for(target, config, layout, kind="absorbed", dims=dims, dtype=dtype)
+    dl, dv, h = dims.latent_dim, dims.kv_lora_rank, heads
+
+    @T.prim_func
+    def absorbed_prefill(
+        q_h: T.handle,
+        kv_h: T.handle,
+        q_indptr_h: T.handle,
+        kv_indptr_h: T.handle,
+        o_h: T.handle,
+        lse_h: T.handle,
+        layer: T.int32,
+    ):
+        T.func_attr({"tir.noalias": True})
+        t_total, batch1, n_layers, rows = T.int64(), T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_h, (t_total, h, dl), dtype)  # [T, H, 576]
+        kv = T.match_buffer(kv_h, (n_layers, rows, dl), dtype)  # [L, C, 576]
+        q_indptr = T.match_buffer(q_indptr_h, (batch1,), "int32")  # [B+1]
+        kv_indptr = T.match_buffer(kv_indptr_h, (batch1,), "int32")  # [B+1]
+        o = T.match_buffer(o_h, (t_total, h, dv), dtype)  # [T, H, 512]
+        lse = T.match_buffer(lse_h, (t_total, h), "float32")  # [T, H]
+        qf = T.decl_buffer((t_total * h * dl,), dtype, data=q.data)
+        kf = T.decl_buffer((n_layers * rows * dl,), dtype, data=kv.data)
+        of = T.decl_buffer((t_total * h * dv,), dtype, data=o.data)
+        lsef = T.decl_buffer((t_total * h,), "float32", data=lse.data)
+        body(
+            static[0],
+            static[1],
+            qf,
+            kf,
+            kf,
+            T.Cast("int64", layer) * rows * dl,  # first element of this layer
+            q_indptr,
+            kv_indptr,
+            of,
+            lsef,
+            batch1 - 1,
+            t_total,
+        )
+
+    return absorbed_prefill
+
+
+def decompressed_prefill(
+    dims: MLADims,
+    *,
+    heads: int,
+    dtype: str = "float16",
+    target,
+    config=None,
+    sm_scale: float,
+) -> tvm.tirx.PrimFunc:
+    """Multi-head prefill with decompressed per-head K [N, H, 192] and V [N, H, 128]."""
+    layout = _decompressed_layout(dims, heads, sm_scale)
+    body, static = _body_for(target, config, layout, kind="decompressed", dims=dims, dtype=dtype)
+    dk, dv, h = dims.qk_head_dim, dims.v_head_dim, heads
+
+    @T.prim_func
+    def decompressed_prefill(
+        q_h: T.handle,
+        k_h: T.handle,
+        v_h: T.handle,
+        q_indptr_h: T.handle,
+        kv_indptr_h: T.handle,
+        o_h: T.handle,
+        lse_h: T.handle,
+    ):
+        T.func_attr({"tir.noalias": True})
+        t_total, n_total, batch1 = T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(q_h, (t_total, h, dk), dtype)  # [T, H, 192]
+        k = T.match_buffer(k_h, (n_total, h, dk), dtype)  # [N, H, 192]
+        v = T.match_buffer(v_h, (n_total, h, dv), dtype)  # [N, H, 128]
+        q_indptr = T.match_buffer(q_indptr_h, (batch1,), "int32")  # [B+1]
+        kv_indptr = T.match_buffer(kv_indptr_h, (batch1,), "int32")  # [B+1]
+        o = T.match_buffer(o_h, (t_total, h, dv), dtype)  # [T, H, 128]
+        lse = T.match_buffer(lse_h, (t_total, h), "float32")  # [T, H]
+        qf = T.decl_buffer((t_total * h * dk,), dtype, data=q.data)
+        kf = T.decl_buffer((n_total * h * dk,), dtype, data=k.data)
+        vf = T.decl_buffer((n_total * h * dv,), dtype, data=v.data)
+        of = T.decl_buffer((t_total * h * dv,), dtype, data=o.data)
+        lsef = T.decl_buffer((t_total * h,), "float32", data=lse.data)
+        body(
+            static[0],
+            static[1],
+            qf,
+            kf,
+            vf,
+            T.int64(0),
+            q_indptr,
+            kv_indptr,
+            of,
+            lsef,
+            batch1 - 1,
+            t_total,
+        )
+
+    return decompressed_prefill

@@ -1,0 +1,638 @@
+# The helper macros are TVMScript expanded inside `mma_body` (hygienic=False): they read its
+# locals (tx, lane, smem, fragments, ...), which Python static analysis cannot see.
+# ruff: noqa: F821, F841
+"""CUDA tensor-core body of the prefill kernels: mma.sync (sm_80+) or wgmma (sm_90a).
+
+One thread block owns ``tile_q`` consecutive query rows of one sequence (for absorbed MLA a row
+is a (token, head) pair) and one head group (``blockIdx.y``). Its warps form a
+``m_warps x d_split`` grid: warp ``(wm, wd)`` owns rows ``16*wm .. 16*wm+15`` and the V columns
+``wd*dv_w .. (wd+1)*dv_w - 1`` (absorbed MLA: O is 16 x 512 f32 per slice, too big for one
+warp's registers). Per KV tile:
+
+1. ``S = Q Kᵀ``: mma.sync ``m16n8k16`` on ``ldmatrix.x4`` fragments, or (``wgmma``) one
+   ``wgmma m64nNk16`` per 16-deep step per warpgroup with Q and K read from shared memory by
+   descriptor. With ``split_s`` the ``d_split`` warps of a row slice take ``1/d_split`` of S's
+   columns each instead of all recomputing it.
+2. Causal mask, online softmax in base 2 (row max and sum over the 4 lanes of a quad, and over
+   the ``d_split`` warps through a small shared buffer when S is split).
+3. ``O += P V``. Unsplit mma.sync keeps P in registers (the f32 accumulator layout of two
+   adjacent 8-column S tiles is the f16 A-fragment layout of one k-step); otherwise P goes
+   through shared memory. V is read with ``ldmatrix.x4.trans`` (or as an MN-major wgmma B
+   operand) from the K rows themselves for absorbed MLA.
+
+The wgmma accumulators have the mma.sync per-warp layout (warp ``w`` of a warpgroup holds rows
+``16w..16w+15``), so masking, softmax and the epilogue are shared by both paths.
+
+KV tiles stream through a ``stages``-deep ``cp.async`` ring (one commit group per tile). Rows
+past a sequence's end are clamped to its last row (finite data that the mask zeroes), so no
+zero fill is needed. Query tiles are handed out latest first so the longest causal rows start
+first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from tvm.script import tirx as T
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+_PAD = 8  # halfs of padding per shared-memory row: rows 16 B apart mod 128 B, no ldmatrix conflicts
+
+
+@dataclasses.dataclass(frozen=True)
+class MMAConfig:
+    """CUDA tile shape: ``tile_q`` query rows per block, ``tile_kv`` KV rows per pipeline step."""
+
+    tile_q: int
+    tile_kv: int
+    warps: int
+    stages: int
+    split_s: bool = True  # with split V columns, split S's columns too and share P via smem
+    wgmma: bool = False  # sm_90a: warpgroup MMAs with operands in (core-matrix tiled) smem
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Every compile-time constant of the CUDA body, derived from a layout and a config."""
+
+    dk: int
+    dv: int
+    tq: int
+    tkv: int
+    warps: int
+    stages: int
+    shared_kv: bool
+    split: bool
+    wgmma: bool
+
+    @property
+    def threads(self) -> int:
+        return self.warps * 32
+
+    @property
+    def m_warps(self) -> int:
+        return self.tq // 16
+
+    @property
+    def d_split(self) -> int:
+        return self.warps // self.m_warps
+
+    @property
+    def dv_w(self) -> int:
+        return self.dv // self.d_split
+
+    @property
+    def split_s(self) -> bool:
+        """Warps sharing a row slice each compute ``1/d_split`` of S and exchange P in smem."""
+        return self.split and self.d_split > 1
+
+    @property
+    def s_cols(self) -> int:
+        """Columns of S one warp computes per KV tile."""
+        return self.tkv // self.d_split if self.split_s else self.tkv
+
+    @property
+    def pad(self) -> int:
+        """Halfs appended to each shared row (mma.sync); wgmma tiles are unpadded core matrices."""
+        return 0 if self.wgmma else _PAD
+
+    @property
+    def p_in_smem(self) -> bool:
+        return self.split_s or self.wgmma
+
+    @property
+    def p_in_k(self) -> bool:
+        """P [tq, tkv] lives in the K tile's own rows, in columns ``dv..dv+tkv``.
+
+        Absorbed MLA with ``tile_q <= tile_kv <= 64``: once S is done, the 64 rope columns of the
+        current K tile are dead (P·V reads only the first ``dv``), so P needs no smem of its own.
+        """
+        return self.p_in_smem and self.shared_kv and self.tq <= self.tkv <= self.dk - self.dv
+
+    @property
+    def p_width(self) -> int:
+        """Width (halfs) of the rows P is stored in, and its first column there."""
+        return self.dk if self.p_in_k else self.tkv
+
+    @property
+    def p_col0(self) -> int:
+        return self.dv if self.p_in_k else 0
+
+    @property
+    def p_stride(self) -> int:
+        return self.p_width + self.pad
+
+    @property
+    def p_off(self) -> int:
+        """Shared-memory P tile [tq, tkv] (f16) of the split-S scheme, after the KV ring."""
+        return self.k_off + self.stages * self.stage_halfs
+
+    @property
+    def dkp(self) -> int:
+        return self.dk + self.pad
+
+    @property
+    def v_width(self) -> int:
+        """Row width of the shared V tile: the K rows themselves when V is part of them."""
+        return self.dk if self.shared_kv else self.dv
+
+    @property
+    def v_stride(self) -> int:
+        return self.v_width + self.pad
+
+    @property
+    def k_off(self) -> int:
+        return self.tq * self.dkp
+
+    @property
+    def v_off(self) -> int:
+        return self.k_off if self.shared_kv else self.k_off + self.tkv * self.dkp
+
+    @property
+    def stage_halfs(self) -> int:
+        return self.tkv * (self.dkp + (0 if self.shared_kv else self.v_stride))
+
+    @property
+    def smem_halfs(self) -> int:
+        return self.p_off + (self.tq * self.p_stride if self.p_in_smem and not self.p_in_k else 0)
+
+    def iters(self, rows: int, width: int) -> int:
+        """Loop trips for ``threads`` to cp.async ``rows x width`` halfs in 16-byte chunks."""
+        return (rows * width // 8 + self.threads - 1) // self.threads
+
+    @property
+    def acc_registers(self) -> int:
+        """f32 registers per thread held across the KV loop (O, S, P as f16 pairs)."""
+        return self.dv_w // 2 + self.s_cols // 2 + (0 if self.p_in_smem else self.tkv // 4)
+
+
+def geometry(config: MMAConfig, layout) -> Geometry:
+    return Geometry(
+        dk=layout.dk,
+        dv=layout.dv,
+        tq=config.tile_q,
+        tkv=config.tile_kv,
+        warps=config.warps,
+        stages=config.stages,
+        shared_kv=bool(layout.shared_kv),
+        split=bool(config.split_s),
+        wgmma=bool(config.wgmma),
+    )
+
+
+def shared_bytes(config: MMAConfig, layout) -> int:
+    return geometry(config, layout).smem_halfs * 2
+
+
+def fits(config: MMAConfig, layout, smem_limit: int, *, has_wgmma: bool = False) -> bool:
+    """Tile shape valid for the MMA layout, registers bounded, shared memory within the limit."""
+    c = config
+    if c.tile_q % 16 or c.tile_kv % 16 or c.stages < 2 or not 0 < c.warps <= 16:
+        return False
+    if layout.dk % 16 or layout.dv % 16 or (c.warps * 16) % c.tile_q:
+        return False
+    g = geometry(c, layout)
+    if g.d_split < 1 or g.dv % (g.d_split * 16) or g.s_cols % (8 if c.wgmma else 16):
+        return False
+    if c.wgmma:
+        # A warpgroup owns 64 rows; the d_split warpgroups of a row block split S's and O's
+        # columns (m64nNk16 with N = s_cols, then N = dv_w <= 256).
+        if not has_wgmma or c.tile_q % 64 or (g.d_split > 1 and not c.split_s) or g.dv_w > 256:
+            return False
+    return g.acc_registers <= 200 and shared_bytes(c, layout) <= smem_limit
+
+
+def _chunk_offset(G, r, cc, stride, width):
+    """Shared offset (halfs) of the 16-byte chunk ``cc`` of tile row ``r``.
+
+    mma.sync tiles are padded rows (``stride`` halfs apart). wgmma tiles are unpadded core
+    matrices: 8 rows x 16 B stored as 128 contiguous bytes, core matrix (r // 8, cc) at
+    ``((r // 8) * (width // 8) + cc) * 64``; their descriptors use LBO = 128 B between
+    neighbours along the row and SBO = ``width * 16`` B between 8-row groups.
+    """
+    if G.wgmma:
+        return ((r // 8) * (width // 8) + cc) * 64 + r % 8 * 8
+    return r * stride + cc * 8
+
+
+@T.macro(hygienic=False)
+def _load_rows(G, P, dst_off, dst_stride, width, n_rows, src, base, first, start, last, stride):
+    # cp.async `n_rows x width` halfs; tile row r is source row first + min(start + r, last).
+    # Consecutive threads fill consecutive 16-byte chunks of shared memory (no bank conflicts):
+    # row-major chunks for padded rows, core-matrix order (8 rows of one chunk column) for wgmma.
+    for i in T.serial(G.iters(n_rows, width)):
+        c = tx + i * G.threads
+        if c < n_rows * width // 8:
+            if G.wgmma:
+                r = c // 8 // (width // 8) * 8 + c % 8
+                cc = c // 8 % (width // 8)
+            else:
+                r = c // (width // 8)
+                cc = c % (width // 8)
+            T.ptx["cp.async.cg.shared.global"](
+                smem.ptr_to([dst_off + _chunk_offset(G, r, cc, dst_stride, width)]),
+                src.ptr_to(
+                    [
+                        base
+                        + T.Cast("int64", (first + T.min(start + r, last)) * P.groups + g) * stride
+                        + cc * 8
+                    ]
+                ),
+                16,
+            )
+
+
+@T.macro(hygienic=False)
+def _load_kv(G, P, tile, stage):
+    # KV tile `tile` into ring slot `stage`; rows past the sequence end repeat its last row.
+    _load_rows(
+        G,
+        P,
+        G.k_off + stage * G.stage_halfs,
+        G.dkp,
+        G.dk,
+        G.tkv,
+        kf,
+        k_base,
+        k0,
+        tile * G.tkv,
+        n_b - 1,
+        P.k_stride,
+    )
+    if not G.shared_kv:
+        _load_rows(
+            G,
+            P,
+            G.v_off + stage * G.stage_halfs,
+            G.v_stride,
+            G.dv,
+            G.tkv,
+            vf,
+            T.int64(0),
+            k0,
+            tile * G.tkv,
+            n_b - 1,
+            P.v_stride,
+        )
+
+
+@T.macro(hygienic=False)
+def _mma(a, a_off, b, b_off, c, c_off):
+    T.ptx_legacy.mma(
+        "m16n8k16",
+        "row",
+        "col",
+        "fp16",
+        "fp16",
+        "fp32",
+        a.data,
+        a_off,
+        b.data,
+        b_off,
+        c.data,
+        c_off,
+        False,
+        dtype="float32",
+    )
+
+
+@T.macro(hygienic=False)
+def _tile_step(G, P, stage, it):
+    # S = Q K^T for this warp's 16 rows and its s_cols columns of the tile (all, unless split).
+    if G.wgmma:
+        _s_wgmma(G, stage)
+    else:
+        _s_mma(G, stage)
+    _softmax_pv(G, P, stage, it)
+
+
+@T.macro(hygienic=False)
+def _s_wgmma(G, stage):
+    # The warpgroup's 64 rows x s_cols columns: m64n{s_cols}k16, Q and K from shared memory.
+    T.cuda.wgmma.encode_matrix_descriptor(
+        T.address_of(desc[0]), smem.ptr_to([wm // 4 * 64 * G.dk]), 8, G.dk, 0
+    )
+    T.cuda.wgmma.encode_matrix_descriptor(
+        T.address_of(desc[1]),
+        smem.ptr_to([G.k_off + stage * G.stage_halfs + s_col0 * G.dk]),
+        8,
+        G.dk,
+        0,
+    )
+    T.ptx["wgmma.fence.sync.aligned"]()
+    for kk in T.serial(G.dk // 16):
+        a_desc, b_desc = desc[0] + T.uint64(kk * 16), desc[1] + T.uint64(kk * 16)
+        _wgmma(G.s_cols, s_acc, a_desc, b_desc, accumulate=kk > 0, trans_b=0)
+    T.ptx["wgmma.commit_group.sync.aligned"]()
+    T.ptx["wgmma.wait_group.sync.aligned"](0)
+    _pin(s_acc, G.s_cols // 2)
+
+
+_PIN_SOURCE = """
+__forceinline__ __device__ void mla_pin_f32(float& x) { asm volatile("" : "+f"(x) :: "memory"); }
+"""
+
+
+@T.macro(hygienic=False)
+def _pin(acc, n):
+    # Empty asm reading and writing each accumulator: the compiler may not move their other
+    # uses across the wgmma fence / wait that it cannot see them depend on.
+    for i in T.unroll(n):
+        T.cuda.func_call("mla_pin_f32", acc[i], source_code=_PIN_SOURCE)
+
+
+def _wgmma(n, acc, a_desc, b_desc, *, accumulate, trans_b: int):
+    """One m64n{n}k16 f16 -> f32 wgmma, A and B from shared memory (descriptors)."""
+    op = T.ptx[f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.f16.f16"]
+    return op(*[acc[i] for i in range(n // 2)], a_desc, b_desc, accumulate, 1, 1, 0, trans_b)
+
+
+@T.macro(hygienic=False)
+def _s_mma(G, stage):
+    for i in T.unroll(G.s_cols // 2):
+        s_acc[i] = T.float32(0)
+    k_tile = G.k_off + stage * G.stage_halfs + s_col0 * G.dkp
+    for kk in T.serial(G.dk // 16):
+        T.ptx_legacy.ldmatrix(
+            False,
+            4,
+            ".b16",
+            qa.data,
+            0,
+            smem.data,
+            (wm * 16 + lane % 16) * G.dkp + kk * 16 + lane // 16 * 8,
+            dtype="float16",
+        )
+        for n2 in T.unroll(G.s_cols // 16):
+            T.ptx_legacy.ldmatrix(
+                False,
+                4,
+                ".b16",
+                kb.data,
+                0,
+                smem.data,
+                k_tile
+                + (n2 * 16 + lane // 16 * 8 + lane % 8) * G.dkp
+                + kk * 16
+                + lane // 8 % 2 * 8,
+                dtype="float16",
+            )
+            _mma(qa, 0, kb, 0, s_acc, n2 * 8)
+            _mma(qa, 0, kb, 4, s_acc, n2 * 8 + 4)
+
+
+@T.macro(hygienic=False)
+def _softmax_pv(G, P, stage, it):
+    # Causal mask (query token of the row + offset) and online softmax in base 2.
+    p_base = G.k_off + stage * G.stage_halfs if G.p_in_k else G.p_off  # where P's rows start
+    tmp[0] = T.float32(-math.inf)
+    tmp[1] = T.float32(-math.inf)
+    for n in T.unroll(G.s_cols // 8):
+        for c in T.unroll(4):
+            lim = (row0 + wm * 16 + lane // 4 + c // 2 * 8) // P.rows_per_token + n_b - t_b
+            s_acc[n * 4 + c] = T.if_then_else(
+                it * G.tkv + s_col0 + n * 8 + lane % 4 * 2 + c % 2 <= lim,
+                s_acc[n * 4 + c] * T.float32(P.sm_scale * LOG2E),
+                T.float32(-math.inf),
+            )
+            tmp[c // 2] = T.max(tmp[c // 2], s_acc[n * 4 + c])
+    for h in T.unroll(2):
+        tmp[h] = T.max(tmp[h], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), tmp[h], 1, 32, 32))
+        tmp[h] = T.max(tmp[h], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), tmp[h], 2, 32, 32))
+    if G.split_s:
+        _exchange_rows(G, tmp, T.max)
+    for h in T.unroll(2):
+        m_new = T.max(st[h], tmp[h])
+        tmp[2 + h] = T.exp2(st[h] - m_new)
+        st[h] = m_new
+        st[2 + h] = st[2 + h] * tmp[2 + h]
+    for n in T.unroll(G.s_cols // 8):
+        for c in T.unroll(4):
+            p = T.exp2(s_acc[n * 4 + c] - st[c // 2])
+            st[2 + c // 2] = st[2 + c // 2] + p
+            if G.p_in_smem:
+                if G.wgmma:
+                    col = G.p_col0 + s_col0 + n * 8 + lane % 4 * 2 + c % 2
+                    row = wm * 16 + lane // 4 + c // 2 * 8
+                    at = p_base + _chunk_offset(G, row, col // 8, G.p_stride, G.p_width) + col % 8
+                    smem[at] = T.Cast("float16", p)
+                else:
+                    smem[
+                        p_base
+                        + (wm * 16 + lane // 4 + c // 2 * 8) * G.p_stride
+                        + G.p_col0
+                        + s_col0
+                        + n * 8
+                        + lane % 4 * 2
+                        + c % 2
+                    ] = T.Cast("float16", p)
+            else:
+                ph[n * 4 + c] = T.Cast("float16", p)
+    for d in T.unroll(G.dv_w // 8):
+        for c in T.unroll(4):
+            o_acc[d * 4 + c] = o_acc[d * 4 + c] * tmp[2 + c // 2]
+    if G.p_in_smem:
+        if G.wgmma:
+            T.ptx["fence.proxy.async.shared::cta"]()  # P stores -> wgmma reads
+        T.tvm_storage_sync("shared")  # all of P is in shared memory
+    # O += P V. Unsplit, P's accumulator layout already is the A-fragment layout.
+    v_tile = G.v_off + stage * G.stage_halfs
+    if G.wgmma:
+        _pv_wgmma(G, v_tile, p_base)
+    else:
+        _pv_mma(G, v_tile, p_base)
+
+
+@T.macro(hygienic=False)
+def _pv_wgmma(G, v_tile, p_base):
+    # m64n{dv_w}k16: A = P (K-major, 64 rows x tkv), B = V (MN-major: d contiguous in a core
+    # matrix row, so LBO = one 8-row KV group, SBO = one 8-column d group = 128 B).
+    T.cuda.wgmma.encode_matrix_descriptor(
+        T.address_of(desc[2]),
+        smem.ptr_to([p_base + _chunk_offset(G, wm // 4 * 64, G.p_col0 // 8, 0, G.p_width)]),
+        8,
+        G.p_width,
+        0,
+    )
+    T.cuda.wgmma.encode_matrix_descriptor(
+        T.address_of(desc[3]), smem.ptr_to([v_tile + wd * G.dv_w * 8]), G.v_width, 8, 0
+    )
+    _pin(o_acc, G.dv_w // 2)
+    T.ptx["wgmma.fence.sync.aligned"]()
+    for ks in T.unroll(G.tkv // 16):
+        _wgmma(
+            G.dv_w,
+            o_acc,
+            desc[2] + T.uint64(ks * 16),
+            desc[3] + T.uint64(ks * 2 * G.v_width),
+            accumulate=True,
+            trans_b=1,
+        )
+    T.ptx["wgmma.commit_group.sync.aligned"]()
+    T.ptx["wgmma.wait_group.sync.aligned"](0)
+    _pin(o_acc, G.dv_w // 2)
+
+
+@T.macro(hygienic=False)
+def _pv_mma(G, v_tile, p_base):
+    for ks in T.unroll(G.tkv // 16):
+        if G.split_s:
+            T.ptx_legacy.ldmatrix(
+                False,
+                4,
+                ".b16",
+                qa.data,
+                0,
+                smem.data,
+                p_base + (wm * 16 + lane % 16) * G.p_stride + G.p_col0 + ks * 16 + lane // 16 * 8,
+                dtype="float16",
+            )
+        for d2 in T.unroll(G.dv_w // 16):
+            T.ptx_legacy.ldmatrix(
+                True,
+                4,
+                ".b16",
+                kb.data,
+                0,
+                smem.data,
+                v_tile
+                + (ks * 16 + lane // 8 % 2 * 8 + lane % 8) * G.v_stride
+                + wd * G.dv_w
+                + d2 * 16
+                + lane // 16 * 8,
+                dtype="float16",
+            )
+            if G.split_s:
+                _mma(qa, 0, kb, 0, o_acc, d2 * 8)
+                _mma(qa, 0, kb, 4, o_acc, d2 * 8 + 4)
+            else:
+                _mma(ph, ks * 8, kb, 0, o_acc, d2 * 8)
+                _mma(ph, ks * 8, kb, 4, o_acc, d2 * 8 + 4)
+
+
+@T.macro(hygienic=False)
+def _exchange_rows(G, vals, combine):
+    # vals[0], vals[1] (rows g, g+8 of this warp, quad-reduced) := combine over the d_split
+    # warps of the row slice, through shared memory.
+    if lane % 4 == 0:
+        red[(wm * G.d_split + wd) * 16 + lane // 4] = vals[0]
+        red[(wm * G.d_split + wd) * 16 + lane // 4 + 8] = vals[1]
+    T.tvm_storage_sync("shared")
+    for h in T.unroll(2):
+        vals[h] = red[wm * G.d_split * 16 + lane // 4 + h * 8]
+        for w in T.unroll(1, G.d_split):
+            vals[h] = combine(vals[h], red[(wm * G.d_split + w) * 16 + lane // 4 + h * 8])
+
+
+def _add(a, b):
+    return a + b
+
+
+@T.macro(hygienic=False)
+def _epilogue(G, P):
+    for h in T.unroll(2):
+        st[2 + h] = st[2 + h] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), st[2 + h], 1, 32, 32)
+        st[2 + h] = st[2 + h] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), st[2 + h], 2, 32, 32)
+    if G.split_s:
+        # Each warp summed only its columns of P: add the partial row sums of the slice.
+        T.tvm_storage_sync("shared")
+        tmp[0] = st[2]
+        tmp[1] = st[3]
+        _exchange_rows(G, tmp, _add)
+        st[2] = tmp[0]
+        st[3] = tmp[1]
+    for h in T.unroll(2):
+        row = row0 + wm * 16 + lane // 4 + h * 8
+        if row < rows_b:
+            orow = T.Cast("int64", (q0 * P.rows_per_token + row) * P.groups + g)
+            inv = T.float32(1) / st[2 + h]
+            for d in T.unroll(G.dv_w // 8):
+                for c in T.unroll(2):
+                    of[orow * G.dv + wd * G.dv_w + d * 8 + lane % 4 * 2 + c] = T.Cast(
+                        "float16", o_acc[d * 4 + h * 2 + c] * inv
+                    )
+            if wd == 0 and lane % 4 == 0:
+                lsef[orow] = (st[h] + T.log2(st[2 + h])) * T.float32(LN2)
+
+
+@T.macro(hygienic=True)
+def mma_body(P, G, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t_total):
+    # P: prefill _Layout, G: Geometry; qf/kf/vf/of/lsef: flat views of q, k, v, o, lse.
+    bx = T.launch_thread(
+        "blockIdx.x", T.Cast("int32", (t_total * P.rows_per_token + G.tq - 1) // G.tq + batch)
+    )
+    g = T.launch_thread("blockIdx.y", P.groups)
+    tx = T.launch_thread("threadIdx.x", G.threads)
+    smem = T.alloc_buffer((G.smem_halfs,), "float16", scope="shared.dyn")
+    red = T.alloc_buffer((G.tq * G.d_split,), "float32", scope="shared")  # row max / sum exchange
+    qa = T.alloc_buffer((8,), "float16", scope="local")  # A fragment of Q (16 x 16)
+    kb = T.alloc_buffer((8,), "float16", scope="local")  # B fragments of two 8-wide n tiles
+    s_acc = T.alloc_buffer((G.s_cols // 2,), "float32", scope="local")  # S, 16 x s_cols per warp
+    ph = T.alloc_buffer((G.tkv // 2,), "float16", scope="local")  # P as A fragments
+    o_acc = T.alloc_buffer((G.dv_w // 2,), "float32", scope="local")  # O, 16 x dv_w per warp
+    st = T.alloc_buffer((4,), "float32", scope="local")  # row max (lo, hi), row sum (lo, hi)
+    tmp = T.alloc_buffer((4,), "float32", scope="local")  # tile max (lo, hi), rescale (lo, hi)
+    sel = T.alloc_buffer((3,), "int32", scope="local")  # sequence, tile, first block of seq
+    desc = T.alloc_buffer((4,), "uint64", scope="local")  # wgmma descriptors: Q, K, P, V
+    # Which (sequence, query tile) this block owns: scan the per-sequence tile counts.
+    sel[0] = -1
+    sel[1] = 0
+    sel[2] = 0
+    for b in T.serial(T.Cast("int32", batch)):
+        nt = ((q_indptr[b + 1] - q_indptr[b]) * P.rows_per_token + G.tq - 1) // G.tq
+        if sel[2] <= bx and bx < sel[2] + nt:
+            sel[0] = b
+            sel[1] = nt - 1 - (bx - sel[2])
+        sel[2] = sel[2] + nt
+    if sel[0] >= 0:
+        q0 = q_indptr[sel[0]]
+        t_b = q_indptr[sel[0] + 1] - q0
+        k0 = kv_indptr[sel[0]]
+        n_b = kv_indptr[sel[0] + 1] - k0
+        rows_b = t_b * P.rows_per_token
+        row0 = sel[1] * G.tq
+        last_row = T.min(row0 + G.tq, rows_b) - 1
+        n_tiles = (last_row // P.rows_per_token + n_b - t_b + G.tkv) // G.tkv
+        warp = tx // 32
+        lane = tx % 32
+        wm = warp % G.m_warps
+        wd = warp // G.m_warps
+        s_col0 = wd * G.s_cols if G.split_s else 0  # first S column of this warp in a tile
+        _load_rows(
+            G,
+            P,
+            0,
+            G.dkp,
+            G.dk,
+            G.tq,
+            qf,
+            T.int64(0),
+            q0 * P.rows_per_token,
+            row0,
+            rows_b - 1,
+            G.dk,
+        )
+        for s in T.unroll(G.stages - 1):
+            if s < n_tiles:
+                _load_kv(G, P, s, s)
+            T.ptx["cp.async.commit_group"]()
+        for d in T.unroll(G.dv_w // 2):
+            o_acc[d] = T.float32(0)
+        st[0] = T.float32(-math.inf)
+        st[1] = T.float32(-math.inf)
+        st[2] = T.float32(0)
+        st[3] = T.float32(0)
+        for it in T.serial(n_tiles):
+            T.ptx["cp.async.wait_group"](G.stages - 2)
+            if G.wgmma:
+                T.ptx["fence.proxy.async.shared::cta"]()  # cp.async data -> wgmma reads
+            T.tvm_storage_sync("shared")
+            if it + G.stages - 1 < n_tiles:
+                _load_kv(G, P, it + G.stages - 1, (it + G.stages - 1) % G.stages)
+            T.ptx["cp.async.commit_group"]()
+            stage = it % G.stages
+            _tile_step(G, P, stage, it)
+        T.ptx["cp.async.wait_group"](0)
+        _epilogue(G, P)

@@ -1,0 +1,344 @@
+"""FlashMLA prefill kernels: llvm numerics, CUDA static checks (nvcc, SASS), CUDA numerics."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from mla_compiler.model_export.config import MLADims, preset
+from mla_compiler.schedules import attention_prefill as ap
+from mla_compiler.schedules.target import GPUS, tvm_target
+
+from mla_compiler import reference as ref
+from mla_compiler.errors import TargetError
+
+TINY = preset("tiny").dims
+V2_LITE = MLADims()
+SM_SCALE = 0.3
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One ragged batch: per-sequence new tokens ``t`` and KV rows ``n`` (new rows included)."""
+
+    dims: MLADims
+    t: tuple[int, ...]
+    n: tuple[int, ...]
+
+
+CPU_CASES = {
+    "tiny-t16-n16": Case(TINY, (16,), (16,)),
+    "tiny-t7-n40-offset": Case(TINY, (7,), (40,)),
+    "tiny-ragged3": Case(TINY, (5, 1, 9), (12, 1, 30)),
+    "tiny-n37-not-tile-multiple": Case(TINY, (3,), (37,)),
+    "tiny-t1-decode-like": Case(TINY, (1,), (21,)),
+    "tiny-ragged2-t1": Case(TINY, (1, 6), (33, 6)),
+    "v2lite-ragged2": Case(V2_LITE, (4, 3), (9, 35)),
+    "tiny-3heads": Case(dataclasses.replace(TINY, heads=3), (4, 2), (9, 2)),
+}
+
+
+def _indptr(lens) -> torch.Tensor:
+    return torch.tensor([0, *np.cumsum(lens).tolist()], dtype=torch.int32)
+
+
+@functools.cache
+def _build(kind: str, dims: MLADims, target: str, config=None):
+    factory = ap.absorbed_prefill if kind == "absorbed" else ap.decompressed_prefill
+    func = factory(
+        dims, heads=dims.heads, dtype="float16", target=target, config=config, sm_scale=SM_SCALE
+    )
+    return tvm.compile(tvm.IRModule({"main": func}), target=tvm_target(target))
+
+
+def _inputs(kind: str, case: Case, gen: torch.Generator, device: str = "cpu"):
+    """Random inputs, poisoned outputs and the float64 reference (O, LSE)."""
+    d, h = case.dims, case.dims.heads
+    t_total, n_total = sum(case.t), sum(case.n)
+    qi, ki = _indptr(case.t), _indptr(case.n)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).half().to(device)
+
+    if kind == "absorbed":
+        # Two layers of cache with spare rows; the kernel must read layer 1 only.
+        q = rnd(t_total, h, d.latent_dim) * 0.5
+        kv = rnd(2, n_total + 5, d.latent_dim)
+        kv_args = (q, kv)
+        o_ref, lse_ref = ref.ragged(
+            ref.absorbed_attention, q, (kv[1],), qi, ki, v_dim=d.kv_lora_rank, sm_scale=SM_SCALE
+        )
+        dv = d.kv_lora_rank
+    else:
+        q = rnd(t_total, h, d.qk_head_dim)
+        k = rnd(n_total, h, d.qk_head_dim)
+        v = rnd(n_total, h, d.v_head_dim)
+        kv_args = (q, k, v)
+        o_ref, lse_ref = ref.ragged(ref.attention, q, (k, v), qi, ki, sm_scale=SM_SCALE)
+        dv = d.v_head_dim
+    o = torch.full((t_total, h, dv), float("nan"), dtype=torch.float16, device=device)
+    lse = torch.full((t_total, h), float("nan"), dtype=torch.float32, device=device)
+    return kv_args, qi.to(device), ki.to(device), o, lse, (o_ref, lse_ref)
+
+
+def _check(o, lse, expected, *, atol=4e-3):
+    """O within f16 tolerance and LSE tight; the message names both so a GPU failure tells
+    a wrong S (LSE off) from a wrong P·V (LSE right, O off)."""
+    o_ref, lse_ref = expected
+    assert not torch.isnan(o).any() and not torch.isnan(lse).any(), "outputs left unwritten"
+    o_err = (o.double() - o_ref.to(o.device)).abs().max().item()
+    lse_err = (lse.double() - lse_ref.to(lse.device)).abs().max().item()
+    msg = f"max |dO| = {o_err:.3g}, max |dLSE| = {lse_err:.3g}"
+    torch.testing.assert_close(o.double(), o_ref.to(o.device), atol=atol, rtol=1e-2, msg=msg)
+    torch.testing.assert_close(lse.double(), lse_ref.to(lse.device), atol=2e-3, rtol=1e-4, msg=msg)
+
+
+def _run_cpu(kind: str, case: Case, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    kv_args, qi, ki, o, lse, expected = _inputs(kind, case, gen)
+    lib = _build(kind, case.dims, "cpu")
+    args = [tvm.runtime.tensor(x.numpy()) for x in (*kv_args, qi, ki, o, lse)]
+    if kind == "absorbed":
+        lib["main"](*args, 1)
+    else:
+        lib["main"](*args)
+    out_o = torch.from_numpy(args[-2].numpy())
+    out_lse = torch.from_numpy(args[-1].numpy())
+    _check(out_o, out_lse, expected)
+
+
+@pytest.mark.parametrize("case", CPU_CASES.values(), ids=CPU_CASES.keys())
+def test_absorbed_llvm_matches_reference(case):
+    _run_cpu("absorbed", case, seed=1)
+
+
+@pytest.mark.parametrize("case", CPU_CASES.values(), ids=CPU_CASES.keys())
+def test_decompressed_llvm_matches_reference(case):
+    _run_cpu("decompressed", case, seed=2)
+
+
+def test_absorbed_reads_the_requested_layer():
+    """Layer 0 of the cache differs from layer 1: reading it must change O."""
+    case = CPU_CASES["tiny-t7-n40-offset"]
+    gen = torch.Generator().manual_seed(3)
+    (q, kv), qi, ki, o, lse, _ = _inputs("absorbed", case, gen)
+    lib = _build("absorbed", case.dims, "cpu")
+    args = [tvm.runtime.tensor(x.numpy()) for x in (q, kv, qi, ki, o, lse)]
+    lib["main"](*args, 0)
+    o_ref, lse_ref = ref.ragged(
+        ref.absorbed_attention, q, (kv[0],), qi, ki, v_dim=TINY.kv_lora_rank, sm_scale=SM_SCALE
+    )
+    _check(torch.from_numpy(args[-2].numpy()), torch.from_numpy(args[-1].numpy()), (o_ref, lse_ref))
+
+
+# ----------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------
+
+ARCHS = ("sm_89", "sm_90a")
+KINDS = ("absorbed", "decompressed")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_default_config_fits_shared_memory(kind, arch):
+    cfg = ap.default_config(arch, kind=kind, dims=V2_LITE)
+    assert ap.keep(cfg, arch, kind=kind, dims=V2_LITE)
+    assert ap.shared_bytes(cfg, kind=kind, dims=V2_LITE) <= GPUS[arch].max_shared_bytes_per_block
+
+
+def test_keep_prunes_configs_past_sm89_shared_memory():
+    big = ap.MMAConfig(tile_q=64, tile_kv=64, warps=8, stages=3)  # ~290 KB of shared memory
+    assert not ap.keep(big, "sm_89", kind="absorbed", dims=V2_LITE)
+    assert not ap.keep(big, "sm_90a", kind="absorbed", dims=V2_LITE)
+    mid = ap.MMAConfig(tile_q=64, tile_kv=16, warps=8, stages=3, split_s=False)  # ~128 KB
+    assert ap.keep(mid, "sm_90a", kind="absorbed", dims=V2_LITE)
+    assert not ap.keep(mid, "sm_89", kind="absorbed", dims=V2_LITE)
+
+
+def test_keep_rejects_bad_tile_shapes():
+    assert not ap.keep(ap.MMAConfig(24, 16, 4, 2), "sm_90a", kind="decompressed")  # tile_q % 16
+    assert not ap.keep(ap.MMAConfig(64, 16, 4, 1), "sm_90a", kind="decompressed")  # 1 stage
+    assert not ap.keep(ap.MMAConfig(64, 16, 6, 2), "sm_90a", kind="absorbed")  # warps % rows
+    # split S: each of the 2 warps of a row slice gets 8 columns, under one ldmatrix.x4 pair
+    assert not ap.keep(ap.MMAConfig(64, 16, 8, 2, split_s=True), "sm_90a", kind="absorbed")
+    assert ap.keep(ap.MMAConfig(64, 16, 8, 2, split_s=False), "sm_90a", kind="absorbed")
+
+
+def test_factory_rejects_config_that_does_not_fit():
+    with pytest.raises(TargetError, match="does not fit"):
+        ap.absorbed_prefill(
+            V2_LITE,
+            heads=16,
+            target="sm_89",
+            config=ap.MMAConfig(64, 64, 8, 3),
+            sm_scale=SM_SCALE,
+        )
+
+
+def test_cuda_factories_reject_non_f16():
+    with pytest.raises(TargetError, match="float16"):
+        ap.decompressed_prefill(
+            V2_LITE, heads=16, dtype="float32", target="sm_90a", sm_scale=SM_SCALE
+        )
+
+
+def test_llvm_float32_runs():
+    """The llvm body is dtype-generic: f32 q/k/v/o against the same reference."""
+    case = CPU_CASES["tiny-ragged3"]
+    gen = torch.Generator().manual_seed(4)
+    (q, k, v), qi, ki, o, lse, expected = _inputs("decompressed", case, gen)
+    func = ap.decompressed_prefill(
+        TINY, heads=TINY.heads, dtype="float32", target="cpu", sm_scale=SM_SCALE
+    )
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=tvm_target("cpu"))
+    args = [tvm.runtime.tensor(x.float().numpy()) for x in (q, k, v)]
+    args += [tvm.runtime.tensor(x.numpy()) for x in (qi, ki, o.float(), lse)]
+    lib["main"](*args)
+    out_o = torch.from_numpy(args[-2].numpy())
+    _check(out_o, torch.from_numpy(args[-1].numpy()), expected, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA static checks: generated source compiles, tensor cores and async copies are in the SASS
+# ----------------------------------------------------------------------------------------------
+
+
+def _nvcc_available() -> bool:
+    from mla_compiler.nvcc import find_tool
+
+    try:
+        find_tool("nvcc")
+        find_tool("cuobjdump")
+    except TargetError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _nvcc_available(), reason="nvcc / cuobjdump not installed")
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_build_uses_tensor_cores_without_spills(kind, arch):
+    from mla_compiler.nvcc import compile_cubin, sass_opcodes
+
+    lib = _build(kind, V2_LITE, arch)
+    source = lib.mod.imports[0].inspect_source()
+    cubin, resources = compile_cubin(source, arch)
+    (res,) = resources.values()
+    assert res.spill_bytes == 0, res
+    cfg = ap.default_config(arch, kind=kind, dims=V2_LITE)
+    smem = res.shared_bytes + ap.shared_bytes(cfg, kind=kind, dims=V2_LITE)
+    assert smem <= GPUS[arch].max_shared_bytes_per_block
+    (ops,) = sass_opcodes(cubin).values()
+    for opcode in ("HMMA", "LDSM", "LDGSTS"):
+        assert ops.get(opcode, 0) > 0, f"{opcode} missing from {kind} {arch} SASS"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _nvcc_available(), reason="nvcc / cuobjdump not installed")
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_candidate_config_compiles_without_spills(kind, arch):
+    from mla_compiler.nvcc import compile_cubin, sass_opcodes
+
+    for config in ap.candidates(arch, kind=kind, dims=V2_LITE):
+        lib = _build(kind, V2_LITE, arch, config)
+        cubin, resources = compile_cubin(lib.mod.imports[0].inspect_source(), arch)
+        (res,) = resources.values()
+        assert res.spill_bytes == 0, (config, res)
+        (ops,) = sass_opcodes(cubin).values()
+        assert ops.get("HGMMA" if config.wgmma else "HMMA", 0) > 0, (config, ops)
+
+
+@pytest.mark.skipif(not _nvcc_available(), reason="nvcc / cuobjdump not installed")
+@pytest.mark.parametrize("kind", KINDS)
+def test_sm90a_wgmma_variant_uses_warpgroup_mma_without_spills(kind):
+    from mla_compiler.nvcc import compile_cubin, sass_opcodes
+
+    (config,) = [c for c in ap.candidates("sm_90a", kind=kind, dims=V2_LITE) if c.wgmma][:1]
+    assert not ap.keep(config, "sm_89", kind=kind, dims=V2_LITE), "wgmma is sm_90a only"
+    lib = _build(kind, V2_LITE, "sm_90a", config)
+    cubin, resources = compile_cubin(lib.mod.imports[0].inspect_source(), "sm_90a")
+    (res,) = resources.values()
+    assert res.spill_bytes == 0, res
+    assert res.shared_bytes + ap.shared_bytes(config, kind=kind, dims=V2_LITE) <= 227 * 1024
+    (ops,) = sass_opcodes(cubin).values()
+    assert ops.get("HGMMA", 0) > 0 and ops.get("LDGSTS", 0) > 0, ops
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA numerics (lead's GPU run)
+# ----------------------------------------------------------------------------------------------
+
+
+def _cuda_arch() -> str | None:
+    if not torch.cuda.is_available():
+        return None
+    try:
+        if not tvm.cuda(0).exist:
+            return None
+    except Exception:
+        return None
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"sm_{major}{minor}" + ("a" if major == 9 else "")
+    return arch if arch in GPUS else None
+
+
+GPU_CASES = {
+    "t4096-n4096": Case(V2_LITE, (4096,), (4096,)),
+    "t64-n32768-offset": Case(V2_LITE, (64,), (32768,)),
+    "ragged3": Case(V2_LITE, (100, 1, 1000), (333, 50, 1000)),
+    "t1-n2049": Case(V2_LITE, (1,), (2049,)),
+    # 24 heads: a 64-row absorbed tile holds 2 2/3 tokens, so tokens straddle blocks
+    "heads24-ragged2": Case(MLADims(heads=24), (50, 7), (120, 7)),
+}
+
+
+def _run_cuda(kind: str, case: Case, arch: str, config=None):
+    gen = torch.Generator().manual_seed(sum(case.t) + len(kind))
+    kv_args, qi, ki, o, lse, expected = _inputs(kind, case, gen, device="cuda")
+    lib = _build(kind, case.dims, arch, config)
+    args = [tvm.runtime.from_dlpack(x) for x in (*kv_args, qi, ki, o, lse)]
+    if kind == "absorbed":
+        lib["main"](*args, 1)
+    else:
+        lib["main"](*args)
+    torch.cuda.synchronize()
+    _check(o, lse, expected, atol=5e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("case", GPU_CASES.values(), ids=GPU_CASES.keys())
+def test_cuda_matches_reference(kind, case):
+    arch = _cuda_arch()
+    if arch is None:
+        pytest.skip("no CUDA device visible to torch and TVM")
+    _run_cuda(kind, case, arch)
+
+
+def _config_id(config) -> str:
+    split = config.split_s and config.warps * 16 > config.tile_q  # only when V's columns split
+    tags = ("split" if split else "nosplit") + ("-wgmma" if config.wgmma else "")
+    return f"{config.tile_q}x{config.tile_kv}x{config.warps}w{config.stages}s-{tags}"
+
+
+_ARCH_FOR_PARAMS = _cuda_arch() or "sm_90a"
+_CANDIDATES = [
+    pytest.param(kind, cfg, id=f"{kind}-{_config_id(cfg)}")
+    for kind in KINDS
+    for cfg in ap.candidates(_ARCH_FOR_PARAMS, kind=kind, dims=V2_LITE)
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("kind", "config"), _CANDIDATES)
+def test_cuda_every_candidate_config_matches_reference(kind, config):
+    arch = _cuda_arch()
+    if arch is None:
+        pytest.skip("no CUDA device visible to torch and TVM")
+    _run_cuda(kind, Case(V2_LITE, (37, 1, 300), (37, 90, 301)), arch, config)
