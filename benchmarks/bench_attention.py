@@ -120,7 +120,7 @@ def ours(problem: Problem, lib):
     p = problem
     if p.kind == "absorbed":
         args = tvm_args(p.q, p.kv, p.qi, p.ki, p.o, p.lse)
-        return lambda: lib["main"](*args, 0)
+        return lambda: lib["main"](*args[:4], 0, *args[4:])
     args = tvm_args(p.q, p.k, p.v, p.qi, p.ki, p.o, p.lse)
     return lambda: lib["main"](*args)
 

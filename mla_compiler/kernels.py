@@ -51,3 +51,21 @@ def decode_kernels(dims: MLADims, *, target: tvm.target.Target, dtype: str, sm_s
     splits = ad.splits_for(config, target, dims, heads=dims.heads, q_tokens=1, batch=1,
                            max_context=max_context)
     return dk, splits
+
+
+def prefill_kernel(op: str, dims: MLADims, *, target: tvm.target.Target, dtype: str,
+                   sm_scale: float, config=None):
+    """Tensor-core flash prefill (``attn_absorbed`` or ``attn_decompressed``), or None where it
+    does not apply: CPU targets, non-f16, shapes no config fits."""
+    from mla_compiler.errors import TargetError
+    from mla_compiler.schedules import attention_prefill as ap
+    from mla_compiler.schedules.target import is_gpu
+
+    if not is_gpu(target) or dtype != "float16":
+        return None
+    factory = ap.absorbed_prefill if op == "attn_absorbed" else ap.decompressed_prefill
+    try:
+        return factory(dims, heads=dims.heads, dtype=dtype, target=target, config=config,
+                       sm_scale=sm_scale)
+    except TargetError:
+        return None

@@ -268,6 +268,8 @@ def absorbed_prefill(
     """Absorbed-MLA prefill over one layer of the whole latent cache ``kv [L, C, 576]``.
 
     Sequence ``b`` reads ``kv[layer, kv_indptr[b]:kv_indptr[b+1]]`` (its new rows at the end).
+    Arguments: q, kv, q_indptr, kv_indptr, layer (int32 scalar), o, lse — the scalar before the
+    outputs, as Relax's ``call_tir`` passes it.
     """
     layout = _absorbed_layout(dims, heads, sm_scale)
     body, static = _body_for(target, config, layout, kind="absorbed", dims=dims, dtype=dtype)
@@ -279,9 +281,9 @@ def absorbed_prefill(
         kv_h: T.handle,
         q_indptr_h: T.handle,
         kv_indptr_h: T.handle,
+        layer: T.int32,
         o_h: T.handle,
         lse_h: T.handle,
-        layer: T.int32,
     ):
         T.func_attr({"tir.noalias": True})
         t_total, batch1, n_layers, rows = T.int64(), T.int64(), T.int64(), T.int64()

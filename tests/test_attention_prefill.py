@@ -103,7 +103,7 @@ def _run_cpu(kind: str, case: Case, seed: int):
     lib = _build(kind, case.dims, "cpu")
     args = [tvm.runtime.tensor(x.numpy()) for x in (*kv_args, qi, ki, o, lse)]
     if kind == "absorbed":
-        lib["main"](*args, 1)
+        lib["main"](*args[:4], 1, *args[4:])
     else:
         lib["main"](*args)
     out_o = torch.from_numpy(args[-2].numpy())
@@ -128,7 +128,7 @@ def test_absorbed_reads_the_requested_layer():
     (q, kv), qi, ki, o, lse, _ = _inputs("absorbed", case, gen)
     lib = _build("absorbed", case.dims, "cpu")
     args = [tvm.runtime.tensor(x.numpy()) for x in (q, kv, qi, ki, o, lse)]
-    lib["main"](*args, 0)
+    lib["main"](*args[:4], 0, *args[4:])
     o_ref, lse_ref = ref.ragged(
         ref.absorbed_attention, q, (kv[0],), qi, ki, v_dim=TINY.kv_lora_rank, sm_scale=SM_SCALE
     )
@@ -304,7 +304,7 @@ def _run_cuda(kind: str, case: Case, arch: str, config=None):
     lib = _build(kind, case.dims, arch, config)
     args = [tvm.runtime.from_dlpack(x) for x in (*kv_args, qi, ki, o, lse)]
     if kind == "absorbed":
-        lib["main"](*args, 1)
+        lib["main"](*args[:4], 1, *args[4:])
     else:
         lib["main"](*args)
     torch.cuda.synchronize()

@@ -41,6 +41,19 @@ class _Lower(relax.PyExprMutator):
             return self._add(key, func, str(name))
         return self.funcs[key]
 
+    def _prefill(self, op_name: str, dtype: str, sm_scale: float):
+        """GlobalVar of the tensor-core flash prefill kernel for ``op_name``, or None."""
+        key = ("flash", op_name, dtype, sm_scale)
+        if key not in self.funcs:
+            func = kernels.prefill_kernel(
+                op_name, self.dims, target=self.target, dtype=dtype, sm_scale=sm_scale
+            )
+            if func is None:
+                return None
+            short = "absorbed" if op_name == "attn_absorbed" else "decompressed"
+            return self._add(key, func, f"mla_prefill_{short}")
+        return self.funcs[key]
+
     def _decode_attention(self, q, cache, kv_indptr, layer, sm_scale, out_ty):
         """Split-KV tensor-core decode (one token of one sequence) or None where it does not
         apply (CPU, non-f16, a config that does not fit)."""
@@ -99,6 +112,13 @@ class _Lower(relax.PyExprMutator):
                 )
                 if fast is not None:
                     return fast
+            sm = float(pseudo.scalar(sm_scale))
+            flash = self._prefill("attn_absorbed", q.ty.dtype.dtype, sm)
+            if flash is not None and cache.ty.dtype.dtype == q.ty.dtype.dtype:
+                layer32 = relax.prim_value(tvm.tirx.IntImm("int32", int(pseudo.scalar(layer))))
+                return relax.call_tir(
+                    flash, [q, cache, q_indptr, kv_indptr, layer32], out_ty=list(op.ty.fields)
+                )
             gv = self._kernel(
                 "attn_absorbed", dtype=q.ty.dtype, kv_dtype=cache.ty.dtype,
                 sm_scale=float(pseudo.scalar(sm_scale)),
@@ -108,6 +128,9 @@ class _Lower(relax.PyExprMutator):
             )
         if name == "attn_decompressed":
             q, k, v, q_indptr, kv_indptr, sm_scale = args
+            flash = self._prefill("attn_decompressed", q.ty.dtype.dtype, float(pseudo.scalar(sm_scale)))
+            if flash is not None:
+                return relax.call_tir(flash, [q, k, v, q_indptr, kv_indptr], out_ty=list(op.ty.fields))
             gv = self._kernel(
                 "attn_decompressed", dtype=q.ty.dtype, sm_scale=float(pseudo.scalar(sm_scale))
             )
