@@ -32,8 +32,8 @@ def attention(
     else:
         s = torch.einsum("thd,nhd->htn", q, k) * sm_scale
     if causal:
-        i = torch.arange(t)[:, None]
-        j = torch.arange(n)[None, :]
+        i = torch.arange(t, device=s.device)[:, None]
+        j = torch.arange(n, device=s.device)[None, :]
         s = s.masked_fill(j > i + (n - t), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)  # [H, T]
     p = torch.exp(s - lse[..., None])
