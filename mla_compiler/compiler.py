@@ -64,8 +64,13 @@ def build_module(mod, target_names: list[str], output_dir: Path) -> dict:
     """Build into ``output_dir/model.so`` (device code as a fatbin compiled by nvcc here, so the
     GPU box needs only TVM's runtime); return the facts metadata.json records."""
     from mla_compiler import cuda_build
+    from mla_compiler.passes.name_kernels import build_pipeline
 
-    res = cuda_build.build(mod, target_names, output=output_dir, name=Path(artifact.MODULE).stem)
+    codegen = "cpu" if target_names == ["cpu"] else cuda_build.lowest_arch(target_names)
+    res = cuda_build.build(
+        mod, target_names, output=output_dir, name=Path(artifact.MODULE).stem,
+        relax_pipeline=build_pipeline(tvm_target(codegen)),
+    )
     return {"archs": [t for t in res.targets if t != "cpu"], "images": list(res.images)}
 
 
