@@ -67,9 +67,14 @@ def build_module(mod, target_names: list[str], output_dir: Path) -> dict:
     from mla_compiler.passes.name_kernels import build_pipeline
 
     codegen = "cpu" if target_names == ["cpu"] else cuda_build.lowest_arch(target_names)
+    # dlight reads "sm_90a" as no version and drops to SIMT matmuls: schedule the generic ops for
+    # sm_90 (same instructions; nvcc still builds sm_90a machine code). Our kernels are chosen
+    # for the real arch before this point.
+    schedule_arch = "sm_90" if codegen == "sm_90a" else codegen
     res = cuda_build.build(
         mod, target_names, output=output_dir, name=Path(artifact.MODULE).stem,
-        relax_pipeline=build_pipeline(tvm_target(codegen)),
+        relax_pipeline=build_pipeline(tvm_target(schedule_arch)),
+        codegen_arch=None if schedule_arch == codegen else schedule_arch,
     )
     return {"archs": [t for t in res.targets if t != "cpu"], "images": list(res.images)}
 
