@@ -31,6 +31,7 @@ import traceback
 
 import torch
 import tvm
+
 from mla_compiler.model_export.config import MLADims
 from mla_compiler.schedules import attention_prefill as ap
 from mla_compiler.schedules.target import GPUS, tvm_target

@@ -46,11 +46,10 @@ def _package_shim() -> None:
 
 _package_shim()
 
+from mla_compiler import reference  # noqa: E402
 from mla_compiler.model_export.config import MLADims  # noqa: E402
 from mla_compiler.schedules import attention_decode as dec  # noqa: E402
 from mla_compiler.schedules.target import GPUS, tvm_target  # noqa: E402
-
-from mla_compiler import reference  # noqa: E402
 
 SHAPES = [(1, 4096), (1, 16384), (1, 32768), (32, 4096), (128, 4096), (128, 8192)]
 HEADS = 16

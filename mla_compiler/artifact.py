@@ -61,10 +61,14 @@ def write_atomic(output: str | Path, write_into) -> Path:
 def read_metadata(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_dir():
-        raise ArtifactError(f"artifact {p} does not exist: run `mla-compiler compile ... --output {p}` first")
+        raise ArtifactError(
+            f"artifact {p} does not exist: run `mla-compiler compile ... --output {p}` first"
+        )
     meta = p / METADATA
     if not meta.exists() or not (p / MODULE).exists():
-        raise ArtifactError(f"{p} is not a complete artifact (no {METADATA} or {MODULE}): compile it again")
+        raise ArtifactError(
+            f"{p} is not a complete artifact (no {METADATA} or {MODULE}): compile it again"
+        )
     try:
         data = json.loads(meta.read_text())
     except json.JSONDecodeError as e:

@@ -16,16 +16,35 @@ from mla_compiler.errors import InputError, MLAError
 def _add_compile(sub) -> None:
     p = sub.add_parser("compile", help="compile a model into an artifact directory")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", metavar="HF_DIR", help="HF checkpoint directory (config.json + safetensors)")
-    src.add_argument("--preset", metavar="NAME", help="built-in config with seeded random weights (tiny, deepseek-v2-lite)")
+    src.add_argument(
+        "--model", metavar="HF_DIR", help="HF checkpoint directory (config.json + safetensors)"
+    )
+    src.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="built-in config with seeded random weights (tiny, deepseek-v2-lite)",
+    )
     p.add_argument("--target", default="cpu", help="cpu, or GPU archs: sm_89, sm_90a, sm_89,sm_90a")
     p.add_argument("--output", "-o", required=True, metavar="DIR")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="weights/activations (default float32 on cpu, float16 on GPUs)")
-    p.add_argument("--kv-dtype", default="float16", choices=["float16", "float32"],
-                   help="KV cache element type (default float16: 1152 B per token and layer)")
-    p.add_argument("--mla", type=int, default=3, choices=[0, 2, 3],
-                   help="0 decompressed cache, 2 absorbed, 3 phase-aware (default)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float16", "bfloat16"],
+        help="weights/activations (default float32 on cpu, float16 on GPUs)",
+    )
+    p.add_argument(
+        "--kv-dtype",
+        default="float16",
+        choices=["float16", "float32"],
+        help="KV cache element type (default float16: 1152 B per token and layer)",
+    )
+    p.add_argument(
+        "--mla",
+        type=int,
+        default=3,
+        choices=[0, 2, 3],
+        help="0 decompressed cache, 2 absorbed, 3 phase-aware (default)",
+    )
     p.add_argument("--max-context", type=int, default=4096, metavar="N")
     p.add_argument("--ubatch", type=int, default=2048, metavar="N", help="prompt chunk size")
     p.add_argument("--seed", type=int, default=0, help="seed of preset random weights")
@@ -65,8 +84,12 @@ def _add_bench(sub) -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None)
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
     p.add_argument("--plot", metavar="FILE.png", help="bar chart of the results")
-    p.add_argument("--baseline", choices=["hf"], default=None,
-                   help="also time HF transformers' eager DeepseekV2 (same config) in this process")
+    p.add_argument(
+        "--baseline",
+        choices=["hf"],
+        default=None,
+        help="also time HF transformers' eager DeepseekV2 (same config) in this process",
+    )
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -86,11 +109,20 @@ def cmd_compile(args) -> int:
     if args.ubatch < 1:
         raise InputError(f"--ubatch must be positive, got {args.ubatch}")
     opts = CompileOptions(
-        target=args.target, dtype=dtype, kv_dtype=args.kv_dtype, mla=args.mla,
-        max_context=args.max_context, ubatch=args.ubatch, seed=args.seed, dump_ir=args.dump_ir,
+        target=args.target,
+        dtype=dtype,
+        kv_dtype=args.kv_dtype,
+        mla=args.mla,
+        max_context=args.max_context,
+        ubatch=args.ubatch,
+        seed=args.seed,
+        dump_ir=args.dump_ir,
     )
     compile_model(
-        output=args.output, model_dir=args.model, preset_name=args.preset, options=opts,
+        output=args.output,
+        model_dir=args.model,
+        preset_name=args.preset,
+        options=opts,
         command="mla-compiler " + shlex.join(sys.argv[1:]),
         log=lambda m: print(m, file=sys.stderr),
     )
@@ -103,8 +135,12 @@ def cmd_run(args) -> int:
     loader.use_runtime_only()  # before tvm is imported: keep libtvm_compiler.so out
     from mla_compiler.runtime.engine import Engine
 
-    eng = Engine.load(args.artifact, args.device, max_context=args.max_context,
-                      log=lambda m: print(m, file=sys.stderr))
+    eng = Engine.load(
+        args.artifact,
+        args.device,
+        max_context=args.max_context,
+        log=lambda m: print(m, file=sys.stderr),
+    )
     if args.ubatch is not None:
         if args.ubatch < 1:
             raise InputError(f"--ubatch must be positive, got {args.ubatch}")
@@ -115,14 +151,21 @@ def cmd_run(args) -> int:
         prompt = _parse_ids(args.prompt_ids)
     tokens = []
     for tok in eng.stream(
-        prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
         stop_ids=() if eng.eos_token_id is None else (eng.eos_token_id,),
     ):
         tokens.append(tok)
         if not args.json:
-            print(eng.decode_text([tok]) if eng.tokenizer else tok,
-                  end="" if eng.tokenizer else " ", flush=True)
+            print(
+                eng.decode_text([tok]) if eng.tokenizer else tok,
+                end="" if eng.tokenizer else " ",
+                flush=True,
+            )
     if args.json:
         out = {"prompt_tokens": len(prompt), "tokens": tokens}
         if eng.tokenizer:
@@ -151,27 +194,46 @@ def cmd_bench(args) -> int:
     if args.baseline == "hf":  # first, so its memory is free again before the engine loads
         meta = artifact.read_metadata(args.artifact)
         device = "cpu" if meta["target"] == "cpu" else "cuda"
-        base = bench_hf(meta, prompts=prompts, gen=args.gen, reps=args.reps, device=device,
-                        dtype="float32" if device == "cpu" else "bfloat16", progress=say)
-    eng = Engine.load(args.artifact, args.device, max_context=args.max_context or max(need, 16),
-                      log=say)
+        base = bench_hf(
+            meta,
+            prompts=prompts,
+            gen=args.gen,
+            reps=args.reps,
+            device=device,
+            dtype="float32" if device == "cpu" else "bfloat16",
+            progress=say,
+        )
+    eng = Engine.load(
+        args.artifact, args.device, max_context=args.max_context or max(need, 16), log=say
+    )
     results = bench_engine(eng, prompts=prompts, gen=args.gen, reps=args.reps, progress=say)
     name = eng.meta["model"]["name"]
     base_tps = {b.test: b.tps_mean for b in base} if base else None
     print(markdown_table(results, model=name, mla=eng.meta["mla"], baseline=base_tps))
     if args.json:
-        payload = {"model": name, "mla": eng.meta["mla"], "target": eng.meta["target"],
-                   "results": [r.to_dict() for r in results]}
+        payload = {
+            "model": name,
+            "mla": eng.meta["mla"],
+            "target": eng.meta["target"],
+            "results": [r.to_dict() for r in results],
+        }
         if base:
-            payload["baseline"] = {"name": "hf-transformers-eager", "results": [b.to_dict() for b in base]}
+            payload["baseline"] = {
+                "name": "hf-transformers-eager",
+                "results": [b.to_dict() for b in base],
+            }
             for r in payload["results"]:
                 if r["test"] in base_tps:
                     r["speedup"] = r["tps_mean"] / base_tps[r["test"]]
         with open(args.json, "w") as f:
             json.dump(payload, f, indent=2)
     if args.plot:
-        plot(results, args.plot, title=f"{name} mla={eng.meta['mla']} {eng.meta['target']}",
-             baseline=base)
+        plot(
+            results,
+            args.plot,
+            title=f"{name} mla={eng.meta['mla']} {eng.meta['target']}",
+            baseline=base,
+        )
     return 0
 
 
@@ -195,9 +257,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_bench(sub)
     args = parser.parse_args(argv)
     try:
-        return {
-            "compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "bench": cmd_bench
-        }[args.cmd](args)
+        return {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "bench": cmd_bench}[
+            args.cmd
+        ](args)
     except MLAError as e:
         print(f"mla-compiler {args.cmd}: error: {e}", file=sys.stderr)
         return 2

@@ -43,7 +43,11 @@ def resolve_model(*, model_dir: str | None, preset_name: str | None, dtype: str,
     torch_dtype(dtype)  # validates the name
     if model_dir is not None:
         cfg = load_config(model_dir)
-        return cfg, load_hf_model(cfg, model_dir, dtype=dtype), {"source": "hf", "path": str(model_dir)}
+        return (
+            cfg,
+            load_hf_model(cfg, model_dir, dtype=dtype),
+            {"source": "hf", "path": str(model_dir)},
+        )
     cfg = preset(preset_name or "tiny")
     if param_bytes(cfg, dtype) <= MAX_STORED_RANDOM_BYTES:
         return cfg, random_model(cfg, seed=seed, dtype=dtype), {"source": "random", "seed": seed}
@@ -72,15 +76,19 @@ def build_module(mod, target_names: list[str], output_dir: Path) -> dict:
     # for the real arch before this point.
     schedule_arch = "sm_90" if codegen == "sm_90a" else codegen
     res = cuda_build.build(
-        mod, target_names, output=output_dir, name=Path(artifact.MODULE).stem,
+        mod,
+        target_names,
+        output=output_dir,
+        name=Path(artifact.MODULE).stem,
         relax_pipeline=build_pipeline(tvm_target(schedule_arch)),
         codegen_arch=None if schedule_arch == codegen else schedule_arch,
     )
     return {"archs": [t for t in res.targets if t != "cpu"], "images": list(res.images)}
 
 
-def attention_workspace_bytes(cfg: ModelConfig, *, mla: int, context: int, ubatch: int,
-                              itemsize: int = 2) -> dict[str, int]:
+def attention_workspace_bytes(
+    cfg: ModelConfig, *, mla: int, context: int, ubatch: int, itemsize: int = 2
+) -> dict[str, int]:
     """Estimated peak bytes of attention intermediates of one layer at a KV length ``context``
     (the Relax VM frees them between layers), for a prompt chunk (``ubatch`` tokens) and for a
     decode step. Absorbed attention streams KV tiles: its workspace does not grow with the
@@ -92,7 +100,10 @@ def attention_workspace_bytes(cfg: ModelConfig, *, mla: int, context: int, ubatc
     if mla == 2:
         prefill = q_absorbed
     elif mla == 3:
-        prefill = decompressed + n * (d.latent_dim * 2 + d.heads * (d.qk_nope_head_dim + d.v_head_dim)) * itemsize
+        prefill = (
+            decompressed
+            + n * (d.latent_dim * 2 + d.heads * (d.qk_nope_head_dim + d.v_head_dim)) * itemsize
+        )
     else:
         prefill = 2 * decompressed
     splits = 132 * 2  # upper bound of the split-KV partials (H x 512 f32 each)
@@ -101,8 +112,13 @@ def attention_workspace_bytes(cfg: ModelConfig, *, mla: int, context: int, ubatc
 
 
 def compile_model(
-    *, output: str | Path, model_dir: str | None = None, preset_name: str | None = None,
-    options: CompileOptions = CompileOptions(), command: str | None = None, log=print,
+    *,
+    output: str | Path,
+    model_dir: str | None = None,
+    preset_name: str | None = None,
+    options: CompileOptions = CompileOptions(),
+    command: str | None = None,
+    log=print,
 ) -> Path:
     targets = parse_targets(options.target)
     if options.mla not in MLA_MODES:
@@ -113,18 +129,27 @@ def compile_model(
     cfg, model, weights = resolve_model(
         model_dir=model_dir, preset_name=preset_name, dtype=options.dtype, seed=options.seed
     )
-    log(f"[1/3] model {cfg.name}: {cfg.num_hidden_layers} layers, mla={options.mla}, {options.dtype}")
+    log(
+        f"[1/3] model {cfg.name}: {cfg.num_hidden_layers} layers, mla={options.mla}, "
+        f"{options.dtype}"
+    )
     from mla_compiler.cuda_build import lowest_arch
 
     # kernels are chosen for the lowest arch: its CUDA source is compiled for every arch
     codegen = targets[0] if targets == ["cpu"] else lowest_arch(targets)
     ir = compile_ir(
-        model, mla=options.mla, target=tvm_target(codegen), dump_dir=options.dump_ir,
-        kv_dtype=options.kv_dtype, max_context=options.max_context,
+        model,
+        mla=options.mla,
+        target=tvm_target(codegen),
+        dump_dir=options.dump_ir,
+        kv_dtype=options.kv_dtype,
+        max_context=options.max_context,
     )
     log(f"[2/3] Relax pipeline done ({time.time() - t0:.1f}s); building for {','.join(targets)}")
     kv_item = torch.tensor([], dtype=torch_dtype(options.kv_dtype)).element_size()
-    per_token = cfg.dims.cache_bytes_per_token(cfg.num_hidden_layers, mla=options.mla, itemsize=kv_item)
+    per_token = cfg.dims.cache_bytes_per_token(
+        cfg.num_hidden_layers, mla=options.mla, itemsize=kv_item
+    )
 
     def write(tmp: Path) -> None:
         facts = build_module(ir.mod, targets, tmp)

@@ -12,26 +12,38 @@ from mla_compiler.model_export.config import MLADims
 from mla_compiler.schedules import attention_simple, kv_cache
 
 
-def select(op: str, *, dims: MLADims, target: tvm.target.Target, config=None, **kw) -> tvm.tirx.PrimFunc:
+def select(
+    op: str, *, dims: MLADims, target: tvm.target.Target, config=None, **kw
+) -> tvm.tirx.PrimFunc:
     if op == "cache_write":
         return kv_cache.cache_write(kw["width"], dtype=kw["dtype"], target=target)
     if op == "cache_gather":
         return kv_cache.cache_gather(kw["width"], dtype=kw["dtype"], target=target)
     if op == "attn_absorbed":
         return attention_simple.simple_attention(
-            dims, heads=dims.heads, dtype=kw["dtype"], kv_dtype=kw["kv_dtype"], target=target,
-            variant="absorbed", sm_scale=kw["sm_scale"],
+            dims,
+            heads=dims.heads,
+            dtype=kw["dtype"],
+            kv_dtype=kw["kv_dtype"],
+            target=target,
+            variant="absorbed",
+            sm_scale=kw["sm_scale"],
         )
     if op == "attn_decompressed":
         return attention_simple.simple_attention(
-            dims, heads=dims.heads, dtype=kw["dtype"], target=target, variant="decompressed",
+            dims,
+            heads=dims.heads,
+            dtype=kw["dtype"],
+            target=target,
+            variant="decompressed",
             sm_scale=kw["sm_scale"],
         )
     raise KeyError(f"no kernel for {op}")
 
 
-def decode_kernels(dims: MLADims, *, target: tvm.target.Target, dtype: str, sm_scale: float,
-                   max_context: int):
+def decode_kernels(
+    dims: MLADims, *, target: tvm.target.Target, dtype: str, sm_scale: float, max_context: int
+):
     """(DecodeKernels, split count) of tensor-core split-KV decode, or None where it does not
     apply: CPU targets, non-f16 queries, shapes no config fits."""
     from mla_compiler.errors import TargetError
@@ -44,17 +56,26 @@ def decode_kernels(dims: MLADims, *, target: tvm.target.Target, dtype: str, sm_s
         config = ad.default_config(target, dims, heads=dims.heads, q_tokens=1)
         if not config.tensor_cores:
             return None
-        dk = ad.absorbed_decode(dims, heads=dims.heads, dtype=dtype, target=target,
-                                config=config, sm_scale=sm_scale, q_tokens=1)
+        dk = ad.absorbed_decode(
+            dims,
+            heads=dims.heads,
+            dtype=dtype,
+            target=target,
+            config=config,
+            sm_scale=sm_scale,
+            q_tokens=1,
+        )
     except TargetError:
         return None
-    splits = ad.splits_for(config, target, dims, heads=dims.heads, q_tokens=1, batch=1,
-                           max_context=max_context)
+    splits = ad.splits_for(
+        config, target, dims, heads=dims.heads, q_tokens=1, batch=1, max_context=max_context
+    )
     return dk, splits
 
 
-def prefill_kernel(op: str, dims: MLADims, *, target: tvm.target.Target, dtype: str,
-                   sm_scale: float, config=None):
+def prefill_kernel(
+    op: str, dims: MLADims, *, target: tvm.target.Target, dtype: str, sm_scale: float, config=None
+):
     """Tensor-core flash prefill (``attn_absorbed`` or ``attn_decompressed``), or None where it
     does not apply: CPU targets, non-f16, shapes no config fits."""
     from mla_compiler.errors import TargetError
@@ -65,7 +86,8 @@ def prefill_kernel(op: str, dims: MLADims, *, target: tvm.target.Target, dtype: 
         return None
     factory = ap.absorbed_prefill if op == "attn_absorbed" else ap.decompressed_prefill
     try:
-        return factory(dims, heads=dims.heads, dtype=dtype, target=target, config=config,
-                       sm_scale=sm_scale)
+        return factory(
+            dims, heads=dims.heads, dtype=dtype, target=target, config=config, sm_scale=sm_scale
+        )
     except TargetError:
         return None

@@ -63,12 +63,19 @@ def split_phases(mod: tvm.IRModule) -> tvm.IRModule:
 
 
 def lower_to_kernels(
-    mod: tvm.IRModule, cfg: ModelConfig, *, mla: int, target: tvm.target.Target,
-    dump: Callable[[str, tvm.IRModule], None] | None = None, kernel_config=None,
+    mod: tvm.IRModule,
+    cfg: ModelConfig,
+    *,
+    mla: int,
+    target: tvm.target.Target,
+    dump: Callable[[str, tvm.IRModule], None] | None = None,
+    kernel_config=None,
     max_context: int = 4096,
 ) -> tvm.IRModule:
     if mla not in MLA_MODES:
-        raise ConfigError(f"unknown --mla {mla}: use 0 (decompressed), 2 (absorbed) or 3 (phase-aware)")
+        raise ConfigError(
+            f"unknown --mla {mla}: use 0 (decompressed), 2 (absorbed) or 3 (phase-aware)"
+        )
     dump = dump or (lambda _name, _mod: None)
     mod = split_phases(mod)
     dump("phases", mod)
@@ -88,8 +95,14 @@ def lower_to_kernels(
 
 
 def compile_ir(
-    model: DeepseekV2, *, mla: int, target: tvm.target.Target, dump_dir: str | Path | None = None,
-    kv_dtype: str = "float16", kernel_config=None, max_context: int = 4096,
+    model: DeepseekV2,
+    *,
+    mla: int,
+    target: tvm.target.Target,
+    dump_dir: str | Path | None = None,
+    kv_dtype: str = "float16",
+    kernel_config=None,
+    max_context: int = 4096,
 ) -> CompiledIR:
     names: list[str] = []
     if dump_dir is not None:
@@ -106,7 +119,12 @@ def compile_ir(
     exported = export_relax(model, kv_dtype=getattr(torch, kv_dtype))
     dump("export", exported.mod)
     mod = lower_to_kernels(
-        exported.mod, model.cfg, mla=mla, target=target, dump=dump, kernel_config=kernel_config,
+        exported.mod,
+        model.cfg,
+        mla=mla,
+        target=target,
+        dump=dump,
+        kernel_config=kernel_config,
         max_context=max_context,
     )
     return CompiledIR(mod=mod, param_names=exported.param_names)

@@ -157,7 +157,8 @@ def config_from_hf(hf: dict[str, Any], *, name: str = "hf") -> ModelConfig:
     model_type = hf.get("model_type")
     if model_type not in ("deepseek_v2", None):
         raise ConfigError(
-            f"model_type {model_type!r} is not supported: mla-compiler compiles 'deepseek_v2' models"
+            f"model_type {model_type!r} is not supported: mla-compiler compiles "
+            "'deepseek_v2' models"
         )
     missing = [k for k in _REQUIRED if k not in hf]
     if missing:

@@ -14,7 +14,7 @@ import torch
 import tvm
 from tvm import relax
 
-from mla_compiler.model_export import moe as _moe  # noqa: F401  (registers mla::moe)
+from mla_compiler.model_export import moe as _moe_op  # noqa: F401  (registers mla::moe)
 from mla_compiler.model_export import ops as _ops  # noqa: F401  (registers mla::attention)
 from mla_compiler.model_export.modeling import DeepseekV2, rope_tables, single_sequence_inputs
 
@@ -91,6 +91,7 @@ def _matmul(node, importer):
         b = relax.op.permute_dims(b, [1, 0])
     return importer.block_builder.emit(relax.op.matmul(a, b, out_dtype=a.ty.dtype.dtype))
 
+
 CONVERTERS = {
     "cache_write.default": _cache_write,
     "attention.default": _attention,
@@ -114,7 +115,8 @@ def example_inputs(
 def export_program(
     model: DeepseekV2, *, kv_dtype: torch.dtype = torch.float16, cache_rows: int = 64
 ) -> torch.export.ExportedProgram:
-    """``torch.export`` with dynamic tokens T, sequences B, KV rows N, logit rows R, cache rows C."""
+    """``torch.export`` with dynamic tokens T, sequences B, KV rows N, logit rows R and cache
+    rows C."""
     dim = torch.export.Dim
     t, n, r = dim("T", min=1, max=1 << 20), dim("N", min=1, max=1 << 24), dim("R", min=1)
     b1 = dim("B1", min=2, max=1 << 16)  # B + 1

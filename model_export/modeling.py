@@ -43,8 +43,10 @@ def rope_tables(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
         return inv_freq.float(), 1.0
 
     def correction_dim(rotations: float) -> float:
-        return dim * math.log(r.original_max_position / (rotations * 2 * math.pi)) / (
-            2 * math.log(r.theta)
+        return (
+            dim
+            * math.log(r.original_max_position / (rotations * 2 * math.pi))
+            / (2 * math.log(r.theta))
         )
 
     low = max(math.floor(correction_dim(r.beta_fast)), 0)
@@ -115,7 +117,11 @@ class MLAttention(nn.Module):
         latent = torch.cat([c, k_pe], dim=-1)  # [T, 576]: the cache row
         if ops.plain():
             o = ops.dense_causal_attention(
-                q_nope, q_pe, latent, self.kv_b_proj.weight, kv_lora_rank=d.kv_lora_rank,
+                q_nope,
+                q_pe,
+                latent,
+                self.kv_b_proj.weight,
+                kv_lora_rank=d.kv_lora_rank,
                 sm_scale=self.sm_scale,
             )
             return self.o_proj(o.reshape(t, d.heads * d.v_head_dim)), cache
@@ -183,7 +189,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = MLAttention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = (
+            MoE(cfg) if cfg.is_moe_layer(layer) else MLP(cfg.hidden_size, cfg.intermediate_size)
+        )
 
     def forward(self, x, cache, batch: Batch):
         h, cache = self.self_attn(self.input_layernorm(x), cache, batch)

@@ -37,8 +37,13 @@ def export_onnx(model: DeepseekV2, path: str | Path, *, tokens: int = 8) -> Path
     ids = torch.arange(1, tokens + 1, dtype=torch.int64) % model.cfg.vocab_size
     with ops.plain_ops(), torch.no_grad():
         torch.onnx.export(
-            FullSequence(model).eval(), (ids,), str(path), input_names=["input_ids"],
-            output_names=["logits"], dynamo=False, opset_version=17,
+            FullSequence(model).eval(),
+            (ids,),
+            str(path),
+            input_names=["input_ids"],
+            output_names=["logits"],
+            dynamo=False,
+            opset_version=17,
         )
     return path
 

@@ -40,7 +40,7 @@ def random_model(cfg: ModelConfig, *, seed: int = 0, dtype: str = "float32") -> 
 
 
 def rope_permutation(dr: int) -> torch.Tensor:
-    """Index that reorders interleaved rope dims (x0,x1,x2,...) to half-split (x0,x2,..,x1,x3,..)."""
+    """Index that reorders interleaved rope dims (x0,x1,x2,..) to half-split (x0,x2,..,x1,x3,..)."""
     return torch.cat([torch.arange(0, dr, 2), torch.arange(1, dr, 2)])
 
 
@@ -110,7 +110,9 @@ def load_hf_state(cfg: ModelConfig, model_dir: str | Path) -> dict[str, torch.Te
         except WeightError:
             raise
         except Exception as e:
-            raise WeightError(f"cannot read {f.name} ({e}): the file is truncated or corrupt") from None
+            raise WeightError(
+                f"cannot read {f.name} ({e}): the file is truncated or corrupt"
+            ) from None
 
     state: dict[str, torch.Tensor] = {}
     experts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
@@ -133,7 +135,9 @@ def load_hf_state(cfg: ModelConfig, model_dir: str | Path) -> dict[str, torch.Te
         parts = [experts[(layer, e)] for e in ids]
         for e, p in zip(ids, parts, strict=True):
             if set(p) != {"gate", "up", "down"}:
-                raise WeightError(f"layer {layer} expert {e} lacks {({'gate', 'up', 'down'} - set(p))}")
+                raise WeightError(
+                    f"layer {layer} expert {e} lacks { ({'gate', 'up', 'down'} - set(p)) }"
+                )
         state[f"layers.{layer}.mlp.experts_gate_up"] = torch.stack(
             [torch.cat([p["gate"], p["up"]]) for p in parts]
         )
@@ -144,7 +148,7 @@ def load_hf_state(cfg: ModelConfig, model_dir: str | Path) -> dict[str, torch.Te
 
 
 def load_hf_model(cfg: ModelConfig, model_dir: str | Path, *, dtype: str = "float32") -> DeepseekV2:
-    """Our model with a HF checkpoint's weights; every missing, extra or mis-shaped tensor is named."""
+    """Our model with a HF checkpoint's weights; each missing, extra or mis-shaped tensor is named."""
     state = load_hf_state(cfg, model_dir)
     model = DeepseekV2(cfg)
     expected = dict(model.named_parameters())
@@ -170,6 +174,8 @@ def load_hf_model(cfg: ModelConfig, model_dir: str | Path, *, dtype: str = "floa
                     "config.json and the weights disagree"
                 )
             if not t.is_floating_point():
-                raise WeightError(f"{name} has dtype {t.dtype}: weights must be float16/bfloat16/float32")
+                raise WeightError(
+                    f"{name} has dtype {t.dtype}: weights must be float16/bfloat16/float32"
+                )
             p.copy_(t.to(torch.float32))
     return model.to(torch_dtype(dtype)).eval()

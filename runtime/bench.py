@@ -19,8 +19,12 @@ class BenchResult:
     seconds: tuple[float, ...]
 
     def to_dict(self) -> dict:
-        return {"test": self.test, "tps_mean": self.tps_mean, "tps_std": self.tps_std,
-                "seconds": list(self.seconds)}
+        return {
+            "test": self.test,
+            "tps_mean": self.tps_mean,
+            "tps_std": self.tps_std,
+            "seconds": list(self.seconds),
+        }
 
 
 def _stats(test: str, tokens: int, seconds: list[float]) -> BenchResult:
@@ -29,7 +33,12 @@ def _stats(test: str, tokens: int, seconds: list[float]) -> BenchResult:
 
 
 def bench_engine(
-    engine, *, prompts: Sequence[int], gen: int, reps: int = 3, seed: int = 0,
+    engine,
+    *,
+    prompts: Sequence[int],
+    gen: int,
+    reps: int = 3,
+    seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> list[BenchResult]:
     """Time prompt processing at each length in ``prompts`` and ``gen`` decode steps."""
@@ -67,8 +76,9 @@ def bench_engine(
     return results
 
 
-def markdown_table(results: list[BenchResult], *, model: str, mla: int,
-                   baseline: dict[str, float] | None = None) -> str:
+def markdown_table(
+    results: list[BenchResult], *, model: str, mla: int, baseline: dict[str, float] | None = None
+) -> str:
     head = "| model | mla | test | t/s |" + (" baseline t/s | speedup |" if baseline else "")
     sep = "| --- | --- | --- | ---: |" + (" ---: | ---: |" if baseline else "")
     rows = [head, sep]
@@ -81,9 +91,17 @@ def markdown_table(results: list[BenchResult], *, model: str, mla: int,
     return "\n".join(rows)
 
 
-def bench_hf(meta: dict, *, prompts: Sequence[int], gen: int, reps: int = 3, seed: int = 0,
-             device: str = "cuda", dtype: str = "bfloat16",
-             progress: Callable[[str], None] | None = None) -> list[BenchResult]:
+def bench_hf(
+    meta: dict,
+    *,
+    prompts: Sequence[int],
+    gen: int,
+    reps: int = 3,
+    seed: int = 0,
+    device: str = "cuda",
+    dtype: str = "bfloat16",
+    progress: Callable[[str], None] | None = None,
+) -> list[BenchResult]:
     """HF transformers' eager DeepseekV2ForCausalLM of the artifact's config (random weights:
     speed does not depend on their values), timed like ``bench_engine``."""
     import torch
@@ -137,8 +155,9 @@ def bench_hf(meta: dict, *, prompts: Sequence[int], gen: int, reps: int = 3, see
     return results
 
 
-def plot(results: list[BenchResult], path: str, *, title: str,
-         baseline: list[BenchResult] | None = None) -> None:
+def plot(
+    results: list[BenchResult], path: str, *, title: str, baseline: list[BenchResult] | None = None
+) -> None:
     """Bar chart of t/s per test (ours and, if given, the baseline) into a PNG."""
     import matplotlib
 
@@ -149,12 +168,22 @@ def plot(results: list[BenchResult], path: str, *, title: str,
     x = np.arange(len(tests))
     width = 0.4 if baseline else 0.6
     fig, ax = plt.subplots(figsize=(1.4 * len(tests) + 3, 4))
-    ax.bar(x - (width / 2 if baseline else 0), [r.tps_mean for r in results], width,
-           yerr=[r.tps_std for r in results], label="mla-compiler")
+    ax.bar(
+        x - (width / 2 if baseline else 0),
+        [r.tps_mean for r in results],
+        width,
+        yerr=[r.tps_std for r in results],
+        label="mla-compiler",
+    )
     if baseline:
         by = {b.test: b for b in baseline}
-        ax.bar(x + width / 2, [by[t].tps_mean if t in by else 0 for t in tests], width,
-               yerr=[by[t].tps_std if t in by else 0 for t in tests], label="HF transformers (eager)")
+        ax.bar(
+            x + width / 2,
+            [by[t].tps_mean if t in by else 0 for t in tests],
+            width,
+            yerr=[by[t].tps_std if t in by else 0 for t in tests],
+            label="HF transformers (eager)",
+        )
     ax.set_xticks(x, tests)
     ax.set_ylabel("tokens / s")
     ax.set_yscale("log")

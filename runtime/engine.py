@@ -86,8 +86,14 @@ class Engine:
 
     # ---- loading -------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | Path, device: str | None = None, *, max_context: int | None = None,
-             log=None) -> Engine:
+    def load(
+        cls,
+        path: str | Path,
+        device: str | None = None,
+        *,
+        max_context: int | None = None,
+        log=None,
+    ) -> Engine:
         import tvm
 
         from mla_compiler.runtime import loader
@@ -101,8 +107,10 @@ class Engine:
         item = 2 if meta["kv_dtype"] == "float16" else 4
         cache_bytes = layers * max_context * meta["kv_cache_width"] * item
         if log:
-            log(f"KV cache: {max_context} tokens x {meta['kv_cache_bytes_per_token']} B = "
-                f"{cache_bytes / 2**20:.1f} MiB")
+            log(
+                f"KV cache: {max_context} tokens x {meta['kv_cache_bytes_per_token']} B = "
+                f"{cache_bytes / 2**20:.1f} MiB"
+            )
         dev = tvm.cpu() if kind == "cpu" else tvm.cuda(0)
         vm = loader.load_vm(path, dev)  # checks the device and arch against the fatbin
         raw = _load_weights(path, meta, dev)
@@ -163,9 +171,17 @@ class Engine:
     def decode(self, token: int) -> np.ndarray:
         return self._step(self._check_tokens([token]))[0]
 
-    def stream(self, prompt_ids: Sequence[int], *, max_new_tokens: int, temperature: float = 0.0,
-               top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
-               stop_ids: Sequence[int] = ()) -> Iterator[int]:
+    def stream(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop_ids: Sequence[int] = (),
+    ) -> Iterator[int]:
         params = SamplingParams(temperature, top_p, top_k, seed).validate()
         if max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -198,7 +214,9 @@ def _load_tokenizer(path: Path):
     try:
         from tokenizers import Tokenizer
     except ImportError:
-        raise InputError("this artifact has a tokenizer: `pip install tokenizers` to use it") from None
+        raise InputError(
+            "this artifact has a tokenizer: `pip install tokenizers` to use it"
+        ) from None
     return Tokenizer.from_file(str(file))
 
 
@@ -214,7 +232,9 @@ def _load_weights(path: Path, meta: dict, dev) -> list:
         try:
             state = load_file(str(file))
         except Exception as e:
-            raise artifact.ArtifactError(f"{file} is unreadable ({e}): compile the artifact again") from None
+            raise artifact.ArtifactError(
+                f"{file} is unreadable ({e}): compile the artifact again"
+            ) from None
         missing = [n for n in names if n not in state]
         if missing:
             raise artifact.ArtifactError(f"{file} lacks {missing[0]}: compile the artifact again")
@@ -246,5 +266,7 @@ def _random_weights(meta: dict, dev) -> list:
         else:
             t = 0.02 * torch.randn(shapes[n], generator=gen, device=tdev)
         t = t.to(dtype).contiguous()
-        out.append(tvm.runtime.from_dlpack(t) if tdev == "cuda" else tvm.runtime.tensor(t.numpy(), dev))
+        out.append(
+            tvm.runtime.from_dlpack(t) if tdev == "cuda" else tvm.runtime.tensor(t.numpy(), dev)
+        )
     return out

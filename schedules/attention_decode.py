@@ -25,12 +25,12 @@ import itertools
 import math
 
 import tvm
-from mla_compiler.model_export.config import MLADims
-from mla_compiler.schedules.attention_decode_mma import split_mma
-from mla_compiler.schedules.target import gpu_spec, is_gpu
 from tvm.script import tirx as T
 
 from mla_compiler.errors import TargetError
+from mla_compiler.model_export.config import MLADims
+from mla_compiler.schedules.attention_decode_mma import split_mma
+from mla_compiler.schedules.target import gpu_spec, is_gpu
 
 MAX_Q_TOKENS = 4
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import math
 
-from mla_compiler.model_export.config import MLADims
 from tvm.script import tirx as T
+
+from mla_compiler.model_export.config import MLADims
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453

@@ -26,12 +26,12 @@ import functools
 import math
 
 import tvm
-from mla_compiler.model_export.config import MLADims
-from mla_compiler.schedules import attention_prefill_mma as _mma
-from mla_compiler.schedules.target import gpu_spec, is_gpu
 from tvm.script import tirx as T
 
 from mla_compiler.errors import TargetError
+from mla_compiler.model_export.config import MLADims
+from mla_compiler.schedules import attention_prefill_mma as _mma
+from mla_compiler.schedules.target import gpu_spec, is_gpu
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)

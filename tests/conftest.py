@@ -15,40 +15,97 @@ from mla_compiler.model_export.config import MLADims, ModelConfig, RopeConfig, t
 # Small DeepSeek-V2 configs (name -> HF config.json overrides) covering the family's features.
 HF_CONFIGS = {
     "lite2": dict(  # V2-Lite's real shapes, 2 layers (dense first layer, then MoE)
-        vocab_size=1024, hidden_size=2048, num_hidden_layers=2, num_attention_heads=16,
-        intermediate_size=10944, moe_intermediate_size=1408, n_routed_experts=64,
-        n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512,
-        q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
-        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=40.0,
-                             original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
-                             mscale=0.707, mscale_all_dim=0.707),
+        vocab_size=1024,
+        hidden_size=2048,
+        num_hidden_layers=2,
+        num_attention_heads=16,
+        intermediate_size=10944,
+        moe_intermediate_size=1408,
+        n_routed_experts=64,
+        n_shared_experts=2,
+        num_experts_per_tok=6,
+        first_k_dense_replace=1,
+        kv_lora_rank=512,
+        q_lora_rank=None,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        rope_parameters=dict(
+            rope_type="yarn",
+            rope_theta=10000.0,
+            factor=40.0,
+            original_max_position_embeddings=4096,
+            beta_fast=32,
+            beta_slow=1,
+            mscale=0.707,
+            mscale_all_dim=0.707,
+        ),
         max_position_embeddings=163840,
     ),
     "small-yarn": dict(
-        vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-        intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1,
-        num_experts_per_tok=3, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=None,
-        qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16, norm_topk_prob=False,
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=3,
+        first_k_dense_replace=1,
+        kv_lora_rank=32,
+        q_lora_rank=None,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=16,
+        v_head_dim=16,
+        norm_topk_prob=False,
         routed_scaling_factor=1.5,
-        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=8.0,
-                             original_max_position_embeddings=64, beta_fast=32, beta_slow=1,
-                             mscale=1.0, mscale_all_dim=0.8),
+        rope_parameters=dict(
+            rope_type="yarn",
+            rope_theta=10000.0,
+            factor=8.0,
+            original_max_position_embeddings=64,
+            beta_fast=32,
+            beta_slow=1,
+            mscale=1.0,
+            mscale_all_dim=0.8,
+        ),
         max_position_embeddings=512,
     ),
     "qlora-grouped": dict(  # full V2's q_lora path and group-limited routing
-        vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=96, moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=2,
-        num_experts_per_tok=2, first_k_dense_replace=0, kv_lora_rank=32, q_lora_rank=48,
-        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24, topk_method="group_limited_greedy",
-        n_group=4, topk_group=2, rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+        vocab_size=256,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        n_shared_experts=2,
+        num_experts_per_tok=2,
+        first_k_dense_replace=0,
+        kv_lora_rank=32,
+        q_lora_rank=48,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=24,
+        topk_method="group_limited_greedy",
+        n_group=4,
+        topk_group=2,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0),
         max_position_embeddings=512,
     ),
 }
 
 
 def hf_config_dict(name: str) -> dict:
-    cfg = dict(model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"], rms_norm_eps=1e-6,
-               bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    cfg = dict(
+        model_type="deepseek_v2",
+        architectures=["DeepseekV2ForCausalLM"],
+        rms_norm_eps=1e-6,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
     cfg.update(HF_CONFIGS[name])
     return cfg
 
@@ -92,11 +149,21 @@ def hf_checkpoint(tmp_path_factory):
 
 def tiny_config(**overrides) -> ModelConfig:
     base = dict(
-        name="t", vocab_size=128, hidden_size=64, num_hidden_layers=2, intermediate_size=96,
-        moe_intermediate_size=32, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2,
-        first_k_dense_replace=1, dims=MLADims(heads=4, kv_lora_rank=32, qk_nope_head_dim=16,
-                                              qk_rope_head_dim=16, v_head_dim=16),
-        rope=RopeConfig(), max_position_embeddings=512,
+        name="t",
+        vocab_size=128,
+        hidden_size=64,
+        num_hidden_layers=2,
+        intermediate_size=96,
+        moe_intermediate_size=32,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        dims=MLADims(
+            heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16
+        ),
+        rope=RopeConfig(),
+        max_position_embeddings=512,
     )
     base.update(overrides)
     return ModelConfig(**base)
@@ -105,8 +172,9 @@ def tiny_config(**overrides) -> ModelConfig:
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``mla-compiler`` in a subprocess (as a user would)."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, "-m", "mla_compiler.cli", *args], capture_output=True,
-                          text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mla_compiler.cli", *args], capture_output=True, text=True, env=env
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"mla-compiler {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return proc
@@ -121,4 +189,11 @@ def gpu_available() -> bool:
         return False
 
 
-__all__ = ["hf_config_dict", "make_hf_model", "tiny_config", "run_cli", "gpu_available", "to_hf_dict"]
+__all__ = [
+    "hf_config_dict",
+    "make_hf_model",
+    "tiny_config",
+    "run_cli",
+    "gpu_available",
+    "to_hf_dict",
+]

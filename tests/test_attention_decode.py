@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 import tvm
+
+from mla_compiler import reference
 from mla_compiler.model_export.config import MLADims, preset
 from mla_compiler.schedules import attention_decode as dec
 from mla_compiler.schedules.target import GPUS, tvm_target
-
-from mla_compiler import reference
 
 TINY = preset("tiny").dims
 LITE = MLADims()  # DeepSeek-V2-Lite: 576-wide rows, V = first 512 columns, 16 heads

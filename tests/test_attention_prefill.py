@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 import tvm
-from mla_compiler.model_export.config import MLADims, preset
-from mla_compiler.schedules import attention_prefill as ap
-from mla_compiler.schedules.target import GPUS, tvm_target
 
 from mla_compiler import reference as ref
 from mla_compiler.errors import TargetError
+from mla_compiler.model_export.config import MLADims, preset
+from mla_compiler.schedules import attention_prefill as ap
+from mla_compiler.schedules.target import GPUS, tvm_target
 
 TINY = preset("tiny").dims
 V2_LITE = MLADims()

@@ -21,7 +21,17 @@ def _one_line_error(proc, pattern: str) -> None:
 @pytest.fixture(scope="module")
 def tiny_artifact(tmp_path_factory):
     out = tmp_path_factory.mktemp("art") / "tiny"
-    run_cli("compile", "--preset", "tiny", "--target", "cpu", "--output", str(out), "--max-context", "32")
+    run_cli(
+        "compile",
+        "--preset",
+        "tiny",
+        "--target",
+        "cpu",
+        "--output",
+        str(out),
+        "--max-context",
+        "32",
+    )
     return out
 
 
@@ -64,41 +74,60 @@ def test_bad_checkpoint(hf_checkpoint, tmp_path, case):
 
 def test_empty_and_missing_dirs(tmp_path):
     (tmp_path / "empty").mkdir()
-    _one_line_error(run_cli("compile", "--model", str(tmp_path / "empty"), "-o", str(tmp_path / "o"),
-                            check=False), "no config.json")
-    _one_line_error(run_cli("compile", "--model", str(tmp_path / "nope"), "-o", str(tmp_path / "o"),
-                            check=False), "does not exist")
+    _one_line_error(
+        run_cli(
+            "compile", "--model", str(tmp_path / "empty"), "-o", str(tmp_path / "o"), check=False
+        ),
+        "no config.json",
+    )
+    _one_line_error(
+        run_cli(
+            "compile", "--model", str(tmp_path / "nope"), "-o", str(tmp_path / "o"), check=False
+        ),
+        "does not exist",
+    )
 
 
 def test_unknown_target(tmp_path):
-    _one_line_error(run_cli("compile", "--target", "sm_77", "-o", str(tmp_path / "o"), check=False),
-                    "unknown target")
+    _one_line_error(
+        run_cli("compile", "--target", "sm_77", "-o", str(tmp_path / "o"), check=False),
+        "unknown target",
+    )
 
 
 def test_unknown_preset(tmp_path):
-    _one_line_error(run_cli("compile", "--preset", "huge", "-o", str(tmp_path / "o"), check=False),
-                    "unknown preset")
+    _one_line_error(
+        run_cli("compile", "--preset", "huge", "-o", str(tmp_path / "o"), check=False),
+        "unknown preset",
+    )
 
 
 def test_token_outside_vocab(tiny_artifact):
-    proc = run_cli("run", str(tiny_artifact), "--prompt-ids", "1,512", "--max-new-tokens", "2",
-                   check=False)
+    proc = run_cli(
+        "run", str(tiny_artifact), "--prompt-ids", "1,512", "--max-new-tokens", "2", check=False
+    )
     _one_line_error(proc, "outside the vocabulary")
 
 
 def test_prompt_longer_than_context(tiny_artifact):
     ids = ",".join(["1"] * 40)
-    proc = run_cli("run", str(tiny_artifact), "--prompt-ids", ids, "--max-new-tokens", "2", check=False)
+    proc = run_cli(
+        "run", str(tiny_artifact), "--prompt-ids", ids, "--max-new-tokens", "2", check=False
+    )
     _one_line_error(proc, "max-context")
 
 
 def test_bad_prompt_ids(tiny_artifact):
-    proc = run_cli("run", str(tiny_artifact), "--prompt-ids", "1,x", "--max-new-tokens", "2", check=False)
+    proc = run_cli(
+        "run", str(tiny_artifact), "--prompt-ids", "1,x", "--max-new-tokens", "2", check=False
+    )
     _one_line_error(proc, "comma-separated")
 
 
 def test_text_prompt_without_tokenizer(tiny_artifact):
-    proc = run_cli("run", str(tiny_artifact), "--prompt", "hi", "--max-new-tokens", "2", check=False)
+    proc = run_cli(
+        "run", str(tiny_artifact), "--prompt", "hi", "--max-new-tokens", "2", check=False
+    )
     _one_line_error(proc, "tokenizer")
 
 
@@ -113,12 +142,22 @@ def test_artifact_from_other_tvm_version(tiny_artifact, tmp_path):
 
 
 def test_cpu_artifact_refused_on_gpu_request(tiny_artifact):
-    proc = run_cli("run", str(tiny_artifact), "--prompt-ids", "1", "--max-new-tokens", "1",
-                   "--device", "cuda", check=False)
+    proc = run_cli(
+        "run",
+        str(tiny_artifact),
+        "--prompt-ids",
+        "1",
+        "--max-new-tokens",
+        "1",
+        "--device",
+        "cuda",
+        check=False,
+    )
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
 
 
 def test_missing_artifact(tmp_path):
-    proc = run_cli("run", str(tmp_path / "none"), "--prompt-ids", "1", "--max-new-tokens", "1",
-                   check=False)
+    proc = run_cli(
+        "run", str(tmp_path / "none"), "--prompt-ids", "1", "--max-new-tokens", "1", check=False
+    )
     _one_line_error(proc, "does not exist")

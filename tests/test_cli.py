@@ -25,15 +25,42 @@ def hf_reference(hf_checkpoint):
 def test_compile_run_matches_hf_greedy(tmp_path, hf_reference, mla):
     path, prompt, expected = hf_reference
     out = tmp_path / f"art{mla}"
-    run_cli("compile", "--model", str(path), "--target", "cpu", "--dtype", "float32",
-            "--mla", str(mla), "--output", str(out), "--max-context", "512")
+    run_cli(
+        "compile",
+        "--model",
+        str(path),
+        "--target",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--mla",
+        str(mla),
+        "--output",
+        str(out),
+        "--max-context",
+        "512",
+    )
     meta = json.loads((out / "metadata.json").read_text())
     layers, d = 3, meta["model"]["dims"]
     if mla in (2, 3):
-        assert meta["kv_cache_bytes_per_token"] == layers * (d["kv_lora_rank"] + d["qk_rope_head_dim"]) * 2
+        assert (
+            meta["kv_cache_bytes_per_token"]
+            == layers * (d["kv_lora_rank"] + d["qk_rope_head_dim"]) * 2
+        )
     assert meta["mla"] == mla and meta["target"] == "cpu" and meta["tvm_version"]
-    proc = run_cli("run", str(out), "--prompt-ids", ",".join(map(str, prompt)),
-                   "--max-new-tokens", str(NEW), "--temperature", "0", "--ubatch", "64", "--json")
+    proc = run_cli(
+        "run",
+        str(out),
+        "--prompt-ids",
+        ",".join(map(str, prompt)),
+        "--max-new-tokens",
+        str(NEW),
+        "--temperature",
+        "0",
+        "--ubatch",
+        "64",
+        "--json",
+    )
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["tokens"] == expected
 

@@ -17,12 +17,12 @@ import textwrap
 import numpy as np
 import pytest
 import tvm
-from mla_compiler.schedules.target import tvm_target
 from tvm import relax, te
 from tvm.s_tir import dlight as dl
 
 from mla_compiler import cuda_build, inspect_artifact, nvcc
 from mla_compiler.errors import ArtifactError, TargetError
+from mla_compiler.schedules.target import tvm_target
 
 ARCHS = ["sm_89", "sm_90a"]
 

@@ -17,8 +17,9 @@ from mla_compiler.runtime.engine import Engine, SamplingParams, sample
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     path = tmp_path_factory.mktemp("eng") / "tiny"
-    compile_model(output=path, preset_name="tiny", options=CompileOptions(max_context=64),
-                  log=lambda _m: None)
+    compile_model(
+        output=path, preset_name="tiny", options=CompileOptions(max_context=64), log=lambda _m: None
+    )
     return path
 
 
@@ -52,10 +53,15 @@ def test_seeded_sampling_is_reproducible(artifact):
     assert a == b and all(0 <= t < eng.vocab_size for t in a)
 
 
-@pytest.mark.parametrize("kw,msg", [
-    (dict(temperature=-1), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"),
-    (dict(max_new_tokens=100), "max-context"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        (dict(temperature=-1), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_k=-2), "top_k"),
+        (dict(max_new_tokens=100), "max-context"),
+    ],
+)
 def test_bad_sampling_params(artifact, kw, msg):
     eng = Engine.load(artifact)
     args = dict(max_new_tokens=2) | kw

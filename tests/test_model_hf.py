@@ -49,7 +49,7 @@ def test_greedy_tokens_match_transformers(hf_checkpoint):
     prompt = [5, 17, 99, 3, 42]
     with torch.no_grad():
         ref = hf_model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
-    ref = ref[0, len(prompt):].tolist()
+    ref = ref[0, len(prompt) :].tolist()
     seq, cache, out = list(prompt), model.new_cache(64, torch.float32), []
     with torch.no_grad():
         logits, cache = model(**single_sequence_inputs(seq, start=0), cache=cache)

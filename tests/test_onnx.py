@@ -32,8 +32,10 @@ def test_plain_ops_equal_custom_ops():
     model = random_model(preset("tiny"), seed=6)
     ids = torch.randint(0, 512, (10,), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        ref, _ = model(**single_sequence_inputs(ids, start=0, logits="all"),
-                       cache=model.new_cache(16, torch.float32))
+        ref, _ = model(
+            **single_sequence_inputs(ids, start=0, logits="all"),
+            cache=model.new_cache(16, torch.float32),
+        )
         with ops.plain_ops():
             plain = FullSequence(model)(ids)
     torch.testing.assert_close(plain, ref, rtol=1e-4, atol=1e-5)

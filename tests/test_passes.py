@@ -77,14 +77,18 @@ def test_rewrite_mla_attention_forms(tiny, form, expect):
     assert "attention" in _pseudo_names(out["decode"])  # untouched
     cache = [p for p in out["prefill"].params if p.name == "cache"][0]
     d = model.cfg.dims
-    width = d.heads * (d.qk_head_dim + d.v_head_dim) if form == "decompressed_cache" else d.latent_dim
+    width = (
+        d.heads * (d.qk_head_dim + d.v_head_dim) if form == "decompressed_cache" else d.latent_dim
+    )
     assert int(cache.ty.shape[2]) == width
     assert cache.ty.dtype.dtype == "float16"
 
 
 def test_lower_moe_and_kernels_leave_no_pseudo_ops(tiny):
     model, mod = tiny
-    mod = RewriteMLAAttention(dims=model.cfg.dims, forms={"prefill": "absorbed", "decode": "absorbed"})(mod)
+    mod = RewriteMLAAttention(
+        dims=model.cfg.dims, forms={"prefill": "absorbed", "decode": "absorbed"}
+    )(mod)
     mod = LowerMoE(target=CPU)(mod)
     assert "moe" not in _pseudo_names(mod["prefill"])
     mod = LowerMLAKernels(dims=model.cfg.dims, target=CPU)(mod)
@@ -114,8 +118,12 @@ def engines(tmp_path_factory):
     out = {}
     for mla in (0, 2, 3):
         path = tmp_path_factory.mktemp("mla") / f"m{mla}"
-        compile_model(output=path, preset_name="tiny", options=CompileOptions(mla=mla, seed=3, max_context=96),
-                      log=lambda _m: None)
+        compile_model(
+            output=path,
+            preset_name="tiny",
+            options=CompileOptions(mla=mla, seed=3, max_context=96),
+            log=lambda _m: None,
+        )
         out[mla] = Engine.load(path)
     return out
 
@@ -125,7 +133,9 @@ def test_full_sequence_logits(engines, mla):
     model = random_model(preset("tiny"), seed=3)
     ids = torch.randint(0, 512, (37,), generator=torch.Generator().manual_seed(mla)).tolist()
     with torch.no_grad():
-        ref, _ = model(**single_sequence_inputs(ids, start=0, logits="all"), cache=model.new_cache(64))
+        ref, _ = model(
+            **single_sequence_inputs(ids, start=0, logits="all"), cache=model.new_cache(64)
+        )
     eng = engines[mla]
     eng.reset()
     got = eng.prefill(ids, all_logits=True)
@@ -159,11 +169,13 @@ def test_cache_is_latent_f16_row(engines, mla):
 
 
 def test_v2_lite_cache_row_is_576_f16():
-    """The deepseek-v2-lite pipeline (built on 'meta', no weights) keeps a [27, C, 576] f16 cache."""
+    """The deepseek-v2-lite pipeline (on 'meta', no weights) keeps a [27, C, 576] f16 cache."""
     from mla_compiler.compiler import resolve_model
     from mla_compiler.pipeline import compile_ir
 
-    cfg, model, _ = resolve_model(model_dir=None, preset_name="deepseek-v2-lite", dtype="float16", seed=0)
+    cfg, model, _ = resolve_model(
+        model_dir=None, preset_name="deepseek-v2-lite", dtype="float16", seed=0
+    )
     ir = compile_ir(model, mla=3, target=tvm_target("sm_90a"))
     for phase in ("prefill", "decode"):
         cache = [p for p in ir.mod[phase].params if p.name == "cache"][0]

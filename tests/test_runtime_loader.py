@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import tvm
-from mla_compiler.runtime import loader
 
 from mla_compiler import cuda_build
 from mla_compiler.errors import ArtifactError, TargetError
+from mla_compiler.runtime import loader
 
 RUN_SMOKE = """
 import json, sys

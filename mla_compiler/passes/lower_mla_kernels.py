@@ -4,8 +4,8 @@
   function's cache argument is updated, nothing is copied).
 - ``mla.cache_gather``, ``mla.attn_absorbed``, ``mla.attn_decompressed`` call the kernels that
   ``mla_compiler.kernels.select`` picks for the target (tuned tensor-core kernels where they
-  apply, the simple kernels otherwise). ``layer`` travels as a ``R.prim_value`` argument (a TIR scalar), so one
-  kernel serves every layer.
+  apply, the simple kernels otherwise). ``layer`` travels as a ``R.prim_value`` argument (a
+  TIR scalar), so one kernel serves every layer.
 """
 
 from __future__ import annotations
@@ -36,8 +36,14 @@ class _Lower(relax.PyExprMutator):
     def _kernel(self, op_name: str, **kw) -> relax.GlobalVar:
         key = (op_name, tuple(sorted(kw.items())))
         if key not in self.funcs:
-            func = kernels.select(op_name, dims=self.dims, target=self.target, config=self.config, **kw)
-            name = func.attrs["global_symbol"] if func.attrs and "global_symbol" in func.attrs else op_name
+            func = kernels.select(
+                op_name, dims=self.dims, target=self.target, config=self.config, **kw
+            )
+            name = (
+                func.attrs["global_symbol"]
+                if func.attrs and "global_symbol" in func.attrs
+                else op_name
+            )
             return self._add(key, func, str(name))
         return self.funcs[key]
 
@@ -58,7 +64,10 @@ class _Lower(relax.PyExprMutator):
         """Split-KV tensor-core decode (one token of one sequence) or None where it does not
         apply (CPU, non-f16, a config that does not fit)."""
         found = kernels.decode_kernels(
-            self.dims, target=self.target, dtype=q.ty.dtype.dtype, sm_scale=sm_scale,
+            self.dims,
+            target=self.target,
+            dtype=q.ty.dtype.dtype,
+            sm_scale=sm_scale,
             max_context=self.max_context,
         )
         if found is None:
@@ -67,21 +76,29 @@ class _Lower(relax.PyExprMutator):
         d, key = self.dims, ("decode", sm_scale)
         split = self._add(key + ("split",), dk.split, "mla_decode_split")
         merge = self._add(key + ("merge",), dk.merge, "mla_decode_merge")
-        q4 = self.builder_.emit(relax.op.reshape(q, [1, 1, d.heads, d.latent_dim]))  # [B, Q, H, 576]
-        part = self.builder_.emit(relax.call_tir(
-            split, [q4, cache, kv_indptr, relax.prim_value(tvm.tirx.IntImm("int32", layer))],
-            out_ty=[
-                relax.TensorType([splits, 1, 1, d.heads, d.kv_lora_rank], "float32"),
-                relax.TensorType([splits, 1, 1, d.heads], "float32"),
-            ],
-        ))
-        res = self.builder_.emit(relax.call_tir(
-            merge, [relax.TupleGetItem(part, 0), relax.TupleGetItem(part, 1)],
-            out_ty=[
-                relax.TensorType([1, 1, d.heads, d.kv_lora_rank], q.ty.dtype),
-                relax.TensorType([1, 1, d.heads], "float32"),
-            ],
-        ))
+        q4 = self.builder_.emit(
+            relax.op.reshape(q, [1, 1, d.heads, d.latent_dim])
+        )  # [B, Q, H, 576]
+        part = self.builder_.emit(
+            relax.call_tir(
+                split,
+                [q4, cache, kv_indptr, relax.prim_value(tvm.tirx.IntImm("int32", layer))],
+                out_ty=[
+                    relax.TensorType([splits, 1, 1, d.heads, d.kv_lora_rank], "float32"),
+                    relax.TensorType([splits, 1, 1, d.heads], "float32"),
+                ],
+            )
+        )
+        res = self.builder_.emit(
+            relax.call_tir(
+                merge,
+                [relax.TupleGetItem(part, 0), relax.TupleGetItem(part, 1)],
+                out_ty=[
+                    relax.TensorType([1, 1, d.heads, d.kv_lora_rank], q.ty.dtype),
+                    relax.TensorType([1, 1, d.heads], "float32"),
+                ],
+            )
+        )
         o = relax.op.reshape(relax.TupleGetItem(res, 0), out_ty[0].shape)
         lse = relax.op.reshape(relax.TupleGetItem(res, 1), out_ty[1].shape)
         return relax.Tuple([o, lse])
@@ -107,8 +124,12 @@ class _Lower(relax.PyExprMutator):
             q, cache, q_indptr, kv_rows, kv_indptr, layer, sm_scale = args
             if self.phase == "decode":
                 fast = self._decode_attention(
-                    q, cache, kv_indptr, int(pseudo.scalar(layer)),
-                    float(pseudo.scalar(sm_scale)), list(op.ty.fields),
+                    q,
+                    cache,
+                    kv_indptr,
+                    int(pseudo.scalar(layer)),
+                    float(pseudo.scalar(sm_scale)),
+                    list(op.ty.fields),
                 )
                 if fast is not None:
                     return fast
@@ -120,7 +141,9 @@ class _Lower(relax.PyExprMutator):
                     flash, [q, cache, q_indptr, kv_indptr, layer32], out_ty=list(op.ty.fields)
                 )
             gv = self._kernel(
-                "attn_absorbed", dtype=q.ty.dtype, kv_dtype=cache.ty.dtype,
+                "attn_absorbed",
+                dtype=q.ty.dtype,
+                kv_dtype=cache.ty.dtype,
                 sm_scale=float(pseudo.scalar(sm_scale)),
             )
             return relax.call_tir(
@@ -128,9 +151,13 @@ class _Lower(relax.PyExprMutator):
             )
         if name == "attn_decompressed":
             q, k, v, q_indptr, kv_indptr, sm_scale = args
-            flash = self._prefill("attn_decompressed", q.ty.dtype.dtype, float(pseudo.scalar(sm_scale)))
+            flash = self._prefill(
+                "attn_decompressed", q.ty.dtype.dtype, float(pseudo.scalar(sm_scale))
+            )
             if flash is not None:
-                return relax.call_tir(flash, [q, k, v, q_indptr, kv_indptr], out_ty=list(op.ty.fields))
+                return relax.call_tir(
+                    flash, [q, k, v, q_indptr, kv_indptr], out_ty=list(op.ty.fields)
+                )
             gv = self._kernel(
                 "attn_decompressed", dtype=q.ty.dtype, sm_scale=float(pseudo.scalar(sm_scale))
             )

@@ -17,8 +17,19 @@ from mla_compiler.passes import pseudo
 from mla_compiler.schedules.topk import topk as topk_kernel
 
 
-def route(x, router, *, top_k: int, method: int, n_group: int, topk_group: int, norm: bool,
-          scaling: float, emit, topk):
+def route(
+    x,
+    router,
+    *,
+    top_k: int,
+    method: int,
+    n_group: int,
+    topk_group: int,
+    norm: bool,
+    scaling: float,
+    emit,
+    topk,
+):
     """Relax routing: x [T, D], router [E, D] -> dense weights [T, E] (float32, zeros off top-k)."""
     t = x.ty.shape[0]
     e = router.ty.shape[0]
@@ -28,7 +39,9 @@ def route(x, router, *, top_k: int, method: int, n_group: int, topk_group: int, 
         per = int(e) // n_group
         group_scores = R.max(R.reshape(scores, [t, n_group, per]), axis=-1)  # [T, G]
         _, top_groups = topk(emit(group_scores), topk_group)
-        mask = R.sum(R.one_hot(top_groups, relax.prim_value(1.0), relax.prim_value(0.0), n_group), 1)
+        mask = R.sum(
+            R.one_hot(top_groups, relax.prim_value(1.0), relax.prim_value(0.0), n_group), 1
+        )
         mask = R.reshape(R.broadcast_to(R.expand_dims(mask, 2), [t, n_group, per]), [t, e])
         scores = emit(R.multiply(scores, mask))
     weights, ids = topk(scores, top_k)
@@ -59,10 +72,13 @@ class _Lower(relax.PyExprMutator):
                 func.without_attr("global_symbol"), f"moe_topk_{width}_{k}"
             )
         t = x.ty.shape[0]
-        out = self._emit(relax.call_tir(
-            self.kernels[(width, k)], [x],
-            out_ty=[relax.TensorType([t, k], "float32"), relax.TensorType([t, k], "int32")],
-        ))
+        out = self._emit(
+            relax.call_tir(
+                self.kernels[(width, k)],
+                [x],
+                out_ty=[relax.TensorType([t, k], "float32"), relax.TensorType([t, k], "int32")],
+            )
+        )
         return self._emit(relax.TupleGetItem(out, 0)), self._emit(relax.TupleGetItem(out, 1))
 
     def visit_call_(self, op):
@@ -72,8 +88,15 @@ class _Lower(relax.PyExprMutator):
         x, router, gate_up, down = args[:4]
         top_k, method, n_group, topk_group, norm, scaling = (pseudo.scalar(a) for a in args[4:])
         dense_w = route(
-            x, router, top_k=int(top_k), method=int(method), n_group=int(n_group),
-            topk_group=int(topk_group), norm=bool(norm), scaling=float(scaling), emit=self._emit,
+            x,
+            router,
+            top_k=int(top_k),
+            method=int(method),
+            n_group=int(n_group),
+            topk_group=int(topk_group),
+            norm=bool(norm),
+            scaling=float(scaling),
+            emit=self._emit,
             topk=self._topk,
         )
         inter = down.ty.shape[2]

@@ -136,7 +136,9 @@ class _Rewriter(relax.PyExprMutator):
             width = d.heads * (d.qk_head_dim + d.v_head_dim)
             rows = self._emit(
                 pseudo.emit(
-                    "cache_gather", [cache, kv_rows, layer], relax.TensorType([n, width], cache.ty.dtype)
+                    "cache_gather",
+                    [cache, kv_rows, layer],
+                    relax.TensorType([n, width], cache.ty.dtype),
                 ),
                 "kv",
             )
