@@ -148,7 +148,7 @@ def load_hf_state(cfg: ModelConfig, model_dir: str | Path) -> dict[str, torch.Te
 
 
 def load_hf_model(cfg: ModelConfig, model_dir: str | Path, *, dtype: str = "float32") -> DeepseekV2:
-    """Our model with a HF checkpoint's weights; each missing, extra or mis-shaped tensor is named."""
+    """Our model with a HF checkpoint's weights; names each missing, extra or misshaped tensor."""
     state = load_hf_state(cfg, model_dir)
     model = DeepseekV2(cfg)
     expected = dict(model.named_parameters())
