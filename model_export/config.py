@@ -303,6 +303,25 @@ PRESETS: dict[str, ModelConfig] = {
         bos_token_id=1,
         eos_token_id=2,
     ),
+    # V2-Lite's attention (16 heads, 576/512 latent, 192/128 heads) around a tiny body: exercises
+    # the tensor-core attention kernels end to end at a size a CPU reference can follow.
+    "tiny-lite-attn": ModelConfig(
+        name="tiny-lite-attn",
+        vocab_size=512,
+        hidden_size=256,
+        num_hidden_layers=2,
+        intermediate_size=512,
+        moe_intermediate_size=128,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        dims=MLADims(),
+        rope=_V2_LITE["rope"],
+        max_position_embeddings=16384,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
 }
 
 

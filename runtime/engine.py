@@ -53,7 +53,9 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
 
 
 class Engine:
-    def __init__(self, path: Path, meta: dict, vm, device, params: list, *, max_context: int):
+    def __init__(
+        self, path: Path, meta: dict, vm, device, params: list, *, max_context: int, slots: int = 1
+    ):
         import tvm
 
         self.path, self.meta, self.vm, self.device = path, meta, vm, device
@@ -65,10 +67,11 @@ class Engine:
         layers = cfg["num_hidden_layers"]
         self.ubatch = int(meta.get("ubatch", 2048))
         self.decode_threshold = int(meta.get("decode_threshold", 1))
-        shape = (layers, max_context, meta["kv_cache_width"])
+        self.slots = slots
+        shape = (layers, slots * max_context, meta["kv_cache_width"])  # [L, slots x ctx, 576]
         self.cache = tvm.runtime.empty(shape, meta["kv_dtype"], device)
         self.cache.copyfrom(np.zeros(shape, dtype=meta["kv_dtype"]))  # no garbage in unused rows
-        self.pos = 0
+        self.lengths = [0] * slots  # tokens cached per sequence slot
         self.tokenizer = _load_tokenizer(path)
 
     def encode(self, text: str) -> list[int]:
@@ -92,8 +95,10 @@ class Engine:
         device: str | None = None,
         *,
         max_context: int | None = None,
+        slots: int = 1,
         log=None,
     ) -> Engine:
+        """``slots``: sequences the KV cache holds at once (each ``max_context`` rows)."""
         import tvm
 
         from mla_compiler.runtime import loader
@@ -105,11 +110,11 @@ class Engine:
         max_context = max_context or int(meta["max_context"])
         layers = meta["model"]["num_hidden_layers"]
         item = 2 if meta["kv_dtype"] == "float16" else 4
-        cache_bytes = layers * max_context * meta["kv_cache_width"] * item
+        cache_bytes = slots * layers * max_context * meta["kv_cache_width"] * item
         if log:
             log(
-                f"KV cache: {max_context} tokens x {meta['kv_cache_bytes_per_token']} B = "
-                f"{cache_bytes / 2**20:.1f} MiB"
+                f"KV cache: {slots} x {max_context} tokens x {meta['kv_cache_bytes_per_token']} B"
+                f" = {cache_bytes / 2**20:.1f} MiB"
             )
         dev = tvm.cpu() if kind == "cpu" else tvm.cuda(0)
         vm = loader.load_vm(path, dev)  # checks the device and arch against the fatbin
@@ -118,13 +123,25 @@ class Engine:
         del raw
         if "torch" in sys.modules and kind == "cuda":  # seeded weights were drawn with torch
             sys.modules["torch"].cuda.empty_cache()
-        return cls(path, meta, vm, dev, params, max_context=max_context)
+        return cls(path, meta, vm, dev, params, max_context=max_context, slots=slots)
 
     # ---- stepping ------------------------------------------------------------------------
-    def reset(self) -> None:
-        self.pos = 0
+    @property
+    def pos(self) -> int:
+        """Tokens cached for sequence slot 0."""
+        return self.lengths[0]
 
-    def _check_tokens(self, tokens: Sequence[int]) -> np.ndarray:
+    def reset(self, seq: int | None = None) -> None:
+        """Forget sequence ``seq`` (all when None); its slot is free for a new prompt."""
+        for s in range(self.slots) if seq is None else [self._slot(seq)]:
+            self.lengths[s] = 0
+
+    def _slot(self, seq: int) -> int:
+        if not 0 <= seq < self.slots:
+            raise InputError(f"sequence {seq} does not exist: the engine has {self.slots} slots")
+        return seq
+
+    def _check_tokens(self, tokens: Sequence[int], seq: int = 0) -> np.ndarray:
         ids = np.asarray(tokens, dtype=np.int64)
         if ids.ndim != 1 or ids.size == 0:
             raise InputError("empty prompt: give at least one token id")
@@ -133,43 +150,97 @@ class Engine:
             raise InputError(
                 f"token id {int(bad[0])} is outside the vocabulary (0..{self.vocab_size - 1})"
             )
-        if self.pos + ids.size > self.max_context:
+        total = self.lengths[self._slot(seq)] + ids.size
+        if total > self.max_context:
             raise InputError(
-                f"context of {self.pos + ids.size} tokens exceeds --max-context "
-                f"{self.max_context}: raise --max-context or shorten the prompt"
+                f"context of {total} tokens exceeds --max-context {self.max_context}: "
+                "raise --max-context or shorten the prompt"
             )
         return ids
 
-    def _step(self, ids: np.ndarray, *, all_logits: bool = False) -> np.ndarray:
+    def _step(self, batch: list[tuple[int, np.ndarray]], *, all_logits: bool = False) -> np.ndarray:
+        """Append ``ids`` to each ``(slot, ids)`` in one call; logits of each sequence's last
+        token ([B, V]) or of every new token ([T, V])."""
         import tvm
 
-        t, start = ids.size, self.pos
-        n = start + t
-        fn = "decode" if t <= self.decode_threshold else "prefill"
+        c = self.max_context
+        ids, pos, slot_rows, kv_rows, logit_rows = [], [], [], [], []
+        q_indptr, kv_indptr = [0], [0]
+        for slot, toks in batch:
+            start, t = self.lengths[slot], toks.size
+            ids.append(toks)
+            pos.append(np.arange(start, start + t))
+            slot_rows.append(slot * c + np.arange(start, start + t))
+            kv_rows.append(slot * c + np.arange(start + t))
+            q_indptr.append(q_indptr[-1] + t)
+            kv_indptr.append(kv_indptr[-1] + start + t)
+            first = q_indptr[-2]
+            logit_rows.append(np.arange(first, first + t) if all_logits else [first + t - 1])
+        single = len(batch) == 1 and batch[0][1].size <= self.decode_threshold and not all_logits
         inputs = [
-            ids,
-            np.arange(start, n, dtype=np.int64),
-            np.arange(start, n, dtype=np.int32),
-            np.array([0, t], dtype=np.int32),
-            np.arange(n, dtype=np.int32),
-            np.array([0, n], dtype=np.int32),
-            np.arange(t, dtype=np.int64) if all_logits else np.array([t - 1], dtype=np.int64),
+            np.concatenate(ids).astype(np.int64),
+            np.concatenate(pos).astype(np.int64),
+            np.concatenate(slot_rows).astype(np.int32),
+            np.array(q_indptr, dtype=np.int32),
+            np.concatenate(kv_rows).astype(np.int32),
+            np.array(kv_indptr, dtype=np.int32),
+            np.concatenate(logit_rows).astype(np.int64),
         ]
         args = [tvm.runtime.tensor(x, self.device) for x in inputs]
-        out = self.vm[fn](*args, self.cache, *self.params)
-        self.pos = n
+        out = self.vm["decode" if single else "prefill"](*args, self.cache, *self.params)
+        for slot, toks in batch:
+            self.lengths[slot] += toks.size
         return out[0].numpy()
 
-    def prefill(self, tokens: Sequence[int], *, all_logits: bool = False) -> np.ndarray:
-        """Append tokens in ``ubatch`` chunks; logits of the last token (or all, [T, V])."""
-        ids = self._check_tokens(tokens)
+    def prefill(
+        self, tokens: Sequence[int], *, seq: int = 0, all_logits: bool = False
+    ) -> np.ndarray:
+        """Append tokens to sequence ``seq`` in ``ubatch`` chunks; logits of the last token
+        ([V]) or of all of them ([T, V])."""
+        ids = self._check_tokens(tokens, seq)
         outs = []
         for i in range(0, ids.size, self.ubatch):
-            outs.append(self._step(ids[i : i + self.ubatch], all_logits=all_logits))
+            outs.append(self._step([(seq, ids[i : i + self.ubatch])], all_logits=all_logits))
         return np.concatenate(outs) if all_logits else outs[-1][0]
 
-    def decode(self, token: int) -> np.ndarray:
-        return self._step(self._check_tokens([token]))[0]
+    def decode(self, token: int, *, seq: int = 0) -> np.ndarray:
+        """One token of one sequence; its next-token logits [V]."""
+        return self._step([(seq, self._check_tokens([token], seq))])[0]
+
+    def decode_batch(self, tokens: dict[int, int]) -> np.ndarray:
+        """One new token for each sequence ``{seq: token}`` in one call: logits [B, V] in the
+        order given."""
+        return self._step([(seq, self._check_tokens([tok], seq)) for seq, tok in tokens.items()])
+
+    def generate_batch(
+        self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, **sampling
+    ) -> list[list[int]]:
+        """Several prompts at once: each prefilled into its slot, then decoded together."""
+        if len(prompts) > self.slots:
+            raise InputError(f"{len(prompts)} prompts but the engine has {self.slots} slots")
+        params = SamplingParams(**{k: sampling[k] for k in sampling if k != "stop_ids"})
+        params.validate()
+        rng = np.random.default_rng(params.seed)
+        stop = set(sampling.get("stop_ids", ()))
+        self.reset()
+        outs: list[list[int]] = [[] for _ in prompts]
+        nxt = {}
+        for s, p in enumerate(prompts):
+            self._check_tokens(p, s)
+            if len(p) + max_new_tokens > self.max_context:
+                raise InputError(f"prompt {s} + max_new_tokens exceeds --max-context")
+            nxt[s] = sample(self.prefill(p, seq=s), params, rng)
+        while nxt:
+            for s, tok in nxt.items():
+                outs[s].append(tok)
+            live = {
+                s: t for s, t in nxt.items() if t not in stop and len(outs[s]) < max_new_tokens
+            }
+            if not live:
+                break
+            logits = self.decode_batch(live)
+            nxt = {s: sample(row, params, rng) for s, row in zip(live, logits, strict=True)}
+        return outs
 
     def stream(
         self,
@@ -186,7 +257,7 @@ class Engine:
         if max_new_tokens < 0:
             raise InputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         rng = np.random.default_rng(seed)
-        self.reset()
+        self.reset(0)
         self._check_tokens(prompt_ids)
         if len(prompt_ids) + max_new_tokens > self.max_context:
             raise InputError(

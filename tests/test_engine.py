@@ -77,3 +77,16 @@ def test_sample_respects_top_k_and_top_p():
     picks = {sample(logits, SamplingParams(1.0, 0.5, 0), rng) for _ in range(200)}
     assert picks == {0}
     assert sample(logits, SamplingParams(0.0), rng) == 0
+
+
+def test_batched_decode_equals_one_at_a_time(artifact):
+    prompts = [[1, 2, 3], [40, 41, 42, 43, 44], [7]]
+    single = Engine.load(artifact)
+    expected = [single.generate(p, max_new_tokens=5) for p in prompts]
+    batched = Engine.load(artifact, slots=3)
+    assert batched.generate_batch(prompts, max_new_tokens=5) == expected
+    # and sequence slots other than 0 decode through the one-token function too
+    batched.reset()
+    batched.prefill(prompts[1], seq=2)
+    logits = batched.decode(expected[1][0], seq=2)
+    assert int(np.argmax(logits)) == expected[1][1]

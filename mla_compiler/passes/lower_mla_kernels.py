@@ -60,6 +60,17 @@ class _Lower(relax.PyExprMutator):
             return self._add(key, func, f"mla_prefill_{short}")
         return self.funcs[key]
 
+    def _cache_row_bounds(self, kv_rows, kv_indptr):
+        """[first, last+1] cache rows of the one decoding sequence (its slot's rows are
+        consecutive): kv_rows[kv_indptr[0]] and that plus the sequence's length."""
+        op = relax.op
+        start = op.take(kv_rows, op.strided_slice(kv_indptr, axes=[0], begin=[0], end=[1]))
+        length = op.subtract(
+            op.strided_slice(kv_indptr, axes=[0], begin=[1], end=[2]),
+            op.strided_slice(kv_indptr, axes=[0], begin=[0], end=[1]),
+        )
+        return self.builder_.emit(op.concat([start, op.add(start, length)], axis=0))
+
     def _decode_attention(self, q, cache, kv_indptr, layer, sm_scale, out_ty):
         """Split-KV tensor-core decode (one token of one sequence) or None where it does not
         apply (CPU, non-f16, a config that does not fit)."""
@@ -126,7 +137,7 @@ class _Lower(relax.PyExprMutator):
                 fast = self._decode_attention(
                     q,
                     cache,
-                    kv_indptr,
+                    self._cache_row_bounds(kv_rows, kv_indptr),
                     int(pseudo.scalar(layer)),
                     float(pseudo.scalar(sm_scale)),
                     list(op.ty.fields),
@@ -136,9 +147,24 @@ class _Lower(relax.PyExprMutator):
             sm = float(pseudo.scalar(sm_scale))
             flash = self._prefill("attn_absorbed", q.ty.dtype.dtype, sm)
             if flash is not None and cache.ty.dtype.dtype == q.ty.dtype.dtype:
-                layer32 = relax.prim_value(tvm.tirx.IntImm("int32", int(pseudo.scalar(layer))))
+                # The kernel streams contiguous rows; sequences sit in slots of the cache, so
+                # their rows (kv_rows) are gathered first: one pass over N x 576, small next to
+                # the attention FLOPs of a prompt chunk.
+                n = kv_rows.ty.shape[0]
+                gather = self._kernel(
+                    "cache_gather", width=int(cache.ty.shape[2]), dtype=cache.ty.dtype
+                )
+                rows = self.builder_.emit(
+                    relax.call_tir(
+                        gather,
+                        [cache, kv_rows, layer],
+                        out_ty=relax.TensorType([n, cache.ty.shape[2]], cache.ty.dtype),
+                    )
+                )
+                rows = self.builder_.emit(relax.op.reshape(rows, [1, n, cache.ty.shape[2]]))
+                layer0 = relax.prim_value(tvm.tirx.IntImm("int32", 0))
                 return relax.call_tir(
-                    flash, [q, cache, q_indptr, kv_indptr, layer32], out_ty=list(op.ty.fields)
+                    flash, [q, rows, q_indptr, kv_indptr, layer0], out_ty=list(op.ty.fields)
                 )
             gv = self._kernel(
                 "attn_absorbed",
