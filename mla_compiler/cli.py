@@ -30,6 +30,9 @@ def _add_compile(sub) -> None:
     p.add_argument("--ubatch", type=int, default=2048, metavar="N", help="prompt chunk size")
     p.add_argument("--seed", type=int, default=0, help="seed of preset random weights")
     p.add_argument("--dump-ir", metavar="DIR", help="write the Relax IR after each pipeline phase")
+    p.add_argument("--tuning-db", metavar="DIR", default=None,
+                   help="use the fastest configs recorded by `mla-compiler tune` (default configs "
+                        "where none is recorded)")
 
 
 def _add_run(sub) -> None:
@@ -69,6 +72,24 @@ def _add_bench(sub) -> None:
                    help="also time HF transformers' eager DeepseekV2 (same config) in this process")
 
 
+def _add_tune(sub) -> None:
+    p = sub.add_parser("tune", help="search kernel configs: build candidates, measure on a GPU")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", metavar="HF_DIR", help="HF checkpoint directory (config.json)")
+    src.add_argument("--preset", metavar="NAME", help="built-in config (tiny, deepseek-v2-lite)")
+    p.add_argument("--target", default="sm_90a", help="one GPU arch, e.g. sm_90a or sm_89")
+    p.add_argument("--db", required=True, metavar="DIR", help="tuning database (records.jsonl)")
+    p.add_argument("--kernels", default="attn",
+                   help="attn, gemm, moe or kernel names, comma-separated")
+    p.add_argument("--budget-minutes", type=float, default=None, metavar="N",
+                   help="stop starting new candidates after N minutes (re-run to resume)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="at most N configs per kernel (best guesses first)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--build-only", metavar="OUT", help="build a plan into OUT (no GPU needed)")
+    mode.add_argument("--measure", metavar="PLAN_DIR", help="measure a built plan into --db")
+
+
 def _parse_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t]
@@ -85,6 +106,10 @@ def cmd_compile(args) -> int:
     dtype = args.dtype or ("float32" if args.target == "cpu" else "float16")
     if args.ubatch < 1:
         raise InputError(f"--ubatch must be positive, got {args.ubatch}")
+    if args.tuning_db:  # fail early on a database that cannot be read
+        from mla_compiler import tuning_db
+
+        tuning_db.read(args.tuning_db)
     opts = CompileOptions(
         target=args.target, dtype=dtype, kv_dtype=args.kv_dtype, mla=args.mla,
         max_context=args.max_context, ubatch=args.ubatch, seed=args.seed, dump_ir=args.dump_ir,
@@ -175,6 +200,37 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    budget = None if args.budget_minutes is None else 60 * args.budget_minutes
+    say = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if args.measure:
+        from mla_compiler.runtime import loader
+
+        loader.use_runtime_only()  # measuring needs TVM's runtime only
+        from mla_compiler import tuning_measure
+
+        counts = tuning_measure.measure(args.measure, args.db, budget_s=budget, log=say)
+        print(json.dumps(counts))
+        return 0
+    from mla_compiler import tuning
+
+    model = tuning.resolve_model(model_dir=args.model, preset_name=args.preset)
+    if args.build_only:
+        for group in tuning.skipped_groups(args.kernels):
+            say(f"tune: no tunable {group} kernel registered on this build: skipped")
+        out = tuning.build_candidates(model, args.target, args.kernels, args.build_only,
+                                      limit=args.limit, budget_s=budget)
+        plan = tuning.read_plan(out)
+        bad = sum(1 for c in plan["candidates"] if c["build_error"])
+        print(f"plan: {out} ({len(plan['candidates'])} candidates, {bad} failed to build)")
+        return 0
+    counts = tuning.tune(model=model, target=args.target, db_dir=args.db, kernels=args.kernels,
+                         budget_s=budget, limit=args.limit, log=say)
+    print(json.dumps(counts))
+    print(tuning.format_summary(tuning.summary(args.db, target=args.target)))
+    return 0
+
+
 def cmd_inspect(args) -> int:
     from mla_compiler import inspect_artifact
 
@@ -193,10 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     _add_run(sub)
     _add_inspect(sub)
     _add_bench(sub)
+    _add_tune(sub)
     args = parser.parse_args(argv)
     try:
         return {
-            "compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "bench": cmd_bench
+            "compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "bench": cmd_bench,
+            "tune": cmd_tune,
         }[args.cmd](args)
     except MLAError as e:
         print(f"mla-compiler {args.cmd}: error: {e}", file=sys.stderr)
