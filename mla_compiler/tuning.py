@@ -42,8 +42,15 @@ import tvm
 from mla_compiler import tuning_db
 from mla_compiler.errors import TuningError
 from mla_compiler.model_export.config import MLADims, ModelConfig, load_config, preset
-from mla_compiler.tuning_measure import PLAN_FILE, PLAN_FORMAT, Progress, read_plan, write_json
-from mla_compiler.tuning_measure import measure as measure  # noqa: PLC0414 (re-export)
+from mla_compiler.tuning_db import format_summary, summary
+from mla_compiler.tuning_measure import (
+    PLAN_FILE,
+    PLAN_FORMAT,
+    Progress,
+    measure,
+    read_plan,
+    write_json,
+)
 
 DECODE_CONTEXTS = (4096, 16384, 32768)
 PREFILL_LENGTHS = (2048, 8192)
@@ -447,38 +454,6 @@ def prefill_config(db_dir, op: str, target, dims: MLADims, *, tokens: int, log=N
     return config_for(db_dir, f"attn_prefill_{kind}", target, key, default, log=log)
 
 
-def summary(db_dir, *, target: str | None = None) -> list[dict]:
-    """One row per (kernel, target, shape key): best config, its time, and the default's."""
-    rows: dict[tuple, dict] = {}
-    for r in tuning_db.read(db_dir):
-        if target and r["target"] != target:
-            continue
-        key = (r["kernel"], r["target"], r["shape_key"])
-        row = rows.setdefault(key, {"kernel": key[0], "target": key[1], "shape_key": key[2],
-                                    "measured": 0, "failed": 0, "best": None})  # fmt: skip
-        row["measured"] += 1
-        if not r["ok"]:
-            row["failed"] += 1
-        elif row["best"] is None or r["median_us"] < row["best"]["median_us"]:
-            row["best"] = r
-    return list(rows.values())
-
-
-def format_summary(rows: list[dict]) -> str:
-    lines = [
-        "| kernel | shape | best us | config | measured | failed |",
-        "|---|---|---:|---|---:|---:|",
-    ]
-    for r in rows:
-        best = r["best"]
-        us = f"{best['median_us']:.1f}" if best else "-"
-        cfg = tuning_db.config_json(best["config"]) if best else "-"
-        lines.append(
-            f"| {r['kernel']} | {r['shape_key']} | {us} | {cfg} | {r['measured']} | {r['failed']} |"
-        )
-    return "\n".join(lines)
-
-
 def gpu_present() -> bool:
     try:
         import torch
@@ -526,9 +501,11 @@ __all__ = [
     "best_config",
     "build_candidates",
     "config_for",
+    "format_summary",
     "measure",
     "read_plan",
     "register",
     "select_kernels",
+    "summary",
     "tune",
 ]

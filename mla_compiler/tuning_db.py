@@ -161,3 +161,46 @@ def best_record(db_dir: str | Path, kernel: str, target: str, shape_key: str) ->
         if best is None or r["median_us"] < best["median_us"]:
             best = r
     return best
+
+
+def summary(db_dir, *, target: str | None = None) -> list[dict]:
+    """One row per (kernel, target, shape key): measurements, failures, the fastest ok record
+    and that of the default config (plan candidate ``...-000``: spaces list it first)."""
+    rows: dict[tuple, dict] = {}
+    for r in read(db_dir):
+        if target and r["target"] != target:
+            continue
+        key = (r["kernel"], r["target"], r["shape_key"])
+        row = rows.setdefault(
+            key,
+            {"kernel": key[0], "target": key[1], "shape_key": key[2], "measured": 0, "failed": 0,
+             "best": None, "default": None},
+        )  # fmt: skip
+        row["measured"] += 1
+        if not r["ok"] or r.get("median_us") is None:
+            row["failed"] += 1
+            continue
+        if row["best"] is None or r["median_us"] < row["best"]["median_us"]:
+            row["best"] = r
+        if str(r.get("candidate", "")).endswith("-000"):
+            row["default"] = r
+    return list(rows.values())
+
+
+def format_summary(rows: list[dict]) -> str:
+    """A markdown table of ``summary`` rows."""
+    lines = [
+        "| kernel | shape | best us | default us | speedup | best config | measured | failed |",
+        "|---|---|---:|---:|---:|---|---:|---:|",
+    ]
+    for r in rows:
+        best, default = r["best"], r["default"]
+        us = f"{best['median_us']:.1f}" if best else "-"
+        dus = f"{default['median_us']:.1f}" if default else "-"
+        gain = f"{default['median_us'] / best['median_us']:.2f}x" if best and default else "-"
+        cfg = config_json(best["config"]) if best else "-"
+        lines.append(
+            f"| {r['kernel']} | {r['shape_key']} | {us} | {dus} | {gain} | {cfg} "
+            f"| {r['measured']} | {r['failed']} |"
+        )
+    return "\n".join(lines)

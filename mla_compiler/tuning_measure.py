@@ -34,6 +34,8 @@ PLAN_FILE = "plan.json"
 REPS = 30
 ROTATE_L2_TIMES = 3  # input sets together span this many times the L2 size (at least 2 sets)
 
+DEVICE = "cuda"  # where runners allocate inputs (tests run the llvm kernels with "cpu")
+
 RUNNERS: dict[str, Callable] = {}
 
 
@@ -79,12 +81,12 @@ def read_plan(plan_dir: str | Path) -> dict:
 
 
 class Progress:
-    """A tqdm bar when tqdm is installed, else one plain line per step."""
+    """A tqdm bar on a terminal when tqdm is installed, else one plain line per step (logs)."""
 
     def __init__(self, total: int, desc: str, *, enabled: bool = True):
         self.total, self.desc, self.n, self.bar = total, desc, 0, None
         self.enabled = enabled
-        if enabled:
+        if enabled and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
 
@@ -145,6 +147,13 @@ def time_calls(calls: list[Callable[[], None]], *, reps: int, warmup: int = 3) -
     return times[len(times) // 2]
 
 
+def _sync() -> None:
+    import torch
+
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
 def _t(x):
     import tvm
 
@@ -183,7 +192,7 @@ def run_decode(module, plan: dict, params: dict, reps: int) -> dict:
     heads, rank = dims["heads"], dims["kv_lora_rank"]
     width = rank + dims["qk_rope_head_dim"]
     batch, ctx, splits = params["batch"], params["ctx"], params["splits"]
-    dev = "cuda"
+    dev = DEVICE
     o_part = torch.empty(splits, batch, 1, heads, rank, device=dev)  # f32 workspace
     lse_part = torch.empty(splits, batch, 1, heads, device=dev)
     o = torch.empty(batch, 1, heads, rank, device=dev, dtype=torch.float16)  # [B, Q, H, 512]
@@ -207,7 +216,7 @@ def run_decode(module, plan: dict, params: dict, reps: int) -> dict:
     for t in (o_part, lse_part, o, lse):
         t.fill_(float("nan"))
     calls[0]()
-    torch.cuda.synchronize()
+    _sync()
     q, kv = first
     err = 0.0
     for b in sorted({0, batch - 1}):
@@ -227,7 +236,7 @@ def _prefill_runner(kind: str):
         from mla_compiler import reference
 
         dims, scale = plan["model"]["dims"], plan["model"]["sm_scale"]
-        heads, n, dev = dims["heads"], params["n"], "cuda"
+        heads, n, dev = dims["heads"], params["n"], DEVICE
         rank, rope = dims["kv_lora_rank"], dims["qk_rope_head_dim"]
         dk = rank + rope if kind == "absorbed" else dims["qk_nope_head_dim"] + rope
         dv = rank if kind == "absorbed" else dims["v_head_dim"]
@@ -256,7 +265,7 @@ def _prefill_runner(kind: str):
         o.fill_(float("nan"))
         lse.fill_(float("nan"))
         calls[0]()
-        torch.cuda.synchronize()
+        _sync()
         q, (k, v) = first
         err = 0.0
         for a, b in sorted({(0, min(64, n)), (max(0, n - 128), n)}):
@@ -456,7 +465,10 @@ def main(argv: list[str] | None = None) -> int:
     counts = measure(
         args.plan_dir, args.db, isolate=not args.no_isolate, reps=args.reps, budget_s=budget
     )
+    counts["compiler_loaded"] = loader.compiler_loaded()
     print(json.dumps(counts))
+    target = read_plan(args.plan_dir)["target"]
+    print("\n" + tuning_db.format_summary(tuning_db.summary(args.db, target=target)))
     return 0
 
 

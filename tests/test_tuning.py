@@ -209,6 +209,10 @@ def test_measure_resumes_and_records_failures(tmp_path):
     assert calls == [] and again["skipped"] == 6 and len(tuning_db.read(db)) == 6
     _, best = tuning.best_config(db, "attn_decode", "sm_90a", "k-ctx4096")
     assert best["median_us"] == 11.0
+    rows = {r["shape_key"]: r for r in tuning.summary(db, target="sm_90a")}
+    assert rows["k-ctx4096"]["measured"] == 3 and rows["k-ctx4096"]["failed"] == 1
+    assert rows["k-ctx4096"]["default"]["candidate"] == "attn_decode-000"
+    assert "| attn_decode | k-ctx16384 |" in tuning.format_summary(list(rows.values()))
 
 
 def test_measure_budget_leaves_the_rest(tmp_path):
@@ -224,6 +228,19 @@ def test_bad_plan_raises(tmp_path):
     (tmp_path / "plan.json").write_text("{")
     with pytest.raises(TuningError, match="unreadable"):
         tuning_measure.read_plan(tmp_path)
+
+
+def test_measuring_side_needs_the_runtime_only():
+    import subprocess
+    import sys
+
+    code = (
+        "from mla_compiler.runtime import loader; loader.use_runtime_only()\n"
+        "import sys, mla_compiler.tuning_measure as m; m.tvm_version()\n"
+        "bad = [k for k in sys.modules if k.startswith('mla_compiler.schedules')]\n"
+        "assert not loader.compiler_loaded() and not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # --- building a plan ----------------------------------------------------------------------------
@@ -297,3 +314,57 @@ def test_gpu_measure_tiny_plan(tiny_plan, tmp_path):
     )
     assert cfg in ad.candidate_configs(tvm_target("sm_90a"), TINY.dims, heads=4, q_tokens=1)[:2]
     assert tuning_measure.measure(tiny_plan, db, progress=False)["skipped"] == 6
+
+
+# --- the runners' checks, with the llvm kernels on the CPU --------------------------------------
+
+CPU_CASES = {
+    "attn_decode": ({"batch": 2, "ctx": 100, "splits": 3}, ad.CPU_CONFIG),
+    "attn_prefill_absorbed": ({"n": 160}, ap.CPUConfig()),
+    "attn_prefill_decompressed": ({"n": 160}, ap.CPUConfig()),
+}
+
+
+@pytest.fixture(scope="module")
+def cpu_modules(tmp_path_factory):
+    """The three kernels of the tiny preset built for llvm and loaded like a plan's artifacts."""
+    from mla_compiler.runtime import loader
+
+    from mla_compiler import cuda_build
+
+    out, mods = tmp_path_factory.mktemp("cpu"), {}
+    for name, (_, cfg) in CPU_CASES.items():
+        mod = tuning.KERNELS[name].build(cfg, tvm_target("cpu"), TINY)
+        cuda_build.build(mod, ["cpu"], output=out / name, name=tuning.LIBRARY)
+        mods[name] = loader.load_module(out / name, "cpu")
+    return mods
+
+
+@pytest.fixture
+def on_cpu(monkeypatch):
+    timed = []
+
+    def time_calls(calls, *, reps):
+        for call in calls:
+            call()
+        timed.append(len(calls))
+        return 1.0
+
+    monkeypatch.setattr(tuning_measure, "DEVICE", "cpu")
+    monkeypatch.setattr(tuning_measure, "input_sets", lambda set_bytes: 2)
+    monkeypatch.setattr(tuning_measure, "time_calls", time_calls)
+    return timed
+
+
+@pytest.mark.parametrize("name", list(CPU_CASES))
+def test_runner_checks_against_reference(name, cpu_modules, on_cpu):
+    import dataclasses
+
+    plan = {"model": {"dims": dataclasses.asdict(TINY.dims), "sm_scale": TINY.softmax_scale}}
+    params = CPU_CASES[name][0]
+    res = tuning_measure.RUNNERS[name](cpu_modules[name], plan, params, 5)
+    assert res["median_us"] == 1.0 and res["max_abs_err"] < 1e-2 and on_cpu == [2]
+    wrong = {"model": {**plan["model"], "sm_scale": 1.5 * TINY.softmax_scale}}
+    with pytest.raises(tuning_measure.CheckError, match="differs from the reference"):
+        tuning_measure.RUNNERS[name](cpu_modules[name], wrong, params, 5)
+    assert on_cpu == [2]  # a wrong kernel is never timed
