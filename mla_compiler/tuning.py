@@ -29,6 +29,8 @@ Plan format (``plan.json``, ``PLAN_FORMAT``)::
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import contextvars
 import dataclasses
 import multiprocessing
 import re
@@ -434,24 +436,50 @@ def config_for(db_dir, kernel: str, target, shape_key: str, default, *, log=None
     return default
 
 
-def decode_config(db_dir, target, dims: MLADims, *, max_context: int, log=None):
-    """The split-KV decode config ``kernels.decode_kernels`` should build (tuned or default)."""
+@dataclasses.dataclass(frozen=True)
+class _Active:
+    db_dir: str | None = None
+    tokens: int = 2048  # prompt chunk (ubatch) the prefill kernels are picked for
+    log: Callable | None = None
+
+
+_ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("tuning_db", default=None)
+
+
+@contextlib.contextmanager
+def using_db(db_dir, *, ubatch: int = 2048, log=None):
+    """Make ``decode_config`` / ``prefill_config`` read ``db_dir`` (None: defaults) while the
+    compiler runs; the database is read once up front so a bad one fails early."""
+    if db_dir is not None:
+        tuning_db.read(db_dir)
+    token = _ACTIVE.set(_Active(None if db_dir is None else str(db_dir), ubatch, log))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def decode_config(target, dims: MLADims, *, max_context: int):
+    """The split-KV decode config ``kernels.decode_kernels`` builds: the one tuned for the
+    nearest context in the active database (``using_db``), else the target's default."""
     from mla_compiler.schedules import attention_decode as ad
 
+    active = _ACTIVE.get() or _Active()
     default = ad.default_config(target, dims, heads=dims.heads, q_tokens=1)
     key = decode_shape_key(dims, max_context)
-    return config_for(db_dir, "attn_decode", target, key, default, log=log)
+    return config_for(active.db_dir, "attn_decode", target, key, default, log=active.log)
 
 
-def prefill_config(db_dir, op: str, target, dims: MLADims, *, tokens: int, log=None):
-    """The prefill config for ``op`` (attn_absorbed / attn_decompressed) at ``tokens`` per call
-    (the compiler's ubatch): tuned, or the target's default."""
+def prefill_config(op: str, target, dims: MLADims):
+    """The prefill config for ``op`` (attn_absorbed / attn_decompressed): tuned for the active
+    database's prompt chunk (``using_db``), else the target's default."""
     from mla_compiler.schedules import attention_prefill as ap
 
+    active = _ACTIVE.get() or _Active()
     kind = "absorbed" if op == "attn_absorbed" else "decompressed"
     default = ap.default_config(target, kind=kind, dims=dims)
-    key = prefill_shape_key(kind, dims, tokens)
-    return config_for(db_dir, f"attn_prefill_{kind}", target, key, default, log=log)
+    key = prefill_shape_key(kind, dims, active.tokens)
+    return config_for(active.db_dir, f"attn_prefill_{kind}", target, key, default, log=active.log)
 
 
 def gpu_present() -> bool:
@@ -508,4 +536,5 @@ __all__ = [
     "select_kernels",
     "summary",
     "tune",
+    "using_db",
 ]

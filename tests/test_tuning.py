@@ -368,3 +368,30 @@ def test_runner_checks_against_reference(name, cpu_modules, on_cpu):
     with pytest.raises(tuning_measure.CheckError, match="differs from the reference"):
         tuning_measure.RUNNERS[name](cpu_modules[name], wrong, params, 5)
     assert on_cpu == [2]  # a wrong kernel is never timed
+
+
+def test_compiler_view_of_the_active_db(tmp_path):
+    """``using_db`` + ``decode_config`` / ``prefill_config``: what kernels.py calls."""
+    db, target = tmp_path / "db", tvm_target("sm_90a")
+    tuned = ad.Config(block_n=32, stages=2, warps_n=4)
+    key = tuning.decode_shape_key(V2.dims, 16384)
+    tuning_db.append(db, _rec(5.0, cfg=tuning.config_to_dict(tuned), shape=key))
+    pre = ap.candidates(target, kind="absorbed", dims=V2.dims)[-1]
+    pre_key = tuning.prefill_shape_key("absorbed", V2.dims, 512)
+    tuning_db.append(
+        db, _rec(9.0, cfg=tuning.config_to_dict(pre), shape=pre_key, kernel="attn_prefill_absorbed")
+    )
+    default = ad.default_config(target, V2.dims, heads=16)
+    assert tuning.decode_config(target, V2.dims, max_context=16384) == default  # no active db
+    notes = []
+    with tuning.using_db(db, ubatch=512, log=notes.append):
+        assert tuning.decode_config(target, V2.dims, max_context=16384) == tuned
+        assert tuning.decode_config(target, V2.dims, max_context=32768) == tuned  # nearest
+        assert tuning.prefill_config("attn_absorbed", target, V2.dims) == pre
+        fallback = tuning.prefill_config("attn_decompressed", target, V2.dims)
+        assert fallback == ap.default_config(target, kind="decompressed", dims=V2.dims)
+    assert any("tuned for 16384" in n for n in notes) and "default config" in notes[-1]
+    assert tuning.prefill_config("attn_absorbed", target, V2.dims) != pre  # scope ended
+    with pytest.raises(TuningError, match="does not exist"):
+        with tuning.using_db(tmp_path / "nope"):
+            pass
