@@ -115,7 +115,7 @@ class Progress:
 # --- timing -------------------------------------------------------------------------------------
 
 
-def input_sets(set_bytes: int, *, most: int = 32) -> int:
+def input_sets(set_bytes: int, *, most: int = 512) -> int:
     """Input sets to rotate through so that together they overflow L2 (and fit in memory)."""
     import torch
 
@@ -426,12 +426,15 @@ def measure(
             run_candidate(plan_dir, plan, cand, shapes, db, reps=reps)
         bar.update(len(shapes))
     bar.close()
-    ours = [
-        r
-        for r in tuning_db.read(db)
-        if r.get("candidate") in {c["id"] for c, _ in todo} and r["target"] == plan["target"]
-    ]
-    failed = sum(1 for r in ours if not r["ok"])
+    wanted = {
+        tuning_db.record_key(cand["kernel"], plan["target"], shape["key"], cand["config"])
+        for cand, shapes in todo
+        for shape in shapes
+    }
+    failed = sum(
+        1 for r in tuning_db.read(db) if not r["ok"] and tuning_db.record_key(
+            r["kernel"], r["target"], r["shape_key"], r["config"]) in wanted
+    )  # fmt: skip
     return {"measured": total - left, "skipped": skipped, "failed": failed, "left": left}
 
 

@@ -199,7 +199,7 @@ def test_measure_resumes_and_records_failures(tmp_path):
     counts = tuning_measure.measure(plan_dir, db, runner=lambda p, c, s: runner(p, c, s) or {},
                                     progress=False)  # fmt: skip
     assert calls == [("attn_decode-001", "k-ctx4096"), ("attn_decode-001", "k-ctx16384")]
-    assert counts["skipped"] == 2 and counts["measured"] == 4
+    assert counts["skipped"] == 2 and counts["measured"] == 4 and counts["failed"] == 2
     recs = tuning_db.read(db)
     assert len(recs) == 6
     build_failed = [r for r in recs if r["candidate"] == "attn_decode-002"]
