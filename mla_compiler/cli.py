@@ -6,6 +6,7 @@ Every ``MLAError`` becomes one line on stderr and exit code 2; no tracebacks for
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import sys
@@ -106,19 +107,21 @@ def cmd_compile(args) -> int:
     dtype = args.dtype or ("float32" if args.target == "cpu" else "float16")
     if args.ubatch < 1:
         raise InputError(f"--ubatch must be positive, got {args.ubatch}")
-    if args.tuning_db:  # fail early on a database that cannot be read
-        from mla_compiler import tuning_db
-
-        tuning_db.read(args.tuning_db)
     opts = CompileOptions(
         target=args.target, dtype=dtype, kv_dtype=args.kv_dtype, mla=args.mla,
         max_context=args.max_context, ubatch=args.ubatch, seed=args.seed, dump_ir=args.dump_ir,
     )
-    compile_model(
-        output=args.output, model_dir=args.model, preset_name=args.preset, options=opts,
-        command="mla-compiler " + shlex.join(sys.argv[1:]),
-        log=lambda m: print(m, file=sys.stderr),
-    )
+    say = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    tuned = contextlib.nullcontext()
+    if args.tuning_db:  # kernels.py reads it through tuning.decode_config / prefill_config
+        from mla_compiler import tuning
+
+        tuned = tuning.using_db(args.tuning_db, ubatch=args.ubatch, log=say)
+    with tuned:
+        compile_model(
+            output=args.output, model_dir=args.model, preset_name=args.preset, options=opts,
+            command="mla-compiler " + shlex.join(sys.argv[1:]), log=say,
+        )
     return 0
 
 
@@ -209,8 +212,11 @@ def cmd_tune(args) -> int:
         loader.use_runtime_only()  # measuring needs TVM's runtime only
         from mla_compiler import tuning_measure
 
+        from mla_compiler import tuning_db
+
         counts = tuning_measure.measure(args.measure, args.db, budget_s=budget, log=say)
         print(json.dumps(counts))
+        print(tuning_db.format_summary(tuning_db.summary(args.db)))
         return 0
     from mla_compiler import tuning
 

@@ -294,6 +294,12 @@ def test_cli_tune_build_only_then_measure_needs_gpu(tmp_path):
     bad = run_cli("tune", "--db", str(tmp_path / "file"), "--measure", str(tmp_path / "x"),
                   check=False)  # fmt: skip
     assert bad.returncode == 2 and "no tuning plan" in bad.stderr
+    nodb = run_cli(
+        *("compile", "--preset", "tiny", "-o", str(tmp_path / "art")),
+        *("--tuning-db", str(tmp_path / "nope")),
+        check=False,
+    )
+    assert nodb.returncode == 2 and "does not exist" in nodb.stderr
 
 
 # --- on a GPU -----------------------------------------------------------------------------------
