@@ -271,6 +271,16 @@ def test_build_plan_writes_artifacts(tiny_plan):
         assert [s["params"]["ctx"] for s in cand["shapes"]] == list(tuning.DECODE_CONTEXTS)
 
 
+@pytest.mark.skipif(gpu_available(), reason="checks what a dying worker leaves (no GPU here)")
+def test_worker_that_dies_is_recorded_as_failed(tiny_plan, tmp_path):
+    db = tmp_path / "db"
+    counts = tuning_measure.measure(tiny_plan, db, progress=False)  # workers find no GPU
+    recs = tuning_db.read(db)
+    assert counts["measured"] == 6 and counts["failed"] == 6 and len(recs) == 6
+    assert all(r["err"].startswith("run: worker exited with") for r in recs)
+    assert tuning_measure.measure(tiny_plan, db, progress=False)["skipped"] == 6
+
+
 def test_build_records_a_config_that_does_not_build(tmp_path, monkeypatch):
     bad = {"id": "attn_decode-000", "kernel": "attn_decode", "config": _cfg(48, 9, 4),
            "artifact": None, "build_error": None, "shapes": []}  # fmt: skip
