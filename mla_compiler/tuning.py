@@ -347,12 +347,16 @@ def build_candidates(
         },
         "candidates": [],
     }
+    done = _reusable(out, plan, cands)
     jobs = [
-        {"candidate": c, "target": tname, "model": model.to_dict(), "out": str(out)} for c in cands
+        {"candidate": c, "target": tname, "model": model.to_dict(), "out": str(out)}
+        for c in cands
+        if c["id"] not in done
     ]
     t0 = time.time()
     bar = Progress(len(jobs), f"build {tname}", enabled=progress)
-    done: dict[str, dict] = {}
+    if done:
+        bar.write(f"{len(done)} candidates already built in {out}: reused")
     ctx = multiprocessing.get_context("spawn")  # TVM's state does not survive fork
     with concurrent.futures.ProcessPoolExecutor(max(1, workers), mp_context=ctx) as pool:
         pending = {}
@@ -386,6 +390,25 @@ def build_candidates(
     plan["candidates"] = [done[c["id"]] for c in cands if c["id"] in done]
     write_json(out / PLAN_FILE, plan)
     return out
+
+
+def _reusable(out: Path, plan: dict, cands: list[dict]) -> dict[str, dict]:
+    """Candidates an earlier build of the same plan (same TVM, target, model) left built."""
+    try:
+        old = read_plan(out)
+    except TuningError:
+        return {}
+    same = ("tvm_version", "target", "model")
+    if any(old.get(k) != plan[k] for k in same):
+        return {}
+    wanted = {(c["id"], tuning_db.config_json(c["config"])): c for c in cands}
+    reuse = {}
+    for c in old["candidates"]:
+        new = wanted.get((c["id"], tuning_db.config_json(c["config"])))
+        artifact = c.get("artifact")
+        if new is not None and artifact and (out / artifact / f"{LIBRARY}.so").is_file():
+            reuse[c["id"]] = {**c, "shapes": new["shapes"]}
+    return reuse
 
 
 # --- reading the database back ------------------------------------------------------------------

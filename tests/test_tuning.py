@@ -281,6 +281,14 @@ def test_worker_that_dies_is_recorded_as_failed(tiny_plan, tmp_path):
     assert tuning_measure.measure(tiny_plan, db, progress=False)["skipped"] == 6
 
 
+def test_rebuild_reuses_built_candidates(tiny_plan, capsys):
+    before = (tiny_plan / "attn_decode-000" / "kernel.so").stat().st_mtime_ns
+    tuning.build_candidates(TINY, "sm_90a", "attn_decode", tiny_plan, limit=2)
+    assert "2 candidates already built" in capsys.readouterr().err
+    assert (tiny_plan / "attn_decode-000" / "kernel.so").stat().st_mtime_ns == before
+    assert len(tuning.read_plan(tiny_plan)["candidates"]) == 2
+
+
 def test_build_records_a_config_that_does_not_build(tmp_path, monkeypatch):
     bad = {"id": "attn_decode-000", "kernel": "attn_decode", "config": _cfg(48, 9, 4),
            "artifact": None, "build_error": None, "shapes": []}  # fmt: skip
