@@ -53,7 +53,9 @@ def decode_kernels(
     if not is_gpu(target) or dtype != "float16":
         return None
     try:
-        config = ad.default_config(target, dims, heads=dims.heads, q_tokens=1)
+        from mla_compiler import tuning
+
+        config = tuning.decode_config(target, dims, max_context=max_context)
         if not config.tensor_cores:
             return None
         dk = ad.absorbed_decode(
@@ -86,6 +88,10 @@ def prefill_kernel(
         return None
     factory = ap.absorbed_prefill if op == "attn_absorbed" else ap.decompressed_prefill
     try:
+        if config is None:
+            from mla_compiler import tuning
+
+            config = tuning.prefill_config(op, target, dims)
         return factory(
             dims, heads=dims.heads, dtype=dtype, target=target, config=config, sm_scale=sm_scale
         )

@@ -1,0 +1,563 @@
+"""``mla-compiler tune``: search kernel schedule configs; build here, measure there.
+
+A ``TunableKernel`` names a kernel factory, its config space on a target (already pruned by the
+schedule's ``keep``), the shapes worth tuning for a model and the runner that checks and times
+it on a GPU (``tuning_measure.RUNNERS``). Tuning runs in two halves:
+
+- ``build_candidates`` (the build machine: full TVM + nvcc, no GPU needed) compiles every
+  candidate config into its own artifact directory ``<plan>/<id>/kernel.so`` with
+  ``cuda_build`` (device code as a fatbin) and writes ``<plan>/plan.json``;
+- ``tuning_measure.measure`` (the GPU machine: TVM's runtime library only, torch for inputs and
+  the float64 references) loads each artifact, checks it on fresh random inputs and appends one
+  record per (candidate, shape) to the database (``tuning_db``).
+
+``best_config`` / ``config_for`` read the database back for the compiler (``compile
+--tuning-db``). Kernels of other modules (GEMM, MoE) join with ``register`` plus
+``tuning_measure.register_runner``.
+
+Plan format (``plan.json``, ``PLAN_FORMAT``)::
+
+    {"format": "mla-compiler/tuning-plan/1", "tvm_version": "...", "target": "sm_90a",
+     "model": {"name": "deepseek-v2-lite", "dims": {MLADims fields}, "sm_scale": 0.0721},
+     "candidates": [{"id": "attn_decode-000", "kernel": "attn_decode", "config": {...},
+                     "artifact": "attn_decode-000" | null, "build_error": null | "...",
+                     "build_s": 3.1, "resources": {kernel: {registers, spill_bytes, ...}},
+                     "shapes": [{"key": "h16-r512-p64-b1-ctx4096",
+                                 "params": {"batch": 1, "ctx": 4096, "splits": 38}}]}]}
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import contextvars
+import dataclasses
+import multiprocessing
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import tvm
+
+from mla_compiler import tuning_db
+from mla_compiler.errors import TuningError
+from mla_compiler.model_export.config import MLADims, ModelConfig, load_config, preset
+from mla_compiler.tuning_db import format_summary, summary
+from mla_compiler.tuning_measure import (
+    PLAN_FILE,
+    PLAN_FORMAT,
+    Progress,
+    measure,
+    read_plan,
+    write_json,
+)
+
+DECODE_CONTEXTS = (4096, 16384, 32768)
+PREFILL_LENGTHS = (2048, 8192)
+LIBRARY = "kernel"  # <plan>/<candidate>/kernel.so
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One problem size to measure: ``key`` names it in the database, ``params`` feed the runner."""
+
+    key: str
+    params: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class TunableKernel:
+    """What tuning needs to know of one kernel.
+
+    ``space(target, dims)``: configs worth measuring, best guess first, pruned by ``keep``.
+    ``shapes(model, target, config)``: the problems to measure (per config where a run-time
+    parameter such as the decode split count depends on it).
+    ``build(config, target, model)``: an IRModule of PrimFuncs the runner calls by name.
+    ``group``: the ``--kernels`` name that selects it (attn, gemm, moe).
+    """
+
+    name: str
+    group: str
+    config_type: type
+    space: Callable[[tvm.target.Target, MLADims], list]
+    shapes: Callable[[ModelConfig, tvm.target.Target, object], list[Shape]]
+    build: Callable[[object, tvm.target.Target, ModelConfig], tvm.IRModule]
+
+
+KERNELS: dict[str, TunableKernel] = {}
+GROUPS = ("attn", "gemm", "moe")
+
+
+def register(kernel: TunableKernel) -> TunableKernel:
+    """Add a kernel to the registry (the hook for schedules/gemm.py, schedules/moe.py: register
+    a ``TunableKernel`` of group "gemm"/"moe" here and its runner with
+    ``tuning_measure.register_runner``)."""
+    if kernel.group not in GROUPS:
+        raise ValueError(f"unknown kernel group {kernel.group!r}: use one of {GROUPS}")
+    KERNELS[kernel.name] = kernel
+    return kernel
+
+
+# --- attention kernels --------------------------------------------------------------------------
+
+
+def _latent_prefix(dims: MLADims) -> str:
+    return f"h{dims.heads}-r{dims.kv_lora_rank}-p{dims.qk_rope_head_dim}"
+
+
+def _decode_space(target, dims: MLADims) -> list:
+    from mla_compiler.schedules import attention_decode as ad
+
+    return ad.candidate_configs(target, dims, heads=dims.heads, q_tokens=1)
+
+
+def decode_shape_key(dims: MLADims, ctx: int, *, batch: int = 1) -> str:
+    return f"{_latent_prefix(dims)}-b{batch}-ctx{ctx}"
+
+
+def _decode_shapes(model: ModelConfig, target, config) -> list[Shape]:
+    from mla_compiler.schedules import attention_decode as ad
+
+    dims = model.dims
+    out = []
+    for ctx in DECODE_CONTEXTS:
+        splits = ad.splits_for(
+            config, target, dims, heads=dims.heads, q_tokens=1, batch=1, max_context=ctx
+        )
+        params = {"batch": 1, "ctx": ctx, "splits": splits}
+        out.append(Shape(decode_shape_key(dims, ctx), params))
+    return out
+
+
+def _decode_build(config, target, model: ModelConfig) -> tvm.IRModule:
+    from mla_compiler.schedules import attention_decode as ad
+
+    dims = model.dims
+    k = ad.absorbed_decode(
+        dims, heads=dims.heads, target=target, config=config, sm_scale=model.softmax_scale
+    )
+    return tvm.IRModule({"decode_split": k.split, "decode_merge": k.merge})
+
+
+def prefill_shape_key(kind: str, dims: MLADims, n: int) -> str:
+    if kind == "absorbed":
+        return f"{_latent_prefix(dims)}-n{n}"
+    return f"h{dims.heads}-k{dims.qk_head_dim}-v{dims.v_head_dim}-n{n}"
+
+
+def _prefill_kernel(kind: str) -> TunableKernel:
+    from mla_compiler.schedules import attention_prefill as ap
+
+    def space(target, dims):
+        return ap.candidates(target, kind=kind, dims=dims)
+
+    def shapes(model, target, config):
+        return [Shape(prefill_shape_key(kind, model.dims, n), {"n": n}) for n in PREFILL_LENGTHS]
+
+    def build(config, target, model):
+        factory = ap.absorbed_prefill if kind == "absorbed" else ap.decompressed_prefill
+        func = factory(
+            model.dims,
+            heads=model.dims.heads,
+            target=target,
+            config=config,
+            sm_scale=model.softmax_scale,
+        )
+        return tvm.IRModule({"prefill": func.with_attr("global_symbol", "prefill")})
+
+    return TunableKernel(f"attn_prefill_{kind}", "attn", ap.MMAConfig, space, shapes, build)
+
+
+def _register_attention() -> None:
+    from mla_compiler.schedules import attention_decode as ad
+
+    register(
+        TunableKernel(
+            "attn_decode", "attn", ad.Config, _decode_space, _decode_shapes, _decode_build
+        )
+    )
+    register(_prefill_kernel("absorbed"))
+    register(_prefill_kernel("decompressed"))
+
+
+_register_attention()
+
+
+def select_kernels(spec: str | list[str]) -> list[TunableKernel]:
+    """Kernels named by ``--kernels``: groups (attn, gemm, moe) or kernel names.
+
+    A group with nothing registered on this build raises ``TuningError`` when it is the only
+    thing asked for; otherwise it is skipped (``skipped_groups`` says which).
+    """
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    out: list[TunableKernel] = []
+    for name in names:
+        if name in KERNELS:
+            found = [KERNELS[name]]
+        elif name in GROUPS:
+            found = [k for k in KERNELS.values() if k.group == name]
+        else:
+            raise TuningError(
+                f"unknown kernel {name!r}: use {', '.join(GROUPS)} or one of {', '.join(KERNELS)}"
+            )
+        out += [k for k in found if k not in out]
+    if not out:
+        raise TuningError(
+            f"no tunable kernel registered for {', '.join(names)} on this build "
+            f"(registered: {', '.join(KERNELS)})"
+        )
+    return out
+
+
+def skipped_groups(spec: str) -> list[str]:
+    """Groups named in ``spec`` that have no registered kernel (reported, not tuned)."""
+    have = {k.group for k in KERNELS.values()}
+    return [g for g in spec.split(",") if g in GROUPS and g not in have]
+
+
+# --- configs <-> JSON ---------------------------------------------------------------------------
+
+
+def config_to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(kernel: str, data: dict):
+    """The kernel's Config from a database dict; ``TuningError`` for unknown fields."""
+    cls = KERNELS[kernel].config_type
+    names = {f.name for f in dataclasses.fields(cls)}
+    extra = set(data) - names
+    if extra:
+        raise TuningError(
+            f"tuning record of {kernel} has config fields {sorted(extra)} that {cls.__name__} "
+            "does not know: the database was written by another version; re-tune"
+        )
+    return cls(**data)
+
+
+# --- building -----------------------------------------------------------------------------------
+
+
+def _target(target) -> tvm.target.Target:
+    from mla_compiler.schedules.target import tvm_target
+
+    return tvm_target(target) if isinstance(target, str) else target
+
+
+def target_name(target) -> str:
+    if isinstance(target, str):
+        return target
+    return str(target.attrs.get("arch", "cpu")) if target.kind.name == "cuda" else "cpu"
+
+
+def resolve_model(*, model_dir: str | None = None, preset_name: str | None = None) -> ModelConfig:
+    if model_dir is not None:
+        return load_config(model_dir)
+    return preset(preset_name or "tiny")
+
+
+def plan_candidates(
+    model: ModelConfig, target, kernels: list[TunableKernel], *, limit: int | None = None
+) -> list[dict]:
+    """Candidate entries (no artifacts yet): every config of every kernel with its shapes.
+
+    ``limit``: at most this many configs per kernel (the first ones: best guesses).
+    """
+    tgt = _target(target)
+    out = []
+    for kernel in kernels:
+        configs = kernel.space(tgt, model.dims)[:limit]
+        for index, config in enumerate(configs):
+            cid = f"{kernel.name}-{index:03d}"
+            shapes = kernel.shapes(model, tgt, config)
+            out.append(
+                {
+                    "id": cid,
+                    "kernel": kernel.name,
+                    "config": config_to_dict(config),
+                    "artifact": None,
+                    "build_error": None,
+                    "shapes": [{"key": s.key, "params": s.params} for s in shapes],
+                }
+            )
+    return out
+
+
+def _build_one(job: dict) -> dict:
+    """Worker: build one candidate into ``job["out"]/<id>/`` (runs in a child process)."""
+    from mla_compiler import cuda_build
+
+    cand, target = dict(job["candidate"]), job["target"]
+    model = ModelConfig.from_dict(job["model"])
+    out = Path(job["out"]) / cand["id"]
+    t0 = time.time()
+    try:
+        kernel = KERNELS[cand["kernel"]]
+        config = config_from_dict(cand["kernel"], cand["config"])
+        mod = kernel.build(config, _target(target), model)
+        result = cuda_build.build(mod, [target], output=out, name=LIBRARY, ptx=False)
+        cand["resources"] = {
+            k: dataclasses.asdict(r) for k, r in result.device_modules[0].kernels[target].items()
+        }
+        for dm in result.device_modules:  # the fatbin is inside kernel.so: drop the copies
+            shutil.rmtree(dm.directory, ignore_errors=True)
+        cand["artifact"] = cand["id"]
+    except Exception as err:  # noqa: BLE001  (a config that does not build is a result)
+        shutil.rmtree(out, ignore_errors=True)
+        cand["build_error"] = f"{type(err).__name__}: {str(err).strip()[:400]}"
+    cand["build_s"] = round(time.time() - t0, 2)
+    return cand
+
+
+def build_candidates(
+    model: ModelConfig | str,
+    target,
+    kernels: str | list = "attn",
+    out_dir: str | Path = "tuning-plan",
+    *,
+    workers: int = 2,
+    limit: int | None = None,
+    budget_s: float | None = None,
+    progress: bool = True,
+) -> Path:
+    """Build every candidate of ``kernels`` for ``model`` (ModelConfig or preset name) on
+    ``target`` into ``out_dir`` (one artifact directory per candidate + ``plan.json``), in
+    ``workers`` processes. A config that fails to build is kept in the plan with its error
+    (measure records it as failed). Candidates not started when ``budget_s`` runs out are left
+    out. Returns ``out_dir``."""
+    model = preset(model) if isinstance(model, str) else model
+    tname = target_name(target)
+    if tname == "cpu":
+        raise TuningError("tuning needs a GPU target (e.g. --target sm_90a): cpu has no configs")
+    chosen = kernels if isinstance(kernels, list) else select_kernels(kernels)
+    chosen = [KERNELS[k] if isinstance(k, str) else k for k in chosen]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cands = plan_candidates(model, tname, chosen, limit=limit)
+    plan = {
+        "format": PLAN_FORMAT,
+        "tvm_version": tvm.__version__,
+        "target": tname,
+        "model": {
+            "name": model.name,
+            "dims": dataclasses.asdict(model.dims),
+            "sm_scale": model.softmax_scale,
+        },
+        "candidates": [],
+    }
+    done = _reusable(out, plan, cands)
+    jobs = [
+        {"candidate": c, "target": tname, "model": model.to_dict(), "out": str(out)}
+        for c in cands
+        if c["id"] not in done
+    ]
+    t0 = time.time()
+    bar = Progress(len(jobs), f"build {tname}", enabled=progress)
+    if done:
+        bar.write(f"{len(done)} candidates already built in {out}: reused")
+    ctx = multiprocessing.get_context("spawn")  # TVM's state does not survive fork
+    with concurrent.futures.ProcessPoolExecutor(max(1, workers), mp_context=ctx) as pool:
+        pending = {}
+        queue = list(jobs)
+        while queue or pending:
+            while queue and len(pending) < max(1, workers):
+                if budget_s is not None and time.time() - t0 > budget_s:
+                    bar.write(f"build budget reached: {len(queue)} candidates left out")
+                    queue.clear()
+                    break
+                job = queue.pop(0)
+                pending[pool.submit(_build_one, job)] = job
+            if not pending:
+                break
+            finished, _ = concurrent.futures.wait(
+                pending, return_when=concurrent.futures.FIRST_COMPLETED
+            )
+            for fut in finished:
+                job = pending.pop(fut)
+                try:
+                    cand = fut.result()
+                except Exception as err:  # noqa: BLE001  (a worker that died)
+                    cand = {**job["candidate"], "build_error": f"worker: {err!r}"[:400]}
+                done[cand["id"]] = cand
+                if cand["build_error"]:
+                    bar.write(f"{cand['id']}: build failed: {cand['build_error'][:160]}")
+                bar.update(1)
+                plan["candidates"] = [done[c["id"]] for c in cands if c["id"] in done]
+                write_json(out / PLAN_FILE, plan)
+    bar.close()
+    plan["candidates"] = [done[c["id"]] for c in cands if c["id"] in done]
+    write_json(out / PLAN_FILE, plan)
+    return out
+
+
+def _reusable(out: Path, plan: dict, cands: list[dict]) -> dict[str, dict]:
+    """Candidates an earlier build of the same plan (same TVM, target, model) left built."""
+    try:
+        old = read_plan(out)
+    except TuningError:
+        return {}
+    same = ("tvm_version", "target", "model")
+    if any(old.get(k) != plan[k] for k in same):
+        return {}
+    wanted = {(c["id"], tuning_db.config_json(c["config"])): c for c in cands}
+    reuse = {}
+    for c in old["candidates"]:
+        new = wanted.get((c["id"], tuning_db.config_json(c["config"])))
+        artifact = c.get("artifact")
+        if new is not None and artifact and (out / artifact / f"{LIBRARY}.so").is_file():
+            reuse[c["id"]] = {**c, "shapes": new["shapes"]}
+    return reuse
+
+
+# --- reading the database back ------------------------------------------------------------------
+
+
+def best_config(db_dir, kernel: str, target: str, shape_key: str):
+    """``(Config, record)`` of the fastest correct measurement, or None when there is none."""
+    tuning_db.open_db(db_dir, create=False)
+    record = tuning_db.best_record(db_dir, kernel, target_name(target), shape_key)
+    if record is None:
+        return None
+    return config_from_dict(kernel, record["config"]), record
+
+
+_SIZE = re.compile(r"^(.*\D)(\d+)$")
+
+
+def config_for(db_dir, kernel: str, target, shape_key: str, default, *, log=None):
+    """The config the compiler should use: the best one recorded for ``shape_key``, else the
+    best one of the nearest size of the same family (``...-ctx16384`` for ``...-ctx8192``),
+    else ``default`` (with a note through ``log``). ``db_dir`` None returns ``default``."""
+    if db_dir is None:
+        return default
+    tname = target_name(target)
+    found = best_config(db_dir, kernel, tname, shape_key)
+    if found is not None:
+        return found[0]
+    m = _SIZE.match(shape_key)
+    if m:
+        family, size = m.group(1), int(m.group(2))
+        sizes = {
+            int(r["shape_key"][len(family) :])
+            for r in tuning_db.read(db_dir)
+            if r["kernel"] == kernel
+            and r["target"] == tname
+            and r["ok"]
+            and r["shape_key"].startswith(family)
+            and r["shape_key"][len(family) :].isdigit()
+        }
+        for near in sorted(sizes, key=lambda s: (abs(s - size), s)):
+            found = best_config(db_dir, kernel, tname, f"{family}{near}")
+            if found is not None:
+                if log:
+                    log(f"tuning: {kernel} {shape_key}: using the config tuned for {near}")
+                return found[0]
+    if log:
+        log(f"tuning: no record for {kernel} {tname} {shape_key} in {db_dir}: default config")
+    return default
+
+
+@dataclasses.dataclass(frozen=True)
+class _Active:
+    db_dir: str | None = None
+    tokens: int = 2048  # prompt chunk (ubatch) the prefill kernels are picked for
+    log: Callable | None = None
+
+
+_ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("tuning_db", default=None)
+
+
+@contextlib.contextmanager
+def using_db(db_dir, *, ubatch: int = 2048, log=None):
+    """Make ``decode_config`` / ``prefill_config`` read ``db_dir`` (None: defaults) while the
+    compiler runs; the database is read once up front so a bad one fails early."""
+    if db_dir is not None:
+        tuning_db.read(db_dir)
+    token = _ACTIVE.set(_Active(None if db_dir is None else str(db_dir), ubatch, log))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def decode_config(target, dims: MLADims, *, max_context: int):
+    """The split-KV decode config ``kernels.decode_kernels`` builds: the one tuned for the
+    nearest context in the active database (``using_db``), else the target's default."""
+    from mla_compiler.schedules import attention_decode as ad
+
+    active = _ACTIVE.get() or _Active()
+    default = ad.default_config(target, dims, heads=dims.heads, q_tokens=1)
+    key = decode_shape_key(dims, max_context)
+    return config_for(active.db_dir, "attn_decode", target, key, default, log=active.log)
+
+
+def prefill_config(op: str, target, dims: MLADims):
+    """The prefill config for ``op`` (attn_absorbed / attn_decompressed): tuned for the active
+    database's prompt chunk (``using_db``), else the target's default."""
+    from mla_compiler.schedules import attention_prefill as ap
+
+    active = _ACTIVE.get() or _Active()
+    kind = "absorbed" if op == "attn_absorbed" else "decompressed"
+    default = ap.default_config(target, kind=kind, dims=dims)
+    key = prefill_shape_key(kind, dims, active.tokens)
+    return config_for(active.db_dir, f"attn_prefill_{kind}", target, key, default, log=active.log)
+
+
+def gpu_present() -> bool:
+    try:
+        import torch
+
+        return bool(torch.cuda.is_available())
+    except ImportError:
+        return False
+
+
+def tune(
+    *,
+    model: ModelConfig,
+    target: str,
+    db_dir,
+    kernels: str = "attn",
+    budget_s: float | None = None,
+    plan_dir=None,
+    workers: int = 2,
+    limit: int | None = None,
+    log=print,
+) -> dict:
+    """Build every candidate, then (with a GPU here) measure them into ``db_dir``."""
+    tuning_db.open_db(db_dir)
+    for group in skipped_groups(kernels):
+        log(f"tune: no tunable {group} kernel registered on this build: skipped")
+    chosen = select_kernels(kernels)
+    plan_dir = Path(plan_dir or Path(db_dir) / "plans" / f"{model.name}-{target}")
+    t0 = time.time()
+    build_candidates(
+        model, target, chosen, plan_dir, workers=workers, limit=limit, budget_s=budget_s
+    )
+    if not gpu_present():
+        raise TuningError(
+            f"no GPU here: the plan is built in {plan_dir}; measure it on the GPU machine with "
+            f"`mla-compiler tune --measure {plan_dir} --db DIR`"
+        )
+    left = None if budget_s is None else max(0.0, budget_s - (time.time() - t0))
+    return measure(plan_dir, db_dir, budget_s=left, log=log)
+
+
+__all__ = [
+    "KERNELS",
+    "Shape",
+    "TunableKernel",
+    "best_config",
+    "build_candidates",
+    "config_for",
+    "format_summary",
+    "measure",
+    "read_plan",
+    "register",
+    "select_kernels",
+    "summary",
+    "tune",
+    "using_db",
+]
