@@ -50,9 +50,13 @@ def _add_compile(sub) -> None:
     p.add_argument("--ubatch", type=int, default=2048, metavar="N", help="prompt chunk size")
     p.add_argument("--seed", type=int, default=0, help="seed of preset random weights")
     p.add_argument("--dump-ir", metavar="DIR", help="write the Relax IR after each pipeline phase")
-    p.add_argument("--tuning-db", metavar="DIR", default=None,
-                   help="use the fastest configs recorded by `mla-compiler tune` (default configs "
-                        "where none is recorded)")
+    p.add_argument(
+        "--tuning-db",
+        metavar="DIR",
+        default=None,
+        help="use the fastest configs recorded by `mla-compiler tune` (default configs "
+        "where none is recorded)",
+    )
 
 
 def _add_run(sub) -> None:
@@ -103,12 +107,23 @@ def _add_tune(sub) -> None:
     src.add_argument("--preset", metavar="NAME", help="built-in config (tiny, deepseek-v2-lite)")
     p.add_argument("--target", default="sm_90a", help="one GPU arch, e.g. sm_90a or sm_89")
     p.add_argument("--db", required=True, metavar="DIR", help="tuning database (records.jsonl)")
-    p.add_argument("--kernels", default="attn",
-                   help="attn, gemm, moe or kernel names, comma-separated")
-    p.add_argument("--budget-minutes", type=float, default=None, metavar="N",
-                   help="stop starting new candidates after N minutes (re-run to resume)")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="at most N configs per kernel (best guesses first)")
+    p.add_argument(
+        "--kernels", default="attn", help="attn, gemm, moe or kernel names, comma-separated"
+    )
+    p.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=None,
+        metavar="N",
+        help="stop starting new candidates after N minutes (re-run to resume)",
+    )
+    p.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="at most N configs per kernel (best guesses first)",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--build-only", metavar="OUT", help="build a plan into OUT (no GPU needed)")
     mode.add_argument("--measure", metavar="PLAN_DIR", help="measure a built plan into --db")
@@ -140,16 +155,6 @@ def cmd_compile(args) -> int:
         seed=args.seed,
         dump_ir=args.dump_ir,
     )
-<<<<<<< HEAD
-    compile_model(
-        output=args.output,
-        model_dir=args.model,
-        preset_name=args.preset,
-        options=opts,
-        command="mla-compiler " + shlex.join(sys.argv[1:]),
-        log=lambda m: print(m, file=sys.stderr),
-    )
-=======
     say = lambda m: print(m, file=sys.stderr)  # noqa: E731
     tuned = contextlib.nullcontext()
     if args.tuning_db:  # kernels.py reads it through tuning.decode_config / prefill_config
@@ -158,10 +163,13 @@ def cmd_compile(args) -> int:
         tuned = tuning.using_db(args.tuning_db, ubatch=args.ubatch, log=say)
     with tuned:
         compile_model(
-            output=args.output, model_dir=args.model, preset_name=args.preset, options=opts,
-            command="mla-compiler " + shlex.join(sys.argv[1:]), log=say,
+            output=args.output,
+            model_dir=args.model,
+            preset_name=args.preset,
+            options=opts,
+            command="mla-compiler " + shlex.join(sys.argv[1:]),
+            log=say,
         )
->>>>>>> tune
     return 0
 
 
@@ -294,14 +302,22 @@ def cmd_tune(args) -> int:
     if args.build_only:
         for group in tuning.skipped_groups(args.kernels):
             say(f"tune: no tunable {group} kernel registered on this build: skipped")
-        out = tuning.build_candidates(model, args.target, args.kernels, args.build_only,
-                                      limit=args.limit, budget_s=budget)
+        out = tuning.build_candidates(
+            model, args.target, args.kernels, args.build_only, limit=args.limit, budget_s=budget
+        )
         plan = tuning.read_plan(out)
         bad = sum(1 for c in plan["candidates"] if c["build_error"])
         print(f"plan: {out} ({len(plan['candidates'])} candidates, {bad} failed to build)")
         return 0
-    counts = tuning.tune(model=model, target=args.target, db_dir=args.db, kernels=args.kernels,
-                         budget_s=budget, limit=args.limit, log=say)
+    counts = tuning.tune(
+        model=model,
+        target=args.target,
+        db_dir=args.db,
+        kernels=args.kernels,
+        budget_s=budget,
+        limit=args.limit,
+        log=say,
+    )
     print(json.dumps(counts))
     print(tuning.format_summary(tuning.summary(args.db, target=args.target)))
     return 0
@@ -328,16 +344,13 @@ def main(argv: list[str] | None = None) -> int:
     _add_tune(sub)
     args = parser.parse_args(argv)
     try:
-<<<<<<< HEAD
-        return {"compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "bench": cmd_bench}[
-            args.cmd
-        ](args)
-=======
         return {
-            "compile": cmd_compile, "run": cmd_run, "inspect": cmd_inspect, "bench": cmd_bench,
+            "compile": cmd_compile,
+            "run": cmd_run,
+            "inspect": cmd_inspect,
+            "bench": cmd_bench,
             "tune": cmd_tune,
         }[args.cmd](args)
->>>>>>> tune
     except MLAError as e:
         print(f"mla-compiler {args.cmd}: error: {e}", file=sys.stderr)
         return 2
