@@ -288,9 +288,7 @@ def cmd_tune(args) -> int:
         from mla_compiler.runtime import loader
 
         loader.use_runtime_only()  # measuring needs TVM's runtime only
-        from mla_compiler import tuning_measure
-
-        from mla_compiler import tuning_db
+        from mla_compiler import tuning_db, tuning_measure
 
         counts = tuning_measure.measure(args.measure, args.db, budget_s=budget, log=say)
         print(json.dumps(counts))

@@ -8,13 +8,13 @@ import re
 
 import pytest
 from conftest import gpu_available
+
+from mla_compiler import tuning, tuning_db, tuning_measure
+from mla_compiler.errors import TuningError
 from mla_compiler.model_export.config import preset
 from mla_compiler.schedules import attention_decode as ad
 from mla_compiler.schedules import attention_prefill as ap
 from mla_compiler.schedules.target import tvm_target
-
-from mla_compiler import tuning, tuning_db, tuning_measure
-from mla_compiler.errors import TuningError
 
 V2 = preset("deepseek-v2-lite")
 TINY = preset("tiny")
@@ -352,9 +352,8 @@ CPU_CASES = {
 @pytest.fixture(scope="module")
 def cpu_modules(tmp_path_factory):
     """The three kernels of the tiny preset built for llvm and loaded like a plan's artifacts."""
-    from mla_compiler.runtime import loader
-
     from mla_compiler import cuda_build
+    from mla_compiler.runtime import loader
 
     out, mods = tmp_path_factory.mktemp("cpu"), {}
     for name, (_, cfg) in CPU_CASES.items():
