@@ -269,7 +269,8 @@ def schedule_mma(
     pad = [cfg.block_m, cfg.block_n, cfg.block_k]
     sch.pad_einsum(block, [1, *pad] if batched else pad)
     for consumer in sch.get_consumers(block):  # the un-padding copy folds into the epilogue
-        sch.compute_inline(consumer)
+        if sch.get(consumer).name_hint != "epilogue":
+            sch.compute_inline(consumer)
 
     # 16x16x16 tensor-core tiles (blockize before moving the nest: keeps the stage pipeline)
     i, j, k = sch.get_loops(block)[-3:]
@@ -351,7 +352,7 @@ def schedule_mma(
     sch.tensorize(lb, "mma_ldmatrix_f16_b_trans_dyn")
     sch.tensorize(sch.get_loops(inner)[-3], "mma_f16f16f32_trans_b")
     sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], "mma_fill_16x16_f32")
-    sch.tensorize(sch.get_loops(c_warp)[-2], "mma_store_16x16_f32_shared_dyn_")
+    sch.tensorize(sch.get_loops(c_warp)[-2], "mma_store_16x16_f32_shared_dyn_simple_")
 
     # k0's body after the inner pipeline expands: 2 copies + (prologue, body, epilogue) of k1
     sch.annotate(k0, "software_pipeline_stage", [0, 0] + [cfg.stages - 1] * 3)
