@@ -207,7 +207,7 @@ def moe_align(
                                 cnt[0] = cnt[0] + 1
                 chunk_base[bx, e] = cnt[0]
         # 2a. per expert: exclusive prefix over chunks; the total goes to expert_offsets[e]
-        for bx in par(1, "blockIdx.x"):
+        for _bx in par(1, "blockIdx.x"):
             for e in par(e_num, "threadIdx.x"):
                 run = T.alloc_buffer((1,), "int32", scope="local")
                 run[0] = 0
@@ -217,8 +217,8 @@ def moe_align(
                     run[0] = run[0] + v
                 expert_offsets[e] = run[0]
         # 2b. one thread: padded expert offsets and the expert of each row block
-        for bx in par(1, "blockIdx.x"):
-            for tx in par(1, "threadIdx.x"):
+        for _bx in par(1, "blockIdx.x"):
+            for _tx in par(1, "threadIdx.x"):
                 off = T.alloc_buffer((1,), "int32", scope="local")
                 off[0] = 0
                 for e in range(e_num):
