@@ -444,7 +444,7 @@ def gemm(
     elif gemv or isinstance(config, GemvConfig):
         cfg = config or (SILU_GEMV if epilogue == "silu_mul" else GemvConfig())
         nc = weight_layout(n, k, epilogue=epilogue)[0]
-        if k % (cfg.vec * 32) or nc % cfg.rows:
+        if k % cfg.vec or nc % cfg.rows:
             raise ValueError(f"GEMV config {cfg} does not tile N={nc}, K={k}")
         schedule_gemv(sch, cfg, epilogue=epilogue)
     else:
