@@ -17,7 +17,7 @@ import time
 import torch
 import tvm
 from mla_compiler.schedules import gemm as G
-from mla_compiler.schedules.target import tvm_target
+from mla_compiler.schedules.target import is_gpu, tvm_target
 
 # name -> (output width N, K, epilogue); gate_up computes 2*10944 weight rows, 10944 outputs
 SHAPES = {
@@ -31,12 +31,30 @@ SHAPES = {
     "lm_head": (102400, 2048, None),
 }
 TOKENS = (1, 16, 512, 2048, 4096)
+SMOKE = False  # --cpu-smoke: run the script's logic on the CPU (llvm, fp32, wall-clock timing)
+
+
+def device() -> str:
+    return "cpu" if SMOKE else "cuda"
+
+
+def torch_dtype():
+    return torch.float32 if SMOKE else torch.float16
+
+
+def tvm_dtype() -> str:
+    return "float32" if SMOKE else "float16"
 
 
 def timeit(fn, *, iters: int = 50, warmup: int = 5) -> float:
     """Median-of-3 mean time per call in seconds, CUDA events on the current stream."""
     for _ in range(warmup):
         fn()
+    if SMOKE:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t0) / iters
     torch.cuda.synchronize()
     runs = []
     for _ in range(3):
@@ -51,6 +69,8 @@ def timeit(fn, *, iters: int = 50, warmup: int = 5) -> float:
 
 
 def arch_of_device() -> str:
+    if SMOKE:
+        return "cpu"
     major, minor = torch.cuda.get_device_capability()
     return "sm_90a" if (major, minor) >= (9, 0) else f"sm_{major}{minor}"
 
@@ -62,6 +82,8 @@ def build(func, target):
 
 def candidates(m, target):
     """(label, config) pairs to try: GEMV for small static M, else every kept tensor-core one."""
+    if not is_gpu(target):
+        return [("cpu", None)]
     if m <= G.GEMV_MAX_M:
         return [("gemv", None)]
     arch = str(target.attrs["arch"])
@@ -72,19 +94,19 @@ def candidates(m, target):
 
 def bench_shape(name, n, k, epilogue, tokens, target, libs):
     """All token counts of one shape (one weight)."""
-    dev = "cuda"
+    dev = device()
     rows = G.weight_layout(n, k, epilogue=epilogue)[0]
-    w = torch.randn(rows, k, device=dev, dtype=torch.float16) / k**0.5
+    w = torch.randn(rows, k, device=dev, dtype=torch_dtype()) / k**0.5
     w_kernel = torch.from_numpy(G.transform_weight(w.cpu().numpy(), epilogue=epilogue)).to(dev)
     return [bench_one(name, n, k, epilogue, m, w, w_kernel, target, libs) for m in tokens]
 
 
 def bench_one(name, n, k, epilogue, m, w, w_kernel, target, libs):
     """TVM (best config) vs cuBLAS for M = m."""
-    dev, rows = "cuda", w.shape[0]
-    x = torch.randn(m, k, device=dev, dtype=torch.float16)
-    r = torch.randn(m, n, device=dev, dtype=torch.float16) if epilogue == "residual" else None
-    y = torch.empty(m, n, device=dev, dtype=torch.float16)
+    dev, rows = device(), w.shape[0]
+    x = torch.randn(m, k, device=dev, dtype=torch_dtype())
+    r = torch.randn(m, n, device=dev, dtype=torch_dtype()) if epilogue == "residual" else None
+    y = torch.empty(m, n, device=dev, dtype=torch_dtype())
     args = (x, w_kernel, r, y) if r is not None else (x, w_kernel, y)
 
     def ref():
@@ -103,7 +125,7 @@ def bench_one(name, n, k, epilogue, m, w, w_kernel, target, libs):
         if key not in libs:
             t0 = time.time()
             func = G.gemm(
-                key[1], n, k, dtype="float16", target=target, config=cfg, epilogue=epilogue
+                key[1], n, k, dtype=tvm_dtype(), target=target, config=cfg, epilogue=epilogue
             )
             libs[key] = build(func, target)
             print(f"  built {key} in {time.time() - t0:.1f}s", file=sys.stderr)
@@ -146,7 +168,10 @@ def main(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--cpu-smoke", action="store_true", help="check the script on a CPU")
     a = p.parse_args(argv)
+    global SMOKE
+    SMOKE = a.cpu_smoke
     target = tvm_target(arch_of_device())
     tokens = [int(t) for t in a.tokens.split(",")]
     results, libs = [], {}
@@ -160,8 +185,8 @@ def main(argv=None):
     with open(a.out, "w") as f:
         json.dump(
             {
-                "device": torch.cuda.get_device_name(),
-                "target": str(target.attrs["arch"]),
+                "device": "cpu" if SMOKE else torch.cuda.get_device_name(),
+                "target": arch_of_device(),
                 "results": results,
             },
             f,

@@ -17,15 +17,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_gemm import arch_of_device, build, timeit  # noqa: E402
+import bench_gemm as BG  # noqa: E402
 from mla_compiler.schedules import gemm as G  # noqa: E402
 from mla_compiler.schedules import moe as M  # noqa: E402
 from mla_compiler.schedules.target import tvm_target  # noqa: E402
 
 from mla_compiler import reference  # noqa: E402
 
-E, K, D, INTER = 64, 6, 2048, 1408
-SPEC = M.RouteSpec(num_experts=E, top_k=K)  # V2-Lite: greedy softmax, no norm, scale 1
+E, K, D, INTER = 64, 6, 2048, 1408  # V2-Lite: greedy softmax routing, no norm, scale 1
 
 
 def torch_moe(x, logits, gate_up, down):
@@ -50,8 +49,8 @@ def torch_moe(x, logits, gate_up, down):
 
 def bench_tokens(t, libs, cfg, gate_up, gate_up_k, down):
     """One token count: the TVM pipeline, each kernel, and the PyTorch MoE."""
-    dev, bm = "cuda", cfg.block_m
-    x = torch.randn(t, D, device=dev, dtype=torch.float16)
+    dev, bm, dt = BG.device(), cfg.block_m, BG.torch_dtype()
+    x = torch.randn(t, D, device=dev, dtype=dt)
     logits = torch.randn(t, E, device=dev, dtype=torch.float32)
     nb = M.num_row_blocks(t, top_k=K, num_experts=E, block_m=bm)
     i32 = dict(device=dev, dtype=torch.int32)
@@ -60,9 +59,9 @@ def bench_tokens(t, libs, cfg, gate_up, gate_up_k, down):
     rows, blocks = torch.empty(nb * bm, **i32), torch.empty(nb, **i32)
     row_of, offs = torch.empty(t * K, **i32), torch.empty(E + 1, **i32)
     ws = torch.empty((t + M.CHUNK - 1) // M.CHUNK, E, **i32)
-    h = torch.empty(nb * bm, INTER, device=dev, dtype=torch.float16)
-    y = torch.empty(nb * bm, D, device=dev, dtype=torch.float16)
-    out = torch.empty(t, D, device=dev, dtype=torch.float16)
+    h = torch.empty(nb * bm, INTER, device=dev, dtype=dt)
+    y = torch.empty(nb * bm, D, device=dev, dtype=dt)
+    out = torch.empty(t, D, device=dev, dtype=dt)
     steps = {
         "route": lambda: libs["route"](logits, wts, ids),
         "align": lambda: libs["align"](ids, rows, blocks, row_of, offs, ws),
@@ -83,9 +82,9 @@ def bench_tokens(t, libs, cfg, gate_up, gate_up_k, down):
     else:
         ref = torch_moe(x, logits, gate_up, down).cpu().double()
     err = (out.cpu().double() - ref).abs().max().item()
-    times = {name: timeit(fn, iters=20) for name, fn in steps.items()}
-    total = timeit(run_all, iters=20)
-    t_torch = timeit(lambda: torch_moe(x, logits, gate_up, down), iters=5, warmup=2)
+    times = {name: BG.timeit(fn, iters=20) for name, fn in steps.items()}
+    total = BG.timeit(run_all, iters=20)
+    t_torch = BG.timeit(lambda: torch_moe(x, logits, gate_up, down), iters=5, warmup=2)
     used = len(torch.unique(ids))
     flops = 2.0 * t * K * (D * 2 * INTER + INTER * D)
     nbytes = used * 3 * INTER * D * 2 + t * D * 2 * 2 + t * K * (INTER + D) * 2 * 2
@@ -111,20 +110,29 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--tokens", default="1,2048")
+    p.add_argument("--cpu-smoke", action="store_true", help="check the script on a CPU")
     a = p.parse_args(argv)
-    target, dev = tvm_target(arch_of_device()), "cuda"
+    global E, K, D, INTER
+    if a.cpu_smoke:
+        BG.SMOKE = True
+        E, K, D, INTER = 8, 2, 64, 64
+    target, dev, dt = tvm_target(BG.arch_of_device()), BG.device(), BG.tvm_dtype()
     cfg = M.default_config(target)
     bm = cfg.block_m
     libs = {
-        "route": build(M.moe_route(SPEC, target=target), target),
-        "align": build(M.moe_align(E, K, block_m=bm, target=target), target),
-        "gate_up": build(M.moe_gate_up(D, INTER, num_experts=E, top_k=K, target=target), target),
-        "down": build(M.moe_down(D, INTER, num_experts=E, top_k=K, target=target), target),
-        "combine": build(M.moe_combine(D, top_k=K, target=target), target),
+        "route": BG.build(M.moe_route(M.RouteSpec(num_experts=E, top_k=K), target=target), target),
+        "align": BG.build(M.moe_align(E, K, block_m=bm, target=target), target),
+        "gate_up": BG.build(
+            M.moe_gate_up(D, INTER, num_experts=E, top_k=K, dtype=dt, target=target), target
+        ),
+        "down": BG.build(
+            M.moe_down(D, INTER, num_experts=E, top_k=K, dtype=dt, target=target), target
+        ),
+        "combine": BG.build(M.moe_combine(D, top_k=K, dtype=dt, target=target), target),
     }
     gen = torch.Generator().manual_seed(0)
-    gate_up = (torch.randn(E, 2 * INTER, D, generator=gen) / D**0.5).half()
-    down = (torch.randn(E, D, INTER, generator=gen) / INTER**0.5).half()
+    gate_up = (torch.randn(E, 2 * INTER, D, generator=gen) / D**0.5).to(BG.torch_dtype())
+    down = (torch.randn(E, D, INTER, generator=gen) / INTER**0.5).to(BG.torch_dtype())
     gate_up_k = torch.from_numpy(G.transform_weight(gate_up.numpy(), epilogue="silu_mul")).to(dev)
     gate_up, down = gate_up.to(dev), down.to(dev)
     results = [
@@ -132,7 +140,11 @@ def main(argv=None):
         for t in [int(v) for v in a.tokens.split(",")]
     ]
     with open(a.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
+        json.dump(
+            {"device": "cpu" if BG.SMOKE else torch.cuda.get_device_name(), "results": results},
+            f,
+            indent=1,
+        )
     print("| T | TVM us | torch us | x | TFLOP/s | GB/s | gate_up us | down us | other us | err |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
