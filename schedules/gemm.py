@@ -110,6 +110,8 @@ CONFIGS: dict[str, tuple[Config, ...]] = {
         Config(warps_m=2, warps_n=4, warp_m=64, warp_n=64, block_k=32, stages=4),
         Config(warps_m=2, warps_n=2, warp_m=64, warp_n=64, block_k=32, stages=4),
         Config(warps_m=2, warps_n=2, warp_m=64, warp_n=64, block_k=64, stages=3),
+        Config(warps_m=4, warps_n=2, warp_m=64, warp_n=64, block_k=32, stages=4),
+        Config(warps_m=2, warps_n=4, warp_m=64, warp_n=64, block_k=64, stages=3),
     ),
 }
 
