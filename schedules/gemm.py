@@ -253,8 +253,140 @@ def _mma_index_map(*lead):
     return fn
 
 
+_BF16_INTRINS = {
+    "load_a": "gemm_ldmatrix_bf16_a_dyn",
+    "load_b": "gemm_ldmatrix_bf16_b_trans_dyn",
+    "compute": "gemm_mma_bf16bf16f32_trans_b",
+}
+
+
+def _register_bf16_intrinsics() -> None:
+    """bf16 variants of TVM's f16 ldmatrix/mma.sync tensor intrinsics (TVM ships f16 only):
+    same fragment layout, ``.b16`` ldmatrix, ``mma.sync ... .bf16.bf16`` with f32 accumulate."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.s_tir.tensor_intrin.cuda import shared_16x16_to_ldmatrix_32x8_layout as lay
+
+    if TensorIntrin.get(_BF16_INTRINS["compute"], allow_missing=True) is not None:
+        return
+    bf = "bfloat16"
+
+    def ldmatrix(offset):
+        @T.prim_func(s_tir=True)
+        def desc(warp_h: T.handle, shared_h: T.handle) -> None:
+            shared = T.match_buffer(
+                shared_h, (16, 16), bf, align=64, offset_factor=16, scope="shared.dyn"
+            )
+            warp = T.match_buffer(warp_h, (32, 8), bf, align=64, offset_factor=16, scope="warp")
+            with T.sblock("root"):
+                T.reads(shared[0:16, 0:16])
+                T.writes(warp[0:32, 0:8])
+                for ax0, ax1 in T.grid(16, 16):
+                    with T.sblock("shared_warp"):
+                        v0, v1 = T.axis.remap("SS", [ax0, ax1])
+                        t, loc = T.meta_var(lay(v0, v1))
+                        T.reads(shared[v0, v1])
+                        T.writes(warp[t, loc])
+                        warp[t, loc] = shared[v0, v1]
+
+        @T.prim_func(s_tir=True)
+        def impl(warp_h: T.handle, shared_h: T.handle) -> None:
+            s0 = T.int32()
+            s1 = T.int32()
+            shared = T.match_buffer(
+                shared_h,
+                (16, 16),
+                bf,
+                align=64,
+                offset_factor=16,
+                scope="shared.dyn",
+                strides=[s0, s1],
+            )
+            warp = T.match_buffer(warp_h, (32, 8), bf, align=64, offset_factor=16, scope="warp")
+            with T.sblock("root"):
+                T.reads(shared[0:16, 0:16])
+                T.writes(warp[0:32, 0:8])
+                for tx in T.thread_binding(0, 32, "threadIdx.x"):
+                    T.evaluate(
+                        T.ptx_legacy.ldmatrix(
+                            False,
+                            4,
+                            ".b16",
+                            warp.data,
+                            warp.elem_offset + 8 * tx,
+                            shared.access_ptr("r"),
+                            offset(tx, s0),
+                            dtype=bf,
+                        )
+                    )
+
+        return desc, impl
+
+    # A [m, k]: lanes 0-15 rows 0-15 at k 0, lanes 16-31 the same rows at k 8
+    a_off = lambda tx, s0: s0 * (tx % 16) + 8 * (tx // 16)  # noqa: E731
+    # B stored [n, k]: lanes 0-7 rows 0-7 k 0, 8-15 rows 0-7 k 8, 16-23 rows 8-15 k 0, ...
+    b_off = lambda tx, s0: s0 * 8 * (tx // 16) + s0 * (tx % 8) + 8 * ((tx % 16) // 8)  # noqa: E731
+
+    @T.prim_func(s_tir=True)
+    def mma_desc(a_h: T.handle, b_h: T.handle, c_h: T.handle) -> None:
+        a = T.match_buffer(a_h, (32, 8), bf, align=64, offset_factor=16, scope="warp")
+        b = T.match_buffer(b_h, (32, 8), bf, align=64, offset_factor=16, scope="warp")
+        c = T.match_buffer(c_h, (32, 8), "float32", align=64, offset_factor=16, scope="warp")
+        with T.sblock("root"):
+            T.reads(c[0:32, 0:8], a[0:32, 0:8], b[0:32, 0:8])
+            T.writes(c[0:32, 0:8])
+            for i, j, k in T.grid(16, 16, 16):
+                with T.sblock("C"):
+                    vi, vj, vk = T.axis.remap("SSR", [i, j, k])
+                    tc, lc = T.meta_var(lay(vi, vj))
+                    ta, la = T.meta_var(lay(vi, vk))
+                    tb, lb = T.meta_var(lay(vj, vk))
+                    T.reads(c[tc, lc], a[ta, la], b[tb, lb])
+                    T.writes(c[tc, lc])
+                    c[tc, lc] = c[tc, lc] + T.Cast("float32", a[ta, la]) * T.Cast(
+                        "float32", b[tb, lb]
+                    )
+
+    @T.prim_func(s_tir=True)
+    def mma_impl(a_h: T.handle, b_h: T.handle, c_h: T.handle) -> None:
+        a = T.match_buffer(a_h, (32, 8), bf, align=64, offset_factor=16, scope="warp")
+        b = T.match_buffer(b_h, (32, 8), bf, align=64, offset_factor=16, scope="warp")
+        c = T.match_buffer(c_h, (32, 8), "float32", align=64, offset_factor=16, scope="warp")
+        with T.sblock("root"):
+            T.reads(c[0:32, 0:8], a[0:32, 0:8], b[0:32, 0:8])
+            T.writes(c[0:32, 0:8])
+            for tx in T.thread_binding(0, 32, "threadIdx.x"):
+                for half in T.unroll(2):  # two m16n8k16: columns 0-7, then 8-15
+                    T.evaluate(
+                        T.ptx_legacy.mma(
+                            "m16n8k16",
+                            "row",
+                            "col",
+                            "bf16",
+                            "bf16",
+                            "fp32",
+                            a.data,
+                            a.elem_offset + tx * 8,
+                            b.data,
+                            b.elem_offset + tx * 8 + half * 4,
+                            c.data,
+                            c.elem_offset + tx * 8 + half * 4,
+                            False,
+                            dtype="float32",
+                        )
+                    )
+
+    TensorIntrin.register(_BF16_INTRINS["load_a"], *ldmatrix(a_off))
+    TensorIntrin.register(_BF16_INTRINS["load_b"], *ldmatrix(b_off))
+    TensorIntrin.register(_BF16_INTRINS["compute"], mma_desc, mma_impl)
+
+
 def schedule_mma(
-    sch: s_tir.Schedule, cfg: Config, *, batched: bool = False, epilogue: str | None = None
+    sch: s_tir.Schedule,
+    cfg: Config,
+    *,
+    batched: bool = False,
+    epilogue: str | None = None,
+    dtype: str = "float16",
 ) -> None:
     """Tensor-core schedule of block ``gemm`` (loops [b,] i, j, k) and its ``epilogue``.
 
@@ -350,9 +482,17 @@ def schedule_mma(
     sch.transform_layout(a_warp, ("write", 0), _mma_index_map())
     sch.transform_layout(b_warp, ("write", 0), _mma_index_map())
     sch.transform_layout(c_warp, ("read", 0), _mma_index_map())
-    sch.tensorize(la, "mma_ldmatrix_f16_a_dyn")
-    sch.tensorize(lb, "mma_ldmatrix_f16_b_trans_dyn")
-    sch.tensorize(sch.get_loops(inner)[-3], "mma_f16f16f32_trans_b")
+    intrins = {
+        "load_a": "mma_ldmatrix_f16_a_dyn",
+        "load_b": "mma_ldmatrix_f16_b_trans_dyn",
+        "compute": "mma_f16f16f32_trans_b",
+    }
+    if dtype == "bfloat16":
+        _register_bf16_intrinsics()
+        intrins = _BF16_INTRINS
+    sch.tensorize(la, intrins["load_a"])
+    sch.tensorize(lb, intrins["load_b"])
+    sch.tensorize(sch.get_loops(inner)[-3], intrins["compute"])
     sch.tensorize(sch.get_loops(sch.get_child_blocks(init)[0])[-2], "mma_fill_16x16_f32")
     sch.tensorize(sch.get_loops(c_warp)[-2], "mma_store_16x16_f32_shared_dyn_simple_")
 
@@ -450,12 +590,12 @@ def gemm(
             raise ValueError(f"GEMV config {cfg} does not tile N={nc}, K={k}")
         schedule_gemv(sch, cfg, epilogue=epilogue)
     else:
-        if dtype != "float16":
-            raise NotImplementedError(f"tensor-core GEMM supports float16, not {dtype}")
+        if dtype not in ("float16", "bfloat16"):
+            raise NotImplementedError(f"tensor-core GEMM supports float16/bfloat16, not {dtype}")
         cfg = config or default_config(target)
         if not keep(cfg, target):
             raise ValueError(f"config {cfg} does not fit {target}")
-        schedule_mma(sch, cfg, epilogue=epilogue)
+        schedule_mma(sch, cfg, epilogue=epilogue, dtype=dtype)
     tag = f"_{epilogue}" if epilogue else ""
     name = f"gemm_n{n}_k{k}{tag}" + ("" if m is None else f"_m{m}")
     return sch.mod["main"].with_attr("global_symbol", name)

@@ -374,12 +374,14 @@ def _grouped_workload(
     return func
 
 
-def _schedule_grouped(func, cfg: G.Config, target, *, epilogue: str | None) -> tirx.PrimFunc:
+def _schedule_grouped(
+    func, cfg: G.Config, target, *, epilogue: str | None, dtype: str
+) -> tirx.PrimFunc:
     sch = s_tir.Schedule(func)
     if is_gpu(target):
         if not G.keep(cfg, target):
             raise ValueError(f"config {cfg} does not fit {target}")
-        G.schedule_mma(sch, cfg, batched=True, epilogue=epilogue)
+        G.schedule_mma(sch, cfg, batched=True, epilogue=epilogue, dtype=dtype)
         return sch.mod["main"]
     for name in ("gather_a", "gather_b"):
         sch.compute_inline(sch.get_sblock(name))
@@ -410,7 +412,7 @@ def moe_gate_up(
         dtype=dtype,
         early_exit=is_gpu(target),
     )
-    func = _schedule_grouped(func, cfg, target, epilogue="silu_mul")
+    func = _schedule_grouped(func, cfg, target, epilogue="silu_mul", dtype=dtype)
     return _named(func, f"moe_gate_up_e{num_experts}_d{hidden}_i{inter}")
 
 
@@ -437,7 +439,7 @@ def moe_down(
         dtype=dtype,
         early_exit=is_gpu(target),
     )
-    func = _schedule_grouped(func, cfg, target, epilogue=None)
+    func = _schedule_grouped(func, cfg, target, epilogue=None, dtype=dtype)
     return _named(func, f"moe_down_e{num_experts}_d{hidden}_i{inter}")
 
 

@@ -162,3 +162,42 @@ def test_gemm_gpu_f16(m, epilogue):
     torch.testing.assert_close(
         y.double(), _ref(x, w, epilogue=epilogue, residual=r), rtol=2e-2, atol=2e-2
     )
+
+
+def _kernel_body(func, target):
+    with tvm.transform.PassContext(config=G.PASS_CONFIG):
+        src = tvm.compile(func, target=target).mod.imports[0].inspect_source()
+    return src[src.index('extern "C" __global__') :]
+
+
+def test_bf16_kernel_matches_f16_kernel():
+    """Our bf16 ldmatrix/mma intrinsics give the f16 kernel's code with bf16 types only."""
+    target = tvm_target("sm_90a")
+    make = lambda dt: G.gemm(None, 576, 512, dtype=dt, target=target, epilogue="silu_mul")  # noqa: E731
+    bf16 = _kernel_body(make("bfloat16"), target)
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in bf16
+    for a, b in (
+        ("nv_bfloat16", "half"),
+        ("bf16", "f16"),
+        ("__float2bfloat16_rn", "__float2half_rn"),
+    ):
+        bf16 = bf16.replace(a, b)
+    assert bf16 == _kernel_body(make("float16"), target)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("epilogue", EPILOGUES, ids=lambda e: e or "plain")
+def test_gemm_gpu_bf16(epilogue):
+    m, n, k = 300, 576, 2048
+    target = tvm_target("sm_90a" if torch.cuda.get_device_capability() >= (9, 0) else "sm_89")
+    func = G.gemm(None, n, k, dtype="bfloat16", target=target, epilogue=epilogue)
+    with tvm.transform.PassContext(config=G.PASS_CONFIG):
+        lib = tvm.compile(func, target=target)
+    x, w, r = _inputs(m, n, k, epilogue=epilogue, dtype=torch.bfloat16, seed=7)
+    w_k = torch.from_numpy(G.transform_weight(w.float().numpy(), epilogue=epilogue))
+    args = [x.cuda(), w_k.to(torch.bfloat16).cuda()] + ([r.cuda()] if r is not None else [])
+    y = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    lib(*args, y)
+    ref = _ref(x, w, epilogue=epilogue, residual=r)
+    torch.testing.assert_close(y.cpu().double(), ref, rtol=3e-2, atol=5e-2)
