@@ -31,9 +31,7 @@ GPUS: dict[str, GPUSpec] = {
     "sm_89": GPUSpec("sm_89", sm_count=76, max_shared_bytes_per_block=99 * 1024),
     "sm_90": GPUSpec("sm_90", sm_count=132, max_shared_bytes_per_block=227 * 1024),
     # H100 SXM: the GPU we measure on
-    "sm_90a": GPUSpec(
-        "sm_90a", sm_count=132, max_shared_bytes_per_block=227 * 1024, has_wgmma=True
-    ),
+    "sm_90a": GPUSpec("sm_90a", sm_count=132, max_shared_bytes_per_block=227 * 1024, has_wgmma=True),
 }
 
 
