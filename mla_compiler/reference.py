@@ -129,3 +129,35 @@ def moe_experts(
             h = torch.nn.functional.silu(h[:inter]) * h[inter:]
             out[t] += w * (_f64(down[e]) @ h)
     return out
+
+
+def topk_lowest_index(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k along the last dim, equal values ordered by ascending index (a stable sort)."""
+    v, idx = torch.sort(values, dim=-1, descending=True, stable=True)
+    return v[..., :k], idx[..., :k]
+
+
+def moe_route_lowest_index(
+    logits: torch.Tensor,
+    *,
+    top_k: int,
+    method: str = "greedy",
+    n_group: int = 1,
+    topk_group: int = 1,
+    norm_topk_prob: bool = False,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``moe_route`` with the tie rule of the compiled kernels: among equal scores (and equal
+    group scores) the lowest expert (group) index wins."""
+    scores = torch.softmax(_f64(logits), dim=-1)
+    if method == "group_limited_greedy":
+        t, e = scores.shape
+        group_scores = scores.view(t, n_group, e // n_group).max(dim=-1).values
+        group_idx = topk_lowest_index(group_scores, topk_group)[1]
+        mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1.0)
+        mask = mask[:, :, None].expand(t, n_group, e // n_group).reshape(t, e)
+        scores = scores.masked_fill(mask == 0, 0.0)
+    w, idx = topk_lowest_index(scores, top_k)
+    if norm_topk_prob and top_k > 1:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return w * routed_scaling_factor, idx

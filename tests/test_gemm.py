@@ -1,0 +1,203 @@
+"""Dense GEMM kernels (schedules/gemm.py) vs the float64 reference.
+
+CPU tests build for llvm and run; CUDA static tests compile the tensor-core / GEMV kernels for
+sm_89 and sm_90a with nvcc (no GPU needed); GPU tests run on a CUDA device when one is present.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+from mla_compiler.schedules import gemm as G
+from mla_compiler.schedules.target import tvm_target
+
+from mla_compiler import reference
+
+EPILOGUES = [None, "residual", "silu_mul"]
+
+
+def _ref(x, w, *, epilogue, residual=None):
+    """Reference in the torch layout: w is [N, K] or [gate; up] rows for silu_mul."""
+    y = reference.gemm(x, w)
+    if epilogue == "residual":
+        y = y + residual.double()
+    if epilogue == "silu_mul":
+        n = y.shape[1] // 2
+        y = torch.nn.functional.silu(y[:, :n]) * y[:, n:]
+    return y
+
+
+def _inputs(m, n, k, *, epilogue, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    rows = G.weight_layout(n, k, epilogue=epilogue)[0]
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w = (torch.randn(rows, k, generator=gen) / k**0.5).to(dtype)
+    r = torch.randn(m, n, generator=gen).to(dtype) if epilogue == "residual" else None
+    return x, w, r
+
+
+def _run(lib, dev, x, w_kernel, r, out_shape, dtype):
+    args = [tvm.runtime.tensor(x.numpy(), dev), tvm.runtime.tensor(w_kernel, dev)]
+    if r is not None:
+        args.append(tvm.runtime.tensor(r.numpy(), dev))
+    poison = np.full(out_shape, np.nan, dtype=dtype)
+    y = tvm.runtime.tensor(poison, dev)
+    lib(*args, y)
+    return torch.from_numpy(y.numpy())
+
+
+@pytest.fixture(scope="module")
+def cpu_libs():
+    """Build each (symbolic-M) CPU kernel once; tests vary M at run time."""
+    cache = {}
+
+    def get(n, k, epilogue):
+        key = (n, k, epilogue)
+        if key not in cache:
+            f = G.gemm(None, n, k, dtype="float32", target=tvm_target("cpu"), epilogue=epilogue)
+            cache[key] = tvm.compile(f, target=tvm_target("cpu"))
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("epilogue", EPILOGUES, ids=lambda e: e or "plain")
+@pytest.mark.parametrize("m", [1, 16, 37, 128], ids=lambda m: f"M{m}")
+def test_gemm_cpu_fp32(cpu_libs, m, epilogue):
+    n, k = 96, 80
+    lib = cpu_libs(n, k, epilogue)
+    x, w, r = _inputs(m, n, k, epilogue=epilogue, dtype=torch.float32, seed=m)
+    y = _run(
+        lib, tvm.cpu(), x, G.transform_weight(w.numpy(), epilogue=epilogue), r, (m, n), "float32"
+    )
+    torch.testing.assert_close(
+        y.double(), _ref(x, w, epilogue=epilogue, residual=r), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_transform_weight_pairs_gate_and_up():
+    n, k = 64, 8
+    w = np.arange(2 * n * k, dtype=np.float32).reshape(2 * n, k)
+    t = G.transform_weight(w, epilogue="silu_mul")
+    g = G.SWIGLU_GROUP
+    # block b of 2g rows: gate rows b*g.., then the matching up rows n + b*g..
+    np.testing.assert_array_equal(t[:g], w[:g])
+    np.testing.assert_array_equal(t[g : 2 * g], w[n : n + g])
+    np.testing.assert_array_equal(t[2 * g : 3 * g], w[g : 2 * g])
+
+
+def test_config_prune():
+    big = G.Config(warps_m=2, warps_n=4, warp_m=64, warp_n=64, block_k=64, stages=3)
+    assert not G.keep(big, tvm_target("sm_89"))  # 165 KB > 99 KB
+    assert G.keep(big, tvm_target("sm_90a"))
+    for arch in ("sm_89", "sm_90a"):
+        assert G.keep(G.default_config(tvm_target(arch)), tvm_target(arch))
+
+
+# ------------------------------------------------------------------------- CUDA static checks
+
+
+CUDA_CASES = {  # (m, epilogue) -> the SASS opcode the kernel must use
+    (None, None): "HMMA",
+    (None, "silu_mul"): "HMMA",
+    (None, "residual"): "HMMA",
+    (1, None): "SHFL",
+    (16, "silu_mul"): "SHFL",
+}
+
+
+@pytest.mark.parametrize("arch", ["sm_89", "sm_90a"])
+def test_gemm_cuda_static(arch):
+    """Every kernel variant compiles with 0 spills and uses the instructions meant
+    (one nvcc run per arch for all variants)."""
+    nvcc = pytest.importorskip("mla_compiler.nvcc")
+    try:
+        nvcc.find_tool("nvcc")
+        nvcc.find_tool("cuobjdump")
+    except Exception as err:  # noqa: BLE001
+        pytest.skip(str(err))
+    funcs = {
+        G.gemm(m, 576, 2048, dtype="float16", target=tvm_target(arch), epilogue=ep): op
+        for (m, ep), op in CUDA_CASES.items()
+    }
+    mod = tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs})
+    with tvm.transform.PassContext(config=G.PASS_CONFIG):
+        lib = tvm.compile(mod, target=tvm_target(arch))
+    cubin, res = nvcc.compile_cubin(lib.mod.imports[0].inspect_source(), arch)
+    ops = nvcc.sass_opcodes(cubin)
+    assert len(res) == len(funcs) and all(name.startswith("gemm_") for name in res), res
+    for f, opcode in funcs.items():
+        name = f.attrs["global_symbol"] + "_kernel"
+        assert res[name].spill_bytes == 0, res[name]
+        assert ops[name].get(opcode, 0) > 0, (name, ops[name])
+        if opcode == "HMMA":
+            assert ops[name].get("LDSM", 0) > 0 and ops[name].get("LDGSTS", 0) > 0, ops[name]
+
+
+# ---------------------------------------------------------------------------------- GPU runs
+
+
+def _has_gpu():
+    return torch.cuda.is_available() and tvm.cuda(0).exist
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("epilogue", EPILOGUES, ids=lambda e: e or "plain")
+@pytest.mark.parametrize("m", [1, 16, 37, 128, 1000], ids=lambda m: f"M{m}")
+def test_gemm_gpu_f16(m, epilogue):
+    n, k = 576, 2048
+    target = tvm_target("sm_90a" if torch.cuda.get_device_capability() >= (9, 0) else "sm_89")
+    func = G.gemm(
+        m if m <= G.GEMV_MAX_M else None, n, k, dtype="float16", target=target, epilogue=epilogue
+    )
+    with tvm.transform.PassContext(config=G.PASS_CONFIG):
+        lib = tvm.compile(func, target=target)
+    x, w, r = _inputs(m, n, k, epilogue=epilogue, dtype=torch.float16, seed=m)
+    y = _run(
+        lib, tvm.cuda(0), x, G.transform_weight(w.numpy(), epilogue=epilogue), r, (m, n), "float16"
+    )
+    torch.testing.assert_close(
+        y.double(), _ref(x, w, epilogue=epilogue, residual=r), rtol=2e-2, atol=2e-2
+    )
+
+
+def _kernel_body(func, target):
+    with tvm.transform.PassContext(config=G.PASS_CONFIG):
+        src = tvm.compile(func, target=target).mod.imports[0].inspect_source()
+    return src[src.index('extern "C" __global__') :]
+
+
+def test_bf16_kernel_matches_f16_kernel():
+    """Our bf16 ldmatrix/mma intrinsics give the f16 kernel's code with bf16 types only."""
+    target = tvm_target("sm_90a")
+    make = lambda dt: G.gemm(None, 576, 512, dtype=dt, target=target, epilogue="silu_mul")  # noqa: E731
+    bf16 = _kernel_body(make("bfloat16"), target)
+    assert "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32" in bf16
+    for a, b in (
+        ("nv_bfloat16", "half"),
+        ("bf16", "f16"),
+        ("__float2bfloat16_rn", "__float2half_rn"),
+    ):
+        bf16 = bf16.replace(a, b)
+    assert bf16 == _kernel_body(make("float16"), target)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("epilogue", EPILOGUES, ids=lambda e: e or "plain")
+def test_gemm_gpu_bf16(epilogue):
+    m, n, k = 300, 576, 2048
+    target = tvm_target("sm_90a" if torch.cuda.get_device_capability() >= (9, 0) else "sm_89")
+    func = G.gemm(None, n, k, dtype="bfloat16", target=target, epilogue=epilogue)
+    with tvm.transform.PassContext(config=G.PASS_CONFIG):
+        lib = tvm.compile(func, target=target)
+    x, w, r = _inputs(m, n, k, epilogue=epilogue, dtype=torch.bfloat16, seed=7)
+    w_k = torch.from_numpy(G.transform_weight(w.float().numpy(), epilogue=epilogue))
+    args = [x.cuda(), w_k.to(torch.bfloat16).cuda()] + ([r.cuda()] if r is not None else [])
+    y = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
+    lib(*args, y)
+    ref = _ref(x, w, epilogue=epilogue, residual=r)
+    torch.testing.assert_close(y.cpu().double(), ref, rtol=3e-2, atol=5e-2)
