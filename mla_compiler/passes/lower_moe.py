@@ -14,6 +14,8 @@ from tvm import relax
 from tvm.relax import op as R
 
 from mla_compiler.passes import pseudo
+
+OPAQUE = 8  # relax OpPatternKind::kOpaque: FuseOps leaves our scheduled kernels alone
 from mla_compiler.schedules.topk import topk as topk_kernel
 
 
@@ -67,7 +69,11 @@ class _Lower(relax.PyExprMutator):
         """(values [T, k] f32, indices [T, k] int32) of x [T, W] through ``moe_topk``."""
         width = int(x.ty.shape[1])
         if (width, k) not in self.kernels:
-            func = topk_kernel(width, k, target=self.target).with_attr("tirx.is_scheduled", True)
+            func = (
+                topk_kernel(width, k, target=self.target)
+                .with_attr("tirx.is_scheduled", True)
+                .with_attr("op_pattern", OPAQUE)
+            )
             self.kernels[(width, k)] = self.builder_.add_func(
                 func.without_attr("global_symbol"), f"moe_topk_{width}_{k}"
             )
@@ -87,6 +93,20 @@ class _Lower(relax.PyExprMutator):
         args = [self.visit_expr(a) for a in pseudo.args_of(op)]
         x, router, gate_up, down = args[:4]
         top_k, method, n_group, topk_group, norm, scaling = (pseudo.scalar(a) for a in args[4:])
+        fused = self._fused(
+            x,
+            router,
+            gate_up,
+            down,
+            top_k=int(top_k),
+            method=int(method),
+            n_group=int(n_group),
+            topk_group=int(topk_group),
+            norm=bool(norm),
+            scaling=float(scaling),
+        )
+        if fused is not None:
+            return fused
         dense_w = route(
             x,
             router,
@@ -108,6 +128,118 @@ class _Lower(relax.PyExprMutator):
         w = R.expand_dims(R.permute_dims(dense_w, [1, 0]), 2)  # [E, T, 1]
         out = R.sum(R.multiply(R.astype(y, "float32"), w), axis=0)  # [T, D]
         return R.astype(out, x.ty.dtype)
+
+    def _add(self, key, func, name):
+        if key not in self.kernels:
+            func = (
+                func.with_attr("tirx.is_scheduled", True)
+                .with_attr("op_pattern", OPAQUE)
+                .without_attr("global_symbol")
+            )
+            self.kernels[key] = self.builder_.add_func(func, name)
+        return self.kernels[key]
+
+    def _fused(
+        self, x, router, gate_up, down, *, top_k, method, n_group, topk_group, norm, scaling
+    ):
+        """The fused MoE kernels of ``schedules.moe`` (GPU, f16/bf16): routing, tokens grouped
+        by expert on the device, grouped gate+up GEMM with SiLU·up, grouped down GEMM with the
+        routing weight, gather-sum back to token order. None where they do not apply."""
+        from mla_compiler.schedules import gemm as G
+        from mla_compiler.schedules import moe as M
+        from mla_compiler.schedules.target import is_gpu
+
+        dtype = x.ty.dtype.dtype
+        e, two_i, d = (int(v) for v in gate_up.ty.shape)
+        inter = two_i // 2
+        if not is_gpu(self.target) or dtype not in ("float16", "bfloat16"):
+            return None
+        if inter % G.SWIGLU_GROUP or d % 8 or inter % 8:
+            return None
+        cfg = M.default_config(self.target)
+        bm = cfg.block_m
+        spec = M.RouteSpec(
+            num_experts=e,
+            top_k=top_k,
+            method=M.ROUTE_METHODS[method],
+            n_group=n_group,
+            topk_group=topk_group,
+            norm_topk_prob=norm,
+            routed_scaling_factor=scaling,
+        )
+        key = (e, top_k, method, n_group, topk_group, norm, scaling, d, inter, dtype)
+        route_gv = self._add(("route",) + key, M.moe_route(spec, target=self.target), "moe_route")
+        align_gv = self._add(
+            ("align",) + key, M.moe_align(e, top_k, block_m=bm, target=self.target), "moe_align"
+        )
+        gate_up_gv = self._add(
+            ("gate_up",) + key,
+            M.moe_gate_up(d, inter, num_experts=e, top_k=top_k, dtype=dtype, target=self.target),
+            "moe_gate_up",
+        )
+        down_gv = self._add(
+            ("down",) + key,
+            M.moe_down(d, inter, num_experts=e, top_k=top_k, dtype=dtype, target=self.target),
+            "moe_down",
+        )
+        combine_gv = self._add(
+            ("combine",) + key,
+            M.moe_combine(d, top_k=top_k, dtype=dtype, target=self.target),
+            "moe_combine",
+        )
+        t = x.ty.shape[0]
+        logits = self._emit(
+            R.matmul(R.astype(x, "float32"), R.permute_dims(R.astype(router, "float32"), [1, 0]))
+        )  # [T, E]
+        routed = self._emit(
+            relax.call_tir(
+                route_gv,
+                [logits],
+                out_ty=[
+                    relax.TensorType([t, top_k], "float32"),
+                    relax.TensorType([t, top_k], "int32"),
+                ],
+            )
+        )
+        weights = self._emit(relax.TupleGetItem(routed, 0))
+        ids = self._emit(relax.TupleGetItem(routed, 1))
+        nb = M.num_row_blocks(t, top_k=top_k, num_experts=e, block_m=bm)
+        grouped = self._emit(
+            relax.call_tir(
+                align_gv,
+                [ids],
+                out_ty=[
+                    relax.TensorType([nb * bm], "int32"),  # sorted_rows
+                    relax.TensorType([nb], "int32"),  # block_expert
+                    relax.TensorType([t * top_k], "int32"),  # row_of
+                    relax.TensorType([e + 1], "int32"),  # expert_offsets
+                    relax.TensorType([(t + M.CHUNK - 1) // M.CHUNK, e], "int32"),  # workspace
+                ],
+            )
+        )
+        sorted_rows = self._emit(relax.TupleGetItem(grouped, 0))
+        block_expert = self._emit(relax.TupleGetItem(grouped, 1))
+        row_of = self._emit(relax.TupleGetItem(grouped, 2))
+        # gate/up rows interleaved in groups of 32 for the fused SiLU·up epilogue (a weight
+        # transform: LiftTransformParams moves it to load time)
+        g = G.SWIGLU_GROUP
+        w = R.reshape(gate_up, [e, 2, inter // g, g, d])
+        w = self._emit(R.reshape(R.permute_dims(w, [0, 2, 1, 3, 4]), [e, two_i, d]))
+        h = self._emit(
+            relax.call_tir(
+                gate_up_gv,
+                [x, sorted_rows, block_expert, w],
+                out_ty=relax.TensorType([nb * bm, inter], dtype),
+            )
+        )
+        y = self._emit(
+            relax.call_tir(
+                down_gv,
+                [h, sorted_rows, block_expert, down, weights],
+                out_ty=relax.TensorType([nb * bm, d], dtype),
+            )
+        )
+        return relax.call_tir(combine_gv, [y, row_of], out_ty=relax.TensorType([t, d], dtype))
 
 
 def LowerMoE(*, target: tvm.target.Target) -> tvm.transform.Pass:  # noqa: N802

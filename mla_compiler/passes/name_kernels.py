@@ -55,8 +55,15 @@ def NameKernels() -> tvm.transform.Pass:  # noqa: N802
     return tvm.transform.module_pass(transform, opt_level=0, name="NameKernels")
 
 
+def _is_reshape_rewrite(p) -> bool:
+    """RewriteDataflowReshape asserts that every single-input kernel is block-based; the
+    hand-written kernels (routing, grouping) are not, so it is left out: reshapes stay copies."""
+    return p.info.name == "RewriteDataflowReshape"
+
+
 def build_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """TVM's default Relax pipeline for ``target`` with NameKernels after legalization."""
+    """TVM's default Relax pipeline for ``target`` with NameKernels after legalization (and
+    without RewriteDataflowReshape, see ``_is_reshape_rewrite``)."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
     from tvm.relax.backend.cuda import pipeline as cuda
 
@@ -69,7 +76,7 @@ def build_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
                 backend.library_dispatch_passes(target)
                 + backend.legalize_passes(target)
                 + [NameKernels()]
-                + backend.dataflow_lower_passes(target)
+                + [p for p in backend.dataflow_lower_passes(target) if not _is_reshape_rewrite(p)]
                 + backend.finalize_passes(target)
             )
             return seq(mod)
