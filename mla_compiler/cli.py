@@ -18,7 +18,9 @@ def _add_compile(sub) -> None:
     p = sub.add_parser("compile", help="compile a model into an artifact directory")
     src = p.add_mutually_exclusive_group()
     src.add_argument(
-        "--model", metavar="HF_DIR", help="HF checkpoint directory (config.json + safetensors)"
+        "--model",
+        metavar="HF_DIR",
+        help="HF checkpoint directory (config.json + safetensors), or a DeepSeek-V2 .gguf file",
     )
     src.add_argument(
         "--preset",
@@ -129,6 +131,37 @@ def _add_tune(sub) -> None:
     mode.add_argument("--measure", metavar="PLAN_DIR", help="measure a built plan into --db")
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat)")
+    p.add_argument("artifact")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-context", type=int, default=None, metavar="N")
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="largest max_tokens a request may ask for (default: the context)",
+    )
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+
+
+def cmd_serve(args) -> int:
+    from mla_compiler.serve import serve
+
+    serve(
+        args.artifact,
+        host=args.host,
+        port=args.port,
+        device=args.device,
+        max_context=args.max_context,
+        max_tokens=args.max_tokens,
+        log=lambda m: print(m, file=sys.stderr, flush=True),
+    )
+    return 0
+
+
 def _parse_ids(text: str) -> list[int]:
     try:
         ids = [int(t) for t in text.replace(" ", "").split(",") if t]
@@ -194,6 +227,9 @@ def cmd_run(args) -> int:
     else:
         prompt = _parse_ids(args.prompt_ids)
     tokens = []
+    from mla_compiler.serve import TextStream  # whole-sequence decoding: spaces, split UTF-8
+
+    text = TextStream(eng.decode_text)
     for tok in eng.stream(
         prompt,
         max_new_tokens=args.max_new_tokens,
@@ -206,7 +242,7 @@ def cmd_run(args) -> int:
         tokens.append(tok)
         if not args.json:
             print(
-                eng.decode_text([tok]) if eng.tokenizer else tok,
+                text.push(tok) if eng.tokenizer else tok,
                 end="" if eng.tokenizer else " ",
                 flush=True,
             )
@@ -216,7 +252,7 @@ def cmd_run(args) -> int:
             out["text"] = eng.decode_text(tokens)
         print(json.dumps(out))
     else:
-        print()
+        print(text.flush() if eng.tokenizer else "")
     return 0
 
 
@@ -340,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_inspect(sub)
     _add_bench(sub)
     _add_tune(sub)
+    _add_serve(sub)
     args = parser.parse_args(argv)
     try:
         return {
@@ -348,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
             "inspect": cmd_inspect,
             "bench": cmd_bench,
             "tune": cmd_tune,
+            "serve": cmd_serve,
         }[args.cmd](args)
     except MLAError as e:
         print(f"mla-compiler {args.cmd}: error: {e}", file=sys.stderr)

@@ -41,6 +41,11 @@ class CompileOptions:
 def resolve_model(*, model_dir: str | None, preset_name: str | None, dtype: str, seed: int):
     """(config, model, where the weights come from). Big random presets are built on 'meta'."""
     torch_dtype(dtype)  # validates the name
+    if model_dir is not None and str(model_dir).endswith(".gguf"):
+        from mla_compiler.model_export.gguf import load_gguf_model
+
+        cfg, model = load_gguf_model(model_dir, dtype=dtype)
+        return cfg, model, {"source": "gguf", "path": str(model_dir)}
     if model_dir is not None:
         cfg = load_config(model_dir)
         return (
@@ -153,7 +158,11 @@ def compile_model(
 
     def write(tmp: Path) -> None:
         facts = build_module(ir.mod, targets, tmp)
-        if model_dir is not None:
+        if weights["source"] == "gguf":
+            from mla_compiler.model_export.gguf import write_tokenizer_files
+
+            write_tokenizer_files(model_dir, tmp)
+        elif model_dir is not None:
             for name in ("tokenizer.json", "tokenizer_config.json"):
                 if (Path(model_dir) / name).exists():
                     shutil.copy(Path(model_dir) / name, tmp / name)
