@@ -161,3 +161,22 @@ def test_missing_artifact(tmp_path):
         "run", str(tmp_path / "none"), "--prompt-ids", "1", "--max-new-tokens", "1", check=False
     )
     _one_line_error(proc, "does not exist")
+
+
+def test_empty_prompt(tiny_artifact):
+    proc = run_cli("run", str(tiny_artifact), "--prompt-ids", "", "--max-new-tokens", "2", check=False)
+    _one_line_error(proc, "empty prompt")
+
+
+def test_integer_weights_are_refused(hf_checkpoint, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    def mutate(dst):
+        state = load_file(str(dst / "model.safetensors"))
+        state["model.norm.weight"] = state["model.norm.weight"].to(torch.int32)
+        save_file(state, str(dst / "model.safetensors"))
+
+    path = _broken_checkpoint(hf_checkpoint, tmp_path, mutate)
+    proc = run_cli("compile", "--model", path, "--output", str(tmp_path / "o"), check=False)
+    _one_line_error(proc, "must be float16/bfloat16/float32")
