@@ -1,0 +1,1 @@
+"""Relax passes of the MLA pipeline, one per file (see mla_compiler.pipeline)."""
