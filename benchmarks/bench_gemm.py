@@ -16,6 +16,7 @@ import time
 
 import torch
 import tvm
+
 from mla_compiler.schedules import gemm as G
 from mla_compiler.schedules.target import is_gpu, tvm_target
 

@@ -18,11 +18,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_gemm as BG  # noqa: E402
+
+from mla_compiler import reference  # noqa: E402
 from mla_compiler.schedules import gemm as G  # noqa: E402
 from mla_compiler.schedules import moe as M  # noqa: E402
 from mla_compiler.schedules.target import tvm_target  # noqa: E402
-
-from mla_compiler import reference  # noqa: E402
 
 E, K, D, INTER = 64, 6, 2048, 1408  # V2-Lite: greedy softmax routing, no norm, scale 1
 

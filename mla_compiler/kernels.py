@@ -11,6 +11,17 @@ import tvm
 from mla_compiler.model_export.config import MLADims
 from mla_compiler.schedules import attention_simple, kv_cache
 
+OPAQUE = 8  # relax OpPatternKind::kOpaque: FuseOps leaves our scheduled kernels alone
+
+
+def mark_scheduled(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
+    """A hand-scheduled kernel: dlight skips it, FuseOps does not fuse it, the caller names it."""
+    return (
+        func.with_attr("tirx.is_scheduled", True)
+        .with_attr("op_pattern", OPAQUE)
+        .without_attr("global_symbol")
+    )
+
 
 def select(
     op: str, *, dims: MLADims, target: tvm.target.Target, config=None, **kw

@@ -233,9 +233,7 @@ class Engine:
         while nxt:
             for s, tok in nxt.items():
                 outs[s].append(tok)
-            live = {
-                s: t for s, t in nxt.items() if t not in stop and len(outs[s]) < max_new_tokens
-            }
+            live = {s: t for s, t in nxt.items() if t not in stop and len(outs[s]) < max_new_tokens}
             if not live:
                 break
             logits = self.decode_batch(live)

@@ -164,7 +164,9 @@ def test_missing_artifact(tmp_path):
 
 
 def test_empty_prompt(tiny_artifact):
-    proc = run_cli("run", str(tiny_artifact), "--prompt-ids", "", "--max-new-tokens", "2", check=False)
+    proc = run_cli(
+        "run", str(tiny_artifact), "--prompt-ids", "", "--max-new-tokens", "2", check=False
+    )
     _one_line_error(proc, "empty prompt")
 
 

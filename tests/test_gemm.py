@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 import tvm
-from mla_compiler.schedules import gemm as G
-from mla_compiler.schedules.target import tvm_target
 
 from mla_compiler import reference
+from mla_compiler.schedules import gemm as G
+from mla_compiler.schedules.target import tvm_target
 
 EPILOGUES = [None, "residual", "silu_mul"]
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 import tvm
+
+from mla_compiler import reference
 from mla_compiler.schedules import gemm as G
 from mla_compiler.schedules import moe as M
 from mla_compiler.schedules.target import tvm_target
-
-from mla_compiler import reference
 
 CPU = tvm_target("cpu")
 E, K, D, INTER = 8, 2, 64, 64  # small layer for CPU runs

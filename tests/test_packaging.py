@@ -3,8 +3,9 @@ ships only what is listed; an editable install would hide a missing one)."""
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

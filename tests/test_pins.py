@@ -17,8 +17,11 @@ def test_pinned_versions():
 
 
 @T.prim_func(s_tir=True)
-def _matmul(a: T.Buffer((16, 16), "float16"), b: T.Buffer((16, 16), "float16"),
-            c: T.Buffer((16, 16), "float32")):
+def _matmul(
+    a: T.Buffer((16, 16), "float16"),
+    b: T.Buffer((16, 16), "float16"),
+    c: T.Buffer((16, 16), "float32"),
+):
     for i, j, k in T.grid(16, 16, 16):
         with T.sblock("c"):
             vi, vj, vk = T.axis.remap("SSR", [i, j, k])

@@ -17,8 +17,6 @@ from mla_compiler import kernels
 from mla_compiler.model_export.config import MLADims
 from mla_compiler.passes import pseudo
 
-OPAQUE = 8  # relax OpPatternKind::kOpaque: FuseOps leaves our scheduled kernels alone
-
 
 @relax.expr_functor.mutator
 class _Lower(relax.PyExprMutator):
@@ -31,11 +29,7 @@ class _Lower(relax.PyExprMutator):
 
     def _add(self, key, func, name: str) -> relax.GlobalVar:
         if key not in self.funcs:
-            func = (
-                func.with_attr("tirx.is_scheduled", True)
-                .with_attr("op_pattern", OPAQUE)
-                .without_attr("global_symbol")
-            )
+            func = kernels.mark_scheduled(func)
             self.funcs[key] = self.builder_.add_func(func, name)
         return self.funcs[key]
 

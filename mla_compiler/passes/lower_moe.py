@@ -13,9 +13,8 @@ import tvm
 from tvm import relax
 from tvm.relax import op as R
 
+from mla_compiler import kernels
 from mla_compiler.passes import pseudo
-
-OPAQUE = 8  # relax OpPatternKind::kOpaque: FuseOps leaves our scheduled kernels alone
 from mla_compiler.schedules.topk import topk as topk_kernel
 
 
@@ -69,13 +68,9 @@ class _Lower(relax.PyExprMutator):
         """(values [T, k] f32, indices [T, k] int32) of x [T, W] through ``moe_topk``."""
         width = int(x.ty.shape[1])
         if (width, k) not in self.kernels:
-            func = (
-                topk_kernel(width, k, target=self.target)
-                .with_attr("tirx.is_scheduled", True)
-                .with_attr("op_pattern", OPAQUE)
-            )
+            func = kernels.mark_scheduled(topk_kernel(width, k, target=self.target))
             self.kernels[(width, k)] = self.builder_.add_func(
-                func.without_attr("global_symbol"), f"moe_topk_{width}_{k}"
+                func, f"moe_topk_{width}_{k}"
             )
         t = x.ty.shape[0]
         out = self._emit(
@@ -131,11 +126,7 @@ class _Lower(relax.PyExprMutator):
 
     def _add(self, key, func, name):
         if key not in self.kernels:
-            func = (
-                func.with_attr("tirx.is_scheduled", True)
-                .with_attr("op_pattern", OPAQUE)
-                .without_attr("global_symbol")
-            )
+            func = kernels.mark_scheduled(func)
             self.kernels[key] = self.builder_.add_func(func, name)
         return self.kernels[key]
 
