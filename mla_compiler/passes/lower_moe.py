@@ -69,9 +69,7 @@ class _Lower(relax.PyExprMutator):
         width = int(x.ty.shape[1])
         if (width, k) not in self.kernels:
             func = kernels.mark_scheduled(topk_kernel(width, k, target=self.target))
-            self.kernels[(width, k)] = self.builder_.add_func(
-                func, f"moe_topk_{width}_{k}"
-            )
+            self.kernels[(width, k)] = self.builder_.add_func(func, f"moe_topk_{width}_{k}")
         t = x.ty.shape[0]
         out = self._emit(
             relax.call_tir(
