@@ -10,8 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from mla_compiler.model_export.config import MLADims, ModelConfig, RopeConfig, to_hf_dict
-
 # Small DeepSeek-V2 configs (name -> HF config.json overrides) covering the family's features.
 HF_CONFIGS = {
     "lite2": dict(  # V2-Lite's real shapes, 2 layers (dense first layer, then MoE)
@@ -147,28 +145,6 @@ def hf_checkpoint(tmp_path_factory):
     return get
 
 
-def tiny_config(**overrides) -> ModelConfig:
-    base = dict(
-        name="t",
-        vocab_size=128,
-        hidden_size=64,
-        num_hidden_layers=2,
-        intermediate_size=96,
-        moe_intermediate_size=32,
-        n_routed_experts=4,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        first_k_dense_replace=1,
-        dims=MLADims(
-            heads=4, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=16
-        ),
-        rope=RopeConfig(),
-        max_position_embeddings=512,
-    )
-    base.update(overrides)
-    return ModelConfig(**base)
-
-
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """Run ``mla-compiler`` in a subprocess (as a user would)."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
@@ -192,8 +168,6 @@ def gpu_available() -> bool:
 __all__ = [
     "hf_config_dict",
     "make_hf_model",
-    "tiny_config",
     "run_cli",
     "gpu_available",
-    "to_hf_dict",
 ]
