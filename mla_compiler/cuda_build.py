@@ -110,7 +110,9 @@ def build(
     targets = parse_targets(",".join(archs))
     gpu = targets != ["cpu"]
     target = tvm_target(codegen_arch or lowest_arch(targets)) if gpu else tvm_target("cpu")
-    with source_only():
+    # cp.async for the kernels that ask for it (software-pipelined shared-memory copies)
+    config = {"tirx.use_async_copy": True} if gpu else {}
+    with source_only(), tvm.transform.PassContext(config=config):
         executable = tvm.compile(
             mod, target=target, relax_pipeline=relax_pipeline, tir_pipeline=tir_pipeline
         )
