@@ -282,6 +282,11 @@ _V2_LITE = dict(
 
 PRESETS: dict[str, ModelConfig] = {
     "deepseek-v2-lite": ModelConfig(name="deepseek-v2-lite", **_V2_LITE),
+    # V2-Lite's first two layers (the dense one and one MoE layer) with every real shape: GPU
+    # checks of the full-size kernels against a float32 PyTorch reference that fits in memory.
+    "deepseek-v2-lite-2l": ModelConfig(
+        name="deepseek-v2-lite-2l", **{**_V2_LITE, "num_hidden_layers": 2}
+    ),
     # Same structure (dense first layer, routed + shared experts, YaRN, 576-wide latent row
     # shrunk to 96), small enough to compile and run on 2 CPU cores in seconds.
     "tiny": ModelConfig(

@@ -311,10 +311,9 @@ def _load_weights(path: Path, meta: dict, dev) -> list:
     return _random_weights(meta, dev)
 
 
-def _random_weights(meta: dict, dev) -> list:
-    """Seeded random weights drawn on the device (presets too large to store)."""
-    import tvm
-
+def random_weight_tensors(meta: dict, device: str) -> dict:
+    """The seeded random weights of a preset artifact as torch tensors ``{name: tensor}``, drawn
+    on ``device`` ("cuda" or "cpu") in export order: the engine's weights and any reference's."""
     try:
         import torch
     except ImportError as e:
@@ -325,17 +324,24 @@ def _random_weights(meta: dict, dev) -> list:
     cfg = ModelConfig.from_dict(meta["model"])
     with torch.device("meta"):
         shapes = {n: p.shape for n, p in DeepseekV2(cfg).named_parameters()}
-    tdev = "cuda" if dev.dlpack_device_type() == 2 else "cpu"
-    gen = torch.Generator(tdev).manual_seed(int(meta["weights"].get("seed", 0)))
+    gen = torch.Generator(device).manual_seed(int(meta["weights"].get("seed", 0)))
     dtype = getattr(torch, meta["dtype"])
-    out = []
+    out = {}
     for n in meta["param_names"]:
         if "norm" in n:
-            t = 1.0 + 0.1 * torch.randn(shapes[n], generator=gen, device=tdev)
+            t = 1.0 + 0.1 * torch.randn(shapes[n], generator=gen, device=device)
         else:
-            t = 0.02 * torch.randn(shapes[n], generator=gen, device=tdev)
-        t = t.to(dtype).contiguous()
-        out.append(
-            tvm.runtime.from_dlpack(t) if tdev == "cuda" else tvm.runtime.tensor(t.numpy(), dev)
-        )
+            t = 0.02 * torch.randn(shapes[n], generator=gen, device=device)
+        out[n] = t.to(dtype).contiguous()
     return out
+
+
+def _random_weights(meta: dict, dev) -> list:
+    """Seeded random weights drawn on the device (presets too large to store)."""
+    import tvm
+
+    tdev = "cuda" if dev.dlpack_device_type() == 2 else "cpu"
+    return [
+        tvm.runtime.from_dlpack(t) if tdev == "cuda" else tvm.runtime.tensor(t.numpy(), dev)
+        for t in random_weight_tensors(meta, tdev).values()
+    ]

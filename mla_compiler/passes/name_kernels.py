@@ -55,15 +55,31 @@ def NameKernels() -> tvm.transform.Pass:  # noqa: N802
     return tvm.transform.module_pass(transform, opt_level=0, name="NameKernels")
 
 
-def _is_reshape_rewrite(p) -> bool:
-    """RewriteDataflowReshape asserts that every single-input kernel is block-based; the
-    hand-written kernels (routing, grouping) are not, so it is left out: reshapes stay copies."""
-    return p.info.name == "RewriteDataflowReshape"
+def _root_block(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
+    """``func`` with its body under a root block, as TVM's analyses expect of every kernel
+    (RewriteDataflowReshape's HasReshapePattern checks it). Hand-written kernels (routing,
+    grouping, attention) are plain statements; the wrapper is removed again by lowering."""
+    from tvm import s_tir
+
+    if isinstance(func.body, s_tir.SBlockRealize):
+        return func
+    block = s_tir.SBlock([], [], [], "root", func.body)
+    return func.with_body(s_tir.SBlockRealize([], True, block))
+
+
+def WrapRootBlocks() -> tvm.transform.Pass:  # noqa: N802
+    def transform(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        for gv, func in list(mod.functions_items()):
+            if isinstance(func, tvm.tirx.PrimFunc):
+                mod[gv] = _root_block(func)
+        return mod
+
+    return tvm.transform.module_pass(transform, opt_level=0, name="WrapRootBlocks")
 
 
 def build_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """TVM's default Relax pipeline for ``target`` with NameKernels after legalization (and
-    without RewriteDataflowReshape, see ``_is_reshape_rewrite``)."""
+    """TVM's default Relax pipeline for ``target`` with NameKernels after legalization (reshape
+    kernels become views: RewriteDataflowReshape, which needs root blocks, see ``_root_block``)."""
     from tvm.relax.backend.cpu_generic import pipeline as cpu
     from tvm.relax.backend.cuda import pipeline as cuda
 
@@ -75,8 +91,8 @@ def build_pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
             seq = tvm.transform.Sequential(
                 backend.library_dispatch_passes(target)
                 + backend.legalize_passes(target)
-                + [NameKernels()]
-                + [p for p in backend.dataflow_lower_passes(target) if not _is_reshape_rewrite(p)]
+                + [NameKernels(), WrapRootBlocks()]
+                + backend.dataflow_lower_passes(target)
                 + backend.finalize_passes(target)
             )
             return seq(mod)
