@@ -12,6 +12,6 @@ done
 for a in $1; do
   echo "== $a"
   python3 benchmarks/profile_step.py "$a" --prompt "${3:-2048}" --steps "${4:-32}" \
-      --json "$OUT/profile_$(basename $a).json" | head -${LINES_MAX:-60} || status=1
+      --json "$OUT/profile_$(basename $a).json" || status=1
 done
 exit $status

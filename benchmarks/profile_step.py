@@ -134,7 +134,7 @@ def main() -> None:
         f"{out['decode_back_to_back_ms']:.2f}, GPU {out['decode_gpu_ms']:.2f} ms in "
         f"{out['decode_launches']:.0f} launches"
     )
-    for r in out["decode_kernels"][:25]:
+    for r in out["decode_kernels"][:40]:
         print(f"  {r['us_per_step']:8.1f} us  x{r['launches_per_step']:<5g} {r['kernel']}")
     if args.json:
         with open(args.json, "w") as f:

@@ -55,7 +55,7 @@ def moe(
     """Routed experts: x [T, D], router [E, D], gate_up [E, 2I, D], down [E, D, I] -> [T, D]."""
     weights, ids = route(x, router, top_k, method, n_group, topk_group, norm_topk_prob, scaling)
     inter = down.shape[-1]
-    out = torch.zeros(x.shape, dtype=torch.float32)
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for e in ids.unique().tolist():
         tok, slot = torch.where(ids == e)
         h = x[tok] @ gate_up[e].T  # [n, 2I]
@@ -69,7 +69,8 @@ def dense_moe(x, router, gate_up, down, top_k, method, n_group, topk_group, norm
     """Every expert on every token, weighted by the routing weights (zeros off the top-k): the
     traceable form of ``moe`` for exporters that cannot carry custom ops."""
     weights, ids = route(x, router, top_k, method, n_group, topk_group, norm, scaling)
-    dense = torch.zeros(x.shape[0], router.shape[0], dtype=torch.float32).scatter(1, ids, weights)
+    dense = torch.zeros(x.shape[0], router.shape[0], dtype=torch.float32, device=x.device)
+    dense = dense.scatter(1, ids, weights)
     inter = down.shape[-1]
     h = torch.einsum("td,eid->eti", x, gate_up)  # [E, T, 2I]
     h = torch.nn.functional.silu(h[..., :inter]) * h[..., inter:]

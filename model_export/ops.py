@@ -104,7 +104,8 @@ def attention(
         s = torch.einsum("thd,nhd->htn", q_nope[q0:q1], k_nope)
         s = s + torch.einsum("thd,nd->htn", q_pe[q0:q1], k_pe)
         s = s * sm_scale
-        mask = torch.arange(n)[None, :] > torch.arange(t)[:, None] + (n - t)
+        pos = torch.arange(n, device=s.device)
+        mask = pos[None, :] > torch.arange(t, device=s.device)[:, None] + (n - t)
         s = s.masked_fill(mask, float("-inf"))
         p = torch.softmax(s.float(), dim=-1).to(v.dtype)
         out[q0:q1] = torch.einsum("htn,nhd->thd", p, v)
