@@ -1,0 +1,192 @@
+"""The sm_90a wgmma GEMM (``schedules/gemm_wgmma.py``) at DeepSeek-V2-Lite's prefill shapes,
+checked against a float32 PyTorch reference and timed against cuBLAS (``torch.matmul``).
+
+Build here (no GPU needed), run there with TVM's runtime only:
+
+    python benchmarks/bench_gemm_wgmma.py build .device/wgmma
+    python benchmarks/bench_gemm_wgmma.py run .device/wgmma --json $OUT/bench_gemm_wgmma.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+from pathlib import Path
+
+# (name, n, k, epilogue, out_dtype): every dense product of a V2-Lite prefill (mla=3)
+SHAPES = (
+    ("q_proj", 3072, 2048, None, None),
+    ("kv_a", 576, 2048, None, None),
+    ("kv_b", 4096, 512, None, None),
+    ("o_proj+res", 2048, 2048, "residual", None),
+    ("shared_gate_up", 2816, 2048, "silu_mul", None),
+    ("shared_down+res", 2048, 2816, "residual", None),
+    ("mlp_gate_up", 10944, 2048, "silu_mul", None),
+    ("mlp_down+res", 2048, 10944, "residual", None),
+    ("router_f32", 64, 2048, None, "float32"),
+)
+TOKENS = (77, 512, 2048, 4096)  # 77: a partial row tile
+
+
+def _configs():
+    from mla_compiler.schedules.gemm_wgmma import WgmmaConfig
+
+    return (
+        WgmmaConfig(128, 256, 64, 4),
+        WgmmaConfig(128, 256, 64, 4, overlap=True),
+        WgmmaConfig(128, 128, 64, 4),
+        WgmmaConfig(128, 128, 64, 5, overlap=True),
+        WgmmaConfig(128, 256, 64, 3),
+        WgmmaConfig(256, 128, 64, 4, overlap=True),
+        WgmmaConfig(64, 256, 64, 4),
+    )
+
+
+def _cfg_name(c) -> str:
+    return f"m{c.block_m}n{c.block_n}k{c.block_k}s{c.stages}" + ("o" if c.overlap else "")
+
+
+def build(out: Path) -> None:
+    import tvm
+
+    from mla_compiler import cuda_build
+    from mla_compiler.schedules import gemm_wgmma as W
+    from mla_compiler.schedules.target import tvm_target
+
+    target = tvm_target("sm_90a")
+    funcs, index = {}, []
+    for name, n, k, epi, odt in SHAPES:
+        for cfg in _configs():
+            if not W.keep(cfg, target, k=k):
+                continue
+            sym = f"{name.replace('+', '_')}__{_cfg_name(cfg)}"
+            f = W.wgmma_gemm(
+                None, n, k, dtype="float16", target=target, config=cfg, epilogue=epi, out_dtype=odt
+            )
+            funcs[sym] = f.with_attr("global_symbol", sym)
+            index.append({"symbol": sym, "shape": name, "config": dataclasses.asdict(cfg)})
+    out.mkdir(parents=True, exist_ok=True)
+    res = cuda_build.build(tvm.IRModule(funcs), ["sm_90a"], output=out, name="wgmma")
+    spills = {
+        k: v.spill_bytes
+        for k, v in res.device_modules[0].kernels["sm_90a"].items()
+        if v.spill_bytes
+    }
+    (out / "index.json").write_text(json.dumps(index, indent=1))
+    print(f"built {len(funcs)} kernels into {out}; spills: {spills or 'none'}")
+
+
+def _silu_mul_ref(h, n):
+    """SiLU(gate) * up from an accumulator whose columns are interleaved gate/up groups of 32."""
+    import torch
+
+    g = h.view(h.shape[0], n // 32, 2, 32)
+    return (torch.nn.functional.silu(g[:, :, 0]) * g[:, :, 1]).reshape(h.shape[0], n)
+
+
+def run(out: Path, json_path: str | None, reps: int) -> int:
+    import torch
+    import tvm
+
+    from mla_compiler.runtime import loader
+
+    loader.use_runtime_only()
+    mod = loader.load_module(out / "wgmma.so", "cuda")
+    index = json.loads((out / "index.json").read_text())
+    t = tvm.runtime.from_dlpack
+    rows, bad = [], 0
+
+    def timed(fn) -> float:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(reps):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            ts.append(a.elapsed_time(b) * 1e3)
+        return statistics.median(ts)
+
+    gen = torch.Generator("cuda").manual_seed(0)
+    for m in TOKENS:
+        for name, n, k, epi, odt in SHAPES:
+            nw = 2 * n if epi == "silu_mul" else n
+            x = torch.randn(m, k, device="cuda", generator=gen).half()
+            w = (torch.randn(nw, k, device="cuda", generator=gen) / k**0.5).half()
+            r = torch.randn(m, n, device="cuda", generator=gen).half()
+            h = x.float() @ w.float().T
+            ref = _silu_mul_ref(h, n) if epi == "silu_mul" else h
+            ref = ref + r.float() if epi == "residual" else ref
+            cublas_us = timed(lambda x=x, w=w: torch.matmul(x, w.T))
+            flops = 2 * m * nw * k
+            best = None
+            for item in (i for i in index if i["shape"] == name):
+                fn = mod[item["symbol"]]
+                y = torch.full(
+                    (m, n), float("nan"), device="cuda", dtype=getattr(torch, odt or "float16")
+                )
+                args = [t(x), t(w)] + ([t(r)] if epi == "residual" else []) + [t(y)]
+                fn(*args)
+                torch.cuda.synchronize()
+                err = float((y.float() - ref).abs().max())
+                tol = 2e-2 * float(ref.abs().max()) + 1e-2
+                ok = bool(torch.isfinite(y).all()) and err <= tol
+                bad += not ok
+                us = timed(lambda fn=fn, args=args: fn(*args))
+                row = {
+                    "tokens": m,
+                    "shape": name,
+                    "n": n,
+                    "k": k,
+                    "config": item["config"],
+                    "us": us,
+                    "tflops": flops / us / 1e6,
+                    "cublas_us": cublas_us,
+                    "cublas_tflops": flops / cublas_us / 1e6,
+                    "vs_cublas": cublas_us / us,
+                    "max_abs_err": err,
+                    "ok": ok,
+                }
+                rows.append(row)
+                if ok and (best is None or us < best["us"]):
+                    best = row
+            if best:
+                c = best["config"]
+                print(
+                    f"T={m:5d} {name:16s} best m{c['block_m']}n{c['block_n']}s{c['stages']}"
+                    f"{'o' if c['overlap'] else ''}: "
+                    f"{best['tflops']:6.1f} TFLOP/s  cuBLAS {best['cublas_tflops']:6.1f}  "
+                    f"{best['vs_cublas']:.2f}x"
+                )
+            else:
+                print(f"T={m:5d} {name:16s} NO CORRECT CONFIG")
+    for row in rows:
+        if not row["ok"]:
+            print(f"BAD {row['shape']} T={row['tokens']} {row['config']} err={row['max_abs_err']}")
+    if json_path:
+        dev = torch.cuda.get_device_name()
+        Path(json_path).write_text(json.dumps({"device": dev, "rows": rows}, indent=1))
+    return 1 if bad else 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["build", "run"])
+    ap.add_argument("dir")
+    ap.add_argument("--json")
+    ap.add_argument("--reps", type=int, default=20)
+    a = ap.parse_args()
+    if a.mode == "build":
+        build(Path(a.dir))
+        return 0
+    return run(Path(a.dir), a.json, a.reps)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

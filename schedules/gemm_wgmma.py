@@ -1,0 +1,322 @@
+"""Warpgroup tensor-core GEMM for sm_90a: ``Y[M, n] = epilogue(X[M, k] @ W[N_w, k]^T)``.
+
+Hand-written TIR (a schedule cannot express wgmma): one thread block owns a ``block_m x block_n``
+tile of the accumulator; its ``block_m / 64`` warpgroups own 64 rows each and issue
+``wgmma.mma_async m64n{block_n}k16`` (f16/bf16 in, f32 accumulate) with both operands read from
+shared memory by descriptor. Operand tiles stream through a ``stages``-deep ``cp.async`` ring
+(one commit group per ``block_k`` step), stored unpadded in core-matrix order (8 rows x 16 B
+per 128-byte core matrix; consecutive threads fill consecutive 16-byte chunks, so the shared
+stores are conflict-free). Rows past ``M`` (or past ``N_w``) are clamped to the last row: finite
+data that the predicated stores never write back.
+
+Per step: wait for the step's copies, barrier, issue the copy of step ``kt + lead`` into the
+slot whose wgmmas are known complete, then the ``block_k / 16`` wgmmas of step ``kt``. Without
+``overlap`` they are waited for at once (``lead = stages - 1``: the slot of step ``kt - 1``);
+with it one group stays in flight across the next barrier (``lead = stages - 2``: the slot of
+step ``kt - 2``, whose wgmmas every warpgroup waited for before that barrier).
+
+The accumulators have the mma.sync per-warp layout (warp ``w`` of a warpgroup holds rows
+``16w .. 16w+15``; lane ``4g + c`` holds columns ``8j + 2c, 8j + 2c + 1`` of rows ``g, g + 8``
+for each 8-column chunk ``j``), so the epilogues work straight from registers: ``residual``
+adds R; ``silu_mul`` pairs gate chunk ``j`` with up chunk ``j + 4`` of the same thread (weight
+rows interleaved in groups of 32: ``gemm.transform_weight``); ``out_dtype="float32"`` keeps the
+f32 accumulators (router logits).
+"""
+
+# ruff: noqa: F821, F841
+
+from __future__ import annotations
+
+import dataclasses
+
+import tvm
+from tvm.script import tirx as T
+
+from .target import gpu_spec
+
+EPILOGUES = (None, "residual", "silu_mul")
+SWIGLU_GROUP = 32  # = gemm.SWIGLU_GROUP (gate/up rows interleave in groups of this many rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class WgmmaConfig:
+    """Block tile ``block_m x block_n x block_k`` (``block_m / 64`` warpgroups), ring depth."""
+
+    block_m: int = 128
+    block_n: int = 256
+    block_k: int = 64
+    stages: int = 4
+    overlap: bool = False  # keep one wgmma group in flight while the next step starts
+
+    @property
+    def lead(self) -> int:
+        """Steps the copies run ahead of the MMAs: a slot is refilled once no wgmma reads it."""
+        return self.stages - 2 if self.overlap else self.stages - 1
+
+    @property
+    def warpgroups(self) -> int:
+        return self.block_m // 64
+
+    @property
+    def threads(self) -> int:
+        return 128 * self.warpgroups
+
+    @property
+    def stage_halfs(self) -> int:
+        return (self.block_m + self.block_n) * self.block_k
+
+    def shared_bytes(self) -> int:
+        return self.stages * self.stage_halfs * 2
+
+
+CONFIGS = (
+    WgmmaConfig(128, 256, 64, 4),
+    WgmmaConfig(128, 128, 64, 4),
+    WgmmaConfig(128, 256, 64, 3),
+    WgmmaConfig(128, 128, 64, 3),
+    WgmmaConfig(64, 256, 64, 4),
+    WgmmaConfig(192, 128, 64, 4),
+    WgmmaConfig(256, 128, 64, 3),
+)
+
+
+def keep(config: WgmmaConfig, target: tvm.target.Target, *, k: int | None = None) -> bool:
+    """Whether ``config`` is a valid wgmma tile on ``target`` (and divides ``k`` if given)."""
+    spec = gpu_spec(target)
+    c = config
+    chunks_a, chunks_b = c.block_m * c.block_k // 8, c.block_n * c.block_k // 8
+    return (
+        spec.has_wgmma
+        and c.block_m % 64 == 0
+        and c.block_n % 64 == 0
+        and 64 <= c.block_n <= 256
+        and c.block_k % 16 == 0
+        and c.stages >= (3 if c.overlap else 2)
+        and chunks_a % c.threads == 0
+        and chunks_b % c.threads == 0
+        and c.block_n // 2 <= 128  # f32 accumulator registers per thread
+        and c.shared_bytes() <= spec.max_shared_bytes_per_block
+        and (k is None or k % c.block_k == 0)
+    )
+
+
+def applies(n: int, k: int, *, target, config: WgmmaConfig | None = None) -> bool:
+    """Whether the wgmma GEMM serves this shape on ``target`` (else use ``gemm.gemm``)."""
+    cfg = config or WgmmaConfig()
+    return keep(cfg, target, k=k) and n % 8 == 0
+
+
+_PIN_SOURCE = """
+__forceinline__ __device__ void gemm_pin_f32(float& x) { asm volatile("" : "+f"(x) :: "memory"); }
+"""
+
+
+@T.macro(hygienic=False)
+def _pin(acc, n):
+    # Empty asm on each accumulator: keeps its other uses on their side of the wgmma fence/wait.
+    for i in T.unroll(n):
+        T.cuda.func_call("gemm_pin_f32", acc[i], source_code=_PIN_SOURCE)
+
+
+@T.macro(hygienic=False)
+def _load_step(C, src, src_rows, row0, n_chunks, step, slot, dst0, kk):
+    # cp.async one operand's block_k slice of rows row0.. (clamped) into ring slot `slot`.
+    for i in T.unroll(n_chunks // C.threads):
+        c = tx + i * C.threads
+        r = c // 8 // (C.block_k // 8) * 8 + c % 8
+        cc = c // 8 % (C.block_k // 8)
+        row = T.min(row0 + r, src_rows - 1)
+        T.ptx["cp.async.cg.shared.global"](
+            smem.ptr_to(
+                [slot * C.stage_halfs + dst0 + (r // 8 * (C.block_k // 8) + cc) * 64 + r % 8 * 8]
+            ),
+            src.ptr_to([T.Cast("int64", row) * kk + step * C.block_k + cc * 8]),
+            16,
+        )
+
+
+def _wgmma_op(n: int, dtype: str):
+    ab = "bf16" if dtype == "bfloat16" else "f16"
+    return T.ptx[f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ab}.{ab}"]
+
+
+def _wgmma(op, acc, n_acc: int, a_desc, b_desc):
+    """One m64nNk16 wgmma accumulating into ``acc`` (scale-d 1, no transposes: K-major A, B)."""
+    return op(*[acc[i] for i in range(n_acc)], a_desc, b_desc, True, 1, 1, 0, 0)
+
+
+def wgmma_gemm(
+    m,
+    n: int,
+    k: int,
+    *,
+    dtype: str = "float16",
+    target=None,
+    config: WgmmaConfig | None = None,
+    epilogue: str | None = None,
+    out_dtype: str | None = None,
+) -> tvm.tirx.PrimFunc:
+    """``(x [M, k], w [N_w, k], [r [M, n],] y [M, n])``; ``m`` is an int or None (symbolic).
+
+    ``N_w = 2n`` for ``silu_mul`` (weight in ``gemm.transform_weight`` layout), else ``n``.
+    """
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"unknown epilogue {epilogue!r}: use one of {EPILOGUES}")
+    C = config or WgmmaConfig()
+    if target is not None and not keep(C, _as_target(target), k=k):
+        raise ValueError(f"wgmma config {C} does not fit {target} with k={k}")
+    if k % C.block_k or n % 8:
+        raise ValueError(f"wgmma GEMM needs k % {C.block_k} == 0 and n % 8 == 0, got {n=} {k=}")
+    out_dtype = out_dtype or dtype
+    nw = 2 * n if epilogue == "silu_mul" else n
+    if epilogue == "silu_mul" and (n % SWIGLU_GROUP or C.block_n % (2 * SWIGLU_GROUP)):
+        raise ValueError("silu_mul needs n % 32 == 0 and block_n % 64 == 0")
+    steps = k // C.block_k
+    n_tiles = (nw + C.block_n - 1) // C.block_n
+    acc_n = C.block_n // 2
+    a_chunks, b_chunks = C.block_m * C.block_k // 8, C.block_n * C.block_k // 8
+    b_off = C.block_m * C.block_k
+    sbo = C.block_k  # 8-row group stride of a core-matrix tile, in 16-byte units
+    op = _wgmma_op(C.block_n, dtype)
+    residual = epilogue == "residual"
+    silu = epilogue == "silu_mul"
+    mm = tvm.tirx.Var("m", "int64") if m is None else tvm.tirx.IntImm("int64", m)
+
+    @T.macro(hygienic=True)
+    def body(xf, wf, rf, yf):
+        bx = T.launch_thread("blockIdx.x", n_tiles)
+        by = T.launch_thread("blockIdx.y", T.Cast("int32", (mm + C.block_m - 1) // C.block_m))
+        tx = T.launch_thread("threadIdx.x", C.threads)
+        smem = T.alloc_buffer((C.stages * C.stage_halfs,), dtype, scope="shared.dyn")
+        acc = T.alloc_buffer((acc_n,), "float32", scope="local")
+        desc = T.alloc_buffer((2,), "uint64", scope="local")
+        wg = tx // 128
+        warp = tx // 32 % 4
+        lane = tx % 32
+        m0 = by * C.block_m
+        n0 = bx * C.block_n
+        rows = T.Cast("int32", mm)
+        for i in T.unroll(acc_n):
+            acc[i] = T.float32(0)
+        for s in T.unroll(C.lead):
+            if s < steps:
+                _load_step(C, xf, rows, m0, a_chunks, s, s, 0, k)
+                _load_step(C, wf, nw, n0, b_chunks, s, s, b_off, k)
+            T.ptx["cp.async.commit_group"]()
+        for kt in T.serial(steps):
+            T.ptx["cp.async.wait_group"](C.lead - 1)
+            T.ptx["fence.proxy.async.shared::cta"]()  # cp.async data -> wgmma reads
+            T.tvm_storage_sync("shared")
+            if kt + C.lead < steps:
+                _load_step(
+                    C,
+                    xf,
+                    rows,
+                    m0,
+                    a_chunks,
+                    kt + C.lead,
+                    (kt + C.lead) % C.stages,
+                    0,
+                    k,
+                )
+                _load_step(
+                    C,
+                    wf,
+                    nw,
+                    n0,
+                    b_chunks,
+                    kt + C.lead,
+                    (kt + C.lead) % C.stages,
+                    b_off,
+                    k,
+                )
+            T.ptx["cp.async.commit_group"]()
+            T.cuda.wgmma.encode_matrix_descriptor(
+                T.address_of(desc[0]),
+                smem.ptr_to([kt % C.stages * C.stage_halfs + wg * 64 * C.block_k]),
+                8,
+                sbo,
+                0,
+            )
+            T.cuda.wgmma.encode_matrix_descriptor(
+                T.address_of(desc[1]),
+                smem.ptr_to([kt % C.stages * C.stage_halfs + b_off]),
+                8,
+                sbo,
+                0,
+            )
+            _pin(acc, acc_n)
+            T.ptx["wgmma.fence.sync.aligned"]()
+            for kk in T.unroll(C.block_k // 16):
+                _wgmma(op, acc, acc_n, desc[0] + T.uint64(kk * 16), desc[1] + T.uint64(kk * 16))
+            T.ptx["wgmma.commit_group.sync.aligned"]()
+            T.ptx["wgmma.wait_group.sync.aligned"](1 if C.overlap else 0)
+            _pin(acc, acc_n)
+        T.ptx["wgmma.wait_group.sync.aligned"](0)
+        _pin(acc, acc_n)
+        T.ptx["cp.async.wait_group"](0)
+        for h in T.unroll(2):
+            row = m0 + wg * 64 + warp * 16 + lane // 4 + h * 8
+            if row < rows:
+                if silu:
+                    for j in T.unroll(C.block_n // 8):
+                        if j % 8 < 4:
+                            col = n0 // 2 + j // 8 * 32 + j % 8 * 8 + lane % 4 * 2
+                            if col < n:
+                                for c in T.vectorized(2):
+                                    yf[T.Cast("int64", row) * n + col + c] = T.Cast(
+                                        out_dtype,
+                                        acc[j * 4 + h * 2 + c]
+                                        * T.sigmoid(acc[j * 4 + h * 2 + c])
+                                        * acc[(j + 4) * 4 + h * 2 + c],
+                                    )
+                else:
+                    for j in T.unroll(C.block_n // 8):
+                        col = n0 + j * 8 + lane % 4 * 2
+                        if col < n:
+                            for c in T.vectorized(2):
+                                if residual:
+                                    yf[T.Cast("int64", row) * n + col + c] = T.Cast(
+                                        out_dtype,
+                                        acc[j * 4 + h * 2 + c]
+                                        + T.Cast("float32", rf[T.Cast("int64", row) * n + col + c]),
+                                    )
+                                else:
+                                    yf[T.Cast("int64", row) * n + col + c] = T.Cast(
+                                        out_dtype, acc[j * 4 + h * 2 + c]
+                                    )
+
+    if residual:
+
+        @T.prim_func
+        def func(x_h: T.handle, w_h: T.handle, r_h: T.handle, y_h: T.handle):
+            T.func_attr({"tir.noalias": True})
+            x = T.match_buffer(x_h, (mm, k), dtype)  # [M, K]
+            w = T.match_buffer(w_h, (nw, k), dtype)  # [N, K]
+            r = T.match_buffer(r_h, (mm, n), dtype)  # [M, N]
+            y = T.match_buffer(y_h, (mm, n), out_dtype)  # [M, N]
+            xf = T.decl_buffer((mm * k,), dtype, data=x.data)
+            wf = T.decl_buffer((nw * k,), dtype, data=w.data)
+            rf = T.decl_buffer((mm * n,), dtype, data=r.data)
+            yf = T.decl_buffer((mm * n,), out_dtype, data=y.data)
+            body(xf, wf, rf, yf)
+
+    else:
+
+        @T.prim_func
+        def func(x_h: T.handle, w_h: T.handle, y_h: T.handle):
+            T.func_attr({"tir.noalias": True})
+            x = T.match_buffer(x_h, (mm, k), dtype)  # [M, K]
+            w = T.match_buffer(w_h, (nw, k), dtype)  # [N_w, K]
+            y = T.match_buffer(y_h, (mm, n), out_dtype)  # [M, N]
+            xf = T.decl_buffer((mm * k,), dtype, data=x.data)
+            wf = T.decl_buffer((nw * k,), dtype, data=w.data)
+            yf = T.decl_buffer((mm * n,), out_dtype, data=y.data)
+            body(xf, wf, yf, yf)
+
+    name = f"gemm_wgmma_n{n}_k{k}" + (f"_{epilogue}" if epilogue else "")
+    return func.with_attr("global_symbol", name)
+
+
+def _as_target(target) -> tvm.target.Target:
+    return target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
