@@ -35,18 +35,17 @@ def _configs():
     from mla_compiler.schedules.gemm_wgmma import WgmmaConfig
 
     return (
-        WgmmaConfig(128, 256, 64, 4),
         WgmmaConfig(128, 256, 64, 4, overlap=True),
-        WgmmaConfig(128, 128, 64, 4),
+        WgmmaConfig(128, 256, 64, 4),
         WgmmaConfig(128, 128, 64, 5, overlap=True),
-        WgmmaConfig(128, 256, 64, 3),
         WgmmaConfig(256, 128, 64, 4, overlap=True),
-        WgmmaConfig(64, 256, 64, 4),
+        WgmmaConfig(128, 256, 64, 4, overlap=True, swizzle=False),
     )
 
 
 def _cfg_name(c) -> str:
-    return f"m{c.block_m}n{c.block_n}k{c.block_k}s{c.stages}" + ("o" if c.overlap else "")
+    flags = ("o" if c.overlap else "") + ("" if c.swizzle else "_nosw")
+    return f"m{c.block_m}n{c.block_n}k{c.block_k}s{c.stages}{flags}"
 
 
 def build(out: Path) -> None:
@@ -160,7 +159,7 @@ def run(out: Path, json_path: str | None, reps: int) -> int:
                 c = best["config"]
                 print(
                     f"T={m:5d} {name:16s} best m{c['block_m']}n{c['block_n']}s{c['stages']}"
-                    f"{'o' if c['overlap'] else ''}: "
+                    f"{'o' if c['overlap'] else ''}{'' if c['swizzle'] else '-nosw'}: "
                     f"{best['tflops']:6.1f} TFLOP/s  cuBLAS {best['cublas_tflops']:6.1f}  "
                     f"{best['vs_cublas']:.2f}x"
                 )

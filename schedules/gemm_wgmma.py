@@ -47,6 +47,7 @@ class WgmmaConfig:
     block_k: int = 64
     stages: int = 4
     overlap: bool = False  # keep one wgmma group in flight while the next step starts
+    swizzle: bool = True  # 128-byte swizzled rows (block_k = 64) instead of core-matrix tiles
 
     @property
     def lead(self) -> int:
@@ -91,6 +92,7 @@ def keep(config: WgmmaConfig, target: tvm.target.Target, *, k: int | None = None
         and c.block_n % 64 == 0
         and 64 <= c.block_n <= 256
         and c.block_k % 16 == 0
+        and (not c.swizzle or c.block_k == 64)  # one 128-byte swizzle atom per row
         and c.stages >= (3 if c.overlap else 2)
         and chunks_a % c.threads == 0
         and chunks_b % c.threads == 0
@@ -123,13 +125,17 @@ def _load_step(C, src, src_rows, row0, n_chunks, step, slot, dst0, kk):
     # cp.async one operand's block_k slice of rows row0.. (clamped) into ring slot `slot`.
     for i in T.unroll(n_chunks // C.threads):
         c = tx + i * C.threads
-        r = c // 8 // (C.block_k // 8) * 8 + c % 8
-        cc = c // 8 % (C.block_k // 8)
+        if C.swizzle:  # row-major 128-byte rows, 16-byte chunk cc stored at cc ^ (r % 8)
+            r = c // 8
+            cc = c % 8
+            off = r * 64 + T.bitwise_xor(cc, r % 8) * 8
+        else:  # core matrices: 8 rows of one chunk column, 128 contiguous bytes
+            r = c // 8 // (C.block_k // 8) * 8 + c % 8
+            cc = c // 8 % (C.block_k // 8)
+            off = (r // 8 * (C.block_k // 8) + cc) * 64 + r % 8 * 8
         row = T.min(row0 + r, src_rows - 1)
         T.ptx["cp.async.cg.shared.global"](
-            smem.ptr_to(
-                [slot * C.stage_halfs + dst0 + (r // 8 * (C.block_k // 8) + cc) * 64 + r % 8 * 8]
-            ),
+            smem.ptr_to([slot * C.stage_halfs + dst0 + off]),
             src.ptr_to([T.Cast("int64", row) * kk + step * C.block_k + cc * 8]),
             16,
         )
@@ -176,7 +182,9 @@ def wgmma_gemm(
     acc_n = C.block_n // 2
     a_chunks, b_chunks = C.block_m * C.block_k // 8, C.block_n * C.block_k // 8
     b_off = C.block_m * C.block_k
-    sbo = C.block_k  # 8-row group stride of a core-matrix tile, in 16-byte units
+    # descriptors (16-byte units): 128B swizzle: 8-row atoms 1024 B apart, k16 steps 32 B apart;
+    # core matrices: LBO 128 B along K, SBO one 8-row group (block_k * 16 B), k16 steps 256 B
+    lbo, sbo, mode, k_step = (1, 64, 3, 2) if C.swizzle else (8, C.block_k, 0, 16)
     op = _wgmma_op(C.block_n, dtype)
     residual = epilogue == "residual"
     silu = epilogue == "silu_mul"
@@ -234,21 +242,23 @@ def wgmma_gemm(
             T.cuda.wgmma.encode_matrix_descriptor(
                 T.address_of(desc[0]),
                 smem.ptr_to([kt % C.stages * C.stage_halfs + wg * 64 * C.block_k]),
-                8,
+                lbo,
                 sbo,
-                0,
+                mode,
             )
             T.cuda.wgmma.encode_matrix_descriptor(
                 T.address_of(desc[1]),
                 smem.ptr_to([kt % C.stages * C.stage_halfs + b_off]),
-                8,
+                lbo,
                 sbo,
-                0,
+                mode,
             )
             _pin(acc, acc_n)
             T.ptx["wgmma.fence.sync.aligned"]()
             for kk in T.unroll(C.block_k // 16):
-                _wgmma(op, acc, acc_n, desc[0] + T.uint64(kk * 16), desc[1] + T.uint64(kk * 16))
+                _wgmma(
+                    op, acc, acc_n, desc[0] + T.uint64(kk * k_step), desc[1] + T.uint64(kk * k_step)
+                )
             T.ptx["wgmma.commit_group.sync.aligned"]()
             T.ptx["wgmma.wait_group.sync.aligned"](1 if C.overlap else 0)
             _pin(acc, acc_n)
