@@ -29,6 +29,8 @@ SHAPES = (
     ("router_f32", 64, 2048, None, "float32"),
 )
 TOKENS = (77, 512, 2048, 4096)  # 77: a partial row tile
+MOE = dict(num_experts=64, top_k=6, hidden=2048, inter=1408)  # V2-Lite's routed experts
+MOE_TOKENS = (1, 77, 2048)
 
 
 def _configs():
@@ -40,6 +42,17 @@ def _configs():
         WgmmaConfig(128, 128, 64, 5, overlap=True),
         WgmmaConfig(256, 128, 64, 4, overlap=True),
         WgmmaConfig(128, 256, 64, 4, overlap=True, swizzle=False),
+    )
+
+
+def _moe_configs():
+    from mla_compiler.schedules.gemm_wgmma import WgmmaConfig
+
+    return (
+        WgmmaConfig(128, 128, 64, 5, overlap=True),
+        WgmmaConfig(128, 256, 64, 4, overlap=True),
+        WgmmaConfig(64, 256, 64, 4, overlap=True),
+        WgmmaConfig(64, 128, 64, 6, overlap=True),
     )
 
 
@@ -67,6 +80,20 @@ def build(out: Path) -> None:
             )
             funcs[sym] = f.with_attr("global_symbol", sym)
             index.append({"symbol": sym, "shape": name, "config": dataclasses.asdict(cfg)})
+    for cfg in _moe_configs():
+        for kind in ("gate_up", "down"):
+            sym = f"moe_{kind}__{_cfg_name(cfg)}"
+            f = W.moe_grouped(
+                kind,
+                MOE["hidden"],
+                MOE["inter"],
+                num_experts=MOE["num_experts"],
+                top_k=MOE["top_k"],
+                target=target,
+                config=cfg,
+            )
+            funcs[sym] = f.with_attr("global_symbol", sym)
+            index.append({"symbol": sym, "shape": f"moe_{kind}", "config": dataclasses.asdict(cfg)})
     out.mkdir(parents=True, exist_ok=True)
     res = cuda_build.build(tvm.IRModule(funcs), ["sm_90a"], output=out, name="wgmma")
     spills = {
@@ -165,6 +192,7 @@ def run(out: Path, json_path: str | None, reps: int) -> int:
                 )
             else:
                 print(f"T={m:5d} {name:16s} NO CORRECT CONFIG")
+    bad += _run_moe(mod, index, rows, timed)
     for row in rows:
         if not row["ok"]:
             print(f"BAD {row['shape']} T={row['tokens']} {row['config']} err={row['max_abs_err']}")
@@ -172,6 +200,112 @@ def run(out: Path, json_path: str | None, reps: int) -> int:
         dev = torch.cuda.get_device_name()
         Path(json_path).write_text(json.dumps({"device": dev, "rows": rows}, indent=1))
     return 1 if bad else 0
+
+
+def _grouping(ids, num_experts: int, bm: int):
+    """sorted_rows / block_expert as ``moe_align`` lays them out (expert order, blocks of bm
+    rows padded with -1, unused blocks last with expert -1)."""
+    import torch
+
+    flat = ids.flatten().tolist()
+    nb = (len(flat) + num_experts * (bm - 1)) // bm
+    by_expert: dict[int, list[int]] = {}
+    for i, e in enumerate(flat):
+        by_expert.setdefault(e, []).append(i)
+    sorted_rows, block_expert = [], []
+    for e in sorted(by_expert):
+        rows = by_expert[e]
+        for j in range(0, len(rows), bm):
+            chunk = rows[j : j + bm]
+            sorted_rows += chunk + [-1] * (bm - len(chunk))
+            block_expert.append(e)
+    used = len(block_expert)
+    sorted_rows += [-1] * (nb - used) * bm
+    block_expert += [-1] * (nb - used)
+    i32 = dict(dtype=torch.int32, device="cuda")
+    return torch.tensor(sorted_rows, **i32), torch.tensor(block_expert, **i32), used
+
+
+def _run_moe(mod, index, rows, timed) -> int:
+    """Grouped gate_up and down at V2-Lite's expert shapes vs a float32 per-block reference;
+    TFLOP/s counted on the routed rows only; baseline: one cuBLAS GEMM over as many rows."""
+    import torch
+    import tvm
+
+    t = tvm.runtime.from_dlpack
+    e_num, k_top, d, inter = MOE["num_experts"], MOE["top_k"], MOE["hidden"], MOE["inter"]
+    gen = torch.Generator("cuda").manual_seed(1)
+    bad = 0
+    wgu = (torch.randn(e_num, 2 * inter, d, device="cuda", generator=gen) / d**0.5).half()
+    wd = (torch.randn(e_num, d, inter, device="cuda", generator=gen) / inter**0.5).half()
+    for tokens in MOE_TOKENS:
+        x = torch.randn(tokens, d, device="cuda", generator=gen).half()
+        scores = torch.rand(tokens, e_num, device="cuda", generator=gen)
+        ids = scores.topk(k_top, dim=-1).indices.int()
+        weights = torch.rand(tokens, k_top, device="cuda", generator=gen)
+        for kind in ("gate_up", "down"):
+            for item in (i for i in index if i["shape"] == f"moe_{kind}"):
+                bm = item["config"]["block_m"]
+                sr, be, used = _grouping(ids, e_num, bm)
+                real = sr >= 0
+                src = sr.clamp(min=0).long()
+                tok, slot = src // k_top, src % k_top
+                blocks = [(b, int(be[b])) for b in range(used)]
+                if kind == "gate_up":
+                    ref = torch.zeros(sr.numel(), inter, device="cuda")
+                    for b, e in blocks:  # per row block: its expert's weight
+                        rs = slice(b * bm, (b + 1) * bm)
+                        hh = x[tok[rs]].float() @ wgu[e].float().T
+                        g = hh.view(bm, inter // 32, 2, 32)
+                        gated = torch.nn.functional.silu(g[:, :, 0]) * g[:, :, 1]
+                        ref[rs] = gated.reshape(bm, inter)
+                    out = torch.full((sr.numel(), inter), float("nan"), device="cuda").half()
+                    args = [t(x), t(sr), t(be), t(wgu), t(out)]
+                    n_cols, k_dim = 2 * inter, d
+                else:
+                    h = torch.randn(sr.numel(), inter, device="cuda", generator=gen).half()
+                    ref = torch.zeros(sr.numel(), d, device="cuda")
+                    for b, e in blocks:
+                        rs = slice(b * bm, (b + 1) * bm)
+                        ref[rs] = h[rs].float() @ wd[e].float().T
+                    ref = ref * torch.where(real, weights[tok, slot], 0.0)[:, None]
+                    out = torch.full((sr.numel(), d), float("nan"), device="cuda").half()
+                    args = [t(h), t(sr), t(be), t(wd), t(weights), t(out)]
+                    n_cols, k_dim = d, inter
+                fn = mod[item["symbol"]]
+                fn(*args)
+                torch.cuda.synchronize()
+                n_used = used * bm
+                keep = real[:n_used] if kind == "gate_up" else slice(None)
+                got, want = out[:n_used].float()[keep], ref[:n_used][keep]
+                err = float((got - want).abs().max())
+                tol = 2e-2 * float(want.abs().max()) + 1e-2
+                ok = bool(torch.isfinite(got).all()) and err <= tol
+                bad += not ok
+                us = timed(lambda fn=fn, args=args: fn(*args))
+                flops = 2 * tokens * k_top * n_cols * k_dim
+                a = torch.randn(tokens * k_top, k_dim, device="cuda").half()
+                b = torch.randn(n_cols, k_dim, device="cuda").half()
+                cublas_us = timed(lambda a=a, b=b: torch.matmul(a, b.T))
+                c = item["config"]
+                rows.append(
+                    {
+                        "tokens": tokens,
+                        "shape": f"moe_{kind}",
+                        "config": c,
+                        "us": us,
+                        "tflops": flops / us / 1e6,
+                        "cublas_dense_us": cublas_us,
+                        "max_abs_err": err,
+                        "ok": ok,
+                    }
+                )
+                print(
+                    f"T={tokens:5d} moe_{kind:8s} m{c['block_m']}n{c['block_n']}s{c['stages']}: "
+                    f"{us:8.1f} us {flops / us / 1e6:6.1f} TFLOP/s (dense cuBLAS {cublas_us:7.1f}"
+                    f" us)  err {err:.2e} {'ok' if ok else 'BAD'}"
+                )
+    return bad
 
 
 def main() -> int:

@@ -120,23 +120,34 @@ def _pin(acc, n):
         T.cuda.func_call("gemm_pin_f32", acc[i], source_code=_PIN_SOURCE)
 
 
+def _chunk_row(C, c):
+    """Tile row of the ``c``-th 16-byte chunk a step copies (threads take consecutive chunks)."""
+    if C.swizzle:
+        return c // 8
+    return c // 8 // (C.block_k // 8) * 8 + c % 8
+
+
 @T.macro(hygienic=False)
-def _load_step(C, src, src_rows, row0, n_chunks, step, slot, dst0, kk):
-    # cp.async one operand's block_k slice of rows row0.. (clamped) into ring slot `slot`.
+def _load_step(C, src, base, src_rows, row0, n_chunks, step, slot, dst0, kk, gather):
+    # cp.async one operand's block_k slice of tile rows into ring slot `slot`. Tile row r reads
+    # source row row0 + r clamped to src_rows - 1, or (gather) the row this thread's chunk i
+    # holds in `arow[i]` (fixed across steps, looked up once).
     for i in T.unroll(n_chunks // C.threads):
         c = tx + i * C.threads
+        r = _chunk_row(C, c)
         if C.swizzle:  # row-major 128-byte rows, 16-byte chunk cc stored at cc ^ (r % 8)
-            r = c // 8
             cc = c % 8
             off = r * 64 + T.bitwise_xor(cc, r % 8) * 8
         else:  # core matrices: 8 rows of one chunk column, 128 contiguous bytes
-            r = c // 8 // (C.block_k // 8) * 8 + c % 8
             cc = c // 8 % (C.block_k // 8)
             off = (r // 8 * (C.block_k // 8) + cc) * 64 + r % 8 * 8
-        row = T.min(row0 + r, src_rows - 1)
+        if gather:
+            row = arow[i]
+        else:
+            row = T.min(row0 + r, src_rows - 1)
         T.ptx["cp.async.cg.shared.global"](
             smem.ptr_to([slot * C.stage_halfs + dst0 + off]),
-            src.ptr_to([T.Cast("int64", row) * kk + step * C.block_k + cc * 8]),
+            src.ptr_to([base + T.Cast("int64", row) * kk + step * C.block_k + cc * 8]),
             16,
         )
 
@@ -151,32 +162,25 @@ def _wgmma(op, acc, n_acc: int, a_desc, b_desc):
     return op(*[acc[i] for i in range(n_acc)], a_desc, b_desc, True, 1, 1, 0, 0)
 
 
-def wgmma_gemm(
-    m,
-    n: int,
-    k: int,
-    *,
-    dtype: str = "float16",
-    target=None,
-    config: WgmmaConfig | None = None,
-    epilogue: str | None = None,
-    out_dtype: str | None = None,
-) -> tvm.tirx.PrimFunc:
-    """``(x [M, k], w [N_w, k], [r [M, n],] y [M, n])``; ``m`` is an int or None (symbolic).
-
-    ``N_w = 2n`` for ``silu_mul`` (weight in ``gemm.transform_weight`` layout), else ``n``.
-    """
-    if epilogue not in EPILOGUES:
-        raise ValueError(f"unknown epilogue {epilogue!r}: use one of {EPILOGUES}")
-    C = config or WgmmaConfig()
+def _check(C: WgmmaConfig, n: int, k: int, *, target, silu: bool) -> None:
     if target is not None and not keep(C, _as_target(target), k=k):
         raise ValueError(f"wgmma config {C} does not fit {target} with k={k}")
     if k % C.block_k or n % 8:
         raise ValueError(f"wgmma GEMM needs k % {C.block_k} == 0 and n % 8 == 0, got {n=} {k=}")
-    out_dtype = out_dtype or dtype
-    nw = 2 * n if epilogue == "silu_mul" else n
-    if epilogue == "silu_mul" and (n % SWIGLU_GROUP or C.block_n % (2 * SWIGLU_GROUP)):
+    if silu and (n % SWIGLU_GROUP or C.block_n % (2 * SWIGLU_GROUP)):
         raise ValueError("silu_mul needs n % 32 == 0 and block_n % 64 == 0")
+
+
+def _body(C: WgmmaConfig, *, kind: str, n: int, k: int, dtype, out_dtype, epilogue, top_k, rows):
+    """The kernel body as a macro ``body(xf, wf, rf, yf, sorted_rows, block_expert, weights)``.
+
+    ``kind``: "dense" (A rows ``m0 + r``, clamped to ``rows``), "gate_up" (A rows gathered:
+    ``sorted_rows[m0 + r] // top_k``; expert ``block_expert[by]`` picks the weight), "down" (A
+    rows ``m0 + r`` of H; output rows scaled by their routing weight). Grouped kinds exit at
+    once on blocks without an expert (``block_expert < 0``).
+    """
+    grouped = kind != "dense"
+    nw = 2 * n if epilogue == "silu_mul" else n
     steps = k // C.block_k
     n_tiles = (nw + C.block_n - 1) // C.block_n
     acc_n = C.block_n // 2
@@ -188,56 +192,51 @@ def wgmma_gemm(
     op = _wgmma_op(C.block_n, dtype)
     residual = epilogue == "residual"
     silu = epilogue == "silu_mul"
-    mm = tvm.tirx.Var("m", "int64") if m is None else tvm.tirx.IntImm("int64", m)
+    gather = kind == "gate_up"
+    scaled = kind == "down"
 
     @T.macro(hygienic=True)
-    def body(xf, wf, rf, yf):
+    def body(xf, wf, rf, yf, sorted_rows, block_expert, weights):
         bx = T.launch_thread("blockIdx.x", n_tiles)
-        by = T.launch_thread("blockIdx.y", T.Cast("int32", (mm + C.block_m - 1) // C.block_m))
+        by = T.launch_thread("blockIdx.y", T.Cast("int32", (rows + C.block_m - 1) // C.block_m))
         tx = T.launch_thread("threadIdx.x", C.threads)
         smem = T.alloc_buffer((C.stages * C.stage_halfs,), dtype, scope="shared.dyn")
+        arow = T.alloc_buffer((a_chunks // C.threads,), "int32", scope="local")  # gathered rows
         acc = T.alloc_buffer((acc_n,), "float32", scope="local")
         desc = T.alloc_buffer((2,), "uint64", scope="local")
+        wsel = T.alloc_buffer((1,), "int64", scope="local")  # first element of the expert's W
+        scale = T.alloc_buffer((1,), "float32", scope="local")  # output row scale (routing weight)
         wg = tx // 128
         warp = tx // 32 % 4
         lane = tx % 32
         m0 = by * C.block_m
         n0 = bx * C.block_n
-        rows = T.Cast("int32", mm)
+        n_rows = T.Cast("int32", rows)
+        wsel[0] = T.int64(0)
+        if grouped:
+            if block_expert[by] < 0:  # unused row blocks (all at the end) exit
+                T.evaluate(T.thread_return())
+            wsel[0] = T.Cast("int64", block_expert[by]) * nw * k
+        if gather:  # the token row of each A chunk this thread copies (same r every step)
+            for i in T.unroll(a_chunks // C.threads):
+                arow[i] = T.max(sorted_rows[m0 + _chunk_row(C, tx + i * C.threads)], 0) // top_k
         for i in T.unroll(acc_n):
             acc[i] = T.float32(0)
         for s in T.unroll(C.lead):
             if s < steps:
-                _load_step(C, xf, rows, m0, a_chunks, s, s, 0, k)
-                _load_step(C, wf, nw, n0, b_chunks, s, s, b_off, k)
+                _load_step(C, xf, T.int64(0), n_rows, m0, a_chunks, s, s, 0, k, gather)
+                _load_step(C, wf, wsel[0], nw, n0, b_chunks, s, s, b_off, k, False)
             T.ptx["cp.async.commit_group"]()
         for kt in T.serial(steps):
             T.ptx["cp.async.wait_group"](C.lead - 1)
             T.ptx["fence.proxy.async.shared::cta"]()  # cp.async data -> wgmma reads
             T.tvm_storage_sync("shared")
             if kt + C.lead < steps:
+                nxt = kt + C.lead
                 _load_step(
-                    C,
-                    xf,
-                    rows,
-                    m0,
-                    a_chunks,
-                    kt + C.lead,
-                    (kt + C.lead) % C.stages,
-                    0,
-                    k,
+                    C, xf, T.int64(0), n_rows, m0, a_chunks, nxt, nxt % C.stages, 0, k, gather
                 )
-                _load_step(
-                    C,
-                    wf,
-                    nw,
-                    n0,
-                    b_chunks,
-                    kt + C.lead,
-                    (kt + C.lead) % C.stages,
-                    b_off,
-                    k,
-                )
+                _load_step(C, wf, wsel[0], nw, n0, b_chunks, nxt, nxt % C.stages, b_off, k, False)
             T.ptx["cp.async.commit_group"]()
             T.cuda.wgmma.encode_matrix_descriptor(
                 T.address_of(desc[0]),
@@ -267,7 +266,15 @@ def wgmma_gemm(
         T.ptx["cp.async.wait_group"](0)
         for h in T.unroll(2):
             row = m0 + wg * 64 + warp * 16 + lane // 4 + h * 8
-            if row < rows:
+            if row < n_rows:
+                scale[0] = T.float32(1)
+                if scaled:
+                    sr = sorted_rows[row]
+                    scale[0] = T.if_then_else(
+                        sr >= 0,
+                        weights[T.max(sr, 0) // top_k, T.max(sr, 0) % top_k],
+                        T.float32(0),
+                    )
                 if silu:
                     for j in T.unroll(C.block_n // 8):
                         if j % 8 < 4:
@@ -293,10 +300,47 @@ def wgmma_gemm(
                                     )
                                 else:
                                     yf[T.Cast("int64", row) * n + col + c] = T.Cast(
-                                        out_dtype, acc[j * 4 + h * 2 + c]
+                                        out_dtype, acc[j * 4 + h * 2 + c] * scale[0]
                                     )
 
-    if residual:
+    return body
+
+
+def wgmma_gemm(
+    m,
+    n: int,
+    k: int,
+    *,
+    dtype: str = "float16",
+    target=None,
+    config: WgmmaConfig | None = None,
+    epilogue: str | None = None,
+    out_dtype: str | None = None,
+) -> tvm.tirx.PrimFunc:
+    """``(x [M, k], w [N_w, k], [r [M, n],] y [M, n])``; ``m`` is an int or None (symbolic).
+
+    ``N_w = 2n`` for ``silu_mul`` (weight in ``gemm.transform_weight`` layout), else ``n``.
+    """
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"unknown epilogue {epilogue!r}: use one of {EPILOGUES}")
+    C = config or WgmmaConfig()
+    _check(C, n, k, target=target, silu=epilogue == "silu_mul")
+    out_dtype = out_dtype or dtype
+    nw = 2 * n if epilogue == "silu_mul" else n
+    mm = tvm.tirx.Var("m", "int64") if m is None else tvm.tirx.IntImm("int64", m)
+    body = _body(
+        C,
+        kind="dense",
+        n=n,
+        k=k,
+        dtype=dtype,
+        out_dtype=out_dtype,
+        epilogue=epilogue,
+        top_k=1,
+        rows=mm,
+    )
+
+    if epilogue == "residual":
 
         @T.prim_func
         def func(x_h: T.handle, w_h: T.handle, r_h: T.handle, y_h: T.handle):
@@ -309,7 +353,7 @@ def wgmma_gemm(
             wf = T.decl_buffer((nw * k,), dtype, data=w.data)
             rf = T.decl_buffer((mm * n,), dtype, data=r.data)
             yf = T.decl_buffer((mm * n,), out_dtype, data=y.data)
-            body(xf, wf, rf, yf)
+            body(xf, wf, rf, yf, yf, yf, yf)
 
     else:
 
@@ -322,9 +366,94 @@ def wgmma_gemm(
             xf = T.decl_buffer((mm * k,), dtype, data=x.data)
             wf = T.decl_buffer((nw * k,), dtype, data=w.data)
             yf = T.decl_buffer((mm * n,), out_dtype, data=y.data)
-            body(xf, wf, yf, yf)
+            body(xf, wf, yf, yf, yf, yf, yf)
 
     name = f"gemm_wgmma_n{n}_k{k}" + (f"_{epilogue}" if epilogue else "")
+    return func.with_attr("global_symbol", name)
+
+
+def moe_grouped(
+    kind: str,
+    hidden: int,
+    inter: int,
+    *,
+    num_experts: int,
+    top_k: int,
+    dtype: str = "float16",
+    target=None,
+    config: WgmmaConfig | None = None,
+) -> tvm.tirx.PrimFunc:
+    """The fused-MoE grouped GEMMs of ``schedules.moe`` on wgmma, same signatures:
+
+    - "gate_up": ``(x [T, D], sorted_rows [NB*BM], block_expert [NB], gate_up [E, 2I, D]
+      interleaved, h [NB*BM, I])``: ``h = silu(gate) * up`` of the gathered token rows;
+    - "down": ``(h, sorted_rows, block_expert, down [E, D, I], weights [T, k] f32,
+      y [NB*BM, D])``: ``y[r] = routing weight of row r * (h[r] @ down[e]^T)`` (0 on padding).
+
+    ``BM = config.block_m`` must be the row-block size ``moe_align`` grouped the tokens with.
+    """
+    C = config or WgmmaConfig(128, 128, 64, 5, overlap=True)
+    if kind not in ("gate_up", "down"):
+        raise ValueError(f"unknown grouped GEMM {kind!r}: use gate_up or down")
+    gate_up = kind == "gate_up"
+    n, k = (inter, hidden) if gate_up else (hidden, inter)
+    _check(C, n, k, target=target, silu=gate_up)
+    nw = 2 * n if gate_up else n
+    nb = tvm.tirx.Var("nb", "int64")
+    t_num = tvm.tirx.Var("t", "int64")
+    bm = C.block_m
+    body = _body(
+        C,
+        kind=kind,
+        n=n,
+        k=k,
+        dtype=dtype,
+        out_dtype=dtype,
+        epilogue="silu_mul" if gate_up else None,
+        top_k=top_k,
+        rows=nb * bm,
+    )
+    e_num = num_experts
+
+    if gate_up:
+
+        @T.prim_func
+        def func(x_h: T.handle, sr_h: T.handle, be_h: T.handle, w_h: T.handle, h_h: T.handle):
+            T.func_attr({"tir.noalias": True})
+            x = T.match_buffer(x_h, (t_num, hidden), dtype)  # [T, D]
+            sorted_rows = T.match_buffer(sr_h, (nb * bm,), "int32")
+            block_expert = T.match_buffer(be_h, (nb,), "int32")
+            w = T.match_buffer(w_h, (e_num, nw, k), dtype)  # [E, 2I, D]
+            h = T.match_buffer(h_h, (nb * bm, n), dtype)  # [NB*BM, I]
+            xf = T.decl_buffer((t_num * hidden,), dtype, data=x.data)
+            wf = T.decl_buffer((e_num * nw * k,), dtype, data=w.data)
+            hf = T.decl_buffer((nb * bm * n,), dtype, data=h.data)
+            body(xf, wf, hf, hf, sorted_rows, block_expert, sorted_rows)
+
+    else:
+
+        @T.prim_func
+        def func(
+            h_h: T.handle,
+            sr_h: T.handle,
+            be_h: T.handle,
+            w_h: T.handle,
+            wt_h: T.handle,
+            y_h: T.handle,
+        ):
+            T.func_attr({"tir.noalias": True})
+            h = T.match_buffer(h_h, (nb * bm, inter), dtype)  # [NB*BM, I]
+            sorted_rows = T.match_buffer(sr_h, (nb * bm,), "int32")
+            block_expert = T.match_buffer(be_h, (nb,), "int32")
+            w = T.match_buffer(w_h, (e_num, n, k), dtype)  # [E, D, I]
+            weights = T.match_buffer(wt_h, (t_num, top_k), "float32")  # [T, k]
+            y = T.match_buffer(y_h, (nb * bm, n), dtype)  # [NB*BM, D]
+            hf = T.decl_buffer((nb * bm * inter,), dtype, data=h.data)
+            wf = T.decl_buffer((e_num * n * k,), dtype, data=w.data)
+            yf = T.decl_buffer((nb * bm * n,), dtype, data=y.data)
+            body(hf, wf, yf, yf, sorted_rows, block_expert, weights)
+
+    name = f"moe_{kind}_wgmma_e{num_experts}_d{hidden}_i{inter}"
     return func.with_attr("global_symbol", name)
 
 
