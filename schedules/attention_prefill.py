@@ -141,11 +141,13 @@ def candidates(target, *, kind: str = "absorbed", dims: MLADims | None = None) -
         out = [mma(64, 32, 8, 3), mma(64, 64, 8, 2), mma(64, 32, 8, 2)]
         out += [mma(64, 16, 8, 3, split_s=False)]
         out += [wg(64, 64, 8, 2), wg(64, 48, 8, 2), wg(64, 32, 8, 3)]
+        out += [wg(64, 64, 8, 2, swizzle=True)]
     elif arch == "sm_89":
         out = [mma(64, 32, 4, 2), mma(128, 32, 8, 2), mma(64, 16, 4, 3)]
     else:
         out = [mma(128, 64, 8, 2), mma(128, 32, 8, 2), mma(64, 32, 4, 2)]
         out += [wg(128, 64, 8, 2), wg(128, 64, 8, 3)]
+        out += [wg(128, 64, 8, 2, swizzle=True), wg(128, 64, 8, 3, swizzle=True)]
     return [c for c in out if keep(c, target, kind=kind, dims=dims)]
 
 

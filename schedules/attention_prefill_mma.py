@@ -51,6 +51,7 @@ class MMAConfig:
     stages: int
     split_s: bool = True  # with split V columns, split S's columns too and share P via smem
     wgmma: bool = False  # sm_90a: warpgroup MMAs with operands in (core-matrix tiled) smem
+    swizzle: bool = False  # wgmma operands in 128-byte swizzled rows instead of core matrices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,7 @@ class Geometry:
     shared_kv: bool
     split: bool
     wgmma: bool
+    swizzle: bool = False
 
     @property
     def threads(self) -> int:
@@ -110,6 +112,16 @@ class Geometry:
         current K tile are dead (P·V reads only the first ``dv``), so P needs no smem of its own.
         """
         return self.p_in_smem and self.shared_kv and self.tq <= self.tkv <= self.dk - self.dv
+
+    @property
+    def p_rows(self) -> int:
+        """Rows of the tile P is stored in (the K tile's when P lives there)."""
+        return self.tkv if self.p_in_k else self.tq
+
+    @property
+    def red_floats(self) -> int:
+        n = self.tq * self.d_split
+        return max(n, 256) if self.swizzle else n
 
     @property
     def p_width(self) -> int:
@@ -179,6 +191,7 @@ def geometry(config: MMAConfig, layout) -> Geometry:
         shared_kv=bool(layout.shared_kv),
         split=bool(config.split_s),
         wgmma=bool(config.wgmma),
+        swizzle=bool(config.wgmma and config.swizzle),
     )
 
 
@@ -201,17 +214,27 @@ def fits(config: MMAConfig, layout, smem_limit: int, *, has_wgmma: bool = False)
         # columns (m64nNk16 with N = s_cols, then N = dv_w <= 256).
         if not has_wgmma or c.tile_q % 64 or (g.d_split > 1 and not c.split_s) or g.dv_w > 256:
             return False
+    if c.swizzle:
+        # 128-byte swizzle atoms: every operand row a whole number of 64-half blocks, P too
+        widths = (g.dk, g.v_width, g.p_width, g.dv_w)
+        if not c.wgmma or any(w % 64 for w in widths) or c.tile_kv % 8 or g.p_col0 % 64:
+            return False
     return g.acc_registers <= 200 and shared_bytes(c, layout) <= smem_limit
 
 
-def _chunk_offset(G, r, cc, stride, width):
+def _chunk_offset(G, r, cc, stride, width, rows=0):
     """Shared offset (halfs) of the 16-byte chunk ``cc`` of tile row ``r``.
 
     mma.sync tiles are padded rows (``stride`` halfs apart). wgmma tiles are unpadded core
     matrices: 8 rows x 16 B stored as 128 contiguous bytes, core matrix (r // 8, cc) at
     ``((r // 8) * (width // 8) + cc) * 64``; their descriptors use LBO = 128 B between
     neighbours along the row and SBO = ``width * 16`` B between 8-row groups.
+    With ``swizzle`` a tile of ``rows`` rows is stored as ``width / 64`` blocks of 64 columns;
+    in a block row ``r`` takes 128 contiguous bytes whose 16-byte chunks are XOR-permuted by
+    ``r % 8`` (wgmma's 128-byte swizzle; every tile starts 1024-byte aligned).
     """
+    if G.swizzle:
+        return cc // 8 * (rows * 64) + r * 64 + T.bitwise_xor(cc % 8, r % 8) * 8
     if G.wgmma:
         return ((r // 8) * (width // 8) + cc) * 64 + r % 8 * 8
     return r * stride + cc * 8
@@ -225,14 +248,14 @@ def _load_rows(G, P, dst_off, dst_stride, width, n_rows, src, base, first, start
     for i in T.serial(G.iters(n_rows, width)):
         c = tx + i * G.threads
         if c < n_rows * width // 8:
-            if G.wgmma:
+            if G.wgmma and not G.swizzle:
                 r = c // 8 // (width // 8) * 8 + c % 8
                 cc = c // 8 % (width // 8)
             else:
                 r = c // (width // 8)
                 cc = c % (width // 8)
             T.ptx["cp.async.cg.shared.global"](
-                smem.ptr_to([dst_off + _chunk_offset(G, r, cc, dst_stride, width)]),
+                smem.ptr_to([dst_off + _chunk_offset(G, r, cc, dst_stride, width, n_rows)]),
                 src.ptr_to(
                     [
                         base
@@ -311,23 +334,49 @@ def _tile_step(G, P, stage, it):
 @T.macro(hygienic=False)
 def _s_wgmma(G, stage):
     # The warpgroup's 64 rows x s_cols columns: m64n{s_cols}k16, Q and K from shared memory.
+    if G.swizzle:
+        _s_wgmma_swizzled(G, stage)
+    else:
+        T.cuda.wgmma.encode_matrix_descriptor(
+            T.address_of(desc[0]), smem.ptr_to([wm // 4 * 64 * G.dk]), 8, G.dk, 0
+        )
+        T.cuda.wgmma.encode_matrix_descriptor(
+            T.address_of(desc[1]),
+            smem.ptr_to([G.k_off + stage * G.stage_halfs + s_col0 * G.dk]),
+            8,
+            G.dk,
+            0,
+        )
+        T.ptx["wgmma.fence.sync.aligned"]()
+        for kk in T.serial(G.dk // 16):
+            a_desc, b_desc = desc[0] + T.uint64(kk * 16), desc[1] + T.uint64(kk * 16)
+            _wgmma(G.s_cols, s_acc, a_desc, b_desc, accumulate=kk > 0, trans_b=0)
+        T.ptx["wgmma.commit_group.sync.aligned"]()
+        T.ptx["wgmma.wait_group.sync.aligned"](0)
+    _pin(s_acc, G.s_cols // 2)
+
+
+@T.macro(hygienic=False)
+def _s_wgmma_swizzled(G, stage):
+    # 128-byte swizzle, K-major: k16 step kk is block kk // 4 (rows * 128 B further), 32 B in;
+    # SBO = 1024 B between 8-row groups (descriptor offsets in 16-byte units).
     T.cuda.wgmma.encode_matrix_descriptor(
-        T.address_of(desc[0]), smem.ptr_to([wm // 4 * 64 * G.dk]), 8, G.dk, 0
+        T.address_of(desc[0]), smem.ptr_to([wm // 4 * 64 * 64]), 1, 64, 3
     )
     T.cuda.wgmma.encode_matrix_descriptor(
         T.address_of(desc[1]),
-        smem.ptr_to([G.k_off + stage * G.stage_halfs + s_col0 * G.dk]),
-        8,
-        G.dk,
-        0,
+        smem.ptr_to([G.k_off + stage * G.stage_halfs + s_col0 * 64]),
+        1,
+        64,
+        3,
     )
     T.ptx["wgmma.fence.sync.aligned"]()
     for kk in T.serial(G.dk // 16):
-        a_desc, b_desc = desc[0] + T.uint64(kk * 16), desc[1] + T.uint64(kk * 16)
+        a_desc = desc[0] + T.Cast("uint64", kk // 4 * G.tq * 8 + kk % 4 * 2)
+        b_desc = desc[1] + T.Cast("uint64", kk // 4 * G.tkv * 8 + kk % 4 * 2)
         _wgmma(G.s_cols, s_acc, a_desc, b_desc, accumulate=kk > 0, trans_b=0)
     T.ptx["wgmma.commit_group.sync.aligned"]()
     T.ptx["wgmma.wait_group.sync.aligned"](0)
-    _pin(s_acc, G.s_cols // 2)
 
 
 _PIN_SOURCE = """
@@ -343,10 +392,12 @@ def _pin(acc, n):
         T.cuda.func_call("mla_pin_f32", acc[i], source_code=_PIN_SOURCE)
 
 
-def _wgmma(n, acc, a_desc, b_desc, *, accumulate, trans_b: int):
-    """One m64n{n}k16 f16 -> f32 wgmma, A and B from shared memory (descriptors)."""
+def _wgmma(n, acc, a_desc, b_desc, *, accumulate, trans_b: int, acc0: int = 0):
+    """One m64n{n}k16 f16 -> f32 wgmma into ``acc[acc0 : acc0 + n/2]``, A and B from shared
+    memory (descriptors)."""
     op = T.ptx[f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.f16.f16"]
-    return op(*[acc[i] for i in range(n // 2)], a_desc, b_desc, accumulate, 1, 1, 0, trans_b)
+    regs = [acc[acc0 + i] for i in range(n // 2)]
+    return op(*regs, a_desc, b_desc, accumulate, 1, 1, 0, trans_b)
 
 
 @T.macro(hygienic=False)
@@ -416,7 +467,11 @@ def _softmax_pv(G, P, stage, it):
                 if G.wgmma:
                     col = G.p_col0 + s_col0 + n * 8 + lane % 4 * 2 + c % 2
                     row = wm * 16 + lane // 4 + c // 2 * 8
-                    at = p_base + _chunk_offset(G, row, col // 8, G.p_stride, G.p_width) + col % 8
+                    at = (
+                        p_base
+                        + _chunk_offset(G, row, col // 8, G.p_stride, G.p_width, G.p_rows)
+                        + col % 8
+                    )
                     smem[at] = T.Cast("float16", p)
                 else:
                     smem[
@@ -447,6 +502,49 @@ def _softmax_pv(G, P, stage, it):
 
 @T.macro(hygienic=False)
 def _pv_wgmma(G, v_tile, p_base):
+    if G.swizzle:
+        _pv_wgmma_swizzled(G, v_tile, p_base)
+    else:
+        _pv_wgmma_tiled(G, v_tile, p_base)
+
+
+@T.macro(hygienic=False)
+def _pv_wgmma_swizzled(G, v_tile, p_base):
+    # A = P (K-major, swizzled rows of the P tile); B = V, MN-major: each 64-column block of V
+    # is one swizzle atom (kv rows 128 B apart, SBO = 1024 B between 8-row groups), so one
+    # m64n64k16 per block and k16 step (16 kv rows = 2048 B further).
+    T.cuda.wgmma.encode_matrix_descriptor(
+        T.address_of(desc[2]),
+        smem.ptr_to(
+            [p_base + _chunk_offset(G, wm // 4 * 64, G.p_col0 // 8, 0, G.p_width, G.p_rows)]
+        ),
+        1,
+        64,
+        3,
+    )
+    T.cuda.wgmma.encode_matrix_descriptor(
+        T.address_of(desc[3]), smem.ptr_to([v_tile + wd * G.dv_w // 64 * G.tkv * 64]), 1, 64, 3
+    )
+    _pin(o_acc, G.dv_w // 2)
+    T.ptx["wgmma.fence.sync.aligned"]()
+    for ks in T.unroll(G.tkv // 16):
+        for a in T.unroll(G.dv_w // 64):
+            _wgmma(
+                64,
+                o_acc,
+                desc[2] + T.uint64(ks // 4 * G.p_rows * 8 + ks % 4 * 2),
+                desc[3] + T.uint64(a * G.tkv * 8 + ks * 128),
+                accumulate=True,
+                trans_b=1,
+                acc0=a * 32,
+            )
+    T.ptx["wgmma.commit_group.sync.aligned"]()
+    T.ptx["wgmma.wait_group.sync.aligned"](0)
+    _pin(o_acc, G.dv_w // 2)
+
+
+@T.macro(hygienic=False)
+def _pv_wgmma_tiled(G, v_tile, p_base):
     # m64n{dv_w}k16: A = P (K-major, 64 rows x tkv), B = V (MN-major: d contiguous in a core
     # matrix row, so LBO = one 8-row KV group, SBO = one 8-column d group = 128 B).
     T.cuda.wgmma.encode_matrix_descriptor(
@@ -566,7 +664,8 @@ def mma_body(P, G, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t_t
     g = T.launch_thread("blockIdx.y", P.groups)
     tx = T.launch_thread("threadIdx.x", G.threads)
     smem = T.alloc_buffer((G.smem_halfs,), "float16", scope="shared.dyn")
-    red = T.alloc_buffer((G.tq * G.d_split,), "float32", scope="shared")  # row max / sum exchange
+    # row max / sum exchange; 1024 B when swizzling: keeps the dynamic tiles 1024-byte aligned
+    red = T.alloc_buffer((G.red_floats,), "float32", scope="shared")
     qa = T.alloc_buffer((8,), "float16", scope="local")  # A fragment of Q (16 x 16)
     kb = T.alloc_buffer((8,), "float16", scope="local")  # B fragments of two 8-wide n tiles
     s_acc = T.alloc_buffer((G.s_cols // 2,), "float32", scope="local")  # S, 16 x s_cols per warp
