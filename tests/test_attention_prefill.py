@@ -234,7 +234,8 @@ def test_cuda_build_uses_tensor_cores_without_spills(kind, arch):
     smem = res.shared_bytes + ap.shared_bytes(cfg, kind=kind, dims=V2_LITE)
     assert smem <= GPUS[arch].max_shared_bytes_per_block
     (ops,) = sass_opcodes(cubin).values()
-    for opcode in ("HMMA", "LDSM", "LDGSTS"):
+    expected = ("HGMMA", "LDGSTS") if cfg.wgmma else ("HMMA", "LDSM", "LDGSTS")
+    for opcode in expected:
         assert ops.get(opcode, 0) > 0, f"{opcode} missing from {kind} {arch} SASS"
 
 
