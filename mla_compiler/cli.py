@@ -302,6 +302,8 @@ def cmd_bench(args) -> int:
             "model": name,
             "mla": eng.meta["mla"],
             "target": eng.meta["target"],
+            "cuda_graph": eng.meta.get("cuda_graph", False),
+            "sampler": eng.sampler,
             "results": [r.to_dict() for r in results],
         }
         if base:
