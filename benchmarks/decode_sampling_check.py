@@ -72,9 +72,15 @@ def main() -> int:
     out["sampled_ids"] = a
     out["sampled_repeatable"] = a == b
     out["sampled_in_vocab"] = all(0 <= t < eng.vocab_size for t in a)
-    t0 = time.perf_counter()
-    eng.generate(prompt, max_new_tokens=args.steps, temperature=1.0, seed=2)
-    out["sampled_plain_s"] = time.perf_counter() - t0
+    # ---- what sampling costs per token: greedy vs temperature vs top-k + top-p (32 steps)
+    for name, kw in (
+        ("greedy", {}),
+        ("temperature", dict(temperature=1.0, seed=2)),
+        ("top_k_top_p", dict(temperature=0.8, top_p=0.9, top_k=50, seed=3)),
+    ):
+        t0 = time.perf_counter()
+        eng.generate(prompt, max_new_tokens=args.steps, **kw)
+        out[f"ms_per_token_{name}"] = 1e3 * (time.perf_counter() - t0) / args.steps
 
     if args.save:
         np.savez(args.save, ids=np.array(ids), logits=np.stack(logits_all))
