@@ -6,13 +6,14 @@
 #    builds' greedy ids and logits compared (CUDA graphs must not change results).
 # 2. profile_step.py: per-step wall (device and host sampling), host time (upload, VM call
 #    issue, sample issue), GPU time and launches per step, for each build.
-# Writes $OUT/check_*.json, $OUT/profile_*.json, $OUT/log.txt. Usage: bash benchmarks/device_decode_host.sh
+# Writes $OUT/check_*.json, $OUT/profile_*.json, $OUT/log.txt. Usage: [GRAPH_ART=DIR] [NOGRAPH_ART=DIR]
+#   bash benchmarks/device_decode_host.sh   (exit 1 when a check fails)
 set -o pipefail
 source benchmarks/device_env.sh
 export TVM_USE_RUNTIME_LIB=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 status=0
-G=.device/art/v2lite_mla3; N=.device/art/v2lite_mla3_nograph
+G=${GRAPH_ART:-.device/art/v2lite_mla3}; N=${NOGRAPH_ART:-.device/art/v2lite_mla3_nograph}
 run() { echo "+ $*"; timeout 150 "$@" 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" || status=1; }
 run python3 benchmarks/decode_sampling_check.py $G --json "$OUT/check_graph.json" --save /tmp/graph.npz
 if [ -d $N ]; then
