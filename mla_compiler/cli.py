@@ -53,6 +53,12 @@ def _add_compile(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of preset random weights")
     p.add_argument("--dump-ir", metavar="DIR", help="write the Relax IR after each pipeline phase")
     p.add_argument(
+        "--cuda-graph",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="GPU: replay the static kernel runs of each call from CUDA graphs (fewer launches)",
+    )
+    p.add_argument(
         "--tuning-db",
         metavar="DIR",
         default=None,
@@ -187,6 +193,7 @@ def cmd_compile(args) -> int:
         ubatch=args.ubatch,
         seed=args.seed,
         dump_ir=args.dump_ir,
+        cuda_graph=args.cuda_graph,
     )
     say = lambda m: print(m, file=sys.stderr)  # noqa: E731
     tuned = contextlib.nullcontext()
@@ -295,6 +302,8 @@ def cmd_bench(args) -> int:
             "model": name,
             "mla": eng.meta["mla"],
             "target": eng.meta["target"],
+            "cuda_graph": eng.meta.get("cuda_graph", False),
+            "sampler": eng.sampler,
             "results": [r.to_dict() for r in results],
         }
         if base:

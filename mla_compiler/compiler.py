@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import torch
+import tvm
 
 from mla_compiler import artifact
 from mla_compiler.errors import ConfigError
@@ -36,6 +37,8 @@ class CompileOptions:
     decode_threshold: int = 1  # calls with at most this many new tokens per sequence run decode
     seed: int = 0
     dump_ir: str | None = None
+    # GPU decode through CUDA graphs (TVM's RewriteCUDAGraph): see build_module
+    cuda_graph: bool = False
 
 
 def resolve_model(*, model_dir: str | None, preset_name: str | None, dtype: str, seed: int):
@@ -69,9 +72,42 @@ def param_bytes(cfg: ModelConfig, dtype: str) -> int:
     return n * torch.tensor([], dtype=torch_dtype(dtype)).element_size()
 
 
-def build_module(mod, target_names: list[str], output_dir: Path) -> dict:
+def add_sampling(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+    """Add the Relax function ``sample(logits [B, V], params [B, 4] f32) -> ids [B] int32``
+    (``schedules.sampling``) for the logits the model returns."""
+    from tvm import relax
+
+    from mla_compiler.kernels import mark_scheduled
+    from mla_compiler.schedules import sampling
+
+    logits_ty = mod["decode"].ret_ty.fields[0]
+    vocab, dtype = int(logits_ty.shape[1]), logits_ty.dtype
+    kernel = mark_scheduled(sampling.sample(vocab, dtype=dtype, target=target))
+    bb = relax.BlockBuilder(mod)
+    b = tvm.tirx.Var("b", "int64")
+    logits = relax.Var("logits", relax.TensorType((b, vocab), dtype))
+    params = relax.Var("params", relax.TensorType((b, len(sampling.PARAMS)), "float32"))
+    with bb.function("sample", [logits, params]):
+        gv = bb.add_func(kernel, "sample_tokens")
+        ids = bb.emit(relax.call_tir(gv, [logits, params], out_ty=relax.TensorType((b,), "int32")))
+        bb.emit_func_output(ids)
+    return bb.get()
+
+
+def build_module(
+    mod, target_names: list[str], output_dir: Path, *, cuda_graph: bool = False
+) -> dict:
     """Build into ``output_dir/model.so`` (device code as a fatbin compiled by nvcc here, so the
-    GPU box needs only TVM's runtime); return the facts metadata.json records."""
+    GPU box needs only TVM's runtime); return the facts metadata.json records.
+
+    ``cuda_graph`` (GPU): TVM's RewriteCUDAGraph lifts every run of kernels that touch only
+    weights and statically planned intermediates into a function captured once per VM
+    (``vm.builtin.cuda_graph.run_or_capture``) and replayed on later calls. The function inputs
+    (token ids, positions, row indices, the KV cache) are not static, so kernels that read them
+    (embedding, cache append, the attention split, the logits gather) still launch one by one.
+    No captured region depends on a symbolic shape (the decode attention reads the context
+    length from ``kv_indptr`` on the device; ``kv_rows [N]`` feeds only an uncaptured gather),
+    so the cache key is the region index alone: captured on the first call, never again."""
     from mla_compiler import cuda_build
     from mla_compiler.passes.name_kernels import build_pipeline
 
@@ -87,6 +123,7 @@ def build_module(mod, target_names: list[str], output_dir: Path) -> dict:
         name=Path(artifact.MODULE).stem,
         relax_pipeline=build_pipeline(tvm_target(schedule_arch)),
         codegen_arch=None if schedule_arch == codegen else schedule_arch,
+        cuda_graph=cuda_graph,
     )
     return {"archs": [t for t in res.targets if t != "cpu"], "images": list(res.images)}
 
@@ -150,6 +187,8 @@ def compile_model(
         kv_dtype=options.kv_dtype,
         max_context=options.max_context,
     )
+    mod = add_sampling(ir.mod, tvm_target(codegen))
+    cuda_graph = options.cuda_graph and targets != ["cpu"]
     log(f"[2/3] Relax pipeline done ({time.time() - t0:.1f}s); building for {','.join(targets)}")
     kv_item = torch.tensor([], dtype=torch_dtype(options.kv_dtype)).element_size()
     per_token = cfg.dims.cache_bytes_per_token(
@@ -157,7 +196,7 @@ def compile_model(
     )
 
     def write(tmp: Path) -> None:
-        facts = build_module(ir.mod, targets, tmp)
+        facts = build_module(mod, targets, tmp, cuda_graph=cuda_graph)
         if weights["source"] == "gguf":
             from mla_compiler.model_export.gguf import write_tokenizer_files
 
@@ -183,6 +222,8 @@ def compile_model(
             "max_context": options.max_context,
             "ubatch": options.ubatch,
             "decode_threshold": options.decode_threshold,
+            "cuda_graph": cuda_graph,
+            "functions": ["prefill", "decode", "sample", "transform_params"],
             "kv_cache_bytes_per_token": per_token,
             "attention_workspace_bytes": {
                 str(ctx): attention_workspace_bytes(

@@ -99,6 +99,7 @@ def build(
     tir_pipeline="default",
     codegen_arch: str | None = None,
     ptx: bool = True,
+    cuda_graph: bool = False,
 ) -> BuildResult:
     """Compile ``mod`` (Relax, or TIR only) for ``archs`` and export it to ``output``.
 
@@ -112,6 +113,8 @@ def build(
     target = tvm_target(codegen_arch or lowest_arch(targets)) if gpu else tvm_target("cpu")
     # cp.async for the kernels that ask for it (software-pipelined shared-memory copies)
     config = {"tirx.use_async_copy": True} if gpu else {}
+    if gpu and cuda_graph:  # RewriteCUDAGraph (in the default finalize passes) does nothing else
+        config["relax.backend.use_cuda_graph"] = True
     with source_only(), tvm.transform.PassContext(config=config):
         executable = tvm.compile(
             mod, target=target, relax_pipeline=relax_pipeline, tir_pipeline=tir_pipeline

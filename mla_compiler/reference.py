@@ -161,3 +161,39 @@ def moe_route_lowest_index(
     if norm_topk_prob and top_k > 1:
         w = w / (w.sum(-1, keepdim=True) + 1e-20)
     return w * routed_scaling_factor, idx
+
+
+def sample_kept(logits, temperature: float, top_p: float, top_k: int):
+    """(kept mask, p) of ``schedules.sampling``'s rule for one row, in float64: ``p`` =
+    exp((z - max z) / T) over float32 logits; kept = {z >= tau}, tau the k-th largest logit
+    (top-k) raised to the largest logit whose head holds ``top_p`` of the top-k mass."""
+    import numpy as np
+
+    z = np.asarray(logits, dtype=np.float32).astype(np.float64)
+    v = z.size
+    p = np.exp((z - z.max()) / temperature)
+    values = np.sort(z)[::-1]
+    tau = values[top_k - 1] if 0 < top_k < v else values[-1]
+    if top_p < 1:
+        mass = p[z >= tau].sum()
+        for cand in np.unique(z[z >= tau])[::-1]:  # descending distinct values
+            if p[z >= cand].sum() >= top_p * mass:
+                tau = cand
+                break
+    return z >= tau, p
+
+
+def sample(logits, temperature: float, top_p: float, top_k: int, u: float) -> int:
+    """The token ``schedules.sampling`` draws from one row with uniform ``u``, in float64:
+    greedy (lowest index of the max) at temperature 0 or top_k 1; else the first kept index
+    whose inclusive prefix of kept p exceeds u x (kept mass)."""
+    import numpy as np
+
+    z = np.asarray(logits, dtype=np.float32)
+    if temperature <= 0 or top_k == 1:
+        return int(np.argmax(z))
+    kept, p = sample_kept(z, temperature, top_p, top_k)
+    q = np.where(kept, p, 0.0)
+    cum = np.cumsum(q)
+    hit = np.nonzero(kept & (cum > u * cum[-1]))[0]
+    return int(hit[0]) if hit.size else int(np.nonzero(kept)[0][-1])

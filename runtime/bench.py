@@ -17,19 +17,46 @@ class BenchResult:
     tps_mean: float
     tps_std: float
     seconds: tuple[float, ...]
+    host: dict | None = None  # tgN: host time per decode step (``decode_host_times``)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "test": self.test,
             "tps_mean": self.tps_mean,
             "tps_std": self.tps_std,
             "seconds": list(self.seconds),
         }
+        if self.host:
+            out["decode_host"] = self.host
+        return out
 
 
-def _stats(test: str, tokens: int, seconds: list[float]) -> BenchResult:
+def _stats(test: str, tokens: int, seconds: list[float], host: dict | None = None) -> BenchResult:
     tps = [tokens / s for s in seconds]
-    return BenchResult(test, statistics.fmean(tps), statistics.pstdev(tps), tuple(seconds))
+    return BenchResult(test, statistics.fmean(tps), statistics.pstdev(tps), tuple(seconds), host)
+
+
+def decode_host_times(step_times: list[dict]) -> dict:
+    """Median milliseconds per decode step from ``Engine.step_times``: ``upload`` (the one
+    input copy), ``issue`` (the VM decode call: returns once its launches are queued, so on a
+    GPU this is the host cost of issuing them), ``sample`` (issuing device sampling), ``host``
+    (their sum: the host's work per token before it waits for the GPU), ``step`` (the whole
+    step: the wait for the GPU and the token download included)."""
+    steps = [t for t in step_times if t.get("decode") and "total" in t]
+    if not steps:
+        return {}
+
+    def med(f) -> float:
+        return 1e3 * statistics.median(f(t) for t in steps)
+
+    return {
+        "steps": len(steps),
+        "upload_ms": med(lambda t: t["upload"]),
+        "issue_ms": med(lambda t: t["call"]),
+        "sample_ms": med(lambda t: t.get("sample", 0.0)),
+        "host_ms": med(lambda t: t["upload"] + t["call"] + t.get("sample", 0.0)),
+        "step_ms": med(lambda t: t["total"]),
+    }
 
 
 def bench_engine(
@@ -60,19 +87,30 @@ def bench_engine(
         if progress:
             progress(f"pp{n}: {results[-1].tps_mean:,.1f} t/s")
     if gen:
-        times = []
+        from mla_compiler.runtime.engine import SamplingParams
+
+        greedy = SamplingParams()
+        times, steps = [], []
         for r in range(reps + 1):
             engine.reset()
             engine.prefill(rng.integers(0, vocab, 8).tolist())
             tok = 1
+            engine.step_times = [] if r else None
             t0 = time.perf_counter()
-            for _ in range(gen):
-                tok = int(np.argmax(engine.decode(tok)))
+            for _ in range(gen):  # what generation does: a step, the token sampled (greedy)
+                tok = engine._next_tokens([(0, np.array([tok]))], greedy, rng)[0]
             if r:
                 times.append(time.perf_counter() - t0)
-        results.append(_stats(f"tg{gen}", gen, times))
+                steps += engine.step_times
+        engine.step_times = None
+        host = {"sampler": engine.sampler, **decode_host_times(steps)}
+        results.append(_stats(f"tg{gen}", gen, times, host))
         if progress:
-            progress(f"tg{gen}: {results[-1].tps_mean:,.1f} t/s")
+            progress(
+                f"tg{gen}: {results[-1].tps_mean:,.1f} t/s (host per step "
+                f"{host.get('host_ms', 0):.2f} ms of {host.get('step_ms', 0):.2f}, "
+                f"{engine.sampler} sampling)"
+            )
     return results
 
 

@@ -4,12 +4,18 @@ The engine owns the KV cache ``[layers, slots * max_context, width]`` (f16 laten
 modes 2/3); each sequence is a slot of ``max_context`` consecutive rows. Prompts run through the
 ``prefill`` function in chunks of ``ubatch`` tokens; single tokens through ``decode`` (in mla=3
 these are the decompressed and the absorbed attention forms).
+
+Each call's small index inputs travel in one host-to-device copy (``_Staging``). Tokens are
+sampled on the device (the artifact's ``sample`` function, ``schedules.sampling``) when the
+engine runs on a GPU and the artifact has it: a step then downloads B int32 ids, not B x V
+logits. CPU engines and older artifacts sample on the host (``sample`` below).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -54,7 +60,16 @@ def sample(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator)
 
 class Engine:
     def __init__(
-        self, path: Path, meta: dict, vm, device, params: list, *, max_context: int, slots: int = 1
+        self,
+        path: Path,
+        meta: dict,
+        vm,
+        device,
+        params: list,
+        *,
+        max_context: int,
+        slots: int = 1,
+        sampling: str = "auto",
     ):
         import tvm
 
@@ -73,6 +88,9 @@ class Engine:
         self.cache.copyfrom(np.zeros(shape, dtype=meta["kv_dtype"]))  # no garbage in unused rows
         self.lengths = [0] * slots  # tokens cached per sequence slot
         self.tokenizer = _load_tokenizer(path)
+        self.staging = _Staging(device)
+        self.sampler = _choose_sampler(sampling, vm, device)
+        self.step_times: list[dict] | None = None  # set to [] to record each step's host times
 
     def encode(self, text: str) -> list[int]:
         if self.tokenizer is None:
@@ -97,8 +115,11 @@ class Engine:
         max_context: int | None = None,
         slots: int = 1,
         log=None,
+        sampling: str = "auto",
     ) -> Engine:
-        """``slots``: sequences the KV cache holds at once (each ``max_context`` rows)."""
+        """``slots``: sequences the KV cache holds at once (each ``max_context`` rows).
+        ``sampling``: "device", "host" or "auto" (device on a GPU when the artifact has
+        ``sample``)."""
         import tvm
 
         from mla_compiler.runtime import loader
@@ -123,7 +144,9 @@ class Engine:
         del raw
         if "torch" in sys.modules and kind == "cuda":  # seeded weights were drawn with torch
             sys.modules["torch"].cuda.empty_cache()
-        return cls(path, meta, vm, dev, params, max_context=max_context, slots=slots)
+        return cls(
+            path, meta, vm, dev, params, max_context=max_context, slots=slots, sampling=sampling
+        )
 
     # ---- stepping ------------------------------------------------------------------------
     @property
@@ -158,11 +181,10 @@ class Engine:
             )
         return ids
 
-    def _step(self, batch: list[tuple[int, np.ndarray]], *, all_logits: bool = False) -> np.ndarray:
-        """Append ``ids`` to each ``(slot, ids)`` in one call; logits of each sequence's last
-        token ([B, V]) or of every new token ([T, V])."""
-        import tvm
-
+    def _run(self, batch: list[tuple[int, np.ndarray]], *, all_logits: bool = False, extra=()):
+        """Append ``ids`` to each ``(slot, ids)`` in one call: the device tensor of logits of
+        each sequence's last token ([B, V]) or of every new token ([T, V]), and device views
+        of the ``extra`` host arrays (uploaded in the same copy as the inputs)."""
         c = self.max_context
         ids, pos, slot_rows, kv_rows, logit_rows = [], [], [], [], []
         q_indptr, kv_indptr = [0], [0]
@@ -185,12 +207,50 @@ class Engine:
             np.concatenate(kv_rows).astype(np.int32),
             np.array(kv_indptr, dtype=np.int32),
             np.concatenate(logit_rows).astype(np.int64),
+            *extra,
         ]
-        args = [tvm.runtime.tensor(x, self.device) for x in inputs]
-        out = self.vm["decode" if single else "prefill"](*args, self.cache, *self.params)
+        t0 = time.perf_counter()
+        args = self.staging.upload(inputs)
+        t1 = time.perf_counter()
+        out = self.vm["decode" if single else "prefill"](*args[:7], self.cache, *self.params)
+        t2 = time.perf_counter()
+        if self.step_times is not None:
+            self.step_times.append({"upload": t1 - t0, "call": t2 - t1, "decode": single})
         for slot, toks in batch:
             self.lengths[slot] += toks.size
-        return out[0].numpy()
+        return out[0], args[7:]
+
+    def _step(self, batch: list[tuple[int, np.ndarray]], *, all_logits: bool = False) -> np.ndarray:
+        """``_run``, logits downloaded ([B, V] or [T, V])."""
+        return self._run(batch, all_logits=all_logits)[0].numpy()
+
+    def _next_tokens(
+        self, batch: list[tuple[int, np.ndarray]], params: SamplingParams, rng
+    ) -> list[int]:
+        """Run ``batch`` and sample each sequence's next token (device or host, see
+        ``sampler``). The device draws with ``u`` from ``rng``, one per sequence and step."""
+        if self.sampler == "host":
+            t0 = time.perf_counter()
+            logits = self._step(batch)
+            tokens = [sample(row, params, rng) for row in logits]
+            if self.step_times is not None:
+                self.step_times[-1]["total"] = time.perf_counter() - t0
+            return tokens
+        b = len(batch)
+        knobs = np.empty((b, 4), np.float32)  # schedules.sampling.PARAMS
+        knobs[:, 0] = params.temperature
+        knobs[:, 1] = params.top_p
+        knobs[:, 2] = params.top_k
+        knobs[:, 3] = rng.random(b, dtype=np.float32)  # [0, 1)
+        t0 = time.perf_counter()
+        logits, (knobs_dev,) = self._run(batch, extra=(knobs,))
+        t1 = time.perf_counter()
+        ids = self.vm["sample"](logits, knobs_dev)
+        t2 = time.perf_counter()
+        tokens = ids.numpy().tolist()  # waits for the GPU
+        if self.step_times is not None:
+            self.step_times[-1].update(sample=t2 - t1, total=time.perf_counter() - t0)
+        return tokens
 
     def prefill(
         self, tokens: Sequence[int], *, seq: int = 0, all_logits: bool = False
@@ -202,6 +262,16 @@ class Engine:
         for i in range(0, ids.size, self.ubatch):
             outs.append(self._step([(seq, ids[i : i + self.ubatch])], all_logits=all_logits))
         return np.concatenate(outs) if all_logits else outs[-1][0]
+
+    def _prefill_next(
+        self, tokens: Sequence[int], params: SamplingParams, rng, *, seq: int = 0
+    ) -> int:
+        """Prefill ``tokens`` into ``seq`` (``ubatch`` chunks); the sampled next token."""
+        ids = self._check_tokens(tokens, seq)
+        last = (ids.size - 1) // self.ubatch * self.ubatch
+        for i in range(0, last, self.ubatch):
+            self._run([(seq, ids[i : i + self.ubatch])])
+        return self._next_tokens([(seq, ids[last:])], params, rng)[0]
 
     def decode(self, token: int, *, seq: int = 0) -> np.ndarray:
         """One token of one sequence; its next-token logits [V]."""
@@ -229,15 +299,15 @@ class Engine:
             self._check_tokens(p, s)
             if len(p) + max_new_tokens > self.max_context:
                 raise InputError(f"prompt {s} + max_new_tokens exceeds --max-context")
-            nxt[s] = sample(self.prefill(p, seq=s), params, rng)
+            nxt[s] = self._prefill_next(p, params, rng, seq=s)
         while nxt:
             for s, tok in nxt.items():
                 outs[s].append(tok)
             live = {s: t for s, t in nxt.items() if t not in stop and len(outs[s]) < max_new_tokens}
             if not live:
                 break
-            logits = self.decode_batch(live)
-            nxt = {s: sample(row, params, rng) for s, row in zip(live, logits, strict=True)}
+            batch = [(s, self._check_tokens([t], s)) for s, t in live.items()]
+            nxt = dict(zip(live, self._next_tokens(batch, params, rng), strict=True))
         return outs
 
     def stream(
@@ -264,13 +334,12 @@ class Engine:
             )
         if max_new_tokens == 0:
             return
-        logits = self.prefill(prompt_ids)
+        tok = self._prefill_next(prompt_ids, params, rng)
         for i in range(max_new_tokens):
-            tok = sample(logits, params, rng)
             yield tok
             if tok in stop_ids or i + 1 == max_new_tokens:
                 return
-            logits = self.decode(tok)
+            tok = self._next_tokens([(0, self._check_tokens([tok]))], params, rng)[0]
 
     def generate(self, prompt_ids: Sequence[int], **kw) -> list[int]:
         return list(self.stream(prompt_ids, **kw))
@@ -345,3 +414,60 @@ def _random_weights(meta: dict, dev) -> list:
         tvm.runtime.from_dlpack(t) if tdev == "cuda" else tvm.runtime.tensor(t.numpy(), dev)
         for t in random_weight_tensors(meta, tdev).values()
     ]
+
+
+def _choose_sampler(sampling: str, vm, device) -> str:
+    """ "device" or "host" (see ``Engine.load``)."""
+    if sampling not in ("auto", "device", "host"):
+        raise InputError(f"sampling must be auto, device or host, not {sampling!r}")
+    has = vm.module.implements_function("sample")
+    if sampling == "device" and not has:
+        raise InputError("this artifact has no `sample` function: compile it again")
+    if sampling == "auto":
+        gpu = int(device.dlpack_device_type()) != 1  # kDLCPU
+        return "device" if has and gpu else "host"
+    return sampling
+
+
+class _Staging:
+    """One device buffer for the small inputs of a call: packed on the host (64-byte aligned),
+    sent in one copy, handed out as zero-offset views (kernels reject a nonzero byte_offset).
+    Views of a shape and place are made once and kept."""
+
+    ALIGN = 64
+
+    def __init__(self, device):
+        self.device = device
+        self.buffer = None
+        self.views: dict[tuple, object] = {}
+
+    def upload(self, arrays: Sequence[np.ndarray]) -> list:
+        import tvm
+
+        offsets, total = [], 0
+        for a in arrays:
+            offsets.append(total)
+            total += -(-a.nbytes // self.ALIGN) * self.ALIGN
+        if self.buffer is None or total > self.buffer.shape[0]:
+            size = max(total, 2 * (self.buffer.shape[0] if self.buffer is not None else 4096))
+            self.buffer = tvm.runtime.empty((size,), "uint8", self.device)
+            self.views.clear()
+        host = np.zeros(total, np.uint8)
+        for a, o in zip(arrays, offsets, strict=True):
+            host[o : o + a.nbytes] = np.ascontiguousarray(a).view(np.uint8).ravel()
+        self._view(0, (total,), "uint8").copyfrom(host)
+        return [self._view(o, a.shape, str(a.dtype)) for a, o in zip(arrays, offsets, strict=True)]
+
+    def _view(self, offset: int, shape: tuple, dtype: str):
+        key = (offset, tuple(shape), dtype)
+        view = self.views.get(key)
+        if view is None:
+            import tvm
+
+            if len(self.views) > 256:  # growing kv_rows: one new shape per step
+                self.views.clear()
+            view = self.buffer._create_view(shape, dtype, offset)
+            if offset:
+                view = tvm.get_global_func("vm.builtin.ensure_zero_offset")(view)
+            self.views[key] = view
+        return view

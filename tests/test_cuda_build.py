@@ -211,6 +211,33 @@ FORCE_SOURCE = """
 """
 
 
+def _weights_then_output_module():
+    """main(x; w, b) with ``num_input`` = 1: silu(x @ w.T + b) ** 2. The kernels after the
+    matmul touch only the weights and statically planned intermediates (capturable); the
+    matmul reads the input and the last kernel writes the output (not capturable)."""
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((64, 128), "float16"))
+    w = relax.Var("w", relax.TensorType((96, 128), "float16"))
+    b = relax.Var("b", relax.TensorType((96,), "float16"))
+    with bb.function("main", [x, w, b], attrs={"num_input": 1}):
+        with bb.dataflow():
+            y = bb.emit(relax.op.matmul(x, relax.op.permute_dims(w)))
+            z = bb.emit(relax.op.nn.silu(relax.op.add(y, b)))
+            out = bb.emit_output(relax.op.multiply(z, z))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["plain", "cuda_graph"])
+def test_cuda_graph_option_captures_static_kernels(tmp_path, cuda_graph):
+    res = cuda_build.build(
+        _weights_then_output_module(), ["sm_90a"], output=tmp_path, cuda_graph=cuda_graph
+    )
+    library = res.library.read_bytes()
+    assert (b"vm.builtin.cuda_graph.run_or_capture" in library) == cuda_graph
+    assert (b"main_cuda_graph_capture" in library) == cuda_graph
+
+
 def test_source_only_keeps_source_where_a_driver_exists():
     got = run_python(FORCE_SOURCE)
     assert got == {"forced": [], "unforced": ["cuda"]}
