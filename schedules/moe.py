@@ -374,6 +374,14 @@ def _grouped_workload(
     return func
 
 
+def _has_block(sch: s_tir.Schedule, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+    except Exception:  # noqa: BLE001  (ScheduleError: no such block)
+        return False
+    return True
+
+
 def _schedule_grouped(
     func, cfg: G.Config, target, *, epilogue: str | None, dtype: str
 ) -> tirx.PrimFunc:
@@ -382,6 +390,13 @@ def _schedule_grouped(
         if not G.keep(cfg, target):
             raise ValueError(f"config {cfg} does not fit {target}")
         G.schedule_mma(sch, cfg, batched=True, epilogue=epilogue, dtype=dtype)
+        # Partial tiles (N % block_n or K % block_k): pad_einsum puts a zero-fill block between
+        # the gather and the shared-memory load; schedule_mma inlines that block only, so the
+        # gather stayed a root-level loop nest with no thread binding - TVM ran it on the host
+        # against device pointers (segfault on the H100 at D = I = 64). Fold it into the load.
+        for name in ("gather_a", "gather_b"):
+            if _has_block(sch, name):
+                sch.compute_inline(sch.get_sblock(name))
         return sch.mod["main"]
     for name in ("gather_a", "gather_b"):
         sch.compute_inline(sch.get_sblock(name))
