@@ -79,6 +79,18 @@ class RouteSpec:
 
 
 def moe_route(spec: RouteSpec, *, target: tvm.target.Target) -> tirx.PrimFunc:
+    """logits [T, E] f32 -> (weights [T, k] f32, ids [T, k] int32).
+
+    CUDA: one warp per token (:func:`_route_warp`); CPU: one thread per token (below).
+    Selection j takes the best expert strictly after selection j-1 in the order
+    (score descending, index ascending), so equal scores resolve to the lowest index.
+    """
+    if is_gpu(target):
+        return _route_warp(spec)
+    return _route_serial(spec, target=target)
+
+
+def _route_serial(spec: RouteSpec, *, target: tvm.target.Target) -> tirx.PrimFunc:
     """logits [T, E] f32 -> (weights [T, k] f32, ids [T, k] int32); one thread per token.
 
     Selection j takes the best expert strictly after selection j-1 in the order
@@ -154,6 +166,123 @@ def moe_route(spec: RouteSpec, *, target: tvm.target.Target) -> tirx.PrimFunc:
                             weights[t, j] = weights[t, j] / (acc[0] + T.float32(1e-20)) * scale
                         else:
                             weights[t, j] = weights[t, j] * scale
+
+    return _named(route, f"moe_route_e{e_num}_k{k_top}")
+
+
+ROUTE_WARPS = 4  # tokens per block of the warp routing kernel
+
+
+def _route_warp(spec: RouteSpec) -> tirx.PrimFunc:
+    """CUDA routing, one warp per token: lane l holds the scores of experts l, l + 32, ...;
+    max, sum, group maxima and each of the k (score, index) arg-maxima are warp shuffles.
+    A picked expert's score is set below every real score, so pick j is the best remaining
+    expert in the order (score desc, index asc): the rule of ``_route_serial``."""
+    e_num, k_top = spec.num_experts, spec.top_k
+    per_lane = (e_num + 31) // 32
+    gsize = e_num // spec.n_group
+    n_group = spec.n_group if spec.method == "group_limited_greedy" else 1
+    topk_group = spec.topk_group if spec.method == "group_limited_greedy" else n_group
+    if n_group > 32:
+        raise ValueError("group-limited routing supports at most 32 groups")
+    norm = spec.norm_topk_prob and k_top > 1
+    scale = float(spec.routed_scaling_factor)
+    t_num = tirx.Var("t", "int64")
+    nblk = (t_num + ROUTE_WARPS - 1) // ROUTE_WARPS
+    full = T.uint32(0xFFFFFFFF)
+
+    @T.prim_func
+    def route(
+        logits: T.Buffer((t_num, e_num), "float32"),
+        weights: T.Buffer((t_num, k_top), "float32"),
+        ids: T.Buffer((t_num, k_top), "int32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        for bx in T.thread_binding(nblk, thread="blockIdx.x"):
+            for ty in T.thread_binding(ROUTE_WARPS, thread="threadIdx.y"):
+                for tx in T.thread_binding(32, thread="threadIdx.x"):
+                    s = T.alloc_buffer((per_lane,), "float32", scope="local")
+                    red = T.alloc_buffer((3,), "float32", scope="local")  # max, sum, other
+                    best = T.alloc_buffer((2,), "float32", scope="local")  # score, index
+                    oth = T.alloc_buffer((2,), "float32", scope="local")
+                    keep = T.alloc_buffer((1,), "int32", scope="local")  # bit g: group kept
+                    grp = T.alloc_buffer((n_group,), "float32", scope="local")
+                    pick_w = T.alloc_buffer((k_top,), "float32", scope="local")
+                    pick_i = T.alloc_buffer((k_top,), "int32", scope="local")
+                    t = T.meta_var(bx * ROUTE_WARPS + ty)
+                    for c in T.unroll(per_lane):
+                        s[c] = T.if_then_else(
+                            t < t_num and c * 32 + tx < e_num,
+                            logits[T.min(t, t_num - 1), T.min(c * 32 + tx, e_num - 1)],
+                            T.float32(-3.0e38),
+                        )
+                    red[0] = T.float32(-3.0e38)
+                    for c in T.unroll(per_lane):
+                        red[0] = T.max(red[0], s[c])
+                    for o in T.unroll(5):
+                        red[0] = T.max(
+                            red[0], T.tvm_warp_shuffle_xor(full, red[0], 16 >> o, 32, 32)
+                        )
+                    red[1] = T.float32(0)
+                    for c in T.unroll(per_lane):
+                        s[c] = T.exp(s[c] - red[0])
+                        red[1] = red[1] + s[c]
+                    for o in T.unroll(5):
+                        red[1] = red[1] + T.tvm_warp_shuffle_xor(full, red[1], 16 >> o, 32, 32)
+                    for c in T.unroll(per_lane):  # padding lanes of E % 32: below every score
+                        s[c] = T.if_then_else(c * 32 + tx < e_num, s[c] / red[1], T.float32(-1.0))
+                    if n_group > 1:
+                        for g in T.unroll(n_group):
+                            red[2] = T.float32(-1.0)
+                            for c in T.unroll(per_lane):
+                                if (c * 32 + tx) // gsize == g:
+                                    red[2] = T.max(red[2], s[c])
+                            for o in T.unroll(5):
+                                red[2] = T.max(
+                                    red[2], T.tvm_warp_shuffle_xor(full, red[2], 16 >> o, 32, 32)
+                                )
+                            grp[g] = red[2]
+                        # group g is kept when fewer than topk_group groups beat it (score, index)
+                        keep[0] = 0
+                        for g in T.unroll(n_group):
+                            red[2] = T.float32(0)
+                            for h in T.unroll(n_group):
+                                if grp[h] > grp[g] or (grp[h] == grp[g] and h < g):
+                                    red[2] = red[2] + T.float32(1)
+                            if red[2] < T.float32(topk_group):
+                                keep[0] = keep[0] | (1 << g)
+                        for c in T.unroll(per_lane):
+                            if c * 32 + tx < e_num:
+                                if (keep[0] >> ((c * 32 + tx) // gsize)) & 1 == 0:
+                                    s[c] = T.float32(0)
+                    for j in T.unroll(k_top):
+                        best[0] = T.float32(-3.0)
+                        best[1] = T.float32(e_num)
+                        for c in T.unroll(per_lane):
+                            if s[c] > best[0]:  # ascending c: the lane's lowest index wins ties
+                                best[0] = s[c]
+                                best[1] = T.Cast("float32", c * 32 + tx)
+                        for o in T.unroll(5):
+                            oth[0] = T.tvm_warp_shuffle_xor(full, best[0], 16 >> o, 32, 32)
+                            oth[1] = T.tvm_warp_shuffle_xor(full, best[1], 16 >> o, 32, 32)
+                            if oth[0] > best[0] or (oth[0] == best[0] and oth[1] < best[1]):
+                                best[0] = oth[0]
+                                best[1] = oth[1]
+                        for c in T.unroll(per_lane):
+                            if T.Cast("float32", c * 32 + tx) == best[1]:
+                                s[c] = T.float32(-2.0)
+                        pick_w[j] = best[0]
+                        pick_i[j] = T.Cast("int32", best[1])
+                    red[2] = T.float32(0)
+                    for j in T.unroll(k_top):
+                        red[2] = red[2] + pick_w[j]
+                    if t < t_num and tx == 0:
+                        for j in T.unroll(k_top):
+                            ids[t, j] = pick_i[j]
+                            if norm:
+                                weights[t, j] = pick_w[j] / (red[2] + T.float32(1e-20)) * scale
+                            else:
+                                weights[t, j] = pick_w[j] * scale
 
     return _named(route, f"moe_route_e{e_num}_k{k_top}")
 
@@ -456,6 +585,198 @@ def moe_down(
     )
     func = _schedule_grouped(func, cfg, target, epilogue=None, dtype=dtype)
     return _named(func, f"moe_down_e{num_experts}_d{hidden}_i{inter}")
+
+
+# ------------------------------------------------------------ small static T: expert GEMVs
+
+
+GEMV_MAX_TOKENS = 8  # static T up to this: per-(token, slot) GEMVs, no grouping (decode)
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+    """Expert GEMV tiling: a block of ``warps`` warps; a warp owns ``cols`` output columns
+    (gate_up: 2 * cols weight rows); lanes split K in ``vec``-element (16-byte) vectors."""
+
+    warps: int = 4
+    cols: int = 4
+    vec: int = 8
+
+
+GEMV_GATE_UP = GemvConfig(warps=4, cols=4)  # V2-Lite T=1: 6 x 88 blocks, 64 KB of weights each
+GEMV_DOWN = GemvConfig(warps=4, cols=2)  # T=1: 256 blocks, 6 x 8 rows of 2.8 KB each
+
+
+def _gemv_check(k_dim: int, cfg: GemvConfig) -> None:
+    if k_dim % cfg.vec:
+        raise ValueError(f"expert GEMV needs K % {cfg.vec} == 0, got {k_dim}")
+
+
+def moe_gate_up_gemv(
+    hidden: int,
+    inter: int,
+    *,
+    num_experts: int,
+    top_k: int,
+    dtype: str = "float16",
+    target: tvm.target.Target,
+    config: GemvConfig = GEMV_GATE_UP,
+) -> tirx.PrimFunc:
+    """(x [T, D], ids [T, k] int32, gate_up [E, 2I, D] interleaved, h [T*k, I]):
+    ``h[t*k + j] = silu(x[t] Wg[e]^T) * (x[t] Wu[e]^T)`` with ``e = ids[t, j]``.
+
+    For small T (decode): every (token, slot) reads its expert's rows once, no grouping pass.
+    Block (column block, entry); a warp owns ``cols`` output columns, i.e. the gate and up
+    rows of each; lanes accumulate f32 partials over 16-byte K vectors; the 32 partials per
+    row are summed through shared memory (a second thread loop: the same code runs on CPU).
+    """
+    cfg, d, n_out, k_top, g = config, hidden, inter, top_k, G.SWIGLU_GROUP
+    _gemv_check(d, cfg)
+    if n_out % g:
+        raise ValueError(f"moe_gate_up_gemv needs I % {g} == 0, got {n_out}")
+    par = _par(is_gpu(target))
+    kv_n = (d + 32 * cfg.vec - 1) // (32 * cfg.vec)  # vector steps per lane
+    per_blk = cfg.warps * cfg.cols
+    n_blk = (n_out + per_blk - 1) // per_blk
+    t_num = tirx.Var("t", "int64")
+    ws, cols, vec = cfg.warps, cfg.cols, cfg.vec
+
+    @T.prim_func
+    def gate_up(
+        x: T.Buffer((t_num, d), dtype),
+        ids: T.Buffer((t_num, k_top), "int32"),
+        w: T.Buffer((num_experts, 2 * n_out, d), dtype),
+        h: T.Buffer((t_num * k_top, n_out), dtype),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        for ent in par(t_num * k_top, "blockIdx.y"):
+            for bx in par(n_blk, "blockIdx.x"):
+                part = T.alloc_buffer((ws, cols, 2, 32), "float32", scope="shared")
+                for ty in par(ws, "threadIdx.y"):
+                    for tx in par(32, "threadIdx.x"):
+                        xs = T.alloc_buffer((kv_n * vec,), dtype, scope="local")
+                        wv = T.alloc_buffer((2 * cols * vec,), dtype, scope="local")
+                        acc = T.alloc_buffer((2 * cols,), "float32", scope="local")
+                        e = T.meta_var(ids[ent // k_top, ent % k_top])
+                        for q in T.unroll(2 * cols):
+                            acc[q] = T.float32(0)
+                        for kv in T.unroll(kv_n):
+                            if (kv * 32 + tx) * vec < d:
+                                xs[T.ramp(kv * vec, 1, vec)] = x[
+                                    ent // k_top, T.ramp((kv * 32 + tx) * vec, 1, vec)
+                                ]
+                        for kv in T.unroll(kv_n):
+                            if (kv * 32 + tx) * vec < d:
+                                for q in T.unroll(2 * cols):  # q = 2 c + (0 gate, 1 up)
+                                    wv[T.ramp(q * vec, 1, vec)] = w[
+                                        e,
+                                        T.min(
+                                            ((bx * ws + ty) * cols + q // 2) // g * 2 * g
+                                            + q % 2 * g
+                                            + ((bx * ws + ty) * cols + q // 2) % g,
+                                            2 * n_out - 1,
+                                        ),
+                                        T.ramp((kv * 32 + tx) * vec, 1, vec),
+                                    ]
+                                for q in T.unroll(2 * cols):
+                                    for v in T.unroll(vec):
+                                        acc[q] = acc[q] + T.Cast(
+                                            "float32", xs[kv * vec + v]
+                                        ) * T.Cast("float32", wv[q * vec + v])
+                        for q in T.unroll(2 * cols):
+                            part[ty, q // 2, q % 2, tx] = acc[q]
+                for ty in par(ws, "threadIdx.y"):
+                    for tx in par(32, "threadIdx.x"):
+                        sums = T.alloc_buffer((2,), "float32", scope="local")
+                        o = T.meta_var((bx * ws + ty) * cols + tx)
+                        if tx < cols and o < n_out:
+                            for q in T.unroll(2):
+                                sums[q] = T.float32(0)
+                                for ln in T.unroll(32):
+                                    sums[q] = sums[q] + part[ty, tx, q, ln]
+                            h[ent, o] = T.Cast(dtype, T.sigmoid(sums[0]) * sums[0] * sums[1])
+
+    return _named(gate_up, f"moe_gate_up_gemv_e{num_experts}_d{hidden}_i{inter}")
+
+
+def moe_down_gemv(
+    hidden: int,
+    inter: int,
+    *,
+    num_experts: int,
+    top_k: int,
+    dtype: str = "float16",
+    target: tvm.target.Target,
+    config: GemvConfig = GEMV_DOWN,
+) -> tirx.PrimFunc:
+    """(h [T*k, I], ids [T, k] int32, down [E, D, I], weights [T, k] f32, out [T, D]):
+    ``out[t] = sum_j weights[t, j] * (h[t*k + j] @ down[ids[t, j]]^T)`` - the down GEMVs with
+    the combine folded in (f32 sum over the k slots). Block (column block, token)."""
+    cfg, d, n_in, k_top = config, hidden, inter, top_k
+    _gemv_check(n_in, cfg)
+    par = _par(is_gpu(target))
+    kv_n = (n_in + 32 * cfg.vec - 1) // (32 * cfg.vec)
+    per_blk = cfg.warps * cfg.cols
+    n_blk = (d + per_blk - 1) // per_blk
+    t_num = tirx.Var("t", "int64")
+    ws, cols, vec = cfg.warps, cfg.cols, cfg.vec
+
+    @T.prim_func
+    def down(
+        h: T.Buffer((t_num * k_top, n_in), dtype),
+        ids: T.Buffer((t_num, k_top), "int32"),
+        w: T.Buffer((num_experts, d, n_in), dtype),
+        weights: T.Buffer((t_num, k_top), "float32"),
+        out: T.Buffer((t_num, d), dtype),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        for t in par(t_num, "blockIdx.y"):
+            for bx in par(n_blk, "blockIdx.x"):
+                part = T.alloc_buffer((ws, cols, 32), "float32", scope="shared")
+                for ty in par(ws, "threadIdx.y"):
+                    for tx in par(32, "threadIdx.x"):
+                        hs = T.alloc_buffer((kv_n * vec,), dtype, scope="local")
+                        wv = T.alloc_buffer((cols * vec,), dtype, scope="local")
+                        acc = T.alloc_buffer((cols,), "float32", scope="local")
+                        dot = T.alloc_buffer((cols,), "float32", scope="local")
+                        for c in T.unroll(cols):
+                            acc[c] = T.float32(0)
+                        for j in T.unroll(k_top):
+                            for c in T.unroll(cols):
+                                dot[c] = T.float32(0)
+                            for kv in T.unroll(kv_n):
+                                if (kv * 32 + tx) * vec < n_in:
+                                    hs[T.ramp(kv * vec, 1, vec)] = h[
+                                        t * k_top + j, T.ramp((kv * 32 + tx) * vec, 1, vec)
+                                    ]
+                            for kv in T.unroll(kv_n):
+                                if (kv * 32 + tx) * vec < n_in:
+                                    for c in T.unroll(cols):
+                                        wv[T.ramp(c * vec, 1, vec)] = w[
+                                            ids[t, j],
+                                            T.min((bx * ws + ty) * cols + c, d - 1),
+                                            T.ramp((kv * 32 + tx) * vec, 1, vec),
+                                        ]
+                                    for c in T.unroll(cols):
+                                        for v in T.unroll(vec):
+                                            dot[c] = dot[c] + T.Cast(
+                                                "float32", hs[kv * vec + v]
+                                            ) * T.Cast("float32", wv[c * vec + v])
+                            for c in T.unroll(cols):
+                                acc[c] = acc[c] + weights[t, j] * dot[c]
+                        for c in T.unroll(cols):
+                            part[ty, c, tx] = acc[c]
+                for ty in par(ws, "threadIdx.y"):
+                    for tx in par(32, "threadIdx.x"):
+                        total = T.alloc_buffer((1,), "float32", scope="local")
+                        o = T.meta_var((bx * ws + ty) * cols + tx)
+                        if tx < cols and o < d:
+                            total[0] = T.float32(0)
+                            for ln in T.unroll(32):
+                                total[0] = total[0] + part[ty, tx, ln]
+                            out[t, o] = T.Cast(dtype, total[0])
+
+    return _named(down, f"moe_down_gemv_e{num_experts}_d{hidden}_i{inter}")
 
 
 def moe_combine(
