@@ -5,11 +5,12 @@ One MoE layer (T tokens, E experts, top-k, hidden D, expert width I) runs, with 
 1. :func:`moe_route`: logits [T, E] (f32) -> weights [T, k] (f32), ids [T, k] (int32).
    Softmax, then greedy or group-limited greedy top-k; ties go to the lowest expert index
    (``reference.moe_route_lowest_index`` follows the same rule).
-2. :func:`moe_align`: ids -> ``sorted_rows`` [NB*BM] (flat entry ``t*k + j`` per row, experts
-   contiguous, each expert's rows padded to a multiple of BM with -1), ``block_expert`` [NB]
-   (expert of each BM-row block, -1 when unused; used blocks come first), ``row_of`` [T*k]
-   (row of each entry: the inverse permutation), ``expert_offsets`` [E+1]. Deterministic (no
-   atomics): per-chunk counts, per-expert prefix sums, then an in-order scatter.
+2. :func:`moe_align` (3 kernels): ids -> ``sorted_rows`` [NB*BM] (flat entry ``t*k + j`` per
+   row, experts contiguous, each expert's rows padded to a multiple of BM with -1),
+   ``block_expert`` [NB] (expert of each BM-row block, -1 when unused; used blocks come first),
+   ``row_of`` [T*k] (row of each entry: the inverse permutation), ``expert_offsets`` [E+1].
+   Deterministic (no atomics): per-chunk counts, per-expert prefix sums and block offsets (one
+   block, a thread per expert), then an in-order scatter.
    ``NB = num_row_blocks(T)`` is a static bound: ``(T*k + E*(BM-1)) // BM``.
 3. :func:`moe_gate_up`: grouped GEMM over row blocks, ``H[r] = silu(x Wg^T) * (x Wu^T)`` with the
    token row gathered through ``sorted_rows`` and the expert's ``gate_up`` weight [E, 2I, D]
@@ -21,6 +22,10 @@ One MoE layer (T tokens, E experts, top-k, hidden D, expert width I) runs, with 
 
 On CUDA the grouped GEMMs use the tensor-core schedule of ``gemm.py`` with the row block as the
 batch axis (blockIdx.y); blocks whose ``block_expert`` is -1 exit at once.
+
+Small static T (decode, ``T <= GEMV_MAX_TOKENS``): :func:`moe_route`, then
+:func:`moe_gate_up_gemv` (one GEMV per (token, slot) against its expert: no grouping pass) and
+:func:`moe_down_gemv` (down GEMVs with the weighted sum over the k slots folded in): 3 kernels.
 """
 
 from __future__ import annotations
@@ -317,17 +322,13 @@ def moe_align(
         chunk_base: T.Buffer((n_chunk, e_num), "int32"),
     ):
         T.func_attr({"tirx.noalias": True})
-        # 0. every row is padding, every block unused, until written below
-        for bx in par((n_rows + THREADS - 1) // THREADS, "blockIdx.x"):
-            for tx in par(THREADS, "threadIdx.x"):
-                if bx * THREADS + tx < n_rows:
-                    sorted_rows[bx * THREADS + tx] = -1
-                if bx * THREADS + tx < nb:
-                    block_expert[bx * THREADS + tx] = -1
-        # 1. per (chunk, expert) counts
+        # 1. per (chunk, expert) counts; meanwhile every row becomes padding (-1)
         for bx in par(n_chunk, "blockIdx.x"):
             for e in par(e_num, "threadIdx.x"):
                 cnt = T.alloc_buffer((1,), "int32", scope="local")
+                for it in range((n_rows + n_chunk * e_num - 1) // (n_chunk * e_num)):
+                    if (it * n_chunk + bx) * e_num + e < n_rows:
+                        sorted_rows[(it * n_chunk + bx) * e_num + e] = -1
                 cnt[0] = 0
                 for tt in range(CHUNK):
                     if bx * CHUNK + tt < t_num:
@@ -335,8 +336,10 @@ def moe_align(
                             if ids[bx * CHUNK + tt, j] == e:
                                 cnt[0] = cnt[0] + 1
                 chunk_base[bx, e] = cnt[0]
-        # 2a. per expert: exclusive prefix over chunks; the total goes to expert_offsets[e]
+        # 2. one block, a thread per expert: exclusive prefix over chunks (chunk_base), then
+        # the padded expert offsets and the expert of each row block (-1 past the used ones)
         for _bx in par(1, "blockIdx.x"):
+            nblk = T.alloc_buffer((e_num,), "int32", scope="shared")
             for e in par(e_num, "threadIdx.x"):
                 run = T.alloc_buffer((1,), "int32", scope="local")
                 run[0] = 0
@@ -344,19 +347,28 @@ def moe_align(
                     v = chunk_base[c, e]
                     chunk_base[c, e] = run[0]
                     run[0] = run[0] + v
-                expert_offsets[e] = run[0]
-        # 2b. one thread: padded expert offsets and the expert of each row block
-        for _bx in par(1, "blockIdx.x"):
-            for _tx in par(1, "threadIdx.x"):
-                off = T.alloc_buffer((1,), "int32", scope="local")
-                off[0] = 0
-                for e in range(e_num):
-                    nblk = (expert_offsets[e] + (bm - 1)) // bm
-                    expert_offsets[e] = off[0]
-                    for b in range(nblk):
-                        block_expert[off[0] // bm + b] = e
-                    off[0] = off[0] + nblk * bm
-                expert_offsets[e_num] = off[0]
+                nblk[e] = (run[0] + (bm - 1)) // bm
+            for e in par(e_num, "threadIdx.x"):
+                # blocks before e, all blocks, e's blocks, a counter (a shared load in a loop
+                # bound trips TVM's thread-sync analysis: e's count goes through a register)
+                acc = T.alloc_buffer((4,), "int32", scope="local")
+                acc[0] = 0
+                acc[1] = 0
+                for f in range(e_num):
+                    acc[1] = acc[1] + nblk[f]
+                    if f < e:
+                        acc[0] = acc[0] + nblk[f]
+                expert_offsets[e] = acc[0] * bm
+                if e == e_num - 1:
+                    expert_offsets[e_num] = acc[1] * bm
+                acc[2] = nblk[e]
+                acc[3] = 0
+                while acc[3] < acc[2]:
+                    block_expert[acc[0] + acc[3]] = e
+                    acc[3] = acc[3] + 1
+                for it in range((nb + e_num - 1) // e_num):
+                    if it * e_num + e < nb and it * e_num + e >= T.Cast("int64", acc[1]):
+                        block_expert[it * e_num + e] = -1
         # 3. in-order scatter of each chunk's entries to its expert's rows
         for bx in par(n_chunk, "blockIdx.x"):
             for e in par(e_num, "threadIdx.x"):
@@ -383,6 +395,27 @@ CONFIGS: dict[str, G.Config] = {
     "sm_90a": G.Config(warps_m=2, warps_n=2, warp_m=32, warp_n=64, block_k=32, stages=4),
 }
 CPU_BLOCK_M = 16
+
+# Prefill candidates for `bench_moe.py --sweep` (none measured yet with cp.async on; the lead
+# picks CONFIGS from the sweep). At T=2048 an expert averages T*k/E = 192 rows: 64-row blocks
+# pad ~1/6 of the rows (E/2 blocks of padding), 128-row blocks ~1/3. The dense GEMM's best
+# sm_90a tile is 128x256 (8 warps): 64x256 keeps its column reuse with small M blocks.
+CANDIDATES: dict[str, tuple[G.Config, ...]] = {
+    "sm_90a": (
+        G.Config(warps_m=2, warps_n=2, warp_m=32, warp_n=64, block_k=32, stages=4),  # 64x128
+        G.Config(warps_m=2, warps_n=2, warp_m=32, warp_n=64, block_k=64, stages=3),
+        G.Config(warps_m=1, warps_n=4, warp_m=64, warp_n=32, block_k=32, stages=4),
+        G.Config(warps_m=2, warps_n=4, warp_m=32, warp_n=64, block_k=32, stages=4),  # 64x256
+        G.Config(warps_m=2, warps_n=4, warp_m=32, warp_n=64, block_k=64, stages=3),
+        G.Config(warps_m=1, warps_n=4, warp_m=64, warp_n=64, block_k=32, stages=4),
+        G.Config(warps_m=2, warps_n=2, warp_m=64, warp_n=64, block_k=32, stages=4),  # 128x128
+        G.Config(warps_m=2, warps_n=4, warp_m=64, warp_n=64, block_k=32, stages=4),  # 128x256
+    ),
+    "sm_89": (
+        G.Config(warps_m=2, warps_n=2, warp_m=32, warp_n=64, block_k=32, stages=4),
+        G.Config(warps_m=2, warps_n=2, warp_m=64, warp_n=64, block_k=32, stages=3),
+    ),
+}
 
 
 def default_config(target: tvm.target.Target) -> G.Config:
@@ -603,8 +636,10 @@ class GemvConfig:
     vec: int = 8
 
 
-GEMV_GATE_UP = GemvConfig(warps=4, cols=4)  # V2-Lite T=1: 6 x 88 blocks, 64 KB of weights each
-GEMV_DOWN = GemvConfig(warps=4, cols=2)  # T=1: 256 blocks, 6 x 8 rows of 2.8 KB each
+# V2-Lite at T=1 on 132 SMs: gate_up 6 x 88 = 528 blocks (4 per SM, 128 KB of weights each);
+# down 512 blocks (3.9 per SM, 6 experts x 4 rows x 2.8 KB each)
+GEMV_GATE_UP = GemvConfig(warps=4, cols=4)
+GEMV_DOWN = GemvConfig(warps=4, cols=1)
 
 
 def _gemv_check(k_dim: int, cfg: GemvConfig) -> None:
