@@ -680,7 +680,7 @@ def moe_gate_up_gemv(
     def gate_up(
         x: T.Buffer((t_num, d), dtype),
         ids: T.Buffer((t_num, k_top), "int32"),
-        w: T.Buffer((num_experts, 2 * n_out, d), dtype),
+        w: T.Buffer((_i64(num_experts), _i64(2 * n_out), _i64(d)), dtype),  # > 2^31 elements
         h: T.Buffer((t_num * k_top, n_out), dtype),
     ):
         T.func_attr({"tirx.noalias": True})
@@ -760,7 +760,7 @@ def moe_down_gemv(
     def down(
         h: T.Buffer((t_num * k_top, n_in), dtype),
         ids: T.Buffer((t_num, k_top), "int32"),
-        w: T.Buffer((num_experts, d, n_in), dtype),
+        w: T.Buffer((_i64(num_experts), _i64(d), _i64(n_in)), dtype),
         weights: T.Buffer((t_num, k_top), "float32"),
         out: T.Buffer((t_num, d), dtype),
     ):
