@@ -452,3 +452,23 @@ def test_route_gpu(name, t, ties):
         torch.testing.assert_close(ids, ids_ref)
     else:  # the weights above already pin each pick up to a near-tie
         assert (ids == ids_ref).float().mean().item() > 0.999
+
+
+def test_lower_moe_paths_by_phase():
+    """LowerMoE on a GPU target: decode (static T = 1) takes route + expert GEMVs, prefill
+    (symbolic T) the grouped path; tiny's I = 64 (< one 128-wide tile) is no longer refused."""
+    from mla_compiler.model_export.config import preset
+    from mla_compiler.model_export.export import export_relax
+    from mla_compiler.model_export.weights import random_model
+    from mla_compiler.passes.lower_moe import LowerMoE
+    from mla_compiler.pipeline import split_phases
+
+    model = random_model(preset("tiny"), seed=3, dtype="float16")
+    mod = LowerMoE(target=tvm_target("sm_90a"))(split_phases(export_relax(model).mod))
+    calls = {
+        phase: set(re.findall(r"R\.call_tir\((\w+),", mod[phase].script(show_meta=False)))
+        for phase in ("prefill", "decode")
+    }
+    assert {"moe_route", "moe_gate_up_gemv", "moe_down_gemv"} <= calls["decode"]
+    assert not {"moe_align", "moe_gate_up", "moe_down", "moe_combine"} & calls["decode"]
+    assert {"moe_route", "moe_align", "moe_gate_up", "moe_down", "moe_combine"} <= calls["prefill"]
