@@ -636,9 +636,10 @@ class GemvConfig:
     vec: int = 8
 
 
-# V2-Lite at T=1 on 132 SMs: gate_up 6 x 88 = 528 blocks (4 per SM, 128 KB of weights each);
-# down 512 blocks (3.9 per SM, 6 experts x 4 rows x 2.8 KB each)
-GEMV_GATE_UP = GemvConfig(warps=4, cols=4)
+# V2-Lite at T=1 on 132 SMs: gate_up 6 x 88 = 528 blocks (4 per SM, 128 KB of weights each;
+# 8 warps x 2 columns: 4 columns per warp spilled 8-24 bytes at bf16); down 512 blocks (3.9 per
+# SM, 6 experts x 4 rows x 2.8 KB each)
+GEMV_GATE_UP = GemvConfig(warps=8, cols=2)
 GEMV_DOWN = GemvConfig(warps=4, cols=1)
 
 
@@ -689,7 +690,8 @@ def moe_gate_up_gemv(
                 part = T.alloc_buffer((ws, cols, 2, 32), "float32", scope="shared")
                 for ty in par(ws, "threadIdx.y"):
                     for tx in par(32, "threadIdx.x"):
-                        xs = T.alloc_buffer((kv_n * vec,), dtype, scope="local")
+                        xv = T.alloc_buffer((vec,), dtype, scope="local")
+                        xs = T.alloc_buffer((kv_n * vec,), "float32", scope="local")  # x in f32
                         wv = T.alloc_buffer((2 * cols * vec,), dtype, scope="local")
                         acc = T.alloc_buffer((2 * cols,), "float32", scope="local")
                         e = T.meta_var(ids[ent // k_top, ent % k_top])
@@ -697,9 +699,11 @@ def moe_gate_up_gemv(
                             acc[q] = T.float32(0)
                         for kv in T.unroll(kv_n):
                             if (kv * 32 + tx) * vec < d:
-                                xs[T.ramp(kv * vec, 1, vec)] = x[
+                                xv[T.ramp(0, 1, vec)] = x[
                                     ent // k_top, T.ramp((kv * 32 + tx) * vec, 1, vec)
                                 ]
+                                for v in T.unroll(vec):
+                                    xs[kv * vec + v] = T.Cast("float32", xv[v])
                         for kv in T.unroll(kv_n):
                             if (kv * 32 + tx) * vec < d:
                                 for q in T.unroll(2 * cols):  # q = 2 c + (0 gate, 1 up)
@@ -715,9 +719,9 @@ def moe_gate_up_gemv(
                                     ]
                                 for q in T.unroll(2 * cols):
                                     for v in T.unroll(vec):
-                                        acc[q] = acc[q] + T.Cast(
-                                            "float32", xs[kv * vec + v]
-                                        ) * T.Cast("float32", wv[q * vec + v])
+                                        acc[q] = acc[q] + xs[kv * vec + v] * T.Cast(
+                                            "float32", wv[q * vec + v]
+                                        )
                         for q in T.unroll(2 * cols):
                             part[ty, q // 2, q % 2, tx] = acc[q]
                 for ty in par(ws, "threadIdx.y"):
