@@ -306,6 +306,8 @@ def moe_align(
     """ids [T, k] -> sorted_rows [NB*BM], block_expert [NB], row_of [T*k], expert_offsets [E+1],
     with workspace chunk_base [ceil(T/CHUNK), E] (int32). See the module docstring."""
     e_num, k_top, bm = num_experts, top_k, block_m
+    if e_num > 1024:
+        raise ValueError(f"moe_align runs a thread per expert in one block: {e_num} > 1024")
     par = _par(is_gpu(target))
     t_num = tirx.Var("t", "int64")
     nb = num_row_blocks(t_num, top_k=k_top, num_experts=e_num, block_m=bm)
