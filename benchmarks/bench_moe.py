@@ -5,7 +5,7 @@ matmul per expert) on the DeepSeek-V2-Lite layer: 64 experts, top-6, hidden 2048
     python benchmarks/bench_moe.py --out $OUT/moe_sweep.json --sweep [--tokens 512,2048]
 
 Two paths: ``grouped`` (route, align, grouped gate_up / down GEMMs, combine: the prefill path)
-and, for T <= moe.GEMV_MAX_TOKENS, ``gemv`` (route, per-(token, slot) expert GEMVs with the
+and, for T <= moe_gemv.GEMV_MAX_TOKENS, ``gemv`` (route, per-(token, slot) expert GEMVs with the
 combine folded into down: the decode path). For each: the wall time of the Python launch loop
 (``wall_us``: includes host launch cost, ~5-20 us per kernel), the GPU time (``gpu_us``: sum of
 the kernels' CUPTI times via torch.profiler) with its per-kernel split, TFLOP/s and GB/s on the
@@ -31,6 +31,7 @@ import bench_gemm as BG  # noqa: E402
 from mla_compiler import reference  # noqa: E402
 from mla_compiler.schedules import gemm as G  # noqa: E402
 from mla_compiler.schedules import moe as M  # noqa: E402
+from mla_compiler.schedules import moe_gemv as MG  # noqa: E402
 from mla_compiler.schedules.target import tvm_target  # noqa: E402
 
 E, K, D, INTER = 64, 6, 2048, 1408  # V2-Lite: greedy softmax routing, no norm, scale 1
@@ -94,8 +95,8 @@ def build_gemv(target, dt, route):
     kw = dict(num_experts=E, top_k=K, dtype=dt, target=target)
     return {
         "route": route,
-        "gate_up": BG.build(M.moe_gate_up_gemv(D, INTER, **kw), target),
-        "down": BG.build(M.moe_down_gemv(D, INTER, **kw), target),
+        "gate_up": BG.build(MG.moe_gate_up_gemv(D, INTER, **kw), target),
+        "down": BG.build(MG.moe_down_gemv(D, INTER, **kw), target),
     }
 
 
@@ -219,7 +220,7 @@ def main(argv=None):
                 t, libs_by_cfg[label], cfg.block_m, x, logits, gate_up_k, down
             )
             results.append(measure("grouped", t, steps, out, ids, ref, label))
-        if t <= M.GEMV_MAX_TOKENS and not a.sweep:
+        if t <= MG.GEMV_MAX_TOKENS and not a.sweep:
             if "gemv" not in libs_by_cfg:
                 libs_by_cfg["gemv"] = build_gemv(target, dt, libs_by_cfg[label]["route"])
             steps, out, ids = steps_gemv(t, libs_by_cfg["gemv"], x, logits, gate_up_k, down)

@@ -16,6 +16,7 @@ import tvm
 from mla_compiler import reference
 from mla_compiler.schedules import gemm as G
 from mla_compiler.schedules import moe as M
+from mla_compiler.schedules import moe_gemv as MG
 from mla_compiler.schedules.target import tvm_target
 
 CPU = tvm_target("cpu")
@@ -239,8 +240,8 @@ def test_experts_gemv_cpu_fp32(load, t, d, inter):
     gate_up = torch.randn(E, 2 * inter, d, generator=gen) / d**0.5
     down = torch.randn(E, d, inter, generator=gen) / inter**0.5
     kw = dict(num_experts=E, top_k=K, dtype="float32", target=CPU)
-    f_gu = tvm.compile(M.moe_gate_up_gemv(d, inter, **kw), target=CPU)
-    f_dn = tvm.compile(M.moe_down_gemv(d, inter, **kw), target=CPU)
+    f_gu = tvm.compile(MG.moe_gate_up_gemv(d, inter, **kw), target=CPU)
+    f_dn = tvm.compile(MG.moe_down_gemv(d, inter, **kw), target=CPU)
     out = _run_gemv(f_gu, f_dn, x, wts, ids, gate_up, down, np_dtype="float32")
     ref = reference.moe_experts(x, wts, ids, gate_up, down)
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
@@ -274,10 +275,10 @@ def _kernels(target, d=2048, inter=1408):
         "gate_up": (M.moe_gate_up(d, inter, **kw), mma),
         "down": (M.moe_down(d, inter, **kw), mma),
         "combine": (M.moe_combine(d, top_k=6, target=target), ()),
-        "gate_up_gemv": (M.moe_gate_up_gemv(d, inter, **kw), ()),
-        "down_gemv": (M.moe_down_gemv(d, inter, **kw), ()),
-        "gate_up_gemv_bf16": (_bf16(M.moe_gate_up_gemv(d, inter, **kw, dtype="bfloat16")), ()),
-        "down_gemv_bf16": (_bf16(M.moe_down_gemv(d, inter, **kw, dtype="bfloat16")), ()),
+        "gate_up_gemv": (MG.moe_gate_up_gemv(d, inter, **kw), ()),
+        "down_gemv": (MG.moe_down_gemv(d, inter, **kw), ()),
+        "gate_up_gemv_bf16": (_bf16(MG.moe_gate_up_gemv(d, inter, **kw, dtype="bfloat16")), ()),
+        "down_gemv_bf16": (_bf16(MG.moe_down_gemv(d, inter, **kw, dtype="bfloat16")), ()),
     }
 
 
@@ -428,9 +429,9 @@ def test_experts_gemv_gpu_f16(load, t, d, inter):
     x, wts, ids, gate_up, down = _gpu_case(t, d, inter, load, seed=t + d)
     kw = dict(num_experts=E, top_k=K)
     f_gu = _gpu_build(
-        ("gu_gemv", d, inter), lambda tg: M.moe_gate_up_gemv(d, inter, **kw, target=tg)
+        ("gu_gemv", d, inter), lambda tg: MG.moe_gate_up_gemv(d, inter, **kw, target=tg)
     )
-    f_dn = _gpu_build(("dn_gemv", d, inter), lambda tg: M.moe_down_gemv(d, inter, **kw, target=tg))
+    f_dn = _gpu_build(("dn_gemv", d, inter), lambda tg: MG.moe_down_gemv(d, inter, **kw, target=tg))
     out = _run_gemv(f_gu, f_dn, x, wts, ids, gate_up, down, dev=tvm.cuda(0), np_dtype="float16")
     ref = reference.moe_experts(x, wts, ids, gate_up, down)
     torch.testing.assert_close(out.double(), ref, rtol=3e-2, atol=3e-2)

@@ -136,6 +136,7 @@ class _Lower(relax.PyExprMutator):
         routing weight, gather-sum back to token order. None where they do not apply."""
         from mla_compiler.schedules import gemm as G
         from mla_compiler.schedules import moe as M
+        from mla_compiler.schedules import moe_gemv as MG
         from mla_compiler.schedules.target import is_gpu
 
         dtype = x.ty.dtype.dtype
@@ -177,7 +178,7 @@ class _Lower(relax.PyExprMutator):
         )
         weights = self._emit(relax.TupleGetItem(routed, 0))
         ids = self._emit(relax.TupleGetItem(routed, 1))
-        if isinstance(t, tvm.tirx.IntImm) and int(t) <= M.GEMV_MAX_TOKENS:
+        if isinstance(t, tvm.tirx.IntImm) and int(t) <= MG.GEMV_MAX_TOKENS:
             # decode: per-(token, slot) expert GEMVs, no grouping pass, the combine folded
             return self._fused_gemv(x, gate_up, down, weights, ids, key=key, e=e, d=d, inter=inter)
         align_gv = self._add(
@@ -239,20 +240,20 @@ class _Lower(relax.PyExprMutator):
     def _fused_gemv(self, x, gate_up, down, weights, ids, *, key, e, d, inter):
         """Small static T: gate+up GEMVs per (token, slot), down GEMVs summed per token."""
         from mla_compiler.schedules import gemm as G
-        from mla_compiler.schedules import moe as M
+        from mla_compiler.schedules import moe_gemv as MG
 
         dtype = x.ty.dtype.dtype
         t, top_k = x.ty.shape[0], int(ids.ty.shape[1])
         gate_up_gv = self._add(
             ("gate_up_gemv",) + key,
-            M.moe_gate_up_gemv(
+            MG.moe_gate_up_gemv(
                 d, inter, num_experts=e, top_k=top_k, dtype=dtype, target=self.target
             ),
             "moe_gate_up_gemv",
         )
         down_gv = self._add(
             ("down_gemv",) + key,
-            M.moe_down_gemv(d, inter, num_experts=e, top_k=top_k, dtype=dtype, target=self.target),
+            MG.moe_down_gemv(d, inter, num_experts=e, top_k=top_k, dtype=dtype, target=self.target),
             "moe_down_gemv",
         )
         g = G.SWIGLU_GROUP
