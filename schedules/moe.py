@@ -623,40 +623,41 @@ def moe_down(
 def moe_combine(
     hidden: int, *, top_k: int, dtype: str = "float16", target: tvm.target.Target
 ) -> tirx.PrimFunc:
-    """(y [R, D], row_of [T*k], out [T, D]): out[t] = sum_j y[row_of[t*k + j]] (f32 sum)."""
+    """(y [R, D], row_of [T*k], out [T, D]): out[t] = sum_j y[row_of[t*k + j]] (f32 sum).
+
+    Block (token, THREADS * vec columns); a thread sums the k rows' 16-byte vectors of its
+    columns (k independent loads in flight) and stores one vector."""
     t_num = tirx.Var("t", "int64")
     n_rows = tirx.Var("r", "int64")
-    d = _i64(hidden)
+    d, k_top = hidden, top_k
+    vec = 8 if d % 8 == 0 else 1
+    n_blk = (d // vec + THREADS - 1) // THREADS
+    par = _par(is_gpu(target))
 
-    @T.prim_func(s_tir=True)
+    @T.prim_func
     def combine(
         y: T.Buffer((n_rows, d), dtype),
-        row_of: T.Buffer((t_num * top_k,), "int32"),
+        row_of: T.Buffer((t_num * k_top,), "int32"),
         out: T.Buffer((t_num, d), dtype),
     ):
         T.func_attr({"tirx.noalias": True})
-        acc = T.sblock_alloc_buffer((t_num, d), "float32")
-        for t, dd, j in T.grid(t_num, d, top_k):
-            with T.sblock("sum"):
-                vt, vd, vj = T.axis.remap("SSR", [t, dd, j])
-                with T.init():
-                    acc[vt, vd] = T.float32(0)
-                acc[vt, vd] = acc[vt, vd] + T.Cast("float32", y[row_of[vt * top_k + vj], vd])
-        for t, dd in T.grid(t_num, d):
-            with T.sblock("epilogue"):
-                vt, vd = T.axis.remap("SS", [t, dd])
-                out[vt, vd] = T.Cast(dtype, acc[vt, vd])
+        for t in par(t_num, "blockIdx.x"):
+            for by in par(n_blk, "blockIdx.y"):
+                for tx in par(THREADS, "threadIdx.x"):
+                    acc = T.alloc_buffer((vec,), "float32", scope="local")
+                    yv = T.alloc_buffer((k_top * vec,), dtype, scope="local")
+                    ov = T.alloc_buffer((vec,), dtype, scope="local")
+                    col = T.meta_var((by * THREADS + tx) * vec)
+                    if col < d:
+                        for j in T.unroll(k_top):
+                            yv[T.ramp(j * vec, 1, vec)] = y[
+                                row_of[t * k_top + j], T.ramp(col, 1, vec)
+                            ]
+                        for v in T.unroll(vec):
+                            acc[v] = T.float32(0)
+                            for j in T.unroll(k_top):
+                                acc[v] = acc[v] + T.Cast("float32", yv[j * vec + v])
+                            ov[v] = T.Cast(dtype, acc[v])
+                        out[t, T.ramp(col, 1, vec)] = ov[T.ramp(0, 1, vec)]
 
-    sch = s_tir.Schedule(combine)
-    blk, epi = sch.get_sblock("sum"), sch.get_sblock("epilogue")
-    t, dd = sch.get_loops(epi)
-    if is_gpu(target):
-        d0, d1 = sch.split(dd, [None, THREADS])
-        sch.bind(t, "blockIdx.x")
-        sch.bind(d1, "threadIdx.x")
-        sch.compute_at(blk, d1)
-    else:
-        sch.parallel(t)
-        sch.compute_at(blk, dd)
-    sch.set_scope(blk, 0, "local")
-    return _named(sch.mod["main"], f"moe_combine_d{hidden}_k{top_k}")
+    return _named(combine, f"moe_combine_d{hidden}_k{top_k}")
