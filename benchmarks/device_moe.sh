@@ -19,10 +19,9 @@ python3 benchmarks/bench_moe.py --tokens 1,16,512,2048 --out "$OUT/bench_moe.jso
   2>"$OUT/bench_moe.log" | tail -20
 echo "bench rc=$? (${SECONDS}s)"
 if command -v compute-sanitizer >/dev/null; then
-  # the case that crashed on 2026-11-24 (partial tiles), then one decode GEMV case
-  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -m gpu \
+  # the case that crashed on 2026-11-24 (partial tiles: gather run on the host)
+  timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -m gpu \
     -p no:cacheprovider "tests/test_moe_kernels.py::test_experts_gpu_f16[random-T1-D64-I64]" \
-    "tests/test_moe_kernels.py::test_experts_gemv_gpu_f16[random-T3-D72-I96]" \
     >"$OUT/sanitizer_moe.log" 2>&1
   echo "compute-sanitizer rc=$? (${SECONDS}s)"; tail -6 "$OUT/sanitizer_moe.log"
 else
