@@ -1,17 +1,26 @@
 """Routed-expert MoE kernels (schedules/moe.py) vs a PyTorch MoE (tokens sorted by expert, one
 matmul per expert) on the DeepSeek-V2-Lite layer: 64 experts, top-6, hidden 2048, inter 1408.
 
-    python benchmarks/bench_moe.py --out $OUT/bench_moe.json [--tokens 1,2048]
+    python benchmarks/bench_moe.py --out $OUT/bench_moe.json [--tokens 1,16,512,2048]
+    python benchmarks/bench_moe.py --out $OUT/moe_sweep.json --sweep [--tokens 512,2048]
 
-Reports per-kernel and total times, TFLOP/s (useful expert FLOPs) and GB/s (expert weights of
-the experts used + activations), and the max error vs the float64 reference.
+Two paths: ``grouped`` (route, align, grouped gate_up / down GEMMs, combine: the prefill path)
+and, for T <= moe_gemv.GEMV_MAX_TOKENS, ``gemv`` (route, per-(token, slot) expert GEMVs with the
+combine folded into down: the decode path). For each: the wall time of the Python launch loop
+(``wall_us``: includes host launch cost, ~5-20 us per kernel), the GPU time (``gpu_us``: sum of
+the kernels' CUPTI times via torch.profiler) with its per-kernel split, TFLOP/s and GB/s on the
+GPU time, and the max error vs the float64 reference (T <= 64) or the PyTorch MoE.
+
+``--sweep``: the grouped path with every config of ``moe.CANDIDATES[arch]`` (prefill tiles).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,6 +31,7 @@ import bench_gemm as BG  # noqa: E402
 from mla_compiler import reference  # noqa: E402
 from mla_compiler.schedules import gemm as G  # noqa: E402
 from mla_compiler.schedules import moe as M  # noqa: E402
+from mla_compiler.schedules import moe_gemv as MG  # noqa: E402
 from mla_compiler.schedules.target import tvm_target  # noqa: E402
 
 E, K, D, INTER = 64, 6, 2048, 1408  # V2-Lite: greedy softmax routing, no norm, scale 1
@@ -47,21 +57,60 @@ def torch_moe(x, logits, gate_up, down):
     return out.to(x.dtype)
 
 
-def bench_tokens(t, libs, cfg, gate_up, gate_up_k, down):
-    """One token count: the TVM pipeline, each kernel, and the PyTorch MoE."""
-    dev, bm, dt = BG.device(), cfg.block_m, BG.torch_dtype()
-    x = torch.randn(t, D, device=dev, dtype=dt)
-    logits = torch.randn(t, E, device=dev, dtype=torch.float32)
+def gpu_time(fn, *, iters: int = 20) -> tuple[float, dict[str, float]]:
+    """(GPU seconds per call, {kernel: seconds per call}) from CUPTI (torch.profiler)."""
+    if BG.SMOKE:
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t0) / iters, {}
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    per = collections.Counter()
+    for ev in prof.events():
+        if ev.device_type.name == "CUDA":
+            us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time
+            per[ev.name.split("(")[0][:60]] += us * 1e-6 / iters
+    return sum(per.values()), dict(per)
+
+
+def build_grouped(target, cfg, dt):
+    kw = dict(num_experts=E, top_k=K, dtype=dt, target=target, config=cfg)
+    return {
+        "route": BG.build(M.moe_route(M.RouteSpec(num_experts=E, top_k=K), target=target), target),
+        "align": BG.build(M.moe_align(E, K, block_m=cfg.block_m, target=target), target),
+        "gate_up": BG.build(M.moe_gate_up(D, INTER, **kw), target),
+        "down": BG.build(M.moe_down(D, INTER, **kw), target),
+        "combine": BG.build(M.moe_combine(D, top_k=K, dtype=dt, target=target), target),
+    }
+
+
+def build_gemv(target, dt, route):
+    kw = dict(num_experts=E, top_k=K, dtype=dt, target=target)
+    return {
+        "route": route,
+        "gate_up": BG.build(MG.moe_gate_up_gemv(D, INTER, **kw), target),
+        "down": BG.build(MG.moe_down_gemv(D, INTER, **kw), target),
+    }
+
+
+def steps_grouped(t, libs, bm, x, logits, gate_up_k, down):
+    dev, dt = BG.device(), BG.torch_dtype()
     nb = M.num_row_blocks(t, top_k=K, num_experts=E, block_m=bm)
     i32 = dict(device=dev, dtype=torch.int32)
-    wts = torch.empty(t, K, device=dev, dtype=torch.float32)
-    ids = torch.empty(t, K, **i32)
+    wts, ids = torch.empty(t, K, device=dev, dtype=torch.float32), torch.empty(t, K, **i32)
     rows, blocks = torch.empty(nb * bm, **i32), torch.empty(nb, **i32)
     row_of, offs = torch.empty(t * K, **i32), torch.empty(E + 1, **i32)
     ws = torch.empty((t + M.CHUNK - 1) // M.CHUNK, E, **i32)
     h = torch.empty(nb * bm, INTER, device=dev, dtype=dt)
     y = torch.empty(nb * bm, D, device=dev, dtype=dt)
-    out = torch.empty(t, D, device=dev, dtype=dt)
+    out = torch.full((t, D), float("nan"), device=dev, dtype=dt)
     steps = {
         "route": lambda: libs["route"](logits, wts, ids),
         "align": lambda: libs["align"](ids, rows, blocks, row_of, offs, ws),
@@ -69,93 +118,135 @@ def bench_tokens(t, libs, cfg, gate_up, gate_up_k, down):
         "down": lambda: libs["down"](h, rows, blocks, down, wts, y),
         "combine": lambda: libs["combine"](y, row_of, out),
     }
+    return steps, out, ids
 
+
+def steps_gemv(t, libs, x, logits, gate_up_k, down):
+    dev, dt = BG.device(), BG.torch_dtype()
+    wts = torch.empty(t, K, device=dev, dtype=torch.float32)
+    ids = torch.empty(t, K, device=dev, dtype=torch.int32)
+    h = torch.empty(t * K, INTER, device=dev, dtype=dt)
+    out = torch.full((t, D), float("nan"), device=dev, dtype=dt)
+    steps = {
+        "route": lambda: libs["route"](logits, wts, ids),
+        "gate_up": lambda: libs["gate_up"](x, ids, gate_up_k, h),
+        "down": lambda: libs["down"](h, ids, down, wts, out),
+    }
+    return steps, out, ids
+
+
+def measure(path, t, steps, out, ids, ref, label):
     def run_all():
         for fn in steps.values():
             fn()
 
     run_all()
-    if t <= 64:  # the float64 reference loops over tokens: only for small T
-        ref = reference.moe_experts(
-            x.cpu(), *reference.moe_route(logits.cpu(), top_k=K), gate_up.cpu(), down.cpu()
-        )
-    else:
-        ref = torch_moe(x, logits, gate_up, down).cpu().double()
     err = (out.cpu().double() - ref).abs().max().item()
-    times = {name: BG.timeit(fn, iters=20) for name, fn in steps.items()}
-    total = BG.timeit(run_all, iters=20)
-    t_torch = BG.timeit(lambda: torch_moe(x, logits, gate_up, down), iters=5, warmup=2)
+    kernel_gpu = {name: gpu_time(fn)[0] for name, fn in steps.items()}
+    gpu, per_kernel = gpu_time(run_all)
+    wall = BG.timeit(run_all, iters=20)
     used = len(torch.unique(ids))
     flops = 2.0 * t * K * (D * 2 * INTER + INTER * D)
-    nbytes = used * 3 * INTER * D * 2 + t * D * 2 * 2 + t * K * (INTER + D) * 2 * 2
+    nbytes = used * 3 * INTER * D * 2 + t * D * 2 * 2
     rec = {
         "tokens": t,
-        "config": f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}s{cfg.stages}",
-        "err_vs": "reference" if t <= 64 else "torch",
-        "kernel_s": times,
-        "tvm_s": total,
-        "torch_s": t_torch,
-        "speedup_vs_torch": t_torch / total,
-        "tvm_tflops": flops / total / 1e12,
-        "tvm_gbps": nbytes / total / 1e9,
-        "torch_tflops": flops / t_torch / 1e12,
+        "path": path,
+        "config": label,
+        "gpu_us": gpu * 1e6,
+        "wall_us": wall * 1e6,
+        "step_gpu_us": {k: v * 1e6 for k, v in kernel_gpu.items()},
+        "kernel_gpu_us": {k: v * 1e6 for k, v in per_kernel.items()},
+        "tflops": flops / gpu / 1e12,
+        "gbps": nbytes / gpu / 1e9,
         "experts_used": used,
         "max_abs_err": err,
+        "ok": bool(err < (0.05 if not BG.SMOKE else 1e-3)),
     }
     print(json.dumps(rec), file=sys.stderr)
     return rec
 
 
+def inputs(t, gate_up):
+    dev, dt = BG.device(), BG.torch_dtype()
+    gen = torch.Generator().manual_seed(t)
+    x = torch.randn(t, D, generator=gen).to(dev, dt)
+    logits = torch.randn(t, E, generator=gen).to(dev)
+    return x, logits
+
+
+def reference_out(t, x, logits, gate_up, down):
+    if t <= 64:  # the float64 reference loops over tokens: only for small T
+        w, ids = reference.moe_route_lowest_index(logits.cpu(), top_k=K)
+        return reference.moe_experts(x.cpu(), w, ids, gate_up.cpu(), down.cpu())
+    return torch_moe(x, logits, gate_up, down).cpu().double()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--tokens", default="1,2048")
+    p.add_argument("--tokens", default=None, help="default 1,16,512,2048 (sweep: 512,2048)")
+    p.add_argument("--sweep", action="store_true", help="grouped path over moe.CANDIDATES")
     p.add_argument("--cpu-smoke", action="store_true", help="check the script on a CPU")
     a = p.parse_args(argv)
     global E, K, D, INTER
     if a.cpu_smoke:
         BG.SMOKE = True
         E, K, D, INTER = 8, 2, 64, 64
-    target, dev, dt = tvm_target(BG.arch_of_device()), BG.device(), BG.tvm_dtype()
-    cfg = M.default_config(target)
-    bm = cfg.block_m
-    libs = {
-        "route": BG.build(M.moe_route(M.RouteSpec(num_experts=E, top_k=K), target=target), target),
-        "align": BG.build(M.moe_align(E, K, block_m=bm, target=target), target),
-        "gate_up": BG.build(
-            M.moe_gate_up(D, INTER, num_experts=E, top_k=K, dtype=dt, target=target), target
-        ),
-        "down": BG.build(
-            M.moe_down(D, INTER, num_experts=E, top_k=K, dtype=dt, target=target), target
-        ),
-        "combine": BG.build(M.moe_combine(D, top_k=K, dtype=dt, target=target), target),
-    }
+    tokens = [int(v) for v in (a.tokens or ("512,2048" if a.sweep else "1,16,512,2048")).split(",")]
+    arch = BG.arch_of_device()
+    target, dev, dt = tvm_target(arch), BG.device(), BG.tvm_dtype()
     gen = torch.Generator().manual_seed(0)
     gate_up = (torch.randn(E, 2 * INTER, D, generator=gen) / D**0.5).to(BG.torch_dtype())
     down = (torch.randn(E, D, INTER, generator=gen) / INTER**0.5).to(BG.torch_dtype())
     gate_up_k = torch.from_numpy(G.transform_weight(gate_up.numpy(), epilogue="silu_mul")).to(dev)
     gate_up, down = gate_up.to(dev), down.to(dev)
-    results = [
-        bench_tokens(t, libs, cfg, gate_up, gate_up_k, down)
-        for t in [int(v) for v in a.tokens.split(",")]
-    ]
+
+    configs = [M.default_config(target)]
+    if a.sweep and not BG.SMOKE:
+        configs = [c for c in M.CANDIDATES.get(arch, ()) if G.keep(c, target)]
+    results, torch_s = [], {}
+    libs_by_cfg = {}
+    for t in tokens:
+        x, logits = inputs(t, gate_up)
+        ref = reference_out(t, x, logits, gate_up, down)
+        if not a.sweep:
+            bound = (x, logits, gate_up, down)
+            torch_s[t] = BG.timeit(lambda b=bound: torch_moe(*b), iters=5, warmup=2)
+        for cfg in configs:
+            label = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}s{cfg.stages}w{cfg.threads // 32}"
+            if label not in libs_by_cfg:
+                libs_by_cfg[label] = build_grouped(target, cfg, dt)
+            steps, out, ids = steps_grouped(
+                t, libs_by_cfg[label], cfg.block_m, x, logits, gate_up_k, down
+            )
+            results.append(measure("grouped", t, steps, out, ids, ref, label))
+        if t <= MG.GEMV_MAX_TOKENS and not a.sweep:
+            if "gemv" not in libs_by_cfg:
+                libs_by_cfg["gemv"] = build_gemv(target, dt, libs_by_cfg[label]["route"])
+            steps, out, ids = steps_gemv(t, libs_by_cfg["gemv"], x, logits, gate_up_k, down)
+            results.append(measure("gemv", t, steps, out, ids, ref, "gemv"))
+    device_name = "cpu" if BG.SMOKE else torch.cuda.get_device_name()
     with open(a.out, "w") as f:
-        json.dump(
-            {"device": "cpu" if BG.SMOKE else torch.cuda.get_device_name(), "results": results},
-            f,
-            indent=1,
-        )
-    print("| T | TVM us | torch us | x | TFLOP/s | GB/s | gate_up us | down us | other us | err |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+        json.dump({"device": device_name, "torch_s": torch_s, "results": results}, f, indent=1)
+    print(f"{device_name}: GPU us = CUPTI kernel time; wall us includes host launch cost")
+    print(
+        "| T | path | config | GPU us | wall us | TFLOP/s | GB/s | gate_up | down | other | err |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        kt = r["kernel_s"]
-        small = (kt["route"] + kt["align"] + kt["combine"]) * 1e6
+        st = r["step_gpu_us"]
+        other = sum(v for k, v in st.items() if k not in ("gate_up", "down"))
         print(
-            f"| {r['tokens']} | {r['tvm_s'] * 1e6:.1f} | {r['torch_s'] * 1e6:.1f} | "
-            f"{r['speedup_vs_torch']:.2f} | {r['tvm_tflops']:.1f} | {r['tvm_gbps']:.0f} | "
-            f"{kt['gate_up'] * 1e6:.1f} | {kt['down'] * 1e6:.1f} | {small:.1f} | "
-            f"{r['max_abs_err']:.2g} |"
+            f"| {r['tokens']} | {r['path']} | {r['config']} | {r['gpu_us']:.1f} | "
+            f"{r['wall_us']:.1f} | {r['tflops']:.1f} | {r['gbps']:.0f} | {st['gate_up']:.1f} | "
+            f"{st['down']:.1f} | {other:.1f} | {r['max_abs_err']:.2g} |"
         )
+    for t, s in torch_s.items():
+        print(f"PyTorch sorted-token MoE, T={t}: {s * 1e6:.1f} us (wall)")
+    bad = [r for r in results if not r["ok"]]
+    if bad:
+        print(f"FAILED: {len(bad)} result(s) with a large error", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -5,11 +5,12 @@ One MoE layer (T tokens, E experts, top-k, hidden D, expert width I) runs, with 
 1. :func:`moe_route`: logits [T, E] (f32) -> weights [T, k] (f32), ids [T, k] (int32).
    Softmax, then greedy or group-limited greedy top-k; ties go to the lowest expert index
    (``reference.moe_route_lowest_index`` follows the same rule).
-2. :func:`moe_align`: ids -> ``sorted_rows`` [NB*BM] (flat entry ``t*k + j`` per row, experts
-   contiguous, each expert's rows padded to a multiple of BM with -1), ``block_expert`` [NB]
-   (expert of each BM-row block, -1 when unused; used blocks come first), ``row_of`` [T*k]
-   (row of each entry: the inverse permutation), ``expert_offsets`` [E+1]. Deterministic (no
-   atomics): per-chunk counts, per-expert prefix sums, then an in-order scatter.
+2. :func:`moe_align` (3 kernels): ids -> ``sorted_rows`` [NB*BM] (flat entry ``t*k + j`` per
+   row, experts contiguous, each expert's rows padded to a multiple of BM with -1),
+   ``block_expert`` [NB] (expert of each BM-row block, -1 when unused; used blocks come first),
+   ``row_of`` [T*k] (row of each entry: the inverse permutation), ``expert_offsets`` [E+1].
+   Deterministic (no atomics): per-chunk counts, per-expert prefix sums and block offsets (one
+   block, a thread per expert), then an in-order scatter.
    ``NB = num_row_blocks(T)`` is a static bound: ``(T*k + E*(BM-1)) // BM``.
 3. :func:`moe_gate_up`: grouped GEMM over row blocks, ``H[r] = silu(x Wg^T) * (x Wu^T)`` with the
    token row gathered through ``sorted_rows`` and the expert's ``gate_up`` weight [E, 2I, D]
@@ -21,6 +22,8 @@ One MoE layer (T tokens, E experts, top-k, hidden D, expert width I) runs, with 
 
 On CUDA the grouped GEMMs use the tensor-core schedule of ``gemm.py`` with the row block as the
 batch axis (blockIdx.y); blocks whose ``block_expert`` is -1 exit at once.
+
+Small static T (decode): :func:`moe_route`, then the expert GEMVs of ``moe_gemv.py``.
 """
 
 from __future__ import annotations
@@ -79,6 +82,18 @@ class RouteSpec:
 
 
 def moe_route(spec: RouteSpec, *, target: tvm.target.Target) -> tirx.PrimFunc:
+    """logits [T, E] f32 -> (weights [T, k] f32, ids [T, k] int32).
+
+    CUDA: one warp per token (:func:`_route_warp`); CPU: one thread per token (below).
+    Selection j takes the best expert strictly after selection j-1 in the order
+    (score descending, index ascending), so equal scores resolve to the lowest index.
+    """
+    if is_gpu(target):
+        return _route_warp(spec)
+    return _route_serial(spec, target=target)
+
+
+def _route_serial(spec: RouteSpec, *, target: tvm.target.Target) -> tirx.PrimFunc:
     """logits [T, E] f32 -> (weights [T, k] f32, ids [T, k] int32); one thread per token.
 
     Selection j takes the best expert strictly after selection j-1 in the order
@@ -158,6 +173,123 @@ def moe_route(spec: RouteSpec, *, target: tvm.target.Target) -> tirx.PrimFunc:
     return _named(route, f"moe_route_e{e_num}_k{k_top}")
 
 
+ROUTE_WARPS = 4  # tokens per block of the warp routing kernel
+
+
+def _route_warp(spec: RouteSpec) -> tirx.PrimFunc:
+    """CUDA routing, one warp per token: lane l holds the scores of experts l, l + 32, ...;
+    max, sum, group maxima and each of the k (score, index) arg-maxima are warp shuffles.
+    A picked expert's score is set below every real score, so pick j is the best remaining
+    expert in the order (score desc, index asc): the rule of ``_route_serial``."""
+    e_num, k_top = spec.num_experts, spec.top_k
+    per_lane = (e_num + 31) // 32
+    gsize = e_num // spec.n_group
+    n_group = spec.n_group if spec.method == "group_limited_greedy" else 1
+    topk_group = spec.topk_group if spec.method == "group_limited_greedy" else n_group
+    if n_group > 32:
+        raise ValueError("group-limited routing supports at most 32 groups")
+    norm = spec.norm_topk_prob and k_top > 1
+    scale = float(spec.routed_scaling_factor)
+    t_num = tirx.Var("t", "int64")
+    nblk = (t_num + ROUTE_WARPS - 1) // ROUTE_WARPS
+    full = T.uint32(0xFFFFFFFF)
+
+    @T.prim_func
+    def route(
+        logits: T.Buffer((t_num, e_num), "float32"),
+        weights: T.Buffer((t_num, k_top), "float32"),
+        ids: T.Buffer((t_num, k_top), "int32"),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        for bx in T.thread_binding(nblk, thread="blockIdx.x"):
+            for ty in T.thread_binding(ROUTE_WARPS, thread="threadIdx.y"):
+                for tx in T.thread_binding(32, thread="threadIdx.x"):
+                    s = T.alloc_buffer((per_lane,), "float32", scope="local")
+                    red = T.alloc_buffer((3,), "float32", scope="local")  # max, sum, other
+                    best = T.alloc_buffer((2,), "float32", scope="local")  # score, index
+                    oth = T.alloc_buffer((2,), "float32", scope="local")
+                    keep = T.alloc_buffer((1,), "int32", scope="local")  # bit g: group kept
+                    grp = T.alloc_buffer((n_group,), "float32", scope="local")
+                    pick_w = T.alloc_buffer((k_top,), "float32", scope="local")
+                    pick_i = T.alloc_buffer((k_top,), "int32", scope="local")
+                    t = T.meta_var(bx * ROUTE_WARPS + ty)
+                    for c in T.unroll(per_lane):
+                        s[c] = T.if_then_else(
+                            t < t_num and c * 32 + tx < e_num,
+                            logits[T.min(t, t_num - 1), T.min(c * 32 + tx, e_num - 1)],
+                            T.float32(-3.0e38),
+                        )
+                    red[0] = T.float32(-3.0e38)
+                    for c in T.unroll(per_lane):
+                        red[0] = T.max(red[0], s[c])
+                    for o in T.unroll(5):
+                        red[0] = T.max(
+                            red[0], T.tvm_warp_shuffle_xor(full, red[0], 16 >> o, 32, 32)
+                        )
+                    red[1] = T.float32(0)
+                    for c in T.unroll(per_lane):
+                        s[c] = T.exp(s[c] - red[0])
+                        red[1] = red[1] + s[c]
+                    for o in T.unroll(5):
+                        red[1] = red[1] + T.tvm_warp_shuffle_xor(full, red[1], 16 >> o, 32, 32)
+                    for c in T.unroll(per_lane):  # padding lanes of E % 32: below every score
+                        s[c] = T.if_then_else(c * 32 + tx < e_num, s[c] / red[1], T.float32(-1.0))
+                    if n_group > 1:
+                        for g in T.unroll(n_group):
+                            red[2] = T.float32(-1.0)
+                            for c in T.unroll(per_lane):
+                                if (c * 32 + tx) // gsize == g:
+                                    red[2] = T.max(red[2], s[c])
+                            for o in T.unroll(5):
+                                red[2] = T.max(
+                                    red[2], T.tvm_warp_shuffle_xor(full, red[2], 16 >> o, 32, 32)
+                                )
+                            grp[g] = red[2]
+                        # group g is kept when fewer than topk_group groups beat it (score, index)
+                        keep[0] = 0
+                        for g in T.unroll(n_group):
+                            red[2] = T.float32(0)
+                            for h in T.unroll(n_group):
+                                if grp[h] > grp[g] or (grp[h] == grp[g] and h < g):
+                                    red[2] = red[2] + T.float32(1)
+                            if red[2] < T.float32(topk_group):
+                                keep[0] = keep[0] | (1 << g)
+                        for c in T.unroll(per_lane):
+                            if c * 32 + tx < e_num:
+                                if (keep[0] >> ((c * 32 + tx) // gsize)) & 1 == 0:
+                                    s[c] = T.float32(0)
+                    for j in T.unroll(k_top):
+                        best[0] = T.float32(-3.0)
+                        best[1] = T.float32(e_num)
+                        for c in T.unroll(per_lane):
+                            if s[c] > best[0]:  # ascending c: the lane's lowest index wins ties
+                                best[0] = s[c]
+                                best[1] = T.Cast("float32", c * 32 + tx)
+                        for o in T.unroll(5):
+                            oth[0] = T.tvm_warp_shuffle_xor(full, best[0], 16 >> o, 32, 32)
+                            oth[1] = T.tvm_warp_shuffle_xor(full, best[1], 16 >> o, 32, 32)
+                            if oth[0] > best[0] or (oth[0] == best[0] and oth[1] < best[1]):
+                                best[0] = oth[0]
+                                best[1] = oth[1]
+                        for c in T.unroll(per_lane):
+                            if T.Cast("float32", c * 32 + tx) == best[1]:
+                                s[c] = T.float32(-2.0)
+                        pick_w[j] = best[0]
+                        pick_i[j] = T.Cast("int32", best[1])
+                    red[2] = T.float32(0)
+                    for j in T.unroll(k_top):
+                        red[2] = red[2] + pick_w[j]
+                    if t < t_num and tx == 0:
+                        for j in T.unroll(k_top):
+                            ids[t, j] = pick_i[j]
+                            if norm:
+                                weights[t, j] = pick_w[j] / (red[2] + T.float32(1e-20)) * scale
+                            else:
+                                weights[t, j] = pick_w[j] * scale
+
+    return _named(route, f"moe_route_e{e_num}_k{k_top}")
+
+
 # --------------------------------------------------------------------------------- grouping
 
 
@@ -172,6 +304,8 @@ def moe_align(
     """ids [T, k] -> sorted_rows [NB*BM], block_expert [NB], row_of [T*k], expert_offsets [E+1],
     with workspace chunk_base [ceil(T/CHUNK), E] (int32). See the module docstring."""
     e_num, k_top, bm = num_experts, top_k, block_m
+    if e_num > 1024:
+        raise ValueError(f"moe_align runs a thread per expert in one block: {e_num} > 1024")
     par = _par(is_gpu(target))
     t_num = tirx.Var("t", "int64")
     nb = num_row_blocks(t_num, top_k=k_top, num_experts=e_num, block_m=bm)
@@ -188,17 +322,13 @@ def moe_align(
         chunk_base: T.Buffer((n_chunk, e_num), "int32"),
     ):
         T.func_attr({"tirx.noalias": True})
-        # 0. every row is padding, every block unused, until written below
-        for bx in par((n_rows + THREADS - 1) // THREADS, "blockIdx.x"):
-            for tx in par(THREADS, "threadIdx.x"):
-                if bx * THREADS + tx < n_rows:
-                    sorted_rows[bx * THREADS + tx] = -1
-                if bx * THREADS + tx < nb:
-                    block_expert[bx * THREADS + tx] = -1
-        # 1. per (chunk, expert) counts
+        # 1. per (chunk, expert) counts; meanwhile every row becomes padding (-1)
         for bx in par(n_chunk, "blockIdx.x"):
             for e in par(e_num, "threadIdx.x"):
                 cnt = T.alloc_buffer((1,), "int32", scope="local")
+                for it in range((n_rows + n_chunk * e_num - 1) // (n_chunk * e_num)):
+                    if (it * n_chunk + bx) * e_num + e < n_rows:
+                        sorted_rows[(it * n_chunk + bx) * e_num + e] = -1
                 cnt[0] = 0
                 for tt in range(CHUNK):
                     if bx * CHUNK + tt < t_num:
@@ -206,8 +336,10 @@ def moe_align(
                             if ids[bx * CHUNK + tt, j] == e:
                                 cnt[0] = cnt[0] + 1
                 chunk_base[bx, e] = cnt[0]
-        # 2a. per expert: exclusive prefix over chunks; the total goes to expert_offsets[e]
+        # 2. one block, a thread per expert: exclusive prefix over chunks (chunk_base), then
+        # the padded expert offsets and the expert of each row block (-1 past the used ones)
         for _bx in par(1, "blockIdx.x"):
+            nblk = T.alloc_buffer((e_num,), "int32", scope="shared")
             for e in par(e_num, "threadIdx.x"):
                 run = T.alloc_buffer((1,), "int32", scope="local")
                 run[0] = 0
@@ -215,19 +347,28 @@ def moe_align(
                     v = chunk_base[c, e]
                     chunk_base[c, e] = run[0]
                     run[0] = run[0] + v
-                expert_offsets[e] = run[0]
-        # 2b. one thread: padded expert offsets and the expert of each row block
-        for _bx in par(1, "blockIdx.x"):
-            for _tx in par(1, "threadIdx.x"):
-                off = T.alloc_buffer((1,), "int32", scope="local")
-                off[0] = 0
-                for e in range(e_num):
-                    nblk = (expert_offsets[e] + (bm - 1)) // bm
-                    expert_offsets[e] = off[0]
-                    for b in range(nblk):
-                        block_expert[off[0] // bm + b] = e
-                    off[0] = off[0] + nblk * bm
-                expert_offsets[e_num] = off[0]
+                nblk[e] = (run[0] + (bm - 1)) // bm
+            for e in par(e_num, "threadIdx.x"):
+                # blocks before e, all blocks, e's blocks, a counter (a shared load in a loop
+                # bound trips TVM's thread-sync analysis: e's count goes through a register)
+                acc = T.alloc_buffer((4,), "int32", scope="local")
+                acc[0] = 0
+                acc[1] = 0
+                for f in range(e_num):
+                    acc[1] = acc[1] + nblk[f]
+                    if f < e:
+                        acc[0] = acc[0] + nblk[f]
+                expert_offsets[e] = acc[0] * bm
+                if e == e_num - 1:
+                    expert_offsets[e_num] = acc[1] * bm
+                acc[2] = nblk[e]
+                acc[3] = 0
+                while acc[3] < acc[2]:
+                    block_expert[acc[0] + acc[3]] = e
+                    acc[3] = acc[3] + 1
+                for it in range((nb + e_num - 1) // e_num):
+                    if it * e_num + e < nb and it * e_num + e >= T.Cast("int64", acc[1]):
+                        block_expert[it * e_num + e] = -1
         # 3. in-order scatter of each chunk's entries to its expert's rows
         for bx in par(n_chunk, "blockIdx.x"):
             for e in par(e_num, "threadIdx.x"):
@@ -254,6 +395,27 @@ CONFIGS: dict[str, G.Config] = {
     "sm_90a": G.Config(warps_m=2, warps_n=2, warp_m=32, warp_n=64, block_k=32, stages=4),
 }
 CPU_BLOCK_M = 16
+
+# Prefill candidates for `bench_moe.py --sweep` (none measured yet with cp.async on; the lead
+# picks CONFIGS from the sweep). At T=2048 an expert averages T*k/E = 192 rows: 64-row blocks
+# pad ~1/6 of the rows (E/2 blocks of padding), 128-row blocks ~1/3. The dense GEMM's best
+# sm_90a tile is 128x256 (8 warps): 64x256 keeps its column reuse with small M blocks.
+CANDIDATES: dict[str, tuple[G.Config, ...]] = {
+    "sm_90a": (
+        G.Config(warps_m=2, warps_n=2, warp_m=32, warp_n=64, block_k=32, stages=4),  # 64x128
+        G.Config(warps_m=2, warps_n=2, warp_m=32, warp_n=64, block_k=64, stages=3),
+        G.Config(warps_m=1, warps_n=4, warp_m=64, warp_n=32, block_k=32, stages=4),
+        G.Config(warps_m=2, warps_n=4, warp_m=32, warp_n=64, block_k=32, stages=4),  # 64x256
+        G.Config(warps_m=2, warps_n=4, warp_m=32, warp_n=64, block_k=64, stages=3),
+        G.Config(warps_m=1, warps_n=4, warp_m=64, warp_n=64, block_k=32, stages=4),
+        G.Config(warps_m=2, warps_n=2, warp_m=64, warp_n=64, block_k=32, stages=4),  # 128x128
+        G.Config(warps_m=2, warps_n=4, warp_m=64, warp_n=64, block_k=32, stages=4),  # 128x256
+    ),
+    "sm_89": (
+        G.Config(warps_m=2, warps_n=2, warp_m=32, warp_n=64, block_k=32, stages=4),
+        G.Config(warps_m=2, warps_n=2, warp_m=64, warp_n=64, block_k=32, stages=3),
+    ),
+}
 
 
 def default_config(target: tvm.target.Target) -> G.Config:
@@ -374,6 +536,14 @@ def _grouped_workload(
     return func
 
 
+def _has_block(sch: s_tir.Schedule, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+    except Exception:  # noqa: BLE001  (ScheduleError: no such block)
+        return False
+    return True
+
+
 def _schedule_grouped(
     func, cfg: G.Config, target, *, epilogue: str | None, dtype: str
 ) -> tirx.PrimFunc:
@@ -382,6 +552,13 @@ def _schedule_grouped(
         if not G.keep(cfg, target):
             raise ValueError(f"config {cfg} does not fit {target}")
         G.schedule_mma(sch, cfg, batched=True, epilogue=epilogue, dtype=dtype)
+        # Partial tiles (N % block_n or K % block_k): pad_einsum puts a zero-fill block between
+        # the gather and the shared-memory load; schedule_mma inlines that block only, so the
+        # gather stayed a root-level loop nest with no thread binding - TVM ran it on the host
+        # against device pointers (segfault on the H100 at D = I = 64). Fold it into the load.
+        for name in ("gather_a", "gather_b"):
+            if _has_block(sch, name):
+                sch.compute_inline(sch.get_sblock(name))
         return sch.mod["main"]
     for name in ("gather_a", "gather_b"):
         sch.compute_inline(sch.get_sblock(name))
@@ -446,40 +623,41 @@ def moe_down(
 def moe_combine(
     hidden: int, *, top_k: int, dtype: str = "float16", target: tvm.target.Target
 ) -> tirx.PrimFunc:
-    """(y [R, D], row_of [T*k], out [T, D]): out[t] = sum_j y[row_of[t*k + j]] (f32 sum)."""
+    """(y [R, D], row_of [T*k], out [T, D]): out[t] = sum_j y[row_of[t*k + j]] (f32 sum).
+
+    Block (token, THREADS * vec columns); a thread sums the k rows' 16-byte vectors of its
+    columns (k independent loads in flight) and stores one vector."""
     t_num = tirx.Var("t", "int64")
     n_rows = tirx.Var("r", "int64")
-    d = _i64(hidden)
+    d, k_top = hidden, top_k
+    vec = 8 if d % 8 == 0 else 1
+    n_blk = (d // vec + THREADS - 1) // THREADS
+    par = _par(is_gpu(target))
 
-    @T.prim_func(s_tir=True)
+    @T.prim_func
     def combine(
         y: T.Buffer((n_rows, d), dtype),
-        row_of: T.Buffer((t_num * top_k,), "int32"),
+        row_of: T.Buffer((t_num * k_top,), "int32"),
         out: T.Buffer((t_num, d), dtype),
     ):
         T.func_attr({"tirx.noalias": True})
-        acc = T.sblock_alloc_buffer((t_num, d), "float32")
-        for t, dd, j in T.grid(t_num, d, top_k):
-            with T.sblock("sum"):
-                vt, vd, vj = T.axis.remap("SSR", [t, dd, j])
-                with T.init():
-                    acc[vt, vd] = T.float32(0)
-                acc[vt, vd] = acc[vt, vd] + T.Cast("float32", y[row_of[vt * top_k + vj], vd])
-        for t, dd in T.grid(t_num, d):
-            with T.sblock("epilogue"):
-                vt, vd = T.axis.remap("SS", [t, dd])
-                out[vt, vd] = T.Cast(dtype, acc[vt, vd])
+        for t in par(t_num, "blockIdx.x"):
+            for by in par(n_blk, "blockIdx.y"):
+                for tx in par(THREADS, "threadIdx.x"):
+                    acc = T.alloc_buffer((vec,), "float32", scope="local")
+                    yv = T.alloc_buffer((k_top * vec,), dtype, scope="local")
+                    ov = T.alloc_buffer((vec,), dtype, scope="local")
+                    col = T.meta_var((by * THREADS + tx) * vec)
+                    if col < d:
+                        for j in T.unroll(k_top):
+                            yv[T.ramp(j * vec, 1, vec)] = y[
+                                row_of[t * k_top + j], T.ramp(col, 1, vec)
+                            ]
+                        for v in T.unroll(vec):
+                            acc[v] = T.float32(0)
+                            for j in T.unroll(k_top):
+                                acc[v] = acc[v] + T.Cast("float32", yv[j * vec + v])
+                            ov[v] = T.Cast(dtype, acc[v])
+                        out[t, T.ramp(col, 1, vec)] = ov[T.ramp(0, 1, vec)]
 
-    sch = s_tir.Schedule(combine)
-    blk, epi = sch.get_sblock("sum"), sch.get_sblock("epilogue")
-    t, dd = sch.get_loops(epi)
-    if is_gpu(target):
-        d0, d1 = sch.split(dd, [None, THREADS])
-        sch.bind(t, "blockIdx.x")
-        sch.bind(d1, "threadIdx.x")
-        sch.compute_at(blk, d1)
-    else:
-        sch.parallel(t)
-        sch.compute_at(blk, dd)
-    sch.set_scope(blk, 0, "local")
-    return _named(sch.mod["main"], f"moe_combine_d{hidden}_k{top_k}")
+    return _named(combine, f"moe_combine_d{hidden}_k{top_k}")

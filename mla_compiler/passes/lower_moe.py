@@ -136,6 +136,7 @@ class _Lower(relax.PyExprMutator):
         routing weight, gather-sum back to token order. None where they do not apply."""
         from mla_compiler.schedules import gemm as G
         from mla_compiler.schedules import moe as M
+        from mla_compiler.schedules import moe_gemv as MG
         from mla_compiler.schedules.target import is_gpu
 
         dtype = x.ty.dtype.dtype
@@ -143,14 +144,13 @@ class _Lower(relax.PyExprMutator):
         inter = two_i // 2
         if not is_gpu(self.target) or dtype not in ("float16", "bfloat16"):
             return None
+        # SiLU·up pairs gate/up rows in groups of SWIGLU_GROUP; 16-byte (cp.async / vector)
+        # loads need rows of a multiple of 8 halves. Partial block tiles are fine (predicated
+        # loads; the D = I = 64 H100 segfault was the gather left on the host, fixed in moe.py).
         if inter % G.SWIGLU_GROUP or d % 8 or inter % 8:
             return None
         cfg = M.default_config(self.target)
         bm = cfg.block_m
-        # whole tiles only: the GPU test of these kernels at D = I = 64 (below one 128-wide tile)
-        # crashed on the H100 (2026-11-24), the V2-Lite shapes (2048, 1408) are whole tiles
-        if any(v % t for v in (d, inter, two_i) for t in (cfg.block_n, cfg.block_k)):
-            return None
         spec = M.RouteSpec(
             num_experts=e,
             top_k=top_k,
@@ -162,6 +162,25 @@ class _Lower(relax.PyExprMutator):
         )
         key = (e, top_k, method, n_group, topk_group, norm, scaling, d, inter, dtype)
         route_gv = self._add(("route",) + key, M.moe_route(spec, target=self.target), "moe_route")
+        t = x.ty.shape[0]
+        logits = self._emit(
+            R.matmul(R.astype(x, "float32"), R.permute_dims(R.astype(router, "float32"), [1, 0]))
+        )  # [T, E]
+        routed = self._emit(
+            relax.call_tir(
+                route_gv,
+                [logits],
+                out_ty=[
+                    relax.TensorType([t, top_k], "float32"),
+                    relax.TensorType([t, top_k], "int32"),
+                ],
+            )
+        )
+        weights = self._emit(relax.TupleGetItem(routed, 0))
+        ids = self._emit(relax.TupleGetItem(routed, 1))
+        if isinstance(t, tvm.tirx.IntImm) and int(t) <= MG.GEMV_MAX_TOKENS:
+            # decode: per-(token, slot) expert GEMVs, no grouping pass, the combine folded
+            return self._fused_gemv(x, gate_up, down, weights, ids, key=key, e=e, d=d, inter=inter)
         align_gv = self._add(
             ("align",) + key, M.moe_align(e, top_k, block_m=bm, target=self.target), "moe_align"
         )
@@ -180,22 +199,6 @@ class _Lower(relax.PyExprMutator):
             M.moe_combine(d, top_k=top_k, dtype=dtype, target=self.target),
             "moe_combine",
         )
-        t = x.ty.shape[0]
-        logits = self._emit(
-            R.matmul(R.astype(x, "float32"), R.permute_dims(R.astype(router, "float32"), [1, 0]))
-        )  # [T, E]
-        routed = self._emit(
-            relax.call_tir(
-                route_gv,
-                [logits],
-                out_ty=[
-                    relax.TensorType([t, top_k], "float32"),
-                    relax.TensorType([t, top_k], "int32"),
-                ],
-            )
-        )
-        weights = self._emit(relax.TupleGetItem(routed, 0))
-        ids = self._emit(relax.TupleGetItem(routed, 1))
         nb = M.num_row_blocks(t, top_k=top_k, num_experts=e, block_m=bm)
         grouped = self._emit(
             relax.call_tir(
@@ -233,6 +236,37 @@ class _Lower(relax.PyExprMutator):
             )
         )
         return relax.call_tir(combine_gv, [y, row_of], out_ty=relax.TensorType([t, d], dtype))
+
+    def _fused_gemv(self, x, gate_up, down, weights, ids, *, key, e, d, inter):
+        """Small static T: gate+up GEMVs per (token, slot), down GEMVs summed per token."""
+        from mla_compiler.schedules import gemm as G
+        from mla_compiler.schedules import moe_gemv as MG
+
+        dtype = x.ty.dtype.dtype
+        t, top_k = x.ty.shape[0], int(ids.ty.shape[1])
+        gate_up_gv = self._add(
+            ("gate_up_gemv",) + key,
+            MG.moe_gate_up_gemv(
+                d, inter, num_experts=e, top_k=top_k, dtype=dtype, target=self.target
+            ),
+            "moe_gate_up_gemv",
+        )
+        down_gv = self._add(
+            ("down_gemv",) + key,
+            MG.moe_down_gemv(d, inter, num_experts=e, top_k=top_k, dtype=dtype, target=self.target),
+            "moe_down_gemv",
+        )
+        g = G.SWIGLU_GROUP
+        w = R.reshape(gate_up, [e, 2, inter // g, g, d])
+        w = self._emit(R.reshape(R.permute_dims(w, [0, 2, 1, 3, 4]), [e, 2 * inter, d]))
+        h = self._emit(
+            relax.call_tir(
+                gate_up_gv, [x, ids, w], out_ty=relax.TensorType([t * top_k, inter], dtype)
+            )
+        )
+        return relax.call_tir(
+            down_gv, [h, ids, down, weights], out_ty=relax.TensorType([t, d], dtype)
+        )
 
 
 def LowerMoE(*, target: tvm.target.Target) -> tvm.transform.Pass:  # noqa: N802

@@ -1,0 +1,213 @@
+"""Routed experts for a small static token count (decode): expert GEMVs, no grouping pass.
+
+With ``T <= GEMV_MAX_TOKENS`` the MoE layer is ``moe.moe_route`` then
+:func:`moe_gate_up_gemv` (one GEMV per (token, slot) against its expert's interleaved gate/up
+rows, SiLU·up fused) and :func:`moe_down_gemv` (the down GEMVs with the weighted sum over the k
+slots folded in: no ``moe_combine``): 3 kernels, each weight row read once per (token, slot).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tvm
+from tvm import tirx
+from tvm.script import tirx as T
+
+from . import gemm as G
+from .moe import _i64, _named, _par
+from .target import is_gpu
+
+GEMV_MAX_TOKENS = 8  # static T up to this: per-(token, slot) GEMVs, no grouping (decode)
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+    """Expert GEMV tiling: a block of ``warps`` warps; a warp owns ``cols`` output columns
+    (gate_up: 2 * cols weight rows); lanes split K in ``vec``-element (16-byte) vectors."""
+
+    warps: int = 4
+    cols: int = 4
+    vec: int = 8
+
+
+# V2-Lite at T=1 on 132 SMs: gate_up 6 x 88 = 528 blocks (4 per SM, 128 KB of weights each;
+# 8 warps x 2 columns: 4 columns per warp spilled 8-24 bytes at bf16); down 512 blocks (3.9 per
+# SM, 6 experts x 4 rows x 2.8 KB each)
+GEMV_GATE_UP = GemvConfig(warps=8, cols=2)
+GEMV_DOWN = GemvConfig(warps=4, cols=1)
+
+
+def _gemv_check(k_dim: int, cfg: GemvConfig) -> None:
+    if k_dim % cfg.vec:
+        raise ValueError(f"expert GEMV needs K % {cfg.vec} == 0, got {k_dim}")
+
+
+def moe_gate_up_gemv(
+    hidden: int,
+    inter: int,
+    *,
+    num_experts: int,
+    top_k: int,
+    dtype: str = "float16",
+    target: tvm.target.Target,
+    config: GemvConfig = GEMV_GATE_UP,
+) -> tirx.PrimFunc:
+    """(x [T, D], ids [T, k] int32, gate_up [E, 2I, D] interleaved, h [T*k, I]):
+    ``h[t*k + j] = silu(x[t] Wg[e]^T) * (x[t] Wu[e]^T)`` with ``e = ids[t, j]``.
+
+    For small T (decode): every (token, slot) reads its expert's rows once, no grouping pass.
+    Block (column block, entry); a warp owns ``cols`` output columns, i.e. the gate and up
+    rows of each; lanes accumulate f32 partials over 16-byte K vectors; the 32 partials per
+    row are summed through shared memory (a second thread loop: the same code runs on CPU).
+    """
+    cfg, d, n_out, k_top, g = config, hidden, inter, top_k, G.SWIGLU_GROUP
+    _gemv_check(d, cfg)
+    if n_out % g:
+        raise ValueError(f"moe_gate_up_gemv needs I % {g} == 0, got {n_out}")
+    par = _par(is_gpu(target))
+    kv_n = (d + 32 * cfg.vec - 1) // (32 * cfg.vec)  # vector steps per lane
+    per_blk = cfg.warps * cfg.cols
+    n_blk = (n_out + per_blk - 1) // per_blk
+    t_num = tirx.Var("t", "int64")
+    ws, cols, vec = cfg.warps, cfg.cols, cfg.vec
+
+    @T.prim_func
+    def gate_up(
+        x: T.Buffer((t_num, d), dtype),
+        ids: T.Buffer((t_num, k_top), "int32"),
+        w: T.Buffer((_i64(num_experts), _i64(2 * n_out), _i64(d)), dtype),  # > 2^31 elements
+        h: T.Buffer((t_num * k_top, n_out), dtype),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        for ent in par(t_num * k_top, "blockIdx.y"):
+            for bx in par(n_blk, "blockIdx.x"):
+                part = T.alloc_buffer((ws, cols, 2, 32), "float32", scope="shared")
+                for ty in par(ws, "threadIdx.y"):
+                    for tx in par(32, "threadIdx.x"):
+                        xv = T.alloc_buffer((vec,), dtype, scope="local")
+                        xs = T.alloc_buffer((kv_n * vec,), "float32", scope="local")  # x in f32
+                        wv = T.alloc_buffer((2 * cols * vec,), dtype, scope="local")
+                        acc = T.alloc_buffer((2 * cols,), "float32", scope="local")
+                        e = T.meta_var(ids[ent // k_top, ent % k_top])
+                        for q in T.unroll(2 * cols):
+                            acc[q] = T.float32(0)
+                        for kv in T.unroll(kv_n):
+                            if (kv * 32 + tx) * vec < d:
+                                xv[T.ramp(0, 1, vec)] = x[
+                                    ent // k_top, T.ramp((kv * 32 + tx) * vec, 1, vec)
+                                ]
+                                for v in T.unroll(vec):
+                                    xs[kv * vec + v] = T.Cast("float32", xv[v])
+                        for kv in T.unroll(kv_n):
+                            if (kv * 32 + tx) * vec < d:
+                                for q in T.unroll(2 * cols):  # q = 2 c + (0 gate, 1 up)
+                                    wv[T.ramp(q * vec, 1, vec)] = w[
+                                        e,
+                                        T.min(
+                                            ((bx * ws + ty) * cols + q // 2) // g * 2 * g
+                                            + q % 2 * g
+                                            + ((bx * ws + ty) * cols + q // 2) % g,
+                                            2 * n_out - 1,
+                                        ),
+                                        T.ramp((kv * 32 + tx) * vec, 1, vec),
+                                    ]
+                                for q in T.unroll(2 * cols):
+                                    for v in T.unroll(vec):
+                                        acc[q] = acc[q] + xs[kv * vec + v] * T.Cast(
+                                            "float32", wv[q * vec + v]
+                                        )
+                        for q in T.unroll(2 * cols):
+                            part[ty, q // 2, q % 2, tx] = acc[q]
+                for ty in par(ws, "threadIdx.y"):
+                    for tx in par(32, "threadIdx.x"):
+                        sums = T.alloc_buffer((2,), "float32", scope="local")
+                        o = T.meta_var((bx * ws + ty) * cols + tx)
+                        if tx < cols and o < n_out:
+                            for q in T.unroll(2):
+                                sums[q] = T.float32(0)
+                                for ln in T.unroll(32):
+                                    sums[q] = sums[q] + part[ty, tx, q, ln]
+                            h[ent, o] = T.Cast(dtype, T.sigmoid(sums[0]) * sums[0] * sums[1])
+
+    return _named(gate_up, f"moe_gate_up_gemv_e{num_experts}_d{hidden}_i{inter}")
+
+
+def moe_down_gemv(
+    hidden: int,
+    inter: int,
+    *,
+    num_experts: int,
+    top_k: int,
+    dtype: str = "float16",
+    target: tvm.target.Target,
+    config: GemvConfig = GEMV_DOWN,
+) -> tirx.PrimFunc:
+    """(h [T*k, I], ids [T, k] int32, down [E, D, I], weights [T, k] f32, out [T, D]):
+    ``out[t] = sum_j weights[t, j] * (h[t*k + j] @ down[ids[t, j]]^T)`` - the down GEMVs with
+    the combine folded in (f32 sum over the k slots). Block (column block, token)."""
+    cfg, d, n_in, k_top = config, hidden, inter, top_k
+    _gemv_check(n_in, cfg)
+    par = _par(is_gpu(target))
+    kv_n = (n_in + 32 * cfg.vec - 1) // (32 * cfg.vec)
+    per_blk = cfg.warps * cfg.cols
+    n_blk = (d + per_blk - 1) // per_blk
+    t_num = tirx.Var("t", "int64")
+    ws, cols, vec = cfg.warps, cfg.cols, cfg.vec
+
+    @T.prim_func
+    def down(
+        h: T.Buffer((t_num * k_top, n_in), dtype),
+        ids: T.Buffer((t_num, k_top), "int32"),
+        w: T.Buffer((_i64(num_experts), _i64(d), _i64(n_in)), dtype),
+        weights: T.Buffer((t_num, k_top), "float32"),
+        out: T.Buffer((t_num, d), dtype),
+    ):
+        T.func_attr({"tirx.noalias": True})
+        for t in par(t_num, "blockIdx.y"):
+            for bx in par(n_blk, "blockIdx.x"):
+                part = T.alloc_buffer((ws, cols, 32), "float32", scope="shared")
+                for ty in par(ws, "threadIdx.y"):
+                    for tx in par(32, "threadIdx.x"):
+                        hs = T.alloc_buffer((kv_n * vec,), dtype, scope="local")
+                        wv = T.alloc_buffer((cols * vec,), dtype, scope="local")
+                        acc = T.alloc_buffer((cols,), "float32", scope="local")
+                        dot = T.alloc_buffer((cols,), "float32", scope="local")
+                        for c in T.unroll(cols):
+                            acc[c] = T.float32(0)
+                        for j in T.unroll(k_top):
+                            for c in T.unroll(cols):
+                                dot[c] = T.float32(0)
+                            for kv in T.unroll(kv_n):
+                                if (kv * 32 + tx) * vec < n_in:
+                                    hs[T.ramp(kv * vec, 1, vec)] = h[
+                                        t * k_top + j, T.ramp((kv * 32 + tx) * vec, 1, vec)
+                                    ]
+                            for kv in T.unroll(kv_n):
+                                if (kv * 32 + tx) * vec < n_in:
+                                    for c in T.unroll(cols):
+                                        wv[T.ramp(c * vec, 1, vec)] = w[
+                                            ids[t, j],
+                                            T.min((bx * ws + ty) * cols + c, d - 1),
+                                            T.ramp((kv * 32 + tx) * vec, 1, vec),
+                                        ]
+                                    for c in T.unroll(cols):
+                                        for v in T.unroll(vec):
+                                            dot[c] = dot[c] + T.Cast(
+                                                "float32", hs[kv * vec + v]
+                                            ) * T.Cast("float32", wv[c * vec + v])
+                            for c in T.unroll(cols):
+                                acc[c] = acc[c] + weights[t, j] * dot[c]
+                        for c in T.unroll(cols):
+                            part[ty, c, tx] = acc[c]
+                for ty in par(ws, "threadIdx.y"):
+                    for tx in par(32, "threadIdx.x"):
+                        total = T.alloc_buffer((1,), "float32", scope="local")
+                        o = T.meta_var((bx * ws + ty) * cols + tx)
+                        if tx < cols and o < d:
+                            total[0] = T.float32(0)
+                            for ln in T.unroll(32):
+                                total[0] = total[0] + part[ty, tx, ln]
+                            out[t, o] = T.Cast(dtype, total[0])
+
+    return _named(down, f"moe_down_gemv_e{num_experts}_d{hidden}_i{inter}")
