@@ -108,6 +108,19 @@ def applies(n: int, k: int, *, target, config: WgmmaConfig | None = None) -> boo
     return keep(cfg, target, k=k) and n % 8 == 0
 
 
+MOE_CONFIG = WgmmaConfig(128, 256, 64, 4, overlap=True)  # best grouped tile on the H100, T=2048
+
+
+def moe_config(target, *, hidden: int, inter: int) -> WgmmaConfig | None:
+    """The grouped-GEMM wgmma config for experts ``[2I, D]`` / ``[D, I]`` on ``target``, or None
+    where wgmma does not apply (no sm_90a, K not a multiple of 64, I not a multiple of 32)."""
+    c = MOE_CONFIG
+    tgt = _as_target(target)
+    if not (keep(c, tgt, k=hidden) and keep(c, tgt, k=inter)):
+        return None
+    return c if inter % SWIGLU_GROUP == 0 and hidden % 8 == 0 else None
+
+
 _PIN_SOURCE = """
 __forceinline__ __device__ void gemm_pin_f32(float& x) { asm volatile("" : "+f"(x) :: "memory"); }
 """

@@ -133,8 +133,10 @@ class _Lower(relax.PyExprMutator):
     ):
         """The fused MoE kernels of ``schedules.moe`` (GPU, f16/bf16): routing, tokens grouped
         by expert on the device, grouped gate+up GEMM with SiLU·up, grouped down GEMM with the
-        routing weight, gather-sum back to token order. None where they do not apply."""
+        routing weight, gather-sum back to token order (the grouped GEMMs on wgmma where
+        ``gemm_wgmma.moe_config`` applies: sm_90a). None where they do not apply."""
         from mla_compiler.schedules import gemm as G
+        from mla_compiler.schedules import gemm_wgmma as W
         from mla_compiler.schedules import moe as M
         from mla_compiler.schedules import moe_gemv as MG
         from mla_compiler.schedules.target import is_gpu
@@ -181,19 +183,22 @@ class _Lower(relax.PyExprMutator):
         if isinstance(t, tvm.tirx.IntImm) and int(t) <= MG.GEMV_MAX_TOKENS:
             # decode: per-(token, slot) expert GEMVs, no grouping pass, the combine folded
             return self._fused_gemv(x, gate_up, down, weights, ids, key=key, e=e, d=d, inter=inter)
+        wg = W.moe_config(self.target, hidden=d, inter=inter)  # sm_90a: warpgroup MMAs
+        if wg is not None:
+            bm = wg.block_m
+            grouped_kw = dict(num_experts=e, top_k=top_k, dtype=dtype, target=self.target)
+            gate_up_fn = W.moe_grouped("gate_up", d, inter, config=wg, **grouped_kw)
+            down_fn = W.moe_grouped("down", d, inter, config=wg, **grouped_kw)
+        else:
+            kw = dict(num_experts=e, top_k=top_k, dtype=dtype, target=self.target)
+            gate_up_fn, down_fn = M.moe_gate_up(d, inter, **kw), M.moe_down(d, inter, **kw)
         align_gv = self._add(
-            ("align",) + key, M.moe_align(e, top_k, block_m=bm, target=self.target), "moe_align"
+            ("align", bm) + key,
+            M.moe_align(e, top_k, block_m=bm, target=self.target),
+            "moe_align",
         )
-        gate_up_gv = self._add(
-            ("gate_up",) + key,
-            M.moe_gate_up(d, inter, num_experts=e, top_k=top_k, dtype=dtype, target=self.target),
-            "moe_gate_up",
-        )
-        down_gv = self._add(
-            ("down",) + key,
-            M.moe_down(d, inter, num_experts=e, top_k=top_k, dtype=dtype, target=self.target),
-            "moe_down",
-        )
+        gate_up_gv = self._add(("gate_up",) + key, gate_up_fn, "moe_gate_up")
+        down_gv = self._add(("down",) + key, down_fn, "moe_down")
         combine_gv = self._add(
             ("combine",) + key,
             M.moe_combine(d, top_k=top_k, dtype=dtype, target=self.target),
