@@ -3,9 +3,15 @@
 - CUDA, M >= 17 or symbolic: tensor cores (mma.sync m16n8k16, ldmatrix, multi-stage cp.async
   pipeline through dynamic shared memory), f32 accumulation, f16 output. M and N need not be
   multiples of the block tile: loads are zero-filled and stores predicated.
-- CUDA, static M <= 16: a memory-bound GEMV schedule (each warp reduces one weight row for all
-  M tokens; the weight row is read once).
+- CUDA, static M <= 16 (decode): the same tensor-core schedule with a small-M config
+  (``SMALL_M_CONFIGS``: one 16-row tile, 4 warps along N, block_k 128-256, 4-6 stages: the
+  product is memory-bound, so many weight bytes in flight). The FMA GEMV schedule (each warp
+  reduces one weight row for all M tokens) stays available as ``config=GemvConfig(...)``.
 - ``llvm``: a simple parallel/vectorized schedule for CPU tests.
+
+Options: ``out_dtype`` (e.g. f32 router logits from f16 operands), ``batch`` (per-head products
+reading ``X[T, H, K]`` and writing ``Y[T, H, N]`` in place, head axis on blockIdx.z: the absorbed
+W_UK / W_UV products). ``passes/lower_dense_gemm.py`` routes the model's dense products here.
 
 Epilogues (``epilogue=``): ``None`` (cast), ``"residual"`` (``Y = X W^T + R``), ``"silu_mul"``
 (W holds ``[gate; up]`` rows; ``Y = silu(X Wg^T) * (X Wu^T)``, N output columns from 2N weight
