@@ -1,6 +1,11 @@
 """Dense GEMM kernels (schedules/gemm.py) vs torch.matmul (cuBLAS) on DeepSeek-V2-Lite shapes.
 
     python benchmarks/bench_gemm.py --out $OUT/bench_gemm.json [--tokens 1,16,512,2048,4096]
+    python benchmarks/bench_gemm.py --decode --out $OUT/bench_gemm_decode.json
+
+``--decode``: T=1 at the decode shapes of V2-Lite (q_proj, kv_a, o_proj, shared-expert and
+dense-layer gate_up / down, lm_head): every small-M tensor-core config of the target and the
+FMA GEMV config, each timed, against cuBLAS.
 
 For each shape and token count: TVM time (best of the configs that fit, plus the default
 config's time), cuBLAS time in the same run, TFLOP/s, ratio TVM/cuBLAS throughput, max error vs
@@ -30,7 +35,20 @@ SHAPES = {
     "mlp_gate_up": (10944, 2048, "silu_mul"),
     "mlp_down": (2048, 10944, None),
     "lm_head": (102400, 2048, None),
+    "shared_gate_up": (2816, 2048, "silu_mul"),  # 2 shared experts x 1408
+    "shared_down+res": (2048, 2816, "residual"),
+    "mlp_down+res": (2048, 10944, "residual"),
 }
+DECODE_SHAPES = (
+    "q_proj",
+    "kv_a",
+    "o_proj+res",
+    "shared_gate_up",
+    "shared_down+res",
+    "mlp_gate_up",
+    "mlp_down+res",
+    "lm_head",
+)
 TOKENS = (1, 16, 512, 2048, 4096)
 SMOKE = False  # --cpu-smoke: run the script's logic on the CPU (llvm, fp32, wall-clock timing)
 
@@ -81,16 +99,20 @@ def build(func, target):
         return tvm.compile(func, target=target)
 
 
-def candidates(m, target):
-    """(label, config) pairs to try: GEMV for small static M, else every kept tensor-core one."""
+def candidates(m, target, epilogue=None):
+    """(label, config) pairs to try, the default first: for small static M every kept small-M
+    tensor-core config and the FMA GEMV, else every kept tensor-core config."""
     if not is_gpu(target):
         return [("cpu", None)]
-    if m <= G.GEMV_MAX_M:
-        return [("gemv", None)]
     arch = str(target.attrs["arch"])
-    default = G.default_config(target)
-    cfgs = [default] + [c for c in G.CONFIGS.get(arch, ()) if c != default and G.keep(c, target)]
-    return [(f"{c.block_m}x{c.block_n}x{c.block_k}s{c.stages}", c) for c in cfgs]
+    small = m <= G.GEMV_MAX_M
+    default = G.default_config(target, m if small else None)
+    table = G.SMALL_M_CONFIGS if small else G.CONFIGS
+    cfgs = [default] + [c for c in table.get(arch, ()) if c != default and G.keep(c, target)]
+    out = [(f"{c.block_m}x{c.block_n}x{c.block_k}s{c.stages}", c) for c in cfgs]
+    if small:
+        out.append(("gemv-fma", G.gemv_config(epilogue)))
+    return out
 
 
 def bench_shape(name, n, k, epilogue, tokens, target, libs):
@@ -120,8 +142,8 @@ def bench_one(name, n, k, epilogue, m, w, w_kernel, target, libs):
 
     t_blas = timeit(lambda: torch.matmul(x, w.T))
     t_ref_full = timeit(ref)
-    best, t_default = None, None
-    for label, cfg in candidates(m, target):
+    best, t_default, per_config = None, None, {}
+    for label, cfg in candidates(m, target, epilogue):
         key = (name, m if m <= G.GEMV_MAX_M else None, label)
         if key not in libs:
             t0 = time.time()
@@ -132,6 +154,7 @@ def bench_one(name, n, k, epilogue, m, w, w_kernel, target, libs):
             print(f"  built {key} in {time.time() - t0:.1f}s", file=sys.stderr)
         lib = libs[key]
         t = timeit(lambda lib=lib: lib(*args))
+        per_config[label] = t
         if best is None or t < best[1]:
             best = (label, t)
         t_default = t if t_default is None else t_default  # the first candidate is the default
@@ -155,10 +178,12 @@ def bench_one(name, n, k, epilogue, m, w, w_kernel, target, libs):
         "ratio_vs_cublas": t_blas / best[1],
         "weight_gbps": rows * k * 2 / best[1] / 1e9,
         "max_abs_err": err,
+        "per_config_s": per_config,
     }
     print(
         f"{name:12s} T={m:5d} {best[0]:16s} tvm {best[1] * 1e6:9.1f}us "
-        f"cublas {t_blas * 1e6:9.1f}us ratio {t_blas / best[1]:.2f} err {err:.3g}",
+        f"cublas {t_blas * 1e6:9.1f}us ratio {t_blas / best[1]:.2f} err {err:.3g}  "
+        + " ".join(f"{lab}={v * 1e6:.1f}us" for lab, v in per_config.items()),
         file=sys.stderr,
     )
     return rec
@@ -168,9 +193,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--tokens", default=",".join(map(str, TOKENS)))
-    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--shapes", default=None, help="default: all (--decode: DECODE_SHAPES)")
     p.add_argument("--cpu-smoke", action="store_true", help="check the script on a CPU")
+    p.add_argument(
+        "--decode",
+        action="store_true",
+        help="T=1 at the V2-Lite decode shapes: small-M tensor-core configs vs FMA GEMV vs cuBLAS",
+    )
     a = p.parse_args(argv)
+    if a.decode:
+        a.tokens = "1"
+    a.shapes = a.shapes or ",".join(DECODE_SHAPES if a.decode else SHAPES)
     global SMOKE
     SMOKE = a.cpu_smoke
     target = tvm_target(arch_of_device())
@@ -194,17 +227,20 @@ def main(argv=None):
             indent=1,
         )
     print(
-        "| shape | T | config | TVM us | cuBLAS us | TVM TFLOP/s | cuBLAS TFLOP/s | ratio | err |"
+        "| shape | T | config | TVM us | cuBLAS us | TVM TFLOP/s | cuBLAS TFLOP/s | ratio | err "
+        "| weight GB/s | all configs us |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         if "error" in r:
-            print(f"| {r['shape']} | - | FAILED: {r['error'][:60]} | | | | | | |")
+            print(f"| {r['shape']} | - | FAILED: {r['error'][:60]} | | | | | | | | |")
             continue
         print(
             f"| {r['shape']} | {r['tokens']} | {r['config']} | {r['tvm_s'] * 1e6:.1f} | "
             f"{r['cublas_s'] * 1e6:.1f} | {r['tvm_tflops']:.1f} | {r['cublas_tflops']:.1f} | "
-            f"{r['ratio_vs_cublas']:.2f} | {r['max_abs_err']:.2g} |"
+            f"{r['ratio_vs_cublas']:.2f} | {r['max_abs_err']:.2g} | {r['weight_gbps']:.0f} | "
+            + " ".join(f"{k}={v * 1e6:.1f}" for k, v in r["per_config_s"].items())
+            + " |"
         )
 
 

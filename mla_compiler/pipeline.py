@@ -5,6 +5,7 @@
 3. mla        RewriteMLAAttention: the MLA form of each phase for the chosen mode
 4. moe        LowerMoE
 5. kernels    LowerMLAKernels: call_tir to the target's attention / cache kernels
+5b. gemm      LowerDenseGemm: dense products with weights -> ``gemm_*`` kernels (GPU f16/bf16)
 6. params     LiftTransformParams: weight transforms (W_UK / W_UV absorption) into
               ``transform_params``, run once at compile time
 7. build      TVM's default pipeline for the target (dlight schedules for unscheduled GPU ops)
@@ -25,6 +26,7 @@ from mla_compiler.model_export.config import ModelConfig
 from mla_compiler.model_export.export import INPUT_NAMES, export_relax
 from mla_compiler.model_export.modeling import DeepseekV2
 from mla_compiler.passes import pseudo
+from mla_compiler.passes.lower_dense_gemm import LowerDenseGemm
 from mla_compiler.passes.lower_mla_kernels import LowerMLAKernels
 from mla_compiler.passes.lower_moe import LowerMoE
 from mla_compiler.passes.rewrite_mla_attention import RewriteMLAAttention
@@ -89,6 +91,8 @@ def lower_to_kernels(
     )(mod)
     pseudo.check_lowered(mod)
     dump("kernels", mod)
+    mod = LowerDenseGemm(target=target)(mod)
+    dump("gemm", mod)
     mod = relax.transform.LiftTransformParams(shared_transform=True)(mod)
     dump("params", mod)
     return mod

@@ -3,9 +3,15 @@
 - CUDA, M >= 17 or symbolic: tensor cores (mma.sync m16n8k16, ldmatrix, multi-stage cp.async
   pipeline through dynamic shared memory), f32 accumulation, f16 output. M and N need not be
   multiples of the block tile: loads are zero-filled and stores predicated.
-- CUDA, static M <= 16: a memory-bound GEMV schedule (each warp reduces one weight row for all
-  M tokens; the weight row is read once).
+- CUDA, static M <= 16 (decode): the same tensor-core schedule with a small-M config
+  (``SMALL_M_CONFIGS``: one 16-row tile, 4 warps along N, block_k 128-256, 4-6 stages: the
+  product is memory-bound, so many weight bytes in flight). The FMA GEMV schedule (each warp
+  reduces one weight row for all M tokens) stays available as ``config=GemvConfig(...)``.
 - ``llvm``: a simple parallel/vectorized schedule for CPU tests.
+
+Options: ``out_dtype`` (e.g. f32 router logits from f16 operands), ``batch`` (per-head products
+reading ``X[T, H, K]`` and writing ``Y[T, H, N]`` in place, head axis on blockIdx.z: the absorbed
+W_UK / W_UV products). ``passes/lower_dense_gemm.py`` routes the model's dense products here.
 
 Epilogues (``epilogue=``): ``None`` (cast), ``"residual"`` (``Y = X W^T + R``), ``"silu_mul"``
 (W holds ``[gate; up]`` rows; ``Y = silu(X Wg^T) * (X Wu^T)``, N output columns from 2N weight
@@ -22,7 +28,7 @@ import dataclasses
 
 import numpy as np
 import tvm
-from tvm import s_tir, tirx
+from tvm import s_tir, te, tirx
 from tvm.script import tirx as T
 
 from .target import gpu_spec, is_gpu
@@ -116,9 +122,28 @@ CONFIGS: dict[str, tuple[Config, ...]] = {
 }
 
 
-def default_config(target: tvm.target.Target) -> Config:
+# Static M <= 16 (decode): one 16-row mma tile, warps along N, a deep cp.async pipeline with a
+# large block_k so that enough weight bytes are in flight (the product is memory-bound).
+SMALL_M_CONFIGS: dict[str, tuple[Config, ...]] = {
+    # 4 stages x (16 + 64) x 128 halfs = 85 KB
+    "sm_89": (
+        Config(warps_m=1, warps_n=4, warp_m=16, warp_n=16, block_k=128, stages=4),
+        Config(warps_m=1, warps_n=4, warp_m=16, warp_n=16, block_k=64, stages=6),
+    ),
+    # 6 stages x (16 + 64) x 128 halfs = 128 KB
+    "sm_90a": (
+        Config(warps_m=1, warps_n=4, warp_m=16, warp_n=16, block_k=128, stages=6),
+        Config(warps_m=1, warps_n=4, warp_m=16, warp_n=16, block_k=256, stages=4),
+        Config(warps_m=1, warps_n=4, warp_m=16, warp_n=32, block_k=128, stages=4),
+    ),
+}
+
+
+def default_config(target: tvm.target.Target, m=None) -> Config:
+    """The first kept config of the target: ``SMALL_M_CONFIGS`` for a static ``m <= 16``."""
     arch = str(target.attrs.get("arch", ""))
-    for cfg in CONFIGS.get(arch, CONFIGS["sm_89"]):
+    table = SMALL_M_CONFIGS if isinstance(m, int) and m <= GEMV_MAX_M else CONFIGS
+    for cfg in table.get(arch, table["sm_89"]):
         if keep(cfg, target):
             return cfg
     raise ValueError(f"no GEMM config fits {arch}")
@@ -154,88 +179,60 @@ def transform_weight(w: np.ndarray, *, epilogue: str | None = None) -> np.ndarra
 # Workload
 
 
-def gemm_workload(m, n: int, k: int, *, dtype: str, epilogue: str | None = None):
-    """Unscheduled PrimFunc: blocks ``gemm`` (f32 accumulate into C) and ``epilogue`` (-> Y).
+def gemm_workload(
+    m,
+    n: int,
+    k: int,
+    *,
+    dtype: str,
+    epilogue: str | None = None,
+    out_dtype: str | None = None,
+    batch: int | None = None,
+):
+    """Unscheduled PrimFunc: blocks ``gemm`` (f32 accumulate) and ``epilogue`` (-> Y).
 
-    ``m`` is an int or None (symbolic ``m``); ``n`` is the output width.
+    ``m`` is an int or None (symbolic ``m``); ``n`` is the output width. ``batch``: a head axis
+    in the middle of X and Y (``X[m, b, k]``, ``W[b, n_w, k]``, ``Y[m, b, n]``: the layout of
+    per-head products in a ``[T, H, D]`` activation, read and written in place, no transpose).
     """
     if epilogue not in EPILOGUES:
         raise ValueError(f"unknown epilogue {epilogue!r}: use one of {EPILOGUES}")
+    out_dtype = out_dtype or dtype
     i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731  (one index type: Relax uses int64)
-    nc, n, k, g = i64(weight_layout(n, k, epilogue=epilogue)[0]), i64(n), i64(k), i64(SWIGLU_GROUP)
+    nc, n, k, g = i64(weight_layout(n, k, epilogue=epilogue)[0]), i64(n), i64(k), SWIGLU_GROUP
     mm = tirx.Var("m", "int64") if m is None else i64(m)
+    lead = () if batch is None else (i64(batch),)
 
-    if epilogue == "silu_mul":
+    def at(i, b, j):  # index of an [m, (b,) cols] activation
+        return (i, j) if batch is None else (i, b, j)
 
-        @T.prim_func(s_tir=True)
-        def func(x_h: T.handle, w: T.Buffer((nc, k), dtype), y_h: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            x = T.match_buffer(x_h, (mm, k), dtype)
-            y = T.match_buffer(y_h, (mm, n), dtype)
-            c = T.sblock_alloc_buffer((mm, nc), "float32")
-            for i, j, kk in T.grid(mm, nc, k):
-                with T.sblock("gemm"):
-                    vi, vj, vk = T.axis.remap("SSR", [i, j, kk])
-                    with T.init():
-                        c[vi, vj] = T.float32(0)
-                    c[vi, vj] = c[vi, vj] + T.Cast("float32", x[vi, vk]) * T.Cast(
-                        "float32", w[vj, vk]
-                    )
-            for i, j in T.grid(mm, n):
-                with T.sblock("epilogue"):
-                    # output column j pairs gate column jc and up column jc + g
-                    vi, vj = T.axis.remap("SS", [i, j])
-                    y[vi, vj] = T.Cast(
-                        dtype,
-                        T.sigmoid(c[vi, vj // g * 2 * g + vj % g])
-                        * c[vi, vj // g * 2 * g + vj % g]
-                        * c[vi, vj // g * 2 * g + g + vj % g],
-                    )
+    x = te.placeholder((mm, *lead, k), dtype, name="x")
+    w = te.placeholder((*lead, nc, k), dtype, name="w")
+    r = te.placeholder((mm, *lead, n), dtype, name="r")
+    kk = te.reduce_axis((i64(0), k), name="k")
+    f32 = "float32"
 
-    elif epilogue == "residual":
+    def acc(*idx):  # ([b,] i, j) -> f32 dot product
+        b, i, j = (None, *idx) if batch is None else idx
+        xi = x[at(i, b, kk)]
+        wj = w[(j, kk) if batch is None else (b, j, kk)]
+        return te.sum(xi.astype(f32) * wj.astype(f32), axis=kk)
 
-        @T.prim_func(s_tir=True)
-        def func(x_h: T.handle, w: T.Buffer((nc, k), dtype), r_h: T.handle, y_h: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            x = T.match_buffer(x_h, (mm, k), dtype)
-            r = T.match_buffer(r_h, (mm, n), dtype)
-            y = T.match_buffer(y_h, (mm, n), dtype)
-            c = T.sblock_alloc_buffer((mm, nc), "float32")
-            for i, j, kk in T.grid(mm, nc, k):
-                with T.sblock("gemm"):
-                    vi, vj, vk = T.axis.remap("SSR", [i, j, kk])
-                    with T.init():
-                        c[vi, vj] = T.float32(0)
-                    c[vi, vj] = c[vi, vj] + T.Cast("float32", x[vi, vk]) * T.Cast(
-                        "float32", w[vj, vk]
-                    )
-            for i, j in T.grid(mm, n):
-                with T.sblock("epilogue"):
-                    vi, vj = T.axis.remap("SS", [i, j])
-                    y[vi, vj] = T.Cast(dtype, c[vi, vj] + T.Cast("float32", r[vi, vj]))
+    c = te.compute((*lead, mm, nc), acc, name="gemm")
 
-    else:
+    def epi(*idx):  # output index (i, [b,] j)
+        i, b, j = (idx[0], None, idx[1]) if batch is None else idx
+        cc = (lambda col: c[i, col]) if batch is None else (lambda col: c[b, i, col])
+        if epilogue == "silu_mul":  # output column j pairs gate column jc and up column jc + g
+            jc = j // g * 2 * g + j % g
+            return (tirx.sigmoid(cc(jc)) * cc(jc) * cc(jc + g)).astype(out_dtype)
+        if epilogue == "residual":
+            return (cc(j) + r[at(i, b, j)].astype(f32)).astype(out_dtype)
+        return cc(j).astype(out_dtype)
 
-        @T.prim_func(s_tir=True)
-        def func(x_h: T.handle, w: T.Buffer((nc, k), dtype), y_h: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            x = T.match_buffer(x_h, (mm, k), dtype)
-            y = T.match_buffer(y_h, (mm, n), dtype)
-            c = T.sblock_alloc_buffer((mm, nc), "float32")
-            for i, j, kk in T.grid(mm, nc, k):
-                with T.sblock("gemm"):
-                    vi, vj, vk = T.axis.remap("SSR", [i, j, kk])
-                    with T.init():
-                        c[vi, vj] = T.float32(0)
-                    c[vi, vj] = c[vi, vj] + T.Cast("float32", x[vi, vk]) * T.Cast(
-                        "float32", w[vj, vk]
-                    )
-            for i, j in T.grid(mm, n):
-                with T.sblock("epilogue"):
-                    vi, vj = T.axis.remap("SS", [i, j])
-                    y[vi, vj] = T.Cast(dtype, c[vi, vj])
-
-    return func
+    y = te.compute((mm, *lead, n), epi, name="epilogue")
+    args = [x, w, r, y] if epilogue == "residual" else [x, w, y]
+    return te.create_prim_func(args).with_attr("tirx.noalias", True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,6 +382,7 @@ def schedule_mma(
     cfg: Config,
     *,
     batched: bool = False,
+    heads: bool = False,
     epilogue: str | None = None,
     dtype: str = "float16",
 ) -> None:
@@ -395,13 +393,14 @@ def schedule_mma(
     several accumulator columns per output (SiLU * up) need no inverse index analysis.
     ``batched``: an outer spatial loop (MoE row blocks) goes to blockIdx.y; then the i extent
     must equal ``cfg.block_m``. Otherwise i and j are padded to the block tile.
+    ``heads``: the workload's head axis (``gemm_workload(batch=...)``) goes to blockIdx.z.
     """
     import tvm.s_tir.tensor_intrin.cuda  # noqa: F401  (registers the intrinsics)
 
     block = sch.get_sblock("gemm")
     epi = sch.get_sblock("epilogue")
     pad = [cfg.block_m, cfg.block_n, cfg.block_k]
-    sch.pad_einsum(block, [1, *pad] if batched else pad)
+    sch.pad_einsum(block, [1, *pad] if batched or heads else pad)
     for consumer in sch.get_consumers(block):  # the un-padding copy folds into the epilogue
         if sch.get(consumer).name_hint != "epilogue":
             sch.compute_inline(consumer)
@@ -417,6 +416,9 @@ def schedule_mma(
 
     # block tiles from the epilogue's iteration space
     eloops = sch.get_loops(epi)
+    if heads:  # epilogue loops (i, b, j) -> (b, i, j)
+        sch.reorder(eloops[1], eloops[0])
+        eloops = [eloops[1], eloops[0], eloops[2]]
     ei0, ei1 = sch.split(eloops[-2], [None, cfg.block_m])
     out_cols = cfg.block_n // 2 if epilogue == "silu_mul" else cfg.block_n
     ej0, ej1 = sch.split(eloops[-1], [None, out_cols])
@@ -428,8 +430,10 @@ def schedule_mma(
     else:
         sch.bind(ej0, "blockIdx.x")
         sch.bind(ei0, "blockIdx.y")
+        if heads:
+            sch.bind(eloops[0], "blockIdx.z")
         bx = ej0
-    sch.compute_at(outer, bx)
+    sch.compute_at(outer, bx, preserve_unit_loops=True)
     i, j, k = sch.get_loops(outer)[-3:]
 
     i1, i2 = sch.split(i, [cfg.warps_m, cfg.warp_m // 16])
@@ -442,8 +446,12 @@ def schedule_mma(
 
     def fetch(idx):
         cache = sch.cache_read(outer, idx, "shared.dyn")
+        if heads and idx == 0:  # X[i, b, k] -> shared [b, i, k]: mma tiles on the last two axes
+            sch.transform_layout(cache, ("write", 0), lambda i, b, kk: (b, i, kk))
         sch.compute_at(cache, k0)
-        fused = sch.fuse(*sch.get_loops(cache)[-2:])
+        loops = sch.get_loops(cache)
+        below = [sch.get(lp).same_as(sch.get(k0)) for lp in loops].index(True) + 1
+        fused = sch.fuse(*loops[below:])
         _, f1, f2, f3 = sch.split(fused, [None, warps, 32, 8])
         sch.bind(f2, "threadIdx.x")
         sch.bind(f1, "threadIdx.y")
@@ -572,30 +580,54 @@ def gemm(
     target: tvm.target.Target,
     config: Config | GemvConfig | CpuConfig | None = None,
     epilogue: str | None = None,
+    out_dtype: str | None = None,
+    batch: int | None = None,
 ) -> tirx.PrimFunc:
     """``Y[m, n] = epilogue(X[m, k] @ W^T)``; W is ``weight_layout(n, k, epilogue=...)``.
 
     ``m``: an int, or None for a symbolic row count (dynamic tokens). Parameters are
-    ``(x, w, y)``, or ``(x, w, residual, y)`` for ``epilogue="residual"``.
+    ``(x, w, y)``, or ``(x, w, residual, y)`` for ``epilogue="residual"``. ``out_dtype``: Y's
+    dtype (default ``dtype``; e.g. float32 router logits from f16 inputs). ``batch``: per-head
+    products ``Y[m, b, :] = X[m, b, :] @ W[b]^T`` (see :func:`gemm_workload`).
+
+    On CUDA, a static ``m <= 16`` takes the small-M tensor-core config of the target unless a
+    :class:`GemvConfig` (the FMA GEMV schedule) is given.
     """
-    func = gemm_workload(m, n, k, dtype=dtype, epilogue=epilogue)
+    small = isinstance(m, int) and m <= GEMV_MAX_M
+    gemv = is_gpu(target) and isinstance(config, GemvConfig)
+    # tensor cores pad M to the 16-row tile: the small-M kernel is the symbolic-M kernel
+    # (predicated loads and stores), specialised only by its config
+    wm = None if small and is_gpu(target) and not gemv else m
+    func = gemm_workload(wm, n, k, dtype=dtype, epilogue=epilogue, out_dtype=out_dtype, batch=batch)
     sch = s_tir.Schedule(func)
-    gemv = isinstance(m, int) and m <= GEMV_MAX_M
     if not is_gpu(target):
         schedule_cpu(sch, config or CpuConfig())
-    elif gemv or isinstance(config, GemvConfig):
-        cfg = config or (SILU_GEMV if epilogue == "silu_mul" else GemvConfig())
+    elif gemv:
+        if batch is not None or not small:
+            raise ValueError("the GEMV schedule serves static M <= 16 without a batch axis")
         nc = weight_layout(n, k, epilogue=epilogue)[0]
-        if k % cfg.vec or nc % cfg.rows:
-            raise ValueError(f"GEMV config {cfg} does not tile N={nc}, K={k}")
-        schedule_gemv(sch, cfg, epilogue=epilogue)
+        if k % config.vec or nc % config.rows:
+            raise ValueError(f"GEMV config {config} does not tile N={nc}, K={k}")
+        schedule_gemv(sch, config, epilogue=epilogue)
     else:
         if dtype not in ("float16", "bfloat16"):
             raise NotImplementedError(f"tensor-core GEMM supports float16/bfloat16, not {dtype}")
-        cfg = config or default_config(target)
+        cfg = config or default_config(target, m)
         if not keep(cfg, target):
             raise ValueError(f"config {cfg} does not fit {target}")
-        schedule_mma(sch, cfg, epilogue=epilogue, dtype=dtype)
+        schedule_mma(sch, cfg, heads=batch is not None, epilogue=epilogue, dtype=dtype)
+    return sch.mod["main"].with_attr(
+        "global_symbol", kernel_name(m, n, k, epilogue=epilogue, out_dtype=out_dtype, batch=batch)
+    )
+
+
+def gemv_config(epilogue: str | None = None) -> GemvConfig:
+    """The FMA GEMV config (kept for comparison with the small-M tensor-core schedule)."""
+    return SILU_GEMV if epilogue == "silu_mul" else GemvConfig()
+
+
+def kernel_name(m, n: int, k: int, *, epilogue=None, out_dtype=None, batch=None) -> str:
     tag = f"_{epilogue}" if epilogue else ""
-    name = f"gemm_n{n}_k{k}{tag}" + ("" if m is None else f"_m{m}")
-    return sch.mod["main"].with_attr("global_symbol", name)
+    tag += f"_{out_dtype}" if out_dtype else ""
+    head = "" if batch is None else f"_h{batch}"
+    return f"gemm{head}_n{n}_k{k}{tag}" + ("" if m is None else f"_m{m}")

@@ -77,6 +77,37 @@ def test_gemm_cpu_fp32(cpu_libs, m, epilogue):
     )
 
 
+@pytest.fixture(scope="module")
+def cpu_head_lib():
+    f = G.gemm(None, 48, 40, dtype="float32", target=tvm_target("cpu"), batch=3)
+    return tvm.compile(f, target=tvm_target("cpu"))
+
+
+@pytest.mark.parametrize("m", [1, 21], ids=lambda m: f"M{m}")
+def test_gemm_cpu_head_batched(cpu_head_lib, m):
+    """Y[m, b, :] = X[m, b, :] @ W[b]^T, read and written in the [T, H, D] layout."""
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 3, 40, generator=gen)
+    w = torch.randn(3, 48, 40, generator=gen) / 40**0.5
+    y = tvm.runtime.tensor(np.full((m, 3, 48), np.nan, dtype="float32"), tvm.cpu())
+    cpu_head_lib(tvm.runtime.tensor(x.numpy()), tvm.runtime.tensor(w.numpy()), y)
+    ref = torch.einsum("mbk,bnk->mbn", x.double(), w.double())
+    torch.testing.assert_close(torch.from_numpy(y.numpy()).double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_gemm_cpu_f16_in_f32_out():
+    """out_dtype=float32 (the MoE router): f16 operands, f32 accumulate and store, no f16
+    rounding of the result (the f32 matmul of the f16 values up to summation order)."""
+    m, n, k = 19, 64, 256
+    f = G.gemm(None, n, k, dtype="float16", target=tvm_target("cpu"), out_dtype="float32")
+    lib = tvm.compile(f, target=tvm_target("cpu"))
+    x, w, _ = _inputs(m, n, k, epilogue=None, dtype=torch.float16, seed=5)
+    y = _run(lib, tvm.cpu(), x, w.numpy(), None, (m, n), "float32")
+    assert y.dtype == torch.float32
+    ref = reference.gemm(x, w)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)  # f16 output: ~1e-3
+
+
 def test_transform_weight_pairs_gate_and_up():
     n, k = 64, 8
     w = np.arange(2 * n * k, dtype=np.float32).reshape(2 * n, k)
@@ -92,19 +123,35 @@ def test_config_prune():
     big = G.Config(warps_m=2, warps_n=4, warp_m=64, warp_n=64, block_k=64, stages=3)
     assert not G.keep(big, tvm_target("sm_89"))  # 165 KB > 99 KB
     assert G.keep(big, tvm_target("sm_90a"))
+    deep = G.SMALL_M_CONFIGS["sm_90a"][0]  # 128 KB pipeline: H100 only
+    assert not G.keep(deep, tvm_target("sm_89")) and G.keep(deep, tvm_target("sm_90a"))
     for arch in ("sm_89", "sm_90a"):
-        assert G.keep(G.default_config(tvm_target(arch)), tvm_target(arch))
+        t = tvm_target(arch)
+        assert G.keep(G.default_config(t), t)
+        small = G.default_config(t, 1)
+        assert G.keep(small, t) and small.block_m == 16 and small in G.SMALL_M_CONFIGS[arch]
+        assert G.default_config(t, 17) == G.default_config(t)
 
 
 # ------------------------------------------------------------------------- CUDA static checks
 
 
-CUDA_CASES = {  # (m, epilogue) -> the SASS opcode the kernel must use
-    (None, None): "HMMA",
-    (None, "silu_mul"): "HMMA",
-    (None, "residual"): "HMMA",
-    (1, None): "SHFL",
-    (16, "silu_mul"): "SHFL",
+CUDA_CASES = {  # (m, epilogue, extra factory kwargs) -> the SASS opcode the kernel must use
+    (None, None, ()): "HMMA",
+    (None, "silu_mul", ()): "HMMA",
+    (None, "residual", ()): "HMMA",
+    (None, None, (("out_dtype", "float32"),)): "HMMA",  # MoE router logits
+    (None, None, (("batch", 16),)): "HMMA",  # absorbed W_UK / W_UV per head
+    # decode: small-M tensor-core configs
+    (1, None, ()): "HMMA",
+    (1, "silu_mul", ()): "HMMA",
+    (1, "residual", ()): "HMMA",
+    (1, None, (("out_dtype", "float32"),)): "HMMA",
+    (1, None, (("batch", 16),)): "HMMA",
+    (16, "silu_mul", ()): "HMMA",
+    # the FMA GEMV, kept as a config for comparison
+    (1, None, (("config", G.GemvConfig()),)): "SHFL",
+    (16, "silu_mul", (("config", G.SILU_GEMV),)): "SHFL",
 }
 
 
@@ -118,10 +165,14 @@ def test_gemm_cuda_static(arch):
         nvcc.find_tool("cuobjdump")
     except Exception as err:  # noqa: BLE001
         pytest.skip(str(err))
-    funcs = {
-        G.gemm(m, 576, 2048, dtype="float16", target=tvm_target(arch), epilogue=ep): op
-        for (m, ep), op in CUDA_CASES.items()
-    }
+    funcs = {}
+    for (m, ep, kw), op in CUDA_CASES.items():
+        kw = dict(kw)
+        n, k = (512, 128) if "batch" in kw else (576, 2048)
+        f = G.gemm(m, n, k, dtype="float16", target=tvm_target(arch), epilogue=ep, **kw)
+        if "config" in kw:
+            f = f.with_attr("global_symbol", f.attrs["global_symbol"] + "_gemv")
+        funcs[f] = op
     mod = tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs})
     with tvm.transform.PassContext(config=G.PASS_CONFIG):
         lib = tvm.compile(mod, target=tvm_target(arch))
@@ -201,3 +252,54 @@ def test_gemm_gpu_bf16(epilogue):
     lib(*args, y)
     ref = _ref(x, w, epilogue=epilogue, residual=r)
     torch.testing.assert_close(y.cpu().double(), ref, rtol=3e-2, atol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("m", [1, 37], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("n,k", [(512, 128), (128, 512)], ids=["w_uk", "w_uv"])
+def test_gemm_gpu_head_batched(m, n, k):
+    target = tvm_target("sm_90a" if torch.cuda.get_device_capability() >= (9, 0) else "sm_89")
+    func = G.gemm(m if m <= G.GEMV_MAX_M else None, n, k, target=target, batch=16)
+    with tvm.transform.PassContext(config=G.PASS_CONFIG):
+        lib = tvm.compile(func, target=target)
+    gen = torch.Generator().manual_seed(m + n)
+    x = torch.randn(m, 16, k, generator=gen).half()
+    w = (torch.randn(16, n, k, generator=gen) / k**0.5).half()
+    y = torch.full((m, 16, n), float("nan"), dtype=torch.float16, device="cuda")
+    lib(x.cuda(), w.cuda(), y)
+    ref = torch.einsum("mbk,bnk->mbn", x.double(), w.double())
+    torch.testing.assert_close(y.cpu().double(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("m", [1, 300], ids=lambda m: f"M{m}")
+def test_gemm_gpu_f32_out(m):
+    n, k = 64, 2048
+    target = tvm_target("sm_90a" if torch.cuda.get_device_capability() >= (9, 0) else "sm_89")
+    func = G.gemm(m if m <= G.GEMV_MAX_M else None, n, k, target=target, out_dtype="float32")
+    with tvm.transform.PassContext(config=G.PASS_CONFIG):
+        lib = tvm.compile(func, target=target)
+    x, w, _ = _inputs(m, n, k, epilogue=None, dtype=torch.float16, seed=m)
+    y = torch.full((m, n), float("nan"), dtype=torch.float32, device="cuda")
+    lib(x.cuda(), w.cuda(), y)
+    torch.testing.assert_close(y.cpu().double(), reference.gemm(x, w), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("epilogue", EPILOGUES, ids=lambda e: e or "plain")
+def test_gemm_gpu_fma_gemv_config(epilogue):
+    m, n, k = 1, 576, 2048
+    target = tvm_target("sm_90a" if torch.cuda.get_device_capability() >= (9, 0) else "sm_89")
+    func = G.gemm(m, n, k, target=target, epilogue=epilogue, config=G.gemv_config(epilogue))
+    with tvm.transform.PassContext(config=G.PASS_CONFIG):
+        lib = tvm.compile(func, target=target)
+    x, w, r = _inputs(m, n, k, epilogue=epilogue, dtype=torch.float16, seed=3)
+    y = _run(
+        lib, tvm.cuda(0), x, G.transform_weight(w.numpy(), epilogue=epilogue), r, (m, n), "float16"
+    )
+    torch.testing.assert_close(
+        y.double(), _ref(x, w, epilogue=epilogue, residual=r), rtol=2e-2, atol=2e-2
+    )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -190,3 +192,101 @@ def test_context_overflow(engines):
     eng.prefill(list(range(90)))
     with pytest.raises(InputError, match="exceeds --max-context 96"):
         eng.prefill(list(range(7)))
+
+
+def _workload_only(m, n, k, *, target, config=None, **kw):
+    """gemm.gemm without its schedule: the pass's structure does not depend on it (the kernels'
+    schedules are checked in test_gemm.py) and scheduling ~24 kernels per mode takes minutes."""
+    from mla_compiler.schedules import gemm as G
+
+    func = G.gemm_workload(m, n, k, **kw)
+    return func.with_attr(
+        "global_symbol",
+        G.kernel_name(m, n, k, **{a: kw.get(a) for a in ("epilogue", "out_dtype", "batch")}),
+    )
+
+
+@pytest.fixture(scope="module")
+def lite_attn_gpu():
+    """tiny-lite-attn (V2-Lite attention, fused MoE on GPU) split into phases, through
+    LowerMoE for sm_90a and RewriteMLAAttention per MLA mode."""
+    from mla_compiler.pipeline import FORMS, PHASES
+
+    model = random_model(preset("tiny-lite-attn"), seed=3, dtype="float16")
+    # LowerMoE first, once (it does not touch attention; its GPU kernels take a while)
+    mod = LowerMoE(target=tvm_target("sm_90a"))(split_phases(export_relax(model).mod))
+    out = {}
+    for mla in (0, 2, 3):
+        forms = dict(zip(PHASES, FORMS[mla], strict=True))
+        out[mla] = RewriteMLAAttention(dims=model.cfg.dims, forms=forms)(mod)
+    return model, out
+
+
+@pytest.mark.parametrize("mla", [0, 2, 3], ids=["mla0", "mla2", "mla3"])
+def test_lower_dense_gemm_leaves_no_matmul_on_gpu(lite_attn_gpu, mla, monkeypatch):
+    from mla_compiler.passes.lower_dense_gemm import LowerDenseGemm
+    from mla_compiler.schedules import gemm as G
+
+    monkeypatch.setattr(G, "gemm", _workload_only)
+    model, mods = lite_attn_gpu
+    before = mods[mla]
+    assert "R.matmul" in before["prefill"].script(show_meta=False)
+    out = LowerDenseGemm(target=tvm_target("sm_90a"))(before)
+    layers = model.cfg.num_hidden_layers
+    for phase in ("prefill", "decode"):
+        text = out[phase].script(show_meta=False)
+        assert "R.matmul" not in text, phase
+        calls = re.findall(r"R\.call_tir\((?:cls\.)?(gemm\w*)", text)
+        assert calls, phase
+        suffix = "_m1" if phase == "decode" else ""
+        assert all(c.endswith(suffix) for c in calls), calls
+        # per layer: q_proj, kv_a, o_proj + residual; the dense layer's gate/up fused with SiLU
+        assert sum("_residual" in c for c in calls) == 2 * layers  # o_proj; down or shared down
+        assert sum("_silu_mul" in c for c in calls) == layers  # dense MLP + shared experts
+        assert sum("_float32" in c for c in calls) == layers - 1  # MoE router logits
+        assert calls.count(f"gemm_n{model.cfg.vocab_size}_k{model.cfg.hidden_size}{suffix}") == 1
+        absorbed = mla == 2 or (mla == 3 and phase == "decode")
+        assert sum(c.startswith("gemm_h16_") for c in calls) == (2 * layers if absorbed else 0)
+        kv_b = sum(c.startswith("gemm_n4096_k512") for c in calls)
+        assert kv_b == (0 if absorbed else layers)  # mla=0 decompresses rows into the cache
+    # the SwiGLU interleave and the W_UK / W_UV transposes are weight transforms
+    lifted = relax.transform.LiftTransformParams(shared_transform=True)(out)
+    text = lifted["transform_params"].script(show_meta=False)
+    assert "R.concat" in text and "R.permute_dims" in text
+
+
+def test_lower_dense_gemm_is_a_noop_on_cpu(tiny):
+    from mla_compiler.passes.lower_dense_gemm import LowerDenseGemm
+
+    _, mod = tiny
+    assert LowerDenseGemm(target=CPU)(mod).same_as(mod)
+
+
+@pytest.mark.parametrize("mla", [0, 2, 3], ids=["mla0", "mla2", "mla3"])
+def test_lower_dense_gemm_numerics_on_cpu(mla, tmp_path, monkeypatch):
+    """The lowered graph on llvm (the pass's GPU gate bypassed; the gemm factory has a CPU path):
+    f16 logits of a prefill chunk then decode steps against the float32 PyTorch model. Fused
+    epilogues and f32 accumulation bring them closer than R.matmul's f16 CPU path (~5e-3)."""
+    import mla_compiler.passes.lower_dense_gemm as L
+
+    monkeypatch.setattr(L, "is_gpu", lambda _t: True)
+    compile_model(
+        output=tmp_path / "m",
+        preset_name="tiny",
+        options=CompileOptions(mla=mla, seed=3, dtype="float16", max_context=96),
+        log=lambda _m: None,
+    )
+    assert b"gemm_n" in (tmp_path / "m" / "model.so").read_bytes()  # the pass ran
+    eng = Engine.load(tmp_path / "m")
+    ids = torch.randint(0, 512, (21,), generator=torch.Generator().manual_seed(mla)).tolist()
+    eng.reset()
+    got = np.concatenate(
+        [eng.prefill(ids[:15], all_logits=True), np.stack([eng.decode(t) for t in ids[15:]])]
+    )
+    model = random_model(preset("tiny"), seed=3, dtype="float16").float()
+    with torch.no_grad():
+        ref, _ = model(
+            **single_sequence_inputs(ids, start=0, logits="all"), cache=model.new_cache(64)
+        )
+    rel = np.linalg.norm(got - ref.numpy()) / np.linalg.norm(ref.numpy())
+    assert rel < 2e-3, rel
