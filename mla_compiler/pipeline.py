@@ -7,7 +7,8 @@
 5. kernels    LowerMLAKernels: call_tir to the target's attention / cache kernels
 5b. gemm      LowerDenseGemm: dense products with weights -> ``gemm_*`` kernels (GPU f16/bf16)
 6. params     LiftTransformParams: weight transforms (W_UK / W_UV absorption) into
-              ``transform_params``, run once at compile time
+              ``transform_params``, run once at load time; LiftPhaseWeightTransforms moves the
+              transforms only one phase needs there too
 7. build      TVM's default pipeline for the target (dlight schedules for unscheduled GPU ops)
 """
 
@@ -26,6 +27,7 @@ from mla_compiler.model_export.config import ModelConfig
 from mla_compiler.model_export.export import INPUT_NAMES, export_relax
 from mla_compiler.model_export.modeling import DeepseekV2
 from mla_compiler.passes import pseudo
+from mla_compiler.passes.lift_phase_weight_transforms import LiftPhaseWeightTransforms
 from mla_compiler.passes.lower_dense_gemm import LowerDenseGemm
 from mla_compiler.passes.lower_mla_kernels import LowerMLAKernels
 from mla_compiler.passes.lower_moe import LowerMoE
@@ -94,6 +96,7 @@ def lower_to_kernels(
     mod = LowerDenseGemm(target=target)(mod)
     dump("gemm", mod)
     mod = relax.transform.LiftTransformParams(shared_transform=True)(mod)
+    mod = LiftPhaseWeightTransforms()(mod)
     dump("params", mod)
     return mod
 

@@ -593,6 +593,16 @@ def gemm(
     On CUDA, a static ``m <= 16`` takes the small-M tensor-core config of the target unless a
     :class:`GemvConfig` (the FMA GEMV schedule) is given.
     """
+    wg = _wgmma_config(m, n, k, target=target, config=config, epilogue=epilogue, batch=batch)
+    if wg is not None:  # sm_90a, many rows: warpgroup MMAs (schedules/gemm_wgmma.py)
+        from . import gemm_wgmma
+
+        func = gemm_wgmma.wgmma_gemm(
+            m, n, k, dtype=dtype, target=target, config=wg, epilogue=epilogue, out_dtype=out_dtype
+        )
+        return func.with_attr(
+            "global_symbol", kernel_name(m, n, k, epilogue=epilogue, out_dtype=out_dtype)
+        )
     small = isinstance(m, int) and m <= GEMV_MAX_M
     gemv = is_gpu(target) and isinstance(config, GemvConfig)
     # tensor cores pad M to the 16-row tile: the small-M kernel is the symbolic-M kernel
@@ -619,6 +629,30 @@ def gemm(
     return sch.mod["main"].with_attr(
         "global_symbol", kernel_name(m, n, k, epilogue=epilogue, out_dtype=out_dtype, batch=batch)
     )
+
+
+def _wgmma_config(m, n: int, k: int, *, target, config, epilogue, batch):
+    """The wgmma tile for this GEMM on sm_90a (symbolic or > 64 rows, no head axis), or None.
+
+    Tiles measured best on the H100 (benchmarks/results/bench_gemm_wgmma.json): 256 x 128 for
+    SiLU·up, 128 x 256 for outputs of 2048+ columns, 128 x 128 (5 stages) for narrower ones.
+    """
+    from . import gemm_wgmma as W
+
+    if isinstance(config, W.WgmmaConfig):
+        return config
+    if config is not None or batch is not None or not is_gpu(target):
+        return None
+    if isinstance(m, int) and m <= 64:
+        return None
+    nw = weight_layout(n, k, epilogue=epilogue)[0]
+    if epilogue == "silu_mul":
+        cfg = W.WgmmaConfig(256, 128, 64, 4, overlap=True)
+    elif nw >= 2048:
+        cfg = W.WgmmaConfig(128, 256, 64, 4, overlap=True)
+    else:
+        cfg = W.WgmmaConfig(128, 128, 64, 5, overlap=True)
+    return cfg if W.applies(n, k, target=target, config=cfg) else None
 
 
 def gemv_config(epilogue: str | None = None) -> GemvConfig:

@@ -1,0 +1,135 @@
+"""LiftPhaseWeightTransforms: weight transforms that only one phase needs also run at load time.
+
+``LiftTransformParams(shared_transform=True)`` moves to ``transform_params`` only what every
+phase computes from the weights alike. With ``--mla 3`` the prefill phase decompresses K/V from
+``kv_b`` while decode absorbs it, so decode's ``W_UK`` / ``W_UV`` (slices, transposes of
+``kv_b``) stayed in decode and were recomputed at every step (two copies of 2 MB per layer and
+step on DeepSeek-V2-Lite). This pass runs after it and moves every binding of a phase that
+depends on weights only into ``transform_params``: its results become extra outputs, and every
+phase takes them as extra trailing parameters (phases that do not use one ignore it, so the
+engine passes one parameter list to all of them).
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import relax
+
+
+def _phases(mod: tvm.IRModule) -> list[tuple[relax.GlobalVar, relax.Function, int]]:
+    out = []
+    for gv, func in mod.functions_items():
+        if not isinstance(func, relax.Function) or gv.name_hint == "transform_params":
+            continue
+        attrs = func.attrs
+        if attrs is None or "num_input" not in attrs:
+            continue
+        n = int(attrs["num_input"])
+        if len(func.params) > n:
+            out.append((gv, func, n))
+    return out
+
+
+def _free_vars(expr) -> list:
+    return list(relax.analysis.free_vars(expr))
+
+
+@relax.expr_functor.mutator
+class _Substitute(relax.PyExprMutator):
+    def __init__(self, table: dict):
+        super().__init__()
+        self.table = table
+
+    def visit_var_(self, op):
+        return self.table.get(op, op)
+
+    def visit_dataflow_var_(self, op):
+        return self.table.get(op, op)
+
+
+def _weight_only(func: relax.Function, n_input: int):
+    """(bindings computed from weights only, in order; those of them used by the rest)."""
+    weight = set(func.params[n_input:])
+    moved = []
+    for block in func.body.blocks:
+        if not isinstance(block, relax.DataflowBlock):
+            continue
+        for b in block.bindings:
+            if not isinstance(b, relax.VarBinding) or not isinstance(b.value, relax.Call):
+                continue
+            free = _free_vars(b.value)
+            if free and all(v in weight for v in free):
+                weight.add(b.var)
+                moved.append(b)
+    moved_vars = {b.var for b in moved}
+    used = set()
+    for block in func.body.blocks:
+        for b in block.bindings:
+            if b.var not in moved_vars:
+                used.update(v for v in _free_vars(b.value) if v in moved_vars)
+    used.update(v for v in _free_vars(func.body.body) if v in moved_vars)
+    leaves = [b.var for b in moved if b.var in used]
+    return moved, leaves
+
+
+def LiftPhaseWeightTransforms() -> tvm.transform.Pass:  # noqa: N802
+    def transform(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        if "transform_params" not in [gv.name_hint for gv in mod.get_global_vars()]:
+            return mod
+        phases = [(gv, f, n, *_weight_only(f, n)) for gv, f, n in _phases(mod)]
+        if not any(leaves for *_, leaves in phases):
+            return mod
+        tp = mod["transform_params"]
+        (block,) = tp.body.blocks
+        out_var = tp.body.body
+        fields = list(relax.analysis.get_var2val(tp)[out_var].fields)
+
+        # transform_params: the moved bindings of each phase, weights -> its current outputs
+        bindings = list(block.bindings)
+        extra_fields, new_params = [], []
+        for _gv, func, n, moved, leaves in phases:
+            table = dict(zip(func.params[n:], fields, strict=True))
+            for b in moved:
+                var = relax.DataflowVar(b.var.name, b.var.ty)
+                bindings.append(relax.VarBinding(var, _Substitute(table).visit_expr(b.value)))
+                table[b.var] = var
+            extra_fields += [table[v] for v in leaves]
+            new_params += [relax.Var(f"{v.name}_lifted", v.ty) for v in leaves]
+        new_out = relax.Var(out_var.name, relax.TupleType([f.ty for f in fields + extra_fields]))
+        bindings.append(relax.VarBinding(new_out, relax.Tuple(fields + extra_fields)))
+        new_tp = relax.Function(
+            tp.params,
+            relax.BlockBuilder().normalize(relax.SeqExpr([relax.DataflowBlock(bindings)], new_out)),
+            is_pure=tp.is_pure,
+            attrs=tp.attrs,
+        )
+
+        out = tvm.IRModule({gv: f for gv, f in mod.functions_items()}, attrs=mod.attrs)
+        out[mod.get_global_var("transform_params")] = new_tp
+        start = 0
+        for gv, func, _n, moved, leaves in phases:
+            mine = new_params[start : start + len(leaves)]
+            start += len(leaves)
+            table = dict(zip(leaves, mine, strict=True))
+            drop = {b.var for b in moved}
+            blocks = []
+            for blk in func.body.blocks:
+                kept = [
+                    relax.VarBinding(b.var, _Substitute(table).visit_expr(b.value))
+                    if isinstance(b, relax.VarBinding)
+                    else b
+                    for b in blk.bindings
+                    if b.var not in drop
+                ]
+                blocks.append(type(blk)(kept))
+            body = relax.SeqExpr(blocks, _Substitute(table).visit_expr(func.body.body))
+            body = relax.BlockBuilder().normalize(body)
+            # every phase takes every lifted tensor: one parameter list for all of them
+            params = list(func.params) + [table.get(v, v) for v in new_params]
+            for i, p in enumerate(params[len(func.params) :]):
+                if p in new_params and p not in mine:
+                    params[len(func.params) + i] = relax.Var(p.name, p.ty)
+            out[gv] = relax.Function(params, body, is_pure=func.is_pure, attrs=func.attrs)
+        return relax.transform.Normalize()(out)
+
+    return tvm.transform.module_pass(transform, opt_level=0, name="LiftPhaseWeightTransforms")
