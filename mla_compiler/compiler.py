@@ -38,7 +38,7 @@ class CompileOptions:
     seed: int = 0
     dump_ir: str | None = None
     # GPU decode through CUDA graphs (TVM's RewriteCUDAGraph): see build_module
-    cuda_graph: bool = False
+    cuda_graph: bool = True  # GPU targets only
 
 
 def resolve_model(*, model_dir: str | None, preset_name: str | None, dtype: str, seed: int):
