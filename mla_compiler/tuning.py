@@ -185,6 +185,90 @@ def _register_attention() -> None:
 _register_attention()
 
 
+# --- dense GEMMs (sm_90a wgmma kernel) -----------------------------------------------------------
+
+GEMM_TOKENS = (2048,)  # prompt-chunk rows the dense GEMMs are tuned for
+
+
+def dense_products(model: ModelConfig) -> list[tuple[int, int, str | None, str | None]]:
+    """``(n, k, epilogue, out_dtype)`` of every dense product of a prompt chunk (mla=3): the
+    shapes ``LowerDenseGemm`` hands to ``schedules.gemm``."""
+    d, m = model.hidden_size, model.dims
+    out = [
+        (m.heads * m.qk_head_dim, d, None, None),  # q_proj (q_lora_rank None)
+        (m.kv_lora_rank + m.qk_rope_head_dim, d, None, None),  # kv_a_proj_with_mqa
+        (m.heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank, None, None),  # kv_b
+        (d, m.heads * m.v_head_dim, "residual", None),  # o_proj + residual
+        (model.n_routed_experts, d, None, "float32"),  # router logits
+    ]
+    shared = model.n_shared_experts * model.moe_intermediate_size
+    if shared:
+        out += [(shared, d, "silu_mul", None), (d, shared, "residual", None)]
+    if model.first_k_dense_replace:
+        out += [(model.intermediate_size, d, "silu_mul", None)]
+        out += [(d, model.intermediate_size, "residual", None)]
+    if m.q_lora_rank is not None:
+        out[0] = (m.heads * m.qk_head_dim, m.q_lora_rank, None, None)
+        out.append((m.q_lora_rank, d, None, None))
+    return list(dict.fromkeys(out))
+
+
+def gemm_shape_key(n: int, k: int, epilogue: str | None, out_dtype: str | None, tokens: int):
+    tag = (epilogue or "plain") + ("-f32" if out_dtype == "float32" else "")
+    return f"n{n}-k{k}-{tag}-t{tokens}"
+
+
+def _gemm_kernel() -> TunableKernel:
+    from mla_compiler.schedules import gemm_wgmma as W
+
+    def space(target, dims):
+        return [c for c in W.CONFIGS if W.keep(c, target)]
+
+    def shapes(model, target, config):
+        out = []
+        for n, k, epi, odt in dense_products(model):
+            if not W.keep(config, target, k=k) or (epi == "silu_mul" and config.block_n % 64):
+                continue
+            for t in GEMM_TOKENS:
+                key = gemm_shape_key(n, k, epi, odt, t)
+                params = {"n": n, "k": k, "epilogue": epi, "out_dtype": odt, "tokens": t}
+                out.append(Shape(key, {**params, "symbol": _symbol(key)}))
+        return out
+
+    def build(config, target, model):
+        funcs = {}
+        for shape in shapes(model, target, config):
+            p = shape.params
+            f = W.wgmma_gemm(
+                None,
+                p["n"],
+                p["k"],
+                target=target,
+                config=config,
+                epilogue=p["epilogue"],
+                out_dtype=p["out_dtype"],
+            )
+            funcs[p["symbol"]] = f.with_attr("global_symbol", p["symbol"])
+        return tvm.IRModule(funcs)
+
+    return TunableKernel("gemm_prefill", "gemm", W.WgmmaConfig, space, shapes, build)
+
+
+def _symbol(key: str) -> str:
+    return "gemm_" + re.sub(r"\W", "_", key)
+
+
+def gemm_config(target, *, n: int, k: int, epilogue, out_dtype, default):
+    """The wgmma config of a prompt-chunk GEMM: the one tuned for the active database's chunk
+    (``using_db``), else ``default``."""
+    active = _ACTIVE.get() or _Active()
+    key = gemm_shape_key(n, k, epilogue, out_dtype, active.tokens)
+    return config_for(active.db_dir, "gemm_prefill", target, key, default, log=active.log)
+
+
+register(_gemm_kernel())
+
+
 def select_kernels(spec: str | list[str]) -> list[TunableKernel]:
     """Kernels named by ``--kernels``: groups (attn, gemm, moe) or kernel names.
 

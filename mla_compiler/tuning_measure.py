@@ -282,6 +282,39 @@ register_runner("attn_prefill_absorbed")(_prefill_runner("absorbed"))
 register_runner("attn_prefill_decompressed")(_prefill_runner("decompressed"))
 
 
+@register_runner("gemm_prefill")
+def run_gemm(module, plan: dict, params: dict, reps: int) -> dict:
+    """``Y = epilogue(X W^T)`` for a prompt chunk of ``tokens`` rows (f16), checked against the
+    float64 product (SiLU·up over 32-row interleaved gate/up groups, residual add)."""
+    import torch
+
+    n, k, m, epi = params["n"], params["k"], params["tokens"], params["epilogue"]
+    out_dtype = getattr(torch, params["out_dtype"] or "float16")
+    nw = 2 * n if epi == "silu_mul" else n
+    fn = module[params["symbol"]]
+    y = torch.empty(m, n, device=DEVICE, dtype=out_dtype)
+    calls, first = [], None
+    for _ in range(input_sets((m * k + nw * k + m * n) * 2)):
+        x = torch.randn(m, k, device=DEVICE).half()
+        w = (torch.randn(nw, k, device=DEVICE) / k**0.5).half()
+        r = torch.randn(m, n, device=DEVICE).half()
+        args = [_t(x), _t(w)] + ([_t(r)] if epi == "residual" else []) + [_t(y)]
+        calls.append(lambda args=args: fn(*args))
+        first = first or (x, w, r)
+    y.fill_(float("nan"))
+    calls[0]()
+    _sync()
+    x, w, r = first
+    rows = slice(0, min(m, 256))
+    h = x[rows].double() @ w.double().T
+    if epi == "silu_mul":
+        g = h.view(h.shape[0], n // 32, 2, 32)
+        h = (torch.nn.functional.silu(g[:, :, 0]) * g[:, :, 1]).reshape(h.shape[0], n)
+    ref = h + r[rows].double() if epi == "residual" else h
+    err = _check("Y", y[rows], ref, atol=1e-2, rtol=1e-2)
+    return {"median_us": time_calls(calls, reps=reps), "max_abs_err": err}
+
+
 # --- measuring a plan ---------------------------------------------------------------------------
 
 

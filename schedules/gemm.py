@@ -593,7 +593,9 @@ def gemm(
     On CUDA, a static ``m <= 16`` takes the small-M tensor-core config of the target unless a
     :class:`GemvConfig` (the FMA GEMV schedule) is given.
     """
-    wg = _wgmma_config(m, n, k, target=target, config=config, epilogue=epilogue, batch=batch)
+    wg = _wgmma_config(
+        m, n, k, target=target, config=config, epilogue=epilogue, batch=batch, out_dtype=out_dtype
+    )
     if wg is not None:  # sm_90a, many rows: warpgroup MMAs (schedules/gemm_wgmma.py)
         from . import gemm_wgmma
 
@@ -631,8 +633,9 @@ def gemm(
     )
 
 
-def _wgmma_config(m, n: int, k: int, *, target, config, epilogue, batch):
-    """The wgmma tile for this GEMM on sm_90a (symbolic or > 64 rows, no head axis), or None.
+def _wgmma_config(m, n: int, k: int, *, target, config, epilogue, batch, out_dtype=None):
+    """The wgmma tile for this GEMM on sm_90a (symbolic or > 64 rows, no head axis), or None;
+    a tuned one from the active database (``tuning.using_db``) first.
 
     Tiles measured best on the H100 (benchmarks/results/bench_gemm_wgmma.json): 256 x 128 for
     SiLU·up, 128 x 256 for outputs of 2048+ columns, 128 x 128 (5 stages) for narrower ones.
@@ -645,6 +648,8 @@ def _wgmma_config(m, n: int, k: int, *, target, config, epilogue, batch):
         return None
     if isinstance(m, int) and m <= 64:
         return None
+    from mla_compiler import tuning
+
     nw = weight_layout(n, k, epilogue=epilogue)[0]
     if epilogue == "silu_mul":
         cfg = W.WgmmaConfig(256, 128, 64, 4, overlap=True)
@@ -652,7 +657,13 @@ def _wgmma_config(m, n: int, k: int, *, target, config, epilogue, batch):
         cfg = W.WgmmaConfig(128, 256, 64, 4, overlap=True)
     else:
         cfg = W.WgmmaConfig(128, 128, 64, 5, overlap=True)
-    return cfg if W.applies(n, k, target=target, config=cfg) else None
+    if not W.applies(n, k, target=target, config=cfg):
+        return None
+    # `compile --tuning-db`: the config measured fastest for this shape, if any
+    tuned = tuning.gemm_config(
+        target, n=n, k=k, epilogue=epilogue, out_dtype=out_dtype, default=cfg
+    )
+    return tuned if W.applies(n, k, target=target, config=tuned) else cfg
 
 
 def gemv_config(epilogue: str | None = None) -> GemvConfig:

@@ -418,3 +418,38 @@ def test_compiler_view_of_the_active_db(tmp_path):
     with pytest.raises(TuningError, match="does not exist"):
         with tuning.using_db(tmp_path / "nope"):
             pass
+
+
+def test_gemm_kernel_shapes_and_compiler_view(tmp_path):
+    """gemm_prefill: V2-Lite's dense products are its shapes; under ``using_db`` the GEMM
+    factory builds the wgmma config recorded fastest for a shape, others keep the default."""
+    from mla_compiler.schedules import gemm as G
+    from mla_compiler.schedules import gemm_wgmma as W
+
+    target = tvm_target("sm_90a")
+    kernel = tuning.KERNELS["gemm_prefill"]
+    assert kernel.group == "gemm" and tuning.select_kernels("gemm") == [kernel]
+    cfg = W.CONFIGS[0]
+    keys = [s.key for s in kernel.shapes(V2, target, cfg)]
+    assert "n2816-k2048-silu_mul-t2048" in keys and "n64-k2048-plain-f32-t2048" in keys
+    assert len(keys) == len(set(keys)) == len(tuning.dense_products(V2)) == 9
+    assert kernel.space(tvm_target("sm_89"), V2.dims) == []  # no wgmma there
+
+    db = tmp_path / "db"
+    tuned = W.WgmmaConfig(64, 256, 64, 4, overlap=True)
+    key = tuning.gemm_shape_key(3072, 2048, None, None, 2048)
+    tuning_db.append(
+        db, _rec(3.0, cfg=tuning.config_to_dict(tuned), shape=key, kernel="gemm_prefill")
+    )
+
+    def config_of(n):
+        return G._wgmma_config(None, n, 2048, target=target, config=None, epilogue=None, batch=None)
+
+    default = config_of(3072)
+    with tuning.using_db(db):
+        assert config_of(3072) == tuned
+        assert config_of(2048) == G._wgmma_config(
+            None, 2048, 2048, target=target, config=None, epilogue=None, batch=None
+        )
+        assert "wgmma" in G.gemm(None, 3072, 2048, target=target).script()
+    assert config_of(3072) == default != tuned
