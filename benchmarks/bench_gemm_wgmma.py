@@ -202,35 +202,13 @@ def run(out: Path, json_path: str | None, reps: int) -> int:
     return 1 if bad else 0
 
 
-def _grouping(ids, num_experts: int, bm: int):
-    """sorted_rows / block_expert as ``moe_align`` lays them out (expert order, blocks of bm
-    rows padded with -1, unused blocks last with expert -1)."""
-    import torch
-
-    flat = ids.flatten().tolist()
-    nb = (len(flat) + num_experts * (bm - 1)) // bm
-    by_expert: dict[int, list[int]] = {}
-    for i, e in enumerate(flat):
-        by_expert.setdefault(e, []).append(i)
-    sorted_rows, block_expert = [], []
-    for e in sorted(by_expert):
-        rows = by_expert[e]
-        for j in range(0, len(rows), bm):
-            chunk = rows[j : j + bm]
-            sorted_rows += chunk + [-1] * (bm - len(chunk))
-            block_expert.append(e)
-    used = len(block_expert)
-    sorted_rows += [-1] * (nb - used) * bm
-    block_expert += [-1] * (nb - used)
-    i32 = dict(dtype=torch.int32, device="cuda")
-    return torch.tensor(sorted_rows, **i32), torch.tensor(block_expert, **i32), used
-
-
 def _run_moe(mod, index, rows, timed) -> int:
     """Grouped gate_up and down at V2-Lite's expert shapes vs a float32 per-block reference;
     TFLOP/s counted on the routed rows only; baseline: one cuBLAS GEMM over as many rows."""
     import torch
     import tvm
+
+    from mla_compiler import reference
 
     t = tvm.runtime.from_dlpack
     e_num, k_top, d, inter = MOE["num_experts"], MOE["top_k"], MOE["hidden"], MOE["inter"]
@@ -246,7 +224,7 @@ def _run_moe(mod, index, rows, timed) -> int:
         for kind in ("gate_up", "down"):
             for item in (i for i in index if i["shape"] == f"moe_{kind}"):
                 bm = item["config"]["block_m"]
-                sr, be, used = _grouping(ids, e_num, bm)
+                sr, be, used = reference.moe_grouping(ids, e_num, bm)
                 real = sr >= 0
                 src = sr.clamp(min=0).long()
                 tok, slot = src // k_top, src % k_top

@@ -131,6 +131,29 @@ def moe_experts(
     return out
 
 
+def moe_grouping(ids: torch.Tensor, num_experts: int, block_m: int):
+    """``moe_align``'s layout of routed rows ``t * k + j`` (ids [T, k]): expert order, blocks of
+    ``block_m`` rows padded with -1, unused blocks last with expert -1. Returns
+    (sorted_rows [NB * block_m] int32, block_expert [NB] int32, used blocks)."""
+    flat = ids.flatten().tolist()
+    nb = (len(flat) + num_experts * (block_m - 1)) // block_m
+    by_expert: dict[int, list[int]] = {}
+    for i, e in enumerate(flat):
+        by_expert.setdefault(e, []).append(i)
+    sorted_rows, block_expert = [], []
+    for e in sorted(by_expert):
+        rows = by_expert[e]
+        for j in range(0, len(rows), block_m):
+            chunk = rows[j : j + block_m]
+            sorted_rows += chunk + [-1] * (block_m - len(chunk))
+            block_expert.append(e)
+    used = len(block_expert)
+    sorted_rows += [-1] * (nb - used) * block_m
+    block_expert += [-1] * (nb - used)
+    i32 = dict(dtype=torch.int32, device=ids.device)
+    return torch.tensor(sorted_rows, **i32), torch.tensor(block_expert, **i32), used
+
+
 def topk_lowest_index(values: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k along the last dim, equal values ordered by ascending index (a stable sort)."""
     v, idx = torch.sort(values, dim=-1, descending=True, stable=True)

@@ -269,6 +269,63 @@ def gemm_config(target, *, n: int, k: int, epilogue, out_dtype, default):
 register(_gemm_kernel())
 
 
+# --- grouped MoE expert GEMMs (sm_90a wgmma) ------------------------------------------------------
+
+
+def moe_shape_key(model: ModelConfig, tokens: int) -> str:
+    e, k = model.n_routed_experts, model.num_experts_per_tok
+    return f"e{e}-k{k}-d{model.hidden_size}-i{model.moe_intermediate_size}-t{tokens}"
+
+
+def _moe_kernel() -> TunableKernel:
+    """gate+up then down for one prompt chunk, as one measurement: both take the same row
+    blocks (``moe_align`` groups tokens for one ``block_m``), so one config serves both."""
+    from mla_compiler.schedules import gemm_wgmma as W
+
+    def space(target, dims):
+        return [c for c in W.CONFIGS if W.keep(c, target)]
+
+    def shapes(model, target, config):
+        if not model.n_routed_experts:
+            return []
+        d, i = model.hidden_size, model.moe_intermediate_size
+        if not (W.keep(config, target, k=d) and W.keep(config, target, k=i)):
+            return []
+        params = {
+            "num_experts": model.n_routed_experts,
+            "top_k": model.num_experts_per_tok,
+            "hidden": d,
+            "inter": i,
+            "block_m": config.block_m,
+        }
+        return [Shape(moe_shape_key(model, t), {**params, "tokens": t}) for t in GEMM_TOKENS]
+
+    def build(config, target, model):
+        kw = dict(num_experts=model.n_routed_experts, top_k=model.num_experts_per_tok)
+        d, i = model.hidden_size, model.moe_intermediate_size
+        funcs = {
+            name: W.moe_grouped(kind, d, i, target=target, config=config, **kw).with_attr(
+                "global_symbol", name
+            )
+            for kind, name in (("gate_up", "moe_gate_up"), ("down", "moe_down"))
+        }
+        return tvm.IRModule(funcs)
+
+    return TunableKernel("moe_grouped", "moe", W.WgmmaConfig, space, shapes, build)
+
+
+def moe_config(target, model_shape: dict, *, default):
+    """The grouped-GEMM config (``hidden``, ``inter``, ``num_experts``, ``top_k`` in
+    ``model_shape``) tuned for the active database's prompt chunk, else ``default``."""
+    active = _ACTIVE.get() or _Active()
+    s = model_shape
+    key = f"e{s['num_experts']}-k{s['top_k']}-d{s['hidden']}-i{s['inter']}-t{active.tokens}"
+    return config_for(active.db_dir, "moe_grouped", target, key, default, log=active.log)
+
+
+register(_moe_kernel())
+
+
 def select_kernels(spec: str | list[str]) -> list[TunableKernel]:
     """Kernels named by ``--kernels``: groups (attn, gemm, moe) or kernel names.
 

@@ -307,8 +307,9 @@ def test_cli_tune_build_only_then_measure_needs_gpu(tmp_path):
         *("tune", "--preset", "tiny", "--target", "sm_90a", "--db", db, "--limit", "1"),
         *("--kernels", "attn_decode,gemm", "--build-only", str(out)),
     )
-    assert "1 candidates, 0 failed" in proc.stdout and "no tunable gemm" in proc.stderr
+    assert "2 candidates, 0 failed" in proc.stdout  # one attn_decode, one gemm_prefill config
     assert (out / "attn_decode-000" / "kernel.so").is_file()
+    assert (out / "gemm_prefill-000" / "kernel.so").is_file()
     bad = run_cli("tune", "--db", str(tmp_path / "file"), "--measure", str(tmp_path / "x"),
                   check=False)  # fmt: skip
     assert bad.returncode == 2 and "no tuning plan" in bad.stderr
@@ -453,3 +454,25 @@ def test_gemm_kernel_shapes_and_compiler_view(tmp_path):
         )
         assert "wgmma" in G.gemm(None, 3072, 2048, target=target).script()
     assert config_of(3072) == default != tuned
+
+
+def test_moe_kernel_registered_and_looked_up(tmp_path):
+    """moe_grouped: one shape per prompt chunk (gate+up and down measured together: they share
+    the row blocks), looked up by LowerMoE through ``tuning.moe_config``."""
+    from mla_compiler.schedules import gemm_wgmma as W
+
+    target = tvm_target("sm_90a")
+    kernel = tuning.KERNELS["moe_grouped"]
+    assert tuning.select_kernels("moe") == [kernel] and tuning.skipped_groups("gemm,moe") == []
+    (shape,) = kernel.shapes(V2, target, W.CONFIGS[0])
+    assert shape.key == "e64-k6-d2048-i1408-t2048" and shape.params["block_m"] == 128
+    mod = kernel.build(W.CONFIGS[2], target, V2)
+    assert {gv.name_hint for gv in mod.get_global_vars()} == {"moe_gate_up", "moe_down"}
+    db = tmp_path / "db"
+    tuned = W.WgmmaConfig(64, 256, 64, 4, overlap=True)
+    rec = _rec(2.0, cfg=tuning.config_to_dict(tuned), shape=shape.key, kernel="moe_grouped")
+    tuning_db.append(db, rec)
+    model_shape = dict(hidden=2048, inter=1408, num_experts=64, top_k=6)
+    assert tuning.moe_config(target, model_shape, default=W.MOE_CONFIG) == W.MOE_CONFIG
+    with tuning.using_db(db):
+        assert tuning.moe_config(target, model_shape, default=W.MOE_CONFIG) == tuned

@@ -13,7 +13,7 @@ import tvm
 from tvm import relax
 from tvm.relax import op as R
 
-from mla_compiler import kernels
+from mla_compiler import kernels, tuning
 from mla_compiler.passes import pseudo
 from mla_compiler.schedules.topk import topk as topk_kernel
 
@@ -184,7 +184,11 @@ class _Lower(relax.PyExprMutator):
             # decode: per-(token, slot) expert GEMVs, no grouping pass, the combine folded
             return self._fused_gemv(x, gate_up, down, weights, ids, key=key, e=e, d=d, inter=inter)
         wg = W.moe_config(self.target, hidden=d, inter=inter)  # sm_90a: warpgroup MMAs
-        if wg is not None:
+        if wg is not None:  # `compile --tuning-db`: the tile measured fastest, if recorded
+            shape = dict(hidden=d, inter=inter, num_experts=e, top_k=top_k)
+            tuned = tuning.moe_config(self.target, shape, default=wg)
+            ok = all(W.keep(tuned, self.target, k=kk) for kk in (d, inter))
+            wg = tuned if ok and tuned.block_n % (2 * G.SWIGLU_GROUP) == 0 else wg
             bm = wg.block_m
             grouped_kw = dict(num_experts=e, top_k=top_k, dtype=dtype, target=self.target)
             gate_up_fn = W.moe_grouped("gate_up", d, inter, config=wg, **grouped_kw)
