@@ -156,6 +156,27 @@ def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return proc
 
 
+def nvcc_available() -> bool:
+    """nvcc and cuobjdump are installed: CUDA code can be compiled and its SASS read here."""
+    from mla_compiler.nvcc import find_tool
+
+    try:
+        find_tool("nvcc")
+        find_tool("cuobjdump")
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def require_nvcc():
+    """``mla_compiler.nvcc`` for static CUDA checks; skips the test where the tools are missing."""
+    if not nvcc_available():
+        pytest.skip("nvcc / cuobjdump not installed")
+    from mla_compiler import nvcc
+
+    return nvcc
+
+
 def gpu_available() -> bool:
     try:
         import tvm

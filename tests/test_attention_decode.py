@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import tvm
+from conftest import nvcc_available
 
 from mla_compiler import reference
 from mla_compiler.model_export.config import MLADims, preset
@@ -139,18 +140,7 @@ def test_keep_rejects_oversized():
     assert not dec.keep(dec.Config(), tvm_target("cpu"), LITE, heads=16, q_tokens=1)
 
 
-def _nvcc_available() -> bool:
-    from mla_compiler.nvcc import find_tool
-
-    try:
-        find_tool("nvcc")
-        find_tool("cuobjdump")
-    except Exception:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _nvcc_available(), reason="needs nvcc and cuobjdump")
+@pytest.mark.skipif(not nvcc_available(), reason="needs nvcc and cuobjdump")
 @pytest.mark.parametrize(
     "arch,q_tokens",
     [("sm_89", 1), ("sm_89", 2), ("sm_90a", 1), ("sm_90a", 2), ("sm_90a", 4)],

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from conftest import nvcc_available
 
 from mla_compiler import reference as ref
 from mla_compiler.errors import TargetError
@@ -208,18 +209,7 @@ def test_llvm_float32_runs():
 # ----------------------------------------------------------------------------------------------
 
 
-def _nvcc_available() -> bool:
-    from mla_compiler.nvcc import find_tool
-
-    try:
-        find_tool("nvcc")
-        find_tool("cuobjdump")
-    except TargetError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _nvcc_available(), reason="nvcc / cuobjdump not installed")
+@pytest.mark.skipif(not nvcc_available(), reason="nvcc / cuobjdump not installed")
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_cuda_build_uses_tensor_cores_without_spills(kind, arch):
@@ -240,7 +230,7 @@ def test_cuda_build_uses_tensor_cores_without_spills(kind, arch):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _nvcc_available(), reason="nvcc / cuobjdump not installed")
+@pytest.mark.skipif(not nvcc_available(), reason="nvcc / cuobjdump not installed")
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_candidate_config_compiles_without_spills(kind, arch):
@@ -255,7 +245,7 @@ def test_every_candidate_config_compiles_without_spills(kind, arch):
         assert ops.get("HGMMA" if config.wgmma else "HMMA", 0) > 0, (config, ops)
 
 
-@pytest.mark.skipif(not _nvcc_available(), reason="nvcc / cuobjdump not installed")
+@pytest.mark.skipif(not nvcc_available(), reason="nvcc / cuobjdump not installed")
 @pytest.mark.parametrize("kind", KINDS)
 def test_sm90a_wgmma_variant_uses_warpgroup_mma_without_spills(kind):
     from mla_compiler.nvcc import compile_cubin, sass_opcodes

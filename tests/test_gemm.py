@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from conftest import require_nvcc
 
 from mla_compiler import reference
 from mla_compiler.schedules import gemm as G
@@ -159,12 +160,7 @@ CUDA_CASES = {  # (m, epilogue, extra factory kwargs) -> the SASS opcode the ker
 def test_gemm_cuda_static(arch):
     """Every kernel variant compiles with 0 spills and uses the instructions meant
     (one nvcc run per arch for all variants)."""
-    nvcc = pytest.importorskip("mla_compiler.nvcc")
-    try:
-        nvcc.find_tool("nvcc")
-        nvcc.find_tool("cuobjdump")
-    except Exception as err:  # noqa: BLE001
-        pytest.skip(str(err))
+    nvcc = require_nvcc()
     funcs = {}
     for (m, ep, kw), op in CUDA_CASES.items():
         kw = dict(kw)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import tvm
+from conftest import require_nvcc
 
 from mla_compiler.schedules import gemm_wgmma as W
 from mla_compiler.schedules.target import tvm_target
@@ -46,12 +47,7 @@ def test_bad_shapes_are_refused(kw, match):
 
 def test_cuda_static_sm90a():
     """All epilogues in one nvcc run: HGMMA and cp.async in the SASS, no spills."""
-    nvcc = pytest.importorskip("mla_compiler.nvcc")
-    try:
-        nvcc.find_tool("nvcc")
-        nvcc.find_tool("cuobjdump")
-    except Exception as err:  # noqa: BLE001
-        pytest.skip(str(err))
+    nvcc = require_nvcc()
     funcs = {}
     for (n, k, epi, odt), name in CASES.items():
         cfg = W.WgmmaConfig(overlap=name == "residual")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
+from conftest import require_nvcc
 
 from mla_compiler import reference
 from mla_compiler.schedules import gemm as G
@@ -286,22 +287,12 @@ def _bf16(f):
     return f.with_attr("global_symbol", f.attrs["global_symbol"] + "_bf16")
 
 
-def _cuda_tools():
-    nvcc = pytest.importorskip("mla_compiler.nvcc")
-    try:
-        nvcc.find_tool("nvcc")
-        nvcc.find_tool("cuobjdump")
-    except Exception as err:  # noqa: BLE001
-        pytest.skip(str(err))
-    return nvcc
-
-
 @pytest.mark.parametrize("arch", ["sm_89", "sm_90a"])
 def test_moe_cuda_static(arch):
     """Every MoE kernel builds with cp.async on (as the model build does): 0 spills; the
     grouped GEMMs use HMMA + LDSM + LDGSTS (the row gather and the expert select inside the
     cp.async address do not block TVM's async-copy injection); routing uses warp shuffles."""
-    nvcc = _cuda_tools()
+    nvcc = require_nvcc()
     target = tvm_target(arch)
     kernels = _kernels(target)
     mod = tvm.IRModule({f.attrs["global_symbol"]: f for f, _ in kernels.values()})
