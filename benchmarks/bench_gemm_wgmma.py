@@ -105,18 +105,11 @@ def build(out: Path) -> None:
     print(f"built {len(funcs)} kernels into {out}; spills: {spills or 'none'}")
 
 
-def _silu_mul_ref(h, n):
-    """SiLU(gate) * up from an accumulator whose columns are interleaved gate/up groups of 32."""
-    import torch
-
-    g = h.view(h.shape[0], n // 32, 2, 32)
-    return (torch.nn.functional.silu(g[:, :, 0]) * g[:, :, 1]).reshape(h.shape[0], n)
-
-
 def run(out: Path, json_path: str | None, reps: int) -> int:
     import torch
     import tvm
 
+    from mla_compiler import reference
     from mla_compiler.runtime import loader
 
     loader.use_runtime_only()
@@ -147,7 +140,7 @@ def run(out: Path, json_path: str | None, reps: int) -> int:
             w = (torch.randn(nw, k, device="cuda", generator=gen) / k**0.5).half()
             r = torch.randn(m, n, device="cuda", generator=gen).half()
             h = x.float() @ w.float().T
-            ref = _silu_mul_ref(h, n) if epi == "silu_mul" else h
+            ref = reference.silu_mul_interleaved(h) if epi == "silu_mul" else h
             ref = ref + r.float() if epi == "residual" else ref
             cublas_us = timed(lambda x=x, w=w: torch.matmul(x, w.T))
             flops = 2 * m * nw * k
@@ -233,10 +226,9 @@ def _run_moe(mod, index, rows, timed) -> int:
                     ref = torch.zeros(sr.numel(), inter, device="cuda")
                     for b, e in blocks:  # per row block: its expert's weight
                         rs = slice(b * bm, (b + 1) * bm)
-                        hh = x[tok[rs]].float() @ wgu[e].float().T
-                        g = hh.view(bm, inter // 32, 2, 32)
-                        gated = torch.nn.functional.silu(g[:, :, 0]) * g[:, :, 1]
-                        ref[rs] = gated.reshape(bm, inter)
+                        ref[rs] = reference.silu_mul_interleaved(
+                            x[tok[rs]].float() @ wgu[e].float().T
+                        )
                     out = torch.full((sr.numel(), inter), float("nan"), device="cuda").half()
                     args = [t(x), t(sr), t(be), t(wgu), t(out)]
                     n_cols, k_dim = 2 * inter, d

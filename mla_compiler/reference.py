@@ -87,6 +87,14 @@ def gemm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return _f64(a) @ _f64(w).T
 
 
+def silu_mul_interleaved(h: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """SiLU(gate) * up of products ``h [M, 2N]`` whose columns are gate/up in interleaved groups
+    of ``group`` (``gemm.transform_weight``'s weight layout) -> ``[M, N]``."""
+    m, n = h.shape[0], h.shape[1] // 2
+    g = h.reshape(m, n // group, 2, group)
+    return (torch.nn.functional.silu(g[:, :, 0]) * g[:, :, 1]).reshape(m, n)
+
+
 def moe_route(
     logits: torch.Tensor,
     *,

@@ -288,6 +288,8 @@ def run_gemm(module, plan: dict, params: dict, reps: int) -> dict:
     float64 product (SiLU·up over 32-row interleaved gate/up groups, residual add)."""
     import torch
 
+    from mla_compiler import reference
+
     n, k, m, epi = params["n"], params["k"], params["tokens"], params["epilogue"]
     out_dtype = getattr(torch, params["out_dtype"] or "float16")
     nw = 2 * n if epi == "silu_mul" else n
@@ -308,8 +310,7 @@ def run_gemm(module, plan: dict, params: dict, reps: int) -> dict:
     rows = slice(0, min(m, 256))
     h = x[rows].double() @ w.double().T
     if epi == "silu_mul":
-        g = h.view(h.shape[0], n // 32, 2, 32)
-        h = (torch.nn.functional.silu(g[:, :, 0]) * g[:, :, 1]).reshape(h.shape[0], n)
+        h = reference.silu_mul_interleaved(h)
     ref = h + r[rows].double() if epi == "residual" else h
     err = _check("Y", y[rows], ref, atol=1e-2, rtol=1e-2)
     return {"median_us": time_calls(calls, reps=reps), "max_abs_err": err}
@@ -348,9 +349,7 @@ def run_moe(module, plan: dict, params: dict, reps: int) -> dict:
     src = sr.clamp(min=0).long()
     for b in sorted({0, used // 2, used - 1}):  # a few row blocks, fp64 per block
         rows, ex = slice(b * bm, (b + 1) * bm), int(be[b])
-        hh = x[src[rows] // k_top].double() @ wgu[ex].double().T
-        g = hh.view(bm, inter // 32, 2, 32)
-        ref_h = (torch.nn.functional.silu(g[:, :, 0]) * g[:, :, 1]).reshape(bm, inter)
+        ref_h = reference.silu_mul_interleaved(x[src[rows] // k_top].double() @ wgu[ex].double().T)
         real = sr[rows] >= 0
         err = max(err, _check("H", h[rows][real], ref_h[real], atol=1e-2, rtol=1e-2))
         scale = torch.where(real, weights[src[rows] // k_top, src[rows] % k_top], 0.0)
