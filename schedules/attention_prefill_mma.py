@@ -36,6 +36,8 @@ import math
 
 from tvm.script import tirx as T
 
+from .wgmma import mma_async, pin
+
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 _PAD = 8  # halfs of padding per shared-memory row: rows 16 B apart mod 128 B, no ldmatrix conflicts
@@ -350,10 +352,10 @@ def _s_wgmma(G, stage):
         T.ptx["wgmma.fence.sync.aligned"]()
         for kk in T.serial(G.dk // 16):
             a_desc, b_desc = desc[0] + T.uint64(kk * 16), desc[1] + T.uint64(kk * 16)
-            _wgmma(G.s_cols, s_acc, a_desc, b_desc, accumulate=kk > 0, trans_b=0)
+            mma_async(G.s_cols, s_acc, a_desc, b_desc, accumulate=kk > 0, trans_b=0)
         T.ptx["wgmma.commit_group.sync.aligned"]()
         T.ptx["wgmma.wait_group.sync.aligned"](0)
-    _pin(s_acc, G.s_cols // 2)
+    pin(s_acc, G.s_cols // 2)
 
 
 @T.macro(hygienic=False)
@@ -374,30 +376,9 @@ def _s_wgmma_swizzled(G, stage):
     for kk in T.serial(G.dk // 16):
         a_desc = desc[0] + T.Cast("uint64", kk // 4 * G.tq * 8 + kk % 4 * 2)
         b_desc = desc[1] + T.Cast("uint64", kk // 4 * G.tkv * 8 + kk % 4 * 2)
-        _wgmma(G.s_cols, s_acc, a_desc, b_desc, accumulate=kk > 0, trans_b=0)
+        mma_async(G.s_cols, s_acc, a_desc, b_desc, accumulate=kk > 0, trans_b=0)
     T.ptx["wgmma.commit_group.sync.aligned"]()
     T.ptx["wgmma.wait_group.sync.aligned"](0)
-
-
-_PIN_SOURCE = """
-__forceinline__ __device__ void mla_pin_f32(float& x) { asm volatile("" : "+f"(x) :: "memory"); }
-"""
-
-
-@T.macro(hygienic=False)
-def _pin(acc, n):
-    # Empty asm reading and writing each accumulator: the compiler may not move their other
-    # uses across the wgmma fence / wait that it cannot see them depend on.
-    for i in T.unroll(n):
-        T.cuda.func_call("mla_pin_f32", acc[i], source_code=_PIN_SOURCE)
-
-
-def _wgmma(n, acc, a_desc, b_desc, *, accumulate, trans_b: int, acc0: int = 0):
-    """One m64n{n}k16 f16 -> f32 wgmma into ``acc[acc0 : acc0 + n/2]``, A and B from shared
-    memory (descriptors)."""
-    op = T.ptx[f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.f16.f16"]
-    regs = [acc[acc0 + i] for i in range(n // 2)]
-    return op(*regs, a_desc, b_desc, accumulate, 1, 1, 0, trans_b)
 
 
 @T.macro(hygienic=False)
@@ -525,11 +506,11 @@ def _pv_wgmma_swizzled(G, v_tile, p_base):
     T.cuda.wgmma.encode_matrix_descriptor(
         T.address_of(desc[3]), smem.ptr_to([v_tile + wd * G.dv_w // 64 * G.tkv * 64]), 1, 64, 3
     )
-    _pin(o_acc, G.dv_w // 2)
+    pin(o_acc, G.dv_w // 2)
     T.ptx["wgmma.fence.sync.aligned"]()
     for ks in T.unroll(G.tkv // 16):
         for a in T.unroll(G.dv_w // 64):
-            _wgmma(
+            mma_async(
                 64,
                 o_acc,
                 desc[2] + T.uint64(ks // 4 * G.p_rows * 8 + ks % 4 * 2),
@@ -540,7 +521,7 @@ def _pv_wgmma_swizzled(G, v_tile, p_base):
             )
     T.ptx["wgmma.commit_group.sync.aligned"]()
     T.ptx["wgmma.wait_group.sync.aligned"](0)
-    _pin(o_acc, G.dv_w // 2)
+    pin(o_acc, G.dv_w // 2)
 
 
 @T.macro(hygienic=False)
@@ -557,10 +538,10 @@ def _pv_wgmma_tiled(G, v_tile, p_base):
     T.cuda.wgmma.encode_matrix_descriptor(
         T.address_of(desc[3]), smem.ptr_to([v_tile + wd * G.dv_w * 8]), G.v_width, 8, 0
     )
-    _pin(o_acc, G.dv_w // 2)
+    pin(o_acc, G.dv_w // 2)
     T.ptx["wgmma.fence.sync.aligned"]()
     for ks in T.unroll(G.tkv // 16):
-        _wgmma(
+        mma_async(
             G.dv_w,
             o_acc,
             desc[2] + T.uint64(ks * 16),
@@ -570,7 +551,7 @@ def _pv_wgmma_tiled(G, v_tile, p_base):
         )
     T.ptx["wgmma.commit_group.sync.aligned"]()
     T.ptx["wgmma.wait_group.sync.aligned"](0)
-    _pin(o_acc, G.dv_w // 2)
+    pin(o_acc, G.dv_w // 2)
 
 
 @T.macro(hygienic=False)

@@ -33,6 +33,7 @@ import tvm
 from tvm.script import tirx as T
 
 from .target import gpu_spec
+from .wgmma import mma_async, pin
 
 EPILOGUES = (None, "residual", "silu_mul")
 SWIGLU_GROUP = 32  # = gemm.SWIGLU_GROUP (gate/up rows interleave in groups of this many rows)
@@ -121,18 +122,6 @@ def moe_config(target, *, hidden: int, inter: int) -> WgmmaConfig | None:
     return c if inter % SWIGLU_GROUP == 0 and hidden % 8 == 0 else None
 
 
-_PIN_SOURCE = """
-__forceinline__ __device__ void gemm_pin_f32(float& x) { asm volatile("" : "+f"(x) :: "memory"); }
-"""
-
-
-@T.macro(hygienic=False)
-def _pin(acc, n):
-    # Empty asm on each accumulator: keeps its other uses on their side of the wgmma fence/wait.
-    for i in T.unroll(n):
-        T.cuda.func_call("gemm_pin_f32", acc[i], source_code=_PIN_SOURCE)
-
-
 def _chunk_row(C, c):
     """Tile row of the ``c``-th 16-byte chunk a step copies (threads take consecutive chunks)."""
     if C.swizzle:
@@ -165,16 +154,6 @@ def _load_step(C, src, base, src_rows, row0, n_chunks, step, slot, dst0, kk, gat
         )
 
 
-def _wgmma_op(n: int, dtype: str):
-    ab = "bf16" if dtype == "bfloat16" else "f16"
-    return T.ptx[f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ab}.{ab}"]
-
-
-def _wgmma(op, acc, n_acc: int, a_desc, b_desc):
-    """One m64nNk16 wgmma accumulating into ``acc`` (scale-d 1, no transposes: K-major A, B)."""
-    return op(*[acc[i] for i in range(n_acc)], a_desc, b_desc, True, 1, 1, 0, 0)
-
-
 def _check(C: WgmmaConfig, n: int, k: int, *, target, silu: bool) -> None:
     if target is not None and not keep(C, _as_target(target), k=k):
         raise ValueError(f"wgmma config {C} does not fit {target} with k={k}")
@@ -202,7 +181,6 @@ def _body(C: WgmmaConfig, *, kind: str, n: int, k: int, dtype, out_dtype, epilog
     # descriptors (16-byte units): 128B swizzle: 8-row atoms 1024 B apart, k16 steps 32 B apart;
     # core matrices: LBO 128 B along K, SBO one 8-row group (block_k * 16 B), k16 steps 256 B
     lbo, sbo, mode, k_step = (1, 64, 3, 2) if C.swizzle else (8, C.block_k, 0, 16)
-    op = _wgmma_op(C.block_n, dtype)
     residual = epilogue == "residual"
     silu = epilogue == "silu_mul"
     gather = kind == "gate_up"
@@ -265,17 +243,21 @@ def _body(C: WgmmaConfig, *, kind: str, n: int, k: int, dtype, out_dtype, epilog
                 sbo,
                 mode,
             )
-            _pin(acc, acc_n)
+            pin(acc, acc_n)
             T.ptx["wgmma.fence.sync.aligned"]()
             for kk in T.unroll(C.block_k // 16):
-                _wgmma(
-                    op, acc, acc_n, desc[0] + T.uint64(kk * k_step), desc[1] + T.uint64(kk * k_step)
+                mma_async(
+                    C.block_n,
+                    acc,
+                    desc[0] + T.uint64(kk * k_step),
+                    desc[1] + T.uint64(kk * k_step),
+                    dtype=dtype,
                 )
             T.ptx["wgmma.commit_group.sync.aligned"]()
             T.ptx["wgmma.wait_group.sync.aligned"](1 if C.overlap else 0)
-            _pin(acc, acc_n)
+            pin(acc, acc_n)
         T.ptx["wgmma.wait_group.sync.aligned"](0)
-        _pin(acc, acc_n)
+        pin(acc, acc_n)
         T.ptx["cp.async.wait_group"](0)
         for h in T.unroll(2):
             row = m0 + wg * 64 + warp * 16 + lane // 4 + h * 8

@@ -1,0 +1,28 @@
+"""Warpgroup-MMA building blocks shared by the sm_90a kernels (prefill attention, GEMMs)."""
+
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+_PIN_SOURCE = """
+__forceinline__ __device__ void mla_pin_f32(float& x) { asm volatile("" : "+f"(x) :: "memory"); }
+"""
+
+
+@T.macro(hygienic=True)
+def pin(acc, n):
+    # Empty asm reading and writing each accumulator: the compiler may not move their other
+    # uses across the wgmma fence / wait that it cannot see them depend on.
+    for i in T.unroll(n):
+        T.cuda.func_call("mla_pin_f32", acc[i], source_code=_PIN_SOURCE)
+
+
+def mma_async(
+    n, acc, a_desc, b_desc, *, accumulate=True, trans_b: int = 0, acc0: int = 0, dtype="float16"
+):
+    """One m64n{n}k16 wgmma (f16 or bf16 -> f32) into ``acc[acc0 : acc0 + n/2]``, A and B from
+    shared memory (descriptors), A K-major, B K-major (``trans_b=0``) or MN-major (1)."""
+    ab = "bf16" if dtype == "bfloat16" else "f16"
+    op = T.ptx[f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ab}.{ab}"]
+    regs = [acc[acc0 + i] for i in range(n // 2)]
+    return op(*regs, a_desc, b_desc, accumulate, 1, 1, 0, trans_b)
