@@ -115,11 +115,20 @@ MOE_CONFIG = WgmmaConfig(128, 256, 64, 4, overlap=True)  # best grouped tile on 
 def moe_config(target, *, hidden: int, inter: int) -> WgmmaConfig | None:
     """The grouped-GEMM wgmma config for experts ``[2I, D]`` / ``[D, I]`` on ``target``, or None
     where wgmma does not apply (no sm_90a, K not a multiple of 64, I not a multiple of 32)."""
-    c = MOE_CONFIG
+    return MOE_CONFIG if moe_fits(MOE_CONFIG, target, hidden=hidden, inter=inter) else None
+
+
+def moe_fits(config: WgmmaConfig, target, *, hidden: int, inter: int) -> bool:
+    """Whether ``config`` serves both grouped GEMMs (K = D for gate+up, K = I for down; SiLU·up
+    pairs 32-row gate/up groups inside one block_n)."""
     tgt = _as_target(target)
-    if not (keep(c, tgt, k=hidden) and keep(c, tgt, k=inter)):
-        return None
-    return c if inter % SWIGLU_GROUP == 0 and hidden % 8 == 0 else None
+    return (
+        keep(config, tgt, k=hidden)
+        and keep(config, tgt, k=inter)
+        and inter % SWIGLU_GROUP == 0
+        and hidden % 8 == 0
+        and config.block_n % (2 * SWIGLU_GROUP) == 0
+    )
 
 
 def _chunk_row(C, c):

@@ -86,11 +86,7 @@ class _Lower(relax.PyExprMutator):
         args = [self.visit_expr(a) for a in pseudo.args_of(op)]
         x, router, gate_up, down = args[:4]
         top_k, method, n_group, topk_group, norm, scaling = (pseudo.scalar(a) for a in args[4:])
-        fused = self._fused(
-            x,
-            router,
-            gate_up,
-            down,
+        routing = dict(
             top_k=int(top_k),
             method=int(method),
             n_group=int(n_group),
@@ -98,20 +94,10 @@ class _Lower(relax.PyExprMutator):
             norm=bool(norm),
             scaling=float(scaling),
         )
+        fused = self._fused(x, router, gate_up, down, **routing)
         if fused is not None:
             return fused
-        dense_w = route(
-            x,
-            router,
-            top_k=int(top_k),
-            method=int(method),
-            n_group=int(n_group),
-            topk_group=int(topk_group),
-            norm=bool(norm),
-            scaling=float(scaling),
-            emit=self._emit,
-            topk=self._topk,
-        )
+        dense_w = route(x, router, **routing, emit=self._emit, topk=self._topk)
         inter = down.ty.shape[2]
         h = self._emit(R.matmul(R.expand_dims(x, 0), R.permute_dims(gate_up, [0, 2, 1])))
         gate = R.strided_slice(h, axes=[2], begin=[0], end=[inter])
@@ -121,6 +107,17 @@ class _Lower(relax.PyExprMutator):
         w = R.expand_dims(R.permute_dims(dense_w, [1, 0]), 2)  # [E, T, 1]
         out = R.sum(R.multiply(R.astype(y, "float32"), w), axis=0)  # [T, D]
         return R.astype(out, x.ty.dtype)
+
+    def _interleaved(self, gate_up):
+        """[E, 2I, D] gate rows then up rows -> rows interleaved in groups of SWIGLU_GROUP for
+        the fused SiLU·up epilogues (a weight transform: LiftTransformParams moves it to load
+        time)."""
+        from mla_compiler.schedules import gemm as G
+
+        e, two_i, d = (int(v) for v in gate_up.ty.shape)
+        g = G.SWIGLU_GROUP
+        w = R.reshape(gate_up, [e, 2, two_i // 2 // g, g, d])
+        return self._emit(R.reshape(R.permute_dims(w, [0, 2, 1, 3, 4]), [e, two_i, d]))
 
     def _add(self, key, func, name):
         if key not in self.kernels:
@@ -187,8 +184,7 @@ class _Lower(relax.PyExprMutator):
         if wg is not None:  # `compile --tuning-db`: the tile measured fastest, if recorded
             shape = dict(hidden=d, inter=inter, num_experts=e, top_k=top_k)
             tuned = tuning.moe_config(self.target, shape, default=wg)
-            ok = all(W.keep(tuned, self.target, k=kk) for kk in (d, inter))
-            wg = tuned if ok and tuned.block_n % (2 * G.SWIGLU_GROUP) == 0 else wg
+            wg = tuned if W.moe_fits(tuned, self.target, hidden=d, inter=inter) else wg
             bm = wg.block_m
             grouped_kw = dict(num_experts=e, top_k=top_k, dtype=dtype, target=self.target)
             gate_up_fn = W.moe_grouped("gate_up", d, inter, config=wg, **grouped_kw)
@@ -225,11 +221,7 @@ class _Lower(relax.PyExprMutator):
         sorted_rows = self._emit(relax.TupleGetItem(grouped, 0))
         block_expert = self._emit(relax.TupleGetItem(grouped, 1))
         row_of = self._emit(relax.TupleGetItem(grouped, 2))
-        # gate/up rows interleaved in groups of 32 for the fused SiLU·up epilogue (a weight
-        # transform: LiftTransformParams moves it to load time)
-        g = G.SWIGLU_GROUP
-        w = R.reshape(gate_up, [e, 2, inter // g, g, d])
-        w = self._emit(R.reshape(R.permute_dims(w, [0, 2, 1, 3, 4]), [e, two_i, d]))
+        w = self._interleaved(gate_up)
         h = self._emit(
             relax.call_tir(
                 gate_up_gv,
@@ -248,7 +240,6 @@ class _Lower(relax.PyExprMutator):
 
     def _fused_gemv(self, x, gate_up, down, weights, ids, *, key, e, d, inter):
         """Small static T: gate+up GEMVs per (token, slot), down GEMVs summed per token."""
-        from mla_compiler.schedules import gemm as G
         from mla_compiler.schedules import moe_gemv as MG
 
         dtype = x.ty.dtype.dtype
@@ -265,9 +256,7 @@ class _Lower(relax.PyExprMutator):
             MG.moe_down_gemv(d, inter, num_experts=e, top_k=top_k, dtype=dtype, target=self.target),
             "moe_down_gemv",
         )
-        g = G.SWIGLU_GROUP
-        w = R.reshape(gate_up, [e, 2, inter // g, g, d])
-        w = self._emit(R.reshape(R.permute_dims(w, [0, 2, 1, 3, 4]), [e, 2 * inter, d]))
+        w = self._interleaved(gate_up)
         h = self._emit(
             relax.call_tir(
                 gate_up_gv, [x, ids, w], out_ty=relax.TensorType([t * top_k, inter], dtype)
