@@ -115,17 +115,7 @@ def main() -> None:
     eng.step_times = None
 
     # ---- decode: host issue time of the VM call alone (same inputs re-used, no download)
-    pos = eng.pos
-    c = eng.max_context
-    inputs = [
-        np.array([tok], np.int64),
-        np.array([pos], np.int64),
-        np.array([pos], np.int32),
-        np.array([0, 1], np.int32),
-        np.arange(pos + 1, dtype=np.int32) % c,
-        np.array([0, pos + 1], np.int32),
-        np.array([0], np.int64),
-    ]
+    inputs, _ = eng._inputs([(0, np.array([tok]))])
     dargs = eng.staging.upload(inputs)
     fn = eng.vm["decode"]
     fn(*dargs, eng.cache, *eng.params)

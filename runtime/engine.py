@@ -181,10 +181,9 @@ class Engine:
             )
         return ids
 
-    def _run(self, batch: list[tuple[int, np.ndarray]], *, all_logits: bool = False, extra=()):
-        """Append ``ids`` to each ``(slot, ids)`` in one call: the device tensor of logits of
-        each sequence's last token ([B, V]) or of every new token ([T, V]), and device views
-        of the ``extra`` host arrays (uploaded in the same copy as the inputs)."""
+    def _inputs(self, batch: list[tuple[int, np.ndarray]], *, all_logits: bool = False):
+        """(the 7 host input arrays of a call appending ``ids`` to each ``(slot, ids)``, whether
+        the ``decode`` function serves it)."""
         c = self.max_context
         ids, pos, slot_rows, kv_rows, logit_rows = [], [], [], [], []
         q_indptr, kv_indptr = [0], [0]
@@ -207,10 +206,16 @@ class Engine:
             np.concatenate(kv_rows).astype(np.int32),
             np.array(kv_indptr, dtype=np.int32),
             np.concatenate(logit_rows).astype(np.int64),
-            *extra,
         ]
+        return inputs, single
+
+    def _run(self, batch: list[tuple[int, np.ndarray]], *, all_logits: bool = False, extra=()):
+        """Append ``ids`` to each ``(slot, ids)`` in one call: the device tensor of logits of
+        each sequence's last token ([B, V]) or of every new token ([T, V]), and device views
+        of the ``extra`` host arrays (uploaded in the same copy as the inputs)."""
+        inputs, single = self._inputs(batch, all_logits=all_logits)
         t0 = time.perf_counter()
-        args = self.staging.upload(inputs)
+        args = self.staging.upload([*inputs, *extra])
         t1 = time.perf_counter()
         out = self.vm["decode" if single else "prefill"](*args[:7], self.cache, *self.params)
         t2 = time.perf_counter()
