@@ -38,6 +38,7 @@ import tvm
 from mla_compiler import nvcc
 from mla_compiler.errors import ArtifactError, TargetError
 from mla_compiler.runtime.loader import MANIFEST_FORMAT, MANIFEST_SUFFIX, SMOKE_IO
+from mla_compiler.schedules import gemm as G
 from mla_compiler.schedules.target import parse_targets, tvm_target
 
 
@@ -112,7 +113,7 @@ def build(
     gpu = targets != ["cpu"]
     target = tvm_target(codegen_arch or lowest_arch(targets)) if gpu else tvm_target("cpu")
     # cp.async for the kernels that ask for it (software-pipelined shared-memory copies)
-    config = {"tirx.use_async_copy": True} if gpu else {}
+    config = dict(G.PASS_CONFIG) if gpu else {}
     if gpu and cuda_graph:  # RewriteCUDAGraph (in the default finalize passes) does nothing else
         config["relax.backend.use_cuda_graph"] = True
     with source_only(), tvm.transform.PassContext(config=config):
