@@ -125,10 +125,10 @@ def LiftPhaseWeightTransforms() -> tvm.transform.Pass:  # noqa: N802
             body = relax.SeqExpr(blocks, _Substitute(table).visit_expr(func.body.body))
             body = relax.BlockBuilder().normalize(body)
             # every phase takes every lifted tensor: one parameter list for all of them
-            params = list(func.params) + [table.get(v, v) for v in new_params]
-            for i, p in enumerate(params[len(func.params) :]):
-                if p in new_params and p not in mine:
-                    params[len(func.params) + i] = relax.Var(p.name, p.ty)
+            # (a Var is the parameter of one function: the others get fresh ones)
+            params = list(func.params) + [
+                p if p in mine else relax.Var(p.name, p.ty) for p in new_params
+            ]
             out[gv] = relax.Function(params, body, is_pure=func.is_pure, attrs=func.attrs)
         return relax.transform.Normalize()(out)
 
