@@ -110,6 +110,29 @@ def test_absorbed_weights_are_lifted_to_transform_params(tiny):
     assert len(mod["prefill"].params) > 8 + len(list(model.parameters()))
 
 
+def test_phase_only_weight_transforms_are_lifted(tiny):
+    """mla=3: decode's W_UK / W_UV (which prefill does not use) run in transform_params too; no
+    phase keeps a binding computed from weights only, and both take one parameter list."""
+    from mla_compiler.passes.lift_phase_weight_transforms import _weight_only
+
+    model, _ = tiny
+    stages = {}
+    mod = lower_to_kernels(
+        export_relax(model).mod,
+        model.cfg,
+        mla=3,
+        target=CPU,
+        dump=lambda name, m: stages.__setitem__(name, m),
+    )
+    n_tp = len(mod["transform_params"].ty.ret.fields)
+    assert len(mod["decode"].params) == len(mod["prefill"].params) == 8 + n_tp
+    for phase in ("prefill", "decode"):
+        assert _weight_only(mod[phase], 8)[0] == [], phase
+    # LiftTransformParams alone leaves decode's slices of kv_b in decode
+    shared_only = relax.transform.LiftTransformParams(shared_transform=True)(stages["gemm"])
+    assert _weight_only(shared_only["decode"], 8)[0] != []
+
+
 def test_unknown_mode_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="--mla"):
         compile_model(output=tmp_path / "x", options=CompileOptions(mla=1))
