@@ -91,12 +91,14 @@ def build_grouped(target, cfg, dt):
     }
 
 
-def build_gemv(target, dt, route):
+def build_gemv(target, dt, route, *, fma: bool = False):
+    """The decode GEMVs: tensor-core (default) or the FMA configs (``fma``)."""
     kw = dict(num_experts=E, top_k=K, dtype=dt, target=target)
+    gu, dn = (MG.GEMV_GATE_UP, MG.GEMV_DOWN) if fma else (None, None)
     return {
         "route": route,
-        "gate_up": BG.build(MG.moe_gate_up_gemv(D, INTER, **kw), target),
-        "down": BG.build(MG.moe_down_gemv(D, INTER, **kw), target),
+        "gate_up": BG.build(MG.moe_gate_up_gemv(D, INTER, **kw, config=gu), target),
+        "down": BG.build(MG.moe_down_gemv(D, INTER, **kw, config=dn), target),
     }
 
 
@@ -221,10 +223,12 @@ def main(argv=None):
             )
             results.append(measure("grouped", t, steps, out, ids, ref, label))
         if t <= MG.GEMV_MAX_TOKENS and not a.sweep:
-            if "gemv" not in libs_by_cfg:
-                libs_by_cfg["gemv"] = build_gemv(target, dt, libs_by_cfg[label]["route"])
-            steps, out, ids = steps_gemv(t, libs_by_cfg["gemv"], x, logits, gate_up_k, down)
-            results.append(measure("gemv", t, steps, out, ids, ref, "gemv"))
+            for kind in ("gemv", "gemv-fma")[: 1 if BG.SMOKE else 2]:
+                if kind not in libs_by_cfg:
+                    route = libs_by_cfg[label]["route"]
+                    libs_by_cfg[kind] = build_gemv(target, dt, route, fma=kind == "gemv-fma")
+                steps, out, ids = steps_gemv(t, libs_by_cfg[kind], x, logits, gate_up_k, down)
+                results.append(measure("gemv", t, steps, out, ids, ref, kind))
     device_name = "cpu" if BG.SMOKE else torch.cuda.get_device_name()
     with open(a.out, "w") as f:
         json.dump({"device": device_name, "torch_s": torch_s, "results": results}, f, indent=1)

@@ -3,7 +3,9 @@
 - CUDA, M >= 17 or symbolic: tensor cores (mma.sync m16n8k16, ldmatrix, multi-stage cp.async
   pipeline through dynamic shared memory), f32 accumulation, f16 output. M and N need not be
   multiples of the block tile: loads are zero-filled and stores predicated.
-- CUDA, static M <= 16 (decode): the same tensor-core schedule with a small-M config
+- CUDA, static M <= 8 (decode): ``gemv_mma.dense``, a tensor-core GEMV (weight rows as the mma's
+  A operand loaded straight into registers, tokens as its 8 columns, warps splitting K).
+- CUDA, static M <= 16: the same tensor-core schedule with a small-M config
   (``SMALL_M_CONFIGS``: one 16-row tile, 4 warps along N, block_k 128-256, 4-6 stages: the
   product is memory-bound, so many weight bytes in flight). The FMA GEMV schedule (each warp
   reduces one weight row for all M tokens) stays available as ``config=GemvConfig(...)``.
@@ -31,6 +33,7 @@ import tvm
 from tvm import s_tir, te, tirx
 from tvm.script import tirx as T
 
+from . import gemv_mma
 from .target import gpu_spec, is_gpu
 
 PASS_CONFIG = {"tirx.use_async_copy": True}
@@ -578,7 +581,7 @@ def gemm(
     *,
     dtype: str = "float16",
     target: tvm.target.Target,
-    config: Config | GemvConfig | CpuConfig | None = None,
+    config: Config | GemvConfig | CpuConfig | gemv_mma.Config | None = None,
     epilogue: str | None = None,
     out_dtype: str | None = None,
     batch: int | None = None,
@@ -590,8 +593,9 @@ def gemm(
     dtype (default ``dtype``; e.g. float32 router logits from f16 inputs). ``batch``: per-head
     products ``Y[m, b, :] = X[m, b, :] @ W[b]^T`` (see :func:`gemm_workload`).
 
-    On CUDA, a static ``m <= 16`` takes the small-M tensor-core config of the target unless a
-    :class:`GemvConfig` (the FMA GEMV schedule) is given.
+    On CUDA, a static ``m <= 8`` takes ``gemv_mma.dense`` (or a given ``gemv_mma.Config``), a
+    static ``m <= 16`` the small-M tensor-core config of the target (or a given :class:`Config`),
+    unless a :class:`GemvConfig` (the FMA GEMV schedule) is given.
     """
     wg = _wgmma_config(
         m, n, k, target=target, config=config, epilogue=epilogue, batch=batch, out_dtype=out_dtype
@@ -604,6 +608,17 @@ def gemm(
         )
         return func.with_attr(
             "global_symbol", kernel_name(m, n, k, epilogue=epilogue, out_dtype=out_dtype)
+        )
+    mma_gemv = is_gpu(target) and gemv_mma.applies(m, k, dtype=dtype) and config is None
+    if mma_gemv or isinstance(config, gemv_mma.Config):
+        # decode, <= 8 tokens: weight rows as the mma's A operand straight from DRAM
+        func = gemv_mma.dense(
+            m, n, k, dtype=dtype, target=target, config=config, epilogue=epilogue,
+            out_dtype=out_dtype, batch=batch,
+        )  # fmt: skip
+        return func.with_attr(
+            "global_symbol",
+            kernel_name(m, n, k, epilogue=epilogue, out_dtype=out_dtype, batch=batch),
         )
     small = isinstance(m, int) and m <= GEMV_MAX_M
     gemv = is_gpu(target) and isinstance(config, GemvConfig)

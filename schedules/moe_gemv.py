@@ -4,6 +4,10 @@ With ``T <= GEMV_MAX_TOKENS`` the MoE layer is ``moe.moe_route`` then
 :func:`moe_gate_up_gemv` (one GEMV per (token, slot) against its expert's interleaved gate/up
 rows, SiLU·up fused) and :func:`moe_down_gemv` (the down GEMVs with the weighted sum over the k
 slots folded in: no ``moe_combine``): 3 kernels, each weight row read once per (token, slot).
+
+On CUDA both GEMVs run on tensor cores (``gemv_mma.moe_gate_up`` / ``gemv_mma.moe_down``: expert
+rows as the mma's A operand straight from DRAM); the FMA schedules below serve the CPU (llvm)
+build and stay selectable on CUDA with a :class:`GemvConfig`.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from . import gemm as G
+from . import gemv_mma
 from .moe import _i64, _named, _par
 from .target import is_gpu
 
@@ -51,7 +56,7 @@ def moe_gate_up_gemv(
     top_k: int,
     dtype: str = "float16",
     target: tvm.target.Target,
-    config: GemvConfig = GEMV_GATE_UP,
+    config: GemvConfig | gemv_mma.Config | None = None,
 ) -> tirx.PrimFunc:
     """(x [T, D], ids [T, k] int32, gate_up [E, 2I, D] interleaved, h [T*k, I]):
     ``h[t*k + j] = silu(x[t] Wg[e]^T) * (x[t] Wu[e]^T)`` with ``e = ids[t, j]``.
@@ -61,7 +66,12 @@ def moe_gate_up_gemv(
     rows of each; lanes accumulate f32 partials over 16-byte K vectors; the 32 partials per
     row are summed through shared memory (a second thread loop: the same code runs on CPU).
     """
-    cfg, d, n_out, k_top, g = config, hidden, inter, top_k, G.SWIGLU_GROUP
+    if is_gpu(target) and not isinstance(config, GemvConfig):
+        return gemv_mma.moe_gate_up(
+            hidden, inter, num_experts=num_experts, top_k=top_k, dtype=dtype, target=target,
+            config=config,
+        )  # fmt: skip
+    cfg, d, n_out, k_top, g = config or GEMV_GATE_UP, hidden, inter, top_k, G.SWIGLU_GROUP
     _gemv_check(d, cfg)
     if n_out % g:
         raise ValueError(f"moe_gate_up_gemv needs I % {g} == 0, got {n_out}")
@@ -141,12 +151,17 @@ def moe_down_gemv(
     top_k: int,
     dtype: str = "float16",
     target: tvm.target.Target,
-    config: GemvConfig = GEMV_DOWN,
+    config: GemvConfig | gemv_mma.Config | None = None,
 ) -> tirx.PrimFunc:
     """(h [T*k, I], ids [T, k] int32, down [E, D, I], weights [T, k] f32, out [T, D]):
     ``out[t] = sum_j weights[t, j] * (h[t*k + j] @ down[ids[t, j]]^T)`` - the down GEMVs with
     the combine folded in (f32 sum over the k slots). Block (column block, token)."""
-    cfg, d, n_in, k_top = config, hidden, inter, top_k
+    if is_gpu(target) and not isinstance(config, GemvConfig):
+        return gemv_mma.moe_down(
+            hidden, inter, num_experts=num_experts, top_k=top_k, dtype=dtype, target=target,
+            config=config,
+        )  # fmt: skip
+    cfg, d, n_in, k_top = config or GEMV_DOWN, hidden, inter, top_k
     _gemv_check(n_in, cfg)
     par = _par(is_gpu(target))
     kv_n = (n_in + 32 * cfg.vec - 1) // (32 * cfg.vec)

@@ -14,6 +14,7 @@ from conftest import require_nvcc
 
 from mla_compiler import reference
 from mla_compiler.schedules import gemm as G
+from mla_compiler.schedules import gemv_mma as GM
 from mla_compiler.schedules.target import tvm_target
 
 EPILOGUES = [None, "residual", "silu_mul"]
@@ -143,13 +144,17 @@ CUDA_CASES = {  # (m, epilogue, extra factory kwargs) -> the SASS opcode the ker
     (None, "residual", ()): "HMMA",
     (None, None, (("out_dtype", "float32"),)): "HMMA",  # MoE router logits
     (None, None, (("batch", 16),)): "HMMA",  # absorbed W_UK / W_UV per head
-    # decode: small-M tensor-core configs
+    # decode, <= 8 tokens: the tensor-core GEMV (schedules/gemv_mma.py)
     (1, None, ()): "HMMA",
+    (8, None, ()): "HMMA",
+    (4, "silu_mul", ()): "HMMA",
     (1, "silu_mul", ()): "HMMA",
     (1, "residual", ()): "HMMA",
     (1, None, (("out_dtype", "float32"),)): "HMMA",
     (1, None, (("batch", 16),)): "HMMA",
+    # 9..16 tokens: small-M tensor-core configs (ldmatrix, cp.async)
     (16, "silu_mul", ()): "HMMA",
+    (12, None, ()): "HMMA",
     # the FMA GEMV, kept as a config for comparison
     (1, None, (("config", G.GemvConfig()),)): "SHFL",
     (16, "silu_mul", (("config", G.SILU_GEMV),)): "SHFL",
@@ -182,7 +187,10 @@ def test_gemm_cuda_static(arch):
             opcode = "HGMMA"  # many rows on sm_90a: the wgmma kernel (schedules/gemm_wgmma.py)
         assert res[name].spill_bytes == 0, res[name]
         assert ops[name].get(opcode, 0) > 0, (name, ops[name])
-        if opcode == "HMMA":
+        if opcode == "HMMA" and isinstance(m, int) and m <= GM.MAX_TOKENS:
+            # weight rows straight from DRAM into mma registers: no shared-memory staging
+            assert ops[name].get("LDG", 0) > 0 and ops[name].get("LDSM", 0) == 0, ops[name]
+        elif opcode == "HMMA":
             assert ops[name].get("LDSM", 0) > 0 and ops[name].get("LDGSTS", 0) > 0, ops[name]
 
 
@@ -196,7 +204,7 @@ def _has_gpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("epilogue", EPILOGUES, ids=lambda e: e or "plain")
-@pytest.mark.parametrize("m", [1, 16, 37, 128, 1000], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("m", [1, 3, 8, 16, 37, 128, 1000], ids=lambda m: f"M{m}")
 def test_gemm_gpu_f16(m, epilogue):
     n, k = 576, 2048
     target = tvm_target("sm_90a" if torch.cuda.get_device_capability() >= (9, 0) else "sm_89")
@@ -239,10 +247,13 @@ def test_bf16_kernel_matches_f16_kernel():
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
 @pytest.mark.parametrize("epilogue", EPILOGUES, ids=lambda e: e or "plain")
-def test_gemm_gpu_bf16(epilogue):
-    m, n, k = 300, 576, 2048
+@pytest.mark.parametrize("m", [2, 300], ids=lambda m: f"M{m}")
+def test_gemm_gpu_bf16(m, epilogue):
+    n, k = 576, 2048
     target = tvm_target("sm_90a" if torch.cuda.get_device_capability() >= (9, 0) else "sm_89")
-    func = G.gemm(None, n, k, dtype="bfloat16", target=target, epilogue=epilogue)
+    func = G.gemm(
+        m if m <= G.GEMV_MAX_M else None, n, k, dtype="bfloat16", target=target, epilogue=epilogue
+    )
     with tvm.transform.PassContext(config=G.PASS_CONFIG):
         lib = tvm.compile(func, target=target)
     x, w, r = _inputs(m, n, k, epilogue=epilogue, dtype=torch.bfloat16, seed=7)
@@ -256,7 +267,7 @@ def test_gemm_gpu_bf16(epilogue):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
-@pytest.mark.parametrize("m", [1, 37], ids=lambda m: f"M{m}")
+@pytest.mark.parametrize("m", [1, 5, 37], ids=lambda m: f"M{m}")
 @pytest.mark.parametrize("n,k", [(512, 128), (128, 512)], ids=["w_uk", "w_uv"])
 def test_gemm_gpu_head_batched(m, n, k):
     target = tvm_target("sm_90a" if torch.cuda.get_device_capability() >= (9, 0) else "sm_89")
@@ -303,3 +314,51 @@ def test_gemm_gpu_fma_gemv_config(epilogue):
     torch.testing.assert_close(
         y.double(), _ref(x, w, epilogue=epilogue, residual=r), rtol=2e-2, atol=2e-2
     )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize(
+    "m,n,k,epilogue,cfg",
+    [
+        (3, 100, 200, None, GM.Config(tiles=1, warps=4, unroll=2)),  # ragged rows, K % 32 != 0
+        (8, 100, 1000, "residual", GM.Config(tiles=2, warps=3, unroll=4)),  # uneven K split
+        (1, 96, 520, "silu_mul", GM.Config(tiles=4, warps=2, unroll=2)),
+        (5, 64, 4096, None, GM.Config(tiles=1, warps=16, unroll=8)),
+    ],
+    ids=["ragged", "uneven-split", "silu", "deep-unroll"],
+)
+def test_gemv_mma_gpu_configs(m, n, k, epilogue, cfg):
+    """The tensor-core GEMV's masks: rows past N, K not a multiple of 32 or of the warp split."""
+    target = tvm_target("sm_90a" if torch.cuda.get_device_capability() >= (9, 0) else "sm_89")
+    lib = tvm.compile(G.gemm(m, n, k, target=target, epilogue=epilogue, config=cfg), target=target)
+    x, w, r = _inputs(m, n, k, epilogue=epilogue, dtype=torch.float16, seed=n + k)
+    y = _run(
+        lib, tvm.cuda(0), x, G.transform_weight(w.numpy(), epilogue=epilogue), r, (m, n), "float16"
+    )
+    ref = _ref(x, w, epilogue=epilogue, residual=r)
+    torch.testing.assert_close(y.double(), ref, rtol=2e-2, atol=2e-2)
+
+
+def test_gemv_mma_operands_are_element_typed():
+    """Every mma operand of the tensor-core GEMV points into a half / bf16 / f32 register array:
+    an operand offset into a buffer TVM stores as ``uint4`` (one only accessed by 8-wide
+    vectors) counts in 16-byte units and reads past the array (the NaNs of the first H100 run)."""
+    import re
+
+    target = tvm_target("sm_90a")
+    funcs = {
+        f"g{i}": G.gemm(m, 576, 2048, target=target, epilogue=ep, dtype=dt).with_attr(
+            "global_symbol", f"g{i}"
+        )
+        for i, (m, ep, dt) in enumerate(
+            [(1, None, "float16"), (8, "silu_mul", "float16"), (3, "residual", "bfloat16")]
+        )
+    }
+    src = tvm.compile(tvm.IRModule(funcs), target=target).mod.imports[0].inspect_source()
+    decl = dict((name, ty) for ty, name in re.findall(r"alignas\(\d+\) (\w+) (\w+)\[", src))
+    operands = re.findall(r"\(\((?:unsigned|float) \*\)\((\w+) \+ \d+\)\)", src)
+    assert operands, "no mma operands found"
+    assert {decl[o] for o in operands} <= {"half", "nv_bfloat16", "float"}, {
+        o: decl[o] for o in operands
+    }

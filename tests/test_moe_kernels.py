@@ -276,15 +276,32 @@ def _kernels(target, d=2048, inter=1408):
         "gate_up": (M.moe_gate_up(d, inter, **kw), mma),
         "down": (M.moe_down(d, inter, **kw), mma),
         "combine": (M.moe_combine(d, top_k=6, target=target), ()),
-        "gate_up_gemv": (MG.moe_gate_up_gemv(d, inter, **kw), ()),
-        "down_gemv": (MG.moe_down_gemv(d, inter, **kw), ()),
-        "gate_up_gemv_bf16": (_bf16(MG.moe_gate_up_gemv(d, inter, **kw, dtype="bfloat16")), ()),
-        "down_gemv_bf16": (_bf16(MG.moe_down_gemv(d, inter, **kw, dtype="bfloat16")), ()),
+        # decode: tensor-core GEMVs (expert rows straight into mma registers)
+        "gate_up_gemv": (MG.moe_gate_up_gemv(d, inter, **kw), ("HMMA", "LDG")),
+        "down_gemv": (MG.moe_down_gemv(d, inter, **kw), ("HMMA", "LDG")),
+        "gate_up_gemv_bf16": (
+            _bf16(MG.moe_gate_up_gemv(d, inter, **kw, dtype="bfloat16")),
+            ("HMMA",),
+        ),
+        "down_gemv_bf16": (_bf16(MG.moe_down_gemv(d, inter, **kw, dtype="bfloat16")), ("HMMA",)),
+        # the FMA GEMVs, kept as a config
+        "gate_up_gemv_fma": (
+            _tag(MG.moe_gate_up_gemv(d, inter, **kw, config=MG.GEMV_GATE_UP), "_fma"),
+            ("FFMA",),
+        ),
+        "down_gemv_fma": (
+            _tag(MG.moe_down_gemv(d, inter, **kw, config=MG.GEMV_DOWN), "_fma"),
+            ("FFMA",),
+        ),
     }
 
 
+def _tag(f, suffix):
+    return f.with_attr("global_symbol", f.attrs["global_symbol"] + suffix)
+
+
 def _bf16(f):
-    return f.with_attr("global_symbol", f.attrs["global_symbol"] + "_bf16")
+    return _tag(f, "_bf16")
 
 
 @pytest.mark.parametrize("arch", ["sm_89", "sm_90a"])
@@ -415,14 +432,25 @@ GPU_GEMV_CASES = GEMV_CASES + [("random", 1, 2048, 1408), ("random", 8, 2048, 14
     GPU_GEMV_CASES,
     ids=[f"{a}-T{b}-D{c}-I{e}" for a, b, c, e in GPU_GEMV_CASES],
 )
-def test_experts_gemv_gpu_f16(load, t, d, inter):
-    """Small-T path (decode): expert GEMVs with the combine folded into the down GEMVs."""
+@pytest.mark.parametrize("kind", ["mma", "fma"])
+def test_experts_gemv_gpu_f16(load, t, d, inter, kind):
+    """Small-T path (decode): expert GEMVs with the combine folded into the down GEMVs, on
+    tensor cores (the default) and with the FMA configs."""
     x, wts, ids, gate_up, down = _gpu_case(t, d, inter, load, seed=t + d)
+    fma = kind == "fma"
     kw = dict(num_experts=E, top_k=K)
     f_gu = _gpu_build(
-        ("gu_gemv", d, inter), lambda tg: MG.moe_gate_up_gemv(d, inter, **kw, target=tg)
+        ("gu_gemv", kind, d, inter),
+        lambda tg: MG.moe_gate_up_gemv(
+            d, inter, **kw, target=tg, config=MG.GEMV_GATE_UP if fma else None
+        ),
     )
-    f_dn = _gpu_build(("dn_gemv", d, inter), lambda tg: MG.moe_down_gemv(d, inter, **kw, target=tg))
+    f_dn = _gpu_build(
+        ("dn_gemv", kind, d, inter),
+        lambda tg: MG.moe_down_gemv(
+            d, inter, **kw, target=tg, config=MG.GEMV_DOWN if fma else None
+        ),
+    )
     out = _run_gemv(f_gu, f_dn, x, wts, ids, gate_up, down, dev=tvm.cuda(0), np_dtype="float16")
     ref = reference.moe_experts(x, wts, ids, gate_up, down)
     torch.testing.assert_close(out.double(), ref, rtol=3e-2, atol=3e-2)
