@@ -103,7 +103,7 @@ def ours(mod, dims, q, kv, indptr, *, splits: int):
     lse = torch.full((batch, 1, HEADS), float("nan"), device=dev)
     split, merge = mod["decode_split"], mod["decode_merge"]
     args_split = [_t(q), _t(kv), _t(indptr), 0, _t(o_part), _t(lse_part)]
-    args_merge = [_t(o_part), _t(lse_part), _t(o), _t(lse)]
+    args_merge = [_t(o_part), _t(lse_part), _t(indptr), _t(o), _t(lse)]
 
     def run():
         split(*args_split)
