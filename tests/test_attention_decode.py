@@ -290,3 +290,43 @@ def test_gpu_other_configs(cfg):
     )
     built = _module("lite", 1, arch, config)
     _run_and_check(built, LITE, lens=[3000, 130], q_tokens=1, num_splits=5, device="cuda")
+
+
+def _bench_module():
+    """benchmarks/bench_decode.py as a module (not a package: loaded from its path)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_graph_mode_bookkeeping():
+    """The graph mode's per-layer calls on CPU (llvm): call l reads layer l (checked against
+    the float64 reference per layer), the byte count is one layer's rows + Q + O, every
+    benchmark shape's graph replay reads at least 4x the L2, timed split counts are used ones."""
+    bench = _bench_module()
+    dims, layers, batch, ctx = TINY, 3, 2, 70
+    q, kv, indptr = bench.make_inputs(dims, batch, ctx, layers=layers, device="cpu")
+    assert len(q) == layers and q[0].shape == (batch, 1, dims.heads, dims.latent_dim)
+    assert kv.shape == (layers, batch * ctx, dims.latent_dim)  # [NL, B*ctx, 576]
+    config = _cpu(16, 32)
+    built = _module("tiny", 1, "cpu", config)
+    calls, o, lse = bench.ours(built[0], dims, q, kv, indptr, splits=5)
+    assert len(calls) == layers and all(x.isnan().all() for x in o)
+    nbytes = bench.call_bytes(dims, batch=batch, ctx=ctx, heads=dims.heads)
+    assert nbytes == kv[0].nbytes + q[0].nbytes + o[0].nbytes
+    for call in calls:
+        call()
+    for layer in range(layers):
+        bench.verify(dims, q, kv, indptr, o, lse, layer=layer, sm_scale=dims.qk_head_dim**-0.5)
+    assert not torch.equal(o[0], o[1])  # distinct layers really read
+    l2 = 50 * 2**20  # H100
+    for b, n, _ in bench.SHAPES:
+        nl = bench.graph_layers(LITE, batch=b, ctx=n, min_layers=27, l2_bytes=l2)
+        assert nl >= 27 and nl * b * n * LITE.latent_dim * 2 >= 4 * l2
+    counts = bench.split_counts(86, 600, dec.Config(block_n=64))
+    assert counts == [5]  # 43, 86 and 172 compiled splits all use 5 at 600 rows
