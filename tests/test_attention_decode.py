@@ -168,6 +168,8 @@ def test_choose_splits_fills_the_gpu():
     assert dec.choose_splits(128, 4096, sms) <= 2  # a big batch needs (almost) no split
     assert dec.choose_splits(1, 100, sms) <= 2  # never more splits than 64-row tiles
     assert dec.choose_splits(1, 0, sms) == 1
+    for ctx in (600, 4096):  # never more splits than the context would use (128-row splits)
+        assert dec.choose_splits(1, ctx, sms) <= -(-ctx // dec.MIN_SPLIT_ROWS)
 
 
 @pytest.mark.parametrize("arch", ["sm_89", "sm_90a"])
