@@ -4,15 +4,24 @@
 
 For each (batch, context) with 16 heads, one new token, f16 latent rows (576 wide, V = first 512):
 builds the kernels for the GPU's arch (every ``--configs`` best candidate config), checks O and
-LSE against ``mla_compiler.reference`` (first and last sequence), then times split + merge with
-CUDA events around each call (L2 flushed before each, median of ``--reps``). Baselines:
-matmul-softmax-matmul and SDPA (memory-efficient backend) over the same rows.
-GB/s counts the cache rows read once + Q + O.
+LSE against ``mla_compiler.reference`` (first and last sequence), then times split + merge two
+ways:
+
+- ``ours``: CUDA events around one call, L2 flushed before each, median of ``--reps``;
+- ``ours_graph``: a decode step's pattern: ``--layers`` (27) calls back to back, each over a
+  DIFFERENT layer of one ``[layers, C, 576]`` cache (at least 4x the L2: short contexts get
+  more layers), captured in one CUDA graph and replayed (L2 flushed before each replay);
+  time per call = median replay time / layers.
+
+Baselines (per-call method): matmul-softmax-matmul and SDPA (memory-efficient backend) over
+the same rows. GB/s counts the cache rows read once + Q + O per call.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -23,25 +32,31 @@ import tvm
 
 
 def _package_shim() -> None:
-    """Without an install, link the package-dir layout (schedules/ -> mla_compiler.schedules)."""
-    try:
-        import mla_compiler.schedules  # noqa: F401
-    except ImportError:
-        import pathlib
-        import tempfile
+    """Import this checkout's package: where ``mla_compiler`` is not installed from it (not at
+    all, or from another checkout), link the package-dir layout (schedules/ ->
+    mla_compiler.schedules) in a temporary directory first on ``sys.path``."""
+    import pathlib
 
-        root = pathlib.Path(__file__).resolve().parent.parent
-        shim = pathlib.Path(tempfile.mkdtemp()) / "mla_compiler"
-        shim.mkdir()
-        for f in (root / "mla_compiler").glob("*.py"):
-            (shim / f.name).symlink_to(f)
-        for sub in ("runtime", "schedules", "model_export"):
-            (shim / sub).symlink_to(root / sub)
-        sys.path.insert(0, str(shim.parent))
-        for name in [
-            m for m in sys.modules if m == "mla_compiler" or m.startswith("mla_compiler.")
-        ]:
-            del sys.modules[name]
+    root = pathlib.Path(__file__).resolve().parent.parent
+    try:
+        import mla_compiler.schedules.attention_decode as mine
+
+        if pathlib.Path(mine.__file__).resolve() == root / "schedules" / "attention_decode.py":
+            return
+    except ImportError:
+        pass
+    import tempfile
+
+    shim = pathlib.Path(tempfile.mkdtemp()) / "mla_compiler"
+    shim.mkdir()
+    for entry in (root / "mla_compiler").iterdir():
+        if entry.suffix == ".py" or (entry / "__init__.py").exists():
+            (shim / entry.name).symlink_to(entry)
+    for sub in ("runtime", "schedules", "model_export"):
+        (shim / sub).symlink_to(root / sub)
+    sys.path.insert(0, str(shim.parent))
+    for name in [m for m in sys.modules if m == "mla_compiler" or m.startswith("mla_compiler.")]:
+        del sys.modules[name]
 
 
 _package_shim()
@@ -51,7 +66,17 @@ from mla_compiler.model_export.config import MLADims  # noqa: E402
 from mla_compiler.schedules import attention_decode as dec  # noqa: E402
 from mla_compiler.schedules.target import GPUS, tvm_target  # noqa: E402
 
-SHAPES = [(1, 4096), (1, 16384), (1, 32768), (32, 4096), (128, 4096), (128, 8192)]
+# (batch, ctx, max_context the split count is chosen for); the first: the model's decode
+# (workspace sized for a 16K max_context, a short actual context)
+SHAPES = [
+    (1, 600, 16384),
+    (1, 4096, 4096),
+    (1, 16384, 16384),
+    (1, 32768, 32768),
+    (32, 4096, 4096),
+    (128, 4096, 4096),
+    (128, 8192, 8192),
+]
 HEADS = 16
 
 
@@ -81,48 +106,93 @@ def bench(fn, *, reps: int) -> float:
     return statistics.median(times)
 
 
+def graph_bench(calls, *, reps: int) -> float:
+    """Median microseconds per call of ``calls`` captured back to back in one CUDA graph.
+
+    TVM launches on the stream tvm_ffi holds for the device: ``use_torch_stream`` points it at
+    torch's stream (the capture stream inside ``torch.cuda.graph``). The calls run once first
+    (module load, smem attributes: nothing of that may happen during capture).
+    """
+    import tvm_ffi
+
+    side = torch.cuda.Stream()
+    with tvm_ffi.use_torch_stream(torch.cuda.stream(side)):
+        for call in calls:
+            call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with tvm_ffi.use_torch_stream(torch.cuda.graph(graph)):
+        for call in calls:
+            call()
+    return bench(graph.replay, reps=reps) / len(calls)
+
+
 def _t(x: torch.Tensor):
     return tvm.runtime.from_dlpack(x)
 
 
-def make_inputs(dims: MLADims, batch: int, ctx: int):
-    gen = torch.Generator(device="cuda").manual_seed(batch * 1000 + ctx)
-    q = torch.randn(batch, 1, HEADS, dims.latent_dim, device="cuda", generator=gen).half()
-    kv = torch.randn(1, batch * ctx, dims.latent_dim, device="cuda", generator=gen).half()
-    indptr = torch.arange(0, batch * ctx + 1, ctx, dtype=torch.int32, device="cuda")
+def call_bytes(dims: MLADims, *, batch: int, ctx: int, heads: int = HEADS) -> int:
+    """Bytes one decode attention call must move: its cache rows once, Q and O (f16)."""
+    return 2 * batch * (ctx * dims.latent_dim + heads * (dims.latent_dim + dims.kv_lora_rank))
+
+
+def graph_layers(dims: MLADims, *, batch: int, ctx: int, min_layers: int, l2_bytes: int) -> int:
+    """Cache layers of the graph mode: ``min_layers`` (a model's layer count), more where a
+    short context would otherwise fit the cache read by one replay into 4x the L2."""
+    per_layer = batch * ctx * dims.latent_dim * 2
+    return max(min_layers, -(-4 * l2_bytes // per_layer))
+
+
+def make_inputs(dims: MLADims, batch: int, ctx: int, *, layers: int, device="cuda"):
+    """q (per layer [B, 1, H, 576]: one tensor each, every one 64-byte aligned as TVM requires),
+    kv [layers, B*ctx, 576] (f16, random), kv_indptr [B+1]: ``batch`` sequences of ``ctx`` rows
+    at the same rows of every layer."""
+    gen = torch.Generator(device=device).manual_seed(batch * 1000 + ctx)
+    f16 = dict(device=device, generator=gen, dtype=torch.float16)
+    q = [torch.randn(batch, 1, dims.heads, dims.latent_dim, **f16) for _ in range(layers)]
+    kv = torch.randn(layers, batch * ctx, dims.latent_dim, **f16)
+    indptr = torch.arange(0, batch * ctx + 1, ctx, dtype=torch.int32, device=device)
     return q, kv, indptr
 
 
 def ours(mod, dims, q, kv, indptr, *, splits: int):
-    """A closure running split + merge (workspace preallocated, outputs NaN-poisoned)."""
-    batch, dev = q.shape[0], q.device
-    ws = dec.workspace_shapes(dims, batch=batch, heads=HEADS, q_tokens=1, num_splits=splits)
-    o_part = torch.full(ws["o_part"], float("nan"), device=dev)
-    lse_part = torch.full(ws["lse_part"], float("nan"), device=dev)
-    o = torch.full((batch, 1, HEADS, dims.kv_lora_rank), float("nan"), device=dev).half()
-    lse = torch.full((batch, 1, HEADS), float("nan"), device=dev)
+    """One closure per layer ``l`` running split + merge over layer ``l`` of ``kv`` (its own
+    q[l], o[l], lse[l]; one shared preallocated workspace, as in the model), plus the per-layer
+    outputs o[l] [B, 1, H, 512] and lse[l] [B, 1, H], NaN until run."""
+    layers, (batch, _, heads, _) = len(q), q[0].shape
+    dev = q[0].device
+    ws = dec.workspace_shapes(dims, batch=batch, heads=heads, q_tokens=1, num_splits=splits)
+    o_part = torch.full(ws["o_part"], float("nan"), device=dev)  # [S, B, 1, H, 512]
+    lse_part = torch.full(ws["lse_part"], float("nan"), device=dev)  # [S, B, 1, H]
+    nan = dict(fill_value=float("nan"), device=dev)
+    o = [torch.full((batch, 1, heads, dims.kv_lora_rank), **nan).half() for _ in range(layers)]
+    lse = [torch.full((batch, 1, heads), **nan) for _ in range(layers)]
     split, merge = mod["decode_split"], mod["decode_merge"]
-    args_split = [_t(q), _t(kv), _t(indptr), 0, _t(o_part), _t(lse_part)]
-    args_merge = [_t(o_part), _t(lse_part), _t(o), _t(lse)]
+    calls = []
+    for layer in range(layers):
+        args_split = [_t(q[layer]), _t(kv), _t(indptr), layer, _t(o_part), _t(lse_part)]
+        args_merge = [_t(o_part), _t(lse_part), _t(indptr), _t(o[layer]), _t(lse[layer])]
 
-    def run():
-        split(*args_split)
-        merge(*args_merge)
+        def run(args_split=args_split, args_merge=args_merge):
+            split(*args_split)
+            merge(*args_merge)
 
-    return run, o, lse
+        calls.append(run)
+    return calls, o, lse
 
 
-def verify(dims, q, kv, indptr, o, lse, *, sm_scale) -> float:
-    """Max abs error of O vs the float64 reference on the first and last sequence (raises)."""
+def verify(dims, q, kv, indptr, o, lse, *, layer: int, sm_scale) -> float:
+    """Max abs error of layer ``layer``'s O vs the float64 reference on the first and last
+    sequence (raises)."""
     worst = 0.0
-    for b in sorted({0, q.shape[0] - 1}):
+    for b in sorted({0, q[layer].shape[0] - 1}):
         k0, k1 = int(indptr[b]), int(indptr[b + 1])
         ref_o, ref_lse = reference.absorbed_attention(
-            q[b], kv[0, k0:k1], v_dim=dims.kv_lora_rank, sm_scale=sm_scale
+            q[layer][b], kv[layer, k0:k1], v_dim=dims.kv_lora_rank, sm_scale=sm_scale
         )
-        torch.testing.assert_close(o[b].double(), ref_o, atol=4e-3, rtol=1e-2)
-        torch.testing.assert_close(lse[b].double(), ref_lse, atol=2e-3, rtol=1e-4)
-        worst = max(worst, (o[b].double() - ref_o).abs().max().item())
+        torch.testing.assert_close(o[layer][b].double(), ref_o, atol=4e-3, rtol=1e-2)
+        torch.testing.assert_close(lse[layer][b].double(), ref_lse, atol=2e-3, rtol=1e-4)
+        worst = max(worst, (o[layer][b].double() - ref_o).abs().max().item())
     return worst
 
 
@@ -162,11 +232,54 @@ def torch_sdpa(dims, q, kv, *, sm_scale):
     return lambda: call(k, v)
 
 
+def split_counts(chosen: int, ctx: int, config) -> list[int]:
+    """The split counts timed: the model's choice, half and twice it, those past what a
+    context of ``ctx`` rows uses (``effective_splits``) dropped: they would time the same."""
+
+    def used(s):
+        return dec.effective_splits(
+            ctx, s, block_n=config.block_n, min_split_rows=config.min_split_rows
+        )
+
+    return sorted({used(chosen), used(max(1, chosen // 2)), used(2 * chosen)})
+
+
+def time_ours(calls, o, lse, *, check, nbytes: int, reps: int) -> dict:
+    """Per-call time of ``calls[0]`` and, with more than one layer, CUDA-graph time per call of
+    all ``calls``; outputs checked (``check(layer=l)``: max abs error, raises) before timing
+    (the last layer after the graph replays)."""
+    calls[0]()
+    torch.cuda.synchronize()
+    res = {"max_abs_err": check(layer=0)}
+    us = bench(calls[0], reps=reps)
+    res.update(us=us, gbps=nbytes / us / 1e3)
+    if len(calls) > 1:
+        try:
+            us = graph_bench(calls, reps=reps)
+            res.update(graph_us=us, graph_gbps=nbytes / us / 1e3)
+            res["max_abs_err"] = max(res["max_abs_err"], check(layer=len(calls) - 1))
+        except Exception as e:  # the per-call result stands
+            res["graph_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file for the results")
     ap.add_argument("--configs", type=int, default=6, help="candidate configs to try (best kept)")
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument(
+        "--layers",
+        type=int,
+        default=27,
+        help="cache layers of the graph mode (at least; 1: no graph mode)",
+    )
+    ap.add_argument(
+        "--min-split-rows",
+        type=int,
+        default=dec.MIN_SPLIT_ROWS,
+        help="Config.min_split_rows of every config",
+    )
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
@@ -175,7 +288,10 @@ def main() -> None:
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     dims = MLADims(heads=HEADS)
     sm_scale = dims.qk_head_dim**-0.5
-    configs = dec.candidate_configs(target, dims, heads=HEADS, q_tokens=1)[: args.configs]
+    configs = [
+        dataclasses.replace(c, min_split_rows=args.min_split_rows)
+        for c in dec.candidate_configs(target, dims, heads=HEADS, q_tokens=1)[: args.configs]
+    ]
     mods = {}
     for cfg in configs:
         t0 = time.time()
@@ -189,12 +305,28 @@ def main() -> None:
             print(f"build of {cfg} failed: {type(e).__name__}: {str(e)[:500]}", flush=True)
 
     rows = []
-    for batch, ctx in SHAPES:
-        q, kv, indptr = make_inputs(dims, batch, ctx)
-        nbytes = kv.numel() * 2 + q.numel() * 2 + batch * HEADS * dims.kv_lora_rank * 2
-        row = {"batch": batch, "ctx": ctx, "bytes": nbytes, "arch": arch, "configs": {}}
+    l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
+    for batch, ctx, max_context in SHAPES:
+        layers = 1
+        if args.layers > 1:
+            layers = graph_layers(
+                dims, batch=batch, ctx=ctx, min_layers=args.layers, l2_bytes=l2_bytes
+            )
+        q, kv, indptr = make_inputs(dims, batch, ctx, layers=layers)
+        q0, kv0 = q[0], kv[:1]  # [B, 1, H, 576], [1, B*ctx, 576]: the per-call baselines' input
+        nbytes = call_bytes(dims, batch=batch, ctx=ctx)
+        row = {
+            "batch": batch,
+            "ctx": ctx,
+            "splits_for_context": max_context,
+            "bytes": nbytes,
+            "layers": layers,
+            "cache_bytes": kv.numel() * kv.element_size(),
+            "arch": arch,
+            "configs": {},
+        }
         for cfg, mod in mods.items():
-            name = f"bn{cfg.block_n}-st{cfg.stages}-w{cfg.warps_n}"
+            name = f"bn{cfg.block_n}-st{cfg.stages}-w{cfg.warps_n}-r{cfg.min_split_rows}"
             chosen = dec.splits_for(
                 cfg,
                 target,
@@ -202,62 +334,66 @@ def main() -> None:
                 heads=HEADS,
                 q_tokens=1,
                 batch=batch,
-                max_context=ctx,
+                max_context=max_context,
                 sm_count=sms,
             )
-            tiles = -(-ctx // cfg.block_n)
-            for splits in sorted({chosen, max(1, chosen // 2), min(tiles, 2 * chosen)}):
+            for splits in split_counts(chosen, max_context, cfg):
                 key = f"{name}/s{splits}"
-                run, o, lse = ours(mod, dims, q, kv, indptr, splits=splits)
+                calls, o, lse = ours(mod, dims, q, kv, indptr, splits=splits)
+                check = functools.partial(
+                    verify, dims, q, kv, indptr, o, lse, sm_scale=sm_scale
+                )  # check(layer=l): max abs error of layer l's output
                 try:
-                    run()
-                    torch.cuda.synchronize()
-                    err = verify(dims, q, kv, indptr, o, lse, sm_scale=sm_scale)
-                    us = bench(run, reps=args.reps)
-                    res = {"us": us, "gbps": nbytes / us / 1e3, "max_abs_err": err}
+                    res = time_ours(calls, o, lse, check=check, nbytes=nbytes, reps=args.reps)
                 except Exception as e:  # a wrong config is reported, not timed
                     res = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                 res.update(config=name, splits=splits, model_choice=splits == chosen)
                 row["configs"][key] = res
                 print(batch, ctx, key, res, flush=True)
-        good = {k: v for k, v in row["configs"].items() if "us" in v}
-        if good:
-            best = min(good, key=lambda k: good[k]["us"])
-            row["ours"] = good[best]
-            modelled = [v for v in good.values() if v["model_choice"]]
-            if modelled:  # the default config at the split count the model picks
-                row["ours_default"] = modelled[0]
+                del calls, o, lse
+        for mode, field in (("ours", "us"), ("ours_graph", "graph_us")):
+            good = {k: v for k, v in row["configs"].items() if field in v}
+            if good:
+                row[mode] = good[min(good, key=lambda k, g=good, f=field: g[k][f])]
+                modelled = [v for v in good.values() if v["model_choice"]]
+                if modelled:  # the default config at the split count the model picks
+                    row[f"{mode}_default"] = modelled[0]
         # what streaming the cache alone costs here: torch.sum over the rows (a read roofline)
-        us = bench(lambda kv=kv: kv.sum(dtype=torch.float32), reps=args.reps)
-        row["read_roofline"] = {"us": us, "gbps": kv.numel() * 2 / us / 1e3}
+        us = bench(lambda kv=kv0: kv.sum(dtype=torch.float32), reps=args.reps)
+        row["read_roofline"] = {"us": us, "gbps": kv0.numel() * 2 / us / 1e3}
         for base, make in (("torch_matmul", torch_matmul), ("torch_sdpa_mem_eff", torch_sdpa)):
             try:
-                us = bench(make(dims, q, kv, sm_scale=sm_scale), reps=args.reps)
+                us = bench(make(dims, q0, kv0, sm_scale=sm_scale), reps=args.reps)
                 row[base] = {"us": us, "gbps": nbytes / us / 1e3}
             except Exception as e:
                 row[base] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             print(batch, ctx, base, row[base], flush=True)
         rows.append(row)
-        del q, kv, indptr
+        del q, kv, indptr, q0, kv0
         torch.cuda.empty_cache()
 
     with open(args.out, "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "sms": sms, "rows": rows}, f, indent=1)
 
-    def cell(d):
-        return f"{d['gbps']:.0f} ({d['us']:.1f} us)" if d and "gbps" in d else "err"
+    def cell(d, field="us"):
+        gb = "gbps" if field == "us" else "graph_gbps"
+        return f"{d[gb]:.0f} ({d[field]:.1f} us)" if d and gb in d else "err"
 
     print(f"\n{torch.cuda.get_device_name()} ({arch}), 16 heads, f16, GB/s (median time)\n")
     print(
-        "| batch | ctx | ours (best) | config | splits | ours (default, model splits) "
+        "| batch | ctx | splits for | ours (best) | config / splits | ours (default) "
+        "| ours_graph (best) | config / splits | ours_graph (default) "
         "| torch matmul | torch SDPA mem-eff | cache read roofline (torch.sum) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        o = r.get("ours")
+        o, g = r.get("ours"), r.get("ours_graph")
         print(
-            f"| {r['batch']} | {r['ctx']} | {cell(o)} | {o['config'] if o else '-'} | "
-            f"{o['splits'] if o else '-'} | {cell(r.get('ours_default'))} | "
+            f"| {r['batch']} | {r['ctx']} | {r['splits_for_context']} | {cell(o)} | "
+            f"{o['config'] + '/' + str(o['splits']) if o else '-'} | "
+            f"{cell(r.get('ours_default'))} | {cell(g, 'graph_us')} | "
+            f"{g['config'] + '/' + str(g['splits']) if g else '-'} | "
+            f"{cell(r.get('ours_graph_default'), 'graph_us')} | "
             f"{cell(r['torch_matmul'])} | {cell(r['torch_sdpa_mem_eff'])} | "
             f"{cell(r['read_roofline'])} |"
         )

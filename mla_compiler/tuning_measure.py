@@ -205,7 +205,7 @@ def run_decode(module, plan: dict, params: dict, reps: int) -> dict:
         q = torch.randn(batch, 1, heads, width, device=dev).half()  # [B, Q, H, 576]
         kv = torch.randn(1, batch * ctx, width, device=dev).half()  # [L, C, 576]
         a_split = [_t(q), _t(kv), _t(indptr), 0, _t(o_part), _t(lse_part)]
-        a_merge = [_t(o_part), _t(lse_part), _t(o), _t(lse)]
+        a_merge = [_t(o_part), _t(lse_part), _t(indptr), _t(o), _t(lse)]
 
         def call(a_split=a_split, a_merge=a_merge):
             split(*a_split)

@@ -33,6 +33,7 @@ from mla_compiler.schedules.attention_decode_mma import split_mma
 from mla_compiler.schedules.target import gpu_spec, is_gpu
 
 MAX_Q_TOKENS = 4
+MIN_SPLIT_ROWS = 128  # default Config.min_split_rows (why: Config's docstring)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,12 +44,21 @@ class Config:
     ``warps_n`` warps sharing one 16-row M tile (each owns ``block_n / warps_n`` score columns and
     ``kv_lora_rank / warps_n`` output columns); one such warp group per M tile of ``H x Q``.
     ``tensor_cores=False`` selects the simple loop kernel (the llvm schedule, slow on a GPU).
+    ``min_split_rows``: the rows that open one more split. A sequence of ``n`` rows uses only
+    ``effective_splits`` = ``min(S, ceil(n / min_split_rows))`` (in whole tiles) of the ``S``
+    compiled splits: uncapped, each split gets at most ``min_split_rows`` rows (rounded up to
+    a tile) and the splits together more than ``used - 1`` times that. 128 = two 64-row tiles:
+    ``choose_splits``' model charges a split one tile-time of pipeline fill and streams a tile
+    in ``1 / sm_bandwidth_ratio`` (~0.67) tile-times, so below ~1.5 tiles a split spends more
+    time filling than streaming (and adds a 32 KB partial); measured on H100 at (1, 4K),
+    32 splits of 2 tiles beat 64 splits of 1.
     """
 
     block_n: int = 64
     stages: int = 2
     warps_n: int = 4
     tensor_cores: bool = True
+    min_split_rows: int = MIN_SPLIT_ROWS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +71,40 @@ class DecodeKernels:
 
 
 CPU_CONFIG = Config(block_n=64, stages=1, warps_n=1, tensor_cores=False)
+
+
+def _is_expr(*xs) -> bool:
+    return any(isinstance(x, tvm.ir.expr.Expr) for x in xs)
+
+
+def effective_splits(n, num_splits, *, block_n: int, min_split_rows: int):
+    """Splits a sequence of ``n`` rows uses out of the ``num_splits`` compiled ones.
+
+    ``min(num_splits, max(1, ceil(tiles / per)))`` with ``tiles = ceil(n / block_n)`` and
+    ``per = ceil(min_split_rows / block_n)`` tiles: at most ``tiles``, so every used split of a
+    non-empty sequence gets rows; an empty sequence uses one (empty) split. The ONE formula of
+    the split kernels, the merge kernels and the tests: ``n`` and ``num_splits`` may be Python
+    ints or TIR int32 expressions (``n >= 0``).
+    """
+    per = max(1, -(-min_split_rows // block_n))
+    if _is_expr(n, num_splits):
+        want = tvm.tirx.truncdiv(tvm.tirx.truncdiv(n + block_n - 1, block_n) + per - 1, per)
+        return T.min(num_splits, T.max(want, 1))
+    tiles = -(-n // block_n)
+    return min(num_splits, max(1, -(-tiles // per)))
+
+
+def split_range(n, split, used, *, block_n: int):
+    """Rows ``[lo, hi)`` of split ``split`` (< ``used`` = ``effective_splits``) of a sequence of
+    ``n`` rows: the ``ceil(n / block_n)`` tiles dealt out evenly (whole tiles, the last tile cut
+    at ``n``), so splits differ by at most one tile. Python ints or TIR int32 expressions."""
+    if _is_expr(n, split, used):
+        tiles = tvm.tirx.truncdiv(n + block_n - 1, block_n)
+        lo = tvm.tirx.truncdiv(split * tiles, used) * block_n
+        hi = T.min(tvm.tirx.truncdiv((split + 1) * tiles, used) * block_n, n)
+        return lo, hi
+    tiles = -(-n // block_n)
+    return split * tiles // used * block_n, min((split + 1) * tiles // used * block_n, n)
 
 
 def m_tiles(heads: int, q_tokens: int) -> int:
@@ -153,6 +197,7 @@ def choose_splits(
     block_n: int = 64,
     ctas_per_sm: int = 1,
     sm_bandwidth_ratio: float = 1.5,
+    min_split_rows: int = MIN_SPLIT_ROWS,
 ) -> int:
     """Splits per sequence: enough CTAs to pull DRAM bandwidth, few enough partials to merge.
 
@@ -164,12 +209,16 @@ def choose_splits(
 
     ``sm_bandwidth_ratio``: how much faster than its fair share one SM streams when others
     idle (an uncalibrated guess; ``bench_decode.py`` sweeps the split count around this
-    choice so it can be fitted). Returns the smallest split count of least modelled time.
+    choice so it can be fitted). Returns the smallest split count of least modelled time, at
+    most ``effective_splits`` of ``max_context`` (more would never be used).
     """
     tiles = max(1, -(-max_context // block_n))
     slots = sm_count * ctas_per_sm
+    most = effective_splits(
+        max(max_context, 1), 4 * slots, block_n=block_n, min_split_rows=min_split_rows
+    )
     best, best_cost = 1, math.inf
-    for s in range(1, min(tiles, 4 * slots) + 1):
+    for s in range(1, most + 1):
         waves = -(-(batch * s) // slots)
         per_split = -(-tiles // s)
         stream = max(batch * tiles / sm_count, waves * per_split * ctas_per_sm / sm_bandwidth_ratio)
@@ -209,6 +258,7 @@ def splits_for(
         sm_count or gpu_spec(target).sm_count,
         block_n=config.block_n,
         ctas_per_sm=ctas_per_sm(config, target, dims, heads=heads, q_tokens=q_tokens),
+        min_split_rows=config.min_split_rows,
     )
 
 
@@ -251,18 +301,19 @@ def absorbed_decode(
         split = split_mma(dims, heads=heads, q_tokens=q_tokens, config=config, sm_scale=sm_scale)
     else:
         split = _split_simple(
-            dims, heads=heads, q_tokens=q_tokens, block_n=config.block_n, sm_scale=sm_scale, gpu=gpu
+            dims, heads=heads, q_tokens=q_tokens, config=config, sm_scale=sm_scale, gpu=gpu
         )
     if gpu and dims.kv_lora_rank % 8 == 0:
-        merge = _merge_gpu(dims, heads=heads, q_tokens=q_tokens, dtype=dtype)
+        merge = _merge_gpu(dims, heads=heads, q_tokens=q_tokens, dtype=dtype, config=config)
     else:
-        merge = _merge(dims, heads=heads, q_tokens=q_tokens, dtype=dtype, gpu=gpu)
+        merge = _merge(dims, heads=heads, q_tokens=q_tokens, dtype=dtype, config=config, gpu=gpu)
     return DecodeKernels(split=split, merge=merge, config=config)
 
 
-def _split_simple(dims: MLADims, *, heads: int, q_tokens: int, block_n: int, sm_scale, gpu: bool):
+def _split_simple(dims: MLADims, *, heads: int, q_tokens: int, config: Config, sm_scale, gpu: bool):
     """Two-pass loop kernel: one (split, sequence, query row) per CPU task / GPU thread."""
     D, DV, H, Q = dims.latent_dim, dims.kv_lora_rank, heads, q_tokens
+    block_n, min_rows = config.block_n, config.min_split_rows
     R = H * Q
     scale = float(sm_scale)
     neg_inf = -math.inf
@@ -293,16 +344,17 @@ def _split_simple(dims: MLADims, *, heads: int, q_tokens: int, block_n: int, sm_
         ):
             for task_i in T.serial(1) if not gpu else T.thread_binding(64, "threadIdx.x"):
                 task = T.meta_var(task_o * (64 if gpu else 1) + task_i)
-                if task < S * B * R:
-                    s = task // (B * R)
-                    b = task // R % B
+                s = T.meta_var(task // (B * R))
+                b = T.meta_var(task // R % B)
+                start = T.meta_var(kv_indptr[b])
+                n = T.meta_var(kv_indptr[b + 1] - start)
+                used = T.meta_var(effective_splits(n, S, block_n=block_n, min_split_rows=min_rows))
+                if task < S * B * R and s < used:  # splits past `used` write nothing
                     t = task % R // H
                     h = task % H
-                    start = kv_indptr[b]
-                    n = kv_indptr[b + 1] - start
-                    chunk = T.ceildiv(T.ceildiv(n, S), block_n) * block_n
-                    lo = s * chunk
-                    hi = T.min(T.min(lo + chunk, n), n - Q + t + 1)
+                    rows = T.meta_var(split_range(n, s, used, block_n=block_n))
+                    lo = rows[0]
+                    hi = T.min(rows[1], n - Q + t + 1)
                     m = T.alloc_buffer((1,), "float32", scope="local")
                     acc = T.alloc_buffer((1,), "float32", scope="local")
                     l_sum = T.alloc_buffer((1,), "float32", scope="local")
@@ -339,8 +391,9 @@ def _split_simple(dims: MLADims, *, heads: int, q_tokens: int, block_n: int, sm_
     return split
 
 
-def _merge(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, gpu: bool):
-    """o = sum_s exp(lse_s - lse) o_s with lse = logsumexp_s lse_s; empty splits weigh 0.
+def _merge(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: Config, gpu: bool):
+    """o = sum_s exp(lse_s - lse) o_s with lse = logsumexp_s lse_s over the sequence's
+    ``effective_splits``; empty splits weigh 0.
 
     One GPU thread per output element (blocks of 64 columns, so even batch 1 spreads over
     ``16 x 512 / 64`` CTAs); each reads the split LSEs of its row (L1 hits) and one float32
@@ -349,17 +402,21 @@ def _merge(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, gpu: bool):
     DV, H, Q = dims.kv_lora_rank, heads, q_tokens
     CW = 64 if gpu and DV % 64 == 0 else DV  # columns per block
     NC = DV // CW
+    block_n, min_rows = config.block_n, config.min_split_rows
     neg_inf = -math.inf
 
     @T.prim_func
-    def merge(o_part_h: T.handle, lse_part_h: T.handle, o_h: T.handle, lse_h: T.handle):
+    def merge(
+        o_part_h: T.handle, lse_part_h: T.handle, indptr_h: T.handle, o_h: T.handle, lse_h: T.handle
+    ):
         T.func_attr({"global_symbol": "decode_merge", "tirx.noalias": True})
         B = T.int32()
         S = T.int32()
-        o_part = T.match_buffer(o_part_h, (S, B, Q, H, DV), "float32")
-        lse_part = T.match_buffer(lse_part_h, (S, B, Q, H), "float32")
-        o = T.match_buffer(o_h, (B, Q, H, DV), dtype)
-        lse = T.match_buffer(lse_h, (B, Q, H), "float32")
+        o_part = T.match_buffer(o_part_h, (S, B, Q, H, DV), "float32")  # [S, B, Q, H, 512]
+        lse_part = T.match_buffer(lse_part_h, (S, B, Q, H), "float32")  # [S, B, Q, H]
+        kv_indptr = T.match_buffer(indptr_h, (B + 1,), "int32")
+        o = T.match_buffer(o_h, (B, Q, H, DV), dtype)  # [B, Q, H, 512]
+        lse = T.match_buffer(lse_h, (B, Q, H), "float32")  # [B, Q, H]
         for blk in (
             T.parallel(B * Q * H * NC)
             if not gpu
@@ -370,16 +427,24 @@ def _merge(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, gpu: bool):
                 t = blk // NC // H % Q
                 h = blk // NC % H
                 col = blk % NC * CW + tx
+                used = T.meta_var(
+                    effective_splits(
+                        kv_indptr[b + 1] - kv_indptr[b],
+                        S,
+                        block_n=block_n,
+                        min_split_rows=min_rows,
+                    )
+                )
                 m = T.alloc_buffer((1,), "float32", scope="local")
                 total = T.alloc_buffer((1,), "float32", scope="local")
                 acc = T.alloc_buffer((1,), "float32", scope="local")
                 m[0] = T.float32(neg_inf)
-                for s in range(S):
+                for s in range(used):
                     m[0] = T.max(m[0], lse_part[s, b, t, h])
                 total[0] = T.float32(0)
                 acc[0] = T.float32(0)
                 if m[0] > T.float32(neg_inf):
-                    for s in range(S):
+                    for s in range(used):
                         w = T.exp(lse_part[s, b, t, h] - m[0])
                         total[0] = total[0] + w
                         acc[0] = acc[0] + w * o_part[s, b, t, h, col]
@@ -394,78 +459,102 @@ def _merge(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, gpu: bool):
     return merge
 
 
-def _merge_gpu(dims: MLADims, *, heads: int, q_tokens: int, dtype: str):
-    """CUDA merge with memory-level parallelism for batch 1 (up to hundreds of splits).
+def _merge_gpu(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: Config):
+    """CUDA merge: one pass over the sequence's ``effective_splits``, memory-level parallel.
 
     Lane ``8 g + sl`` of a warp owns output columns ``8 g .. 8 g + 7`` (two float4 loads, one
-    full 32-byte sector per split) and splits ``sl, sl + 8, ...``, four splits per unrolled step
-    (8 float4 loads in flight per thread). Max, weights and partial sums are combined across
-    the 8 split lanes with shuffles: no shared memory, no block barrier.
+    full 32-byte sector per split) and splits ``sl, sl + 8, ...``, four splits per unrolled step:
+    each step issues its 4 LSE and 8 float4 loads together and folds them into a running
+    (max, sum, acc) (online softmax), so up to 32 splits cost one memory round trip. The 8
+    split lanes then combine (max, rescale, sum) with xor shuffles: no smem, no barrier.
     """
     DV, H, Q = dims.kv_lora_rank, heads, q_tokens
     SL, U, CG = 8, 4, 8  # split lanes, unroll, columns per lane
     GROUPS = DV // CG  # column groups per row
     THREADS = 128
+    block_n, min_rows = config.block_n, config.min_split_rows
     neg_inf = -math.inf
+    start_max = -1.0e30  # finite: exp(-inf - start_max) = 0 and exp(start_max - M) never NaN
+
+    def split_of(step, u, sl):
+        """Split read by split lane ``sl`` in slot ``u`` of unrolled step ``step``."""
+        return (step * U + u) * SL + sl
 
     @T.prim_func
-    def merge(o_part_h: T.handle, lse_part_h: T.handle, o_h: T.handle, lse_h: T.handle):
+    def merge(
+        o_part_h: T.handle, lse_part_h: T.handle, indptr_h: T.handle, o_h: T.handle, lse_h: T.handle
+    ):
         T.func_attr({"global_symbol": "decode_merge", "tirx.noalias": True})
         B = T.int32()
         S = T.int32()
-        o_part = T.match_buffer(o_part_h, (S, B, Q, H, DV), "float32")
-        lse_part = T.match_buffer(lse_part_h, (S, B, Q, H), "float32")
-        o = T.match_buffer(o_h, (B, Q, H, DV), dtype)
-        lse = T.match_buffer(lse_h, (B, Q, H), "float32")
+        o_part = T.match_buffer(o_part_h, (S, B, Q, H, DV), "float32")  # [S, B, Q, H, 512]
+        lse_part = T.match_buffer(lse_part_h, (S, B, Q, H), "float32")  # [S, B, Q, H]
+        kv_indptr = T.match_buffer(indptr_h, (B + 1,), "int32")
+        o = T.match_buffer(o_h, (B, Q, H, DV), dtype)  # [B, Q, H, 512]
+        lse = T.match_buffer(lse_h, (B, Q, H), "float32")  # [B, Q, H]
         for blk in T.thread_binding(T.ceildiv(B * Q * H * GROUPS * SL, THREADS), "blockIdx.x"):
             for tx in T.thread_binding(THREADS, "threadIdx.x"):
-                m = T.alloc_buffer((1,), "float32", scope="local")
+                m = T.alloc_buffer((2,), "float32", scope="local")  # running max, new max
                 total = T.alloc_buffer((1,), "float32", scope="local")
                 w = T.alloc_buffer((U,), "float32", scope="local")
                 acc = T.alloc_buffer((CG,), "float32", scope="local")
                 part = T.alloc_buffer((U * CG,), "float32", scope="local")
+                used = T.alloc_buffer((1,), "int32", scope="local")
                 gid = T.meta_var((blk * THREADS + tx) // SL)  # (row, column group)
                 sl = T.meta_var(tx % SL)
-                row = T.meta_var(gid // GROUPS)
+                valid = T.meta_var(gid // GROUPS < B * Q * H)
+                row = T.meta_var(T.min(gid // GROUPS, B * Q * H - 1))
                 col = T.meta_var(gid % GROUPS * CG)
                 b = T.meta_var(row // (Q * H))
                 t = T.meta_var(row // H % Q)
                 h = T.meta_var(row % H)
-                valid = T.meta_var(row < B * Q * H)
-                m[0] = T.float32(neg_inf)
-                for so in range(T.ceildiv(S, SL * U)):
-                    for u in T.unroll(U):
-                        w[u] = T.if_then_else(
-                            valid and (so * U + u) * SL + sl < S,
-                            lse_part[(so * U + u) * SL + sl, b, t, h],
-                            T.float32(neg_inf),
-                        )
-                    for u in T.unroll(U):
-                        m[0] = T.max(m[0], w[u])
-                for k in T.unroll(3):
-                    m[0] = T.max(
-                        m[0], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), m[0], 1 << k, 32, 32)
-                    )
+                used[0] = T.if_then_else(
+                    valid,
+                    effective_splits(
+                        kv_indptr[b + 1] - kv_indptr[b],
+                        S,
+                        block_n=block_n,
+                        min_split_rows=min_rows,
+                    ),
+                    0,
+                )
+                m[0] = T.float32(start_max)
                 total[0] = T.float32(0)
                 for c in T.unroll(CG):
                     acc[c] = T.float32(0)
-                if m[0] > T.float32(neg_inf):
-                    for so in range(T.ceildiv(S, SL * U)):
-                        for u in T.unroll(U):
-                            if (so * U + u) * SL + sl < S:
-                                for v in T.unroll(CG // 4):
-                                    part[T.ramp(u * CG + v * 4, 1, 4)] = o_part[
-                                        (so * U + u) * SL + sl, b, t, h, T.ramp(col + v * 4, 1, 4)
-                                    ]
-                                w[u] = T.exp(lse_part[(so * U + u) * SL + sl, b, t, h] - m[0])
-                            else:
-                                w[u] = T.float32(0)
-                                for c in T.unroll(CG):
-                                    part[u * CG + c] = T.float32(0)
-                        for u in T.unroll(U):
-                            total[0] = total[0] + w[u]
+                for so in range(T.ceildiv(used[0], SL * U)):
+                    for u in T.unroll(U):
+                        if split_of(so, u, sl) < used[0]:
+                            for v in T.unroll(CG // 4):
+                                part[T.ramp(u * CG + v * 4, 1, 4)] = o_part[
+                                    split_of(so, u, sl), b, t, h, T.ramp(col + v * 4, 1, 4)
+                                ]
+                            w[u] = lse_part[split_of(so, u, sl), b, t, h]
+                        else:
+                            w[u] = T.float32(neg_inf)
                             for c in T.unroll(CG):
-                                acc[c] = acc[c] + w[u] * part[u * CG + c]
+                                part[u * CG + c] = T.float32(0)
+                    m[1] = m[0]
+                    for u in T.unroll(U):
+                        m[1] = T.max(m[1], w[u])
+                    total[0] = total[0] * T.exp(m[0] - m[1])
+                    for c in T.unroll(CG):
+                        acc[c] = acc[c] * T.exp(m[0] - m[1])
+                    for u in T.unroll(U):
+                        w[u] = T.exp(w[u] - m[1])
+                        total[0] = total[0] + w[u]
+                        for c in T.unroll(CG):
+                            acc[c] = acc[c] + w[u] * part[u * CG + c]
+                    m[0] = m[1]
+                # combine the 8 split lanes: common max, rescale, sum
+                m[1] = m[0]
+                for k in T.unroll(3):
+                    m[1] = T.max(
+                        m[1], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), m[1], 1 << k, 32, 32)
+                    )
+                total[0] = total[0] * T.exp(m[0] - m[1])
+                for c in T.unroll(CG):
+                    acc[c] = acc[c] * T.exp(m[0] - m[1])
                 for k in T.unroll(3):
                     total[0] = total[0] + T.tvm_warp_shuffle_xor(
                         T.uint32(0xFFFFFFFF), total[0], 1 << k, 32, 32
@@ -482,7 +571,7 @@ def _merge_gpu(dims: MLADims, *, heads: int, q_tokens: int, dtype: str):
                         )
                     if col == 0:
                         lse[b, t, h] = T.if_then_else(
-                            total[0] > 0, m[0] + T.log(total[0]), T.float32(neg_inf)
+                            total[0] > 0, m[1] + T.log(total[0]), T.float32(neg_inf)
                         )
 
     return merge

@@ -31,10 +31,13 @@ _NEG = -1.0e30  # running-max start: finite, so fully masked rows give exp2(-inf
 
 def split_mma(dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: float):
     """The tensor-core split PrimFunc for ``config`` (already checked by ``keep``)."""
+    from mla_compiler.schedules.attention_decode import effective_splits, split_range  # a cycle
+
     D, DV, H, Q = dims.latent_dim, dims.kv_lora_rank, heads, q_tokens
     R = H * Q  # valid query rows
     MT = -(-R // 16)  # 16-row M tiles, one warp group each
     BN, ST, WN = config.block_n, config.stages, config.warps_n
+    MR = config.min_split_rows
     SN = BN // WN  # score columns per warp
     OW = DV // WN  # output columns per warp
     NS = SN // 8  # n8 tiles of S per warp
@@ -104,22 +107,30 @@ def split_mma(dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: flo
         lane = T.meta_var(tid % 32)
         wm = T.meta_var(tid // 32 // WN)
         wn = T.meta_var(tid // 32 % WN)
-        # per-CTA scalars, computed once: start row, rows, split begin / end (all >= 0)
-        geo = T.alloc_buffer((4,), "int32", scope="local")
+        # per-CTA scalars, computed once: start row, rows, splits used, split begin / end
+        geo = T.alloc_buffer((5,), "int32", scope="local")
         geo[0] = kv_indptr[b]
         geo[1] = kv_indptr[b + 1] - geo[0]
-        geo[2] = sid * (T.truncdiv(T.truncdiv(geo[1] + S - 1, S) + BN - 1, BN) * BN)
-        geo[3] = T.min(geo[2] + T.truncdiv(T.truncdiv(geo[1] + S - 1, S) + BN - 1, BN) * BN, geo[1])
+        geo[4] = effective_splits(geo[1], S, block_n=BN, min_split_rows=MR)
+        rows = T.meta_var(split_range(geo[1], sid, geo[4], block_n=BN))
+        geo[2] = rows[0]
+        geo[3] = rows[1]
         start = T.meta_var(geo[0])
         n = T.meta_var(geo[1])
         lo = T.meta_var(geo[2])
         hi = T.meta_var(geo[3])
-        ntiles = T.meta_var(T.truncdiv(T.max(hi - lo, 0) + BN - 1, BN))
+        ntiles = T.meta_var(T.truncdiv(T.max(hi - lo, 0) + BN - 1, BN))  # 0 past `used`
+        # A CTA past its sequence's used splits loads and stores nothing (no tiles, no Q, no
+        # output): it only runs the fixed epilogue (TVM cannot put barriers under a condition).
+        # At the end the same test reads `lo < n or sid == 0` (equivalent, see split_range):
+        # geo[4] kept live through the tile loop spills at 16 warps (Q=4).
+        used = T.meta_var(sid < geo[4])
+        used_end = T.meta_var(lo < n or sid == 0)
 
         # Q rows (padded rows zero-filled) ride in their own first cp.async group
         for i in T.unroll(Q_ITERS):
             idx = T.meta_var(i * NT + tid)
-            if idx < MT * 16 * CH:
+            if idx < MT * 16 * CH and used:
                 r = T.meta_var(idx // CH)
                 rc = T.meta_var(T.min(r, R - 1))
                 T.evaluate(
@@ -352,14 +363,14 @@ def split_mma(dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: flo
         for j in T.unroll(NO):
             for e in T.unroll(4):
                 r = T.meta_var(wm * 16 + lane // 4 + e // 2 * 8)
-                if r < R:
+                if r < R and used_end:
                     o_part[sid, b, r // H, r % H, wn * OW + j * 8 + lane % 4 * 2 + e % 2] = (
                         acc_o[j * 4 + e] * alpha[e // 2]
                     )
         if wn == 0 and lane % 4 == 0:
             for k in T.unroll(2):
                 r = T.meta_var(wm * 16 + lane // 4 + k * 8)
-                if r < R:
+                if r < R and used_end:
                     lse_part[sid, b, r // H, r % H] = T.if_then_else(
                         l_i[k] > T.float32(0),
                         m_i[k] * T.float32(_LN2) + T.log(l_i[k]),

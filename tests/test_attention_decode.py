@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
 import pytest
 import torch
 import tvm
+import tvm.sym
 from conftest import nvcc_available
 
 from mla_compiler import reference
@@ -22,6 +24,7 @@ DIMS = {"tiny": TINY, "lite": LITE}
 
 @functools.cache
 def _module(dims_name: str, q_tokens: int, target_name: str, config: dec.Config | None = None):
+    """(built module, the config it was built with)."""
     dims = DIMS[dims_name]
     target = tvm_target(target_name)
     kernels = dec.absorbed_decode(
@@ -32,15 +35,28 @@ def _module(dims_name: str, q_tokens: int, target_name: str, config: dec.Config 
         sm_scale=dims.qk_head_dim**-0.5,
         q_tokens=q_tokens,
     )
-    return dec.build(kernels, target)
+    return dec.build(kernels, target), kernels.config
 
 
 def _tvm(x: torch.Tensor):
     return tvm.runtime.from_dlpack(x)
 
 
-def _run_and_check(mod, dims, *, lens, q_tokens, num_splits, layers=2, layer=1, device="cpu"):
-    """Run split + merge on a ragged batch in a multi-layer cache; compare O and LSE."""
+def _used(n: int, num_splits: int, config: dec.Config) -> int:
+    return dec.effective_splits(
+        n, num_splits, block_n=config.block_n, min_split_rows=config.min_split_rows
+    )
+
+
+def _run_and_check(
+    built, dims, *, lens, q_tokens, num_splits, layers=2, layer=1, device="cpu"
+) -> list[int]:
+    """Run split + merge on a ragged batch in a multi-layer cache; compare O and LSE.
+
+    Workspace and outputs start NaN: the used splits' partials must merge to the reference,
+    the unused ones must stay untouched. Returns the splits each sequence used.
+    """
+    mod, config = built
     gen = torch.Generator().manual_seed(sum(lens) * 7 + q_tokens * 131 + num_splits)
     b, h = len(lens), dims.heads
     indptr = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
@@ -49,52 +65,98 @@ def _run_and_check(mod, dims, *, lens, q_tokens, num_splits, layers=2, layer=1, 
     kv = torch.randn(layers, rows, dims.latent_dim, generator=gen).half()
     kv[:, int(indptr[-1]) :] = float("nan")
     ws = dec.workspace_shapes(dims, batch=b, heads=h, q_tokens=q_tokens, num_splits=num_splits)
-    o_part = torch.full(ws["o_part"], float("nan"))
-    lse_part = torch.full(ws["lse_part"], float("nan"))
+    o_part = torch.full(ws["o_part"], float("nan"))  # [S, B, Q, H, 512]
+    lse_part = torch.full(ws["lse_part"], float("nan"))  # [S, B, Q, H]
     o = torch.full((b, q_tokens, h, dims.kv_lora_rank), float("nan")).half()
     lse = torch.full((b, q_tokens, h), float("nan"))
     args = [x.to(device) for x in (q, kv, indptr, o_part, lse_part, o, lse)]
     q, kv, indptr, o_part, lse_part, o, lse = args
     mod["decode_split"](_tvm(q), _tvm(kv), _tvm(indptr), layer, _tvm(o_part), _tvm(lse_part))
-    mod["decode_merge"](_tvm(o_part), _tvm(lse_part), _tvm(o), _tvm(lse))
+    mod["decode_merge"](_tvm(o_part), _tvm(lse_part), _tvm(indptr), _tvm(o), _tvm(lse))
     if device != "cpu":
         torch.cuda.synchronize()
     scale = dims.qk_head_dim**-0.5
-    for i in range(b):
+    used = [_used(n, num_splits, config) for n in lens]
+    for i, u in enumerate(used):
         k0, k1 = int(indptr[i]), int(indptr[i + 1])
         ref_o, ref_lse = reference.absorbed_attention(
             q[i], kv[layer, k0:k1], v_dim=dims.kv_lora_rank, sm_scale=scale
         )
         torch.testing.assert_close(o[i].double(), ref_o, atol=4e-3, rtol=1e-2)
         torch.testing.assert_close(lse[i].double(), ref_lse, atol=2e-3, rtol=1e-4)
-        # the partials alone merge to the same answer (reference.merge_states semantics)
-        m_o, m_lse = reference.merge_states(o_part[:, i], lse_part[:, i])
+        # the used partials alone merge to the same answer (reference.merge_states semantics)
+        m_o, m_lse = reference.merge_states(o_part[:u, i], lse_part[:u, i])
         torch.testing.assert_close(m_lse, ref_lse, atol=2e-3, rtol=1e-4)
         torch.testing.assert_close(m_o, ref_o, atol=4e-3, rtol=1e-2)
-    assert not torch.isnan(lse_part).any() and not torch.isnan(o_part).any()
-    return lse_part
+        assert not o_part[:u, i].isnan().any() and not lse_part[:u, i].isnan().any()
+        # every used split has rows: the last query token (it sees them all) has a finite LSE
+        assert torch.isfinite(lse_part[:u, i, -1]).all(), lse_part[:u, i, -1]
+        assert o_part[u:, i].isnan().all() and lse_part[u:, i].isnan().all(), "unused written"
+    return used
 
 
-# (dims, lens, q_tokens, num_splits)
+def _cpu(block_n: int, min_split_rows: int) -> dec.Config:
+    return dataclasses.replace(dec.CPU_CONFIG, block_n=block_n, min_split_rows=min_split_rows)
+
+
+# id -> (dims, lens, q_tokens, num_splits, block_n, min_split_rows)
 CPU_CASES = {
-    "tiny-ctx70-not-tile-multiple-q1-s2": ("tiny", [70], 1, 2),
-    "tiny-ragged-b3-q2-s4-empty-splits": ("tiny", [70, 5, 130], 2, 4),
-    "tiny-more-splits-than-tiles-q1-s8": ("tiny", [100], 1, 8),
-    "tiny-ctx-equals-q-q2-s3": ("tiny", [2, 9], 2, 3),
-    "lite-ctx97-q1-s2": ("lite", [97], 1, 2),
-    "lite-ragged-b3-q2-s3": ("lite", [40, 3, 77], 2, 3),
+    "tiny-ctx70-not-tile-multiple-q1-s2": ("tiny", [70], 1, 2, 16, 16),
+    "tiny-short-ctx-huge-s64-q1": ("tiny", [70], 1, 64, 16, 32),
+    "tiny-ragged-b4-different-used-q2-s8": ("tiny", [70, 5, 130, 300], 2, 8, 16, 32),
+    "tiny-min-rows-not-tile-multiple-q1-s16": ("tiny", [100, 49], 1, 16, 16, 40),
+    "tiny-ctx-equals-q-q2-s3": ("tiny", [2, 9], 2, 3, 16, 16),
+    "tiny-default-min-rows-q1-s86": ("tiny", [600, 129], 1, 86, 64, dec.MIN_SPLIT_ROWS),
+    "lite-ctx97-q1-s2": ("lite", [97], 1, 2, 64, 64),
+    "lite-ragged-b3-q2-s3": ("lite", [40, 3, 77], 2, 3, 16, 16),
 }
 
 
 @pytest.mark.parametrize("case", list(CPU_CASES), ids=list(CPU_CASES))
 def test_llvm_matches_reference(case):
-    dims_name, lens, q_tokens, num_splits = CPU_CASES[case]
-    mod = _module(dims_name, q_tokens, "cpu")
-    lse_part = _run_and_check(
-        mod, DIMS[dims_name], lens=lens, q_tokens=q_tokens, num_splits=num_splits
+    dims_name, lens, q_tokens, num_splits, block_n, min_rows = CPU_CASES[case]
+    built = _module(dims_name, q_tokens, "cpu", _cpu(block_n, min_rows))
+    used = _run_and_check(
+        built, DIMS[dims_name], lens=lens, q_tokens=q_tokens, num_splits=num_splits
     )
-    if "empty" in case or "more-splits" in case:
-        assert torch.isneginf(lse_part).any(), "case meant to have empty splits has none"
+    assert max(used) > 1 or case.startswith("tiny-ctx-equals-q"), used  # partials merged
+    if "huge-s" in case:
+        assert max(used) < num_splits // 4  # most compiled splits unused
+    if "different-used" in case:
+        assert len(set(used)) >= 3 and max(used) == num_splits  # one is capped at S
+
+
+@pytest.mark.parametrize("block_n,min_rows", [(16, 16), (16, 40), (64, 128), (32, 128)])
+def test_effective_splits_partition(block_n, min_rows):
+    """Used splits: at most S, ceil(tiles / per-split tiles) of them, contiguous, non-empty,
+    whole tiles, balanced to one tile; the TIR form of the formula gives the same numbers."""
+    n_var, s_var, k_var = (tvm.tirx.Var(x, "int32") for x in "nsk")
+    tir_used = dec.effective_splits(n_var, s_var, block_n=block_n, min_split_rows=min_rows)
+    tir_lo, tir_hi = dec.split_range(n_var, k_var, s_var, block_n=block_n)
+
+    def tir(expr, **values):
+        ana = tvm.sym.Analyzer()
+        for v in (n_var, s_var, k_var):
+            ana.bind(v, values[v.name])
+        return int(ana.simplify(expr))
+
+    per = -(-min_rows // block_n)
+    for n in (1, 5, block_n, block_n + 1, 600, 4097):
+        for s in (1, 3, 86):
+            used = dec.effective_splits(n, s, block_n=block_n, min_split_rows=min_rows)
+            assert used == tir(tir_used, n=n, s=s, k=0)
+            assert used == min(s, -(-n // (per * block_n)))
+            ranges = [dec.split_range(n, k, used, block_n=block_n) for k in range(used)]
+            for k, r in enumerate(ranges):
+                assert r == (tir(tir_lo, n=n, s=used, k=k), tir(tir_hi, n=n, s=used, k=k))
+            assert ranges[0][0] == 0 and ranges[-1][1] == n
+            assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+            assert all(lo % block_n == 0 and hi > lo for lo, hi in ranges)
+            tiles = [-(-(hi - lo) // block_n) for lo, hi in ranges]
+            assert max(tiles) - min(tiles) <= 1
+            assert used == s or max(tiles) <= per  # uncapped: at most per tiles each
+            assert used == 1 or sum(tiles) > (used - 1) * per  # no split count to spare
+    assert dec.effective_splits(0, 86, block_n=block_n, min_split_rows=min_rows) == 1
 
 
 def test_choose_splits_fills_the_gpu():
@@ -106,6 +168,8 @@ def test_choose_splits_fills_the_gpu():
     assert dec.choose_splits(128, 4096, sms) <= 2  # a big batch needs (almost) no split
     assert dec.choose_splits(1, 100, sms) <= 2  # never more splits than 64-row tiles
     assert dec.choose_splits(1, 0, sms) == 1
+    for ctx in (600, 4096):  # never more splits than the context would use (128-row splits)
+        assert dec.choose_splits(1, ctx, sms) <= -(-ctx // dec.MIN_SPLIT_ROWS)
 
 
 @pytest.mark.parametrize("arch", ["sm_89", "sm_90a"])
@@ -150,7 +214,7 @@ def test_cuda_static(arch, q_tokens):
     """Builds for the arch, 0 spills, and the SASS has HMMA, LDSM and LDGSTS."""
     from mla_compiler import nvcc
 
-    mod = _module("lite", q_tokens, arch)
+    mod, _ = _module("lite", q_tokens, arch)
     flags = getattr(nvcc, "TVM_NVCC_FLAGS", ())  # the flags of TVM's own JIT build, where known
     cubin, res = nvcc.compile_cubin(mod.mod.imports[0].inspect_source(), arch, extra_flags=flags)
     split = next(r for name, r in res.items() if "decode_split" in name)
@@ -177,15 +241,17 @@ def _gpu_arch() -> str | None:
     return arch if arch in GPUS else None
 
 
+# id -> (lens, q_tokens, max_context the splits are chosen for: None = max(lens))
 GPU_CASES = {
-    "b1-ctx1000-q1": ([1000], 1),
-    "b3-ragged-q1": ([4097, 17, 2500], 1),
-    "b3-ragged-q2": ([4097, 17, 2500], 2),
-    "b1-ctx32k-q1": ([32768], 1),
-    "b2-ctx128k-q1": ([131072, 65537], 1),
-    "b1-ctx128k-q2": ([131072], 2),
-    "b2-ragged-q4": ([5000, 300], 4),
-    "b32-ctx4k-q1": ([4096] * 32, 1),
+    "b1-ctx1000-q1": ([1000], 1, None),
+    "b1-ctx600-splits-of-16k-q1": ([600], 1, 16384),  # the model: workspace for max_context
+    "b3-ragged-q1": ([4097, 17, 2500], 1, None),
+    "b3-ragged-q2": ([4097, 17, 2500], 2, None),
+    "b1-ctx32k-q1": ([32768], 1, None),
+    "b2-ctx128k-q1": ([131072, 65537], 1, None),
+    "b1-ctx128k-q2": ([131072], 2, None),
+    "b2-ragged-q4": ([5000, 300], 4, None),
+    "b32-ctx4k-q1": ([4096] * 32, 1, None),
 }
 
 
@@ -195,10 +261,9 @@ GPU_CASES = {
 @pytest.mark.parametrize("splits", ["chosen", "many"])
 def test_gpu_matches_reference(case, splits):
     arch = _gpu_arch()
-    lens, q_tokens = GPU_CASES[case]
-    mod = _module("lite", q_tokens, arch)
-    target = tvm_target(arch)
-    cfg = dec.default_config(target, LITE, heads=16, q_tokens=q_tokens)
+    lens, q_tokens, max_context = GPU_CASES[case]
+    built = _module("lite", q_tokens, arch)
+    target, cfg = tvm_target(arch), built[1]
     num_splits = dec.splits_for(
         cfg,
         target,
@@ -206,12 +271,12 @@ def test_gpu_matches_reference(case, splits):
         heads=16,
         q_tokens=q_tokens,
         batch=len(lens),
-        max_context=max(lens),
+        max_context=max_context or max(lens),
         sm_count=torch.cuda.get_device_properties(0).multi_processor_count,
     )
-    if splits == "many":  # more splits than tiles for the short sequences: empty splits
+    if splits == "many":  # more splits than the short sequences use
         num_splits = max(num_splits, math.ceil(max(lens) / cfg.block_n) // 2 + 3)
-    _run_and_check(mod, LITE, lens=lens, q_tokens=q_tokens, num_splits=num_splits, device="cuda")
+    _run_and_check(built, LITE, lens=lens, q_tokens=q_tokens, num_splits=num_splits, device="cuda")
 
 
 @pytest.mark.gpu
@@ -225,5 +290,45 @@ def test_gpu_other_configs(cfg):
         if cfg == "simple"
         else dec.candidate_configs(tvm_target(arch), LITE, heads=16, q_tokens=1)[int(cfg[-1])]
     )
-    mod = _module("lite", 1, arch, config)
-    _run_and_check(mod, LITE, lens=[3000, 130], q_tokens=1, num_splits=5, device="cuda")
+    built = _module("lite", 1, arch, config)
+    _run_and_check(built, LITE, lens=[3000, 130], q_tokens=1, num_splits=5, device="cuda")
+
+
+def _bench_module():
+    """benchmarks/bench_decode.py as a module (not a package: loaded from its path)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_decode", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_graph_mode_bookkeeping():
+    """The graph mode's per-layer calls on CPU (llvm): call l reads layer l (checked against
+    the float64 reference per layer), the byte count is one layer's rows + Q + O, every
+    benchmark shape's graph replay reads at least 4x the L2, timed split counts are used ones."""
+    bench = _bench_module()
+    dims, layers, batch, ctx = TINY, 3, 2, 70
+    q, kv, indptr = bench.make_inputs(dims, batch, ctx, layers=layers, device="cpu")
+    assert len(q) == layers and q[0].shape == (batch, 1, dims.heads, dims.latent_dim)
+    assert kv.shape == (layers, batch * ctx, dims.latent_dim)  # [NL, B*ctx, 576]
+    config = _cpu(16, 32)
+    built = _module("tiny", 1, "cpu", config)
+    calls, o, lse = bench.ours(built[0], dims, q, kv, indptr, splits=5)
+    assert len(calls) == layers and all(x.isnan().all() for x in o)
+    nbytes = bench.call_bytes(dims, batch=batch, ctx=ctx, heads=dims.heads)
+    assert nbytes == kv[0].nbytes + q[0].nbytes + o[0].nbytes
+    for call in calls:
+        call()
+    for layer in range(layers):
+        bench.verify(dims, q, kv, indptr, o, lse, layer=layer, sm_scale=dims.qk_head_dim**-0.5)
+    assert not torch.equal(o[0], o[1])  # distinct layers really read
+    l2 = 50 * 2**20  # H100
+    for b, n, _ in bench.SHAPES:
+        nl = bench.graph_layers(LITE, batch=b, ctx=n, min_layers=27, l2_bytes=l2)
+        assert nl >= 27 and nl * b * n * LITE.latent_dim * 2 >= 4 * l2
+    counts = bench.split_counts(86, 600, dec.Config(block_n=64))
+    assert counts == [5]  # 43, 86 and 172 compiled splits all use 5 at 600 rows

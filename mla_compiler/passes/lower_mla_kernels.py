@@ -73,7 +73,9 @@ class _Lower(relax.PyExprMutator):
 
     def _decode_attention(self, q, cache, kv_indptr, layer, sm_scale, out_ty):
         """Split-KV tensor-core decode (one token of one sequence) or None where it does not
-        apply (CPU, non-f16, a config that does not fit)."""
+        apply (CPU, non-f16, a config that does not fit). The workspace holds the splits of
+        ``max_context``; both kernels use only ``effective_splits`` of the actual context
+        (read from ``kv_indptr`` on the device: no shape depends on it)."""
         found = kernels.decode_kernels(
             self.dims,
             target=self.target,
@@ -103,7 +105,7 @@ class _Lower(relax.PyExprMutator):
         res = self.builder_.emit(
             relax.call_tir(
                 merge,
-                [relax.TupleGetItem(part, 0), relax.TupleGetItem(part, 1)],
+                [relax.TupleGetItem(part, 0), relax.TupleGetItem(part, 1), kv_indptr],
                 out_ty=[
                     relax.TensorType([1, 1, d.heads, d.kv_lora_rank], q.ty.dtype),
                     relax.TensorType([1, 1, d.heads], "float32"),
