@@ -65,7 +65,9 @@ def build(out: Path) -> None:
     for shape, (n, k, epi, odt, heads) in DENSE.items():
         rows = 2 * n if epi == "silu_mul" else n
         d = GM.default_config(rows=rows, k=k, items=heads or 1, epilogue=epi, target=target)
-        others = [G.default_config(target, 1)] + ([] if heads else [G.gemv_config(epi)])
+        others = [G.default_config(target, 1)]
+        if not heads and k % (32 * G.gemv_config(epi).vec) == 0:
+            others.append(G.gemv_config(epi))  # the FMA GEMV takes whole lane steps only
         for cfg in [d] + [c for c in GM.candidates(rows=rows, k=k, epilogue=epi) if c != d]:
             kw = dict(target=target, config=cfg, epilogue=epi, out_dtype=odt, batch=heads)
             add(shape, cfg, G.gemm(1, n, k, **kw), cfg == d)
@@ -118,6 +120,14 @@ def _kernel_times(calls, *, reps: int) -> dict[str, float]:
     return {name: total[name] / count[name] for name in total}
 
 
+def _interleave(w):
+    """``gemm.transform_weight(..., epilogue="silu_mul")`` in torch (the runtime-only GPU box
+    cannot import the schedules): [gate; up] rows -> groups of 32 gate rows, 32 up rows, ..."""
+    *lead, rows, k = w.shape
+    g = w.view(*lead, 2, rows // 64, 32, k).transpose(-4, -3)  # [.., groups, gate/up, 32, k]
+    return g.reshape(*lead, rows, k).contiguous()
+
+
 def _copy_ceiling_gbps() -> float:
     """DRAM ceiling: GB/s of a 1 GiB device-to-device copy (bytes read + written)."""
     import torch
@@ -137,7 +147,6 @@ def run(out: Path, json_path: str | None, reps: int) -> int:
     import tvm
 
     from mla_compiler.runtime import loader
-    from mla_compiler.schedules import gemm as G
 
     loader.use_runtime_only()
     mod = loader.load_module(out / "gemv.so", "cuda")
@@ -168,8 +177,9 @@ def run(out: Path, json_path: str | None, reps: int) -> int:
 
             calls.append(rotating)
         times = _kernel_times(calls + ([blas] if blas else []), reps=reps)
+        # cuBLAS: every kernel of one matmul call (a split-K GEMV launches two)
         blas_us = (
-            min(us for name, us in times.items() if not any(i["symbol"] in name for i in items))
+            sum(us for name, us in times.items() if not any(i["symbol"] in name for i in items))
             if blas
             else None
         )
@@ -212,7 +222,7 @@ def run(out: Path, json_path: str | None, reps: int) -> int:
         ws += [ws[0].clone() for _ in range(copies - 1)]
         wk = ws  # the kernels' layout: SiLU·up takes gate/up rows interleaved
         if epi == "silu_mul":
-            w0 = torch.from_numpy(G.transform_weight(ws[0].cpu().numpy(), epilogue=epi)).cuda()
+            w0 = _interleave(ws[0])
             wk = [w0] + [w0.clone() for _ in range(copies - 1)]
         x = torch.randn(1, *lead, k, device="cuda", generator=gen).half()
         r = torch.randn(1, *lead, n, device="cuda", generator=gen).half()
@@ -242,9 +252,7 @@ def run(out: Path, json_path: str | None, reps: int) -> int:
     e, k_top, hid, inter = (MOE[key] for key in ("num_experts", "top_k", "hidden", "inter"))
     gate_up = (torch.randn(e, 2 * inter, hid, device="cuda", generator=gen) / hid**0.5).half()
     down = (torch.randn(e, hid, inter, device="cuda", generator=gen) / inter**0.5).half()
-    gate_up_k = torch.from_numpy(
-        G.transform_weight(gate_up.cpu().numpy(), epilogue="silu_mul")
-    ).cuda()
+    gate_up_k = _interleave(gate_up)
     x = torch.randn(1, hid, device="cuda", generator=gen).half()
     ids = [torch.randperm(e, device="cuda")[:k_top].int()[None] for _ in range(10)]
     wts = torch.rand(1, k_top, device="cuda", generator=gen)

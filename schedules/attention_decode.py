@@ -49,9 +49,9 @@ class Config:
     compiled splits: uncapped, each split gets at most ``min_split_rows`` rows (rounded up to
     a tile) and the splits together more than ``used - 1`` times that. 128 = two 64-row tiles:
     ``choose_splits``' model charges a split one tile-time of pipeline fill and streams a tile
-    in ``1 / sm_bandwidth_ratio`` (~0.67) tile-times, so below ~1.5 tiles a split spends more
-    time filling than streaming (and adds a 32 KB partial); measured on H100 at (1, 4K),
-    32 splits of 2 tiles beat 64 splits of 1.
+    in ``1 / sm_bandwidth_ratio`` tile-times, so below ~1-1.5 tiles a split spends more time
+    filling than streaming (and adds a 32 KB partial); measured on H100 at (1, 4K), 32 splits
+    of 2 tiles beat 64 splits of 1.
     """
 
     block_n: int = 64
@@ -196,7 +196,7 @@ def choose_splits(
     *,
     block_n: int = 64,
     ctas_per_sm: int = 1,
-    sm_bandwidth_ratio: float = 1.5,
+    sm_bandwidth_ratio: float = 1.0,
     min_split_rows: int = MIN_SPLIT_ROWS,
 ) -> int:
     """Splits per sequence: enough CTAs to pull DRAM bandwidth, few enough partials to merge.
@@ -208,8 +208,9 @@ def choose_splits(
         + 0.9 * batch * splits / SMs                 # f32 partials: written + merged
 
     ``sm_bandwidth_ratio``: how much faster than its fair share one SM streams when others
-    idle (an uncalibrated guess; ``bench_decode.py`` sweeps the split count around this
-    choice so it can be fitted). Returns the smallest split count of least modelled time, at
+    idle. 1.0: on the H100 one CTA of this kernel streamed ~22 GB/s (the copy ceiling's fair
+    share is 22.9), e.g. 32 sequences x 3 splits on 96 SMs gave 2.16 TB/s (bench_decode,
+    2026-11-25); 1.5 had chosen those 3 splits. ``bench_decode.py`` times S/2, S and 2S. Returns the smallest split count of least modelled time, at
     most ``effective_splits`` of ``max_context`` (more would never be used).
     """
     tiles = max(1, -(-max_context // block_n))

@@ -633,7 +633,9 @@ def gemm(
         if batch is not None or not small:
             raise ValueError("the GEMV schedule serves static M <= 16 without a batch axis")
         nc = weight_layout(n, k, epilogue=epilogue)[0]
-        if k % config.vec or nc % config.rows:
+        # whole lane steps only: K = 10944 (42.75 steps of 32 lanes x 8) summed wrongly on the
+        # H100 (benchmarks/sweep_gemv.py, 2026-11-25)
+        if k % (32 * config.vec) or nc % config.rows:
             raise ValueError(f"GEMV config {config} does not tile N={nc}, K={k}")
         schedule_gemv(sch, config, epilogue=epilogue)
     else:

@@ -34,7 +34,6 @@ from tvm.script import tirx as T
 from .target import gpu_spec
 
 MAX_TOKENS = 8  # the mma's N
-WARPS_PER_SM = 16  # default_config's target for the grid
 GROUP = 32  # = gemm.SWIGLU_GROUP (gate/up rows interleave in groups of this many rows)
 _MMA_TYPE = {"float16": "fp16", "bfloat16": "bf16"}
 
@@ -52,36 +51,35 @@ class Config:
 def default_config(
     *, rows: int, k: int, items: int, epilogue=None, target=None, slots: int = 1
 ) -> Config:
-    """16 weight loads of 16 bytes in flight per thread (``unroll * tiles * 2``), then as many
-    K-warps as it takes to put ~``WARPS_PER_SM`` warps per SM in the grid (a shorter unroll for
-    more warps when the grid is small), each warp with at least one full unroll of k steps.
+    """Measured on the H100 (``benchmarks/sweep_gemv.py``, every V2-Lite decode product): many
+    K-warps with a short unroll beat deep unrolls - 16 warps (``slots`` x warps <= 24 for the
+    MoE down GEMV), 32 for SiLU·up (2 tiles: 16 gate + 16 up rows) and for grids of more than
+    8 blocks per SM, each warp with at least one full unroll of 2 k steps.
     ``items``: blocks along the grid's second axis; ``slots``: warp groups per block."""
-    tiles = 2 if epilogue == "silu_mul" else 1
-    unroll = 16 // (2 * tiles)
+    silu = epilogue == "silu_mul"
+    tiles, unroll = (2 if silu else 1), 2
     sms = gpu_spec(target).sm_count if target is not None else 132
-    blocks = -(-rows // (16 * tiles)) * items * slots
-    steps, want = -(-k // 32), WARPS_PER_SM * sms
-
-    def room(w, u):  # another doubling of the K-warps keeps a full unroll per warp
-        return 2 * w * slots <= 32 and blocks * w < want and steps >= 2 * w * u
-
-    warps = 1
-    while room(warps, unroll):
+    blocks = -(-rows // (16 * tiles)) * items
+    cap = 32 if silu or blocks >= 8 * sms else 16
+    steps, warps = -(-k // 32), 1
+    while 2 * warps <= cap and 2 * warps * slots <= max(24, cap) and 2 * warps * unroll <= steps:
         warps *= 2
-    while unroll > 2 and room(warps, unroll // 2):
-        unroll, warps = unroll // 2, warps * 2
     return Config(tiles=tiles, warps=warps, unroll=unroll)
 
 
 def candidates(*, rows: int, k: int, epilogue=None, slots: int = 1) -> list[Config]:
     """The config space searched by ``benchmarks/sweep_gemv.py``: tiles 1-2 (SiLU·up 2-4),
     unroll 2-16 with at most 32 loads in flight per thread, 1-32 K-warps (``slots`` x warps
-    <= 32 per block), every warp with at least half an unroll of k steps."""
+    <= 32 per block), no more loads in flight per block than registers hold, every warp with
+    at least half an unroll of k steps."""
     steps, out = -(-k // 32), []
     for tiles in (2, 4) if epilogue == "silu_mul" else (1, 2):
         for unroll in (2, 4, 8, 16):
             for warps in (1, 2, 4, 8, 16, 32):
-                if unroll * tiles * 2 <= 32 and warps * slots <= 32 and 2 * steps >= warps * unroll:
+                loads = unroll * tiles * 2  # 16-byte loads in flight per thread
+                # past ~256 loads x warps per block ptxas spills (register file of 64K)
+                fits = loads <= 32 and warps * slots <= 32 and loads * warps * slots <= 256
+                if fits and 2 * steps >= warps * unroll:
                     out.append(Config(tiles=tiles, warps=warps, unroll=unroll))
     return out
 
