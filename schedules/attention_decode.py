@@ -210,8 +210,9 @@ def choose_splits(
     ``sm_bandwidth_ratio``: how much faster than its fair share one SM streams when others
     idle. 1.0: on the H100 one CTA of this kernel streamed ~22 GB/s (the copy ceiling's fair
     share is 22.9), e.g. 32 sequences x 3 splits on 96 SMs gave 2.16 TB/s (bench_decode,
-    2026-11-25); 1.5 had chosen those 3 splits. ``bench_decode.py`` times S/2, S and 2S. Returns the smallest split count of least modelled time, at
-    most ``effective_splits`` of ``max_context`` (more would never be used).
+    2026-11-25); 1.5 had chosen those 3 splits. ``bench_decode.py`` times S/2, S and 2S.
+    Returns the smallest split count of least modelled time, at most ``effective_splits`` of
+    ``max_context`` (more would never be used).
     """
     tiles = max(1, -(-max_context // block_n))
     slots = sm_count * ctas_per_sm

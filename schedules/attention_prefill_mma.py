@@ -4,10 +4,10 @@
 """CUDA tensor-core body of the prefill kernels: mma.sync (sm_80+) or wgmma (sm_90a).
 
 One thread block owns ``tile_q`` consecutive query rows of one sequence (for absorbed MLA a row
-is a (token, head) pair) and one head group (``blockIdx.y``). Its warps form a
-``m_warps x d_split`` grid: warp ``(wm, wd)`` owns rows ``16*wm .. 16*wm+15`` and the V columns
-``wd*dv_w .. (wd+1)*dv_w - 1`` (absorbed MLA: O is 16 x 512 f32 per slice, too big for one
-warp's registers). Per KV tile:
+is a (token, head) pair) and one head group (``blockIdx.x = tile * groups + group``, heaviest
+causal tiles first). Its warps form a ``m_warps x d_split`` grid: warp ``(wm, wd)`` owns rows
+``16*wm .. 16*wm+15`` and the V columns ``wd*dv_w .. (wd+1)*dv_w - 1`` (absorbed MLA: O is
+16 x 512 f32 per slice, too big for one warp's registers). Per KV tile:
 
 1. ``S = Q Kᵀ``: mma.sync ``m16n8k16`` on ``ldmatrix.x4`` fragments, or (``wgmma``) one
    ``wgmma m64nNk16`` per 16-deep step per warpgroup with Q and K read from shared memory by
@@ -639,10 +639,15 @@ def _epilogue(G, P):
 @T.macro(hygienic=True)
 def mma_body(P, G, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t_total):
     # P: prefill _Layout, G: Geometry; qf/kf/vf/of/lsef: flat views of q, k, v, o, lse.
-    bx = T.launch_thread(
-        "blockIdx.x", T.Cast("int32", (t_total * P.rows_per_token + G.tq - 1) // G.tq + batch)
+    # one grid axis over (query tile, head group), group fastest: the heaviest causal tiles of
+    # every group are dispatched first (longest-processing-time order), so no group's heavy
+    # tiles are left for the tail of the launch
+    bxg = T.launch_thread(
+        "blockIdx.x",
+        T.Cast("int32", (t_total * P.rows_per_token + G.tq - 1) // G.tq + batch) * P.groups,
     )
-    g = T.launch_thread("blockIdx.y", P.groups)
+    bx = T.meta_var(bxg // P.groups)
+    g = T.meta_var(bxg % P.groups)
     tx = T.launch_thread("threadIdx.x", G.threads)
     smem = T.alloc_buffer((G.smem_halfs,), "float16", scope="shared.dyn")
     # row max / sum exchange; 1024 B when swizzling: keeps the dynamic tiles 1024-byte aligned
