@@ -37,6 +37,14 @@ from mla_compiler.schedules import attention_prefill as ap
 from mla_compiler.schedules.target import GPUS, tvm_target
 
 HEADS = 16
+BASELINES = (
+    "sdpa-math",
+    "sdpa-efficient",
+    "sdpa-flash",
+    "sdpa-cudnn",
+    "naive-torch",
+    "tvm-builtin",
+)
 SM_SCALE = 1.0 / math.sqrt(192)
 
 
@@ -272,6 +280,11 @@ def main() -> None:
     parser.add_argument("--kinds", default="absorbed,decompressed")
     parser.add_argument("--naive-max-n", type=int, default=16384, help="skip naive above this n")
     parser.add_argument(
+        "--baselines",
+        default=",".join(BASELINES),
+        help="comma list of baselines to time (TVM's built-in kernels take minutes at n = 16K)",
+    )
+    parser.add_argument(
         "--all-configs",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -331,11 +344,15 @@ def main() -> None:
             ]  # fmt: skip
             if timed:
                 results.append({**max(timed, key=lambda r: r["tflops"]), "impl": "ours-best"})
-        try:
-            builtin = build_builtin(kind, arch, dims)
-        except Exception:
-            traceback.print_exc()
-            builtin = None
+        wanted = set(args.baselines.split(",")) - {""}
+        if wanted - set(BASELINES):
+            raise SystemExit(f"unknown baselines {wanted - set(BASELINES)}: use {BASELINES}")
+        builtin = None
+        if "tvm-builtin" in wanted:
+            try:
+                builtin = build_builtin(kind, arch, dims)
+            except Exception:
+                traceback.print_exc()
         for n in ns:
             p = Problem(kind, n, dims)
             for name, backend in (
@@ -344,10 +361,10 @@ def main() -> None:
                 ("sdpa-flash", SDPBackend.FLASH_ATTENTION),
                 ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION),
             ):
-                if name == "sdpa-math" and n > args.naive_max_n:
+                if name not in wanted or (name == "sdpa-math" and n > args.naive_max_n):
                     continue
                 record(kind, n, name, sdpa(p, backend))
-            if n <= args.naive_max_n:
+            if n <= args.naive_max_n and "naive-torch" in wanted:
                 record(kind, n, "naive-torch", naive(p))
             if builtin is not None:
                 record(kind, n, "tvm-builtin", tvm_builtin(p, builtin))
