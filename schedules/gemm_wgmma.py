@@ -206,6 +206,7 @@ def _body(
     """
     grouped = kind != "dense"
     skip = grouped and skip_padding
+    skip_mma = skip and C.warpgroups > 1  # a used block's first warpgroup has a routed row
     nw = 2 * n if epilogue == "silu_mul" else n
     steps = k // C.block_k
     n_tiles = (nw + C.block_n - 1) // C.block_n
@@ -259,7 +260,7 @@ def _body(
             if block_expert[by] < 0:  # unused row blocks (all at the end) exit
                 T.evaluate(T.thread_return())
             wsel[0] = T.Cast("int64", block_expert[by]) * nw * k
-        if skip:  # padding rows come last in a block: the warpgroup's first row decides
+        if skip_mma:  # padding rows come last in a block: the warpgroup's first row decides
             live[0] = T.Cast("int32", sorted_rows[m0 + wg * 64] >= 0)
         if gather:  # the token row of each A chunk this thread copies (same r every step)
             for i in T.unroll(a_chunks // C.threads):
@@ -297,7 +298,7 @@ def _body(
                 mode,
             )
             pin(acc, acc_n)
-            if skip:
+            if skip_mma:
                 if live[0] != 0:  # warpgroup-uniform: no wgmma on an all-padding warpgroup
                     mma_step(acc, desc)
             else:
