@@ -52,6 +52,7 @@ def _moe_configs():
         WgmmaConfig(128, 128, 64, 5, overlap=True),
         WgmmaConfig(128, 256, 64, 4, overlap=True),
         WgmmaConfig(256, 128, 64, 4, overlap=True),  # padding skipped per 64-row warpgroup
+        WgmmaConfig(192, 192, 64, 4, overlap=True),  # 3 warpgroups: ~an expert's rows at T=2048
         WgmmaConfig(64, 256, 64, 4, overlap=True),
         WgmmaConfig(64, 128, 64, 6, overlap=True),
     )
