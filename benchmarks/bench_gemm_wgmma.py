@@ -51,6 +51,8 @@ def _moe_configs():
     return (
         WgmmaConfig(128, 128, 64, 5, overlap=True),
         WgmmaConfig(128, 256, 64, 4, overlap=True),
+        WgmmaConfig(256, 128, 64, 4, overlap=True),  # padding skipped per 64-row warpgroup
+        WgmmaConfig(192, 192, 64, 4, overlap=True),  # 3 warpgroups: ~an expert's rows at T=2048
         WgmmaConfig(64, 256, 64, 4, overlap=True),
         WgmmaConfig(64, 128, 64, 6, overlap=True),
     )
@@ -80,9 +82,11 @@ def build(out: Path) -> None:
             )
             funcs[sym] = f.with_attr("global_symbol", sym)
             index.append({"symbol": sym, "shape": name, "config": dataclasses.asdict(cfg)})
-    for cfg in _moe_configs():
+    # the default grouped tile also without the padding skip: the A/B of one run
+    moe_variants = [(cfg, True) for cfg in _moe_configs()] + [(W.MOE_CONFIG, False)]
+    for cfg, skip in moe_variants:
         for kind in ("gate_up", "down"):
-            sym = f"moe_{kind}__{_cfg_name(cfg)}"
+            sym = f"moe_{kind}__{_cfg_name(cfg)}" + ("" if skip else "_noskip")
             f = W.moe_grouped(
                 kind,
                 MOE["hidden"],
@@ -91,9 +95,13 @@ def build(out: Path) -> None:
                 top_k=MOE["top_k"],
                 target=target,
                 config=cfg,
+                skip_padding=skip,
             )
             funcs[sym] = f.with_attr("global_symbol", sym)
-            index.append({"symbol": sym, "shape": f"moe_{kind}", "config": dataclasses.asdict(cfg)})
+            cfg_dict = dataclasses.asdict(cfg)
+            index.append(
+                {"symbol": sym, "shape": f"moe_{kind}", "config": cfg_dict, "skip_padding": skip}
+            )
     out.mkdir(parents=True, exist_ok=True)
     res = cuda_build.build(tvm.IRModule(funcs), ["sm_90a"], output=out, name="wgmma")
     spills = {
@@ -246,7 +254,7 @@ def _run_moe(mod, index, rows, timed) -> int:
                 fn(*args)
                 torch.cuda.synchronize()
                 n_used = used * bm
-                keep = real[:n_used] if kind == "gate_up" else slice(None)
+                keep = real[:n_used]  # padding rows are not written (skip_padding)
                 got, want = out[:n_used].float()[keep], ref[:n_used][keep]
                 err = float((got - want).abs().max())
                 tol = 2e-2 * float(want.abs().max()) + 1e-2
@@ -257,12 +265,13 @@ def _run_moe(mod, index, rows, timed) -> int:
                 a = torch.randn(tokens * k_top, k_dim, device="cuda").half()
                 b = torch.randn(n_cols, k_dim, device="cuda").half()
                 cublas_us = timed(lambda a=a, b=b: torch.matmul(a, b.T))
-                c = item["config"]
+                c, skip = item["config"], item["skip_padding"]
                 rows.append(
                     {
                         "tokens": tokens,
                         "shape": f"moe_{kind}",
                         "config": c,
+                        "skip_padding": skip,
                         "us": us,
                         "tflops": flops / us / 1e6,
                         "cublas_dense_us": cublas_us,
@@ -271,7 +280,8 @@ def _run_moe(mod, index, rows, timed) -> int:
                     }
                 )
                 print(
-                    f"T={tokens:5d} moe_{kind:8s} m{c['block_m']}n{c['block_n']}s{c['stages']}: "
+                    f"T={tokens:5d} moe_{kind:8s} m{c['block_m']}n{c['block_n']}s{c['stages']}"
+                    f"{'' if skip else ' noskip'}: "
                     f"{us:8.1f} us {flops / us / 1e6:6.1f} TFLOP/s (dense cuBLAS {cublas_us:7.1f}"
                     f" us)  err {err:.2e} {'ok' if ok else 'BAD'}"
                 )

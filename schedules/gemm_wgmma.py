@@ -21,6 +21,14 @@ for each 8-column chunk ``j``), so the epilogues work straight from registers: `
 adds R; ``silu_mul`` pairs gate chunk ``j`` with up chunk ``j + 4`` of the same thread (weight
 rows interleaved in groups of 32: ``gemm.transform_weight``); ``out_dtype="float32"`` keeps the
 f32 accumulators (router logits).
+
+Grouped MoE kernels (``moe_grouped``) skip padding: a row block holds its expert's routed rows
+first, then -1 rows, so a warpgroup whose first row is padding holds only padding and issues no
+wgmma (its fence / mma / commit / wait sit under one warpgroup-uniform branch; the barriers,
+cp.async copies and waits stay on every thread), and no padding row is stored. Padding rows of
+H are thus left unwritten; the down kernel still copies them into shared memory, where only a
+skipped warpgroup's rows or a padding row of a live one (never stored) read them: an
+accumulator row depends on its own A row only.
 """
 
 # ruff: noqa: F821, F841
@@ -172,15 +180,33 @@ def _check(C: WgmmaConfig, n: int, k: int, *, target, silu: bool) -> None:
         raise ValueError("silu_mul needs n % 32 == 0 and block_n % 64 == 0")
 
 
-def _body(C: WgmmaConfig, *, kind: str, n: int, k: int, dtype, out_dtype, epilogue, top_k, rows):
+def _body(
+    C: WgmmaConfig,
+    *,
+    kind: str,
+    n: int,
+    k: int,
+    dtype,
+    out_dtype,
+    epilogue,
+    top_k,
+    rows,
+    skip_padding: bool = False,
+):
     """The kernel body as a macro ``body(xf, wf, rf, yf, sorted_rows, block_expert, weights)``.
 
     ``kind``: "dense" (A rows ``m0 + r``, clamped to ``rows``), "gate_up" (A rows gathered:
     ``sorted_rows[m0 + r] // top_k``; expert ``block_expert[by]`` picks the weight), "down" (A
     rows ``m0 + r`` of H; output rows scaled by their routing weight). Grouped kinds exit at
     once on blocks without an expert (``block_expert < 0``).
+
+    ``skip_padding`` (grouped kinds only): a warpgroup whose 64 rows are all padding issues no
+    wgmma (every barrier and cp.async still runs on all threads), and padding rows are not
+    stored. Valid rows come first in a block, so the warpgroup's first row decides.
     """
     grouped = kind != "dense"
+    skip = grouped and skip_padding
+    skip_mma = skip and C.warpgroups > 1  # a used block's first warpgroup has a routed row
     nw = 2 * n if epilogue == "silu_mul" else n
     steps = k // C.block_k
     n_tiles = (nw + C.block_n - 1) // C.block_n
@@ -196,6 +222,21 @@ def _body(C: WgmmaConfig, *, kind: str, n: int, k: int, dtype, out_dtype, epilog
     scaled = kind == "down"
 
     @T.macro(hygienic=True)
+    def mma_step(acc, desc):
+        # one block_k step of wgmmas on the slot `desc` points at, committed as one group
+        T.ptx["wgmma.fence.sync.aligned"]()
+        for kk in T.unroll(C.block_k // 16):
+            mma_async(
+                C.block_n,
+                acc,
+                desc[0] + T.uint64(kk * k_step),
+                desc[1] + T.uint64(kk * k_step),
+                dtype=dtype,
+            )
+        T.ptx["wgmma.commit_group.sync.aligned"]()
+        T.ptx["wgmma.wait_group.sync.aligned"](1 if C.overlap else 0)
+
+    @T.macro(hygienic=True)
     def body(xf, wf, rf, yf, sorted_rows, block_expert, weights):
         bx = T.launch_thread("blockIdx.x", n_tiles)
         by = T.launch_thread("blockIdx.y", T.Cast("int32", (rows + C.block_m - 1) // C.block_m))
@@ -206,6 +247,8 @@ def _body(C: WgmmaConfig, *, kind: str, n: int, k: int, dtype, out_dtype, epilog
         desc = T.alloc_buffer((2,), "uint64", scope="local")
         wsel = T.alloc_buffer((1,), "int64", scope="local")  # first element of the expert's W
         scale = T.alloc_buffer((1,), "float32", scope="local")  # output row scale (routing weight)
+        live = T.alloc_buffer((1,), "int32", scope="local")  # this warpgroup has a routed row
+        row_ok = T.alloc_buffer((1,), "int32", scope="local")  # this thread's output row is stored
         wg = tx // 128
         warp = tx // 32 % 4
         lane = tx % 32
@@ -217,6 +260,8 @@ def _body(C: WgmmaConfig, *, kind: str, n: int, k: int, dtype, out_dtype, epilog
             if block_expert[by] < 0:  # unused row blocks (all at the end) exit
                 T.evaluate(T.thread_return())
             wsel[0] = T.Cast("int64", block_expert[by]) * nw * k
+        if skip_mma:  # padding rows come last in a block: the warpgroup's first row decides
+            live[0] = T.Cast("int32", sorted_rows[m0 + wg * 64] >= 0)
         if gather:  # the token row of each A chunk this thread copies (same r every step)
             for i in T.unroll(a_chunks // C.threads):
                 arow[i] = T.max(sorted_rows[m0 + _chunk_row(C, tx + i * C.threads)], 0) // top_k
@@ -253,24 +298,22 @@ def _body(C: WgmmaConfig, *, kind: str, n: int, k: int, dtype, out_dtype, epilog
                 mode,
             )
             pin(acc, acc_n)
-            T.ptx["wgmma.fence.sync.aligned"]()
-            for kk in T.unroll(C.block_k // 16):
-                mma_async(
-                    C.block_n,
-                    acc,
-                    desc[0] + T.uint64(kk * k_step),
-                    desc[1] + T.uint64(kk * k_step),
-                    dtype=dtype,
-                )
-            T.ptx["wgmma.commit_group.sync.aligned"]()
-            T.ptx["wgmma.wait_group.sync.aligned"](1 if C.overlap else 0)
+            if skip_mma:
+                if live[0] != 0:  # warpgroup-uniform: no wgmma on an all-padding warpgroup
+                    mma_step(acc, desc)
+            else:
+                mma_step(acc, desc)
             pin(acc, acc_n)
         T.ptx["wgmma.wait_group.sync.aligned"](0)
         pin(acc, acc_n)
         T.ptx["cp.async.wait_group"](0)
         for h in T.unroll(2):
             row = m0 + wg * 64 + warp * 16 + lane // 4 + h * 8
-            if row < n_rows:
+            if skip:  # padding rows are not written (nothing reads them)
+                row_ok[0] = T.Cast("int32", sorted_rows[row] >= 0)
+            else:
+                row_ok[0] = T.Cast("int32", row < n_rows)
+            if row_ok[0] != 0:
                 scale[0] = T.float32(1)
                 if scaled:
                     sr = sorted_rows[row]
@@ -386,15 +429,19 @@ def moe_grouped(
     dtype: str = "float16",
     target=None,
     config: WgmmaConfig | None = None,
+    skip_padding: bool = True,
 ) -> tvm.tirx.PrimFunc:
     """The fused-MoE grouped GEMMs of ``schedules.moe`` on wgmma, same signatures:
 
     - "gate_up": ``(x [T, D], sorted_rows [NB*BM], block_expert [NB], gate_up [E, 2I, D]
       interleaved, h [NB*BM, I])``: ``h = silu(gate) * up`` of the gathered token rows;
     - "down": ``(h, sorted_rows, block_expert, down [E, D, I], weights [T, k] f32,
-      y [NB*BM, D])``: ``y[r] = routing weight of row r * (h[r] @ down[e]^T)`` (0 on padding).
+      y [NB*BM, D])``: ``y[r] = routing weight of row r * (h[r] @ down[e]^T)``.
 
     ``BM = config.block_m`` must be the row-block size ``moe_align`` grouped the tokens with.
+    ``skip_padding``: warpgroups of padding rows issue no wgmma and padding rows (``sorted_rows``
+    -1) of h and y are left unwritten (``moe_combine`` reads only routed rows); without it they
+    are computed, and y is 0 there.
     """
     C = config or WgmmaConfig(128, 128, 64, 5, overlap=True)
     if kind not in ("gate_up", "down"):
@@ -416,6 +463,7 @@ def moe_grouped(
         epilogue="silu_mul" if gate_up else None,
         top_k=top_k,
         rows=nb * bm,
+        skip_padding=skip_padding,
     )
     e_num = num_experts
 
