@@ -4,7 +4,8 @@ matmul per expert) on the DeepSeek-V2-Lite layer: 64 experts, top-6, hidden 2048
     python benchmarks/bench_moe.py --out $OUT/bench_moe.json [--tokens 1,16,512,2048]
     python benchmarks/bench_moe.py --out $OUT/moe_sweep.json --sweep [--tokens 512,2048]
 
-Two paths: ``grouped`` (route, align, grouped gate_up / down GEMMs, combine: the prefill path)
+Two paths: ``grouped`` (route, align, grouped gate_up / down GEMMs, combine: the prefill path,
+with the tiles the model build uses: wgmma on sm_90a)
 and, for T <= moe_gemv.GEMV_MAX_TOKENS, ``gemv`` (route, per-(token, slot) expert GEMVs with the
 combine folded into down: the decode path). For each: the wall time of the Python launch loop
 (``wall_us``: includes host launch cost, ~5-20 us per kernel), the GPU time (``gpu_us``: sum of
@@ -30,6 +31,7 @@ import bench_gemm as BG  # noqa: E402
 
 from mla_compiler import reference  # noqa: E402
 from mla_compiler.schedules import gemm as G  # noqa: E402
+from mla_compiler.schedules import gemm_wgmma as W  # noqa: E402
 from mla_compiler.schedules import moe as M  # noqa: E402
 from mla_compiler.schedules import moe_gemv as MG  # noqa: E402
 from mla_compiler.schedules.target import tvm_target  # noqa: E402
@@ -80,13 +82,40 @@ def gpu_time(fn, *, iters: int = 20) -> tuple[float, dict[str, float]]:
     return sum(per.values()), dict(per)
 
 
+def grouped_configs(target, arch, *, sweep: bool):
+    """The prefill path's tiles, as the model build picks them (``LowerMoE``): the wgmma grouped
+    GEMMs where ``gemm_wgmma.moe_config`` applies (sm_90a), else ``moe.default_config``;
+    ``sweep``: every mma.sync candidate of ``moe.CANDIDATES[arch]`` too."""
+    wg = None if BG.SMOKE else W.moe_config(target, hidden=D, inter=INTER)
+    configs = [wg] if wg is not None else [M.default_config(target)]
+    if sweep and not BG.SMOKE:
+        configs += [c for c in M.CANDIDATES.get(arch, ()) if G.keep(c, target)]
+    return configs
+
+
+def grouped_label(cfg) -> str:
+    if isinstance(cfg, W.WgmmaConfig):
+        return f"wgmma-{cfg.block_m}x{cfg.block_n}x{cfg.block_k}s{cfg.stages}"
+    return f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}s{cfg.stages}w{cfg.threads // 32}"
+
+
+def dense_ceiling_tflops() -> float:
+    """cuBLAS (torch.matmul) f16 TFLOP/s at 4096^3, this GPU, this run."""
+    n = 512 if BG.SMOKE else 4096
+    a = torch.randn(n, n, device=BG.device(), dtype=BG.torch_dtype())
+    return 2 * n**3 / BG.timeit(lambda: torch.matmul(a, a), iters=20) / 1e12
+
+
 def build_grouped(target, cfg, dt):
     kw = dict(num_experts=E, top_k=K, dtype=dt, target=target, config=cfg)
+    wgmma = isinstance(cfg, W.WgmmaConfig)
+    gate_up = W.moe_grouped("gate_up", D, INTER, **kw) if wgmma else M.moe_gate_up(D, INTER, **kw)
+    down = W.moe_grouped("down", D, INTER, **kw) if wgmma else M.moe_down(D, INTER, **kw)
     return {
         "route": BG.build(M.moe_route(M.RouteSpec(num_experts=E, top_k=K), target=target), target),
         "align": BG.build(M.moe_align(E, K, block_m=cfg.block_m, target=target), target),
-        "gate_up": BG.build(M.moe_gate_up(D, INTER, **kw), target),
-        "down": BG.build(M.moe_down(D, INTER, **kw), target),
+        "gate_up": BG.build(gate_up, target),
+        "down": BG.build(down, target),
         "combine": BG.build(M.moe_combine(D, top_k=K, dtype=dt, target=target), target),
     }
 
@@ -203,9 +232,7 @@ def main(argv=None):
     gate_up_k = torch.from_numpy(G.transform_weight(gate_up.numpy(), epilogue="silu_mul")).to(dev)
     gate_up, down = gate_up.to(dev), down.to(dev)
 
-    configs = [M.default_config(target)]
-    if a.sweep and not BG.SMOKE:
-        configs = [c for c in M.CANDIDATES.get(arch, ()) if G.keep(c, target)]
+    configs = grouped_configs(target, arch, sweep=a.sweep)
     results, torch_s = [], {}
     libs_by_cfg = {}
     for t in tokens:
@@ -215,7 +242,7 @@ def main(argv=None):
             bound = (x, logits, gate_up, down)
             torch_s[t] = BG.timeit(lambda b=bound: torch_moe(*b), iters=5, warmup=2)
         for cfg in configs:
-            label = f"{cfg.block_m}x{cfg.block_n}x{cfg.block_k}s{cfg.stages}w{cfg.threads // 32}"
+            label = grouped_label(cfg)
             if label not in libs_by_cfg:
                 libs_by_cfg[label] = build_grouped(target, cfg, dt)
             steps, out, ids = steps_grouped(
@@ -230,19 +257,35 @@ def main(argv=None):
                 steps, out, ids = steps_gemv(t, libs_by_cfg[kind], x, logits, gate_up_k, down)
                 results.append(measure("gemv", t, steps, out, ids, ref, kind))
     device_name = "cpu" if BG.SMOKE else torch.cuda.get_device_name()
+    # the dense-GEMM ceiling the MoE layer is held against: cuBLAS f16 4096^3 in this run
+    ceiling = dense_ceiling_tflops()
+    for r in results:
+        r["of_dense_ceiling"] = r["tflops"] / ceiling if ceiling else None
     with open(a.out, "w") as f:
-        json.dump({"device": device_name, "torch_s": torch_s, "results": results}, f, indent=1)
+        json.dump(
+            {
+                "device": device_name,
+                "dense_ceiling_tflops": ceiling,
+                "torch_s": torch_s,
+                "results": results,
+            },
+            f,
+            indent=1,
+        )
+    print(f"dense ceiling (cuBLAS f16 4096^3): {ceiling:.1f} TFLOP/s")
     print(f"{device_name}: GPU us = CUPTI kernel time; wall us includes host launch cost")
     print(
-        "| T | path | config | GPU us | wall us | TFLOP/s | GB/s | gate_up | down | other | err |"
+        "| T | path | config | GPU us | wall us | TFLOP/s | of ceiling | GB/s | gate_up | down "
+        "| other | err |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         st = r["step_gpu_us"]
         other = sum(v for k, v in st.items() if k not in ("gate_up", "down"))
         print(
             f"| {r['tokens']} | {r['path']} | {r['config']} | {r['gpu_us']:.1f} | "
-            f"{r['wall_us']:.1f} | {r['tflops']:.1f} | {r['gbps']:.0f} | {st['gate_up']:.1f} | "
+            f"{r['wall_us']:.1f} | {r['tflops']:.1f} | {r['of_dense_ceiling'] or 0:.0%} | "
+            f"{r['gbps']:.0f} | {st['gate_up']:.1f} | "
             f"{st['down']:.1f} | {other:.1f} | {r['max_abs_err']:.2g} |"
         )
     for t, s in torch_s.items():
