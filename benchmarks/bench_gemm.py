@@ -1,11 +1,10 @@
 """Dense GEMM kernels (schedules/gemm.py) vs torch.matmul (cuBLAS) on DeepSeek-V2-Lite shapes.
 
-    python benchmarks/bench_gemm.py --out $OUT/bench_gemm.json [--tokens 1,16,512,2048,4096]
-    python benchmarks/bench_gemm.py --decode --out $OUT/bench_gemm_decode.json
+    python benchmarks/bench_gemm.py --out $OUT/bench_gemm.json [--tokens 16,512,2048,4096]
 
-``--decode``: T=1 at the decode shapes of V2-Lite (q_proj, kv_a, o_proj, shared-expert and
-dense-layer gate_up / down, lm_head): every small-M tensor-core config of the target and the
-FMA GEMV config, each timed, against cuBLAS.
+Decode (T <= 8, the tensor-core GEMVs of ``schedules/gemv_mma.py``) is measured by
+``benchmarks/sweep_gemv.py`` instead: CUPTI kernel times over rotating weight copies. Here a
+call's time includes its launch, which dominates kernels of a few microseconds.
 
 For each shape and token count: TVM time (best of the configs that fit, plus the default
 config's time), cuBLAS time in the same run, TFLOP/s, ratio TVM/cuBLAS throughput, max error vs
@@ -23,7 +22,6 @@ import torch
 import tvm
 
 from mla_compiler.schedules import gemm as G
-from mla_compiler.schedules import gemv_mma as GM
 from mla_compiler.schedules.target import is_gpu, tvm_target
 
 # name -> (output width N, K, epilogue); gate_up computes 2*10944 weight rows, 10944 outputs
@@ -40,18 +38,7 @@ SHAPES = {
     "shared_down+res": (2048, 2816, "residual"),
     "mlp_down+res": (2048, 10944, "residual"),
 }
-DECODE_SHAPES = (
-    "q_proj",
-    "kv_a",
-    "o_proj+res",
-    "shared_gate_up",
-    "shared_down+res",
-    "mlp_gate_up",
-    "mlp_down+res",
-    "lm_head",
-)
-TOKENS = (1, 16, 512, 2048, 4096)
-ROTATE_BYTES = 256 << 20  # decode timings rotate over this many bytes of weight copies
+TOKENS = (16, 512, 2048, 4096)
 SMOKE = False  # --cpu-smoke: run the script's logic on the CPU (llvm, fp32, wall-clock timing)
 
 
@@ -101,10 +88,9 @@ def build(func, target):
         return tvm.compile(func, target=target)
 
 
-def candidates(m, target, *, n, k, epilogue=None):
-    """(label, config) pairs to try, the default first: for M <= 8 the tensor-core GEMV (its
-    default and variations), for small static M every kept small-M tensor-core config and the
-    FMA GEMV, else every kept tensor-core config."""
+def candidates(m, target, epilogue=None):
+    """(label, config) pairs to try, the default first: for small static M every kept small-M
+    tensor-core config and the FMA GEMV, else every kept tensor-core config."""
     if not is_gpu(target):
         return [("cpu", None)]
     arch = str(target.attrs["arch"])
@@ -113,26 +99,8 @@ def candidates(m, target, *, n, k, epilogue=None):
     table = G.SMALL_M_CONFIGS if small else G.CONFIGS
     cfgs = [default] + [c for c in table.get(arch, ()) if c != default and G.keep(c, target)]
     out = [(f"{c.block_m}x{c.block_n}x{c.block_k}s{c.stages}", c) for c in cfgs]
-    if m <= GM.MAX_TOKENS:
-        mma = [("mma-gemv", None)]
-        mma += [(f"mma-t{c.tiles}w{c.warps}u{c.unroll}", c) for c in gemv_variants(n, k, epilogue)]
-        out = mma + out[:1]  # and the best-known small-M tile kernel for comparison
     if small:
         out.append(("gemv-fma", G.gemv_config(epilogue)))
-    return out
-
-
-def gemv_variants(n, k, epilogue):
-    """The default GEMV config with half / double the K-warps and other unroll depths."""
-    rows = G.weight_layout(n, k, epilogue=epilogue)[0]
-    d = GM.default_config(rows=rows, k=k, items=1, epilogue=epilogue)
-    seen, out = {d}, []
-    for w in (max(1, d.warps // 2), d.warps * 2):
-        for u in (d.unroll, d.unroll * 2):
-            c = GM.Config(tiles=d.tiles, warps=min(w, 32), unroll=u)
-            if c not in seen:
-                seen.add(c)
-                out.append(c)
     return out
 
 
@@ -152,19 +120,6 @@ def bench_one(name, n, k, epilogue, m, w, w_kernel, target, libs):
     r = torch.randn(m, n, device=dev, dtype=torch_dtype()) if epilogue == "residual" else None
     y = torch.empty(m, n, device=dev, dtype=torch_dtype())
     args = (x, w_kernel, r, y) if r is not None else (x, w_kernel, y)
-    # decode: weights are read from DRAM once per step, so time successive calls on distinct
-    # weight copies (>= ROTATE_BYTES in all, several times the L2) instead of an L2-hot one
-    copies = 1 if m > GM.MAX_TOKENS or SMOKE else -(-ROTATE_BYTES // (rows * k * 2))
-    w_copies = [w] + [w.clone() for _ in range(copies - 1)]
-    wk_copies = [w_kernel] + [w_kernel.clone() for _ in range(copies - 1)]
-    turn = [0]
-
-    def rotate(fn_of_copy):
-        def call():
-            turn[0] = (turn[0] + 1) % copies
-            fn_of_copy(turn[0])
-
-        return call
 
     def ref():
         h = torch.matmul(x, w.T)
@@ -174,10 +129,10 @@ def bench_one(name, n, k, epilogue, m, w, w_kernel, target, libs):
             h = h + r
         return h
 
-    t_blas = timeit(rotate(lambda i: torch.matmul(x, w_copies[i].T)))
+    t_blas = timeit(lambda: torch.matmul(x, w.T))
     t_ref_full = timeit(ref)
     best, t_default, per_config = None, None, {}
-    for label, cfg in candidates(m, target, n=n, k=k, epilogue=epilogue):
+    for label, cfg in candidates(m, target, epilogue):
         key = (name, m if m <= G.GEMV_MAX_M else None, label)
         if key not in libs:
             t0 = time.time()
@@ -187,9 +142,7 @@ def bench_one(name, n, k, epilogue, m, w, w_kernel, target, libs):
             libs[key] = build(func, target)
             print(f"  built {key} in {time.time() - t0:.1f}s", file=sys.stderr)
         lib = libs[key]
-        t = timeit(
-            rotate(lambda i, lib=lib: lib(*(wk_copies[i] if a is w_kernel else a for a in args)))
-        )
+        t = timeit(lambda lib=lib: lib(*args))
         per_config[label] = t
         if best is None or t < best[1]:
             best = (label, t)
@@ -214,7 +167,6 @@ def bench_one(name, n, k, epilogue, m, w, w_kernel, target, libs):
         "ratio_vs_cublas": t_blas / best[1],
         "weight_gbps": rows * k * 2 / best[1] / 1e9,
         "max_abs_err": err,
-        "weight_copies": copies,
         "per_config_s": per_config,
     }
     print(
@@ -230,17 +182,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
     p.add_argument("--tokens", default=",".join(map(str, TOKENS)))
-    p.add_argument("--shapes", default=None, help="default: all (--decode: DECODE_SHAPES)")
+    p.add_argument("--shapes", default=None, help="default: all")
     p.add_argument("--cpu-smoke", action="store_true", help="check the script on a CPU")
-    p.add_argument(
-        "--decode",
-        action="store_true",
-        help="T=1 at the V2-Lite decode shapes: small-M tensor-core configs vs FMA GEMV vs cuBLAS",
-    )
     a = p.parse_args(argv)
-    if a.decode:
-        a.tokens = "1"
-    a.shapes = a.shapes or ",".join(DECODE_SHAPES if a.decode else SHAPES)
+    a.shapes = a.shapes or ",".join(SHAPES)
     global SMOKE
     SMOKE = a.cpu_smoke
     target = tvm_target(arch_of_device())
