@@ -90,8 +90,9 @@ def applies(m, k: int, *, dtype: str) -> bool:
 
 
 def _body(*, k: int, cfg: Config, slots: int, dtype: str, silu: bool):
-    """The per-block macros shared by every variant. ``rows``: weight rows; ``slots``: warp
-    groups that each read their own weight matrix and activation (MoE down: the top-k slots)."""
+    """The per-block macros shared by every variant (``warp_dot``, ``to_shared``,
+    ``reduce_store``) and the block's warp count. ``slots``: warp groups that each read their own
+    weight matrix and activation (MoE down: the top-k slots)."""
     TL, U, WK = cfg.tiles, cfg.unroll, cfg.warps
     NWARP = WK * slots
     OUT_ROWS = TL * 8 if silu else TL * 16  # output rows per block (silu: gate tiles, then up)
