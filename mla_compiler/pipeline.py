@@ -97,6 +97,9 @@ def lower_to_kernels(
     pseudo.check_lowered(mod)
     dump("kernels", mod)
     mod = LowerDenseGemm(target=target)(mod)
+    # per-layer copies of the same pure values (the decode cache row bounds read from
+    # kv_indptr / kv_rows) are computed once per call
+    mod = relax.transform.EliminateCommonSubexpr()(mod)
     dump("gemm", mod)
     mod = relax.transform.LiftTransformParams(shared_transform=True)(mod)
     mod = LiftPhaseWeightTransforms()(mod)
