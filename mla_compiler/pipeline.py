@@ -1,6 +1,7 @@
 """The compile pipeline, flat and phased (each phase can dump its IR with ``--dump-ir``):
 
-1. export     torch.export -> Relax ``main`` with ``mla.*`` pseudo-calls
+1. export     torch.export -> Relax ``main`` with ``mla.*`` pseudo-calls; FuseRMSNorm (one
+              kernel per norm)
 2. phases     ``main`` becomes ``prefill`` and ``decode`` (same signature)
 3. mla        RewriteMLAAttention: the MLA form of each phase for the chosen mode
 4. moe        LowerMoE
@@ -27,6 +28,7 @@ from mla_compiler.model_export.config import ModelConfig
 from mla_compiler.model_export.export import INPUT_NAMES, export_relax
 from mla_compiler.model_export.modeling import DeepseekV2
 from mla_compiler.passes import pseudo
+from mla_compiler.passes.fuse_rms_norm import FuseRMSNorm
 from mla_compiler.passes.lift_phase_weight_transforms import LiftPhaseWeightTransforms
 from mla_compiler.passes.lower_dense_gemm import LowerDenseGemm
 from mla_compiler.passes.lower_mla_kernels import LowerMLAKernels
@@ -81,6 +83,7 @@ def lower_to_kernels(
             f"unknown --mla {mla}: use 0 (decompressed), 2 (absorbed) or 3 (phase-aware)"
         )
     dump = dump or (lambda _name, _mod: None)
+    mod = FuseRMSNorm()(mod)
     mod = split_phases(mod)
     dump("phases", mod)
     forms = dict(zip(PHASES, FORMS[mla], strict=True))
@@ -94,6 +97,9 @@ def lower_to_kernels(
     pseudo.check_lowered(mod)
     dump("kernels", mod)
     mod = LowerDenseGemm(target=target)(mod)
+    # per-layer copies of the same pure values (the decode cache row bounds read from
+    # kv_indptr / kv_rows) are computed once per call
+    mod = relax.transform.EliminateCommonSubexpr()(mod)
     dump("gemm", mod)
     mod = relax.transform.LiftTransformParams(shared_transform=True)(mod)
     mod = LiftPhaseWeightTransforms()(mod)
