@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import tvm
 from tvm import tirx
 from tvm.script import tirx as T
@@ -67,6 +68,163 @@ def default_config(
     return Config(tiles=tiles, warps=warps, unroll=unroll)
 
 
+# ---------------------------------------------------------------------------------------------
+# Index formulas: plain functions of ints / numpy arrays (tests/test_gemv_mma_emulation.py walks
+# every block, warp, lane and step with them) or of TIR expressions (the kernel below).
+
+
+def _tir(*xs) -> bool:
+    return any(tvm.ir.is_prim_expr(x) for x in xs)
+
+
+def _and(a, b):
+    return tirx.And(a, b) if _tir(a, b) else np.logical_and(a, b)
+
+
+def _min(a, b):
+    return T.min(a, b) if _tir(a, b) else np.minimum(a, b)
+
+
+def _select(cond, a, b):
+    return T.if_then_else(cond, a, b) if _tir(cond, a, b) else np.where(cond, a, b)
+
+
+def k_split(k: int, *, warps: int, unroll: int) -> tuple[int, int]:
+    """(k steps of 32 columns per K-warp, iterations of ``unroll`` steps per K-warp)."""
+    steps = -(-k // 32)
+    spw = -(-steps // warps)
+    return spw, -(-spw // unroll)
+
+
+def out_rows(tiles: int, silu: bool) -> int:
+    """Output rows of a block (SiLU·up: ``8 * tiles`` of its ``16 * tiles`` rows are gate rows,
+    the others the matching up rows)."""
+    return 8 * tiles if silu else 16 * tiles
+
+
+def k_col(ks, it, u, lane, *, spw: int, unroll: int):
+    """First of the 8 columns that lane ``lane`` of K-warp ``ks`` loads (its A rows' and its
+    token's) at step ``u`` of iteration ``it``; ``spw``: k steps (of 32 columns) per K-warp."""
+    return (ks * spw + it * unroll + u) * 32 + lane % 4 * 8
+
+
+def k_ok(it, u, kk, *, spw: int, unroll: int, k: int):
+    """Whether that step loads (else its registers are zero): in the warp's range and in K."""
+    return _and(it * unroll + u < spw, kk < k)
+
+
+def a_row(t, h, lane):
+    """Block row of the weight vector that lane ``lane`` loads for tile ``t``, half ``h``."""
+    return t * 16 + h * 8 + lane // 4
+
+
+def b_tok(lane):
+    """Token whose activation vector lane ``lane`` loads."""
+    return lane // 4
+
+
+def wa_at(u, t, h, *, tiles: int):
+    """Offset in ``wa`` (halves) of the weight vector of step ``u``, tile ``t``, half ``h``."""
+    return ((u * tiles + t) * 2 + h) * 8
+
+
+def xb_at(u):
+    """Offset in ``xb`` (halves) of the token vector of step ``u``."""
+    return u * 8
+
+
+FA_B = 8  # fa[0:8]: the A fragment (a0..a7), fa[8:12]: the B fragment (b0..b3)
+
+
+def frag_a(p, u, t, q, *, tiles: int):
+    """Offset in ``wa`` of A register ``a{p}`` of mma ``q`` (step ``u``, tile ``t``): a0..a7
+    are halves ``4q + (0, 1, 0, 1, 2, 3, 2, 3)`` of the vectors of rows ``g, g, g+8, g+8, g, g,
+    g+8, g+8`` (logical k ``2c, 2c+1`` then ``2c+8, 2c+9``, as ``frag_b``'s b0..b3)."""
+    return wa_at(u, t, p // 2 % 2, tiles=tiles) + q * 4 + p // 4 * 2 + p % 2
+
+
+def frag_b(p, u, q):
+    """Offset in ``xb`` of B register ``b{p}`` of mma ``q``: halves ``8c + 4q + p``."""
+    return xb_at(u) + q * 4 + p
+
+
+def acc_at(t, q):
+    """Offset in ``acc`` of the C fragment (c0..c3) of mma ``q`` of tile ``t``."""
+    return (t * 2 + q) * 4
+
+
+def c_row(t, e, lane):
+    """Block row of element ``c{e}`` of a lane's C fragment of tile ``t``."""
+    return t * 16 + lane // 4 + e // 2 * 8
+
+
+def c_tok(e, lane):
+    """Token (column) of element ``c{e}`` of a lane's C fragment."""
+    return lane % 4 * 2 + e % 2
+
+
+def red_rounds(*, rows: int, nwarp: int) -> int:
+    """Rounds of the block sum: every thread takes one (output row, token) item per round."""
+    return -(-(rows * MAX_TOKENS) // (32 * nwarp))
+
+
+def red_idx(i, tid, *, nwarp: int):
+    """Item of thread ``tid`` in round ``i`` of the block sum."""
+    return i * 32 * nwarp + tid
+
+
+def red_row(idx):
+    """Output row of block-sum item ``idx``."""
+    return idx // MAX_TOKENS
+
+
+def red_tok(idx):
+    """Token of block-sum item ``idx``."""
+    return idx % MAX_TOKENS
+
+
+def red_at(idx, s, *, rows: int):
+    """Row of ``red`` summed for item ``idx``: its gate row (``s = 0``) or up row (``s = 1``)."""
+    return red_row(idx) + s * rows
+
+
+def red_ok(idx, *, rows: int, n_tok):
+    """Whether item ``idx`` is stored: a row of the block, a token of the call."""
+    return _and(idx < rows * MAX_TOKENS, red_tok(idx) < n_tok)
+
+
+def silu_mul(gate, up):
+    sig = T.sigmoid(gate) if _tir(gate) else 1 / (1 + np.exp(-gate))
+    return sig * gate * up
+
+
+def w_row(bx, r, *, rows: int, tiles: int, silu: bool):
+    """Weight row of block ``bx``'s row ``r``; rows past the end re-read the last (never
+    stored). SiLU·up: the block's first ``tiles / 2`` tiles are gate rows of its ``8 * tiles``
+    outputs, the others the matching up rows (``GROUP`` rows later in the interleaved layout)."""
+    if silu:
+        out0 = bx * (8 * tiles)  # first output column of the block
+        gate = out0 // GROUP * (2 * GROUP) + out0 % GROUP
+        return _select(r < 8 * tiles, gate + r, gate + GROUP + r - 8 * tiles)
+    return _min(bx * (16 * tiles) + r, rows - 1)
+
+
+def out_col(bx, r, *, tiles: int, silu: bool):
+    """Output column of block ``bx``'s output row ``r`` (``8 * tiles`` outputs per block for
+    SiLU·up, else ``16 * tiles``)."""
+    return bx * out_rows(tiles, silu) + r
+
+
+def slot_of(warp, *, warps: int):
+    """MoE down: the top-k slot of warp ``warp`` (``warps`` K-warps per slot)."""
+    return warp // warps
+
+
+def kwarp_of(warp, *, warps: int):
+    """MoE down: the K-warp index of warp ``warp`` within its slot."""
+    return warp % warps
+
+
 def candidates(*, rows: int, k: int, epilogue=None, slots: int = 1) -> list[Config]:
     """The config space searched by ``benchmarks/sweep_gemv.py``: tiles 1-2 (SiLU·up 2-4),
     unroll 2-16 with at most 32 loads in flight per thread, 1-32 K-warps (``slots`` x warps
@@ -95,11 +253,9 @@ def _body(*, k: int, cfg: Config, slots: int, dtype: str, silu: bool):
     weight matrix and activation (MoE down: the top-k slots)."""
     TL, U, WK = cfg.tiles, cfg.unroll, cfg.warps
     NWARP = WK * slots
-    OUT_ROWS = TL * 8 if silu else TL * 16  # output rows per block (silu: gate tiles, then up)
+    OUT_ROWS = out_rows(TL, silu)  # output rows per block (silu: gate tiles, then up)
     SUMS = 2 if silu else 1
-    steps = -(-k // 32)
-    spw = -(-steps // WK)  # k steps per warp
-    NIT = -(-spw // U)
+    spw, NIT = k_split(k, warps=WK, unroll=U)  # k steps per warp, iterations
     mma_t = _MMA_TYPE[dtype]
     zero8 = T.Broadcast(tirx.const(0, dtype), 8)
 
@@ -112,20 +268,18 @@ def _body(*, k: int, cfg: Config, slots: int, dtype: str, silu: bool):
             acc[e] = T.float32(0)
         for it in range(NIT):
             for u in T.unroll(U):
-                kk = T.meta_var((ks * spw + it * U + u) * 32 + lane % 4 * 8)
-                ok = T.meta_var(it * U + u < spw and kk < k)
+                kk = T.meta_var(k_col(ks, it, u, lane, spw=spw, unroll=U))
+                ok = T.meta_var(k_ok(it, u, kk, spw=spw, unroll=U, k=k))
                 for t in T.unroll(TL):
                     for h in T.unroll(2):
                         if ok:
-                            wa[T.ramp(((u * TL + t) * 2 + h) * 8, 1, 8)] = wvec(
-                                t * 16 + h * 8 + lane // 4, kk
-                            )
+                            wa[T.ramp(wa_at(u, t, h, tiles=TL), 1, 8)] = wvec(a_row(t, h, lane), kk)
                         else:
-                            wa[T.ramp(((u * TL + t) * 2 + h) * 8, 1, 8)] = zero8
-                if ok and lane // 4 < n_tok:
-                    xb[T.ramp(u * 8, 1, 8)] = xvec(lane // 4, kk)
+                            wa[T.ramp(wa_at(u, t, h, tiles=TL), 1, 8)] = zero8
+                if ok and b_tok(lane) < n_tok:
+                    xb[T.ramp(xb_at(u), 1, 8)] = xvec(b_tok(lane), kk)
                 else:
-                    xb[T.ramp(u * 8, 1, 8)] = zero8
+                    xb[T.ramp(xb_at(u), 1, 8)] = zero8
             for u in T.unroll(U):
                 for t in T.unroll(TL):
                     for q in T.unroll(2):
@@ -133,11 +287,9 @@ def _body(*, k: int, cfg: Config, slots: int, dtype: str, silu: bool):
                         # accessed as 8-wide vectors is stored as uint4, and an mma operand
                         # offset into it would count in uint4s
                         for p in T.unroll(4):  # B regs: 4 contiguous halves of the token vector
-                            fa[8 + p] = xb[u * 8 + q * 4 + p]
+                            fa[FA_B + p] = xb[frag_b(p, u, q)]
                         for p in T.unroll(8):  # A regs: (g, 2c) (g+8, 2c) (g, 2c+8) (g+8, 2c+8)
-                            fa[p] = wa[
-                                ((u * TL + t) * 2 + p // 2 % 2) * 8 + q * 4 + p // 4 * 2 + p % 2
-                            ]
+                            fa[p] = wa[frag_a(p, u, t, q, tiles=TL)]
                         T.evaluate(
                             T.ptx_legacy.mma(
                                 "m16n8k16",
@@ -149,9 +301,9 @@ def _body(*, k: int, cfg: Config, slots: int, dtype: str, silu: bool):
                                 fa.data,
                                 0,
                                 fa.data,
-                                8,
+                                FA_B,
                                 acc.data,
-                                (t * 2 + q) * 4,
+                                acc_at(t, q),
                                 False,
                                 dtype="float32",
                             )
@@ -162,8 +314,8 @@ def _body(*, k: int, cfg: Config, slots: int, dtype: str, silu: bool):
         """red[warp, row, token] = scale * (both chains of this warp's C fragments)."""
         for t in T.unroll(TL):
             for e in T.unroll(4):
-                red[warp, t * 16 + lane // 4 + e // 2 * 8, lane % 4 * 2 + e % 2] = scale * (
-                    acc[(t * 2) * 4 + e] + acc[(t * 2 + 1) * 4 + e]
+                red[warp, c_row(t, e, lane), c_tok(e, lane)] = scale * (
+                    acc[acc_at(t, 0) + e] + acc[acc_at(t, 1) + e]
                 )
 
     @T.macro
@@ -171,25 +323,23 @@ def _body(*, k: int, cfg: Config, slots: int, dtype: str, silu: bool):
         """``store(ctx, n, r, value)`` for each token ``n`` and output row ``r`` of the block:
         the sum over warps; for ``silu_mul`` (first half of the rows gate, second half the
         matching up rows) ``silu(gate) * up``."""
-        for i in T.unroll(-(-(OUT_ROWS * MAX_TOKENS) // (32 * NWARP))):
-            idx = T.meta_var(i * 32 * NWARP + tid)
-            if idx < OUT_ROWS * MAX_TOKENS and idx % MAX_TOKENS < n_tok:
+        for i in T.unroll(red_rounds(rows=OUT_ROWS, nwarp=NWARP)):
+            idx = T.meta_var(red_idx(i, tid, nwarp=NWARP))
+            if red_ok(idx, rows=OUT_ROWS, n_tok=n_tok):
                 total = T.alloc_buffer((2,), "float32", scope="local")
                 for s in T.unroll(SUMS):
                     total[s] = T.float32(0)
                     for wi in T.unroll(NWARP):
-                        total[s] = (
-                            total[s] + red[wi, idx // MAX_TOKENS + s * OUT_ROWS, idx % MAX_TOKENS]
-                        )
+                        total[s] = total[s] + red[wi, red_at(idx, s, rows=OUT_ROWS), red_tok(idx)]
                 if silu:
                     store(
                         ctx,
-                        idx % MAX_TOKENS,
-                        idx // MAX_TOKENS,
-                        T.sigmoid(total[0]) * total[0] * total[1],
+                        red_tok(idx),
+                        red_row(idx),
+                        silu_mul(total[0], total[1]),
                     )
                 else:
-                    store(ctx, idx % MAX_TOKENS, idx // MAX_TOKENS, total[0])
+                    store(ctx, red_tok(idx), red_row(idx), total[0])
 
     return warp_dot, to_shared, reduce_store, NWARP
 
@@ -207,18 +357,11 @@ def _check(rows: int, k: int, cfg: Config, *, silu: bool, dtype: str) -> None:
 
 
 def _wvec(w, *, lead, bx, rows: int, tiles: int, silu: bool):
-    """The 8-wide weight vector of block ``bx``'s row ``r`` at column ``kk``; ``lead``: the
-    expert / head index of a 3-D weight (None: 2-D); rows past the end re-read the last (never
-    stored). SiLU·up: the block's first ``tiles / 2`` tiles are gate rows of its ``8 * tiles``
-    outputs, the others the matching up rows (``GROUP`` rows later in the interleaved layout)."""
+    """The 8-wide weight vector of block ``bx``'s row ``r`` at column ``kk`` (row: :func:`w_row`);
+    ``lead``: the expert / head index of a 3-D weight (None: 2-D)."""
 
     def f(r, kk):
-        if silu:
-            out0 = bx * (8 * tiles)  # first output column of the block
-            gate = out0 // GROUP * (2 * GROUP) + out0 % GROUP
-            row = T.if_then_else(r < 8 * tiles, gate + r, gate + GROUP + r - 8 * tiles)
-        else:
-            row = T.min(bx * (16 * tiles) + r, rows - 1)
+        row = w_row(bx, r, rows=rows, tiles=tiles, silu=silu)
         return w[row, T.ramp(kk, 1, 8)] if lead is None else w[lead, row, T.ramp(kk, 1, 8)]
 
     return f
@@ -248,7 +391,6 @@ def dense(
     warp_dot, to_shared, reduce_store, nwarp = _body(k=k, cfg=cfg, slots=1, dtype=dtype, silu=silu)
     TL, NT = cfg.tiles, 32 * nwarp
     n_blk = -(-rows // (16 * TL))
-    out_blk = 8 * TL if silu else 16 * TL  # output columns per block
     i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
     lead = () if batch is None else (i64(batch),)
     x_shape, w_shape, y_shape = (m, *lead, k), (*lead, i64(rows), i64(k)), (m, *lead, n)
@@ -259,13 +401,14 @@ def dense(
     @T.macro
     def store(ctx, tok, r, v):
         y, r_buf, bx, hd = T.meta_var(ctx)
-        if bx * out_blk + r < n:
+        col = T.meta_var(out_col(bx, r, tiles=TL, silu=silu))
+        if col < n:
             if residual:
-                y[at(tok, hd, bx * out_blk + r)] = T.Cast(
-                    out_dtype, v + T.Cast("float32", r_buf[at(tok, hd, bx * out_blk + r)])
+                y[at(tok, hd, col)] = T.Cast(
+                    out_dtype, v + T.Cast("float32", r_buf[at(tok, hd, col)])
                 )
             else:
-                y[at(tok, hd, bx * out_blk + r)] = T.Cast(out_dtype, v)
+                y[at(tok, hd, col)] = T.Cast(out_dtype, v)
 
     @T.macro
     def block(x, w, r_buf, y):
@@ -344,13 +487,12 @@ def moe_gate_up(
     _check(rows, d, cfg, silu=True, dtype=dtype)
     warp_dot, to_shared, reduce_store, nwarp = _body(k=d, cfg=cfg, slots=1, dtype=dtype, silu=True)
     TL, NT, n_blk = cfg.tiles, 32 * nwarp, rows // (16 * cfg.tiles)
-    out_blk = 8 * TL
     t_num = tirx.Var("t", "int64")
 
     @T.macro
     def store(ctx, tok, r, v):
         h, ent, bx = T.meta_var(ctx)
-        h[ent, bx * out_blk + r] = T.Cast(dtype, v)
+        h[ent, out_col(bx, r, tiles=TL, silu=True)] = T.Cast(dtype, v)
 
     @T.prim_func
     def gate_up(
@@ -416,8 +558,9 @@ def moe_down(
     @T.macro
     def store(ctx, tok, r, v):
         out, t, bx = T.meta_var(ctx)
-        if bx * 16 * TL + r < d:
-            out[t, bx * 16 * TL + r] = T.Cast(dtype, v)
+        col = T.meta_var(out_col(bx, r, tiles=TL, silu=False))
+        if col < d:
+            out[t, col] = T.Cast(dtype, v)
 
     @T.prim_func
     def down(
@@ -436,7 +579,7 @@ def moe_down(
         wa = T.alloc_buffer((cfg.unroll * TL * 16,), dtype, scope="local")
         xb = T.alloc_buffer((cfg.unroll * 8,), dtype, scope="local")
         fa = T.alloc_buffer((12,), dtype, scope="local")  # A, B fragments
-        j = T.meta_var(tid // 32 // WK)
+        j = T.meta_var(slot_of(tid // 32, warps=WK))
         wvec = T.meta_var(_wvec(w, lead=ids[t, j], bx=bx, rows=d, tiles=TL, silu=False))
         warp_dot(
             acc,
@@ -446,7 +589,7 @@ def moe_down(
             wvec,
             lambda tok, kk: h[t * top_k + j, T.ramp(kk, 1, 8)],
             1,
-            tid // 32 % WK,
+            kwarp_of(tid // 32, warps=WK),
             tid % 32,
         )
         to_shared(red, acc, tid // 32, tid % 32, weights[t, j])
