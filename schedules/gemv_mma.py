@@ -248,9 +248,9 @@ def applies(m, k: int, *, dtype: str) -> bool:
 
 
 def _body(*, k: int, cfg: Config, slots: int, dtype: str, silu: bool):
-    """The per-block macros shared by every variant (``warp_dot``, ``to_shared``,
-    ``reduce_store``) and the block's warp count. ``slots``: warp groups that each read their own
-    weight matrix and activation (MoE down: the top-k slots)."""
+    """The block body shared by every variant, ``run(tid, wvec, xvec, n_tok, ks, scale, store,
+    ctx)``, and the block's warp count. ``slots``: warp groups that each read their own weight
+    matrix and activation (MoE down: the top-k slots)."""
     TL, U, WK = cfg.tiles, cfg.unroll, cfg.warps
     NWARP = WK * slots
     OUT_ROWS = out_rows(TL, silu)  # output rows per block (silu: gate tiles, then up)
@@ -341,7 +341,25 @@ def _body(*, k: int, cfg: Config, slots: int, dtype: str, silu: bool):
                 else:
                     store(ctx, red_tok(idx), red_row(idx), total[0])
 
-    return warp_dot, to_shared, reduce_store, NWARP
+    @T.macro
+    def run(tid, wvec, xvec, n_tok, ks, scale, store, ctx):
+        """One block: this warp's tiles (``warp_dot`` over K-warp ``ks``, scaled by ``scale``),
+        their sum over the block's warps and the epilogue ``store(ctx, n, r, value)``."""
+        red = T.alloc_buffer((NWARP, TL * 16, MAX_TOKENS), "float32", scope="shared")
+        acc = T.alloc_buffer((TL * 8,), "float32", scope="local")
+        wa = T.alloc_buffer((U * TL * 16,), dtype, scope="local")
+        xb = T.alloc_buffer((U * 8,), dtype, scope="local")
+        fa = T.alloc_buffer((12,), dtype, scope="local")  # A, B fragments
+        warp_dot(acc, wa, xb, fa, wvec, xvec, n_tok, ks, tid % 32)
+        to_shared(red, acc, tid // 32, tid % 32, scale)
+        T.tvm_storage_sync("shared")
+        reduce_store(red, tid, n_tok, store, ctx)
+
+    return run, NWARP
+
+
+def _i64(v: int):
+    return tirx.IntImm("int64", v)
 
 
 def _check(rows: int, k: int, cfg: Config, *, silu: bool, dtype: str) -> None:
@@ -388,12 +406,11 @@ def dense(
     cfg = config or default_config(rows=rows, k=k, items=heads, epilogue=epilogue, target=target)
     _check(rows, k, cfg, silu=silu, dtype=dtype)
     out_dtype = out_dtype or dtype
-    warp_dot, to_shared, reduce_store, nwarp = _body(k=k, cfg=cfg, slots=1, dtype=dtype, silu=silu)
+    run, nwarp = _body(k=k, cfg=cfg, slots=1, dtype=dtype, silu=silu)
     TL, NT = cfg.tiles, 32 * nwarp
     n_blk = -(-rows // (16 * TL))
-    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
-    lead = () if batch is None else (i64(batch),)
-    x_shape, w_shape, y_shape = (m, *lead, k), (*lead, i64(rows), i64(k)), (m, *lead, n)
+    lead = () if batch is None else (_i64(batch),)
+    x_shape, w_shape, y_shape = (m, *lead, k), (*lead, _i64(rows), _i64(k)), (m, *lead, n)
 
     def at(tok, hd, col):  # index of an [m, (b,) cols] activation
         return (tok, col) if batch is None else (tok, hd, col)
@@ -415,28 +432,11 @@ def dense(
         bx = T.launch_thread("blockIdx.x", n_blk)
         hd = T.launch_thread("blockIdx.y", heads)
         tid = T.launch_thread("threadIdx.x", NT)
-        red = T.alloc_buffer((nwarp, TL * 16, MAX_TOKENS), "float32", scope="shared")
-        acc = T.alloc_buffer((TL * 8,), "float32", scope="local")
-        wa = T.alloc_buffer((cfg.unroll * TL * 16,), dtype, scope="local")
-        xb = T.alloc_buffer((cfg.unroll * 8,), dtype, scope="local")
-        fa = T.alloc_buffer((12,), dtype, scope="local")  # A, B fragments
         wvec = T.meta_var(
             _wvec(w, lead=None if batch is None else hd, bx=bx, rows=rows, tiles=TL, silu=silu)
         )
-        warp_dot(
-            acc,
-            wa,
-            xb,
-            fa,
-            wvec,
-            lambda tok, kk: x[at(tok, hd, T.ramp(kk, 1, 8))],
-            m,
-            tid // 32,
-            tid % 32,
-        )
-        to_shared(red, acc, tid // 32, tid % 32, T.float32(1))
-        T.tvm_storage_sync("shared")
-        reduce_store(red, tid, m, store, (y, r_buf, bx, hd))
+        xvec = T.meta_var(lambda tok, kk: x[at(tok, hd, T.ramp(kk, 1, 8))])
+        run(tid, wvec, xvec, m, tid // 32, T.float32(1), store, (y, r_buf, bx, hd))
 
     if residual:
 
@@ -464,10 +464,6 @@ def dense(
     return kernel
 
 
-def _i64(v: int):
-    return tirx.IntImm("int64", v)
-
-
 def moe_gate_up(
     hidden: int,
     inter: int,
@@ -485,7 +481,7 @@ def moe_gate_up(
     rows, d = 2 * inter, hidden
     cfg = config or default_config(rows=rows, k=d, items=top_k, epilogue="silu_mul", target=target)
     _check(rows, d, cfg, silu=True, dtype=dtype)
-    warp_dot, to_shared, reduce_store, nwarp = _body(k=d, cfg=cfg, slots=1, dtype=dtype, silu=True)
+    run, nwarp = _body(k=d, cfg=cfg, slots=1, dtype=dtype, silu=True)
     TL, NT, n_blk = cfg.tiles, 32 * nwarp, rows // (16 * cfg.tiles)
     t_num = tirx.Var("t", "int64")
 
@@ -505,27 +501,10 @@ def moe_gate_up(
         bx = T.launch_thread("blockIdx.x", n_blk)
         ent = T.launch_thread("blockIdx.y", t_num * top_k)
         tid = T.launch_thread("threadIdx.x", NT)
-        red = T.alloc_buffer((nwarp, TL * 16, MAX_TOKENS), "float32", scope="shared")
-        acc = T.alloc_buffer((TL * 8,), "float32", scope="local")
-        wa = T.alloc_buffer((cfg.unroll * TL * 16,), dtype, scope="local")
-        xb = T.alloc_buffer((cfg.unroll * 8,), dtype, scope="local")
-        fa = T.alloc_buffer((12,), dtype, scope="local")  # A, B fragments
         e = T.meta_var(ids[ent // top_k, ent % top_k])
         wvec = T.meta_var(_wvec(w, lead=e, bx=bx, rows=rows, tiles=TL, silu=True))
-        warp_dot(
-            acc,
-            wa,
-            xb,
-            fa,
-            wvec,
-            lambda tok, kk: x[ent // top_k, T.ramp(kk, 1, 8)],
-            1,
-            tid // 32,
-            tid % 32,
-        )
-        to_shared(red, acc, tid // 32, tid % 32, T.float32(1))
-        T.tvm_storage_sync("shared")
-        reduce_store(red, tid, 1, store, (h, ent, bx))
+        xvec = T.meta_var(lambda tok, kk: x[ent // top_k, T.ramp(kk, 1, 8)])
+        run(tid, wvec, xvec, 1, tid // 32, T.float32(1), store, (h, ent, bx))
 
     return gate_up.with_attr("global_symbol", f"moe_gate_up_gemv_e{num_experts}_d{d}_i{inter}")
 
@@ -548,9 +527,7 @@ def moe_down(
     d, n_in = hidden, inter
     cfg = config or default_config(rows=d, k=n_in, items=1, target=target, slots=top_k)
     _check(d, n_in, cfg, silu=False, dtype=dtype)
-    warp_dot, to_shared, reduce_store, nwarp = _body(
-        k=n_in, cfg=cfg, slots=top_k, dtype=dtype, silu=False
-    )
+    run, nwarp = _body(k=n_in, cfg=cfg, slots=top_k, dtype=dtype, silu=False)
     TL, WK, NT = cfg.tiles, cfg.warps, 32 * nwarp
     n_blk = -(-d // (16 * TL))
     t_num = tirx.Var("t", "int64")
@@ -574,26 +551,10 @@ def moe_down(
         bx = T.launch_thread("blockIdx.x", n_blk)
         t = T.launch_thread("blockIdx.y", t_num)
         tid = T.launch_thread("threadIdx.x", NT)
-        red = T.alloc_buffer((nwarp, TL * 16, MAX_TOKENS), "float32", scope="shared")
-        acc = T.alloc_buffer((TL * 8,), "float32", scope="local")
-        wa = T.alloc_buffer((cfg.unroll * TL * 16,), dtype, scope="local")
-        xb = T.alloc_buffer((cfg.unroll * 8,), dtype, scope="local")
-        fa = T.alloc_buffer((12,), dtype, scope="local")  # A, B fragments
         j = T.meta_var(slot_of(tid // 32, warps=WK))
         wvec = T.meta_var(_wvec(w, lead=ids[t, j], bx=bx, rows=d, tiles=TL, silu=False))
-        warp_dot(
-            acc,
-            wa,
-            xb,
-            fa,
-            wvec,
-            lambda tok, kk: h[t * top_k + j, T.ramp(kk, 1, 8)],
-            1,
-            kwarp_of(tid // 32, warps=WK),
-            tid % 32,
-        )
-        to_shared(red, acc, tid // 32, tid % 32, weights[t, j])
-        T.tvm_storage_sync("shared")
-        reduce_store(red, tid, 1, store, (out, t, bx))
+        xvec = T.meta_var(lambda tok, kk: h[t * top_k + j, T.ramp(kk, 1, 8)])
+        ks = T.meta_var(kwarp_of(tid // 32, warps=WK))
+        run(tid, wvec, xvec, 1, ks, weights[t, j], store, (out, t, bx))
 
     return down.with_attr("global_symbol", f"moe_down_gemv_e{num_experts}_d{d}_i{n_in}")
