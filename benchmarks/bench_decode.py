@@ -156,7 +156,7 @@ def make_inputs(dims: MLADims, batch: int, ctx: int, *, layers: int, device="cud
 
 
 def ours(mod, dims, q, kv, indptr, *, splits: int):
-    """One closure per layer ``l`` running split + merge over layer ``l`` of ``kv`` (its own
+    """One closure per layer ``l`` running split (+ merge) over layer ``l`` of ``kv`` (its own
     q[l], o[l], lse[l]; one shared preallocated workspace, as in the model), plus the per-layer
     outputs o[l] [B, 1, H, 512] and lse[l] [B, 1, H], NaN until run."""
     layers, (batch, _, heads, _) = len(q), q[0].shape
@@ -171,11 +171,13 @@ def ours(mod, dims, q, kv, indptr, *, splits: int):
     calls = []
     for layer in range(layers):
         args_split = [_t(q[layer]), _t(kv), _t(indptr), layer, _t(o_part), _t(lse_part)]
+        args_split += [_t(o[layer]), _t(lse[layer])]
         args_merge = [_t(o_part), _t(lse_part), _t(indptr), _t(o[layer]), _t(lse[layer])]
 
         def run(args_split=args_split, args_merge=args_merge):
             split(*args_split)
-            merge(*args_merge)
+            if splits > 1:  # one split per sequence: the split kernel wrote O and LSE
+                merge(*args_merge)
 
         calls.append(run)
     return calls, o, lse

@@ -6,8 +6,12 @@ One decode step reads every cache row of every sequence once, so the kernel is b
 - ``split``: grid ``(num_splits, batch)``. CTA ``(s, b)`` streams its slice of sequence ``b``'s
   rows ``kv[layer, kv_indptr[b]:kv_indptr[b+1]]`` once, scores them against all ``H x Q`` query
   rows (heads x new tokens form the MMA M dimension) and keeps an online softmax; it writes a
-  float32 partial output and its LSE (``-inf`` for an empty slice).
-- ``merge``: combines the ``num_splits`` partials with ``reference.merge_states`` semantics.
+  float32 partial output and its LSE (``-inf`` for an empty slice). A sequence that uses a
+  single split (short, or one split per sequence at large batch) gets its final O and LSE
+  written by that split: no partial round trip.
+- ``merge``: combines the used partials of the other sequences with ``reference.merge_states``
+  semantics, in place in the same ``o`` / ``lse``. With ``num_splits = 1`` it has nothing to
+  do and need not run.
 
 V is the first ``kv_lora_rank`` columns of the same rows, read from the same shared-memory tile.
 ``num_splits`` is the leading extent of ``o_part``: the caller picks it at run time with
@@ -287,8 +291,12 @@ def absorbed_decode(
     """Split + merge kernels of absorbed decode attention over the whole latent cache.
 
     split(q [B, Q, H, 576], kv [L, C, 576], kv_indptr [B+1] i32, layer i32,
-          o_part [S, B, Q, H, 512] f32, lse_part [S, B, Q, H] f32)
-    merge(o_part, lse_part, o [B, Q, H, 512] dtype, lse [B, Q, H] f32)
+          o_part [S, B, Q, H, 512] f32, lse_part [S, B, Q, H] f32,
+          o [B, Q, H, 512] dtype, lse [B, Q, H] f32)
+    merge(o_part, lse_part, kv_indptr, o, lse)
+
+    ``split`` writes ``o`` / ``lse`` of the sequences that use one split, ``merge`` (same
+    buffers, in place) those of the others.
     """
     if not 1 <= q_tokens <= MAX_Q_TOKENS:
         raise TargetError(f"q_tokens={q_tokens} is not supported: use 1..{MAX_Q_TOKENS}")
@@ -328,6 +336,8 @@ def _split_simple(dims: MLADims, *, heads: int, q_tokens: int, config: Config, s
         layer: T.int32,
         o_part_h: T.handle,
         lse_part_h: T.handle,
+        o_h: T.handle,
+        lse_h: T.handle,
     ):
         T.func_attr({"global_symbol": "decode_split", "tirx.noalias": True})
         B = T.int32()
@@ -339,6 +349,8 @@ def _split_simple(dims: MLADims, *, heads: int, q_tokens: int, config: Config, s
         kv_indptr = T.match_buffer(indptr_h, (B + 1,), "int32")
         o_part = T.match_buffer(o_part_h, (S, B, Q, H, DV), "float32")
         lse_part = T.match_buffer(lse_part_h, (S, B, Q, H), "float32")
+        o = T.match_buffer(o_h, (B, Q, H, DV), "float16")
+        lse = T.match_buffer(lse_h, (B, Q, H), "float32")
         for task_o in (
             T.parallel(S * B * R)
             if not gpu
@@ -389,13 +401,18 @@ def _split_simple(dims: MLADims, *, heads: int, q_tokens: int, config: Config, s
                         lse_part[s, b, t, h] = m[0] + T.log(l_sum[0])
                     else:
                         lse_part[s, b, t, h] = T.float32(neg_inf)
+                    if used == 1:  # the only split: final O and LSE (o_part was scratch)
+                        for d in range(DV):
+                            o[b, t, h, d] = T.Cast("float16", o_part[s, b, t, h, d])
+                        lse[b, t, h] = lse_part[s, b, t, h]
 
     return split
 
 
 def _merge(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: Config, gpu: bool):
     """o = sum_s exp(lse_s - lse) o_s with lse = logsumexp_s lse_s over the sequence's
-    ``effective_splits``; empty splits weigh 0.
+    ``effective_splits``; empty splits weigh 0. Sequences of one used split are skipped (the
+    split kernel wrote them).
 
     One GPU thread per output element (blocks of 64 columns, so even batch 1 spreads over
     ``16 x 512 / 64`` CTAs); each reads the split LSEs of its row (L1 hits) and one float32
@@ -440,23 +457,24 @@ def _merge(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: Conf
                 m = T.alloc_buffer((1,), "float32", scope="local")
                 total = T.alloc_buffer((1,), "float32", scope="local")
                 acc = T.alloc_buffer((1,), "float32", scope="local")
-                m[0] = T.float32(neg_inf)
-                for s in range(used):
-                    m[0] = T.max(m[0], lse_part[s, b, t, h])
-                total[0] = T.float32(0)
-                acc[0] = T.float32(0)
-                if m[0] > T.float32(neg_inf):
+                if used > 1:  # a single split wrote its sequence's O and LSE itself
+                    m[0] = T.float32(neg_inf)
                     for s in range(used):
-                        w = T.exp(lse_part[s, b, t, h] - m[0])
-                        total[0] = total[0] + w
-                        acc[0] = acc[0] + w * o_part[s, b, t, h, col]
-                o[b, t, h, col] = T.Cast(
-                    dtype, T.if_then_else(total[0] > 0, acc[0] / total[0], T.float32(0))
-                )
-                if col == 0:
-                    lse[b, t, h] = T.if_then_else(
-                        total[0] > 0, m[0] + T.log(total[0]), T.float32(neg_inf)
+                        m[0] = T.max(m[0], lse_part[s, b, t, h])
+                    total[0] = T.float32(0)
+                    acc[0] = T.float32(0)
+                    if m[0] > T.float32(neg_inf):
+                        for s in range(used):
+                            w = T.exp(lse_part[s, b, t, h] - m[0])
+                            total[0] = total[0] + w
+                            acc[0] = acc[0] + w * o_part[s, b, t, h, col]
+                    o[b, t, h, col] = T.Cast(
+                        dtype, T.if_then_else(total[0] > 0, acc[0] / total[0], T.float32(0))
                     )
+                    if col == 0:
+                        lse[b, t, h] = T.if_then_else(
+                            total[0] > 0, m[0] + T.log(total[0]), T.float32(neg_inf)
+                        )
 
     return merge
 
@@ -520,6 +538,7 @@ def _merge_gpu(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: 
                     ),
                     0,
                 )
+                used[0] = T.if_then_else(used[0] > 1, used[0], 0)  # one split: written by it
                 m[0] = T.float32(start_max)
                 total[0] = T.float32(0)
                 for c in T.unroll(CG):
@@ -565,7 +584,7 @@ def _merge_gpu(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: 
                         acc[c] = acc[c] + T.tvm_warp_shuffle_xor(
                             T.uint32(0xFFFFFFFF), acc[c], 1 << k, 32, 32
                         )
-                if valid and sl == 0:
+                if valid and sl == 0 and used[0] > 1:
                     for c in T.unroll(CG):
                         o[b, t, h, col + c] = T.Cast(
                             dtype,

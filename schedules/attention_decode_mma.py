@@ -75,6 +75,8 @@ def split_mma(dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: flo
         layer: T.int32,
         o_part_h: T.handle,
         lse_part_h: T.handle,
+        o_h: T.handle,
+        lse_h: T.handle,
     ):
         T.func_attr({"global_symbol": "decode_split", "tirx.noalias": True})
         B = T.int32()
@@ -86,6 +88,8 @@ def split_mma(dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: flo
         kv_indptr = T.match_buffer(indptr_h, (B + 1,), "int32")
         o_part = T.match_buffer(o_part_h, (S, B, Q, H, DV), "float32")  # [S, B, Q, H, 512]
         lse_part = T.match_buffer(lse_part_h, (S, B, Q, H), "float32")  # [S, B, Q, H]
+        o = T.match_buffer(o_h, (B, Q, H, DV), "float16")  # [B, Q, H, 512]
+        lse = T.match_buffer(lse_h, (B, Q, H), "float32")  # [B, Q, H]
 
         sid = T.launch_thread("blockIdx.x", S)
         b = T.launch_thread("blockIdx.y", B)
@@ -126,6 +130,9 @@ def split_mma(dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: flo
         # geo[4] kept live through the tile loop spills at 16 warps (Q=4).
         used = T.meta_var(sid < geo[4])
         used_end = T.meta_var(lo < n or sid == 0)
+        # the sequence's only split (an empty sequence's too) writes O and LSE itself: the
+        # merge skips it
+        single = T.meta_var(sid == 0 and hi >= n)
 
         # Q rows (padded rows zero-filled) ride in their own first cp.async group
         for i in T.unroll(Q_ITERS):
@@ -363,18 +370,28 @@ def split_mma(dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: flo
         for j in T.unroll(NO):
             for e in T.unroll(4):
                 r = T.meta_var(wm * 16 + lane // 4 + e // 2 * 8)
-                if r < R and used_end:
-                    o_part[sid, b, r // H, r % H, wn * OW + j * 8 + lane % 4 * 2 + e % 2] = (
-                        acc_o[j * 4 + e] * alpha[e // 2]
-                    )
+                col = T.meta_var(wn * OW + j * 8 + lane % 4 * 2 + e % 2)
+                if r < R:
+                    if single:
+                        o[b, r // H, r % H, col] = T.Cast(
+                            "float16", acc_o[j * 4 + e] * alpha[e // 2]
+                        )
+                    elif used_end:
+                        o_part[sid, b, r // H, r % H, col] = acc_o[j * 4 + e] * alpha[e // 2]
         if wn == 0 and lane % 4 == 0:
             for k in T.unroll(2):
                 r = T.meta_var(wm * 16 + lane // 4 + k * 8)
-                if r < R and used_end:
-                    lse_part[sid, b, r // H, r % H] = T.if_then_else(
+                value = T.meta_var(
+                    T.if_then_else(
                         l_i[k] > T.float32(0),
                         m_i[k] * T.float32(_LN2) + T.log(l_i[k]),
                         T.float32(neg_inf),
                     )
+                )
+                if r < R:
+                    if single:
+                        lse[b, r // H, r % H] = value
+                    elif used_end:
+                        lse_part[sid, b, r // H, r % H] = value
 
     return split

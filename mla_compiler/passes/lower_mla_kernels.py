@@ -75,7 +75,8 @@ class _Lower(relax.PyExprMutator):
         """Split-KV tensor-core decode (one token of one sequence) or None where it does not
         apply (CPU, non-f16, a config that does not fit). The workspace holds the splits of
         ``max_context``; both kernels use only ``effective_splits`` of the actual context
-        (read from ``kv_indptr`` on the device: no shape depends on it)."""
+        (read from ``kv_indptr`` on the device: no shape depends on it); a context of one used
+        split gets O and LSE from the split kernel, the merge (in place) leaves it alone."""
         found = kernels.decode_kernels(
             self.dims,
             target=self.target,
@@ -88,30 +89,37 @@ class _Lower(relax.PyExprMutator):
         dk, splits = found
         d, key = self.dims, ("decode", sm_scale)
         split = self._add(key + ("split",), dk.split, "mla_decode_split")
-        merge = self._add(key + ("merge",), dk.merge, "mla_decode_merge")
         q4 = self.builder_.emit(
             relax.op.reshape(q, [1, 1, d.heads, d.latent_dim])
         )  # [B, Q, H, 576]
-        part = self.builder_.emit(
+        o_ty = relax.TensorType([1, 1, d.heads, d.kv_lora_rank], q.ty.dtype)  # [B, Q, H, 512]
+        lse_ty = relax.TensorType([1, 1, d.heads], "float32")  # [B, Q, H]
+        res = self.builder_.emit(
             relax.call_tir(
                 split,
                 [q4, cache, kv_indptr, relax.prim_value(tvm.tirx.IntImm("int32", layer))],
                 out_ty=[
                     relax.TensorType([splits, 1, 1, d.heads, d.kv_lora_rank], "float32"),
                     relax.TensorType([splits, 1, 1, d.heads], "float32"),
+                    o_ty,
+                    lse_ty,
                 ],
             )
         )
-        res = self.builder_.emit(
-            relax.call_tir(
-                merge,
-                [relax.TupleGetItem(part, 0), relax.TupleGetItem(part, 1), kv_indptr],
-                out_ty=[
-                    relax.TensorType([1, 1, d.heads, d.kv_lora_rank], q.ty.dtype),
-                    relax.TensorType([1, 1, d.heads], "float32"),
-                ],
+        if splits > 1:  # the split kernel wrote O and LSE where the context used one split
+            o, lse = relax.TupleGetItem(res, 2), relax.TupleGetItem(res, 3)
+            parts = [relax.TupleGetItem(res, 0), relax.TupleGetItem(res, 1)]
+            merge = self._add(key + ("merge",), dk.merge, "mla_decode_merge")
+            res = self.builder_.emit(
+                relax.call_tir_inplace(
+                    merge,
+                    [*parts, kv_indptr, o, lse],
+                    inplace_indices=[3, 4],
+                    out_ty=[o_ty, lse_ty],
+                )
             )
-        )
+        else:
+            res = relax.Tuple([relax.TupleGetItem(res, 2), relax.TupleGetItem(res, 3)])
         o = relax.op.reshape(relax.TupleGetItem(res, 0), out_ty[0].shape)
         lse = relax.op.reshape(relax.TupleGetItem(res, 1), out_ty[1].shape)
         return relax.Tuple([o, lse])

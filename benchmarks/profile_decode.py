@@ -1,0 +1,160 @@
+"""Where a decode attention call's time goes: CUPTI kernel spans of the split / merge kernels.
+
+    python benchmarks/profile_decode.py --out profile_decode.json [--shapes 1x16384,32x4096]
+
+For each (batch, ctx) and each of the first ``--configs`` candidate configs at the split count
+the model picks: the graph mode of ``bench_decode.py`` (``--layers`` calls, each over another
+cache layer, in one CUDA graph) replayed under ``torch.profiler``; from the trace: per call, the
+split kernel's and the merge kernel's mean duration, the mean idle gap before each, and the
+span (first kernel start to last kernel end of a replay) / calls. GB/s count the cache rows
+read once + Q + O, as ``bench_decode.py`` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_decode as bd  # noqa: E402  (its import shim makes this checkout's package importable)
+
+from mla_compiler.model_export.config import MLADims  # noqa: E402
+from mla_compiler.schedules import attention_decode as dec  # noqa: E402
+from mla_compiler.schedules.target import tvm_target  # noqa: E402
+
+
+def capture(calls):
+    """``calls`` run once, then captured back to back into one CUDA graph (returned)."""
+    import tvm_ffi
+
+    side = torch.cuda.Stream()
+    with tvm_ffi.use_torch_stream(torch.cuda.stream(side)):
+        for call in calls:
+            call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with tvm_ffi.use_torch_stream(torch.cuda.graph(graph)):
+        for call in calls:
+            call()
+    return graph
+
+
+def kernel_spans(graph, *, replays: int) -> list[list[tuple[str, float, float]]]:
+    """Per replay, its kernels as (name, start us, duration us), in start order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+    graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(replays):
+            flush.zero_()
+            graph.replay()
+            torch.cuda.synchronize()
+    path = os.path.join(tempfile.mkdtemp(), "trace.json")
+    prof.export_chrome_trace(path)
+    with open(path) as f:
+        events = json.load(f)["traceEvents"]
+    kernels = sorted(
+        (e["ts"], e["dur"], e["name"])
+        for e in events
+        if e.get("cat") == "kernel" and "decode_" in e.get("name", "")
+    )
+    per = len(kernels) // replays
+    return [
+        [(name, ts, dur) for ts, dur, name in kernels[i * per : (i + 1) * per]]
+        for i in range(replays)
+    ]
+
+
+def summarize(replays, *, nbytes: int) -> dict:
+    """Mean split / merge duration and idle gap before each, span per call (median replay)."""
+    out: dict[str, float] = {}
+    for kind in ("split", "merge"):
+        durs, gaps = [], []
+        for ks in replays:
+            for i, (name, ts, dur) in enumerate(ks):
+                if f"decode_{kind}" in name:
+                    durs.append(dur)
+                    if i:
+                        gaps.append(ts - (ks[i - 1][1] + ks[i - 1][2]))
+        out[f"{kind}_us"] = statistics.mean(durs) if durs else float("nan")
+        out[f"gap_before_{kind}_us"] = statistics.mean(gaps) if gaps else float("nan")
+    calls = sum(1 for name, _, _ in replays[0] if "decode_split" in name) or len(replays[0])
+    spans = [(ks[-1][1] + ks[-1][2] - ks[0][1]) / calls for ks in replays]
+    out["span_per_call_us"] = statistics.median(spans)
+    out["span_gbps"] = nbytes / out["span_per_call_us"] / 1e3
+    out["split_gbps"] = nbytes / out["split_us"] / 1e3
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--shapes", default="1x16384,1x32768,32x4096,128x4096")
+    ap.add_argument("--configs", type=int, default=2)
+    ap.add_argument("--layers", type=int, default=27)
+    ap.add_argument("--replays", type=int, default=5)
+    args = ap.parse_args()
+    arch = bd.gpu_arch()
+    target = tvm_target(arch)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    dims = MLADims(heads=bd.HEADS)
+    sm_scale = dims.qk_head_dim**-0.5
+    configs = dec.candidate_configs(target, dims, heads=bd.HEADS, q_tokens=1)[: args.configs]
+    mods = {
+        cfg: dec.build(
+            dec.absorbed_decode(dims, heads=bd.HEADS, target=target, config=cfg, sm_scale=sm_scale),
+            target,
+        )
+        for cfg in configs
+    }
+    rows = []
+    for shape in args.shapes.split(","):
+        batch, ctx = (int(x) for x in shape.split("x"))
+        layers = bd.graph_layers(dims, batch=batch, ctx=ctx, min_layers=args.layers, l2_bytes=l2)
+        q, kv, indptr = bd.make_inputs(dims, batch, ctx, layers=layers)
+        nbytes = bd.call_bytes(dims, batch=batch, ctx=ctx)
+        for cfg, mod in mods.items():
+            splits = dec.splits_for(
+                cfg,
+                target,
+                dims,
+                heads=bd.HEADS,
+                q_tokens=1,
+                batch=batch,
+                max_context=ctx,
+                sm_count=sms,
+            )
+            calls, o, lse = bd.ours(mod, dims, q, kv, indptr, splits=splits)
+            graph = capture(calls)
+            graph.replay()
+            torch.cuda.synchronize()
+            err = bd.verify(dims, q, kv, indptr, o, lse, layer=layers - 1, sm_scale=sm_scale)
+            res = summarize(kernel_spans(graph, replays=args.replays), nbytes=nbytes)
+            res.update(
+                batch=batch,
+                ctx=ctx,
+                layers=layers,
+                splits=splits,
+                max_abs_err=err,
+                config=f"bn{cfg.block_n}-st{cfg.stages}-w{cfg.warps_n}",
+            )
+            print(json.dumps(res), flush=True)
+            rows.append(res)
+            del calls, o, lse, graph
+        del q, kv, indptr
+        torch.cuda.empty_cache()
+    with open(args.out, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "sms": sms, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
