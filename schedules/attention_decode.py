@@ -48,6 +48,10 @@ class Config:
     ``warps_n`` warps sharing one 16-row M tile (each owns ``block_n / warps_n`` score columns and
     ``kv_lora_rank / warps_n`` output columns); one such warp group per M tile of ``H x Q``.
     ``tensor_cores=False`` selects the simple loop kernel (the llvm schedule, slow on a GPU).
+    ``tma`` (sm_90): warp 0 fills a ring slot with one ``cp.async.bulk`` per cache row, completing
+    on the slot's mbarrier, instead of every thread's 16-byte ``cp.async``; all ``stages`` slots
+    are in flight and a slot refills as soon as every warp is done with it. Measured on the H100
+    (stream-only kernels, no compute): one SM streams far more this way, (1, 16K) 14.2 -> 9.4 us.
     ``min_split_rows``: the rows that open one more split. A sequence of ``n`` rows uses only
     ``effective_splits`` = ``min(S, ceil(n / min_split_rows))`` (in whole tiles) of the ``S``
     compiled splits: uncapped, each split gets at most ``min_split_rows`` rows (rounded up to
@@ -63,6 +67,7 @@ class Config:
     warps_n: int = 4
     tensor_cores: bool = True
     min_split_rows: int = MIN_SPLIT_ROWS
+    tma: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,11 +142,13 @@ def keep(
         return False
     spec = gpu_spec(target)
     warps = config.warps_n * m_tiles(heads, q_tokens)
+    if config.tma and not (spec.has_tma and config.block_n % 32 == 0):
+        return False
     return (
         config.block_n % (8 * config.warps_n) == 0
         and dims.kv_lora_rank % (16 * config.warps_n) == 0
         and dims.latent_dim % 16 == 0
-        and 1 <= config.stages <= 4
+        and 1 <= config.stages <= (5 if config.tma else 4)
         and warps * 32 <= 1024
         and shared_bytes(config, dims, heads=heads, q_tokens=q_tokens)
         <= spec.max_shared_bytes_per_block
@@ -151,6 +158,10 @@ def keep(
 # Preferred first, per arch; the rest of the space follows, most rows in flight first.
 PREFERRED: dict[str, tuple[Config, ...]] = {
     "sm_90a": (
+        Config(block_n=64, stages=2, warps_n=4, tma=True),
+        Config(block_n=32, stages=4, warps_n=4, tma=True),  # 3 tiles in flight during compute
+        Config(block_n=64, stages=2, warps_n=8, tma=True),
+        Config(block_n=32, stages=5, warps_n=4, tma=True),
         Config(block_n=64, stages=2, warps_n=8),  # 1 CTA/SM, 2 warps per SM sub-partition
         Config(block_n=32, stages=2, warps_n=4),  # 95 KB: 2 CTAs/SM overlap each other's syncs
         Config(block_n=64, stages=2, warps_n=4),
@@ -169,19 +180,22 @@ PREFERRED: dict[str, tuple[Config, ...]] = {
 def candidate_configs(target, dims: MLADims, *, heads: int, q_tokens: int) -> list[Config]:
     """Every tensor-core config ``keep`` accepts: ``PREFERRED`` first, then by rows in flight."""
     space = [
-        Config(block_n=block_n, stages=stages, warps_n=warps_n)
-        for block_n, stages, warps_n in itertools.product(
-            (32, 64, 128), (1, 2, 3, 4), (2, 4, 8, 16)
+        Config(block_n=block_n, stages=stages, warps_n=warps_n, tma=tma)
+        for block_n, stages, warps_n, tma in itertools.product(
+            (32, 64, 128), (1, 2, 3, 4, 5), (2, 4, 8, 16), (True, False)
         )
     ]
-    space.sort(key=lambda c: (-(max(c.stages - 1, 0.5) * c.block_n), c.warps_n != 4))
+    space.sort(
+        key=lambda c: (not c.tma, -(max(c.stages - 1, 0.5) * c.block_n), c.warps_n != 4)
+    )
     preferred = PREFERRED.get(str(target.attrs.get("arch", "")), ())
     ordered = list(preferred) + [c for c in space if c not in preferred]
     return [c for c in ordered if keep(c, target, dims, heads=heads, q_tokens=q_tokens)]
 
 
 def default_config(target, dims: MLADims | None = None, *, heads: int = 16, q_tokens: int = 1):
-    """sm_90a: 64-row tiles, 2 stages, 8 warps (171 KB smem); sm_89 (99 KB): 32 rows, 4 warps.
+    """sm_90a: 64-row tiles, 2 stages, 4 warps, TMA row copies (171 KB smem); sm_89 (99 KB):
+    32 rows, 2 stages, 4 warps, cp.async.
 
     Where no tensor-core config fits (sm_89 with 4 query tokens: Q alone takes 75 KB of smem)
     this falls back to the simple loop kernel, which is correct but slow.

@@ -37,6 +37,7 @@ def split_mma(dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: flo
     R = H * Q  # valid query rows
     MT = -(-R // 16)  # 16-row M tiles, one warp group each
     BN, ST, WN = config.block_n, config.stages, config.warps_n
+    TMA = config.tma
     MR = config.min_split_rows
     SN = BN // WN  # score columns per warp
     OW = DV // WN  # output columns per warp
@@ -64,6 +65,26 @@ def split_mma(dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: flo
                         kv.ptr_to([layer, start + T.min(row, hi - 1), idx % CH * 8]),
                         16,
                         T.Cast("uint32", T.if_then_else(row < hi, 16, 0)),
+                    )
+                )
+
+    @T.macro
+    def load_tile_tma(kvs, kv, bars, layer, start, lo, hi, tid, tile, stage):
+        """Warp 0: one bulk copy per row of tile ``tile`` into ring slot ``stage``, completing
+        on ``bars[stage]`` (rows past ``hi`` repeat row ``hi - 1``: finite, and masked)."""
+        if tid < 32:
+            if tid == 0:
+                T.ptx.mbarrier.arrive.expect_tx.shared.b64(
+                    bars.ptr_to([stage]), T.uint32(BN * D * 2)
+                )
+            for i in T.unroll(BN // 32):
+                row = T.meta_var(lo + tile * BN + i * 32 + tid)
+                T.evaluate(
+                    T.ptx["cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"](
+                        kvs.ptr_to([stage, i * 32 + tid, 0]),
+                        kv.ptr_to([layer, start + T.min(row, hi - 1), 0]),
+                        T.uint32(D * 2),
+                        bars.ptr_to([stage]),
                     )
                 )
 
@@ -99,6 +120,7 @@ def split_mma(dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: flo
         ps = T.alloc_buffer((MT * 16, BNP), "float16", scope="shared.dyn")
         red_m = T.alloc_buffer((WN, MT * 16), "float32", scope="shared.dyn")
         red_l = T.alloc_buffer((WN, MT * 16), "float32", scope="shared.dyn")
+        bars = T.alloc_buffer((ST,), "uint64", scope="shared")  # TMA: one mbarrier per slot
         acc_o = T.alloc_buffer((NO * 4,), "float32", scope="local")
         acc_s = T.alloc_buffer((NS * 8,), "float32", scope="local")  # 2 k-chains
         a_frag = T.alloc_buffer((8,), "float16", scope="local")
@@ -134,6 +156,12 @@ def split_mma(dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: flo
         # merge skips it
         single = T.meta_var(sid == 0 and hi >= n)
 
+        if TMA:
+            if tid == 0:
+                for i in T.unroll(ST):
+                    T.ptx.mbarrier.init.shared.b64(bars.ptr_to([i]), T.uint32(1))
+                T.evaluate(T.ptx["fence.proxy.async.shared::cta"]())
+            T.tvm_storage_sync("shared")
         # Q rows (padded rows zero-filled) ride in their own first cp.async group
         for i in T.unroll(Q_ITERS):
             idx = T.meta_var(i * NT + tid)
@@ -150,11 +178,17 @@ def split_mma(dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: flo
                 )
         T.evaluate(T.ptx.cp.async_.commit_group())
 
-        # prologue: tiles 0 .. ST-2
-        for st in T.unroll(ST - 1):
-            if st < ntiles:
-                load_tile(kvs, kv, layer, start, lo, hi, tid, st, st)
-            T.evaluate(T.ptx.cp.async_.commit_group())
+        if TMA:  # prologue: tiles 0 .. ST-1 (a slot refills once all warps are done with it)
+            for st in T.unroll(ST):
+                if st < ntiles:
+                    load_tile_tma(kvs, kv, bars, layer, start, lo, hi, tid, st, st)
+            T.evaluate(T.ptx.cp.async_.wait_group(0))  # Q
+            T.tvm_storage_sync("shared")
+        else:  # prologue: tiles 0 .. ST-2
+            for st in T.unroll(ST - 1):
+                if st < ntiles:
+                    load_tile(kvs, kv, layer, start, lo, hi, tid, st, st)
+                T.evaluate(T.ptx.cp.async_.commit_group())
 
         for e in T.unroll(NO * 4):
             acc_o[e] = T.float32(0)
@@ -163,12 +197,15 @@ def split_mma(dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: flo
             l_i[k] = T.float32(0)
 
         for kt in range(ntiles):
-            nxt = T.meta_var(kt + (ST - 1))
-            if nxt < ntiles:
-                load_tile(kvs, kv, layer, start, lo, hi, tid, nxt, nxt % ST)
-            T.evaluate(T.ptx.cp.async_.commit_group())
-            T.evaluate(T.ptx.cp.async_.wait_group(ST - 1))
-            T.tvm_storage_sync("shared")
+            if TMA:
+                T.cuda.mbarrier_wait(bars.ptr_to([kt % ST]), T.truncdiv(kt, ST) % 2)
+            else:
+                nxt = T.meta_var(kt + (ST - 1))
+                if nxt < ntiles:
+                    load_tile(kvs, kv, layer, start, lo, hi, tid, nxt, nxt % ST)
+                T.evaluate(T.ptx.cp.async_.commit_group())
+                T.evaluate(T.ptx.cp.async_.wait_group(ST - 1))
+                T.tvm_storage_sync("shared")
             st_off = T.meta_var(kt % ST * (BN * DP))
 
             # S = Q Kᵀ for this warp's SN columns
@@ -351,6 +388,9 @@ def split_mma(dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: flo
                             )
                         )
             T.tvm_storage_sync("shared")
+            if TMA:  # every warp is done with slot kt % ST: refill it
+                if kt + ST < ntiles:
+                    load_tile_tma(kvs, kv, bars, layer, start, lo, hi, tid, kt + ST, kt % ST)
 
         T.evaluate(T.ptx.cp.async_.wait_group(0))
         # l: quad lanes, then the warps_n warps of this M tile

@@ -22,6 +22,7 @@ class GPUSpec:
     max_shared_bytes_per_block: int
     registers_per_sm: int = 65536
     has_wgmma: bool = False
+    has_tma: bool = False  # cp.async.bulk + mbarrier transaction counts (sm_90)
 
 
 GPUS: dict[str, GPUSpec] = {
@@ -29,10 +30,14 @@ GPUS: dict[str, GPUSpec] = {
     "sm_86": GPUSpec("sm_86", sm_count=84, max_shared_bytes_per_block=99 * 1024),
     # RTX 4080: the user's named GPU
     "sm_89": GPUSpec("sm_89", sm_count=76, max_shared_bytes_per_block=99 * 1024),
-    "sm_90": GPUSpec("sm_90", sm_count=132, max_shared_bytes_per_block=227 * 1024),
+    "sm_90": GPUSpec("sm_90", sm_count=132, max_shared_bytes_per_block=227 * 1024, has_tma=True),
     # H100 SXM: the GPU we measure on
     "sm_90a": GPUSpec(
-        "sm_90a", sm_count=132, max_shared_bytes_per_block=227 * 1024, has_wgmma=True
+        "sm_90a",
+        sm_count=132,
+        max_shared_bytes_per_block=227 * 1024,
+        has_wgmma=True,
+        has_tma=True,
     ),
 }
 

@@ -202,6 +202,19 @@ def test_ctas_per_sm():
     assert two > GPUS["sm_90a"].sm_count  # two CTAs per SM: more splits fill the GPU
 
 
+def test_keep_tma_only_where_the_gpu_has_it():
+    """TMA configs: sm_90a yes (the default there), sm_89 no (Ada has no cp.async.bulk)."""
+    cfg = dec.Config(block_n=64, stages=2, warps_n=4, tma=True)
+    assert dec.keep(cfg, tvm_target("sm_90a"), LITE, heads=16, q_tokens=1)
+    assert not dec.keep(cfg, tvm_target("sm_89"), LITE, heads=16, q_tokens=1)
+    assert not any(
+        c.tma for c in dec.candidate_configs(tvm_target("sm_89"), LITE, heads=16, q_tokens=1)
+    )
+    assert dec.default_config(tvm_target("sm_90a"), LITE, heads=16, q_tokens=1).tma
+    odd = dec.Config(block_n=16, stages=2, warps_n=2, tma=True)  # a lane copies whole 32-row groups
+    assert not dec.keep(odd, tvm_target("sm_90a"), LITE, heads=16, q_tokens=1)
+
+
 def test_keep_rejects_oversized():
     big = dec.Config(block_n=128, stages=4, warps_n=4)
     assert not dec.keep(big, tvm_target("sm_90a"), LITE, heads=16, q_tokens=1)
@@ -215,10 +228,12 @@ def test_keep_rejects_oversized():
     ids=["sm_89-q1", "sm_89-q2", "sm_90a-q1", "sm_90a-q2", "sm_90a-q4"],
 )
 def test_cuda_static(arch, q_tokens):
-    """Builds for the arch, 0 spills, and the SASS has HMMA, LDSM and LDGSTS."""
+    """Builds for the arch, 0 spills, and the SASS has HMMA, LDSM and LDGSTS (Q; the cache
+    tiles too without TMA), plus the bulk copies and mbarrier waits of the TMA ring on sm_90a."""
     from mla_compiler import nvcc
 
-    mod, _ = _module("lite", q_tokens, arch)
+    mod, config = _module("lite", q_tokens, arch)
+    assert config.tma == (arch == "sm_90a"), config
     flags = getattr(nvcc, "TVM_NVCC_FLAGS", ())  # the flags of TVM's own JIT build, where known
     cubin, res = nvcc.compile_cubin(mod.mod.imports[0].inspect_source(), arch, extra_flags=flags)
     split = next(r for name, r in res.items() if "decode_split" in name)
@@ -227,7 +242,12 @@ def test_cuda_static(arch, q_tokens):
     # Q·Kᵀ: 36 k-steps x (score n8 tiles per warp) + P·V k-steps x (output n8 tiles per warp)
     assert ops.get("HMMA", 0) >= 36 + 16, ops
     assert ops.get("LDSM", 0) >= 36, ops
-    assert ops.get("LDGSTS", 0) >= 8, ops  # per thread: tile chunks / threads, unrolled
+    assert ops.get("LDGSTS", 0) >= 5, ops  # per thread: Q (+ tile) chunks / threads, unrolled
+    if config.tma:  # warp 0: block_n / 32 row copies per lane, per prologue / refill site
+        assert ops.get("UBLKCP", 0) >= 2 * config.block_n // 32, ops
+        assert ops.get("SYNCS", 0) >= 1, ops  # mbarrier init / expect_tx / try_wait
+    else:
+        assert ops.get("UBLKCP", 0) == 0, ops
     merge = next(r for name, r in res.items() if "decode_merge" in name)
     assert merge.spill_bytes == 0, merge
 
