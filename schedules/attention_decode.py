@@ -185,9 +185,7 @@ def candidate_configs(target, dims: MLADims, *, heads: int, q_tokens: int) -> li
             (32, 64, 128), (1, 2, 3, 4, 5), (2, 4, 8, 16), (True, False)
         )
     ]
-    space.sort(
-        key=lambda c: (not c.tma, -(max(c.stages - 1, 0.5) * c.block_n), c.warps_n != 4)
-    )
+    space.sort(key=lambda c: (not c.tma, -(max(c.stages - 1, 0.5) * c.block_n), c.warps_n != 4))
     preferred = PREFERRED.get(str(target.attrs.get("arch", "")), ())
     ordered = list(preferred) + [c for c in space if c not in preferred]
     return [c for c in ordered if keep(c, target, dims, heads=heads, q_tokens=q_tokens)]
@@ -493,26 +491,36 @@ def _merge(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: Conf
     return merge
 
 
+def merge_split_lanes(num_splits, *, unroll: int = 4):
+    """Lanes that share one output column group in the CUDA merge: the power of two (1..32)
+    that lets ``num_splits`` partials load in one unrolled step (``unroll`` per lane). Python
+    int or TIR expression (the merge picks it from the workspace's split count at run time)."""
+    if _is_expr(num_splits):
+        lanes = T.int32(32)
+        for k in (4, 3, 2, 1, 0):
+            lanes = T.if_then_else(num_splits <= unroll * (1 << k), 1 << k, lanes)
+        return lanes
+    return next((1 << k for k in range(6) if num_splits <= unroll * (1 << k)), 32)
+
+
 def _merge_gpu(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: Config):
     """CUDA merge: one pass over the sequence's ``effective_splits``, memory-level parallel.
 
-    Lane ``8 g + sl`` of a warp owns output columns ``8 g .. 8 g + 7`` (two float4 loads, one
-    full 32-byte sector per split) and splits ``sl, sl + 8, ...``, four splits per unrolled step:
-    each step issues its 4 LSE and 8 float4 loads together and folds them into a running
-    (max, sum, acc) (online softmax), so up to 32 splits cost one memory round trip. The 8
-    split lanes then combine (max, rescale, sum) with xor shuffles: no smem, no barrier.
+    ``SL = merge_split_lanes(S)`` lanes (1..32, a power of two, chosen at run time from the
+    workspace's ``S``) share output columns ``8 g .. 8 g + 7`` of one row (two float4 loads, a
+    full 32-byte sector per split); lane ``sl`` reads splits ``sl, sl + SL, ...``, four per
+    unrolled step: each step issues its 4 LSE and 8 float4 loads together and folds them into a
+    running (max, sum, acc) (online softmax), so a full workspace loads in one memory round trip
+    (b = 1 with 128 splits: 32 lanes; 32 sequences x 4 splits: 1 lane, no idle lanes). The SL
+    lanes then combine (max, rescale, sum) with xor shuffles: no smem, no barrier.
     """
     DV, H, Q = dims.kv_lora_rank, heads, q_tokens
-    SL, U, CG = 8, 4, 8  # split lanes, unroll, columns per lane
+    U, CG = 4, 8  # unroll, columns per lane
     GROUPS = DV // CG  # column groups per row
     THREADS = 128
     block_n, min_rows = config.block_n, config.min_split_rows
     neg_inf = -math.inf
     start_max = -1.0e30  # finite: exp(-inf - start_max) = 0 and exp(start_max - M) never NaN
-
-    def split_of(step, u, sl):
-        """Split read by split lane ``sl`` in slot ``u`` of unrolled step ``step``."""
-        return (step * U + u) * SL + sl
 
     @T.prim_func
     def merge(
@@ -526,6 +534,7 @@ def _merge_gpu(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: 
         kv_indptr = T.match_buffer(indptr_h, (B + 1,), "int32")
         o = T.match_buffer(o_h, (B, Q, H, DV), dtype)  # [B, Q, H, 512]
         lse = T.match_buffer(lse_h, (B, Q, H), "float32")  # [B, Q, H]
+        SL = T.meta_var(merge_split_lanes(S, unroll=U))
         for blk in T.thread_binding(T.ceildiv(B * Q * H * GROUPS * SL, THREADS), "blockIdx.x"):
             for tx in T.thread_binding(THREADS, "threadIdx.x"):
                 m = T.alloc_buffer((2,), "float32", scope="local")  # running max, new max
@@ -533,9 +542,10 @@ def _merge_gpu(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: 
                 w = T.alloc_buffer((U,), "float32", scope="local")
                 acc = T.alloc_buffer((CG,), "float32", scope="local")
                 part = T.alloc_buffer((U * CG,), "float32", scope="local")
-                used = T.alloc_buffer((1,), "int32", scope="local")
-                gid = T.meta_var((blk * THREADS + tx) // SL)  # (row, column group)
-                sl = T.meta_var(tx % SL)
+                used = T.alloc_buffer((2,), "int32", scope="local")  # used splits, lanes SL
+                used[1] = SL
+                gid = T.meta_var((blk * THREADS + tx) // used[1])  # (row, column group)
+                sl = T.meta_var(tx % used[1])
                 valid = T.meta_var(gid // GROUPS < B * Q * H)
                 row = T.meta_var(T.min(gid // GROUPS, B * Q * H - 1))
                 col = T.meta_var(gid % GROUPS * CG)
@@ -557,14 +567,15 @@ def _merge_gpu(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: 
                 total[0] = T.float32(0)
                 for c in T.unroll(CG):
                     acc[c] = T.float32(0)
-                for so in range(T.ceildiv(used[0], SL * U)):
+                for so in range(T.ceildiv(used[0], used[1] * U)):
                     for u in T.unroll(U):
-                        if split_of(so, u, sl) < used[0]:
+                        split = T.meta_var((so * U + u) * used[1] + sl)
+                        if split < used[0]:
                             for v in T.unroll(CG // 4):
                                 part[T.ramp(u * CG + v * 4, 1, 4)] = o_part[
-                                    split_of(so, u, sl), b, t, h, T.ramp(col + v * 4, 1, 4)
+                                    split, b, t, h, T.ramp(col + v * 4, 1, 4)
                                 ]
-                            w[u] = lse_part[split_of(so, u, sl), b, t, h]
+                            w[u] = lse_part[split, b, t, h]
                         else:
                             w[u] = T.float32(neg_inf)
                             for c in T.unroll(CG):
@@ -581,23 +592,26 @@ def _merge_gpu(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: 
                         for c in T.unroll(CG):
                             acc[c] = acc[c] + w[u] * part[u * CG + c]
                     m[0] = m[1]
-                # combine the 8 split lanes: common max, rescale, sum
+                # combine the SL split lanes (contiguous, warp-uniform SL): max, rescale, sum
                 m[1] = m[0]
-                for k in T.unroll(3):
-                    m[1] = T.max(
-                        m[1], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), m[1], 1 << k, 32, 32)
-                    )
+                for k in T.unroll(5):
+                    if (1 << k) < used[1]:
+                        m[1] = T.max(
+                            m[1],
+                            T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), m[1], 1 << k, 32, 32),
+                        )
                 total[0] = total[0] * T.exp(m[0] - m[1])
                 for c in T.unroll(CG):
                     acc[c] = acc[c] * T.exp(m[0] - m[1])
-                for k in T.unroll(3):
-                    total[0] = total[0] + T.tvm_warp_shuffle_xor(
-                        T.uint32(0xFFFFFFFF), total[0], 1 << k, 32, 32
-                    )
-                    for c in T.unroll(CG):
-                        acc[c] = acc[c] + T.tvm_warp_shuffle_xor(
-                            T.uint32(0xFFFFFFFF), acc[c], 1 << k, 32, 32
+                for k in T.unroll(5):
+                    if (1 << k) < used[1]:
+                        total[0] = total[0] + T.tvm_warp_shuffle_xor(
+                            T.uint32(0xFFFFFFFF), total[0], 1 << k, 32, 32
                         )
+                        for c in T.unroll(CG):
+                            acc[c] = acc[c] + T.tvm_warp_shuffle_xor(
+                                T.uint32(0xFFFFFFFF), acc[c], 1 << k, 32, 32
+                            )
                 if valid and sl == 0 and used[0] > 1:
                     for c in T.unroll(CG):
                         o[b, t, h, col + c] = T.Cast(
