@@ -305,15 +305,17 @@ def test_gpu_matches_reference(case, splits):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(_gpu_arch() is None, reason="needs a CUDA GPU and TVM with CUDA")
-@pytest.mark.parametrize("cfg", ["simple", "alt1", "alt2", "alt3"])
+@pytest.mark.parametrize("cfg", ["simple", "cp-async", "alt1", "alt2", "alt3"])
 def test_gpu_other_configs(cfg):
-    """The simple CUDA fallback and the next tensor-core configs agree with the reference."""
+    """The simple CUDA fallback, the cp.async ring (sm_89's kind of config) and the next
+    tensor-core configs agree with the reference."""
     arch = _gpu_arch()
-    config = (
-        dec.Config(tensor_cores=False)
-        if cfg == "simple"
-        else dec.candidate_configs(tvm_target(arch), LITE, heads=16, q_tokens=1)[int(cfg[-1])]
-    )
+    if cfg == "simple":
+        config = dec.Config(tensor_cores=False)
+    elif cfg == "cp-async":
+        config = dec.Config(block_n=64, stages=2, warps_n=8)
+    else:
+        config = dec.candidate_configs(tvm_target(arch), LITE, heads=16, q_tokens=1)[int(cfg[-1])]
     built = _module("lite", 1, arch, config)
     _run_and_check(built, LITE, lens=[3000, 130], q_tokens=1, num_splits=5, device="cuda")
 
