@@ -129,6 +129,7 @@ def split_mma(dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: flo
         l_i = T.alloc_buffer((2,), "float32", scope="local")
         m_new = T.alloc_buffer((2,), "float32", scope="local")
         alpha = T.alloc_buffer((2,), "float32", scope="local")
+        out4 = T.alloc_buffer((4,), "float32", scope="local")  # one lane's float4 of O
 
         lane = T.meta_var(tid % 32)
         wm = T.meta_var(tid // 32 // WN)
@@ -407,17 +408,34 @@ def split_mma(dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: flo
             for w in T.unroll(WN):
                 l_i[k] = l_i[k] + red_l[w, wm * 16 + lane // 4 + k * 8]
             alpha[k] = T.if_then_else(l_i[k] > T.float32(0), T.float32(1) / l_i[k], T.float32(0))
+        # Lanes 2i and 2i + 1 of a quad trade halves (one xor shuffle per value): the even lane
+        # ends with columns 4 (i) .. +3 of row g, the odd one those of row g + 8, so each lane
+        # stores one 16-byte float4 (8-byte half4) and two lanes fill a 32-byte sector per row.
+        even = T.meta_var(lane % 2 == 0)
         for j in T.unroll(NO):
-            for e in T.unroll(4):
-                r = T.meta_var(wm * 16 + lane // 4 + e // 2 * 8)
-                col = T.meta_var(wn * OW + j * 8 + lane % 4 * 2 + e % 2)
-                if r < R:
-                    if single:
-                        o[b, r // H, r % H, col] = T.Cast(
-                            "float16", acc_o[j * 4 + e] * alpha[e // 2]
-                        )
-                    elif used_end:
-                        o_part[sid, b, r // H, r % H, col] = acc_o[j * 4 + e] * alpha[e // 2]
+            for k in T.unroll(2):
+                mine = T.meta_var(
+                    T.if_then_else(
+                        even, acc_o[j * 4 + k] * alpha[0], acc_o[j * 4 + 2 + k] * alpha[1]
+                    )
+                )
+                give = T.meta_var(
+                    T.if_then_else(
+                        even, acc_o[j * 4 + 2 + k] * alpha[1], acc_o[j * 4 + k] * alpha[0]
+                    )
+                )
+                got = T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), give, 1, 32, 32)
+                out4[k] = T.if_then_else(even, mine, got)
+                out4[2 + k] = T.if_then_else(even, got, mine)
+            r = T.meta_var(wm * 16 + lane // 4 + lane % 2 * 8)
+            col = T.meta_var(wn * OW + j * 8 + lane % 4 // 2 * 4)
+            if r < R:
+                if single:
+                    o[b, r // H, r % H, T.ramp(col, 1, 4)] = T.Cast(
+                        "float16x4", out4[T.ramp(0, 1, 4)]
+                    )
+                elif used_end:
+                    o_part[sid, b, r // H, r % H, T.ramp(col, 1, 4)] = out4[T.ramp(0, 1, 4)]
         if wn == 0 and lane % 4 == 0:
             for k in T.unroll(2):
                 r = T.meta_var(wm * 16 + lane // 4 + k * 8)
