@@ -421,15 +421,23 @@ def _softmax_pv(G, P, stage, it):
     p_base = G.k_off + stage * G.stage_halfs if G.p_in_k else G.p_off  # where P's rows start
     tmp[0] = T.float32(-math.inf)
     tmp[1] = T.float32(-math.inf)
-    for n in T.unroll(G.s_cols // 8):
-        for c in T.unroll(4):
-            lim = (row0 + wm * 16 + lane // 4 + c // 2 * 8) // P.rows_per_token + n_b - t_b
-            s_acc[n * 4 + c] = T.if_then_else(
-                it * G.tkv + s_col0 + n * 8 + lane % 4 * 2 + c % 2 <= lim,
-                s_acc[n * 4 + c] * T.float32(P.sm_scale * LOG2E),
-                T.float32(-math.inf),
-            )
-            tmp[c // 2] = T.max(tmp[c // 2], s_acc[n * 4 + c])
+    # Tiles that end at or before the causal limit of the warp's first row (the smallest) need
+    # no mask: a warp-uniform branch skips the per-element compare and select there.
+    if it * G.tkv + s_col0 + G.s_cols - 1 <= (row0 + wm * 16) // P.rows_per_token + n_b - t_b:
+        for n in T.unroll(G.s_cols // 8):
+            for c in T.unroll(4):
+                s_acc[n * 4 + c] = s_acc[n * 4 + c] * T.float32(P.sm_scale * LOG2E)
+                tmp[c // 2] = T.max(tmp[c // 2], s_acc[n * 4 + c])
+    else:
+        for n in T.unroll(G.s_cols // 8):
+            for c in T.unroll(4):
+                lim = (row0 + wm * 16 + lane // 4 + c // 2 * 8) // P.rows_per_token + n_b - t_b
+                s_acc[n * 4 + c] = T.if_then_else(
+                    it * G.tkv + s_col0 + n * 8 + lane % 4 * 2 + c % 2 <= lim,
+                    s_acc[n * 4 + c] * T.float32(P.sm_scale * LOG2E),
+                    T.float32(-math.inf),
+                )
+                tmp[c // 2] = T.max(tmp[c // 2], s_acc[n * 4 + c])
     for h in T.unroll(2):
         tmp[h] = T.max(tmp[h], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), tmp[h], 1, 32, 32))
         tmp[h] = T.max(tmp[h], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), tmp[h], 2, 32, 32))
@@ -441,31 +449,26 @@ def _softmax_pv(G, P, stage, it):
         st[h] = m_new
         st[2 + h] = st[2 + h] * tmp[2 + h]
     for n in T.unroll(G.s_cols // 8):
-        for c in T.unroll(4):
-            p = T.exp2(s_acc[n * 4 + c] - st[c // 2])
-            st[2 + c // 2] = st[2 + c // 2] + p
-            if G.p_in_smem:
+        for h in T.unroll(2):  # rows g, g + 8 of the warp; two adjacent columns each
+            for c2 in T.unroll(2):
+                p = T.exp2(s_acc[n * 4 + h * 2 + c2] - st[h])
+                st[2 + h] = st[2 + h] + p
+                if G.p_in_smem:
+                    p2[c2] = T.Cast("float16", p)
+                else:
+                    ph[n * 4 + h * 2 + c2] = T.Cast("float16", p)
+            if G.p_in_smem:  # the pair is 4 bytes of one 16-byte chunk: one store
+                col = G.p_col0 + s_col0 + n * 8 + lane % 4 * 2
+                row = wm * 16 + lane // 4 + h * 8
                 if G.wgmma:
-                    col = G.p_col0 + s_col0 + n * 8 + lane % 4 * 2 + c % 2
-                    row = wm * 16 + lane // 4 + c // 2 * 8
                     at = (
                         p_base
                         + _chunk_offset(G, row, col // 8, G.p_stride, G.p_width, G.p_rows)
                         + col % 8
                     )
-                    smem[at] = T.Cast("float16", p)
                 else:
-                    smem[
-                        p_base
-                        + (wm * 16 + lane // 4 + c // 2 * 8) * G.p_stride
-                        + G.p_col0
-                        + s_col0
-                        + n * 8
-                        + lane % 4 * 2
-                        + c % 2
-                    ] = T.Cast("float16", p)
-            else:
-                ph[n * 4 + c] = T.Cast("float16", p)
+                    at = p_base + row * G.p_stride + col
+                smem[T.ramp(at, 1, 2)] = p2[T.ramp(0, 1, 2)]
     for d in T.unroll(G.dv_w // 8):
         for c in T.unroll(4):
             o_acc[d * 4 + c] = o_acc[d * 4 + c] * tmp[2 + c // 2]
@@ -656,6 +659,7 @@ def mma_body(P, G, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t_t
     kb = T.alloc_buffer((8,), "float16", scope="local")  # B fragments of two 8-wide n tiles
     s_acc = T.alloc_buffer((G.s_cols // 2,), "float32", scope="local")  # S, 16 x s_cols per warp
     ph = T.alloc_buffer((G.tkv // 2,), "float16", scope="local")  # P as A fragments
+    p2 = T.alloc_buffer((2,), "float16", scope="local")  # two adjacent P values, one store
     o_acc = T.alloc_buffer((G.dv_w // 2,), "float32", scope="local")  # O, 16 x dv_w per warp
     st = T.alloc_buffer((4,), "float32", scope="local")  # row max (lo, hi), row sum (lo, hi)
     tmp = T.alloc_buffer((4,), "float32", scope="local")  # tile max (lo, hi), rescale (lo, hi)
