@@ -39,6 +39,7 @@ from tvm.script import tirx as T
 from .wgmma import mma_async, pin
 
 LOG2E = math.log2(math.e)
+RESCALE_SLACK = 8.0  # lazy rescaling: P values up to 2^8 before normalisation (f16-safe)
 LN2 = math.log(2.0)
 _PAD = 8  # halfs of padding per shared-memory row: rows 16 B apart mod 128 B, no ldmatrix conflicts
 
@@ -443,11 +444,19 @@ def _softmax_pv(G, P, stage, it):
         tmp[h] = T.max(tmp[h], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), tmp[h], 2, 32, 32))
     if G.split_s:
         _exchange_rows(G, tmp, T.max)
+    # Lazy rescaling: a row keeps its running max until the tile's max passes it by more than
+    # RESCALE_SLACK (base 2), so P <= 2^RESCALE_SLACK (exact in the end: O and l share the max)
+    # and O is rescaled only when some row of the warp moved (a warp-uniform branch below).
     for h in T.unroll(2):
-        m_new = T.max(st[h], tmp[h])
+        m_new = T.if_then_else(tmp[h] > st[h] + T.float32(RESCALE_SLACK), tmp[h], st[h])
         tmp[2 + h] = T.exp2(st[h] - m_new)
         st[h] = m_new
         st[2 + h] = st[2 + h] * tmp[2 + h]
+    moved[0] = T.if_then_else(tmp[2] < T.float32(1) or tmp[3] < T.float32(1), 1, 0)
+    for k in T.unroll(5):
+        moved[0] = T.max(
+            moved[0], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), moved[0], 1 << k, 32, 32)
+        )
     for n in T.unroll(G.s_cols // 8):
         for h in T.unroll(2):  # rows g, g + 8 of the warp; two adjacent columns each
             for c2 in T.unroll(2):
@@ -469,9 +478,10 @@ def _softmax_pv(G, P, stage, it):
                 else:
                     at = p_base + row * G.p_stride + col
                 smem[T.ramp(at, 1, 2)] = p2[T.ramp(0, 1, 2)]
-    for d in T.unroll(G.dv_w // 8):
-        for c in T.unroll(4):
-            o_acc[d * 4 + c] = o_acc[d * 4 + c] * tmp[2 + c // 2]
+    if moved[0] > 0:
+        for d in T.unroll(G.dv_w // 8):
+            for c in T.unroll(4):
+                o_acc[d * 4 + c] = o_acc[d * 4 + c] * tmp[2 + c // 2]
     if G.p_in_smem:
         if G.wgmma:
             T.ptx["fence.proxy.async.shared::cta"]()  # P stores -> wgmma reads
@@ -663,6 +673,7 @@ def mma_body(P, G, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t_t
     o_acc = T.alloc_buffer((G.dv_w // 2,), "float32", scope="local")  # O, 16 x dv_w per warp
     st = T.alloc_buffer((4,), "float32", scope="local")  # row max (lo, hi), row sum (lo, hi)
     tmp = T.alloc_buffer((4,), "float32", scope="local")  # tile max (lo, hi), rescale (lo, hi)
+    moved = T.alloc_buffer((1,), "int32", scope="local")  # some row's max moved: rescale O
     sel = T.alloc_buffer((3,), "int32", scope="local")  # sequence, tile, first block of seq
     desc = T.alloc_buffer((4,), "uint64", scope="local")  # wgmma descriptors: Q, K, P, V
     # Which (sequence, query tile) this block owns: scan the per-sequence tile counts.
