@@ -142,8 +142,8 @@ def keep(
         return False
     spec = gpu_spec(target)
     warps = config.warps_n * m_tiles(heads, q_tokens)
-    if config.tma and not (spec.has_tma and config.block_n % 32 == 0):
-        return False
+    if config.tma and not (spec.has_tma and config.block_n % 32 == 0 and dims.latent_dim % 8 == 0):
+        return False  # bulk copies move whole rows: 16-byte multiples, 16-byte aligned
     return (
         config.block_n % (8 * config.warps_n) == 0
         and dims.kv_lora_rank % (16 * config.warps_n) == 0
