@@ -37,7 +37,7 @@ from mla_compiler.schedules.attention_decode_mma import split_mma
 from mla_compiler.schedules.target import gpu_spec, is_gpu
 
 MAX_Q_TOKENS = 4
-MIN_SPLIT_ROWS = 128  # default Config.min_split_rows (why: Config's docstring)
+MIN_SPLIT_ROWS = 64  # default Config.min_split_rows (why: Config's docstring)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,11 +55,12 @@ class Config:
     ``min_split_rows``: the rows that open one more split. A sequence of ``n`` rows uses only
     ``effective_splits`` = ``min(S, ceil(n / min_split_rows))`` (in whole tiles) of the ``S``
     compiled splits: uncapped, each split gets at most ``min_split_rows`` rows (rounded up to
-    a tile) and the splits together more than ``used - 1`` times that. 128 = two 64-row tiles:
-    ``choose_splits``' model charges a split one tile-time of pipeline fill and streams a tile
-    in ``1 / sm_bandwidth_ratio`` tile-times, so below ~1-1.5 tiles a split spends more time
-    filling than streaming (and adds a 32 KB partial); measured on H100 at (1, 4K), 32 splits
-    of 2 tiles beat 64 splits of 1.
+    a tile) and the splits together more than ``used - 1`` times that. 64 = one 64-row tile:
+    a short context is latency-bound (a CTA's fixed chain of index load, first tile, math,
+    epilogue), so more CTAs with one tile each finish sooner than fewer with two. Measured on
+    the H100 with the TMA kernel (graph mode): (1, 600) 11.9 -> 9.4 us, (1, 4K) 12.4 -> 10.7
+    us against 128-row splits, long contexts and big batches unchanged (the split count
+    ``choose_splits`` picks caps them). With the older cp.async kernel 128 had won at (1, 4K).
     """
 
     block_n: int = 64

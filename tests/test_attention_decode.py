@@ -172,7 +172,7 @@ def test_choose_splits_fills_the_gpu():
     assert dec.choose_splits(128, 4096, sms) <= 2  # a big batch needs (almost) no split
     assert dec.choose_splits(1, 100, sms) <= 2  # never more splits than 64-row tiles
     assert dec.choose_splits(1, 0, sms) == 1
-    for ctx in (600, 4096):  # never more splits than the context would use (128-row splits)
+    for ctx in (600, 4096):  # never more splits than the context would use (by min rows)
         assert dec.choose_splits(1, ctx, sms) <= -(-ctx // dec.MIN_SPLIT_ROWS)
 
 
@@ -357,4 +357,4 @@ def test_bench_graph_mode_bookkeeping():
         nl = bench.graph_layers(LITE, batch=b, ctx=n, min_layers=27, l2_bytes=l2)
         assert nl >= 27 and nl * b * n * LITE.latent_dim * 2 >= 4 * l2
     counts = bench.split_counts(86, 600, dec.Config(block_n=64))
-    assert counts == [5]  # 43, 86 and 172 compiled splits all use 5 at 600 rows
+    assert counts == [10]  # 43, 86 and 172 compiled splits all use 10 (one tile each) at 600
