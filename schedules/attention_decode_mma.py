@@ -5,12 +5,16 @@ CTA ``(s, b)`` = split ``s`` of sequence ``b``. Threads: ``m_tiles x warps_n`` w
 ``r % H``), score columns ``wn * block_n / warps_n ..`` of each tile and output columns
 ``wn * kv_lora_rank / warps_n ..``.
 
-Per tile of ``block_n`` cache rows (cp.async 16-byte copies into a ``stages``-deep ring):
+Per tile of ``block_n`` cache rows, loaded into a ``stages``-deep shared ring either by every
+thread's 16-byte cp.async (one commit group per tile) or, with ``config.tma`` (sm_90), by warp
+0's one ``cp.async.bulk`` per row completing on the slot's mbarrier:
   S = Q Kᵀ       mma.sync m16n8k16, A = Q (ldmatrix from smem), B = K rows (ldmatrix)
   online softmax  row max across the ``warps_n`` warps through smem, base-2 exponent
   O += P V       A = P (f16 via smem, ldmatrix), B = V = first 512 columns (ldmatrix.trans)
 Shared rows are padded by 8 halves (row stride an odd number of 16-byte chunks: ldmatrix is
-bank-conflict free). Rows past the split end are zero-filled (cp.async src-size 0) and masked.
+bank-conflict free). Rows past the split end are masked: cp.async zero-fills them (src-size
+0), TMA repeats the split's last row (finite data). The epilogue stores O (the f16 output of a
+single-split sequence, else the f32 partial) as 16-byte (8-byte) vectors, see below.
 
 Fragment layouts (PTX ISA, m16n8k16 f16): lane = 4 g + c. A regs: (g, 2c), (g + 8, 2c),
 (g, 2c + 8), (g + 8, 2c + 8); B regs: k = 2c (+ 8), n = g; C: (g, 2c..2c+1), (g + 8, 2c..2c+1).
