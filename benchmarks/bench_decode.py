@@ -116,6 +116,7 @@ def graph_bench(calls, *, reps: int) -> float:
     import tvm_ffi
 
     side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())  # the inputs were made on the current stream
     with tvm_ffi.use_torch_stream(torch.cuda.stream(side)):
         for call in calls:
             call()
