@@ -106,8 +106,8 @@ def bench(fn, *, reps: int) -> float:
     return statistics.median(times)
 
 
-def graph_bench(calls, *, reps: int) -> float:
-    """Median microseconds per call of ``calls`` captured back to back in one CUDA graph.
+def capture_graph(calls) -> torch.cuda.CUDAGraph:
+    """``calls`` captured back to back into one CUDA graph (returned).
 
     TVM launches on the stream tvm_ffi holds for the device: ``use_torch_stream`` points it at
     torch's stream (the capture stream inside ``torch.cuda.graph``). The calls run once first
@@ -125,7 +125,12 @@ def graph_bench(calls, *, reps: int) -> float:
     with tvm_ffi.use_torch_stream(torch.cuda.graph(graph)):
         for call in calls:
             call()
-    return bench(graph.replay, reps=reps) / len(calls)
+    return graph
+
+
+def graph_bench(calls, *, reps: int) -> float:
+    """Median microseconds per call of ``calls`` captured back to back in one CUDA graph."""
+    return bench(capture_graph(calls).replay, reps=reps) / len(calls)
 
 
 def _t(x: torch.Tensor):

@@ -29,23 +29,6 @@ from mla_compiler.schedules import attention_decode as dec  # noqa: E402
 from mla_compiler.schedules.target import tvm_target  # noqa: E402
 
 
-def capture(calls):
-    """``calls`` run once, then captured back to back into one CUDA graph (returned)."""
-    import tvm_ffi
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())  # the inputs were made on the current stream
-    with tvm_ffi.use_torch_stream(torch.cuda.stream(side)):
-        for call in calls:
-            call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with tvm_ffi.use_torch_stream(torch.cuda.graph(graph)):
-        for call in calls:
-            call()
-    return graph
-
-
 def kernel_spans(graph, *, replays: int) -> list[list[tuple[str, float, float]]]:
     """Per replay, its kernels as (name, start us, duration us), in start order."""
     from torch.profiler import ProfilerActivity, profile
@@ -135,7 +118,7 @@ def main() -> None:
                 sm_count=sms,
             )
             calls, o, lse = bd.ours(mod, dims, q, kv, indptr, splits=splits)
-            graph = capture(calls)
+            graph = bd.capture_graph(calls)
             graph.replay()
             torch.cuda.synchronize()
             err = bd.verify(dims, q, kv, indptr, o, lse, layer=layers - 1, sm_scale=sm_scale)
