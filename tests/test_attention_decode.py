@@ -358,3 +358,13 @@ def test_bench_graph_mode_bookkeeping():
         assert nl >= 27 and nl * b * n * LITE.latent_dim * 2 >= 4 * l2
     counts = bench.split_counts(86, 600, dec.Config(block_n=64))
     assert counts == [10]  # 43, 86 and 172 compiled splits all use 10 (one tile each) at 600
+
+
+def test_merge_split_lanes_int_and_tir_agree():
+    """The merge's run-time lane count (a TIR select chain on the workspace's S) equals the
+    Python formula: the smallest power of two <= 32 whose 4-way unroll covers S."""
+    analyzer = tvm.sym.Analyzer()
+    for s in range(1, 300):
+        lanes = dec.merge_split_lanes(s)
+        assert lanes == min(32, 1 << max(0, math.ceil(math.log2(math.ceil(s / 4))))), s
+        assert int(analyzer.simplify(dec.merge_split_lanes(tvm.tirx.IntImm("int32", s)))) == lanes
