@@ -36,7 +36,7 @@ import math
 
 from tvm.script import tirx as T
 
-from .wgmma import mma_async, pin
+from .wgmma import mma_async, mma_async_rs, pin
 
 LOG2E = math.log2(math.e)
 RESCALE_SLACK = 8.0  # lazy rescaling: P values up to 2^8 before normalisation (f16-safe)
@@ -55,6 +55,7 @@ class MMAConfig:
     split_s: bool = True  # with split V columns, split S's columns too and share P via smem
     wgmma: bool = False  # sm_90a: warpgroup MMAs with operands in (core-matrix tiled) smem
     swizzle: bool = False  # wgmma operands in 128-byte swizzled rows instead of core matrices
+    p_regs: bool = False  # wgmma, unsplit S: P·V takes P from registers (rs form), not smem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Geometry:
     split: bool
     wgmma: bool
     swizzle: bool = False
+    p_regs: bool = False
 
     @property
     def threads(self) -> int:
@@ -105,7 +107,7 @@ class Geometry:
 
     @property
     def p_in_smem(self) -> bool:
-        return self.split_s or self.wgmma
+        return self.split_s or (self.wgmma and not self.p_regs)
 
     @property
     def p_in_k(self) -> bool:
@@ -195,6 +197,7 @@ def geometry(config: MMAConfig, layout) -> Geometry:
         split=bool(config.split_s),
         wgmma=bool(config.wgmma),
         swizzle=bool(config.wgmma and config.swizzle),
+        p_regs=bool(config.wgmma and config.p_regs),
     )
 
 
@@ -217,6 +220,8 @@ def fits(config: MMAConfig, layout, smem_limit: int, *, has_wgmma: bool = False)
         # columns (m64nNk16 with N = s_cols, then N = dv_w <= 256).
         if not has_wgmma or c.tile_q % 64 or (g.d_split > 1 and not c.split_s) or g.dv_w > 256:
             return False
+    if c.p_regs and (not c.wgmma or g.split_s):  # the rs form needs the warp's whole P rows
+        return False
     if c.swizzle:
         # 128-byte swizzle atoms: every operand row a whole number of 64-half blocks, P too
         widths = (g.dk, g.v_width, g.p_width, g.dv_w)
@@ -496,10 +501,51 @@ def _softmax_pv(G, P, stage, it):
 
 @T.macro(hygienic=False)
 def _pv_wgmma(G, v_tile, p_base):
-    if G.swizzle:
+    if not G.p_in_smem:
+        _pv_wgmma_rs(G, v_tile)
+    elif G.swizzle:
         _pv_wgmma_swizzled(G, v_tile, p_base)
     else:
         _pv_wgmma_tiled(G, v_tile, p_base)
+
+
+@T.macro(hygienic=False)
+def _pv_wgmma_rs(G, v_tile):
+    # A = P from registers: k-step ks is S's n8 tiles 2ks, 2ks+1, whose f32 accumulator pairs
+    # (rows g, g + 8) are, as f16 pairs, the four 32-bit registers of the warp's A fragment.
+    # B = V as in the smem forms (MN-major; per 64-column swizzle block when swizzled).
+    if G.swizzle:
+        T.cuda.wgmma.encode_matrix_descriptor(
+            T.address_of(desc[3]), smem.ptr_to([v_tile + wd * G.dv_w // 64 * G.tkv * 64]), 1, 64, 3
+        )
+    else:
+        T.cuda.wgmma.encode_matrix_descriptor(
+            T.address_of(desc[3]), smem.ptr_to([v_tile + wd * G.dv_w * 8]), G.v_width, 8, 0
+        )
+    pin(o_acc, G.dv_w // 2)
+    T.ptx["wgmma.fence.sync.aligned"]()
+    for ks in T.unroll(G.tkv // 16):
+        a_regs = [
+            T.reinterpret("uint32", ph[T.ramp(ks * 8, 1, 2)]),
+            T.reinterpret("uint32", ph[T.ramp(ks * 8 + 2, 1, 2)]),
+            T.reinterpret("uint32", ph[T.ramp(ks * 8 + 4, 1, 2)]),
+            T.reinterpret("uint32", ph[T.ramp(ks * 8 + 6, 1, 2)]),
+        ]
+        if G.swizzle:
+            for a in T.unroll(G.dv_w // 64):
+                mma_async_rs(
+                    64,
+                    o_acc,
+                    a_regs,
+                    desc[3] + T.uint64(a * G.tkv * 8 + ks * 128),
+                    trans_b=1,
+                    acc0=a * 32,
+                )
+        else:
+            mma_async_rs(G.dv_w, o_acc, a_regs, desc[3] + T.uint64(ks * 2 * G.v_width), trans_b=1)
+    T.ptx["wgmma.commit_group.sync.aligned"]()
+    T.ptx["wgmma.wait_group.sync.aligned"](0)
+    pin(o_acc, G.dv_w // 2)
 
 
 @T.macro(hygienic=False)

@@ -259,6 +259,8 @@ def test_sm90a_wgmma_variant_uses_warpgroup_mma_without_spills(kind):
     assert res.shared_bytes + ap.shared_bytes(config, kind=kind, dims=V2_LITE) <= 227 * 1024
     (ops,) = sass_opcodes(cubin).values()
     assert ops.get("HGMMA", 0) > 0 and ops.get("LDGSTS", 0) > 0, ops
+    if config.p_regs:  # P·V reads P from registers: nothing is stored to shared memory
+        assert ops.get("STS", 0) == 0, ops
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,6 +317,7 @@ def test_cuda_matches_reference(kind, case):
 def _config_id(config) -> str:
     split = config.split_s and config.warps * 16 > config.tile_q  # only when V's columns split
     tags = ("split" if split else "nosplit") + ("-wgmma" if config.wgmma else "")
+    tags += ("-swz" if config.swizzle else "") + ("-preg" if config.p_regs else "")
     return f"{config.tile_q}x{config.tile_kv}x{config.warps}w{config.stages}s-{tags}"
 
 
