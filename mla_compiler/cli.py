@@ -6,7 +6,6 @@ Every ``MLAError`` becomes one line on stderr and exit code 2; no tracebacks for
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import shlex
 import sys
@@ -197,12 +196,10 @@ def cmd_compile(args) -> int:
         cuda_graph=args.cuda_graph,
     )
     say = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    tuned = contextlib.nullcontext()
-    if args.tuning_db:  # kernels.py reads it through tuning.decode_config / prefill_config
-        from mla_compiler import tuning
+    from mla_compiler import tuning
 
-        tuned = tuning.using_db(args.tuning_db, ubatch=args.ubatch, log=say)
-    with tuned:
+    # kernels.py reads the database (if any) and the prompt chunk through tuning.prefill_config
+    with tuning.using_db(args.tuning_db, ubatch=args.ubatch, log=say):
         compile_model(
             output=args.output,
             model_dir=args.model,

@@ -99,12 +99,20 @@ def prefill_kernel(
         return None
     factory = ap.absorbed_prefill if op == "attn_absorbed" else ap.decompressed_prefill
     try:
+        extend = None
         if config is None:
             from mla_compiler import tuning
 
             config = tuning.prefill_config(op, target, dims)
+            extend = tuning.prefill_extend_config(op, target, dims)
         return factory(
-            dims, heads=dims.heads, dtype=dtype, target=target, config=config, sm_scale=sm_scale
+            dims,
+            heads=dims.heads,
+            dtype=dtype,
+            target=target,
+            config=config,
+            extend_config=extend,
+            sm_scale=sm_scale,
         )
     except TargetError:
         return None

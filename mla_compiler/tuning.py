@@ -646,6 +646,17 @@ def prefill_config(op: str, target, dims: MLADims):
     return config_for(active.db_dir, f"attn_prefill_{kind}", target, key, default, log=active.log)
 
 
+def prefill_extend_config(op: str, target, dims: MLADims):
+    """The prefill config for the chunks after a prompt's first (a cached prefix): picked for
+    the active prompt chunk by ``attention_prefill.extend_config`` (not tuned: the tuner times
+    the causal first chunk)."""
+    from mla_compiler.schedules import attention_prefill as ap
+
+    active = _ACTIVE.get() or _Active()
+    kind = "absorbed" if op == "attn_absorbed" else "decompressed"
+    return ap.extend_config(target, kind=kind, dims=dims, tokens=active.tokens)
+
+
 def gpu_present() -> bool:
     try:
         import torch

@@ -112,6 +112,9 @@ def _target_of(target) -> tvm.target.Target:
     return target
 
 
+FULL_WAVES = 0.9  # wave_efficiency a prompt chunk's grid must reach for the fastest config
+
+
 def default_config(target, *, kind: str = "absorbed", dims: MLADims | None = None):
     """The config each target uses when none is given (first candidate that ``keep`` accepts)."""
     target = _target_of(target)
@@ -121,6 +124,35 @@ def default_config(target, *, kind: str = "absorbed", dims: MLADims | None = Non
     for cfg in candidates(target, kind=kind, dims=dims):
         return cfg
     raise TargetError(f"no {kind} prefill config fits {gpu_spec(target).arch}")
+
+
+def extend_config(target, *, kind: str, dims: MLADims, tokens: int):
+    """The config for a prompt chunk of ``tokens`` tokens after the first (a cached prefix):
+    the first candidate whose grid fills ``FULL_WAVES`` of the SMs' block slots, else the
+    fullest. Such a chunk sees a long prefix, so its query tiles are about equally heavy and a
+    partial last wave costs its share: 2048 tokens x 16 heads in 192-row tiles make 176 blocks,
+    1.33 waves on 132 SMs (the causal first chunk, whose tiles are unequal, keeps
+    ``default_config``)."""
+    target = _target_of(target)
+    if not is_gpu(target):
+        return CPUConfig()
+    found = candidates(target, kind=kind, dims=dims)
+    if not found:
+        raise TargetError(f"no {kind} prefill config fits {gpu_spec(target).arch}")
+    eff = [wave_efficiency(c, target, kind=kind, dims=dims, tokens=tokens) for c in found]
+    full = [c for c, e in zip(found, eff, strict=True) if e >= FULL_WAVES]
+    return full[0] if full else found[eff.index(max(eff))]
+
+
+def wave_efficiency(config, target, *, kind: str, dims: MLADims, tokens: int) -> float:
+    """Busy fraction of the block slots over the waves of one ``tokens``-token chunk's grid
+    (blocks of equal work assumed; slots = SMs x blocks per SM by shared memory)."""
+    spec, layout = gpu_spec(_target_of(target)), _layout_for(kind, dims)
+    blocks = -(-tokens * layout.rows_per_token // config.tile_q) * layout.groups
+    smem = shared_bytes(config, kind=kind, dims=dims) + 1024  # +1 KB reserved per block
+    per_sm = (spec.max_shared_bytes_per_block + 1024) // smem
+    slots = spec.sm_count * max(1, min(per_sm, 2048 // (32 * config.warps)))
+    return blocks / (-(-blocks // slots) * slots)
 
 
 def candidates(target, *, kind: str = "absorbed", dims: MLADims | None = None) -> list:
@@ -265,6 +297,15 @@ def _body_for(target, config, layout: _Layout, *, kind: str, dims: MLADims, dtyp
     return _cpu_body, (layout, config.tile_kv)
 
 
+def _bodies(target, config, extend, layout: _Layout, *, kind: str, dims: MLADims, dtype: str):
+    """(macro, static args of the causal kernel, static args of the extend kernel or None)."""
+    body, static = _body_for(target, config, layout, kind=kind, dims=dims, dtype=dtype)
+    if extend is None or not is_gpu(_target_of(target)):
+        return body, static, None
+    _, static_x = _body_for(target, extend, layout, kind=kind, dims=dims, dtype=dtype)
+    return body, static, (None if static_x[1] == static[1] else static_x)
+
+
 def absorbed_prefill(
     dims: MLADims,
     *,
@@ -272,17 +313,24 @@ def absorbed_prefill(
     dtype: str = "float16",
     target,
     config=None,
+    extend_config=None,
     sm_scale: float,
 ) -> tvm.tirx.PrimFunc:
     """Absorbed-MLA prefill over one layer of the whole latent cache ``kv [L, C, 576]``.
 
     Sequence ``b`` reads ``kv[layer, kv_indptr[b]:kv_indptr[b+1]]`` (its new rows at the end).
     Arguments: q, kv, q_indptr, kv_indptr, layer (int32 scalar), o, lse — the scalar before the
-    outputs, as Relax's ``call_tir`` passes it.
+    outputs, as Relax's ``call_tir`` passes it. With ``extend_config`` (CUDA) a second kernel
+    built with it runs when the cache holds more rows than there are queries (``C > T``: a
+    chunk after a prompt's first); the host picks one per call.
     """
     layout = _absorbed_layout(dims, heads, sm_scale)
-    body, static = _body_for(target, config, layout, kind="absorbed", dims=dims, dtype=dtype)
+    body, static, static_x = _bodies(
+        target, config, extend_config, layout, kind="absorbed", dims=dims, dtype=dtype
+    )
     dl, dv, h = dims.latent_dim, dims.kv_lora_rank, heads
+    two = static_x is not None
+    static_x = static_x or static
 
     @T.prim_func
     def absorbed_prefill(
@@ -306,20 +354,36 @@ def absorbed_prefill(
         kf = T.decl_buffer((n_layers * rows * dl,), dtype, data=kv.data)
         of = T.decl_buffer((t_total * h * dv,), dtype, data=o.data)
         lsef = T.decl_buffer((t_total * h,), "float32", data=lse.data)
-        body(
-            static[0],
-            static[1],
-            qf,
-            kf,
-            kf,
-            T.Cast("int64", layer) * rows * dl,  # first element of this layer
-            q_indptr,
-            kv_indptr,
-            of,
-            lsef,
-            batch1 - 1,
-            t_total,
-        )
+        # (the layer's first element is passed inline: a variable bound here would reach the
+        # kernels as a pointer to host memory)
+        if two and rows > t_total:
+            body(
+                *static_x,
+                qf,
+                kf,
+                kf,
+                T.Cast("int64", layer) * rows * dl,
+                q_indptr,
+                kv_indptr,
+                of,
+                lsef,
+                batch1 - 1,
+                t_total,
+            )
+        else:
+            body(
+                *static,
+                qf,
+                kf,
+                kf,
+                T.Cast("int64", layer) * rows * dl,
+                q_indptr,
+                kv_indptr,
+                of,
+                lsef,
+                batch1 - 1,
+                t_total,
+            )
 
     return absorbed_prefill
 
@@ -331,12 +395,21 @@ def decompressed_prefill(
     dtype: str = "float16",
     target,
     config=None,
+    extend_config=None,
     sm_scale: float,
 ) -> tvm.tirx.PrimFunc:
-    """Multi-head prefill with decompressed per-head K [N, H, 192] and V [N, H, 128]."""
+    """Multi-head prefill with decompressed per-head K [N, H, 192] and V [N, H, 128].
+
+    With ``extend_config`` (CUDA) a second kernel built with it runs for calls with more KV rows
+    than queries (``N > T``: a chunk after a prompt's first); the host picks one per call.
+    """
     layout = _decompressed_layout(dims, heads, sm_scale)
-    body, static = _body_for(target, config, layout, kind="decompressed", dims=dims, dtype=dtype)
+    body, static, static_x = _bodies(
+        target, config, extend_config, layout, kind="decompressed", dims=dims, dtype=dtype
+    )
     dk, dv, h = dims.qk_head_dim, dims.v_head_dim, heads
+    two = static_x is not None
+    static_x = static_x or static
 
     @T.prim_func
     def decompressed_prefill(
@@ -362,19 +435,33 @@ def decompressed_prefill(
         vf = T.decl_buffer((n_total * h * dv,), dtype, data=v.data)
         of = T.decl_buffer((t_total * h * dv,), dtype, data=o.data)
         lsef = T.decl_buffer((t_total * h,), "float32", data=lse.data)
-        body(
-            static[0],
-            static[1],
-            qf,
-            kf,
-            vf,
-            T.int64(0),
-            q_indptr,
-            kv_indptr,
-            of,
-            lsef,
-            batch1 - 1,
-            t_total,
-        )
+        if two and n_total > t_total:
+            body(
+                *static_x,
+                qf,
+                kf,
+                vf,
+                T.int64(0),
+                q_indptr,
+                kv_indptr,
+                of,
+                lsef,
+                batch1 - 1,
+                t_total,
+            )
+        else:
+            body(
+                *static,
+                qf,
+                kf,
+                vf,
+                T.int64(0),
+                q_indptr,
+                kv_indptr,
+                of,
+                lsef,
+                batch1 - 1,
+                t_total,
+            )
 
     return decompressed_prefill

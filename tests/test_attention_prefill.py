@@ -48,10 +48,16 @@ def _indptr(lens) -> torch.Tensor:
 
 
 @functools.cache
-def _build(kind: str, dims: MLADims, target: str, config=None):
+def _build(kind: str, dims: MLADims, target: str, config=None, *, extend_config=None):
     factory = ap.absorbed_prefill if kind == "absorbed" else ap.decompressed_prefill
     func = factory(
-        dims, heads=dims.heads, dtype="float16", target=target, config=config, sm_scale=SM_SCALE
+        dims,
+        heads=dims.heads,
+        dtype="float16",
+        target=target,
+        config=config,
+        extend_config=extend_config,
+        sm_scale=SM_SCALE,
     )
     return tvm.compile(tvm.IRModule({"main": func}), target=tvm_target(target))
 
@@ -150,6 +156,55 @@ def test_default_config_fits_shared_memory(kind, arch):
     cfg = ap.default_config(arch, kind=kind, dims=V2_LITE)
     assert ap.keep(cfg, arch, kind=kind, dims=V2_LITE)
     assert ap.shared_bytes(cfg, kind=kind, dims=V2_LITE) <= GPUS[arch].max_shared_bytes_per_block
+
+
+@pytest.mark.parametrize("tokens", [512, 2048, 8192], ids=lambda t: f"chunk{t}")
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_extend_config_fills_the_waves_it_can(kind, arch, tokens):
+    """The config for chunks after the first is a candidate whose grid fills at least
+    FULL_WAVES of the block slots, the first such, or else the fullest one."""
+    found = ap.candidates(arch, kind=kind, dims=V2_LITE)
+    cfg = ap.extend_config(arch, kind=kind, dims=V2_LITE, tokens=tokens)
+    eff = {c: ap.wave_efficiency(c, arch, kind=kind, dims=V2_LITE, tokens=tokens) for c in found}
+    assert eff[cfg] >= min(ap.FULL_WAVES, max(eff.values()))
+    earlier = found[: found.index(cfg)]
+    assert all(eff[c] < ap.FULL_WAVES for c in earlier), "an earlier candidate fills the waves"
+
+
+def test_extend_config_avoids_a_partial_second_wave_on_the_h100():
+    # 2048 tokens x 16 heads: 192-row tiles make 176 blocks (1.33 waves on 132 SMs), 256-row
+    # tiles 128 (one wave)
+    causal = ap.default_config("sm_90a", kind="decompressed", dims=V2_LITE)
+    chunk = ap.extend_config("sm_90a", kind="decompressed", dims=V2_LITE, tokens=2048)
+    assert (causal.tile_q, chunk.tile_q) == (192, 256)
+    eff = ap.wave_efficiency(causal, "sm_90a", kind="decompressed", dims=V2_LITE, tokens=2048)
+    assert eff < 0.7
+
+
+@pytest.mark.skipif(not nvcc_available(), reason="nvcc / cuobjdump not installed")
+def test_extend_config_adds_a_second_kernel_only_when_it_differs():
+    import re
+
+    x = ap.extend_config("sm_90a", kind="decompressed", dims=V2_LITE, tokens=2048)
+
+    def kernels(extend):
+        func = ap.decompressed_prefill(
+            V2_LITE, heads=16, target="sm_90a", sm_scale=SM_SCALE, extend_config=extend
+        )
+        lib = tvm.compile(tvm.IRModule({"main": func}), target=tvm_target("sm_90a"))
+        source = lib.mod.imports[0].inspect_source()
+        found = re.findall(r"__launch_bounds__\((\d+)\) (\w+)\(([^)]*)\)", source)
+        for _, name, params in found:  # every pointer is a tensor (no host scalar's address)
+            pointers = set(re.findall(r"(\w+)_ptr\b", params))
+            assert pointers <= {"qf", "kf", "vf", "of", "lsef", "q_indptr", "kv_indptr"}, name
+        return {name: threads for threads, name, _ in found}
+
+    # 12 warps (192-row tiles) for the causal first chunk, 16 (256-row tiles) for the rest
+    assert sorted(kernels(x).values()) == ["384", "512"]
+    assert list(
+        kernels(ap.default_config("sm_90a", kind="decompressed", dims=V2_LITE)).values()
+    ) == ["384"]
 
 
 def test_keep_prunes_configs_past_sm89_shared_memory():
@@ -291,10 +346,10 @@ GPU_CASES = {
 }
 
 
-def _run_cuda(kind: str, case: Case, arch: str, config=None):
+def _run_cuda(kind: str, case: Case, arch: str, config=None, *, extend_config=None):
     gen = torch.Generator().manual_seed(sum(case.t) + len(kind))
     kv_args, qi, ki, o, lse, expected = _inputs(kind, case, gen, device="cuda")
-    lib = _build(kind, case.dims, arch, config)
+    lib = _build(kind, case.dims, arch, config, extend_config=extend_config)
     args = [tvm.runtime.from_dlpack(x) for x in (*kv_args, qi, ki, o, lse)]
     if kind == "absorbed":
         lib["main"](*args[:4], 1, *args[4:])
@@ -312,6 +367,21 @@ def test_cuda_matches_reference(kind, case):
     if arch is None:
         pytest.skip("no CUDA device visible to torch and TVM")
     _run_cuda(kind, case, arch)
+
+
+_EXTEND_CASES = ("t4096-n4096", "t64-n32768-offset", "ragged3")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", _EXTEND_CASES)
+def test_cuda_with_extend_kernel_matches_reference(kind, name):
+    """Both kernels of a two-kernel build: the causal one (T = N) and the extend one (N > T)."""
+    arch = _cuda_arch()
+    if arch is None:
+        pytest.skip("no CUDA device visible to torch and TVM")
+    extend = ap.extend_config(arch, kind=kind, dims=V2_LITE, tokens=2048)
+    _run_cuda(kind, GPU_CASES[name], arch, extend_config=extend)
 
 
 def _config_id(config) -> str:
