@@ -224,7 +224,7 @@ def fits(config: MMAConfig, layout, smem_limit: int, *, has_wgmma: bool = False)
         return False
     if c.swizzle:
         # 128-byte swizzle atoms: every operand row a whole number of 64-half blocks, P too
-        widths = (g.dk, g.v_width, g.p_width, g.dv_w)
+        widths = (g.dk, g.v_width, g.dv_w) + ((g.p_width,) if g.p_in_smem else ())
         if not c.wgmma or any(w % 64 for w in widths) or c.tile_kv % 8 or g.p_col0 % 64:
             return False
     return g.acc_registers <= 200 and shared_bytes(c, layout) <= smem_limit
