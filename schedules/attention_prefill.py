@@ -182,9 +182,11 @@ def candidates(target, *, kind: str = "absorbed", dims: MLADims | None = None) -
         # P in registers (wgmma rs form) with 3 warpgroups: 1.19x / 1.16x the 2-warpgroup smem-P
         # kernel at n = 8K / 16K on the H100, even at 2K; 4 warpgroups win at 16K (1.06x) but
         # lose 23% at 2K (8 tiles x 16 heads: one wave, bound by the longest causal tile).
+        # 8 warps pipelined (softmax under the previous tile's P·V, 209 registers): best at 2K
+        # (270 vs 259), 8% behind 12 warps at 8K-16K; 12 warps pipelined would spill.
         rs = functools.partial(wg, swizzle=True, p_regs=True)
         out = [rs(192, 64, 12, 2), rs(256, 64, 16, 2), rs(192, 64, 12, 3), rs(128, 64, 8, 3)]
-        out += [wg(128, 64, 8, 3, swizzle=True)]
+        out += [rs(128, 64, 8, 4, pipelined=True), wg(128, 64, 8, 3, swizzle=True)]
         out += [mma(128, 64, 8, 2), mma(128, 32, 8, 2), mma(64, 32, 4, 2)]
         out += [wg(128, 64, 8, 2), wg(128, 64, 8, 3)]
     return [c for c in out if keep(c, target, kind=kind, dims=dims)]

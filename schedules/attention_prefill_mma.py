@@ -56,6 +56,7 @@ class MMAConfig:
     wgmma: bool = False  # sm_90a: warpgroup MMAs with operands in (core-matrix tiled) smem
     swizzle: bool = False  # wgmma operands in 128-byte swizzled rows instead of core matrices
     p_regs: bool = False  # wgmma, unsplit S: P·V takes P from registers (rs form), not smem
+    pipelined: bool = False  # p_regs: tile i's softmax runs under tile i-1's P·V wgmma (FA3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,7 @@ class Geometry:
     wgmma: bool
     swizzle: bool = False
     p_regs: bool = False
+    pipelined: bool = False
 
     @property
     def threads(self) -> int:
@@ -182,7 +184,8 @@ class Geometry:
     @property
     def acc_registers(self) -> int:
         """f32 registers per thread held across the KV loop (O, S, P as f16 pairs)."""
-        return self.dv_w // 2 + self.s_cols // 2 + (0 if self.p_in_smem else self.tkv // 4)
+        p = 0 if self.p_in_smem else self.tkv // 4 * (2 if self.pipelined else 1)
+        return self.dv_w // 2 + self.s_cols // 2 + p
 
 
 def geometry(config: MMAConfig, layout) -> Geometry:
@@ -198,6 +201,7 @@ def geometry(config: MMAConfig, layout) -> Geometry:
         wgmma=bool(config.wgmma),
         swizzle=bool(config.wgmma and config.swizzle),
         p_regs=bool(config.wgmma and config.p_regs),
+        pipelined=bool(config.wgmma and config.p_regs and config.pipelined),
     )
 
 
@@ -222,6 +226,8 @@ def fits(config: MMAConfig, layout, smem_limit: int, *, has_wgmma: bool = False)
             return False
     if c.p_regs and (not c.wgmma or g.split_s):  # the rs form needs the warp's whole P rows
         return False
+    if c.pipelined and (not c.p_regs or not c.swizzle or c.stages < 3):
+        return False  # P·V of tile i - 1 still reads its slot while tile i + 1 loads
     if c.swizzle:
         # 128-byte swizzle atoms: every operand row a whole number of 64-half blocks, P too
         widths = (g.dk, g.v_width, g.dv_w) + ((g.p_width,) if g.p_in_smem else ())
@@ -366,6 +372,12 @@ def _s_wgmma(G, stage):
 
 @T.macro(hygienic=False)
 def _s_wgmma_swizzled(G, stage):
+    _s_issue_swizzled(G, stage)
+    T.ptx["wgmma.wait_group.sync.aligned"](0)
+
+
+@T.macro(hygienic=False)
+def _s_issue_swizzled(G, stage):
     # 128-byte swizzle, K-major: k16 step kk is block kk // 4 (rows * 128 B further), 32 B in;
     # SBO = 1024 B between 8-row groups (descriptor offsets in 16-byte units).
     T.cuda.wgmma.encode_matrix_descriptor(
@@ -383,8 +395,7 @@ def _s_wgmma_swizzled(G, stage):
         a_desc = desc[0] + T.Cast("uint64", kk // 4 * G.tq * 8 + kk % 4 * 2)
         b_desc = desc[1] + T.Cast("uint64", kk // 4 * G.tkv * 8 + kk % 4 * 2)
         mma_async(G.s_cols, s_acc, a_desc, b_desc, accumulate=kk > 0, trans_b=0)
-    T.ptx["wgmma.commit_group.sync.aligned"]()
-    T.ptx["wgmma.wait_group.sync.aligned"](0)
+    T.ptx["wgmma.commit_group.sync.aligned"]()  # the caller waits
 
 
 @T.macro(hygienic=False)
@@ -423,7 +434,34 @@ def _s_mma(G, stage):
 
 @T.macro(hygienic=False)
 def _softmax_pv(G, P, stage, it):
-    # Causal mask (query token of the row + offset) and online softmax in base 2.
+    p_base = G.k_off + stage * G.stage_halfs if G.p_in_k else G.p_off  # where P's rows start
+    _softmax_p(G, P, stage, it, ph)
+    _rescale_o(G)
+    if G.p_in_smem:
+        if G.wgmma:
+            T.ptx["fence.proxy.async.shared::cta"]()  # P stores -> wgmma reads
+        T.tvm_storage_sync("shared")  # all of P is in shared memory
+    # O += P V. Unsplit, P's accumulator layout already is the A-fragment layout.
+    v_tile = G.v_off + stage * G.stage_halfs
+    if G.wgmma:
+        _pv_wgmma(G, v_tile, p_base)
+    else:
+        _pv_mma(G, v_tile, p_base)
+
+
+@T.macro(hygienic=False)
+def _rescale_o(G):
+    # by the factor _softmax_p left in tmp[2:4], where some row of the warp moved its max
+    if moved[0] > 0:
+        for d in T.unroll(G.dv_w // 8):
+            for c in T.unroll(4):
+                o_acc[d * 4 + c] = o_acc[d * 4 + c] * tmp[2 + c // 2]
+
+
+@T.macro(hygienic=False)
+def _softmax_p(G, P, stage, it, pbuf):
+    # Causal mask (query token of the row + offset) and online softmax in base 2; P goes to
+    # shared memory, or (unsplit) to pbuf in the A-fragment layout. O is not rescaled here.
     p_base = G.k_off + stage * G.stage_halfs if G.p_in_k else G.p_off  # where P's rows start
     tmp[0] = T.float32(-math.inf)
     tmp[1] = T.float32(-math.inf)
@@ -470,7 +508,7 @@ def _softmax_pv(G, P, stage, it):
                 if G.p_in_smem:
                     p2[c2] = T.Cast("float16", p)
                 else:
-                    ph[n * 4 + h * 2 + c2] = T.Cast("float16", p)
+                    pbuf[n * 4 + h * 2 + c2] = T.Cast("float16", p)
             if G.p_in_smem:  # the pair is 4 bytes of one 16-byte chunk: one store
                 col = G.p_col0 + s_col0 + n * 8 + lane % 4 * 2
                 row = wm * 16 + lane // 4 + h * 8
@@ -483,26 +521,14 @@ def _softmax_pv(G, P, stage, it):
                 else:
                     at = p_base + row * G.p_stride + col
                 smem[T.ramp(at, 1, 2)] = p2[T.ramp(0, 1, 2)]
-    if moved[0] > 0:
-        for d in T.unroll(G.dv_w // 8):
-            for c in T.unroll(4):
-                o_acc[d * 4 + c] = o_acc[d * 4 + c] * tmp[2 + c // 2]
-    if G.p_in_smem:
-        if G.wgmma:
-            T.ptx["fence.proxy.async.shared::cta"]()  # P stores -> wgmma reads
-        T.tvm_storage_sync("shared")  # all of P is in shared memory
-    # O += P V. Unsplit, P's accumulator layout already is the A-fragment layout.
-    v_tile = G.v_off + stage * G.stage_halfs
-    if G.wgmma:
-        _pv_wgmma(G, v_tile, p_base)
-    else:
-        _pv_mma(G, v_tile, p_base)
 
 
 @T.macro(hygienic=False)
 def _pv_wgmma(G, v_tile, p_base):
     if not G.p_in_smem:
-        _pv_wgmma_rs(G, v_tile)
+        _pv_wgmma_rs(G, v_tile, ph)
+        T.ptx["wgmma.wait_group.sync.aligned"](0)
+        pin(o_acc, G.dv_w // 2)
     elif G.swizzle:
         _pv_wgmma_swizzled(G, v_tile, p_base)
     else:
@@ -510,7 +536,7 @@ def _pv_wgmma(G, v_tile, p_base):
 
 
 @T.macro(hygienic=False)
-def _pv_wgmma_rs(G, v_tile):
+def _pv_wgmma_rs(G, v_tile, pbuf):
     # A = P from registers: k-step ks is S's n8 tiles 2ks, 2ks+1, whose f32 accumulator pairs
     # (rows g, g + 8) are, as f16 pairs, the four 32-bit registers of the warp's A fragment.
     # B = V as in the smem forms (MN-major; per 64-column swizzle block when swizzled).
@@ -526,10 +552,10 @@ def _pv_wgmma_rs(G, v_tile):
     T.ptx["wgmma.fence.sync.aligned"]()
     for ks in T.unroll(G.tkv // 16):
         a_regs = [
-            T.reinterpret("uint32", ph[T.ramp(ks * 8, 1, 2)]),
-            T.reinterpret("uint32", ph[T.ramp(ks * 8 + 2, 1, 2)]),
-            T.reinterpret("uint32", ph[T.ramp(ks * 8 + 4, 1, 2)]),
-            T.reinterpret("uint32", ph[T.ramp(ks * 8 + 6, 1, 2)]),
+            T.reinterpret("uint32", pbuf[T.ramp(ks * 8, 1, 2)]),
+            T.reinterpret("uint32", pbuf[T.ramp(ks * 8 + 2, 1, 2)]),
+            T.reinterpret("uint32", pbuf[T.ramp(ks * 8 + 4, 1, 2)]),
+            T.reinterpret("uint32", pbuf[T.ramp(ks * 8 + 6, 1, 2)]),
         ]
         if G.swizzle:
             for a in T.unroll(G.dv_w // 64):
@@ -543,9 +569,7 @@ def _pv_wgmma_rs(G, v_tile):
                 )
         else:
             mma_async_rs(G.dv_w, o_acc, a_regs, desc[3] + T.uint64(ks * 2 * G.v_width), trans_b=1)
-    T.ptx["wgmma.commit_group.sync.aligned"]()
-    T.ptx["wgmma.wait_group.sync.aligned"](0)
-    pin(o_acc, G.dv_w // 2)
+    T.ptx["wgmma.commit_group.sync.aligned"]()  # the caller waits
 
 
 @T.macro(hygienic=False)
@@ -695,6 +719,51 @@ def _epilogue(G, P):
                 lsef[orow] = (st[h] + T.log2(st[2 + h])) * T.float32(LN2)
 
 
+@T.macro(hygienic=False)
+def _pipelined_step(G, P, it, cur, prev):
+    # Tile `it`: its S, then the previous tile's P·V (P from `prev`), both in flight while
+    # this tile's softmax runs (P into `cur`); O is rescaled once that P·V has landed. The ring
+    # keeps stages - 2 tiles ahead: tile it - 1's slot is still read by its P·V.
+    T.ptx["cp.async.wait_group"](G.stages - 3)
+    T.ptx["fence.proxy.async.shared::cta"]()  # cp.async data -> wgmma reads
+    T.tvm_storage_sync("shared")
+    if it + G.stages - 2 < n_tiles:
+        _load_kv(G, P, it + G.stages - 2, (it + G.stages - 2) % G.stages)
+    T.ptx["cp.async.commit_group"]()
+    _s_issue_swizzled(G, it % G.stages)
+    if it > 0:
+        _pv_wgmma_rs(G, G.v_off + (it - 1) % G.stages * G.stage_halfs, prev)
+        T.ptx["wgmma.wait_group.sync.aligned"](1)  # S(it); P·V(it - 1) may still run
+    else:
+        T.ptx["wgmma.wait_group.sync.aligned"](0)
+    pin(s_acc, G.s_cols // 2)
+    _softmax_p(G, P, it % G.stages, it, cur)
+    T.ptx["wgmma.wait_group.sync.aligned"](0)
+    pin(o_acc, G.dv_w // 2)
+    _rescale_o(G)
+
+
+@T.macro(hygienic=False)
+def _pipelined_loop(G, P):
+    # Tiles in pairs, so that each P buffer is a fixed set of registers: even tiles write ph,
+    # odd ones pq; the last tile's P·V runs after the loop.
+    for s in T.unroll(G.stages - 2):
+        if s < n_tiles:
+            _load_kv(G, P, s, s)
+        T.ptx["cp.async.commit_group"]()
+    for it2 in T.serial((n_tiles + 1) // 2):
+        _pipelined_step(G, P, it2 * 2, ph, pq)
+        if it2 * 2 + 1 < n_tiles:
+            _pipelined_step(G, P, it2 * 2 + 1, pq, ph)
+    last = G.v_off + (n_tiles - 1) % G.stages * G.stage_halfs
+    if n_tiles % 2 == 1:
+        _pv_wgmma_rs(G, last, ph)
+    else:
+        _pv_wgmma_rs(G, last, pq)
+    T.ptx["wgmma.wait_group.sync.aligned"](0)
+    pin(o_acc, G.dv_w // 2)
+
+
 @T.macro(hygienic=True)
 def mma_body(P, G, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t_total):
     # P: prefill _Layout, G: Geometry; qf/kf/vf/of/lsef: flat views of q, k, v, o, lse.
@@ -715,6 +784,7 @@ def mma_body(P, G, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t_t
     kb = T.alloc_buffer((8,), "float16", scope="local")  # B fragments of two 8-wide n tiles
     s_acc = T.alloc_buffer((G.s_cols // 2,), "float32", scope="local")  # S, 16 x s_cols per warp
     ph = T.alloc_buffer((G.tkv // 2,), "float16", scope="local")  # P as A fragments
+    pq = T.alloc_buffer((G.tkv // 2 if G.pipelined else 1,), "float16", scope="local")  # P, odd
     p2 = T.alloc_buffer((2,), "float16", scope="local")  # two adjacent P values, one store
     o_acc = T.alloc_buffer((G.dv_w // 2,), "float32", scope="local")  # O, 16 x dv_w per warp
     st = T.alloc_buffer((4,), "float32", scope="local")  # row max (lo, hi), row sum (lo, hi)
@@ -760,25 +830,28 @@ def mma_body(P, G, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t_t
             rows_b - 1,
             G.dk,
         )
-        for s in T.unroll(G.stages - 1):
-            if s < n_tiles:
-                _load_kv(G, P, s, s)
-            T.ptx["cp.async.commit_group"]()
         for d in T.unroll(G.dv_w // 2):
             o_acc[d] = T.float32(0)
         st[0] = T.float32(-math.inf)
         st[1] = T.float32(-math.inf)
         st[2] = T.float32(0)
         st[3] = T.float32(0)
-        for it in T.serial(n_tiles):
-            T.ptx["cp.async.wait_group"](G.stages - 2)
-            if G.wgmma:
-                T.ptx["fence.proxy.async.shared::cta"]()  # cp.async data -> wgmma reads
-            T.tvm_storage_sync("shared")
-            if it + G.stages - 1 < n_tiles:
-                _load_kv(G, P, it + G.stages - 1, (it + G.stages - 1) % G.stages)
-            T.ptx["cp.async.commit_group"]()
-            stage = it % G.stages
-            _tile_step(G, P, stage, it)
+        if G.pipelined:
+            _pipelined_loop(G, P)
+        else:
+            for s in T.unroll(G.stages - 1):
+                if s < n_tiles:
+                    _load_kv(G, P, s, s)
+                T.ptx["cp.async.commit_group"]()
+            for it in T.serial(n_tiles):
+                T.ptx["cp.async.wait_group"](G.stages - 2)
+                if G.wgmma:
+                    T.ptx["fence.proxy.async.shared::cta"]()  # cp.async data -> wgmma reads
+                T.tvm_storage_sync("shared")
+                if it + G.stages - 1 < n_tiles:
+                    _load_kv(G, P, it + G.stages - 1, (it + G.stages - 1) % G.stages)
+                T.ptx["cp.async.commit_group"]()
+                stage = it % G.stages
+                _tile_step(G, P, stage, it)
         T.ptx["cp.async.wait_group"](0)
         _epilogue(G, P)

@@ -388,6 +388,7 @@ def _config_id(config) -> str:
     split = config.split_s and config.warps * 16 > config.tile_q  # only when V's columns split
     tags = ("split" if split else "nosplit") + ("-wgmma" if config.wgmma else "")
     tags += ("-swz" if config.swizzle else "") + ("-preg" if config.p_regs else "")
+    tags += "-pipe" if config.pipelined else ""
     return f"{config.tile_q}x{config.tile_kv}x{config.warps}w{config.stages}s-{tags}"
 
 
