@@ -3,7 +3,9 @@
     python benchmarks/bench_attention.py --out bench_attention.json [--n 512,2048,8192,16384]
 
 One sequence, T = N = n new tokens, causal, 16 heads, f16. TFLOP/s = 2*H*T*N_eff*(Dk+Dv)/t with
-N_eff = N/2 (causal). Kinds:
+N_eff = N/2 (causal). ``--chunk T``: the model's later prompt chunks instead, T new tokens after
+a cached prefix of N - T (N_eff = N - T/2); ours then builds its two-kernel form
+(``extend_config`` for T-token chunks), SDPA gets a lower-right causal mask. Kinds:
 
 - ``absorbed``: MLA over the 576-wide latent rows (Dk = 576, Dv = 512, one shared KV head).
 - ``decompressed``: per-head K/V (Dk = 192, Dv = 128).
@@ -46,6 +48,11 @@ BASELINES = (
     "tvm-builtin",
 )
 SM_SCALE = 1.0 / math.sqrt(192)
+CHUNK = 0  # --chunk: queries per call (0: T = N)
+
+
+def queries(n: int) -> int:
+    return min(CHUNK, n) if CHUNK else n
 
 
 def cuda_arch() -> str:
@@ -85,7 +92,8 @@ def flops(kind: str, n: int, dims: MLADims) -> float:
         if kind == "absorbed"
         else (dims.qk_head_dim, dims.v_head_dim)
     )
-    return 2.0 * HEADS * n * (n / 2) * (dk + dv)
+    t = queries(n)
+    return 2.0 * HEADS * t * (n - t / 2) * (dk + dv)
 
 
 def tvm_args(*tensors):
@@ -97,18 +105,19 @@ class Problem:
 
     def __init__(self, kind: str, n: int, dims: MLADims):
         self.kind, self.n, self.dims = kind, n, dims
+        self.t = t = queries(n)
         g = torch.Generator(device="cuda").manual_seed(n)
 
         def rnd(*shape, scale=1.0):
             return (torch.randn(*shape, generator=g, device="cuda") * scale).half()
 
-        self.qi = torch.tensor([0, n], dtype=torch.int32, device="cuda")
+        self.qi = torch.tensor([0, t], dtype=torch.int32, device="cuda")
         self.ki = torch.tensor([0, n], dtype=torch.int32, device="cuda")
-        self.lse = torch.empty(n, HEADS, dtype=torch.float32, device="cuda")
+        self.lse = torch.empty(t, HEADS, dtype=torch.float32, device="cuda")
         if kind == "absorbed":
-            self.q = rnd(n, HEADS, dims.latent_dim, scale=0.5)  # [T, H, 576]
+            self.q = rnd(t, HEADS, dims.latent_dim, scale=0.5)  # [T, H, 576]
             self.kv = rnd(1, n, dims.latent_dim)  # [L=1, C=n, 576]
-            self.o = torch.empty(n, HEADS, dims.kv_lora_rank, dtype=torch.float16, device="cuda")
+            self.o = torch.empty(t, HEADS, dims.kv_lora_rank, dtype=torch.float16, device="cuda")
             self.sdpa_q = self.q.transpose(0, 1)[None]  # [1, H, T, 576]
             k = self.kv[0][None, None]  # [1, 1, N, 576]
             # The shared KV head repeated per head (contiguous: not every backend takes stride 0).
@@ -116,10 +125,10 @@ class Problem:
             v = k[..., : dims.kv_lora_rank]
             self.sdpa_v = v.expand(1, HEADS, n, dims.kv_lora_rank).contiguous()
         else:
-            self.q = rnd(n, HEADS, dims.qk_head_dim)  # [T, H, 192]
+            self.q = rnd(t, HEADS, dims.qk_head_dim)  # [T, H, 192]
             self.k = rnd(n, HEADS, dims.qk_head_dim)  # [N, H, 192]
             self.v = rnd(n, HEADS, dims.v_head_dim)  # [N, H, 128]
-            self.o = torch.empty(n, HEADS, dims.v_head_dim, dtype=torch.float16, device="cuda")
+            self.o = torch.empty(t, HEADS, dims.v_head_dim, dtype=torch.float16, device="cuda")
             self.sdpa_q = self.q.transpose(0, 1)[None]
             self.sdpa_k = self.k.transpose(0, 1)[None]
             self.sdpa_v = self.v.transpose(0, 1)[None]
@@ -137,6 +146,8 @@ def ours(problem: Problem, lib):
 def tvm_builtin(problem: Problem, kernel):
     """TVM's own prefill kernels: paged MLA for absorbed (16-row pages), ragged MHA otherwise."""
     p = problem
+    if p.t != p.n:
+        raise NotImplementedError("timed for T = N only")
     if p.kind == "absorbed":
         page = 16
         n_pages = (p.n + page - 1) // page
@@ -156,13 +167,15 @@ def tvm_builtin(problem: Problem, kernel):
 
 def sdpa(problem: Problem, backend):
     from torch.nn.attention import sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
 
     p = problem
+    mask = None if p.t == p.n else causal_lower_right(p.t, p.n)  # query i sees keys <= i + N - T
 
     def run():
         with sdpa_kernel(backend):
             return torch.nn.functional.scaled_dot_product_attention(
-                p.sdpa_q, p.sdpa_k, p.sdpa_v, is_causal=True, scale=SM_SCALE
+                p.sdpa_q, p.sdpa_k, p.sdpa_v, attn_mask=mask, is_causal=mask is None, scale=SM_SCALE
             )
 
     return run
@@ -170,7 +183,7 @@ def sdpa(problem: Problem, backend):
 
 def naive(problem: Problem):
     p = problem
-    mask = torch.ones(p.n, p.n, dtype=torch.bool, device="cuda").triu_(1)
+    mask = torch.ones(p.t, p.n, dtype=torch.bool, device="cuda").triu_(1 + p.n - p.t)
 
     def run():
         s = torch.matmul(p.sdpa_q, p.sdpa_k.transpose(-1, -2)) * SM_SCALE  # [1, H, T, N] f16
@@ -188,10 +201,10 @@ def verify(problem: Problem, run_ours) -> float:
     run_ours()
     torch.cuda.synchronize()
     err = lse_err = 0.0
-    for rows in (slice(0, min(128, p.n)), slice(max(0, p.n - 256), p.n)):
+    for rows in (slice(0, min(128, p.t)), slice(max(0, p.t - 256), p.t)):
         q = p.sdpa_q[:, :, rows].float()
         s = torch.matmul(q, p.sdpa_k.float().transpose(-1, -2)) * SM_SCALE  # [1, H, rows, N]
-        i = torch.arange(rows.start, rows.stop, device="cuda")[:, None]
+        i = torch.arange(rows.start, rows.stop, device="cuda")[:, None] + (p.n - p.t)
         s.masked_fill_(torch.arange(p.n, device="cuda")[None, :] > i, float("-inf"))
         expected = torch.matmul(torch.softmax(s, dim=-1), p.sdpa_v.float())[0].transpose(0, 1)
         lse_expected = torch.logsumexp(s, dim=-1)[0].transpose(0, 1)
@@ -206,9 +219,18 @@ def verify(problem: Problem, run_ours) -> float:
 def build(kind: str, arch: str, dims: MLADims, config=None):
     target = tvm_target(arch)
     factory = ap.absorbed_prefill if kind == "absorbed" else ap.decompressed_prefill
+    extend = None  # chunks: the default's two-kernel form, as the model builds it
+    if CHUNK and config is None:
+        extend = ap.extend_config(arch, kind=kind, dims=dims, tokens=CHUNK)
     t0 = time.time()
     func = factory(
-        dims, heads=HEADS, dtype="float16", target=arch, config=config, sm_scale=SM_SCALE
+        dims,
+        heads=HEADS,
+        dtype="float16",
+        target=arch,
+        config=config,
+        extend_config=extend,
+        sm_scale=SM_SCALE,
     )
     lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
     return lib, time.time() - t0
@@ -235,9 +257,12 @@ def build_builtin(kind: str, arch: str, dims: MLADims):
 def measure_ours(kind: str, config, ns: list[int], *, default: bool) -> list[dict]:
     """Build one config of ours, check it against torch and time it at each n (in this process)."""
     arch, dims = cuda_arch(), MLADims(heads=HEADS)
-    lib, build_s = build(kind, arch, dims, config)
+    lib, build_s = build(kind, arch, dims, None if default else config)  # default: + extend
     impl = "ours" if default else "ours-config"
     label = ",".join(str(int(v)) for v in config.__dict__.values())
+    if default and CHUNK:
+        extend = ap.extend_config(arch, kind=kind, dims=dims, tokens=CHUNK)
+        label += " extend " + ",".join(str(int(v)) for v in extend.__dict__.values())
     rows = []
     for n in ns:
         row = {"kind": kind, "n": n, "impl": impl, "config": label, "build_s": round(build_s, 2)}
@@ -259,7 +284,8 @@ def measure_ours_isolated(kind: str, config, ns: list[int], *, default: bool) ->
     """``measure_ours`` in a child process: a kernel that faults cannot poison the baselines."""
     label = ",".join(str(int(v)) for v in config.__dict__.values())
     cmd = [sys.executable, __file__, "--worker", kind, "--config", label]
-    cmd += ["--n", ",".join(map(str, ns))] + (["--default"] if default else [])
+    cmd += ["--n", ",".join(map(str, ns)), "--chunk", str(CHUNK)]
+    cmd += ["--default"] if default else []
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("[") or line.startswith("{"):
@@ -278,6 +304,9 @@ def main() -> None:
     parser.add_argument("--out", help="JSON file to write")
     parser.add_argument("--n", default="512,2048,8192,16384", help="sequence lengths")
     parser.add_argument("--kinds", default="absorbed,decompressed")
+    parser.add_argument(
+        "--chunk", type=int, default=0, help="T queries after a prefix of N - T (0: T = N)"
+    )
     parser.add_argument("--naive-max-n", type=int, default=16384, help="skip naive above this n")
     parser.add_argument(
         "--baselines",
@@ -297,6 +326,8 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_attention needs a CUDA GPU visible to torch")
     ns = [int(x) for x in args.n.split(",")]
+    global CHUNK
+    CHUNK = args.chunk
     if args.worker:
         values = [int(v) for v in args.config.split(",")]
         config = ap.MMAConfig(*values[:4], *(bool(v) for v in values[4:]))
@@ -380,7 +411,7 @@ def print_table(results) -> None:
     impls = [i for i in dict.fromkeys(r["impl"] for r in results) if i != "ours-config"]
     keys = list(dict.fromkeys((r["kind"], r["n"]) for r in results))
     cell = {(r["kind"], r["n"], r["impl"]): r for r in results}
-    print("\nTFLOP/s (causal, N_eff = N/2; '-': wrong, rejected or out of memory: see the JSON)")
+    print("\nTFLOP/s (causal, N_eff = N - T/2; '-': wrong, rejected or out of memory: see JSON)")
     print()
     print("| kind | n | " + " | ".join(impls) + " |")
     print("|---|---:|" + "---:|" * len(impls))
