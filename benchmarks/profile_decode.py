@@ -117,7 +117,9 @@ def main() -> None:
                 max_context=ctx,
                 sm_count=sms,
             )
-            calls, o, lse = bd.ours(mod, dims, q, kv, indptr, splits=splits)
+            calls, o, lse = bd.ours(
+                mod, dims, q, kv, indptr, splits=splits, partial_dtype=cfg.partial_dtype
+            )
             graph = bd.capture_graph(calls)
             graph.replay()
             torch.cuda.synchronize()
@@ -129,7 +131,7 @@ def main() -> None:
                 layers=layers,
                 splits=splits,
                 max_abs_err=err,
-                config=f"bn{cfg.block_n}-st{cfg.stages}-w{cfg.warps_n}",
+                config=bd.config_name(cfg),
             )
             print(json.dumps(res), flush=True)
             rows.append(res)
