@@ -161,16 +161,14 @@ def make_inputs(dims: MLADims, batch: int, ctx: int, *, layers: int, device="cud
     return q, kv, indptr
 
 
-def ours(mod, dims, q, kv, indptr, *, splits: int, partial_dtype: str = "float32"):
+def ours(mod, dims, q, kv, indptr, *, splits: int):
     """One closure per layer ``l`` running split (+ merge) over layer ``l`` of ``kv`` (its own
     q[l], o[l], lse[l]; one shared preallocated workspace, as in the model), plus the per-layer
-    outputs o[l] [B, 1, H, 512] and lse[l] [B, 1, H], NaN until run. ``partial_dtype``: the
-    config's ``o_part`` element type."""
+    outputs o[l] [B, 1, H, 512] and lse[l] [B, 1, H], NaN until run."""
     layers, (batch, _, heads, _) = len(q), q[0].shape
     dev = q[0].device
     ws = dec.workspace_shapes(dims, batch=batch, heads=heads, q_tokens=1, num_splits=splits)
-    pdt = getattr(torch, partial_dtype)
-    o_part = torch.full(ws["o_part"], float("nan"), device=dev, dtype=pdt)  # [S, B, 1, H, 512]
+    o_part = torch.full(ws["o_part"], float("nan"), device=dev)  # [S, B, 1, H, 512]
     lse_part = torch.full(ws["lse_part"], float("nan"), device=dev)  # [S, B, 1, H]
     nan = dict(fill_value=float("nan"), device=dev)
     o = [torch.full((batch, 1, heads, dims.kv_lora_rank), **nan).half() for _ in range(layers)]
@@ -240,12 +238,6 @@ def torch_sdpa(dims, q, kv, *, sm_scale):
         k, v = k.contiguous(), v.contiguous()
         call(k, v)
     return lambda: call(k, v)
-
-
-def config_name(cfg) -> str:
-    """Short name of a decode config in tables and JSON, e.g. ``bn64-st2-w4-r64-p16``."""
-    name = f"bn{cfg.block_n}-st{cfg.stages}-w{cfg.warps_n}-r{cfg.min_split_rows}"
-    return name + ("-p16" if cfg.partial_dtype == "float16" else "")
 
 
 def split_counts(chosen: int, ctx: int, config) -> list[int]:
@@ -342,7 +334,7 @@ def main() -> None:
             "configs": {},
         }
         for cfg, mod in mods.items():
-            name = config_name(cfg)
+            name = f"bn{cfg.block_n}-st{cfg.stages}-w{cfg.warps_n}-r{cfg.min_split_rows}"
             chosen = dec.splits_for(
                 cfg,
                 target,
@@ -355,9 +347,7 @@ def main() -> None:
             )
             for splits in split_counts(chosen, max_context, cfg):
                 key = f"{name}/s{splits}"
-                calls, o, lse = ours(
-                    mod, dims, q, kv, indptr, splits=splits, partial_dtype=cfg.partial_dtype
-                )
+                calls, o, lse = ours(mod, dims, q, kv, indptr, splits=splits)
                 check = functools.partial(
                     verify, dims, q, kv, indptr, o, lse, sm_scale=sm_scale
                 )  # check(layer=l): max abs error of layer l's output

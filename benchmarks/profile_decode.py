@@ -117,9 +117,7 @@ def main() -> None:
                 max_context=ctx,
                 sm_count=sms,
             )
-            calls, o, lse = bd.ours(
-                mod, dims, q, kv, indptr, splits=splits, partial_dtype=cfg.partial_dtype
-            )
+            calls, o, lse = bd.ours(mod, dims, q, kv, indptr, splits=splits)
             graph = bd.capture_graph(calls)
             graph.replay()
             torch.cuda.synchronize()
@@ -131,7 +129,7 @@ def main() -> None:
                 layers=layers,
                 splits=splits,
                 max_abs_err=err,
-                config=bd.config_name(cfg),
+                config=f"bn{cfg.block_n}-st{cfg.stages}-w{cfg.warps_n}",
             )
             print(json.dumps(res), flush=True)
             rows.append(res)

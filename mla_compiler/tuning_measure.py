@@ -193,8 +193,7 @@ def run_decode(module, plan: dict, params: dict, reps: int) -> dict:
     width = rank + dims["qk_rope_head_dim"]
     batch, ctx, splits = params["batch"], params["ctx"], params["splits"]
     dev = DEVICE
-    partials = getattr(torch, params.get("partials", "float32"))  # Config.partial_dtype
-    o_part = torch.empty(splits, batch, 1, heads, rank, device=dev, dtype=partials)
+    o_part = torch.empty(splits, batch, 1, heads, rank, device=dev)  # f32 workspace
     lse_part = torch.empty(splits, batch, 1, heads, device=dev)
     o = torch.empty(batch, 1, heads, rank, device=dev, dtype=torch.float16)  # [B, Q, H, 512]
     lse = torch.empty(batch, 1, heads, device=dev)  # [B, Q, H]

@@ -37,7 +37,6 @@ from mla_compiler.schedules.attention_decode_mma import split_mma
 from mla_compiler.schedules.target import gpu_spec, is_gpu
 
 MAX_Q_TOKENS = 4
-PARTIAL_DTYPES = ("float32", "float16")  # Config.partial_dtype
 MIN_SPLIT_ROWS = 64  # default Config.min_split_rows (why: Config's docstring)
 
 
@@ -62,11 +61,6 @@ class Config:
     the H100 with the TMA kernel (graph mode): (1, 600) 11.9 -> 9.4 us, (1, 4K) 12.4 -> 10.7
     us against 128-row splits, long contexts and big batches unchanged (the split count
     ``choose_splits`` picks caps them). With the older cp.async kernel 128 had won at (1, 4K).
-    ``partial_dtype``: element type of the ``o_part`` workspace, ``float32`` or ``float16``.
-    A split's partial O is normalised by its own softmax sum (bounded by the cache values),
-    so float16 costs one f16 rounding per partial before the float32 merge and halves the
-    partial round trip: at (1, 16K) 128 splits write, and the merge reads, 4.2 MB of float32
-    partials besides the 18.9 MB of cache rows. LSEs stay float32.
     """
 
     block_n: int = 64
@@ -75,7 +69,6 @@ class Config:
     tensor_cores: bool = True
     min_split_rows: int = MIN_SPLIT_ROWS
     tma: bool = False
-    partial_dtype: str = "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,8 +137,6 @@ def keep(
     config: Config, target: tvm.target.Target, dims: MLADims, *, heads: int, q_tokens: int
 ) -> bool:
     """Whether ``config`` builds a valid kernel on ``target`` (tile shapes, smem, threads)."""
-    if config.partial_dtype not in PARTIAL_DTYPES:
-        return False
     if not config.tensor_cores:
         return True
     if not is_gpu(target):
@@ -169,7 +160,6 @@ def keep(
 PREFERRED: dict[str, tuple[Config, ...]] = {
     "sm_90a": (
         Config(block_n=64, stages=2, warps_n=4, tma=True),
-        Config(block_n=64, stages=2, warps_n=4, tma=True, partial_dtype="float16"),
         Config(block_n=32, stages=4, warps_n=4, tma=True),  # 3 tiles in flight during compute
         Config(block_n=64, stages=2, warps_n=8, tma=True),
         Config(block_n=32, stages=5, warps_n=4, tma=True),
@@ -182,7 +172,6 @@ PREFERRED: dict[str, tuple[Config, ...]] = {
     ),
     "sm_89": (
         Config(block_n=32, stages=2, warps_n=4),
-        Config(block_n=32, stages=2, warps_n=4, partial_dtype="float16"),
         Config(block_n=32, stages=2, warps_n=2),
         Config(block_n=64, stages=1, warps_n=4),
     ),
@@ -295,8 +284,7 @@ def splits_for(
 def workspace_shapes(
     dims: MLADims, *, batch: int, heads: int, q_tokens: int, num_splits: int
 ) -> dict[str, tuple[int, ...]]:
-    """Workspace the split kernel writes: ``o_part`` (``Config.partial_dtype``) and
-    ``lse_part`` (float32)."""
+    """Float32 workspace the split kernel writes: ``o_part`` and ``lse_part``."""
     return {
         "o_part": (num_splits, batch, q_tokens, heads, dims.kv_lora_rank),
         "lse_part": (num_splits, batch, q_tokens, heads),
@@ -316,7 +304,7 @@ def absorbed_decode(
     """Split + merge kernels of absorbed decode attention over the whole latent cache.
 
     split(q [B, Q, H, 576], kv [L, C, 576], kv_indptr [B+1] i32, layer i32,
-          o_part [S, B, Q, H, 512] (config.partial_dtype), lse_part [S, B, Q, H] f32,
+          o_part [S, B, Q, H, 512] f32, lse_part [S, B, Q, H] f32,
           o [B, Q, H, 512] dtype, lse [B, Q, H] f32)
     merge(o_part, lse_part, kv_indptr, o, lse)
 
@@ -348,7 +336,7 @@ def absorbed_decode(
 def _split_simple(dims: MLADims, *, heads: int, q_tokens: int, config: Config, sm_scale, gpu: bool):
     """Two-pass loop kernel: one (split, sequence, query row) per CPU task / GPU thread."""
     D, DV, H, Q = dims.latent_dim, dims.kv_lora_rank, heads, q_tokens
-    block_n, min_rows, pdt = config.block_n, config.min_split_rows, config.partial_dtype
+    block_n, min_rows = config.block_n, config.min_split_rows
     R = H * Q
     scale = float(sm_scale)
     neg_inf = -math.inf
@@ -372,7 +360,7 @@ def _split_simple(dims: MLADims, *, heads: int, q_tokens: int, config: Config, s
         q = T.match_buffer(q_h, (B, Q, H, D), "float16")
         kv = T.match_buffer(kv_h, (L, C, D), "float16")
         kv_indptr = T.match_buffer(indptr_h, (B + 1,), "int32")
-        o_part = T.match_buffer(o_part_h, (S, B, Q, H, DV), pdt)
+        o_part = T.match_buffer(o_part_h, (S, B, Q, H, DV), "float32")
         lse_part = T.match_buffer(lse_part_h, (S, B, Q, H), "float32")
         o = T.match_buffer(o_h, (B, Q, H, DV), "float16")
         lse = T.match_buffer(lse_h, (B, Q, H), "float32")
@@ -397,11 +385,10 @@ def _split_simple(dims: MLADims, *, heads: int, q_tokens: int, config: Config, s
                     m = T.alloc_buffer((1,), "float32", scope="local")
                     acc = T.alloc_buffer((1,), "float32", scope="local")
                     l_sum = T.alloc_buffer((1,), "float32", scope="local")
-                    acc_o = T.alloc_buffer((DV,), "float32", scope="local")
                     m[0] = T.float32(neg_inf)
                     l_sum[0] = T.float32(0)
                     for d in range(DV):
-                        acc_o[d] = T.float32(0)
+                        o_part[s, b, t, h, d] = T.float32(0)
                     for j in range(T.max(hi - lo, 0)):
                         acc[0] = T.float32(0)
                         for d in range(D):
@@ -418,23 +405,19 @@ def _split_simple(dims: MLADims, *, heads: int, q_tokens: int, config: Config, s
                         acc[0] = T.exp(acc[0] * T.float32(scale) - m[0])
                         l_sum[0] = l_sum[0] + acc[0]
                         for d in range(DV):
-                            acc_o[d] = acc_o[d] + acc[0] * T.Cast(
+                            o_part[s, b, t, h, d] = o_part[s, b, t, h, d] + acc[0] * T.Cast(
                                 "float32", kv[layer, start + lo + j, d]
                             )
-                    for d in range(DV):
-                        acc_o[d] = T.if_then_else(
-                            l_sum[0] > T.float32(0), acc_o[d] / l_sum[0], T.float32(0)
-                        )
-                    lse_part[s, b, t, h] = T.if_then_else(
-                        l_sum[0] > T.float32(0), m[0] + T.log(l_sum[0]), T.float32(neg_inf)
-                    )
-                    if used == 1:  # the only split: final O and LSE
+                    if l_sum[0] > T.float32(0):
                         for d in range(DV):
-                            o[b, t, h, d] = T.Cast("float16", acc_o[d])
-                        lse[b, t, h] = lse_part[s, b, t, h]
+                            o_part[s, b, t, h, d] = o_part[s, b, t, h, d] / l_sum[0]
+                        lse_part[s, b, t, h] = m[0] + T.log(l_sum[0])
                     else:
+                        lse_part[s, b, t, h] = T.float32(neg_inf)
+                    if used == 1:  # the only split: final O and LSE (o_part was scratch)
                         for d in range(DV):
-                            o_part[s, b, t, h, d] = T.Cast(pdt, acc_o[d])
+                            o[b, t, h, d] = T.Cast("float16", o_part[s, b, t, h, d])
+                        lse[b, t, h] = lse_part[s, b, t, h]
 
     return split
 
@@ -451,7 +434,7 @@ def _merge(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: Conf
     DV, H, Q = dims.kv_lora_rank, heads, q_tokens
     CW = 64 if gpu and DV % 64 == 0 else DV  # columns per block
     NC = DV // CW
-    block_n, min_rows, pdt = config.block_n, config.min_split_rows, config.partial_dtype
+    block_n, min_rows = config.block_n, config.min_split_rows
     neg_inf = -math.inf
 
     @T.prim_func
@@ -461,7 +444,7 @@ def _merge(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: Conf
         T.func_attr({"global_symbol": "decode_merge", "tirx.noalias": True})
         B = T.int32()
         S = T.int32()
-        o_part = T.match_buffer(o_part_h, (S, B, Q, H, DV), pdt)  # [S, B, Q, H, 512]
+        o_part = T.match_buffer(o_part_h, (S, B, Q, H, DV), "float32")  # [S, B, Q, H, 512]
         lse_part = T.match_buffer(lse_part_h, (S, B, Q, H), "float32")  # [S, B, Q, H]
         kv_indptr = T.match_buffer(indptr_h, (B + 1,), "int32")
         o = T.match_buffer(o_h, (B, Q, H, DV), dtype)  # [B, Q, H, 512]
@@ -497,7 +480,7 @@ def _merge(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: Conf
                         for s in range(used):
                             w = T.exp(lse_part[s, b, t, h] - m[0])
                             total[0] = total[0] + w
-                            acc[0] = acc[0] + w * T.Cast("float32", o_part[s, b, t, h, col])
+                            acc[0] = acc[0] + w * o_part[s, b, t, h, col]
                     o[b, t, h, col] = T.Cast(
                         dtype, T.if_then_else(total[0] > 0, acc[0] / total[0], T.float32(0))
                     )
@@ -525,11 +508,10 @@ def _merge_gpu(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: 
     """CUDA merge: one pass over the sequence's ``effective_splits``, memory-level parallel.
 
     ``SL = merge_split_lanes(S)`` lanes (1..32, a power of two, chosen at run time from the
-    workspace's ``S``) share output columns ``8 g .. 8 g + 7`` of one row (per split two float4
-    loads, a full 32-byte sector; two half4 loads with float16 partials); lane ``sl`` reads
-    splits ``sl, sl + SL, ...``, four per unrolled step: each step issues its 4 LSE and 8
-    partial loads together and folds them into a running (max, sum, acc) (online softmax), so
-    a full workspace loads in one memory round trip
+    workspace's ``S``) share output columns ``8 g .. 8 g + 7`` of one row (two float4 loads, a
+    full 32-byte sector per split); lane ``sl`` reads splits ``sl, sl + SL, ...``, four per
+    unrolled step: each step issues its 4 LSE and 8 float4 loads together and folds them into a
+    running (max, sum, acc) (online softmax), so a full workspace loads in one memory round trip
     (b = 1 with 128 splits: 32 lanes; 32 sequences x 4 splits: 1 lane, no idle lanes). The SL
     lanes then combine (max, rescale, sum) with xor shuffles: no smem, no barrier.
     """
@@ -537,7 +519,7 @@ def _merge_gpu(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: 
     U, CG = 4, 8  # unroll, columns per lane
     GROUPS = DV // CG  # column groups per row
     THREADS = 128
-    block_n, min_rows, pdt = config.block_n, config.min_split_rows, config.partial_dtype
+    block_n, min_rows = config.block_n, config.min_split_rows
     neg_inf = -math.inf
     start_max = -1.0e30  # finite: exp(-inf - start_max) = 0 and exp(start_max - M) never NaN
 
@@ -548,7 +530,7 @@ def _merge_gpu(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: 
         T.func_attr({"global_symbol": "decode_merge", "tirx.noalias": True})
         B = T.int32()
         S = T.int32()
-        o_part = T.match_buffer(o_part_h, (S, B, Q, H, DV), pdt)  # [S, B, Q, H, 512]
+        o_part = T.match_buffer(o_part_h, (S, B, Q, H, DV), "float32")  # [S, B, Q, H, 512]
         lse_part = T.match_buffer(lse_part_h, (S, B, Q, H), "float32")  # [S, B, Q, H]
         kv_indptr = T.match_buffer(indptr_h, (B + 1,), "int32")
         o = T.match_buffer(o_h, (B, Q, H, DV), dtype)  # [B, Q, H, 512]
@@ -591,9 +573,9 @@ def _merge_gpu(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: 
                         split = T.meta_var((so * U + u) * used[1] + sl)
                         if split < used[0]:
                             for v in T.unroll(CG // 4):
-                                part[T.ramp(u * CG + v * 4, 1, 4)] = T.Cast(
-                                    "float32x4", o_part[split, b, t, h, T.ramp(col + v * 4, 1, 4)]
-                                )
+                                part[T.ramp(u * CG + v * 4, 1, 4)] = o_part[
+                                    split, b, t, h, T.ramp(col + v * 4, 1, 4)
+                                ]
                             w[u] = lse_part[split, b, t, h]
                         else:
                             w[u] = T.float32(neg_inf)

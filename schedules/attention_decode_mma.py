@@ -14,8 +14,7 @@ thread's 16-byte cp.async (one commit group per tile) or, with ``config.tma`` (s
 Shared rows are padded by 8 halves (row stride an odd number of 16-byte chunks: ldmatrix is
 bank-conflict free). Rows past the split end are masked: cp.async zero-fills them (src-size
 0), TMA repeats the split's last row (finite data). The epilogue stores O (the f16 output of a
-single-split sequence, else the partial in ``config.partial_dtype``) as float4 / half4 vectors,
-see below.
+single-split sequence, else the f32 partial) as 16-byte (8-byte) vectors, see below.
 
 Fragment layouts (PTX ISA, m16n8k16 f16): lane = 4 g + c. A regs: (g, 2c), (g + 8, 2c),
 (g, 2c + 8), (g + 8, 2c + 8); B regs: k = 2c (+ 8), n = g; C: (g, 2c..2c+1), (g + 8, 2c..2c+1).
@@ -44,7 +43,6 @@ def split_mma(dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: flo
     BN, ST, WN = config.block_n, config.stages, config.warps_n
     TMA = config.tma
     MR = config.min_split_rows
-    PDT = config.partial_dtype  # o_part's element type
     SN = BN // WN  # score columns per warp
     OW = DV // WN  # output columns per warp
     NS = SN // 8  # n8 tiles of S per warp
@@ -113,7 +111,7 @@ def split_mma(dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: flo
         q = T.match_buffer(q_h, (B, Q, H, D), "float16")  # [B, Q, H, 576]
         kv = T.match_buffer(kv_h, (L, C, D), "float16")  # [L, C, 576]
         kv_indptr = T.match_buffer(indptr_h, (B + 1,), "int32")
-        o_part = T.match_buffer(o_part_h, (S, B, Q, H, DV), PDT)  # [S, B, Q, H, 512]
+        o_part = T.match_buffer(o_part_h, (S, B, Q, H, DV), "float32")  # [S, B, Q, H, 512]
         lse_part = T.match_buffer(lse_part_h, (S, B, Q, H), "float32")  # [S, B, Q, H]
         o = T.match_buffer(o_h, (B, Q, H, DV), "float16")  # [B, Q, H, 512]
         lse = T.match_buffer(lse_h, (B, Q, H), "float32")  # [B, Q, H]
@@ -441,9 +439,7 @@ def split_mma(dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: flo
                         "float16x4", out4[T.ramp(0, 1, 4)]
                     )
                 elif used_end:
-                    o_part[sid, b, r // H, r % H, T.ramp(col, 1, 4)] = T.Cast(
-                        f"{PDT}x4", out4[T.ramp(0, 1, 4)]
-                    )
+                    o_part[sid, b, r // H, r % H, T.ramp(col, 1, 4)] = out4[T.ramp(0, 1, 4)]
         if wn == 0 and lane % 4 == 0:
             for k in T.unroll(2):
                 r = T.meta_var(wm * 16 + lane // 4 + k * 8)

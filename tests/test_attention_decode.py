@@ -65,8 +65,7 @@ def _run_and_check(
     kv = torch.randn(layers, rows, dims.latent_dim, generator=gen).half()
     kv[:, int(indptr[-1]) :] = float("nan")
     ws = dec.workspace_shapes(dims, batch=b, heads=h, q_tokens=q_tokens, num_splits=num_splits)
-    pdt = getattr(torch, config.partial_dtype)
-    o_part = torch.full(ws["o_part"], float("nan"), dtype=pdt)  # [S, B, Q, H, 512]
+    o_part = torch.full(ws["o_part"], float("nan"))  # [S, B, Q, H, 512]
     lse_part = torch.full(ws["lse_part"], float("nan"))  # [S, B, Q, H]
     o = torch.full((b, q_tokens, h, dims.kv_lora_rank), float("nan")).half()
     lse = torch.full((b, q_tokens, h), float("nan"))
@@ -129,37 +128,6 @@ def test_llvm_matches_reference(case):
         assert max(used) < num_splits // 4  # most compiled splits unused
     if "different-used" in case:
         assert len(set(used)) >= 3 and max(used) == num_splits  # one is capped at S
-
-
-@pytest.mark.parametrize(
-    "case", ["tiny-ragged-b4-different-used-q2-s8", "lite-ctx97-q1-s2"], ids=lambda c: c + "-p16"
-)
-def test_llvm_float16_partials(case):
-    """Config.partial_dtype float16: the split writes f16 partials (the workspace the kernels
-    take is f16: TVM checks it), the merge folds them in float32, O and LSE still match."""
-    dims_name, lens, q_tokens, num_splits, block_n, min_rows = CPU_CASES[case]
-    config = dataclasses.replace(_cpu(block_n, min_rows), partial_dtype="float16")
-    built = _module(dims_name, q_tokens, "cpu", config)
-    used = _run_and_check(
-        built, DIMS[dims_name], lens=lens, q_tokens=q_tokens, num_splits=num_splits
-    )
-    assert max(used) > 1, used
-    with pytest.raises(Exception, match="float"):  # an f32 workspace is refused
-        _run_and_check(
-            (built[0], dataclasses.replace(config, partial_dtype="float32")),
-            DIMS[dims_name],
-            lens=lens,
-            q_tokens=q_tokens,
-            num_splits=num_splits,
-        )
-
-
-def test_keep_refuses_unknown_partial_dtype():
-    cfg = dec.Config(block_n=64, stages=2, warps_n=4, partial_dtype="bfloat16")
-    assert not dec.keep(cfg, tvm_target("sm_90a"), LITE, heads=16, q_tokens=1)
-    assert not dec.keep(
-        dataclasses.replace(cfg, tensor_cores=False), tvm_target("cpu"), LITE, heads=16, q_tokens=1
-    )
 
 
 @pytest.mark.parametrize("block_n,min_rows", [(16, 16), (16, 40), (64, 128), (32, 128)])
@@ -284,31 +252,6 @@ def test_cuda_static(arch, q_tokens):
     assert merge.spill_bytes == 0, merge
 
 
-@pytest.mark.parametrize("arch", ["sm_89", "sm_90a"])
-def test_cuda_static_float16_partials(arch):
-    """The float16-partial variant of each arch's default builds without spills; its split
-    kernel takes a ``half`` workspace and the merge reads it as such (no float4 partial loads
-    left)."""
-    from mla_compiler import nvcc
-
-    target = tvm_target(arch)
-    base = dec.default_config(target, LITE, heads=16, q_tokens=1)
-    config = dataclasses.replace(base, partial_dtype="float16")
-    assert config in dec.candidate_configs(target, LITE, heads=16, q_tokens=1)  # tunable
-    mod, _ = _module("lite", 1, arch, config)
-    source = mod.mod.imports[0].inspect_source()
-    flags = getattr(nvcc, "TVM_NVCC_FLAGS", ())
-    cubin, res = nvcc.compile_cubin(source, arch, extra_flags=flags)
-    assert all(r.spill_bytes == 0 for r in res.values()), res
-    for name in ("decode_split", "decode_merge"):
-        kernel = source[source.index(f" {name}_kernel(") :]
-        signature = kernel[: kernel.index(")")]  # the first declaration's parameters
-        assert "half* __restrict__ o_part_ptr" in signature, signature
-    assert "*(half4*)(o_part_ptr" in source and "*(float4*)(o_part_ptr" not in source
-    ops = next(c for name, c in nvcc.sass_opcodes(cubin).items() if "decode_split" in name)
-    assert ops.get("HMMA", 0) >= 36 + 16, ops
-
-
 def _gpu_arch() -> str | None:
     if not torch.cuda.is_available():
         return None
@@ -362,24 +305,19 @@ def test_gpu_matches_reference(case, splits):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(_gpu_arch() is None, reason="needs a CUDA GPU and TVM with CUDA")
-@pytest.mark.parametrize("cfg", ["simple", "cp-async", "p16", "alt1", "alt2", "alt3"])
+@pytest.mark.parametrize("cfg", ["simple", "cp-async", "alt1", "alt2", "alt3"])
 def test_gpu_other_configs(cfg):
-    """The simple CUDA fallback, the cp.async ring (sm_89's kind of config), float16 partials
-    (many splits of a long context) and the next tensor-core configs agree with the reference."""
+    """The simple CUDA fallback, the cp.async ring (sm_89's kind of config) and the next
+    tensor-core configs agree with the reference."""
     arch = _gpu_arch()
-    lens, splits = [3000, 130], 5
     if cfg == "simple":
         config = dec.Config(tensor_cores=False)
-    elif cfg == "p16":
-        default = dec.default_config(tvm_target(arch), LITE, heads=16, q_tokens=1)
-        config = dataclasses.replace(default, partial_dtype="float16")
-        lens, splits = [16384, 3000, 130], 128
     elif cfg == "cp-async":
         config = dec.Config(block_n=64, stages=2, warps_n=8)
     else:
         config = dec.candidate_configs(tvm_target(arch), LITE, heads=16, q_tokens=1)[int(cfg[-1])]
     built = _module("lite", 1, arch, config)
-    _run_and_check(built, LITE, lens=lens, q_tokens=1, num_splits=splits, device="cuda")
+    _run_and_check(built, LITE, lens=[3000, 130], q_tokens=1, num_splits=5, device="cuda")
 
 
 def _bench_module():

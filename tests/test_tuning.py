@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -47,11 +46,7 @@ def test_space_is_pruned_by_keep(name, arch):
 def test_sm_89_space_drops_what_sm_90a_keeps():
     big = tuning.KERNELS["attn_decode"].space(tvm_target("sm_90a"), V2.dims)
     small = tuning.KERNELS["attn_decode"].space(tvm_target("sm_89"), V2.dims)
-
-    def shapes(space):  # the tiles, whatever the partials' dtype
-        return {dataclasses.replace(c, partial_dtype="float32") for c in space}
-
-    assert shapes(small) < shapes(big)  # 99 KB of smem on sm_89
+    assert set(small) < set(big)  # 99 KB of smem on sm_89
     pre = tuning.KERNELS["attn_prefill_absorbed"].space(tvm_target("sm_89"), V2.dims)
     assert not any(c.wgmma for c in pre)
 

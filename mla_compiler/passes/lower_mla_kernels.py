@@ -99,9 +99,7 @@ class _Lower(relax.PyExprMutator):
                 split,
                 [q4, cache, kv_indptr, relax.prim_value(tvm.tirx.IntImm("int32", layer))],
                 out_ty=[
-                    relax.TensorType(
-                        [splits, 1, 1, d.heads, d.kv_lora_rank], dk.config.partial_dtype
-                    ),
+                    relax.TensorType([splits, 1, 1, d.heads, d.kv_lora_rank], "float32"),
                     relax.TensorType([splits, 1, 1, d.heads], "float32"),
                     o_ty,
                     lse_ty,
