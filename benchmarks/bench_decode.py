@@ -240,6 +240,11 @@ def torch_sdpa(dims, q, kv, *, sm_scale):
     return lambda: call(k, v)
 
 
+def config_name(cfg) -> str:
+    """Short name of a decode config in tables and JSON, e.g. ``bn64-st2-w4-r64``."""
+    return f"bn{cfg.block_n}-st{cfg.stages}-w{cfg.warps_n}-r{cfg.min_split_rows}"
+
+
 def split_counts(chosen: int, ctx: int, config) -> list[int]:
     """The split counts timed: the model's choice, half and twice it, those past what a
     context of ``ctx`` rows uses (``effective_splits``) dropped: they would time the same."""
@@ -334,7 +339,7 @@ def main() -> None:
             "configs": {},
         }
         for cfg, mod in mods.items():
-            name = f"bn{cfg.block_n}-st{cfg.stages}-w{cfg.warps_n}-r{cfg.min_split_rows}"
+            name = config_name(cfg)
             chosen = dec.splits_for(
                 cfg,
                 target,

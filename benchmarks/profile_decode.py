@@ -129,7 +129,7 @@ def main() -> None:
                 layers=layers,
                 splits=splits,
                 max_abs_err=err,
-                config=f"bn{cfg.block_n}-st{cfg.stages}-w{cfg.warps_n}",
+                config=bd.config_name(cfg),
             )
             print(json.dumps(res), flush=True)
             rows.append(res)
