@@ -241,8 +241,10 @@ def torch_sdpa(dims, q, kv, *, sm_scale):
 
 
 def config_name(cfg) -> str:
-    """Short name of a decode config in tables and JSON, e.g. ``bn64-st2-w4-r64``."""
-    return f"bn{cfg.block_n}-st{cfg.stages}-w{cfg.warps_n}-r{cfg.min_split_rows}"
+    """Short name of a decode config in tables and JSON, e.g. ``bn64-st2-w4-r64-tma`` (the
+    JSON keys: two configs must not share one)."""
+    name = f"bn{cfg.block_n}-st{cfg.stages}-w{cfg.warps_n}-r{cfg.min_split_rows}"
+    return name + ("-tma" if cfg.tma else "") + ("" if cfg.tensor_cores else "-simple")
 
 
 def split_counts(chosen: int, ctx: int, config) -> list[int]:

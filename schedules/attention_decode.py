@@ -158,12 +158,15 @@ def keep(
 
 # Preferred first, per arch; the rest of the space follows, most rows in flight first.
 PREFERRED: dict[str, tuple[Config, ...]] = {
+    # H200 (2026-12-03, results/bench_decode_h200_configs.json), graph GB/s of the first two:
+    # (32, 4K) 2959 vs 2634, (128, 4K) 3233 vs 2966, (128, 8K) 3173 vs 2975, b = 1 within
+    # +-4%; the TMA configs had been the H100's pick (the first, 2026-11-25).
     "sm_90a": (
+        Config(block_n=64, stages=2, warps_n=8),  # 1 CTA/SM, 2 warps per SM sub-partition
         Config(block_n=64, stages=2, warps_n=4, tma=True),
         Config(block_n=32, stages=4, warps_n=4, tma=True),  # 3 tiles in flight during compute
         Config(block_n=64, stages=2, warps_n=8, tma=True),
         Config(block_n=32, stages=5, warps_n=4, tma=True),
-        Config(block_n=64, stages=2, warps_n=8),  # 1 CTA/SM, 2 warps per SM sub-partition
         Config(block_n=32, stages=2, warps_n=4),  # 95 KB: 2 CTAs/SM overlap each other's syncs
         Config(block_n=64, stages=2, warps_n=4),
         Config(block_n=32, stages=2, warps_n=2),
@@ -193,8 +196,8 @@ def candidate_configs(target, dims: MLADims, *, heads: int, q_tokens: int) -> li
 
 
 def default_config(target, dims: MLADims | None = None, *, heads: int = 16, q_tokens: int = 1):
-    """sm_90a: 64-row tiles, 2 stages, 4 warps, TMA row copies (171 KB smem); sm_89 (99 KB):
-    32 rows, 2 stages, 4 warps, cp.async.
+    """sm_90a: 64-row tiles, 2 stages, 8 warps, cp.async (171 KB smem); sm_89 (99 KB): 32 rows,
+    2 stages, 4 warps, cp.async. The first of ``PREFERRED[arch]`` that ``keep`` accepts.
 
     Where no tensor-core config fits (sm_89 with 4 query tokens: Q alone takes 75 KB of smem)
     this falls back to the simple loop kernel, which is correct but slow.

@@ -203,14 +203,16 @@ def test_ctas_per_sm():
 
 
 def test_keep_tma_only_where_the_gpu_has_it():
-    """TMA configs: sm_90a yes (the default there), sm_89 no (Ada has no cp.async.bulk)."""
+    """TMA configs: sm_90a yes (tuning candidates there), sm_89 no (Ada has no cp.async.bulk)."""
     cfg = dec.Config(block_n=64, stages=2, warps_n=4, tma=True)
     assert dec.keep(cfg, tvm_target("sm_90a"), LITE, heads=16, q_tokens=1)
     assert not dec.keep(cfg, tvm_target("sm_89"), LITE, heads=16, q_tokens=1)
     assert not any(
         c.tma for c in dec.candidate_configs(tvm_target("sm_89"), LITE, heads=16, q_tokens=1)
     )
-    assert dec.default_config(tvm_target("sm_90a"), LITE, heads=16, q_tokens=1).tma
+    assert any(
+        c.tma for c in dec.candidate_configs(tvm_target("sm_90a"), LITE, heads=16, q_tokens=1)
+    )
     odd = dec.Config(block_n=16, stages=2, warps_n=2, tma=True)  # a lane copies whole 32-row groups
     assert not dec.keep(odd, tvm_target("sm_90a"), LITE, heads=16, q_tokens=1)
 
@@ -221,19 +223,32 @@ def test_keep_rejects_oversized():
     assert not dec.keep(dec.Config(), tvm_target("cpu"), LITE, heads=16, q_tokens=1)
 
 
+# id -> (arch, query tokens, the first TMA candidate instead of the default)
+STATIC_CASES = {
+    "sm_89-q1": ("sm_89", 1, False),
+    "sm_89-q2": ("sm_89", 2, False),
+    "sm_90a-q1": ("sm_90a", 1, False),
+    "sm_90a-q2": ("sm_90a", 2, False),
+    "sm_90a-q4": ("sm_90a", 4, False),  # the default is a TMA ring: Q takes 75 KB of smem
+    "sm_90a-tma-q1": ("sm_90a", 1, True),
+    "sm_90a-tma-q2": ("sm_90a", 2, True),
+}
+
+
 @pytest.mark.skipif(not nvcc_available(), reason="needs nvcc and cuobjdump")
-@pytest.mark.parametrize(
-    "arch,q_tokens",
-    [("sm_89", 1), ("sm_89", 2), ("sm_90a", 1), ("sm_90a", 2), ("sm_90a", 4)],
-    ids=["sm_89-q1", "sm_89-q2", "sm_90a-q1", "sm_90a-q2", "sm_90a-q4"],
-)
-def test_cuda_static(arch, q_tokens):
+@pytest.mark.parametrize("case", list(STATIC_CASES), ids=list(STATIC_CASES))
+def test_cuda_static(case):
     """Builds for the arch, 0 spills, and the SASS has HMMA, LDSM and LDGSTS (Q; the cache
-    tiles too without TMA), plus the bulk copies and mbarrier waits of the TMA ring on sm_90a."""
+    tiles too without TMA), plus the bulk copies and mbarrier waits of a TMA ring."""
     from mla_compiler import nvcc
 
-    mod, config = _module("lite", q_tokens, arch)
-    assert config.tma == (arch == "sm_90a"), config
+    arch, q_tokens, tma = STATIC_CASES[case]
+    config = None
+    if tma:
+        found = dec.candidate_configs(tvm_target(arch), LITE, heads=16, q_tokens=q_tokens)
+        config = next(c for c in found if c.tma)
+    mod, config = _module("lite", q_tokens, arch, config)
+    assert config.tma == (tma or case == "sm_90a-q4"), config
     flags = getattr(nvcc, "TVM_NVCC_FLAGS", ())  # the flags of TVM's own JIT build, where known
     cubin, res = nvcc.compile_cubin(mod.mod.imports[0].inspect_source(), arch, extra_flags=flags)
     split = next(r for name, r in res.items() if "decode_split" in name)
@@ -305,15 +320,15 @@ def test_gpu_matches_reference(case, splits):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(_gpu_arch() is None, reason="needs a CUDA GPU and TVM with CUDA")
-@pytest.mark.parametrize("cfg", ["simple", "cp-async", "alt1", "alt2", "alt3"])
+@pytest.mark.parametrize("cfg", ["simple", "cp-async-w4", "alt1", "alt2", "alt3"])
 def test_gpu_other_configs(cfg):
-    """The simple CUDA fallback, the cp.async ring (sm_89's kind of config) and the next
-    tensor-core configs agree with the reference."""
+    """The simple CUDA fallback, a 4-warp cp.async ring (sm_89's kind of config) and the next
+    tensor-core configs (on sm_90a: TMA rings) agree with the reference."""
     arch = _gpu_arch()
     if cfg == "simple":
         config = dec.Config(tensor_cores=False)
-    elif cfg == "cp-async":
-        config = dec.Config(block_n=64, stages=2, warps_n=8)
+    elif cfg == "cp-async-w4":
+        config = dec.Config(block_n=64, stages=2, warps_n=4)
     else:
         config = dec.candidate_configs(tvm_target(arch), LITE, heads=16, q_tokens=1)[int(cfg[-1])]
     built = _module("lite", 1, arch, config)
