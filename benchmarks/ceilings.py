@@ -3,7 +3,7 @@ bandwidth and the f16 tensor-core GEMM rate, through PyTorch on random data.
 
     python benchmarks/ceilings.py --out ceilings.json
 
-- ``copy_gbps``: a 2 GiB device-to-device copy, bytes read + written (median of 20);
+- ``copy_gbps``: a 2 GiB device-to-device copy, bytes read + written (median time);
 - ``read_gbps``: ``torch.sum`` over 2 GiB of f16 (bytes read);
 - ``gemm_f16_tflops``: cuBLAS f16 8192^3 (2 m n k FLOPs).
 """
@@ -12,25 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
 
-def median_ms(fn, *, reps: int = 20) -> float:
-    """Median milliseconds of ``fn`` between CUDA events, after three warm-up calls."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def median_ms(fn) -> float:
+    """Median milliseconds of ``fn`` (triton's ``do_bench``: CUDA events, warm-up first)."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
 
 
 def measure() -> dict:
