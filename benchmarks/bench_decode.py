@@ -1,6 +1,7 @@
 """Decode attention bandwidth: our split-KV TensorIR kernels vs PyTorch baselines, on one GPU.
 
     python benchmarks/bench_decode.py --out bench_decode.json [--configs 3] [--reps 50]
+    python benchmarks/bench_decode.py --out b.json --only bn64-st2-w8-r64,bn64-st1-w8-r64
 
 For each (batch, context) with 16 heads, one new token, f16 latent rows (576 wide, V = first 512):
 builds the kernels for the GPU's arch (every ``--configs`` best candidate config), checks O and
@@ -282,6 +283,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file for the results")
     ap.add_argument("--configs", type=int, default=6, help="candidate configs to try (best kept)")
+    ap.add_argument(
+        "--only",
+        help="comma list of config labels (config_name) to time instead of the first --configs",
+    )
     ap.add_argument("--reps", type=int, default=50)
     ap.add_argument(
         "--layers",
@@ -305,8 +310,16 @@ def main() -> None:
     sm_scale = dims.qk_head_dim**-0.5
     configs = [
         dataclasses.replace(c, min_split_rows=args.min_split_rows)
-        for c in dec.candidate_configs(target, dims, heads=HEADS, q_tokens=1)[: args.configs]
+        for c in dec.candidate_configs(target, dims, heads=HEADS, q_tokens=1)
     ]
+    if args.only:
+        by_name = {config_name(c): c for c in configs}
+        missing = [x for x in args.only.split(",") if x not in by_name]
+        if missing:
+            sys.exit(f"--only: no candidate config {missing} on {arch}; known: {sorted(by_name)}")
+        configs = [by_name[x] for x in args.only.split(",")]
+    else:
+        configs = configs[: args.configs]
     mods = {}
     for cfg in configs:
         t0 = time.time()
