@@ -223,15 +223,16 @@ def test_keep_rejects_oversized():
     assert not dec.keep(dec.Config(), tvm_target("cpu"), LITE, heads=16, q_tokens=1)
 
 
-# id -> (arch, query tokens, the first TMA candidate instead of the default)
+# id -> (arch, query tokens, ring): "default-cp.async" / "default-tma" build the default and
+# expect that ring; "tma" builds the first TMA candidate
 STATIC_CASES = {
-    "sm_89-q1": ("sm_89", 1, False),
-    "sm_89-q2": ("sm_89", 2, False),
-    "sm_90a-q1": ("sm_90a", 1, False),
-    "sm_90a-q2": ("sm_90a", 2, False),
-    "sm_90a-q4": ("sm_90a", 4, False),  # the default is a TMA ring: Q takes 75 KB of smem
-    "sm_90a-tma-q1": ("sm_90a", 1, True),
-    "sm_90a-tma-q2": ("sm_90a", 2, True),
+    "sm_89-q1": ("sm_89", 1, "default-cp.async"),
+    "sm_89-q2": ("sm_89", 2, "default-cp.async"),
+    "sm_90a-q1": ("sm_90a", 1, "default-cp.async"),
+    "sm_90a-q2": ("sm_90a", 2, "default-cp.async"),
+    "sm_90a-q4": ("sm_90a", 4, "default-tma"),  # Q takes 75 KB of smem: a 32-row TMA ring fits
+    "sm_90a-tma-q1": ("sm_90a", 1, "tma"),
+    "sm_90a-tma-q2": ("sm_90a", 2, "tma"),
 }
 
 
@@ -242,13 +243,13 @@ def test_cuda_static(case):
     tiles too without TMA), plus the bulk copies and mbarrier waits of a TMA ring."""
     from mla_compiler import nvcc
 
-    arch, q_tokens, tma = STATIC_CASES[case]
+    arch, q_tokens, ring = STATIC_CASES[case]
     config = None
-    if tma:
+    if ring == "tma":
         found = dec.candidate_configs(tvm_target(arch), LITE, heads=16, q_tokens=q_tokens)
         config = next(c for c in found if c.tma)
     mod, config = _module("lite", q_tokens, arch, config)
-    assert config.tma == (tma or case == "sm_90a-q4"), config
+    assert config.tma == (ring != "default-cp.async"), config
     flags = getattr(nvcc, "TVM_NVCC_FLAGS", ())  # the flags of TVM's own JIT build, where known
     cubin, res = nvcc.compile_cubin(mod.mod.imports[0].inspect_source(), arch, extra_flags=flags)
     split = next(r for name, r in res.items() if "decode_split" in name)
