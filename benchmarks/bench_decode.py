@@ -314,10 +314,11 @@ def main() -> None:
     ]
     if args.only:
         by_name = {config_name(c): c for c in configs}
-        missing = [x for x in args.only.split(",") if x not in by_name]
+        wanted = args.only.split(",")
+        missing = [x for x in wanted if x not in by_name]
         if missing:
             sys.exit(f"--only: no candidate config {missing} on {arch}; known: {sorted(by_name)}")
-        configs = [by_name[x] for x in args.only.split(",")]
+        configs = [by_name[x] for x in wanted]
     else:
         configs = configs[: args.configs]
     mods = {}
