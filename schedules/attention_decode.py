@@ -33,7 +33,7 @@ from tvm.script import tirx as T
 
 from mla_compiler.errors import TargetError
 from mla_compiler.model_export.config import MLADims
-from mla_compiler.schedules.attention_decode_mma import split_mma
+from mla_compiler.schedules.attention_decode_mma import Q_RESIDENT_STEPS, split_mma
 from mla_compiler.schedules.target import gpu_spec, is_gpu
 
 MAX_Q_TOKENS = 4
@@ -61,6 +61,17 @@ class Config:
     the H100 with the TMA kernel (graph mode): (1, 600) 11.9 -> 9.4 us, (1, 4K) 12.4 -> 10.7
     us against 128-row splits, long contexts and big batches unchanged (the split count
     ``choose_splits`` picks caps them). With the older cp.async kernel 128 had won at (1, 4K).
+    ``q_regs``: every warp keeps Q's A fragments of all ``latent_dim / 16`` k-steps in registers
+    (144 per thread) instead of reloading them from shared memory for every tile. At 8 warps
+    those reloads were 147 of the ~380 KB of shared-memory traffic per 64-row tile, which
+    bounds the tile's math (H200 probe: 1.6 us per tile, ~2950 cycles at 128 B per cycle).
+    ``fused_merge``: a one-sequence launch (B = 1) whose context uses more than one split
+    merges in the split kernel (``runs_merge`` says when the merge kernel is still needed): its
+    CTAs count themselves in and out on a zero-initialised module global, and those that see
+    every CTA of the launch started wait for all partials, then share the merge. Deadlock-free
+    whatever fits on the GPU (a CTA waits only for CTAs that have started); fast when all
+    ``S`` split CTAs are resident at once (``S`` <= SMs x CTAs per SM). One launch of a module's
+    split kernel at a time (the counters are per module, not per stream).
     """
 
     block_n: int = 64
@@ -69,6 +80,8 @@ class Config:
     tensor_cores: bool = True
     min_split_rows: int = MIN_SPLIT_ROWS
     tma: bool = False
+    q_regs: bool = False
+    fused_merge: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,6 +130,15 @@ def split_range(n, split, used, *, block_n: int):
     return split * tiles // used * block_n, min((split + 1) * tiles // used * block_n, n)
 
 
+def runs_merge(config: Config, *, batch: int, num_splits: int) -> bool:
+    """Whether a split launch of ``num_splits`` over ``batch`` sequences needs the merge kernel
+    after it (a fused one-sequence launch merged itself; a redundant merge is harmless)."""
+    from mla_compiler.schedules.attention_decode_mma import MAX_FUSED_SPLITS
+
+    fused = config.fused_merge and batch == 1 and num_splits <= MAX_FUSED_SPLITS
+    return num_splits > 1 and not fused
+
+
 def m_tiles(heads: int, q_tokens: int) -> int:
     """16-row MMA tiles the ``heads x q_tokens`` query rows take (the last one padded)."""
     return -(-heads * q_tokens // 16)
@@ -145,6 +167,12 @@ def keep(
     warps = config.warps_n * m_tiles(heads, q_tokens)
     if config.tma and not (spec.has_tma and config.block_n % 32 == 0 and dims.latent_dim % 8 == 0):
         return False  # bulk copies move whole rows: 16-byte multiples, 16-byte aligned
+    if config.q_regs:  # resident Q fragments + O and S accumulators + ~96 must fit 255 registers
+        q_regs = min(dims.latent_dim // 16, Q_RESIDENT_STEPS) * 4
+        acc = dims.kv_lora_rank // (2 * config.warps_n) + config.block_n // config.warps_n
+        need = q_regs + acc + 96
+        if need > min(255, 65536 // (32 * warps)):
+            return False
     return (
         config.block_n % (8 * config.warps_n) == 0
         and dims.kv_lora_rank % (16 * config.warps_n) == 0
@@ -158,10 +186,14 @@ def keep(
 
 # Preferred first, per arch; the rest of the space follows, most rows in flight first.
 PREFERRED: dict[str, tuple[Config, ...]] = {
-    # H200 (2026-12-03, results/bench_decode_h200_configs.json), graph GB/s of the first two:
-    # (32, 4K) 2959 vs 2634, (128, 4K) 3233 vs 2966, (128, 8K) 3173 vs 2975, b = 1 within
-    # +-4%; the TMA configs had been the H100's pick (the first, 2026-11-25).
+    # H200 (2026-12-03, results/bench_decode_h200_fm.json): q_regs over the plain 8-warp
+    # cp.async ring, graph GB/s +5% (1, 600) to +17% (128, 4K). Before (results/
+    # bench_decode_h200_configs.json), the plain ring over the 4-warp TMA one: (32, 4K) 2959 vs
+    # 2634, (128, 4K) 3233 vs 2966, (128, 8K) 3173 vs 2975, b = 1 within +-4%; the TMA configs
+    # had been the H100's pick (2026-11-25).
     "sm_90a": (
+        Config(block_n=64, stages=2, warps_n=8, q_regs=True),
+        Config(block_n=64, stages=2, warps_n=8, q_regs=True, fused_merge=True),
         Config(block_n=64, stages=2, warps_n=8),  # 1 CTA/SM, 2 warps per SM sub-partition
         Config(block_n=64, stages=2, warps_n=4, tma=True),
         Config(block_n=32, stages=4, warps_n=4, tma=True),  # 3 tiles in flight during compute
@@ -184,9 +216,9 @@ PREFERRED: dict[str, tuple[Config, ...]] = {
 def candidate_configs(target, dims: MLADims, *, heads: int, q_tokens: int) -> list[Config]:
     """Every tensor-core config ``keep`` accepts: ``PREFERRED`` first, then by rows in flight."""
     space = [
-        Config(block_n=block_n, stages=stages, warps_n=warps_n, tma=tma)
-        for block_n, stages, warps_n, tma in itertools.product(
-            (32, 64, 128), (1, 2, 3, 4, 5), (2, 4, 8, 16), (True, False)
+        Config(block_n=block_n, stages=stages, warps_n=warps_n, tma=tma, q_regs=q_regs)
+        for block_n, stages, warps_n, tma, q_regs in itertools.product(
+            (32, 64, 128), (1, 2, 3, 4, 5), (2, 4, 8, 16), (True, False), (False, True)
         )
     ]
     space.sort(key=lambda c: (not c.tma, -(max(c.stages - 1, 0.5) * c.block_n), c.warps_n != 4))
@@ -196,8 +228,9 @@ def candidate_configs(target, dims: MLADims, *, heads: int, q_tokens: int) -> li
 
 
 def default_config(target, dims: MLADims | None = None, *, heads: int = 16, q_tokens: int = 1):
-    """sm_90a: 64-row tiles, 2 stages, 8 warps, cp.async (171 KB smem); sm_89 (99 KB): 32 rows,
-    2 stages, 4 warps, cp.async. The first of ``PREFERRED[arch]`` that ``keep`` accepts.
+    """sm_90a: 64-row tiles, 2 stages, 8 warps, cp.async, Q's fragments in registers (171 KB
+    smem); sm_89 (99 KB): 32 rows, 2 stages, 4 warps, cp.async. The first of
+    ``PREFERRED[arch]`` that ``keep`` accepts.
 
     Where no tensor-core config fits (sm_89 with 4 query tokens: Q alone takes 75 KB of smem)
     this falls back to the simple loop kernel, which is correct but slow.
