@@ -162,9 +162,8 @@ def make_inputs(dims: MLADims, batch: int, ctx: int, *, layers: int, device="cud
     return q, kv, indptr
 
 
-def ours(mod, dims, q, kv, indptr, *, splits: int, config):
-    """One closure per layer ``l`` running split (+ merge, where ``dec.runs_merge`` says the
-    module built for ``config`` needs it) over layer ``l`` of ``kv`` (its own
+def ours(mod, dims, q, kv, indptr, *, splits: int):
+    """One closure per layer ``l`` running split (+ merge) over layer ``l`` of ``kv`` (its own
     q[l], o[l], lse[l]; one shared preallocated workspace, as in the model), plus the per-layer
     outputs o[l] [B, 1, H, 512] and lse[l] [B, 1, H], NaN until run."""
     layers, (batch, _, heads, _) = len(q), q[0].shape
@@ -176,7 +175,6 @@ def ours(mod, dims, q, kv, indptr, *, splits: int, config):
     o = [torch.full((batch, 1, heads, dims.kv_lora_rank), **nan).half() for _ in range(layers)]
     lse = [torch.full((batch, 1, heads), **nan) for _ in range(layers)]
     split, merge = mod["decode_split"], mod["decode_merge"]
-    merges = dec.runs_merge(config, batch=batch, num_splits=splits)
     calls = []
     for layer in range(layers):
         args_split = [_t(q[layer]), _t(kv), _t(indptr), layer, _t(o_part), _t(lse_part)]
@@ -185,7 +183,7 @@ def ours(mod, dims, q, kv, indptr, *, splits: int, config):
 
         def run(args_split=args_split, args_merge=args_merge):
             split(*args_split)
-            if merges:  # else the split kernel wrote O and LSE (one split, or a fused merge)
+            if splits > 1:  # one split per sequence: the split kernel wrote O and LSE
                 merge(*args_merge)
 
         calls.append(run)
@@ -248,7 +246,6 @@ def config_name(cfg) -> str:
     JSON keys: two configs must not share one)."""
     name = f"bn{cfg.block_n}-st{cfg.stages}-w{cfg.warps_n}-r{cfg.min_split_rows}"
     name += ("-tma" if cfg.tma else "") + ("-qr" if cfg.q_regs else "")
-    name += "-fm" if cfg.fused_merge else ""
     return name + ("" if cfg.tensor_cores else "-simple")
 
 
@@ -372,7 +369,7 @@ def main() -> None:
             )
             for splits in split_counts(chosen, max_context, cfg):
                 key = f"{name}/s{splits}"
-                calls, o, lse = ours(mod, dims, q, kv, indptr, splits=splits, config=cfg)
+                calls, o, lse = ours(mod, dims, q, kv, indptr, splits=splits)
                 check = functools.partial(
                     verify, dims, q, kv, indptr, o, lse, sm_scale=sm_scale
                 )  # check(layer=l): max abs error of layer l's output

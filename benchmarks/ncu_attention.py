@@ -68,7 +68,7 @@ def decode(dims: MLADims, arch: str, batch: int, ctx: int, sm_scale: float) -> N
         cfg, target, dims, heads=dims.heads, q_tokens=1, batch=batch, max_context=ctx
     )
     q, kv, indptr = bd.make_inputs(dims, batch, ctx, layers=1)
-    calls, _, _ = bd.ours(mod, dims, q, kv, indptr, splits=splits, config=cfg)
+    calls, _, _ = bd.ours(mod, dims, q, kv, indptr, splits=splits)
     for _ in range(2):
         calls[0]()
     torch.cuda.synchronize()

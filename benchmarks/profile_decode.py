@@ -117,7 +117,7 @@ def main() -> None:
                 max_context=ctx,
                 sm_count=sms,
             )
-            calls, o, lse = bd.ours(mod, dims, q, kv, indptr, splits=splits, config=cfg)
+            calls, o, lse = bd.ours(mod, dims, q, kv, indptr, splits=splits)
             graph = bd.capture_graph(calls)
             graph.replay()
             torch.cuda.synchronize()

@@ -70,7 +70,7 @@ def layer_calls(mod, q, kv, indptr, o_part, lse_part, *, merge: bool):
 
 
 def phases(stamps: torch.Tensor, tiles: int) -> dict:
-    """Per-CTA phase durations (ns) from stamps [CTAs, 15] (uint32 bits as int64)."""
+    """Per-CTA phase durations (ns) from stamps [CTAs, 12] (uint32 bits as int64)."""
 
     def d(a, b):  # wrap-safe uint32 difference
         return (stamps[:, b] - stamps[:, a]) % (1 << 32)
@@ -94,12 +94,8 @@ def phases(stamps: torch.Tensor, tiles: int) -> dict:
         out[key + "_ns"] = _stats(d(prev, slot).double() * ns_per_clk)
         out[f"math_{j}_ns"] = _stats(d(slot, slot + 1).double() * ns_per_clk)
         prev = slot + 1
-    fused = bool((stamps[:, 14] != 0).all())
     if tiles <= PROBE_TILES:
-        out["epilogue_ns"] = _stats(d(prev, 12 if fused else 3).double() * ns_per_clk)
-    if fused:  # the grid barrier (arrive .. released), the merge
-        out["barrier_ns"] = _stats(d(12, 13).double() * ns_per_clk)
-        out["merge_ns"] = _stats(d(13, 14).double() * ns_per_clk)
+        out["epilogue_ns"] = _stats(d(prev, 3).double() * ns_per_clk)
     return out
 
 
@@ -150,7 +146,7 @@ def timelines(cfg, target, dims, args, *, sms: int, l2: int) -> list[dict]:
             sm_count=sms,
         )  # fmt: skip
         row = {"batch": batch, "ctx": ctx, "splits": splits, "config": bd.config_name(cfg)}
-        calls, o, lse = bd.ours(mod, dims, q, kv, indptr, splits=splits, config=cfg)
+        calls, o, lse = bd.ours(mod, dims, q, kv, indptr, splits=splits)
         graph = bd.capture_graph(calls)
         row["cupti"] = pdc.summarize(pdc.kernel_spans(graph, replays=args.replays), nbytes=nbytes)
         del graph
@@ -161,8 +157,7 @@ def timelines(cfg, target, dims, args, *, sms: int, l2: int) -> list[dict]:
         alone = pdc.summarize(pdc.kernel_spans(graph, replays=args.replays), nbytes=nbytes)
         row["cupti_split_alone_us"] = alone["split_us"]
         del graph
-        merges = dec.runs_merge(cfg, batch=batch, num_splits=splits)
-        pcalls = layer_calls(pmod, q, kv, indptr, o_part, lse_part, merge=merges)
+        pcalls = layer_calls(pmod, q, kv, indptr, o_part, lse_part, merge=splits > 1)
         graph = bd.capture_graph(pcalls)
         flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
         used = dec.effective_splits(
@@ -185,8 +180,8 @@ def timelines(cfg, target, dims, args, *, sms: int, l2: int) -> list[dict]:
 
 
 def _stamps(o_part: torch.Tensor) -> torch.Tensor:
-    """The last layer's stamps [CTAs, 15] from the workspace the probe calls share."""
-    bits = o_part[:, :, 0, 0, : 4 + 2 * PROBE_TILES + 3].contiguous().view(torch.int32)
+    """The last layer's stamps [CTAs, 12] from the workspace the probe calls share."""
+    bits = o_part[:, :, 0, 0, : 4 + 2 * PROBE_TILES].contiguous().view(torch.int32)
     return bits.reshape(-1, bits.shape[-1]).to(torch.int64) % (1 << 32)
 
 

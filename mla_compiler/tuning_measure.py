@@ -187,7 +187,6 @@ def run_decode(module, plan: dict, params: dict, reps: int) -> dict:
     import torch
 
     from mla_compiler import reference
-    from mla_compiler.schedules import attention_decode as ad
 
     dims, scale = plan["model"]["dims"], plan["model"]["sm_scale"]
     heads, rank = dims["heads"], dims["kv_lora_rank"]
@@ -200,8 +199,6 @@ def run_decode(module, plan: dict, params: dict, reps: int) -> dict:
     lse = torch.empty(batch, 1, heads, device=dev)  # [B, Q, H]
     indptr = torch.arange(0, batch * ctx + 1, ctx, dtype=torch.int32, device=dev)  # [B+1]
     split, merge = module["decode_split"], module["decode_merge"]
-    config = ad.Config(**params["config"]) if params.get("config") else ad.Config()
-    merges = ad.runs_merge(config, batch=batch, num_splits=splits)
     set_bytes = batch * ctx * width * 2
     calls, first = [], None
     for _ in range(input_sets(set_bytes)):
@@ -212,7 +209,7 @@ def run_decode(module, plan: dict, params: dict, reps: int) -> dict:
 
         def call(a_split=a_split, a_merge=a_merge):
             split(*a_split)
-            if merges:  # else the split kernel wrote O and LSE (one split, or a fused merge)
+            if splits > 1:  # one split per sequence: the split kernel wrote O and LSE
                 merge(*a_merge)
 
         calls.append(call)
@@ -415,8 +412,7 @@ def run_candidate(plan_dir: Path, plan: dict, cand: dict, shapes: list[dict], db
     runner = RUNNERS[cand["kernel"]]
     for shape in shapes:
         try:
-            params = {**shape["params"], "config": cand["config"]}  # (not recorded)
-            res = {**runner(module, plan, params, reps), "reps": reps}
+            res = {**runner(module, plan, shape["params"], reps), "reps": reps}
         except CheckError as err:
             res = {"err": f"check: {err}"}
         except Exception as err:  # noqa: BLE001

@@ -61,17 +61,11 @@ class Config:
     the H100 with the TMA kernel (graph mode): (1, 600) 11.9 -> 9.4 us, (1, 4K) 12.4 -> 10.7
     us against 128-row splits, long contexts and big batches unchanged (the split count
     ``choose_splits`` picks caps them). With the older cp.async kernel 128 had won at (1, 4K).
-    ``q_regs``: every warp keeps Q's A fragments of all ``latent_dim / 16`` k-steps in registers
-    (144 per thread) instead of reloading them from shared memory for every tile. At 8 warps
-    those reloads were 147 of the ~380 KB of shared-memory traffic per 64-row tile, which
-    bounds the tile's math (H200 probe: 1.6 us per tile, ~2950 cycles at 128 B per cycle).
-    ``fused_merge``: a one-sequence launch (B = 1) whose context uses more than one split
-    merges in the split kernel (``runs_merge`` says when the merge kernel is still needed): its
-    CTAs count themselves in and out on a zero-initialised module global, and those that see
-    every CTA of the launch started wait for all partials, then share the merge. Deadlock-free
-    whatever fits on the GPU (a CTA waits only for CTAs that have started); fast when all
-    ``S`` split CTAs are resident at once (``S`` <= SMs x CTAs per SM). One launch of a module's
-    split kernel at a time (the counters are per module, not per stream).
+    ``q_regs``: every warp keeps Q's A fragments of the first ``Q_RESIDENT_STEPS`` (28) of the
+    ``latent_dim / 16`` k-steps in registers (112 per thread) instead of reloading them from
+    shared memory for every tile. At 8 warps those reloads were 147 of the ~380 KB of
+    shared-memory traffic per 64-row tile, which bounds the tile's math (H200 probe: 1.6 us
+    per tile, ~2950 cycles at 128 B per cycle; 1.3 us with ``q_regs``).
     """
 
     block_n: int = 64
@@ -81,7 +75,6 @@ class Config:
     min_split_rows: int = MIN_SPLIT_ROWS
     tma: bool = False
     q_regs: bool = False
-    fused_merge: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,15 +121,6 @@ def split_range(n, split, used, *, block_n: int):
         return lo, hi
     tiles = -(-n // block_n)
     return split * tiles // used * block_n, min((split + 1) * tiles // used * block_n, n)
-
-
-def runs_merge(config: Config, *, batch: int, num_splits: int) -> bool:
-    """Whether a split launch of ``num_splits`` over ``batch`` sequences needs the merge kernel
-    after it (a fused one-sequence launch merged itself; a redundant merge is harmless)."""
-    from mla_compiler.schedules.attention_decode_mma import MAX_FUSED_SPLITS
-
-    fused = config.fused_merge and batch == 1 and num_splits <= MAX_FUSED_SPLITS
-    return num_splits > 1 and not fused
 
 
 def m_tiles(heads: int, q_tokens: int) -> int:
@@ -193,7 +177,6 @@ PREFERRED: dict[str, tuple[Config, ...]] = {
     # had been the H100's pick (2026-11-25).
     "sm_90a": (
         Config(block_n=64, stages=2, warps_n=8, q_regs=True),
-        Config(block_n=64, stages=2, warps_n=8, q_regs=True, fused_merge=True),
         Config(block_n=64, stages=2, warps_n=8),  # 1 CTA/SM, 2 warps per SM sub-partition
         Config(block_n=64, stages=2, warps_n=4, tma=True),
         Config(block_n=32, stages=4, warps_n=4, tma=True),  # 3 tiles in flight during compute

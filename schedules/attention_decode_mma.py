@@ -44,73 +44,6 @@ PROBE_TILES = 4  # tiles whose landing / end a probe build stamps
 # 10), the rest reloaded from shared memory per tile
 Q_RESIDENT_STEPS = 28
 
-# ``fused_merge``: one sequence's split CTAs merge their partials themselves (see split_mma).
-# Zero-initialised module globals: started and arrived CTAs, orphaned CTAs (below), the
-# barrier's sense (flipped once per launch by the last CTA to arrive, which also zeroes the
-# counts for the next launch), and the orphans' split indices.
-MAX_FUSED_SPLITS = 1024
-_SYNC = f"""#ifndef MLA_DECODE_SYNC
-#define MLA_DECODE_SYNC
-__device__ unsigned int mla_decode_sync[4];
-__device__ int mla_decode_orphan[{MAX_FUSED_SPLITS}];
-__device__ __forceinline__ unsigned int mla_ld(int i) {{
-  unsigned int v;
-  asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];"
-               : "=r"(v) : "l"(&mla_decode_sync[i]) : "memory");
-  return v;
-}}
-__device__ __forceinline__ unsigned int mla_ld_acquire(int i) {{
-  unsigned int v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];"
-               : "=r"(v) : "l"(&mla_decode_sync[i]) : "memory");
-  return v;
-}}
-__device__ __forceinline__ void mla_st(int i, unsigned int v) {{
-  asm volatile("st.relaxed.gpu.global.u32 [%0], %1;"
-               :: "l"(&mla_decode_sync[i]), "r"(v) : "memory");
-}}
-#endif
-"""
-# Scoped PTX, no __threadfence (MEMBAR.SC.GPU): the arrival is an acq_rel atomic (after the CTA
-# barrier it releases every thread's partial stores; the last to arrive acquires them all), the
-# sense flip a release store, the wait an acquire load.
-_SYNC_HELPERS = {
-    # at entry: this launch's sense (flipped only once every CTA arrived), then count in
-    "mla_sync_enter": "__device__ __forceinline__ unsigned int mla_sync_enter() {"
-    " unsigned int s = mla_ld(3); atomicAdd(&mla_decode_sync[0], 1u); return s; }",
-    # every CTA of the launch started (resident or done): this one may wait for all
-    "mla_sync_all_started": "__device__ __forceinline__ int mla_sync_all_started("
-    "unsigned int ctas) { return mla_ld(0) == ctas; }",
-    # a CTA that may not wait leaves its merge slices to the last one to arrive
-    "mla_sync_orphan": "__device__ __forceinline__ void mla_sync_orphan(int split) {"
-    " unsigned int k = atomicAdd(&mla_decode_sync[2], 1u); mla_decode_orphan[k] = split; }",
-    # the CTA barrier passed (its partial stores happen before): 1 for the last to arrive
-    "mla_sync_arrive": "__device__ __forceinline__ int mla_sync_arrive(unsigned int ctas) {"
-    ' unsigned int old; asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;"'
-    ' : "=r"(old) : "l"(&mla_decode_sync[1]) : "memory"); return old == ctas - 1; }',
-    # the last to arrive: zero the counts, flip the sense; returns the orphans registered
-    "mla_sync_release": "__device__ __forceinline__ int mla_sync_release(unsigned int sense) {"
-    " int n = (int)mla_ld(2); mla_st(0, 0u); mla_st(1, 0u); mla_st(2, 0u);"
-    ' asm volatile("st.release.gpu.global.u32 [%0], %1;" :: "l"(&mla_decode_sync[3]),'
-    ' "r"(sense ^ 1u) : "memory"); return n; }',
-    "mla_sync_wait": "__device__ __forceinline__ void mla_sync_wait(unsigned int sense) {"
-    " while (mla_ld_acquire(3) == sense) __nanosleep(20); }",
-    "mla_sync_orphan_at": "__device__ __forceinline__ int mla_sync_orphan_at(int i) {"
-    " return *((volatile int*)&mla_decode_orphan[i]); }",
-    # L2 loads (another SM wrote them during this launch)
-    "mla_ldcg4": "__device__ __forceinline__ void mla_ldcg4(float* dst, const float* src) {"
-    " float4 v = __ldcg((const float4*)src); dst[0] = v.x; dst[1] = v.y; dst[2] = v.z;"
-    " dst[3] = v.w; }",
-    "mla_ldcg1": "__device__ __forceinline__ float mla_ldcg1(const float* src) {"
-    " return __ldcg(src); }",
-}
-
-
-def _sync(name: str, *args, dtype: str = "void"):
-    return T.cuda.func_call(
-        name, *args, source_code=_SYNC + _SYNC_HELPERS[name] + "\n", return_type=dtype
-    )
-
 
 def split_mma(
     dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: float, probe: bool = False
@@ -118,10 +51,9 @@ def split_mma(
     """The tensor-core split PrimFunc for ``config`` (already checked by ``keep``).
 
     ``probe`` (timing builds only, ``benchmarks/timeline_decode.py``): thread 0 of each CTA
-    stamps its timeline and writes it over ``o_part[s, b, 0, 0, :15]`` (uint32 bits, wrong
-    outputs): globaltimer at entry and end, clock64 at entry, end, when each of the first
-    ``PROBE_TILES`` tiles has landed and is done, and (fused merge) at the grid barrier's
-    arrival, its release and the merge's end."""
+    stamps its timeline and writes it over ``o_part[s, b, 0, 0, :12]`` (uint32 bits, wrong
+    outputs): globaltimer at entry and end, clock64 at entry, end, and when each of the first
+    ``PROBE_TILES`` tiles has landed and is done."""
     from mla_compiler.schedules.attention_decode import effective_splits, split_range  # a cycle
 
     D, DV, H, Q = dims.latent_dim, dims.kv_lora_rank, heads, q_tokens
@@ -142,13 +74,8 @@ def split_mma(
     Q_ITERS = -(-(MT * 16 * CH) // NT)
     scale_log2 = float(sm_scale) * _LOG2E
     neg_inf = -math.inf
-    NSTAMP = 4 + 2 * PROBE_TILES + 3 if probe else 1
+    NSTAMP = 4 + 2 * PROBE_TILES if probe else 1
     QRK = min(D // 16, Q_RESIDENT_STEPS) if config.q_regs else 0  # k-steps of Q in registers
-    FUSED = config.fused_merge
-    NW = MT * WN  # warps
-    UNITS = R * (DV // 8)  # fused merge: (row, 8 output columns) units, one warp each
-    NSL = -(-UNITS // NW)  # merge slices: NW units
-    MU = 4  # merge: splits per lane per unrolled step
     QF = max(QRK, 1) * 8
 
     @T.macro
@@ -240,78 +167,6 @@ def split_mma(
         )
 
     @T.macro
-    def merge_unit(o_part, lse_part, o, lse, n, S, unit, lane):
-        """Fused merge: lane ``lane`` of the warp owning ``unit`` (query row, 8 output columns)
-        folds splits ``lane, lane + 32, ...`` into a running (max, sum, acc), then the 32 lanes
-        combine with xor shuffles and lane 0 writes O (and LSE for the first columns)."""
-        mm = T.alloc_buffer((2,), "float32", scope="local")  # running max, new max
-        tot = T.alloc_buffer((1,), "float32", scope="local")
-        wt = T.alloc_buffer((MU,), "float32", scope="local")
-        acc = T.alloc_buffer((8,), "float32", scope="local")
-        part = T.alloc_buffer((MU * 8,), "float32", scope="local")
-        r = T.meta_var(T.min(unit // (DV // 8), R - 1))
-        col = T.meta_var(unit % (DV // 8) * 8)
-        nused = T.meta_var(effective_splits(n, S, block_n=BN, min_split_rows=MR))
-        mm[0] = T.float32(_NEG)
-        tot[0] = T.float32(0)
-        for c in T.unroll(8):
-            acc[c] = T.float32(0)
-        for so in range(T.truncdiv(nused + 32 * MU - 1, 32 * MU)):
-            for u in T.unroll(MU):
-                sp = T.meta_var((so * MU + u) * 32 + lane)
-                if sp < nused:
-                    for v in T.unroll(2):
-                        T.evaluate(
-                            _sync(
-                                "mla_ldcg4",
-                                T.address_of(part[u * 8 + v * 4]),
-                                T.address_of(o_part[sp, 0, r // H, r % H, col + v * 4]),
-                            )
-                        )
-                    wt[u] = _sync(
-                        "mla_ldcg1", T.address_of(lse_part[sp, 0, r // H, r % H]), dtype="float32"
-                    )
-                else:
-                    wt[u] = T.float32(neg_inf)
-                    for c in T.unroll(8):
-                        part[u * 8 + c] = T.float32(0)
-            mm[1] = mm[0]
-            for u in T.unroll(MU):
-                mm[1] = T.max(mm[1], wt[u])
-            tot[0] = tot[0] * T.exp(mm[0] - mm[1])
-            for c in T.unroll(8):
-                acc[c] = acc[c] * T.exp(mm[0] - mm[1])
-            for u in T.unroll(MU):
-                wt[u] = T.exp(wt[u] - mm[1])
-                tot[0] = tot[0] + wt[u]
-                for c in T.unroll(8):
-                    acc[c] = acc[c] + wt[u] * part[u * 8 + c]
-            mm[0] = mm[1]
-        mm[1] = mm[0]
-        for k in T.unroll(5):
-            mm[1] = T.max(
-                mm[1], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), mm[1], 1 << k, 32, 32)
-            )
-        tot[0] = tot[0] * T.exp(mm[0] - mm[1])
-        for c in T.unroll(8):
-            acc[c] = acc[c] * T.exp(mm[0] - mm[1])
-        for k in T.unroll(5):
-            tot[0] = tot[0] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), tot[0], 1 << k, 32, 32)
-            for c in T.unroll(8):
-                acc[c] = acc[c] + T.tvm_warp_shuffle_xor(
-                    T.uint32(0xFFFFFFFF), acc[c], 1 << k, 32, 32
-                )
-        if lane == 0 and unit < UNITS:
-            for c in T.unroll(8):
-                o[0, r // H, r % H, col + c] = T.Cast(
-                    "float16", T.if_then_else(tot[0] > 0, acc[c] / tot[0], T.float32(0))
-                )
-            if col == 0:
-                lse[0, r // H, r % H] = T.if_then_else(
-                    tot[0] > 0, mm[1] + T.log(tot[0]), T.float32(neg_inf)
-                )
-
-    @T.macro
     def load_tile(kvs, kv, layer, start, lo, hi, tid, tile, stage):
         """cp.async rows ``lo + tile * BN ..`` into ring slot ``stage`` (zero-fill past ``hi``)."""
         for i in T.unroll(KV_ITERS):
@@ -391,10 +246,6 @@ def split_mma(
         alpha = T.alloc_buffer((2,), "float32", scope="local")
         out4 = T.alloc_buffer((4,), "float32", scope="local")  # one lane's float4 of O
         stamp = T.alloc_buffer((NSTAMP,), "uint32", scope="local")  # probe builds only
-        ctl = T.alloc_buffer((4,), "int32", scope="shared")  # fused merge: orphans, own, -, sense
-        may_wait = T.alloc_buffer((2,), "int32", scope="local")  # fused merge: ctl[0:2]
-        sense = T.alloc_buffer((1,), "uint32", scope="local")  # fused merge: thread 0's
-        orph = T.alloc_buffer((1,), "int32", scope="local")  # fused merge: an orphan's split
         if probe:
             for i in T.unroll(NSTAMP):
                 stamp[i] = T.uint32(0)
@@ -428,16 +279,6 @@ def split_mma(
         # the sequence's only split (an empty sequence's too) writes O and LSE itself: the
         # merge skips it
         single = T.meta_var(sid == 0 and hi >= n)
-        # fused merge: a one-sequence launch whose context uses more than one split (uniform)
-        fuse = T.meta_var(
-            B == 1
-            and S <= MAX_FUSED_SPLITS
-            and effective_splits(n, S, block_n=BN, min_split_rows=MR) > 1
-        )
-        if FUSED:
-            if tid == 0 and fuse:
-                sense[0] = _sync("mla_sync_enter", dtype="uint32")
-
         if TMA:
             if tid == 0:
                 for i in T.unroll(ST):
@@ -666,46 +507,6 @@ def split_mma(
                         lse[b, r // H, r % H] = value
                     elif used_end:
                         lse_part[sid, b, r // H, r % H] = value
-        if FUSED:
-            # The CTAs of a fused launch meet at a grid barrier, then merge slice k (units
-            # NW k .. NW k + NW - 1: warp w merges unit NW k + w over the used splits, lane l
-            # splits l, l + 32, ...) in CTA k % S. Only a CTA that saw every CTA started (so
-            # resident or done) waits at the barrier: no deadlock whatever fits on the GPU. One
-            # that did not registers as an orphan and exits; the last to arrive merges its
-            # slices (slow, but only when the S CTAs were not all resident at once).
-            if probe:
-                stamp[12] = T.Cast("uint32", T.cuda.clock64())
-            T.tvm_storage_sync("shared")  # every thread's partial stores, before the arrival
-            if tid == 0:
-                may_wait[0] = 0  # orphans to merge (the last to arrive)
-                may_wait[1] = 0  # merge own slices
-                if fuse:
-                    may_wait[1] = _sync("mla_sync_all_started", T.Cast("uint32", S), dtype="int32")
-                    if may_wait[1] == 0:
-                        T.evaluate(_sync("mla_sync_orphan", sid))
-                    if _sync("mla_sync_arrive", T.Cast("uint32", S), dtype="int32") == 1:
-                        may_wait[0] = _sync("mla_sync_release", sense[0], dtype="int32")
-                        may_wait[1] = 1
-                    elif may_wait[1] == 1:
-                        T.evaluate(_sync("mla_sync_wait", sense[0]))
-                ctl[0] = may_wait[0]
-                ctl[1] = may_wait[1]
-            T.tvm_storage_sync("shared")
-            if probe:
-                stamp[13] = T.Cast("uint32", T.cuda.clock64())
-            may_wait[0] = ctl[0]
-            may_wait[1] = ctl[1]
-            for j in range(T.truncdiv(T.max(NSL - sid, 0) + S - 1, S) * may_wait[1]):
-                merge_unit(o_part, lse_part, o, lse, n, S, (sid + j * S) * NW + tid // 32, lane)
-            for i in range(may_wait[0]):
-                orph[0] = _sync("mla_sync_orphan_at", i, dtype="int32")
-                for j in range(T.truncdiv(T.max(NSL - orph[0], 0) + S - 1, S)):
-                    if orph[0] != sid:
-                        merge_unit(
-                            o_part, lse_part, o, lse, n, S, (orph[0] + j * S) * NW + tid // 32, lane
-                        )
-            if probe:
-                stamp[14] = T.Cast("uint32", T.cuda.clock64())
         if probe:
             stamp[3] = T.Cast("uint32", T.cuda.clock64())
             stamp[1] = T.cuda.func_call(

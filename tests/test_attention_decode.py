@@ -74,8 +74,7 @@ def _run_and_check(
     split_args = [_tvm(x) for x in (q, kv, indptr)] + [layer]
     split_args += [_tvm(x) for x in (o_part, lse_part, o, lse)]
     mod["decode_split"](*split_args)
-    if dec.runs_merge(config, batch=b, num_splits=num_splits):  # else the split merged itself
-        mod["decode_merge"](_tvm(o_part), _tvm(lse_part), _tvm(indptr), _tvm(o), _tvm(lse))
+    mod["decode_merge"](_tvm(o_part), _tvm(lse_part), _tvm(indptr), _tvm(o), _tvm(lse))
     if device != "cpu":
         torch.cuda.synchronize()
     scale = dims.qk_head_dim**-0.5
@@ -225,8 +224,7 @@ def test_keep_rejects_oversized():
 
 
 # id -> (arch, query tokens, ring): "default-cp.async" / "default-tma" build the default and
-# expect that ring; "tma" / "q-regs" / "fused" build the first TMA / q_regs / fused-merge
-# candidate
+# expect that ring; "tma" / "q-regs" build the first TMA / q_regs candidate
 STATIC_CASES = {
     "sm_89-q1": ("sm_89", 1, "default-cp.async"),
     "sm_89-q2": ("sm_89", 2, "default-cp.async"),
@@ -236,7 +234,6 @@ STATIC_CASES = {
     "sm_90a-tma-q1": ("sm_90a", 1, "tma"),
     "sm_90a-tma-q2": ("sm_90a", 2, "tma"),
     "sm_89-q-regs-q1": ("sm_89", 1, "q-regs"),  # the register budget keep() allows: no spills
-    "sm_90a-fused-q1": ("sm_90a", 1, "fused"),
 }
 
 
@@ -252,8 +249,8 @@ def test_cuda_static(case):
     found = dec.candidate_configs(tvm_target(arch), LITE, heads=16, q_tokens=q_tokens)
     if ring == "tma":
         config = next(c for c in found if c.tma)
-    elif ring in ("q-regs", "fused"):
-        config = next(c for c in found if c.q_regs and c.fused_merge == (ring == "fused"))
+    elif ring == "q-regs":
+        config = next(c for c in found if c.q_regs)
     mod, config = _module("lite", q_tokens, arch, config)
     assert config.tma == (ring in ("tma", "default-tma")), config
     flags = getattr(nvcc, "TVM_NVCC_FLAGS", ())  # the flags of TVM's own JIT build, where known
@@ -270,24 +267,8 @@ def test_cuda_static(case):
         assert ops.get("SYNCS", 0) >= 1, ops  # mbarrier init / expect_tx / try_wait
     else:
         assert ops.get("UBLKCP", 0) == 0, ops
-    if config.fused_merge:  # the grid barrier's counters: entry / orphan adds, the arrival
-        assert ops.get("ATOMG", 0) + ops.get("REDG", 0) >= 2, ops
     merge = next(r for name, r in res.items() if "decode_merge" in name)
     assert merge.spill_bytes == 0, merge
-
-
-@pytest.mark.parametrize(
-    "fused, batch, splits, runs",
-    [(False, 1, 128, True), (True, 1, 128, False), (True, 2, 128, True), (True, 1, 1, False),
-     (False, 4, 1, False), (True, 1, 4096, True)],
-    ids=["plain-b1", "fused-b1", "fused-b2", "fused-one-split", "plain-one-split",
-         "fused-past-max-splits"],
-)  # fmt: skip
-def test_runs_merge(fused, batch, splits, runs):
-    """The merge kernel runs after a split launch unless every sequence used one split or a
-    fused one-sequence launch (at most MAX_FUSED_SPLITS splits) merged itself."""
-    config = dec.Config(block_n=64, stages=2, warps_n=8, fused_merge=fused)
-    assert dec.runs_merge(config, batch=batch, num_splits=splits) == runs
 
 
 def _gpu_arch() -> str | None:
@@ -381,7 +362,7 @@ def test_bench_graph_mode_bookkeeping():
     assert kv.shape == (layers, batch * ctx, dims.latent_dim)  # [NL, B*ctx, 576]
     config = _cpu(16, 32)
     built = _module("tiny", 1, "cpu", config)
-    calls, o, lse = bench.ours(built[0], dims, q, kv, indptr, splits=5, config=config)
+    calls, o, lse = bench.ours(built[0], dims, q, kv, indptr, splits=5)
     assert len(calls) == layers and all(x.isnan().all() for x in o)
     nbytes = bench.call_bytes(dims, batch=batch, ctx=ctx, heads=dims.heads)
     assert nbytes == kv[0].nbytes + q[0].nbytes + o[0].nbytes

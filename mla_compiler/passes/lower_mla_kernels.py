@@ -16,7 +16,6 @@ from tvm import relax
 from mla_compiler import kernels
 from mla_compiler.model_export.config import MLADims
 from mla_compiler.passes import pseudo
-from mla_compiler.schedules.attention_decode import runs_merge
 
 
 @relax.expr_functor.mutator
@@ -107,8 +106,7 @@ class _Lower(relax.PyExprMutator):
                 ],
             )
         )
-        if runs_merge(dk.config, batch=1, num_splits=splits):
-            # else the split kernel wrote O and LSE (a context of one split, or a fused merge)
+        if splits > 1:  # the split kernel wrote O and LSE where the context used one split
             o, lse = relax.TupleGetItem(res, 2), relax.TupleGetItem(res, 3)
             parts = [relax.TupleGetItem(res, 0), relax.TupleGetItem(res, 1)]
             merge = self._add(key + ("merge",), dk.merge, "mla_decode_merge")
