@@ -33,7 +33,12 @@ from tvm.script import tirx as T
 
 from mla_compiler.errors import TargetError
 from mla_compiler.model_export.config import MLADims
-from mla_compiler.schedules.attention_decode_mma import Q_RESIDENT_STEPS, split_mma
+from mla_compiler.schedules.attention_decode_mma import (
+    Q_RESIDENT_STEPS,
+    q_tail_columns,
+    split_mma,
+    stages_q_in_ring,
+)
 from mla_compiler.schedules.target import gpu_spec, is_gpu
 
 MAX_Q_TOKENS = 4
@@ -133,7 +138,7 @@ def shared_bytes(config: Config, dims: MLADims, *, heads: int, q_tokens: int) ->
     rows = 16 * m_tiles(heads, q_tokens)
     row = (dims.latent_dim + 8) * 2
     kv = config.stages * config.block_n * row
-    q = rows * row
+    q = rows * (q_tail_columns(dims, config) + 8) * 2  # Q, or its tail (staged in the ring)
     p = rows * (config.block_n + 8) * 2
     red = 2 * config.warps_n * rows * 4
     return kv + q + p + red
@@ -157,6 +162,8 @@ def keep(
         need = q_regs + acc + 96
         if need > min(255, 65536 // (32 * warps)):
             return False
+    if stages_q_in_ring(config) and 16 * m_tiles(heads, q_tokens) > config.block_n:
+        return False  # Q is staged in one ring slot
     return (
         config.block_n % (8 * config.warps_n) == 0
         and dims.kv_lora_rank % (16 * config.warps_n) == 0

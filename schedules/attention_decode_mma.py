@@ -45,6 +45,21 @@ PROBE_TILES = 4  # tiles whose landing / end a probe build stamps
 Q_RESIDENT_STEPS = 28
 
 
+def stages_q_in_ring(config) -> bool:
+    """Whether Q is staged in the cp.async ring's last slot (read into registers, then the slot
+    gets its tile), leaving only the non-resident k-steps of Q in a shared buffer of their own:
+    how a 3-stage q_regs ring fits 227 KB."""
+    return config.q_regs and config.stages >= 3 and not config.tma
+
+
+def q_tail_columns(dims: MLADims, config) -> int:
+    """Columns of Q the split kernel keeps in shared memory for the whole loop (all of them,
+    or the non-resident k-steps' when Q is staged in the ring)."""
+    if not stages_q_in_ring(config):
+        return dims.latent_dim
+    return dims.latent_dim - 16 * min(dims.latent_dim // 16, Q_RESIDENT_STEPS)
+
+
 def split_mma(
     dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: float, probe: bool = False
 ):
@@ -77,6 +92,12 @@ def split_mma(
     NSTAMP = 4 + 2 * PROBE_TILES if probe else 1
     QRK = min(D // 16, Q_RESIDENT_STEPS) if config.q_regs else 0  # k-steps of Q in registers
     QF = max(QRK, 1) * 8
+    SQ = stages_q_in_ring(config)  # Q staged in slot ST - 1; qs keeps only columns QRK*16..
+    QC = q_tail_columns(dims, config)  # columns of qs
+    QO = D - QC  # Q column of qs column 0
+    QP = QC + 8  # padded qs row
+    QCH = QC // 8  # 16-byte chunks of a qs row
+    QT_ITERS = -(-(MT * 16 * QCH) // NT)
 
     @T.macro
     def qk_step(abuf, aoff, kvs, st_off, wn, lane, acc_s, b_frag, ks):
@@ -151,8 +172,9 @@ def split_mma(
             )
 
     @T.macro
-    def load_q_frag(qs, dst, wm, lane, ks, off):
-        """ldmatrix.x4: the A fragment of Q for k-step ``ks`` into ``dst[off : off + 8]``."""
+    def load_q_frag(src, base, stride, dst, wm, lane, col, off):
+        """ldmatrix.x4: the A fragment of Q's columns ``col .. col + 15`` (rows ``16 wm ..``,
+        ``stride`` halves apart from ``src[base]``) into ``dst[off : off + 8]``."""
         T.evaluate(
             T.ptx_legacy.ldmatrix(
                 False,
@@ -160,8 +182,8 @@ def split_mma(
                 ".b16",
                 dst.data,
                 off,
-                qs.access_ptr("r"),
-                (wm * 16 + lane % 16) * DP + ks * 16 + lane // 16 * 8,
+                src.access_ptr("r"),
+                base + (wm * 16 + lane % 16) * stride + col + lane // 16 * 8,
                 dtype="float16",
             )
         )
@@ -230,7 +252,7 @@ def split_mma(
         b = T.launch_thread("blockIdx.y", B)
         tid = T.launch_thread("threadIdx.x", NT)
         kvs = T.alloc_buffer((ST, BN, DP), "float16", scope="shared.dyn")  # cache tile ring
-        qs = T.alloc_buffer((MT * 16, DP), "float16", scope="shared.dyn")
+        qs = T.alloc_buffer((MT * 16, QP), "float16", scope="shared.dyn")  # Q (or its tail)
         ps = T.alloc_buffer((MT * 16, BNP), "float16", scope="shared.dyn")
         red_m = T.alloc_buffer((WN, MT * 16), "float32", scope="shared.dyn")
         red_l = T.alloc_buffer((WN, MT * 16), "float32", scope="shared.dyn")
@@ -285,24 +307,40 @@ def split_mma(
                     T.ptx.mbarrier.init.shared.b64(bars.ptr_to([i]), T.uint32(1))
                 T.evaluate(T.ptx["fence.proxy.async.shared::cta"]())
             T.tvm_storage_sync("shared")
-        # Q rows (padded rows zero-filled) ride in their own first cp.async group
-        for i in T.unroll(Q_ITERS):
+        # Q rows (padded rows zero-filled) ride in their own first cp.async group: into qs, or
+        # (SQ) whole into ring slot ST - 1 and the non-resident columns into qs
+        for i in T.unroll(QT_ITERS):
             idx = T.meta_var(i * NT + tid)
-            if idx < MT * 16 * CH and used:
-                r = T.meta_var(idx // CH)
+            if idx < MT * 16 * QCH and used:
+                r = T.meta_var(idx // QCH)
                 rc = T.meta_var(T.min(r, R - 1))
                 T.evaluate(
                     T.ptx["cp.async.cg.shared.global"](
-                        qs.ptr_to([r, idx % CH * 8]),
-                        q.ptr_to([b, rc // H, rc % H, idx % CH * 8]),
+                        qs.ptr_to([r, idx % QCH * 8]),
+                        q.ptr_to([b, rc // H, rc % H, QO + idx % QCH * 8]),
                         16,
                         T.Cast("uint32", T.if_then_else(r < R, 16, 0)),
                     )
                 )
+        if SQ:
+            for i in T.unroll(Q_ITERS):
+                idx = T.meta_var(i * NT + tid)
+                if idx < MT * 16 * CH and used:
+                    r = T.meta_var(idx // CH)
+                    rc = T.meta_var(T.min(r, R - 1))
+                    T.evaluate(
+                        T.ptx["cp.async.cg.shared.global"](
+                            kvs.ptr_to([ST - 1, r, idx % CH * 8]),
+                            q.ptr_to([b, rc // H, rc % H, idx % CH * 8]),
+                            16,
+                            T.Cast("uint32", T.if_then_else(r < R, 16, 0)),
+                        )
+                    )
         T.evaluate(T.ptx.cp.async_.commit_group())
 
-        # prologue: tiles 0 .. ST-1 in flight (a slot refills once every warp is done with it)
-        for st in T.unroll(ST):
+        # prologue: tiles 0 .. ST-1 in flight (a slot refills once every warp is done with it;
+        # SQ: tile ST - 1 once Q's fragments left slot ST - 1 for the registers)
+        for st in T.unroll(ST - int(SQ)):
             if TMA:
                 if st < ntiles:
                     load_tile_tma(kvs, kv, bars, layer, start, lo, hi, tid, st, st)
@@ -311,10 +349,18 @@ def split_mma(
                     load_tile(kvs, kv, layer, start, lo, hi, tid, st, st)
                 T.evaluate(T.ptx.cp.async_.commit_group())  # one group per slot, maybe empty
         # Q landed (the tiles may still fly: cp.async groups complete in order)
-        T.evaluate(T.ptx.cp.async_.wait_group(0 if TMA else ST))
+        T.evaluate(T.ptx.cp.async_.wait_group(0 if TMA else ST - int(SQ)))
         T.tvm_storage_sync("shared")
         for ks in T.unroll(QRK):  # q_regs: Q's A fragments of the first QRK k-steps, once
-            load_q_frag(qs, q_frag, wm, lane, ks, ks * 8)
+            if SQ:
+                load_q_frag(kvs, (ST - 1) * BN * DP, DP, q_frag, wm, lane, ks * 16, ks * 8)
+            else:
+                load_q_frag(qs, 0, QP, q_frag, wm, lane, ks * 16, ks * 8)
+        if SQ:
+            T.tvm_storage_sync("shared")  # every warp has its fragments: slot ST - 1 is free
+            if ST - 1 < ntiles:
+                load_tile(kvs, kv, layer, start, lo, hi, tid, ST - 1, ST - 1)
+            T.evaluate(T.ptx.cp.async_.commit_group())
 
         for e in T.unroll(NO * 4):
             acc_o[e] = T.float32(0)
@@ -340,7 +386,7 @@ def split_mma(
             for ks in T.unroll(QRK):  # Q's A fragments resident in registers
                 qk_step(q_frag, ks * 8, kvs, st_off, wn, lane, acc_s, b_frag, ks)
             for kr in T.unroll(D // 16 - QRK):  # the rest reloaded from shared memory
-                load_q_frag(qs, a_frag, wm, lane, QRK + kr, 0)
+                load_q_frag(qs, 0, QP, a_frag, wm, lane, (QRK + kr) * 16 - QO, 0)
                 qk_step(a_frag, 0, kvs, st_off, wn, lane, acc_s, b_frag, QRK + kr)
             for e in T.unroll(NS * 4):
                 acc_s[e] = acc_s[e] + acc_s[NS * 4 + e]

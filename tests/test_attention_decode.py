@@ -15,6 +15,7 @@ from conftest import nvcc_available
 from mla_compiler import reference
 from mla_compiler.model_export.config import MLADims, preset
 from mla_compiler.schedules import attention_decode as dec
+from mla_compiler.schedules.attention_decode_mma import stages_q_in_ring
 from mla_compiler.schedules.target import GPUS, tvm_target
 
 TINY = preset("tiny").dims
@@ -224,7 +225,8 @@ def test_keep_rejects_oversized():
 
 
 # id -> (arch, query tokens, ring): "default-cp.async" / "default-tma" build the default and
-# expect that ring; "tma" / "q-regs" build the first TMA / q_regs candidate
+# expect that ring; "tma" / "q-regs" / "q-staged" build the first TMA / q_regs / q_regs with
+# Q staged in the ring candidate
 STATIC_CASES = {
     "sm_89-q1": ("sm_89", 1, "default-cp.async"),
     "sm_89-q2": ("sm_89", 2, "default-cp.async"),
@@ -234,6 +236,7 @@ STATIC_CASES = {
     "sm_90a-tma-q1": ("sm_90a", 1, "tma"),
     "sm_90a-tma-q2": ("sm_90a", 2, "tma"),
     "sm_89-q-regs-q1": ("sm_89", 1, "q-regs"),  # the register budget keep() allows: no spills
+    "sm_90a-q-staged-q1": ("sm_90a", 1, "q-staged"),  # 3 stages: Q staged in the ring
 }
 
 
@@ -251,6 +254,8 @@ def test_cuda_static(case):
         config = next(c for c in found if c.tma)
     elif ring == "q-regs":
         config = next(c for c in found if c.q_regs)
+    elif ring == "q-staged":
+        config = next(c for c in found if stages_q_in_ring(c))
     mod, config = _module("lite", q_tokens, arch, config)
     assert config.tma == (ring in ("tma", "default-tma")), config
     flags = getattr(nvcc, "TVM_NVCC_FLAGS", ())  # the flags of TVM's own JIT build, where known
@@ -324,15 +329,21 @@ def test_gpu_matches_reference(case, splits):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(_gpu_arch() is None, reason="needs a CUDA GPU and TVM with CUDA")
-@pytest.mark.parametrize("cfg", ["simple", "cp-async-w4", "alt1", "alt2", "alt3"])
+@pytest.mark.parametrize("cfg", ["simple", "cp-async-w4", "q-staged", "alt1", "alt2", "alt3"])
 def test_gpu_other_configs(cfg):
-    """The simple CUDA fallback, a 4-warp cp.async ring (sm_89's kind of config) and the next
-    tensor-core configs (on sm_90a: TMA rings) agree with the reference."""
+    """The simple CUDA fallback, a 4-warp cp.async ring (sm_89's kind of config), a q_regs ring
+    with Q staged in its last slot and the next tensor-core configs (on sm_90a: TMA rings)
+    agree with the reference."""
     arch = _gpu_arch()
     if cfg == "simple":
         config = dec.Config(tensor_cores=False)
     elif cfg == "cp-async-w4":
         config = dec.Config(block_n=64, stages=2, warps_n=4)
+    elif cfg == "q-staged":
+        found = dec.candidate_configs(tvm_target(arch), LITE, heads=16, q_tokens=1)
+        config = next((c for c in found if stages_q_in_ring(c)), None)
+        if config is None:
+            pytest.skip(f"no 3-stage q_regs config fits {arch}")
     else:
         config = dec.candidate_configs(tvm_target(arch), LITE, heads=16, q_tokens=1)[int(cfg[-1])]
     built = _module("lite", 1, arch, config)
