@@ -249,6 +249,19 @@ def config_name(cfg) -> str:
     return name + ("" if cfg.tensor_cores else "-simple")
 
 
+def select_configs(configs: list, only: str | None, *, arch: str, first: int) -> list:
+    """The configs named by ``only`` (comma list of ``config_name`` labels, in that order), or
+    the first ``first`` of ``configs``; an unknown label exits with the known ones."""
+    if not only:
+        return configs[:first]
+    by_name = {config_name(c): c for c in configs}
+    wanted = only.split(",")
+    missing = [x for x in wanted if x not in by_name]
+    if missing:
+        sys.exit(f"--only: no candidate config {missing} on {arch}; known: {sorted(by_name)}")
+    return [by_name[x] for x in wanted]
+
+
 def split_counts(chosen: int, ctx: int, config) -> list[int]:
     """The split counts timed: the model's choice, half and twice it, those past what a
     context of ``ctx`` rows uses (``effective_splits``) dropped: they would time the same."""
@@ -313,15 +326,7 @@ def main() -> None:
         dataclasses.replace(c, min_split_rows=args.min_split_rows)
         for c in dec.candidate_configs(target, dims, heads=HEADS, q_tokens=1)
     ]
-    if args.only:
-        by_name = {config_name(c): c for c in configs}
-        wanted = args.only.split(",")
-        missing = [x for x in wanted if x not in by_name]
-        if missing:
-            sys.exit(f"--only: no candidate config {missing} on {arch}; known: {sorted(by_name)}")
-        configs = [by_name[x] for x in wanted]
-    else:
-        configs = configs[: args.configs]
+    configs = select_configs(configs, args.only, arch=arch, first=args.configs)
     mods = {}
     for cfg in configs:
         t0 = time.time()

@@ -117,8 +117,7 @@ def main() -> None:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     dims = MLADims(heads=bd.HEADS)
     found = dec.candidate_configs(target, dims, heads=bd.HEADS, q_tokens=1)
-    by_name = {bd.config_name(c): c for c in found}
-    configs = [by_name[x] for x in args.only.split(",")] if args.only else found[:1]
+    configs = bd.select_configs(found, args.only, arch=arch, first=1)
     rows = []
     for cfg in configs:
         rows += timelines(cfg, target, dims, args, sms=sms, l2=l2)
