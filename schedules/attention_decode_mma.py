@@ -27,6 +27,7 @@ import math
 from tvm.script import tirx as T
 
 from mla_compiler.model_export.config import MLADims
+from mla_compiler.schedules.mma_sync import mma_f16
 
 _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
@@ -120,24 +121,8 @@ def split_mma(
                 )
             )
             for half in T.unroll(2):
-                T.evaluate(
-                    T.ptx_legacy.mma(
-                        "m16n8k16",
-                        "row",
-                        "col",
-                        "fp16",
-                        "fp16",
-                        "fp32",
-                        abuf.data,
-                        aoff,
-                        b_frag.data,
-                        half * 4,
-                        acc_s.data,
-                        ks % 2 * (NS * 4) + (np * 2 + half) * 4,
-                        False,
-                        dtype="float32",
-                    )
-                )
+                c_off = T.meta_var(ks % 2 * (NS * 4) + (np * 2 + half) * 4)  # even / odd chain
+                mma_f16(abuf, aoff, b_frag, half * 4, acc_s, c_off)
 
         for _odd in T.unroll(NS % 2):  # a lone n8 tile: ldmatrix.x2 (lanes 0-15)
             T.evaluate(
@@ -152,24 +137,7 @@ def split_mma(
                     dtype="float16",
                 )
             )
-            T.evaluate(
-                T.ptx_legacy.mma(
-                    "m16n8k16",
-                    "row",
-                    "col",
-                    "fp16",
-                    "fp16",
-                    "fp32",
-                    abuf.data,
-                    aoff,
-                    b_frag.data,
-                    0,
-                    acc_s.data,
-                    ks % 2 * (NS * 4) + (NS - 1) * 4,
-                    False,
-                    dtype="float32",
-                )
-            )
+            mma_f16(abuf, aoff, b_frag, 0, acc_s, ks % 2 * (NS * 4) + (NS - 1) * 4)
 
     @T.macro
     def load_q_frag(src, base, stride, dst, wm, lane, col, off):
@@ -463,24 +431,7 @@ def split_mma(
                         )
                     )
                     for half in T.unroll(2):
-                        T.evaluate(
-                            T.ptx_legacy.mma(
-                                "m16n8k16",
-                                "row",
-                                "col",
-                                "fp16",
-                                "fp16",
-                                "fp32",
-                                a_frag.data,
-                                0,
-                                b_frag.data,
-                                half * 4,
-                                acc_o.data,
-                                (np * 2 + half) * 4,
-                                False,
-                                dtype="float32",
-                            )
-                        )
+                        mma_f16(a_frag, 0, b_frag, half * 4, acc_o, (np * 2 + half) * 4)
             T.tvm_storage_sync("shared")
             if probe:
                 for j in T.unroll(PROBE_TILES):

@@ -36,6 +36,7 @@ import math
 
 from tvm.script import tirx as T
 
+from .mma_sync import mma_f16
 from .wgmma import mma_async, mma_async_rs, pin
 
 LOG2E = math.log2(math.e)
@@ -316,26 +317,6 @@ def _load_kv(G, P, tile, stage):
 
 
 @T.macro(hygienic=False)
-def _mma(a, a_off, b, b_off, c, c_off):
-    T.ptx_legacy.mma(
-        "m16n8k16",
-        "row",
-        "col",
-        "fp16",
-        "fp16",
-        "fp32",
-        a.data,
-        a_off,
-        b.data,
-        b_off,
-        c.data,
-        c_off,
-        False,
-        dtype="float32",
-    )
-
-
-@T.macro(hygienic=False)
 def _tile_step(G, P, stage, it):
     # S = Q K^T for this warp's 16 rows and its s_cols columns of the tile (all, unless split).
     if G.wgmma:
@@ -428,8 +409,8 @@ def _s_mma(G, stage):
                 + lane // 8 % 2 * 8,
                 dtype="float16",
             )
-            _mma(qa, 0, kb, 0, s_acc, n2 * 8)
-            _mma(qa, 0, kb, 4, s_acc, n2 * 8 + 4)
+            mma_f16(qa, 0, kb, 0, s_acc, n2 * 8)
+            mma_f16(qa, 0, kb, 4, s_acc, n2 * 8 + 4)
 
 
 @T.macro(hygienic=False)
@@ -667,11 +648,11 @@ def _pv_mma(G, v_tile, p_base):
                 dtype="float16",
             )
             if G.split_s:
-                _mma(qa, 0, kb, 0, o_acc, d2 * 8)
-                _mma(qa, 0, kb, 4, o_acc, d2 * 8 + 4)
+                mma_f16(qa, 0, kb, 0, o_acc, d2 * 8)
+                mma_f16(qa, 0, kb, 4, o_acc, d2 * 8 + 4)
             else:
-                _mma(ph, ks * 8, kb, 0, o_acc, d2 * 8)
-                _mma(ph, ks * 8, kb, 4, o_acc, d2 * 8 + 4)
+                mma_f16(ph, ks * 8, kb, 0, o_acc, d2 * 8)
+                mma_f16(ph, ks * 8, kb, 4, o_acc, d2 * 8 + 4)
 
 
 @T.macro(hygienic=False)
