@@ -292,15 +292,31 @@ def _groups(blob: bytes):
         raise ArtifactError("TVM module blob has trailing bytes: unknown layout")
 
 
-def _skip_fmap(r: _Reader) -> None:
-    """Skip a serialised Map<String, FunctionInfo> (validates the layout as it goes)."""
+def _read_fmap(r: _Reader) -> dict[str, list[str]]:
+    """Read a serialised Map<String, FunctionInfo> (validating the layout as it goes): each
+    kernel's launch parameter tags."""
+    tags = {}
     for _ in range(r.u64()):
-        r.str()  # key
+        key = r.str().decode()
         r.str()  # FunctionInfo.name
         r.raw(4 * r.u64())  # arg_types: DLDataType
-        for _ in range(r.u64()):
-            r.str()  # launch_param_tags
+        tags[key] = [r.str().decode() for _ in range(r.u64())]  # launch_param_tags
         r.raw(4 * r.u64())  # arg_extra_tags: int32 enum
+    return tags
+
+
+def launch_tags(module) -> dict[str, list[str]]:
+    """Launch parameter tags of every CUDA kernel imported by ``module`` (a built TVM module),
+    e.g. ``["blockIdx.x", "threadIdx.x", "tirx.use_dyn_shared_memory"]``: how the runtime
+    launches it (grid / block axes, and flags such as programmatic dependent launch)."""
+    blob = _pack_imports(module)
+    tags = {}
+    for kind, start, end in _groups(blob) if blob else ():
+        if kind == "cuda":
+            r = _Reader(blob[start:end])
+            r.str()  # fmt
+            tags.update(_read_fmap(r))
+    return tags
 
 
 def _split_cuda_payload(payload: bytes) -> tuple[str, bytes, bytes]:
@@ -308,7 +324,7 @@ def _split_cuda_payload(payload: bytes) -> tuple[str, bytes, bytes]:
     r = _Reader(payload)
     fmt = r.str().decode()
     start = r.offset
-    _skip_fmap(r)
+    _read_fmap(r)
     fmap = payload[start : r.offset]
     code = r.str()
     if r.offset != len(payload):

@@ -23,6 +23,7 @@ class GPUSpec:
     registers_per_sm: int = 65536
     has_wgmma: bool = False
     has_tma: bool = False  # cp.async.bulk + mbarrier transaction counts (sm_90)
+    has_pdl: bool = False  # griddepcontrol: programmatic dependent launch (sm_90)
 
 
 GPUS: dict[str, GPUSpec] = {
@@ -30,7 +31,9 @@ GPUS: dict[str, GPUSpec] = {
     "sm_86": GPUSpec("sm_86", sm_count=84, max_shared_bytes_per_block=99 * 1024),
     # RTX 4080: the user's named GPU
     "sm_89": GPUSpec("sm_89", sm_count=76, max_shared_bytes_per_block=99 * 1024),
-    "sm_90": GPUSpec("sm_90", sm_count=132, max_shared_bytes_per_block=227 * 1024, has_tma=True),
+    "sm_90": GPUSpec(
+        "sm_90", sm_count=132, max_shared_bytes_per_block=227 * 1024, has_tma=True, has_pdl=True
+    ),
     # H100 SXM: the GPU we measure on
     "sm_90a": GPUSpec(
         "sm_90a",
@@ -38,6 +41,7 @@ GPUS: dict[str, GPUSpec] = {
         max_shared_bytes_per_block=227 * 1024,
         has_wgmma=True,
         has_tma=True,
+        has_pdl=True,
     ),
 }
 
