@@ -33,6 +33,7 @@ from tvm.script import tirx as T
 
 from mla_compiler.errors import TargetError
 from mla_compiler.model_export.config import MLADims
+from mla_compiler.schedules import grid_dependency
 from mla_compiler.schedules.attention_decode_mma import (
     Q_RESIDENT_STEPS,
     q_tail_columns,
@@ -71,6 +72,11 @@ class Config:
     shared memory for every tile. At 8 warps those reloads were 147 of the ~380 KB of
     shared-memory traffic per 64-row tile, which bounds the tile's math (H200 probe: 1.6 us
     per tile, ~2950 cycles at 128 B per cycle; 1.3 us with ``q_regs``).
+    ``pdl`` (sm_90): both kernels are launched as programmatic dependents
+    (``grid_dependency``): the split waits for the kernel before it at its first instruction,
+    the merge computes its rows' split counts before waiting for the split; each lets the next
+    kernel launch once its stores are issued. The launch latency and the merge's index chain
+    overlap the predecessor's tail.
     """
 
     block_n: int = 64
@@ -80,6 +86,7 @@ class Config:
     min_split_rows: int = MIN_SPLIT_ROWS
     tma: bool = False
     q_regs: bool = False
+    pdl: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +161,8 @@ def keep(
         return False
     spec = gpu_spec(target)
     warps = config.warps_n * m_tiles(heads, q_tokens)
+    if config.pdl and not spec.has_pdl:
+        return False
     if config.tma and not (spec.has_tma and config.block_n % 32 == 0 and dims.latent_dim % 8 == 0):
         return False  # bulk copies move whole rows: 16-byte multiples, 16-byte aligned
     if config.q_regs:  # resident Q fragments + O and S accumulators + ~96 must fit 255 registers
@@ -183,6 +192,7 @@ PREFERRED: dict[str, tuple[Config, ...]] = {
     # 2634, (128, 4K) 3233 vs 2966, (128, 8K) 3173 vs 2975, b = 1 within +-4%; the TMA configs
     # had been the H100's pick (2026-11-25).
     "sm_90a": (
+        Config(block_n=64, stages=2, warps_n=8, q_regs=True, pdl=True),
         Config(block_n=64, stages=2, warps_n=8, q_regs=True),
         Config(block_n=64, stages=2, warps_n=8),  # 1 CTA/SM, 2 warps per SM sub-partition
         Config(block_n=64, stages=2, warps_n=4, tma=True),
@@ -590,6 +600,8 @@ def _merge_gpu(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: 
                     0,
                 )
                 used[0] = T.if_then_else(used[0] > 1, used[0], 0)  # one split: written by it
+                if config.pdl:  # kv_indptr predates the split kernel; its partials do not
+                    grid_dependency.wait()
                 m[0] = T.float32(start_max)
                 total[0] = T.float32(0)
                 for c in T.unroll(CG):
@@ -649,6 +661,8 @@ def _merge_gpu(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: 
                         lse[b, t, h] = T.if_then_else(
                             total[0] > 0, m[1] + T.log(total[0]), T.float32(neg_inf)
                         )
+                if config.pdl:
+                    grid_dependency.launch_dependents()
 
     return merge
 

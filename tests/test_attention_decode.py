@@ -276,6 +276,37 @@ def test_cuda_static(case):
     assert merge.spill_bytes == 0, merge
 
 
+@pytest.mark.parametrize("arch", ["sm_89", "sm_90a"])
+def test_programmatic_launch_only_on_sm90(arch):
+    """sm_90a's default: both kernels carry the PDL launch tag (before the dynamic shared
+    memory tag), the split waits for its predecessor before its first global load and the
+    merge before its first partial load, both let the next kernel launch after their last
+    store; sm_89 has no griddepcontrol: neither."""
+    from mla_compiler.cuda_build import launch_tags
+    from mla_compiler.schedules.grid_dependency import PDL_TAG
+
+    mod, config = _module("lite", 1, arch)
+    assert config.pdl == (arch == "sm_90a")
+    tags = launch_tags(mod.mod)
+    assert set(tags) == {"decode_split_kernel", "decode_merge_kernel"}, tags
+    for name, kernel_tags in tags.items():
+        assert (PDL_TAG in kernel_tags) == config.pdl, (name, kernel_tags)
+        assert kernel_tags[-1] == "tirx.use_dyn_shared_memory" or name == "decode_merge_kernel"
+    src = mod.mod.imports[0].inspect_source()
+    for kernel, first_read, last_store in (
+        ("decode_split_kernel", "kv_indptr_ptr", "lse_part_ptr["),
+        ("decode_merge_kernel", "o_part_ptr", "lse_ptr["),
+    ):
+        body = src[src.rindex(kernel + "(") :]  # the definition
+        body = body[body.index("{") : body.index("\n}\n")]
+        wait = body.find("tvm_builtin_ptx_griddepcontrol_wait();")
+        trigger = body.find("tvm_builtin_ptx_griddepcontrol_launch_dependents();")
+        assert (wait >= 0) == config.pdl and (trigger >= 0) == config.pdl, kernel
+        if config.pdl:  # wait before the first read, trigger after the last store
+            assert 0 <= wait < body.index(first_read), kernel
+            assert trigger > body.rindex(last_store), kernel
+
+
 def _gpu_arch() -> str | None:
     if not torch.cuda.is_available():
         return None
@@ -329,7 +360,9 @@ def test_gpu_matches_reference(case, splits):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(_gpu_arch() is None, reason="needs a CUDA GPU and TVM with CUDA")
-@pytest.mark.parametrize("cfg", ["simple", "cp-async-w4", "q-staged", "alt1", "alt2", "alt3"])
+@pytest.mark.parametrize(
+    "cfg", ["simple", "cp-async-w4", "q-staged", "alt1", "alt2", "alt3", "alt4"]
+)
 def test_gpu_other_configs(cfg):
     """The simple CUDA fallback, a 4-warp cp.async ring (sm_89's kind of config), a q_regs ring
     with Q staged in its last slot and the next tensor-core configs (on sm_90a: TMA rings)
@@ -348,6 +381,52 @@ def test_gpu_other_configs(cfg):
         config = dec.candidate_configs(tvm_target(arch), LITE, heads=16, q_tokens=1)[int(cfg[-1])]
     built = _module("lite", 1, arch, config)
     _run_and_check(built, LITE, lens=[3000, 130], q_tokens=1, num_splits=5, device="cuda")
+
+
+# id -> (lens, splits): one wave of split CTAs, and several (more CTAs than SMs)
+PDL_CHAINS = {"b1-ctx16k-s128": ([16384], 128), "b32-ctx3000-s12": ([3000] * 32, 12)}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpu_arch() is None, reason="needs a CUDA GPU and TVM with CUDA")
+@pytest.mark.parametrize("case", list(PDL_CHAINS), ids=list(PDL_CHAINS))
+def test_gpu_back_to_back_layers(case):
+    """Eight layers' split and merge queued without a sync, each layer's Q made by a PyTorch
+    kernel just before its split (a decode step's pattern): with programmatic dependent launch
+    (sm_90 default) a kernel that read its inputs before its predecessor finished would show
+    here as a wrong layer."""
+    arch = _gpu_arch()
+    lens, num_splits = PDL_CHAINS[case]
+    mod, config = _module("lite", 1, arch)
+    dims, layers, b = LITE, 8, len(lens)
+    gen = torch.Generator().manual_seed(11)
+    indptr = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    kv = torch.randn(layers, int(indptr[-1]), dims.latent_dim, generator=gen).half().cuda()
+    q_src = torch.randn(layers, b, 1, 16, dims.latent_dim, generator=gen).half().cuda()
+    indptr = indptr.cuda()
+    ws = dec.workspace_shapes(dims, batch=b, heads=16, q_tokens=1, num_splits=num_splits)
+    o_part = torch.full(ws["o_part"], float("nan"), device="cuda")  # shared by all layers
+    lse_part = torch.full(ws["lse_part"], float("nan"), device="cuda")
+    o = torch.full((layers, b, 1, 16, dims.kv_lora_rank), float("nan"), device="cuda").half()
+    lse = torch.full((layers, b, 1, 16), float("nan"), device="cuda")
+    q = torch.empty_like(q_src)
+    torch.cuda.synchronize()
+    for layer in range(layers):
+        torch.mul(q_src[layer], 1.0, out=q[layer])  # [B, 1, H, 576]: written just before
+        part = [_tvm(o_part), _tvm(lse_part)]
+        mod["decode_split"](_tvm(q[layer]), _tvm(kv), _tvm(indptr), layer, *part,
+                            _tvm(o[layer]), _tvm(lse[layer]))  # fmt: skip
+        mod["decode_merge"](*part, _tvm(indptr), _tvm(o[layer]), _tvm(lse[layer]))
+    torch.cuda.synchronize()
+    scale = dims.qk_head_dim**-0.5
+    for layer in range(layers):
+        for i in range(b):
+            k0, k1 = int(indptr[i]), int(indptr[i + 1])
+            ref_o, ref_lse = reference.absorbed_attention(
+                q_src[layer, i], kv[layer, k0:k1], v_dim=dims.kv_lora_rank, sm_scale=scale
+            )
+            torch.testing.assert_close(o[layer, i].double(), ref_o, atol=4e-3, rtol=1e-2)
+            torch.testing.assert_close(lse[layer, i].double(), ref_lse, atol=2e-3, rtol=1e-4)
 
 
 def _bench_module():
