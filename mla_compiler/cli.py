@@ -59,6 +59,13 @@ def _add_compile(sub) -> None:
         "default on, same logits as without on the H100)",
     )
     p.add_argument(
+        "--pdl",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="sm_90+: launch every kernel as a programmatic dependent of the one before "
+        "(griddepcontrol), overlapping each launch with the previous kernel's tail",
+    )
+    p.add_argument(
         "--tuning-db",
         metavar="DIR",
         default=None,
@@ -194,6 +201,7 @@ def cmd_compile(args) -> int:
         seed=args.seed,
         dump_ir=args.dump_ir,
         cuda_graph=args.cuda_graph,
+        pdl=args.pdl,
     )
     say = lambda m: print(m, file=sys.stderr)  # noqa: E731
     from mla_compiler import tuning

@@ -18,7 +18,7 @@ from mla_compiler.model_export.config import ModelConfig, load_config, preset
 from mla_compiler.model_export.modeling import DeepseekV2
 from mla_compiler.model_export.weights import load_hf_model, random_model, torch_dtype
 from mla_compiler.pipeline import MLA_MODES, compile_ir
-from mla_compiler.schedules.target import parse_targets, tvm_target
+from mla_compiler.schedules.target import gpu_spec, parse_targets, tvm_target
 
 # Presets whose weights take more than this are not stored: the runtime draws them from the seed.
 MAX_STORED_RANDOM_BYTES = 1 << 30
@@ -39,6 +39,9 @@ class CompileOptions:
     dump_ir: str | None = None
     # GPU decode through CUDA graphs (TVM's RewriteCUDAGraph): see build_module
     cuda_graph: bool = True  # GPU targets only
+    # every kernel launched as a programmatic dependent of the one before (sm_90+ targets
+    # only): see build_module
+    pdl: bool = False
 
 
 def resolve_model(*, model_dir: str | None, preset_name: str | None, dtype: str, seed: int):
@@ -95,7 +98,7 @@ def add_sampling(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
 
 
 def build_module(
-    mod, target_names: list[str], output_dir: Path, *, cuda_graph: bool = False
+    mod, target_names: list[str], output_dir: Path, *, cuda_graph: bool = False, pdl: bool = False
 ) -> dict:
     """Build into ``output_dir/model.so`` (device code as a fatbin compiled by nvcc here, so the
     GPU box needs only TVM's runtime); return the facts metadata.json records.
@@ -107,25 +110,37 @@ def build_module(
     (embedding, cache append, the attention split, the logits gather) still launch one by one.
     No captured region depends on a symbolic shape (the decode attention reads the context
     length from ``kv_indptr`` on the device; ``kv_rows [N]`` feeds only an uncaptured gather),
-    so the cache key is the region index alone: captured on the first call, never again."""
+    so the cache key is the region index alone: captured on the first call, never again.
+
+    ``pdl`` (every target sm_90+): every kernel waits for its predecessor at its first
+    instruction and then lets the next one launch (``schedules/grid_dependency.py``), so each
+    launch overlaps the tail of the kernel before it. Kernels that wait later (the decode
+    attention's) keep their own placement. Returns whether it was applied."""
+    import contextlib
+
     from mla_compiler import cuda_build
     from mla_compiler.passes.name_kernels import build_pipeline
+    from mla_compiler.schedules import grid_dependency
 
     codegen = "cpu" if target_names == ["cpu"] else cuda_build.lowest_arch(target_names)
     # dlight reads "sm_90a" as no version and drops to SIMT matmuls: schedule the generic ops for
     # sm_90 (same instructions; nvcc still builds sm_90a machine code). Our kernels are chosen
     # for the real arch before this point.
     schedule_arch = "sm_90" if codegen == "sm_90a" else codegen
-    res = cuda_build.build(
-        mod,
-        target_names,
-        output=output_dir,
-        name=Path(artifact.MODULE).stem,
-        relax_pipeline=build_pipeline(tvm_target(schedule_arch)),
-        codegen_arch=None if schedule_arch == codegen else schedule_arch,
-        cuda_graph=cuda_graph,
-    )
-    return {"archs": [t for t in res.targets if t != "cpu"], "images": list(res.images)}
+    pdl = pdl and codegen != "cpu" and all(gpu_spec(tvm_target(t)).has_pdl for t in target_names)
+    every = grid_dependency.every_kernel() if pdl else contextlib.nullcontext()
+    with every:
+        res = cuda_build.build(
+            mod,
+            target_names,
+            output=output_dir,
+            name=Path(artifact.MODULE).stem,
+            relax_pipeline=build_pipeline(tvm_target(schedule_arch)),
+            codegen_arch=None if schedule_arch == codegen else schedule_arch,
+            cuda_graph=cuda_graph,
+        )
+    archs = [t for t in res.targets if t != "cpu"]
+    return {"archs": archs, "images": list(res.images), "pdl": pdl}
 
 
 def attention_workspace_bytes(
@@ -196,7 +211,7 @@ def compile_model(
     )
 
     def write(tmp: Path) -> None:
-        facts = build_module(mod, targets, tmp, cuda_graph=cuda_graph)
+        facts = build_module(mod, targets, tmp, cuda_graph=cuda_graph, pdl=options.pdl)
         if weights["source"] == "gguf":
             from mla_compiler.model_export.gguf import write_tokenizer_files
 

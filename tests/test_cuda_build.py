@@ -357,3 +357,24 @@ def test_gpu_runs_artifact_runtime_only(tmp_path, which):
     np.savez(tmp_path / "io.npz", x=x, w=w, b=b, expected=expected.numpy())
     got = run_python(RUN_TIR_POISONED, tmp_path / "tir", tmp_path / "io.npz")
     assert got["ok"] and got["compiler_loaded"] is False, got
+
+
+@pytest.mark.parametrize(
+    "archs,pdl,tagged",
+    [(["sm_90a"], True, True), (["sm_90a"], False, False), (["sm_89"], True, False)],
+    ids=["sm_90a-pdl", "sm_90a-no-pdl", "sm_89-pdl-ignored"],
+)
+def test_pdl_option_tags_every_kernel(tmp_path, archs, pdl, tagged):
+    """``compile --pdl``: on sm_90+ every kernel of the artifact is launched as a programmatic
+    dependent (its tag in the function table, its wait in the source); elsewhere ignored."""
+    from mla_compiler.compiler import build_module
+    from mla_compiler.schedules.grid_dependency import PDL_TAG
+
+    facts = build_module(_weights_then_output_module(), archs, tmp_path, pdl=pdl)
+    assert facts["pdl"] == tagged
+    library = (tmp_path / "model.so").read_bytes()
+    assert (PDL_TAG.encode() in library) == tagged
+    sources = "".join(p.read_text() for p in (tmp_path / "model.cuda").glob("*.cu"))
+    kernels = sources.count("__global__") // 2  # declaration + definition
+    assert kernels >= 2
+    assert sources.count("tvm_builtin_ptx_griddepcontrol_wait();") == (kernels if tagged else 0)
