@@ -319,6 +319,10 @@ def main() -> None:
         default=True,
         help="also time every candidate config of ours (ours-best = the fastest)",
     )
+    parser.add_argument(
+        "--configs",
+        help="with --all-configs: only these candidates, by index in ap.candidates (e.g. 0,1,2)",
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # kind: measure one config, print JSON
     parser.add_argument("--config", help=argparse.SUPPRESS)
     parser.add_argument("--default", action="store_true", help=argparse.SUPPRESS)
@@ -363,6 +367,8 @@ def main() -> None:
     for kind in args.kinds.split(","):
         default = ap.default_config(arch, kind=kind, dims=dims)
         configs = ap.candidates(arch, kind=kind, dims=dims) if args.all_configs else [default]
+        if args.all_configs and args.configs:
+            configs = [configs[int(i)] for i in args.configs.split(",")]
         meta["configs"][kind] = [{**c.__dict__, "default": c == default} for c in configs]
         for cfg in configs:
             for row in measure_ours_isolated(kind, cfg, ns, default=cfg == default):

@@ -31,6 +31,7 @@ from tvm.script import tirx as T
 from mla_compiler.errors import TargetError
 from mla_compiler.model_export.config import MLADims
 from mla_compiler.schedules import attention_prefill_mma as _mma
+from mla_compiler.schedules import attention_prefill_tiles as _tiles
 from mla_compiler.schedules.target import gpu_spec, is_gpu
 
 LOG2E = math.log2(math.e)
@@ -44,7 +45,7 @@ class CPUConfig:
     tile_kv: int = 32
 
 
-MMAConfig = _mma.MMAConfig
+MMAConfig = _tiles.MMAConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +172,12 @@ def candidates(target, *, kind: str = "absorbed", dims: MLADims | None = None) -
         # O is [rows, 512] f32: 2-4 warps (or 2 warpgroups) split V's columns of each row slice.
         # tile_kv = 64 = the rope width: P is stored over the K tile's dead rope columns.
         # sm_90a: swizzled wgmma first (1.36-1.45x the best mma.sync at n = 2K-8K on the H100)
-        out = [wg(64, 64, 8, 2, swizzle=True)]
+        # hand-off first: warpgroup 0 computes all of S (m64n64, not two m64n32) and the
+        # softmax, the other loads KV; both run P·V from registers (FlashMLA's first kernel's
+        # split of the work). H200: 1.01-1.02x the split-S kernel at n = 2K-16K.
+        handoff = functools.partial(wg, split_s=False, swizzle=True, p_regs=True)
+        out = [handoff(64, 64, 8, 2), wg(64, 64, 8, 2, swizzle=True)]
+        out += [handoff(64, 32, 8, 4), handoff(64, 32, 8, 3)]
         out += [mma(64, 32, 8, 3), mma(64, 64, 8, 2), mma(64, 32, 8, 2)]
         out += [mma(64, 16, 8, 3, split_s=False)]
         out += [wg(64, 64, 8, 2), wg(64, 48, 8, 2), wg(64, 32, 8, 3)]
@@ -211,12 +217,12 @@ def keep(config, target, *, kind: str = "absorbed", dims: MLADims | None = None)
         return False
     layout = _layout_for(kind, dims)
     spec = gpu_spec(target)
-    return _mma.fits(config, layout, spec.max_shared_bytes_per_block, has_wgmma=spec.has_wgmma)
+    return _tiles.fits(config, layout, spec.max_shared_bytes_per_block, has_wgmma=spec.has_wgmma)
 
 
 def shared_bytes(config: MMAConfig, *, kind: str = "absorbed", dims: MLADims | None = None) -> int:
     """Dynamic shared memory one block of the CUDA kernel allocates."""
-    return _mma.shared_bytes(config, _layout_for(kind, dims or MLADims()))
+    return _tiles.shared_bytes(config, _layout_for(kind, dims or MLADims()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,7 +301,7 @@ def _body_for(target, config, layout: _Layout, *, kind: str, dims: MLADims, dtyp
     if not keep(config, target, kind=kind, dims=dims):
         raise TargetError(f"prefill config {config} does not fit {target}")
     if is_gpu(target):
-        return _mma.mma_body, (layout, _mma.geometry(config, layout))
+        return _mma.mma_body, (layout, _tiles.geometry(config, layout))
     return _cpu_body, (layout, config.tile_kv)
 
 

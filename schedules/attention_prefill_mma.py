@@ -20,10 +20,17 @@ causal tiles first). Its warps form a ``m_warps x d_split`` grid: warp ``(wm, wd
    through shared memory. V is read with ``ldmatrix.x4.trans`` (or as an MN-major wgmma B
    operand) from the K rows themselves for absorbed MLA.
 
+Hand-off (wgmma, unsplit S, two warpgroups splitting O's columns; the absorbed sm_90a default):
+warpgroup 0 alone runs steps 1-2 and passes P (its A-fragment registers) and the rescale factors
+to warpgroup 1 through shared memory and named barrier 1; warpgroup 1 issues the KV copies
+meanwhile; both run step 3 with P from registers.
+
 The wgmma accumulators have the mma.sync per-warp layout (warp ``w`` of a warpgroup holds rows
 ``16w..16w+15``), so masking, softmax and the epilogue are shared by both paths.
 
-KV tiles stream through a ``stages``-deep ``cp.async`` ring (one commit group per tile). Rows
+KV tiles stream through a ``stages``-deep ``cp.async`` ring (one commit group per tile); for
+swizzled tiles each thread copies one 16-byte column chunk of whole rows, one clamped row address
+and then constant offsets, with no per-chunk index arithmetic. Rows
 past a sequence's end are clamped to its last row (finite data that the mask zeroes), so no
 zero fill is needed. Query tiles are handed out latest first so the longest causal rows start
 first.
@@ -31,7 +38,6 @@ first.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 from tvm.script import tirx as T
@@ -42,199 +48,6 @@ from .wgmma import mma_async, mma_async_rs, pin
 LOG2E = math.log2(math.e)
 RESCALE_SLACK = 8.0  # lazy rescaling: P values up to 2^8 before normalisation (f16-safe)
 LN2 = math.log(2.0)
-_PAD = 8  # halfs of padding per shared-memory row: rows 16 B apart mod 128 B, no ldmatrix conflicts
-
-
-@dataclasses.dataclass(frozen=True)
-class MMAConfig:
-    """CUDA tile shape: ``tile_q`` query rows per block, ``tile_kv`` KV rows per pipeline step."""
-
-    tile_q: int
-    tile_kv: int
-    warps: int
-    stages: int
-    split_s: bool = True  # with split V columns, split S's columns too and share P via smem
-    wgmma: bool = False  # sm_90a: warpgroup MMAs with operands in (core-matrix tiled) smem
-    swizzle: bool = False  # wgmma operands in 128-byte swizzled rows instead of core matrices
-    p_regs: bool = False  # wgmma, unsplit S: P·V takes P from registers (rs form), not smem
-    pipelined: bool = False  # p_regs: tile i's softmax runs under tile i-1's P·V wgmma (FA3)
-
-
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-    """Every compile-time constant of the CUDA body, derived from a layout and a config."""
-
-    dk: int
-    dv: int
-    tq: int
-    tkv: int
-    warps: int
-    stages: int
-    shared_kv: bool
-    split: bool
-    wgmma: bool
-    swizzle: bool = False
-    p_regs: bool = False
-    pipelined: bool = False
-
-    @property
-    def threads(self) -> int:
-        return self.warps * 32
-
-    @property
-    def m_warps(self) -> int:
-        return self.tq // 16
-
-    @property
-    def d_split(self) -> int:
-        return self.warps // self.m_warps
-
-    @property
-    def dv_w(self) -> int:
-        return self.dv // self.d_split
-
-    @property
-    def split_s(self) -> bool:
-        """Warps sharing a row slice each compute ``1/d_split`` of S and exchange P in smem."""
-        return self.split and self.d_split > 1
-
-    @property
-    def s_cols(self) -> int:
-        """Columns of S one warp computes per KV tile."""
-        return self.tkv // self.d_split if self.split_s else self.tkv
-
-    @property
-    def pad(self) -> int:
-        """Halfs appended to each shared row (mma.sync); wgmma tiles are unpadded core matrices."""
-        return 0 if self.wgmma else _PAD
-
-    @property
-    def p_in_smem(self) -> bool:
-        return self.split_s or (self.wgmma and not self.p_regs)
-
-    @property
-    def p_in_k(self) -> bool:
-        """P [tq, tkv] lives in the K tile's own rows, in columns ``dv..dv+tkv``.
-
-        Absorbed MLA with ``tile_q <= tile_kv <= 64``: once S is done, the 64 rope columns of the
-        current K tile are dead (P·V reads only the first ``dv``), so P needs no smem of its own.
-        """
-        return self.p_in_smem and self.shared_kv and self.tq <= self.tkv <= self.dk - self.dv
-
-    @property
-    def p_rows(self) -> int:
-        """Rows of the tile P is stored in (the K tile's when P lives there)."""
-        return self.tkv if self.p_in_k else self.tq
-
-    @property
-    def red_floats(self) -> int:
-        n = self.tq * self.d_split
-        return max(n, 256) if self.swizzle else n
-
-    @property
-    def p_width(self) -> int:
-        """Width (halfs) of the rows P is stored in, and its first column there."""
-        return self.dk if self.p_in_k else self.tkv
-
-    @property
-    def p_col0(self) -> int:
-        return self.dv if self.p_in_k else 0
-
-    @property
-    def p_stride(self) -> int:
-        return self.p_width + self.pad
-
-    @property
-    def p_off(self) -> int:
-        """Shared-memory P tile [tq, tkv] (f16) of the split-S scheme, after the KV ring."""
-        return self.k_off + self.stages * self.stage_halfs
-
-    @property
-    def dkp(self) -> int:
-        return self.dk + self.pad
-
-    @property
-    def v_width(self) -> int:
-        """Row width of the shared V tile: the K rows themselves when V is part of them."""
-        return self.dk if self.shared_kv else self.dv
-
-    @property
-    def v_stride(self) -> int:
-        return self.v_width + self.pad
-
-    @property
-    def k_off(self) -> int:
-        return self.tq * self.dkp
-
-    @property
-    def v_off(self) -> int:
-        return self.k_off if self.shared_kv else self.k_off + self.tkv * self.dkp
-
-    @property
-    def stage_halfs(self) -> int:
-        return self.tkv * (self.dkp + (0 if self.shared_kv else self.v_stride))
-
-    @property
-    def smem_halfs(self) -> int:
-        return self.p_off + (self.tq * self.p_stride if self.p_in_smem and not self.p_in_k else 0)
-
-    def iters(self, rows: int, width: int) -> int:
-        """Loop trips for ``threads`` to cp.async ``rows x width`` halfs in 16-byte chunks."""
-        return (rows * width // 8 + self.threads - 1) // self.threads
-
-    @property
-    def acc_registers(self) -> int:
-        """f32 registers per thread held across the KV loop (O, S, P as f16 pairs)."""
-        p = 0 if self.p_in_smem else self.tkv // 4 * (2 if self.pipelined else 1)
-        return self.dv_w // 2 + self.s_cols // 2 + p
-
-
-def geometry(config: MMAConfig, layout) -> Geometry:
-    return Geometry(
-        dk=layout.dk,
-        dv=layout.dv,
-        tq=config.tile_q,
-        tkv=config.tile_kv,
-        warps=config.warps,
-        stages=config.stages,
-        shared_kv=bool(layout.shared_kv),
-        split=bool(config.split_s),
-        wgmma=bool(config.wgmma),
-        swizzle=bool(config.wgmma and config.swizzle),
-        p_regs=bool(config.wgmma and config.p_regs),
-        pipelined=bool(config.wgmma and config.p_regs and config.pipelined),
-    )
-
-
-def shared_bytes(config: MMAConfig, layout) -> int:
-    return geometry(config, layout).smem_halfs * 2
-
-
-def fits(config: MMAConfig, layout, smem_limit: int, *, has_wgmma: bool = False) -> bool:
-    """Tile shape valid for the MMA layout, registers bounded, shared memory within the limit."""
-    c = config
-    if c.tile_q % 16 or c.tile_kv % 16 or c.stages < 2 or not 0 < c.warps <= 16:
-        return False
-    if layout.dk % 16 or layout.dv % 16 or (c.warps * 16) % c.tile_q:
-        return False
-    g = geometry(c, layout)
-    if g.d_split < 1 or g.dv % (g.d_split * 16) or g.s_cols % (8 if c.wgmma else 16):
-        return False
-    if c.wgmma:
-        # A warpgroup owns 64 rows; the d_split warpgroups of a row block split S's and O's
-        # columns (m64nNk16 with N = s_cols, then N = dv_w <= 256).
-        if not has_wgmma or c.tile_q % 64 or (g.d_split > 1 and not c.split_s) or g.dv_w > 256:
-            return False
-    if c.p_regs and (not c.wgmma or g.split_s):  # the rs form needs the warp's whole P rows
-        return False
-    if c.pipelined and (not c.p_regs or not c.swizzle or c.stages < 3):
-        return False  # P·V of tile i - 1 still reads its slot while tile i + 1 loads
-    if c.swizzle:
-        # 128-byte swizzle atoms: every operand row a whole number of 64-half blocks, P too
-        widths = (g.dk, g.v_width, g.dv_w) + ((g.p_width,) if g.p_in_smem else ())
-        if not c.wgmma or any(w % 64 for w in widths) or c.tile_kv % 8 or g.p_col0 % 64:
-            return False
-    return g.acc_registers <= 200 and shared_bytes(c, layout) <= smem_limit
 
 
 def _chunk_offset(G, r, cc, stride, width, rows=0):
@@ -256,36 +69,105 @@ def _chunk_offset(G, r, cc, stride, width, rows=0):
 
 
 @T.macro(hygienic=False)
-def _load_rows(G, P, dst_off, dst_stride, width, n_rows, src, base, first, start, last, stride):
+def _load_rows(G, P, dst_off, dst_stride, width, n_rows, src, base, first, start, last, stride, nt):
     # cp.async `n_rows x width` halfs; tile row r is source row first + min(start + r, last).
+    # The last `nt` threads of the block issue the copies (all of them, or all but warpgroup 0).
     # Consecutive threads fill consecutive 16-byte chunks of shared memory (no bank conflicts):
     # row-major chunks for padded rows, core-matrix order (8 rows of one chunk column) for wgmma.
-    for i in T.serial(G.iters(n_rows, width)):
-        c = tx + i * G.threads
-        if c < n_rows * width // 8:
-            if G.wgmma and not G.swizzle:
-                r = c // 8 // (width // 8) * 8 + c % 8
-                cc = c // 8 % (width // 8)
-            else:
-                r = c // (width // 8)
-                cc = c % (width // 8)
-            T.ptx["cp.async.cg.shared.global"](
-                smem.ptr_to([dst_off + _chunk_offset(G, r, cc, dst_stride, width, n_rows)]),
-                src.ptr_to(
-                    [
-                        base
-                        + T.Cast("int64", (first + T.min(start + r, last)) * P.groups + g) * stride
-                        + cc * 8
-                    ]
-                ),
-                16,
-            )
+    # (Q, once per block: this general form keeps registers free for the KV loop)
+    if tx >= G.threads - nt:
+        for i in T.serial(G.iters(n_rows, width, nt)):
+            c = tx - (G.threads - nt) + i * nt
+            if c < n_rows * width // 8:
+                if G.wgmma and not G.swizzle:
+                    r = c // 8 // (width // 8) * 8 + c % 8
+                    cc = c // 8 % (width // 8)
+                else:
+                    r = c // (width // 8)
+                    cc = c % (width // 8)
+                T.ptx["cp.async.cg.shared.global"](
+                    smem.ptr_to([dst_off + _chunk_offset(G, r, cc, dst_stride, width, n_rows)]),
+                    src.ptr_to(
+                        [
+                            base
+                            + T.Cast("int64", (first + T.min(start + r, last)) * P.groups + g)
+                            * stride
+                            + cc * 8
+                        ]
+                    ),
+                    16,
+                )
+
+
+@T.macro(hygienic=False)
+def _load_rows_swizzled(G, P, dst_off, width, n_rows, src, base, first, start, last, stride, nt):
+    # Thread t of the `nt` loaders copies chunk t % 8 of every 64-column block of the rows
+    # t // 8 + j * nt / 8: one clamped source row per j, then one cp.async per block at a
+    # constant offset from it (no per-chunk division), 8 threads filling one 128-byte row.
+    if tx >= G.threads - nt:
+        lt = tx - (G.threads - nt)
+        for j in T.unroll((n_rows + nt // 8 - 1) // (nt // 8)):
+            if n_rows % (nt // 8) == 0:
+                _copy_row_swizzled(
+                    G,
+                    P,
+                    dst_off,
+                    width,
+                    n_rows,
+                    src,
+                    base,
+                    first,
+                    start,
+                    last,
+                    stride,
+                    lt // 8 + j * (nt // 8),
+                    lt % 8,
+                )
+            elif lt // 8 + j * (nt // 8) < n_rows:
+                _copy_row_swizzled(
+                    G,
+                    P,
+                    dst_off,
+                    width,
+                    n_rows,
+                    src,
+                    base,
+                    first,
+                    start,
+                    last,
+                    stride,
+                    lt // 8 + j * (nt // 8),
+                    lt % 8,
+                )
+
+
+@T.macro(hygienic=False)
+def _copy_row_swizzled(G, P, dst_off, width, n_rows, src, base, first, start, last, stride, r, cc):
+    row = base + T.Cast("int64", (first + T.min(start + r, last)) * P.groups + g) * stride
+    for blk in T.unroll(width // 64):
+        T.ptx["cp.async.cg.shared.global"](
+            smem.ptr_to([dst_off + _chunk_offset(G, r, blk * 8 + cc, 0, width, n_rows)]),
+            src.ptr_to([row + blk * 64 + cc * 8]),
+            16,
+        )
+
+
+@T.macro(hygienic=False)
+def _load_kv_rows(
+    G, P, dst_off, dst_stride, width, n_rows, src, base, first, start, last, stride, nt
+):
+    if G.swizzle:
+        _load_rows_swizzled(G, P, dst_off, width, n_rows, src, base, first, start, last, stride, nt)
+    else:
+        _load_rows(
+            G, P, dst_off, dst_stride, width, n_rows, src, base, first, start, last, stride, nt
+        )
 
 
 @T.macro(hygienic=False)
 def _load_kv(G, P, tile, stage):
     # KV tile `tile` into ring slot `stage`; rows past the sequence end repeat its last row.
-    _load_rows(
+    _load_kv_rows(
         G,
         P,
         G.k_off + stage * G.stage_halfs,
@@ -298,9 +180,10 @@ def _load_kv(G, P, tile, stage):
         tile * G.tkv,
         n_b - 1,
         P.k_stride,
+        G.kv_loaders,
     )
     if not G.shared_kv:
-        _load_rows(
+        _load_kv_rows(
             G,
             P,
             G.v_off + stage * G.stage_halfs,
@@ -313,17 +196,52 @@ def _load_kv(G, P, tile, stage):
             tile * G.tkv,
             n_b - 1,
             P.v_stride,
+            G.kv_loaders,
         )
 
 
 @T.macro(hygienic=False)
 def _tile_step(G, P, stage, it):
     # S = Q K^T for this warp's 16 rows and its s_cols columns of the tile (all, unless split).
-    if G.wgmma:
-        _s_wgmma(G, stage)
+    if G.handoff:
+        _handoff_step(G, P, stage, it)
     else:
-        _s_mma(G, stage)
-    _softmax_pv(G, P, stage, it)
+        if G.wgmma:
+            _s_wgmma(G, stage)
+        else:
+            _s_mma(G, stage)
+        _softmax_pv(G, P, stage, it)
+
+
+@T.macro(hygienic=False)
+def _handoff_step(G, P, stage, it):
+    # Warpgroup 0: S (m64n{tkv}, the whole tile), softmax, P in registers; it stores P (32-bit
+    # A-fragment registers, thread t's chunk j at 16 B x (j * 128 + t)) over the tile's dead
+    # rope columns and its two rescale factors, then arrives at named barrier 1. Warpgroup 1
+    # (the KV loader) waits there and reads the P and factors of its twin thread.
+    # Every warpgroup then runs its O columns' P·V from registers.
+    hand = T.meta_var(G.k_off + stage * G.stage_halfs + G.handoff_off)
+    if wd == 0:
+        _s_wgmma(G, stage)
+        _softmax_p(G, P, stage, it, ph)
+        for j in T.unroll(G.tkv // 16):
+            smem[T.ramp(hand + (j * 128 + tx) * 8, 1, 8)] = ph[T.ramp(j * 8, 1, 8)]
+        red[tx * 2] = tmp[2]
+        red[tx * 2 + 1] = tmp[3]
+        T.ptx["bar.arrive"](1, G.threads)
+    else:
+        T.ptx["bar.sync"](1, G.threads)
+        for j in T.unroll(G.tkv // 16):
+            ph[T.ramp(j * 8, 1, 8)] = smem[T.ramp(hand + (j * 128 + tx - 128) * 8, 1, 8)]
+        tmp[2] = red[(tx - 128) * 2]
+        tmp[3] = red[(tx - 128) * 2 + 1]
+        moved[0] = T.if_then_else(tmp[2] < T.float32(1) or tmp[3] < T.float32(1), 1, 0)
+        for k in T.unroll(5):  # warp-uniform, as in warpgroup 0: no divergence before wgmma
+            moved[0] = T.max(
+                moved[0], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), moved[0], 1 << k, 32, 32)
+            )
+    _rescale_o(G)
+    _pv_wgmma(G, G.v_off + stage * G.stage_halfs, 0)
 
 
 @T.macro(hygienic=False)
@@ -678,8 +596,9 @@ def _epilogue(G, P):
     for h in T.unroll(2):
         st[2 + h] = st[2 + h] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), st[2 + h], 1, 32, 32)
         st[2 + h] = st[2 + h] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), st[2 + h], 2, 32, 32)
-    if G.split_s:
-        # Each warp summed only its columns of P: add the partial row sums of the slice.
+    if G.split_s or G.handoff:
+        # Each warp summed only its columns of P (hand-off: warpgroup 0 all, the others none):
+        # add the partial row sums of the slice.
         T.tvm_storage_sync("shared")
         tmp[0] = st[2]
         tmp[1] = st[3]
@@ -810,6 +729,7 @@ def mma_body(P, G, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t_t
             row0,
             rows_b - 1,
             G.dk,
+            G.threads,
         )
         for d in T.unroll(G.dv_w // 2):
             o_acc[d] = T.float32(0)

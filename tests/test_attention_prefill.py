@@ -314,8 +314,28 @@ def test_sm90a_wgmma_variant_uses_warpgroup_mma_without_spills(kind):
     assert res.shared_bytes + ap.shared_bytes(config, kind=kind, dims=V2_LITE) <= 227 * 1024
     (ops,) = sass_opcodes(cubin).values()
     assert ops.get("HGMMA", 0) > 0 and ops.get("LDGSTS", 0) > 0, ops
-    if config.p_regs:  # P·V reads P from registers: nothing is stored to shared memory
+    handoff = config.p_regs and config.warps * 16 > config.tile_q  # P goes to warpgroup 1
+    if config.p_regs and not handoff:  # P·V reads P from registers: no shared-memory stores
         assert ops.get("STS", 0) == 0, ops
+
+
+@pytest.mark.skipif(not nvcc_available(), reason="nvcc / cuobjdump not installed")
+def test_sm90a_absorbed_default_hands_p_over_and_copies_rows_unrolled():
+    """Warpgroup 0 computes S and hands P over (named barrier 1); the KV copies are unrolled
+    per row and 64-column block (one LDGSTS each), not a loop dividing every chunk index."""
+    from mla_compiler.nvcc import compile_cubin, sass_opcodes
+    from mla_compiler.schedules import attention_prefill_tiles as tiles
+
+    config = ap.default_config("sm_90a", kind="absorbed", dims=V2_LITE)
+    g = tiles.geometry(config, ap._layout_for("absorbed", V2_LITE))
+    assert g.handoff and g.kv_loaders == 128, config
+    source = _build("absorbed", V2_LITE, "sm_90a", config).mod.imports[0].inspect_source()
+    assert "bar.arrive" in source and "bar.sync" in source
+    cubin, resources = compile_cubin(source, "sm_90a")
+    assert next(iter(resources.values())).spill_bytes == 0
+    (ops,) = sass_opcodes(cubin).values()
+    per_tile = g.dk // 64 * (g.tkv // (g.kv_loaders // 8))  # blocks x rows per loader thread
+    assert ops.get("LDGSTS", 0) >= per_tile, ops
 
 
 # ----------------------------------------------------------------------------------------------
