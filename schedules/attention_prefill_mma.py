@@ -100,18 +100,22 @@ def _load_rows(G, P, dst_off, dst_stride, width, n_rows, src, base, first, start
 
 
 @T.macro(hygienic=False)
-def _load_rows_swizzled(G, P, dst_off, width, n_rows, src, base, first, start, last, stride, nt):
+def _load_rows_by_row(
+    G, P, dst_off, dst_stride, width, n_rows, src, base, first, start, last, stride, nt
+):
     # Thread t of the `nt` loaders copies chunk t % 8 of every 64-column block of the rows
     # t // 8 + j * nt / 8: one clamped source row per j, then one cp.async per block at a
-    # constant offset from it (no per-chunk division), 8 threads filling one 128-byte row.
+    # constant offset from it (no per-chunk division); 8 threads fill 128 contiguous bytes of
+    # a row (swizzled or padded: no bank conflicts).
     if tx >= G.threads - nt:
         lt = tx - (G.threads - nt)
         for j in T.unroll((n_rows + nt // 8 - 1) // (nt // 8)):
             if n_rows % (nt // 8) == 0:
-                _copy_row_swizzled(
+                _copy_row(
                     G,
                     P,
                     dst_off,
+                    dst_stride,
                     width,
                     n_rows,
                     src,
@@ -124,10 +128,11 @@ def _load_rows_swizzled(G, P, dst_off, width, n_rows, src, base, first, start, l
                     lt % 8,
                 )
             elif lt // 8 + j * (nt // 8) < n_rows:
-                _copy_row_swizzled(
+                _copy_row(
                     G,
                     P,
                     dst_off,
+                    dst_stride,
                     width,
                     n_rows,
                     src,
@@ -142,11 +147,13 @@ def _load_rows_swizzled(G, P, dst_off, width, n_rows, src, base, first, start, l
 
 
 @T.macro(hygienic=False)
-def _copy_row_swizzled(G, P, dst_off, width, n_rows, src, base, first, start, last, stride, r, cc):
+def _copy_row(
+    G, P, dst_off, dst_stride, width, n_rows, src, base, first, start, last, stride, r, cc
+):
     row = base + T.Cast("int64", (first + T.min(start + r, last)) * P.groups + g) * stride
     for blk in T.unroll(width // 64):
         T.ptx["cp.async.cg.shared.global"](
-            smem.ptr_to([dst_off + _chunk_offset(G, r, blk * 8 + cc, 0, width, n_rows)]),
+            smem.ptr_to([dst_off + _chunk_offset(G, r, blk * 8 + cc, dst_stride, width, n_rows)]),
             src.ptr_to([row + blk * 64 + cc * 8]),
             16,
         )
@@ -156,8 +163,10 @@ def _copy_row_swizzled(G, P, dst_off, width, n_rows, src, base, first, start, la
 def _load_kv_rows(
     G, P, dst_off, dst_stride, width, n_rows, src, base, first, start, last, stride, nt
 ):
-    if G.swizzle:
-        _load_rows_swizzled(G, P, dst_off, width, n_rows, src, base, first, start, last, stride, nt)
+    if G.swizzle or not G.wgmma:  # the row-wise copy, but not into core-matrix tiles (conflicts)
+        _load_rows_by_row(
+            G, P, dst_off, dst_stride, width, n_rows, src, base, first, start, last, stride, nt
+        )
     else:
         _load_rows(
             G, P, dst_off, dst_stride, width, n_rows, src, base, first, start, last, stride, nt
