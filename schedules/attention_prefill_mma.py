@@ -110,7 +110,8 @@ def _load_rows_by_row(
     if tx >= G.threads - nt:
         lt = tx - (G.threads - nt)
         for j in T.unroll((n_rows + nt // 8 - 1) // (nt // 8)):
-            if n_rows % (nt // 8) == 0:
+            r = T.meta_var(lt // 8 + j * (nt // 8))
+            if n_rows % (nt // 8) == 0 or r < n_rows:  # no bound check when the rows divide
                 _copy_row(
                     G,
                     P,
@@ -124,24 +125,7 @@ def _load_rows_by_row(
                     start,
                     last,
                     stride,
-                    lt // 8 + j * (nt // 8),
-                    lt % 8,
-                )
-            elif lt // 8 + j * (nt // 8) < n_rows:
-                _copy_row(
-                    G,
-                    P,
-                    dst_off,
-                    dst_stride,
-                    width,
-                    n_rows,
-                    src,
-                    base,
-                    first,
-                    start,
-                    last,
-                    stride,
-                    lt // 8 + j * (nt // 8),
+                    r,
                     lt % 8,
                 )
 
