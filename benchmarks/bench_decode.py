@@ -162,13 +162,16 @@ def make_inputs(dims: MLADims, batch: int, ctx: int, *, layers: int, device="cud
     return q, kv, indptr
 
 
-def ours(mod, dims, q, kv, indptr, *, splits: int):
+def ours(mod, dims, q, kv, indptr, *, splits: int, cluster: int = 1):
     """One closure per layer ``l`` running split (+ merge) over layer ``l`` of ``kv`` (its own
     q[l], o[l], lse[l]; one shared preallocated workspace, as in the model), plus the per-layer
     outputs o[l] [B, 1, H, 512] and lse[l] [B, 1, H], NaN until run."""
     layers, (batch, _, heads, _) = len(q), q[0].shape
     dev = q[0].device
-    ws = dec.workspace_shapes(dims, batch=batch, heads=heads, q_tokens=1, num_splits=splits)
+    ws = dec.workspace_shapes(
+        dims, batch=batch, heads=heads, q_tokens=1, num_splits=splits, cluster=cluster
+    )
+    slots = ws["o_part"][0]
     o_part = torch.full(ws["o_part"], float("nan"), device=dev)  # [S, B, 1, H, 512]
     lse_part = torch.full(ws["lse_part"], float("nan"), device=dev)  # [S, B, 1, H]
     nan = dict(fill_value=float("nan"), device=dev)
@@ -183,7 +186,7 @@ def ours(mod, dims, q, kv, indptr, *, splits: int):
 
         def run(args_split=args_split, args_merge=args_merge):
             split(*args_split)
-            if splits > 1:  # one split per sequence: the split kernel wrote O and LSE
+            if slots > 1:  # one split (cluster) per sequence: the split kernel wrote O, LSE
                 merge(*args_merge)
 
         calls.append(run)
@@ -247,6 +250,7 @@ def config_name(cfg) -> str:
     name = f"bn{cfg.block_n}-st{cfg.stages}-w{cfg.warps_n}-r{cfg.min_split_rows}"
     name += ("-tma" if cfg.tma else "") + ("-qr" if cfg.q_regs else "")
     name += "-pdl" if cfg.pdl else ""
+    name += f"-c{cfg.cluster}" if cfg.cluster > 1 else ""
     return name + ("" if cfg.tensor_cores else "-simple")
 
 
@@ -265,12 +269,14 @@ def select_configs(configs: list, only: str | None, *, arch: str, first: int) ->
 
 def split_counts(chosen: int, ctx: int, config) -> list[int]:
     """The split counts timed: the model's choice, half and twice it, those past what a
-    context of ``ctx`` rows uses (``effective_splits``) dropped: they would time the same."""
+    context of ``ctx`` rows uses (``effective_splits``) dropped: they would time the same.
+    Clustered configs launch whole clusters: each count rounded up to them."""
 
     def used(s):
-        return dec.effective_splits(
+        n = dec.effective_splits(
             ctx, s, block_n=config.block_n, min_split_rows=config.min_split_rows
         )
+        return -(-n // config.cluster) * config.cluster
 
     return sorted({used(chosen), used(max(1, chosen // 2)), used(2 * chosen)})
 
@@ -303,6 +309,10 @@ def main() -> None:
         help="comma list of config labels (config_name) to time instead of the first --configs",
     )
     ap.add_argument("--reps", type=int, default=50)
+    ap.add_argument(
+        "--shapes",
+        help="comma list of BATCHxCTX (e.g. 1x16384,32x4096) to run instead of all SHAPES",
+    )
     ap.add_argument(
         "--layers",
         type=int,
@@ -342,7 +352,13 @@ def main() -> None:
 
     rows = []
     l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
-    for batch, ctx, max_context in SHAPES:
+    shapes = SHAPES
+    if args.shapes:
+        wanted = {tuple(int(x) for x in w.split("x")) for w in args.shapes.split(",")}
+        shapes = [s for s in SHAPES if s[:2] in wanted]
+        if len(shapes) != len(wanted):
+            sys.exit(f"--shapes: known are {', '.join(f'{b}x{c}' for b, c, _ in SHAPES)}")
+    for batch, ctx, max_context in shapes:
         layers = 1
         if args.layers > 1:
             layers = graph_layers(
@@ -375,7 +391,7 @@ def main() -> None:
             )
             for splits in split_counts(chosen, max_context, cfg):
                 key = f"{name}/s{splits}"
-                calls, o, lse = ours(mod, dims, q, kv, indptr, splits=splits)
+                calls, o, lse = ours(mod, dims, q, kv, indptr, splits=splits, cluster=cfg.cluster)
                 check = functools.partial(
                     verify, dims, q, kv, indptr, o, lse, sm_scale=sm_scale
                 )  # check(layer=l): max abs error of layer l's output
