@@ -162,16 +162,13 @@ def make_inputs(dims: MLADims, batch: int, ctx: int, *, layers: int, device="cud
     return q, kv, indptr
 
 
-def ours(mod, dims, q, kv, indptr, *, splits: int, cluster: int = 1):
+def ours(mod, dims, q, kv, indptr, *, splits: int):
     """One closure per layer ``l`` running split (+ merge) over layer ``l`` of ``kv`` (its own
     q[l], o[l], lse[l]; one shared preallocated workspace, as in the model), plus the per-layer
     outputs o[l] [B, 1, H, 512] and lse[l] [B, 1, H], NaN until run."""
     layers, (batch, _, heads, _) = len(q), q[0].shape
     dev = q[0].device
-    ws = dec.workspace_shapes(
-        dims, batch=batch, heads=heads, q_tokens=1, num_splits=splits, cluster=cluster
-    )
-    slots = ws["o_part"][0]
+    ws = dec.workspace_shapes(dims, batch=batch, heads=heads, q_tokens=1, num_splits=splits)
     o_part = torch.full(ws["o_part"], float("nan"), device=dev)  # [S, B, 1, H, 512]
     lse_part = torch.full(ws["lse_part"], float("nan"), device=dev)  # [S, B, 1, H]
     nan = dict(fill_value=float("nan"), device=dev)
@@ -186,7 +183,7 @@ def ours(mod, dims, q, kv, indptr, *, splits: int, cluster: int = 1):
 
         def run(args_split=args_split, args_merge=args_merge):
             split(*args_split)
-            if slots > 1:  # one split (cluster) per sequence: the split kernel wrote O, LSE
+            if splits > 1:  # one split per sequence: the split kernel wrote O and LSE
                 merge(*args_merge)
 
         calls.append(run)
@@ -250,7 +247,6 @@ def config_name(cfg) -> str:
     name = f"bn{cfg.block_n}-st{cfg.stages}-w{cfg.warps_n}-r{cfg.min_split_rows}"
     name += ("-tma" if cfg.tma else "") + ("-qr" if cfg.q_regs else "")
     name += "-pdl" if cfg.pdl else ""
-    name += f"-c{cfg.cluster}" if cfg.cluster > 1 else ""
     return name + ("" if cfg.tensor_cores else "-simple")
 
 
@@ -269,14 +265,12 @@ def select_configs(configs: list, only: str | None, *, arch: str, first: int) ->
 
 def split_counts(chosen: int, ctx: int, config) -> list[int]:
     """The split counts timed: the model's choice, half and twice it, those past what a
-    context of ``ctx`` rows uses (``effective_splits``) dropped: they would time the same.
-    Clustered configs launch whole clusters: each count rounded up to them."""
+    context of ``ctx`` rows uses (``effective_splits``) dropped: they would time the same."""
 
     def used(s):
-        n = dec.effective_splits(
+        return dec.effective_splits(
             ctx, s, block_n=config.block_n, min_split_rows=config.min_split_rows
         )
-        return -(-n // config.cluster) * config.cluster
 
     return sorted({used(chosen), used(max(1, chosen // 2)), used(2 * chosen)})
 
@@ -391,7 +385,7 @@ def main() -> None:
             )
             for splits in split_counts(chosen, max_context, cfg):
                 key = f"{name}/s{splits}"
-                calls, o, lse = ours(mod, dims, q, kv, indptr, splits=splits, cluster=cfg.cluster)
+                calls, o, lse = ours(mod, dims, q, kv, indptr, splits=splits)
                 check = functools.partial(
                     verify, dims, q, kv, indptr, o, lse, sm_scale=sm_scale
                 )  # check(layer=l): max abs error of layer l's output

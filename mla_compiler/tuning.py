@@ -126,7 +126,7 @@ def _decode_shapes(model: ModelConfig, target, config) -> list[Shape]:
         splits = ad.splits_for(
             config, target, dims, heads=dims.heads, q_tokens=1, batch=1, max_context=ctx
         )
-        params = {"batch": 1, "ctx": ctx, "splits": splits, "cluster": config.cluster}
+        params = {"batch": 1, "ctx": ctx, "splits": splits}
         out.append(Shape(decode_shape_key(dims, ctx), params))
     return out
 

@@ -192,10 +192,9 @@ def run_decode(module, plan: dict, params: dict, reps: int) -> dict:
     heads, rank = dims["heads"], dims["kv_lora_rank"]
     width = rank + dims["qk_rope_head_dim"]
     batch, ctx, splits = params["batch"], params["ctx"], params["splits"]
-    slots = splits // params.get("cluster", 1)  # one partial per cluster of splits
     dev = DEVICE
-    o_part = torch.empty(slots, batch, 1, heads, rank, device=dev)  # f32 workspace
-    lse_part = torch.empty(slots, batch, 1, heads, device=dev)
+    o_part = torch.empty(splits, batch, 1, heads, rank, device=dev)  # f32 workspace
+    lse_part = torch.empty(splits, batch, 1, heads, device=dev)
     o = torch.empty(batch, 1, heads, rank, device=dev, dtype=torch.float16)  # [B, Q, H, 512]
     lse = torch.empty(batch, 1, heads, device=dev)  # [B, Q, H]
     indptr = torch.arange(0, batch * ctx + 1, ctx, dtype=torch.int32, device=dev)  # [B+1]
@@ -210,7 +209,7 @@ def run_decode(module, plan: dict, params: dict, reps: int) -> dict:
 
         def call(a_split=a_split, a_merge=a_merge):
             split(*a_split)
-            if slots > 1:  # one split (cluster) per sequence: the split wrote O and LSE
+            if splits > 1:  # one split per sequence: the split kernel wrote O and LSE
                 merge(*a_merge)
 
         calls.append(call)

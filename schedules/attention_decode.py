@@ -77,14 +77,6 @@ class Config:
     the merge computes its rows' split counts before waiting for the split; each lets the next
     kernel launch once its stores are issued. The launch latency and the merge's index chain
     overlap the predecessor's tail.
-    ``cluster`` (sm_90; 2, 4, 8 or the non-portable 16): the split CTAs form thread-block
-    clusters of that many consecutive splits, which merge their states through distributed
-    shared memory before anything reaches global memory: each CTA leaves its normalised O and
-    LSE in its own shared memory, and rank ``r`` of the cluster combines columns
-    ``r * 512 / cluster ..`` of all its CTAs. Global memory gets one f32 partial per cluster,
-    not per split: ``o_part`` holds ``splits / cluster`` slots and the split grid is
-    ``cluster`` times its extent (``workspace_shapes``, ``used_slots``). At
-    b = 1 with 128 splits that cuts the partials written and merged from 4.2 MB to 0.5 MB.
     """
 
     block_n: int = 64
@@ -95,7 +87,6 @@ class Config:
     tma: bool = False
     q_regs: bool = False
     pdl: bool = False
-    cluster: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,8 +148,7 @@ def shared_bytes(config: Config, dims: MLADims, *, heads: int, q_tokens: int) ->
     q = rows * (q_tail_columns(dims, config) + 8) * 2  # Q, or its tail (staged in the ring)
     p = rows * (config.block_n + 8) * 2
     red = 2 * config.warps_n * rows * 4
-    states = rows * (dims.kv_lora_rank + 1) * 4 if config.cluster > 1 else 0  # O and LSE
-    return kv + q + p + red + states
+    return kv + q + p + red
 
 
 def keep(
@@ -166,16 +156,10 @@ def keep(
 ) -> bool:
     """Whether ``config`` builds a valid kernel on ``target`` (tile shapes, smem, threads)."""
     if not config.tensor_cores:
-        return config.cluster == 1
+        return True
     if not is_gpu(target):
         return False
     spec = gpu_spec(target)
-    if config.cluster > 1 and not (
-        spec.has_clusters
-        and config.cluster in (2, 4, 8, 16)
-        and dims.kv_lora_rank % (4 * config.cluster) == 0
-    ):
-        return False
     warps = config.warps_n * m_tiles(heads, q_tokens)
     if config.pdl and not spec.has_pdl:
         return False
@@ -209,9 +193,6 @@ PREFERRED: dict[str, tuple[Config, ...]] = {
     # had been the H100's pick (2026-11-25).
     "sm_90a": (
         Config(block_n=64, stages=2, warps_n=8, q_regs=True, pdl=True),
-        Config(block_n=64, stages=2, warps_n=8, q_regs=True, pdl=True, cluster=8),
-        Config(block_n=64, stages=2, warps_n=8, q_regs=True, pdl=True, cluster=4),
-        Config(block_n=64, stages=2, warps_n=8, q_regs=True, pdl=True, cluster=16),
         Config(block_n=64, stages=2, warps_n=8, q_regs=True),
         Config(block_n=64, stages=2, warps_n=8),  # 1 CTA/SM, 2 warps per SM sub-partition
         Config(block_n=64, stages=2, warps_n=4, tma=True),
@@ -322,12 +303,11 @@ def splits_for(
     max_context: int,
     sm_count: int | None = None,
 ) -> int:
-    """``choose_splits`` for this config on this GPU (its tile size and CTAs per SM), rounded
-    up to whole clusters.
+    """``choose_splits`` for this config on this GPU (its tile size and CTAs per SM).
 
     ``sm_count`` overrides the arch's nominal count (e.g. the device's real one).
     """
-    splits = choose_splits(
+    return choose_splits(
         batch,
         max_context,
         sm_count or gpu_spec(target).sm_count,
@@ -335,36 +315,16 @@ def splits_for(
         ctas_per_sm=ctas_per_sm(config, target, dims, heads=heads, q_tokens=q_tokens),
         min_split_rows=config.min_split_rows,
     )
-    return -(-splits // config.cluster) * config.cluster  # whole clusters
 
 
 def workspace_shapes(
-    dims: MLADims, *, batch: int, heads: int, q_tokens: int, num_splits: int, cluster: int = 1
+    dims: MLADims, *, batch: int, heads: int, q_tokens: int, num_splits: int
 ) -> dict[str, tuple[int, ...]]:
-    """Float32 workspace the split kernel writes: ``o_part`` and ``lse_part``, one slot per
-    cluster of ``cluster`` splits (``Config.cluster``; ``num_splits`` a multiple of it)."""
-    if num_splits % cluster:
-        raise ValueError(f"num_splits={num_splits} is not a multiple of cluster={cluster}")
-    slots = num_splits // cluster
+    """Float32 workspace the split kernel writes: ``o_part`` and ``lse_part``."""
     return {
-        "o_part": (slots, batch, q_tokens, heads, dims.kv_lora_rank),
-        "lse_part": (slots, batch, q_tokens, heads),
+        "o_part": (num_splits, batch, q_tokens, heads, dims.kv_lora_rank),
+        "lse_part": (num_splits, batch, q_tokens, heads),
     }
-
-
-def used_slots(n, slots, *, config: Config):
-    """Partial slots a sequence of ``n`` rows fills out of ``slots`` (the workspace's extent):
-    one per cluster that holds a used split, ``ceil(effective_splits(n, slots * cluster) /
-    cluster)``. Python ints or TIR int32 expressions; without clusters, ``effective_splits``."""
-    c = config.cluster
-    used = effective_splits(
-        n, slots * c, block_n=config.block_n, min_split_rows=config.min_split_rows
-    )
-    if c == 1:
-        return used
-    if _is_expr(used):
-        return tvm.tirx.truncdiv(used + c - 1, c)
-    return -(-used // c)
 
 
 def absorbed_decode(
@@ -510,6 +470,7 @@ def _merge(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: Conf
     DV, H, Q = dims.kv_lora_rank, heads, q_tokens
     CW = 64 if gpu and DV % 64 == 0 else DV  # columns per block
     NC = DV // CW
+    block_n, min_rows = config.block_n, config.min_split_rows
     neg_inf = -math.inf
 
     @T.prim_func
@@ -534,7 +495,14 @@ def _merge(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: Conf
                 t = blk // NC // H % Q
                 h = blk // NC % H
                 col = blk % NC * CW + tx
-                used = T.meta_var(used_slots(kv_indptr[b + 1] - kv_indptr[b], S, config=config))
+                used = T.meta_var(
+                    effective_splits(
+                        kv_indptr[b + 1] - kv_indptr[b],
+                        S,
+                        block_n=block_n,
+                        min_split_rows=min_rows,
+                    )
+                )
                 m = T.alloc_buffer((1,), "float32", scope="local")
                 total = T.alloc_buffer((1,), "float32", scope="local")
                 acc = T.alloc_buffer((1,), "float32", scope="local")
@@ -587,6 +555,7 @@ def _merge_gpu(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: 
     U, CG = 4, 8  # unroll, columns per lane
     GROUPS = DV // CG  # column groups per row
     THREADS = 128
+    block_n, min_rows = config.block_n, config.min_split_rows
     neg_inf = -math.inf
     start_max = -1.0e30  # finite: exp(-inf - start_max) = 0 and exp(start_max - M) never NaN
 
@@ -621,7 +590,14 @@ def _merge_gpu(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: 
                 t = T.meta_var(row // H % Q)
                 h = T.meta_var(row % H)
                 used[0] = T.if_then_else(
-                    valid, used_slots(kv_indptr[b + 1] - kv_indptr[b], S, config=config), 0
+                    valid,
+                    effective_splits(
+                        kv_indptr[b + 1] - kv_indptr[b],
+                        S,
+                        block_n=block_n,
+                        min_split_rows=min_rows,
+                    ),
+                    0,
                 )
                 used[0] = T.if_then_else(used[0] > 1, used[0], 0)  # one split: written by it
                 if config.pdl:  # kv_indptr predates the split kernel; its partials do not

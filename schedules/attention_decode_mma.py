@@ -41,35 +41,6 @@ _GLOBALTIMER = (
     'asm volatile("mov.u32 %0, %%globaltimer_lo;" : "=r"(t)); return t; }\n'
 )
 PROBE_TILES = 4  # tiles whose landing / end a probe build stamps
-# distributed shared memory (clusters): the address of a shared variable in CTA ``rank`` of the
-# cluster, and 32-bit / 128-bit loads through it (one source per function: TVM emits a call's
-# ``source_code`` once per function name). The loads are volatile asm, which keeps them after
-# the cluster barrier's (volatile, memory-clobbering) asm.
-_DSMEM = {
-    "dsmem_map": (
-        "__device__ __forceinline__ unsigned dsmem_map(const void* p, unsigned rank) {\n"
-        "  unsigned a = (unsigned)__cvta_generic_to_shared(p), r;\n"
-        '  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));\n'
-        "  return r; }\n"
-    ),
-    "dsmem_f32": (
-        "__device__ __forceinline__ float dsmem_f32(unsigned a) { float v;\n"
-        '  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(a));\n'
-        "  return v; }\n"
-    ),
-    "dsmem_f32x4": (
-        "__device__ __forceinline__ float4 dsmem_f32x4(unsigned a) { float4 v;\n"
-        '  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"\n'
-        '               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "r"(a));\n'
-        "  return v; }\n"
-    ),
-}
-
-
-def _dsmem(name: str, *args, dtype: str):
-    return T.cuda.func_call(name, *args, source_code=_DSMEM[name], return_type=dtype)
-
-
 # q_regs: Q's first k-steps kept in registers (112 of the 255 a thread has at 8 warps: 254
 # used, 0 spills; all 36 of 576 / 16, or 32, spill under TVM's ptxas register-usage level
 # 10), the rest reloaded from shared memory per tile
@@ -100,11 +71,7 @@ def split_mma(
     stamps its timeline and writes it over ``o_part[s, b, 0, 0, :12]`` (uint32 bits, wrong
     outputs): globaltimer at entry and end, clock64 at entry, end, and when each of the first
     ``PROBE_TILES`` tiles has landed and is done."""
-    from mla_compiler.schedules.attention_decode import (  # a cycle
-        effective_splits,
-        split_range,
-        used_slots,
-    )
+    from mla_compiler.schedules.attention_decode import effective_splits, split_range  # a cycle
 
     D, DV, H, Q = dims.latent_dim, dims.kv_lora_rank, heads, q_tokens
     R = H * Q  # valid query rows
@@ -133,11 +100,6 @@ def split_mma(
     QP = QC + 8  # padded qs row
     QCH = QC // 8  # 16-byte chunks of a qs row
     QT_ITERS = -(-(MT * 16 * QCH) // NT)
-    CL = config.cluster  # CTAs per cluster, merged through distributed shared memory
-    CW4 = DV // CL // 4  # float4 columns of O each cluster rank combines
-    RED_ITERS = -(-(R * CW4) // NT)
-    if probe and CL > 1:
-        raise ValueError("probe builds stamp o_part per split: use cluster=1")
 
     @T.macro
     def qk_step(abuf, aoff, kvs, st_off, wn, lane, acc_s, b_frag, ks):
@@ -231,70 +193,6 @@ def split_mma(
                     )
                 )
 
-    @T.macro
-    def cluster_merge(co, clse, o_part, lse_part, o, lse, b, slot, rank, n, S, tid):
-        """Combine the ``CL`` CTAs' (O, LSE) of this cluster (online-softmax weights
-        ``exp(lse_j - max)``): rank ``rank`` takes columns ``rank * DV / CL ..`` of every row,
-        reading the other CTAs' ``co`` / ``clse`` through distributed shared memory, and stores
-        them to slot ``slot`` of the partials, or as the final O and LSE when the sequence's
-        used splits all lie in this (the first) cluster. Every thread of every CTA runs it: the
-        two cluster barriers order the stores before the remote loads, and those before any
-        CTA of the cluster exits."""
-        T.evaluate(T.ptx.barrier.cluster.arrive.release.aligned())
-        T.evaluate(T.ptx.barrier.cluster.wait.acquire.aligned())
-        wts = T.alloc_buffer((CL,), "float32", scope="local")
-        acc4 = T.alloc_buffer((4,), "float32", scope="local")
-        part4 = T.alloc_buffer((4,), "float32", scope="local")
-        top = T.alloc_buffer((2,), "float32", scope="local")  # max, sum of weights
-        slots = T.meta_var(used_slots(n, S, config=config))
-        for it in T.unroll(RED_ITERS):
-            u = T.meta_var(it * NT + tid)
-            if u < R * CW4:
-                r = T.meta_var(u // CW4)
-                col = T.meta_var((rank * CW4 + u % CW4) * 4)
-                top[0] = T.float32(_NEG)
-                for j in T.unroll(CL):
-                    remote = T.meta_var(
-                        _dsmem("dsmem_map", clse.ptr_to([r]), T.uint32(j), dtype="uint32")
-                    )
-                    wts[j] = _dsmem("dsmem_f32", remote, dtype="float32")
-                    top[0] = T.max(top[0], wts[j])
-                top[1] = T.float32(0)
-                for e in T.unroll(4):
-                    acc4[e] = T.float32(0)
-                for j in T.unroll(CL):
-                    wts[j] = T.exp(wts[j] - top[0])  # -inf (an empty split) weighs 0
-                    top[1] = top[1] + wts[j]
-                    remote = T.meta_var(
-                        _dsmem("dsmem_map", co.ptr_to([r, col]), T.uint32(j), dtype="uint32")
-                    )
-                    part4[T.ramp(0, 1, 4)] = _dsmem("dsmem_f32x4", remote, dtype="float32x4")
-                    for e in T.unroll(4):
-                        acc4[e] = acc4[e] + wts[j] * part4[e]
-                for e in T.unroll(4):
-                    acc4[e] = T.if_then_else(top[1] > T.float32(0), acc4[e] / top[1], T.float32(0))
-                value = T.meta_var(
-                    T.if_then_else(
-                        top[1] > T.float32(0),
-                        top[0] + T.log(top[1]),
-                        T.float32(-math.inf),
-                    )
-                )
-                if slots == 1:
-                    if slot == 0:
-                        o[b, r // H, r % H, T.ramp(col, 1, 4)] = T.Cast(
-                            "float16x4", acc4[T.ramp(0, 1, 4)]
-                        )
-                        if col == 0:
-                            lse[b, r // H, r % H] = value
-                elif slot < slots:
-                    o_part[slot, b, r // H, r % H, T.ramp(col, 1, 4)] = acc4[T.ramp(0, 1, 4)]
-                    if col == 0:
-                        lse_part[slot, b, r // H, r % H] = value
-        # relaxed: the remote loads are complete (their values are used above)
-        T.evaluate(T.ptx.barrier.cluster.arrive.relaxed.aligned())
-        T.evaluate(T.ptx.barrier.cluster.wait.acquire.aligned())
-
     @T.prim_func
     def split(
         q_h: T.handle,
@@ -310,7 +208,7 @@ def split_mma(
         B = T.int32()
         L = T.int64()
         C = T.int64()  # rows per layer: L * C * 576 may pass 2^31
-        S = T.int32()  # partial slots: S * CL split CTAs per sequence
+        S = T.int32()
         q = T.match_buffer(q_h, (B, Q, H, D), "float16")  # [B, Q, H, 576]
         kv = T.match_buffer(kv_h, (L, C, D), "float16")  # [L, C, 576]
         kv_indptr = T.match_buffer(indptr_h, (B + 1,), "int32")
@@ -319,18 +217,14 @@ def split_mma(
         o = T.match_buffer(o_h, (B, Q, H, DV), "float16")  # [B, Q, H, 512]
         lse = T.match_buffer(lse_h, (B, Q, H), "float32")  # [B, Q, H]
 
-        sid = T.launch_thread("blockIdx.x", S * CL)
+        sid = T.launch_thread("blockIdx.x", S)
         b = T.launch_thread("blockIdx.y", B)
-        rank = T.launch_thread("clusterCtaIdx.x", CL) if CL > 1 else 0
         tid = T.launch_thread("threadIdx.x", NT)
         kvs = T.alloc_buffer((ST, BN, DP), "float16", scope="shared.dyn")  # cache tile ring
         qs = T.alloc_buffer((MT * 16, QP), "float16", scope="shared.dyn")  # Q (or its tail)
         ps = T.alloc_buffer((MT * 16, BNP), "float16", scope="shared.dyn")
         red_m = T.alloc_buffer((WN, MT * 16), "float32", scope="shared.dyn")
         red_l = T.alloc_buffer((WN, MT * 16), "float32", scope="shared.dyn")
-        # clusters: this CTA's normalised O and LSE, read by the other ranks
-        co = T.alloc_buffer((MT * 16 if CL > 1 else 1, DV), "float32", scope="shared.dyn")
-        clse = T.alloc_buffer((MT * 16,), "float32", scope="shared.dyn")
         bars = T.alloc_buffer((ST,), "uint64", scope="shared")  # TMA: one mbarrier per slot
         acc_o = T.alloc_buffer((NO * 4,), "float32", scope="local")
         acc_s = T.alloc_buffer((NS * 8,), "float32", scope="local")  # 2 k-chains
@@ -360,7 +254,7 @@ def split_mma(
         geo = T.alloc_buffer((5,), "int32", scope="local")
         geo[0] = kv_indptr[b]
         geo[1] = kv_indptr[b + 1] - geo[0]
-        geo[4] = effective_splits(geo[1], S * CL, block_n=BN, min_split_rows=MR)
+        geo[4] = effective_splits(geo[1], S, block_n=BN, min_split_rows=MR)
         rows = T.meta_var(split_range(geo[1], sid, geo[4], block_n=BN))
         geo[2] = rows[0]
         geo[3] = rows[1]
@@ -377,7 +271,7 @@ def split_mma(
         used_end = T.meta_var(lo < n or sid == 0)
         # the sequence's only split (an empty sequence's too) writes O and LSE itself: the
         # merge skips it
-        single = T.meta_var(sid == 0 and hi >= n and CL == 1)
+        single = T.meta_var(sid == 0 and hi >= n)
         if TMA:
             if tid == 0:
                 for i in T.unroll(ST):
@@ -592,9 +486,7 @@ def split_mma(
             r = T.meta_var(wm * 16 + lane // 4 + lane % 2 * 8)
             col = T.meta_var(wn * OW + j * 8 + lane % 4 // 2 * 4)
             if r < R:
-                if CL > 1:
-                    co[r, T.ramp(col, 1, 4)] = out4[T.ramp(0, 1, 4)]
-                elif single:
+                if single:
                     o[b, r // H, r % H, T.ramp(col, 1, 4)] = T.Cast(
                         "float16x4", out4[T.ramp(0, 1, 4)]
                     )
@@ -611,14 +503,10 @@ def split_mma(
                     )
                 )
                 if r < R:
-                    if CL > 1:
-                        clse[r] = value
-                    elif single:
+                    if single:
                         lse[b, r // H, r % H] = value
                     elif used_end:
                         lse_part[sid, b, r // H, r % H] = value
-        if CL > 1:
-            cluster_merge(co, clse, o_part, lse_part, o, lse, b, sid // CL, rank, n, S, tid)
         if config.pdl:
             # the merge may launch now. Not at the start: its CTAs would crowd the few SMs
             # without a split CTA (7 per SM at 128 splits), and the merge takes as long as its

@@ -24,7 +24,6 @@ class GPUSpec:
     has_wgmma: bool = False
     has_tma: bool = False  # cp.async.bulk + mbarrier transaction counts (sm_90)
     has_pdl: bool = False  # griddepcontrol: programmatic dependent launch (sm_90)
-    has_clusters: bool = False  # thread-block clusters, distributed shared memory (sm_90)
 
 
 GPUS: dict[str, GPUSpec] = {
@@ -33,12 +32,7 @@ GPUS: dict[str, GPUSpec] = {
     # RTX 4080: the user's named GPU
     "sm_89": GPUSpec("sm_89", sm_count=76, max_shared_bytes_per_block=99 * 1024),
     "sm_90": GPUSpec(
-        "sm_90",
-        sm_count=132,
-        max_shared_bytes_per_block=227 * 1024,
-        has_tma=True,
-        has_pdl=True,
-        has_clusters=True,
+        "sm_90", sm_count=132, max_shared_bytes_per_block=227 * 1024, has_tma=True, has_pdl=True
     ),
     # H100 SXM: the GPU we measure on
     "sm_90a": GPUSpec(
@@ -48,7 +42,6 @@ GPUS: dict[str, GPUSpec] = {
         has_wgmma=True,
         has_tma=True,
         has_pdl=True,
-        has_clusters=True,
     ),
 }
 

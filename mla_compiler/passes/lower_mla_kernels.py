@@ -87,7 +87,6 @@ class _Lower(relax.PyExprMutator):
         if found is None:
             return None
         dk, splits = found
-        slots = splits // dk.config.cluster  # partial slots: one per cluster of splits
         d, key = self.dims, ("decode", sm_scale)
         split = self._add(key + ("split",), dk.split, "mla_decode_split")
         q4 = self.builder_.emit(
@@ -100,14 +99,14 @@ class _Lower(relax.PyExprMutator):
                 split,
                 [q4, cache, kv_indptr, relax.prim_value(tvm.tirx.IntImm("int32", layer))],
                 out_ty=[
-                    relax.TensorType([slots, 1, 1, d.heads, d.kv_lora_rank], "float32"),
-                    relax.TensorType([slots, 1, 1, d.heads], "float32"),
+                    relax.TensorType([splits, 1, 1, d.heads, d.kv_lora_rank], "float32"),
+                    relax.TensorType([splits, 1, 1, d.heads], "float32"),
                     o_ty,
                     lse_ty,
                 ],
             )
         )
-        if slots > 1:  # the split kernel wrote O and LSE where the context used one slot
+        if splits > 1:  # the split kernel wrote O and LSE where the context used one split
             o, lse = relax.TupleGetItem(res, 2), relax.TupleGetItem(res, 3)
             parts = [relax.TupleGetItem(res, 0), relax.TupleGetItem(res, 1)]
             merge = self._add(key + ("merge",), dk.merge, "mla_decode_merge")
