@@ -195,7 +195,6 @@ def candidates(target, *, kind: str = "absorbed", dims: MLADims | None = None) -
         out += [rs(128, 64, 8, 4, pipelined=True), wg(128, 64, 8, 3, swizzle=True)]
         out += [mma(128, 64, 8, 2), mma(128, 32, 8, 2), mma(64, 32, 4, 2)]
         out += [wg(128, 64, 8, 2), wg(128, 64, 8, 3)]
-        out += [rs(128, 64, 8, 3, q_regs=True), rs(128, 64, 8, 4, q_regs=True)]
     return [c for c in out if keep(c, target, kind=kind, dims=dims)]
 
 

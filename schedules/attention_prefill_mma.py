@@ -283,36 +283,11 @@ def _s_issue_swizzled(G, stage):
         3,
     )
     T.ptx["wgmma.fence.sync.aligned"]()
-    if G.q_regs:  # A = Q's fragments, loaded once per block (_load_q_regs)
-        for kk in T.unroll(G.dk // 16):
-            b_desc = desc[1] + T.Cast("uint64", kk // 4 * G.tkv * 8 + kk % 4 * 2)
-            a_regs = [qr[kk * 4], qr[kk * 4 + 1], qr[kk * 4 + 2], qr[kk * 4 + 3]]
-            mma_async_rs(G.s_cols, s_acc, a_regs, b_desc, accumulate=kk > 0, trans_b=0)
-    else:
-        for kk in T.serial(G.dk // 16):
-            a_desc = desc[0] + T.Cast("uint64", kk // 4 * G.tq * 8 + kk % 4 * 2)
-            b_desc = desc[1] + T.Cast("uint64", kk // 4 * G.tkv * 8 + kk % 4 * 2)
-            mma_async(G.s_cols, s_acc, a_desc, b_desc, accumulate=kk > 0, trans_b=0)
+    for kk in T.serial(G.dk // 16):
+        a_desc = desc[0] + T.Cast("uint64", kk // 4 * G.tq * 8 + kk % 4 * 2)
+        b_desc = desc[1] + T.Cast("uint64", kk // 4 * G.tkv * 8 + kk % 4 * 2)
+        mma_async(G.s_cols, s_acc, a_desc, b_desc, accumulate=kk > 0, trans_b=0)
     T.ptx["wgmma.commit_group.sync.aligned"]()  # the caller waits
-
-
-@T.macro(hygienic=False)
-def _load_q_regs(G):
-    # Every k16 step's A fragment of this warp's 16 Q rows (ldmatrix.x4 from the swizzled Q
-    # tile: lanes 0-15 address rows 0-15 of the step's first 8 columns, lanes 16-31 the next 8),
-    # once per block, after Q has landed. `qr` holds 32-bit registers (f16 pairs): typed f16,
-    # TVM would vectorise it to half2 and the ldmatrix offsets would count pairs.
-    for kk in T.unroll(G.dk // 16):
-        T.ptx_legacy.ldmatrix(
-            False,
-            4,
-            ".b16",
-            qr.data,
-            kk * 4,
-            smem.data,
-            _chunk_offset(G, wm * 16 + lane % 16, kk * 2 + lane // 16, G.dkp, G.dk, G.tq),
-            dtype="float16",
-        )
 
 
 @T.macro(hygienic=False)
@@ -699,7 +674,6 @@ def mma_body(P, G, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t_t
     # row max / sum exchange; 1024 B when swizzling: keeps the dynamic tiles 1024-byte aligned
     red = T.alloc_buffer((G.red_floats,), "float32", scope="shared")
     qa = T.alloc_buffer((8,), "float16", scope="local")  # A fragment of Q (16 x 16)
-    qr = T.alloc_buffer((G.dk // 4 if G.q_regs else 1,), "uint32", scope="local")  # Q, q_regs
     kb = T.alloc_buffer((8,), "float16", scope="local")  # B fragments of two 8-wide n tiles
     s_acc = T.alloc_buffer((G.s_cols // 2,), "float32", scope="local")  # S, 16 x s_cols per warp
     ph = T.alloc_buffer((G.tkv // 2,), "float16", scope="local")  # P as A fragments
@@ -768,9 +742,6 @@ def mma_body(P, G, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t_t
                 if G.wgmma:
                     T.ptx["fence.proxy.async.shared::cta"]()  # cp.async data -> wgmma reads
                 T.tvm_storage_sync("shared")
-                if G.q_regs:
-                    if it == 0:  # Q landed with tile 0's group
-                        _load_q_regs(G)
                 if it + G.stages - 1 < n_tiles:
                     _load_kv(G, P, it + G.stages - 1, (it + G.stages - 1) % G.stages)
                 T.ptx["cp.async.commit_group"]()

@@ -29,10 +29,6 @@ class MMAConfig:
     # memory; the other warpgroups issue the KV loads meanwhile.
     p_regs: bool = False
     pipelined: bool = False  # p_regs: tile i's softmax runs under tile i-1's P·V wgmma (FA3)
-    # swizzled wgmma, unsplit S: S = Q·Kᵀ takes Q from registers (rs form), each warp's A
-    # fragments loaded once per block, instead of re-reading the Q tile from shared memory on
-    # every KV tile (a third of the shared-memory reads of a 64-wide tile at dk = 192)
-    q_regs: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +47,6 @@ class Geometry:
     swizzle: bool = False
     p_regs: bool = False
     pipelined: bool = False
-    q_regs: bool = False
 
     @property
     def threads(self) -> int:
@@ -181,8 +176,7 @@ class Geometry:
     def acc_registers(self) -> int:
         """f32 registers per thread held across the KV loop (O, S, P as f16 pairs)."""
         p = 0 if self.p_in_smem else self.tkv // 4 * (2 if self.pipelined else 1)
-        q = self.dk // 4 if self.q_regs else 0  # Q's A fragments: 4 registers per k16 step
-        return self.dv_w // 2 + self.s_cols // 2 + p + q
+        return self.dv_w // 2 + self.s_cols // 2 + p
 
 
 def geometry(config: MMAConfig, layout) -> Geometry:
@@ -199,7 +193,6 @@ def geometry(config: MMAConfig, layout) -> Geometry:
         swizzle=bool(config.wgmma and config.swizzle),
         p_regs=bool(config.wgmma and config.p_regs),
         pipelined=bool(config.wgmma and config.p_regs and config.pipelined),
-        q_regs=bool(config.wgmma and config.q_regs),
     )
 
 
@@ -232,8 +225,6 @@ def fits(config: MMAConfig, layout, smem_limit: int, *, has_wgmma: bool = False)
         return False
     if c.pipelined and (not c.p_regs or not c.swizzle or c.stages < 3):
         return False  # P·V of tile i - 1 still reads its slot while tile i + 1 loads
-    if c.q_regs and (not c.swizzle or g.split_s or g.handoff or c.pipelined):
-        return False  # the rs S of one warpgroup over the whole tile (swizzled Q tile)
     if c.swizzle:
         # 128-byte swizzle atoms: every operand row a whole number of 64-half blocks, P too
         widths = (g.dk, g.v_width, g.dv_w) + ((g.p_width,) if g.p_in_smem else ())

@@ -28,21 +28,11 @@ def mma_async(
     return op(*regs, a_desc, b_desc, accumulate, 1, 1, 0, trans_b)
 
 
-def mma_async_rs(
-    n,
-    acc,
-    a_regs,
-    b_desc,
-    *,
-    accumulate=True,
-    trans_b: int = 0,
-    acc0: int = 0,
-    dtype="float16",
-):
+def mma_async_rs(n, acc, a_regs, b_desc, *, trans_b: int = 0, acc0: int = 0, dtype="float16"):
     """``mma_async`` with A from registers (wgmma's rs form): ``a_regs`` are the four 32-bit
     pairs of the warp's m16k16 A fragment (the mma.sync A layout, warp ``w`` holding rows
-    ``16w..16w+15``)."""
+    ``16w..16w+15``); always accumulates."""
     ab = "bf16" if dtype == "bfloat16" else "f16"
     op = T.ptx[f"wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{ab}.{ab}"]
     regs = [acc[acc0 + i] for i in range(n // 2)]
-    return op(*regs, *a_regs, b_desc, accumulate, 1, 1, trans_b)
+    return op(*regs, *a_regs, b_desc, True, 1, 1, trans_b)

@@ -409,7 +409,6 @@ def _config_id(config) -> str:
     tags = ("split" if split else "nosplit") + ("-wgmma" if config.wgmma else "")
     tags += ("-swz" if config.swizzle else "") + ("-preg" if config.p_regs else "")
     tags += "-pipe" if config.pipelined else ""
-    tags += "-qreg" if config.q_regs else ""
     return f"{config.tile_q}x{config.tile_kv}x{config.warps}w{config.stages}s-{tags}"
 
 
