@@ -81,6 +81,18 @@ SHAPES = [
 HEADS = 16
 
 
+def parse_shapes(spec: str) -> list[tuple[int, int]]:
+    """``"1x16384,32x4096"`` -> [(1, 16384), (32, 4096)] (batch, context); exits with the
+    expected form on anything else."""
+    try:
+        shapes = [tuple(int(x) for x in w.split("x")) for w in spec.split(",")]
+    except ValueError:
+        shapes = []
+    if not shapes or any(len(s) != 2 or min(s) < 1 for s in shapes):
+        sys.exit(f"--shapes {spec!r}: use a comma list of BATCHxCTX, e.g. 1x16384,32x4096")
+    return shapes
+
+
 def gpu_arch() -> str:
     major, minor = torch.cuda.get_device_capability()
     arch = f"sm_{major}{minor}" + ("a" if major == 9 else "")
@@ -348,7 +360,7 @@ def main() -> None:
     l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
     shapes = SHAPES
     if args.shapes:
-        wanted = {tuple(int(x) for x in w.split("x")) for w in args.shapes.split(",")}
+        wanted = set(parse_shapes(args.shapes))
         shapes = [s for s in SHAPES if s[:2] in wanted]
         if len(shapes) != len(wanted):
             sys.exit(f"--shapes: known are {', '.join(f'{b}x{c}' for b, c, _ in SHAPES)}")

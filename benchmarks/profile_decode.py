@@ -101,8 +101,7 @@ def main() -> None:
         for cfg in configs
     }
     rows = []
-    for shape in args.shapes.split(","):
-        batch, ctx = (int(x) for x in shape.split("x"))
+    for batch, ctx in bd.parse_shapes(args.shapes):
         layers = bd.graph_layers(dims, batch=batch, ctx=ctx, min_layers=args.layers, l2_bytes=l2)
         q, kv, indptr = bd.make_inputs(dims, batch, ctx, layers=layers)
         nbytes = bd.call_bytes(dims, batch=batch, ctx=ctx)

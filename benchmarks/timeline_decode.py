@@ -135,8 +135,7 @@ def timelines(cfg, target, dims, args, *, sms: int, l2: int) -> list[dict]:
     )
     pmod = probe_module(dims, cfg, target, sm_scale=sm_scale)
     rows = []
-    for shape in args.shapes.split(","):
-        batch, ctx = (int(x) for x in shape.split("x"))
+    for batch, ctx in bd.parse_shapes(args.shapes):
         layers = bd.graph_layers(dims, batch=batch, ctx=ctx, min_layers=args.layers, l2_bytes=l2)
         q, kv, indptr = bd.make_inputs(dims, batch, ctx, layers=layers)
         nbytes = bd.call_bytes(dims, batch=batch, ctx=ctx)

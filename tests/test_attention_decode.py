@@ -472,6 +472,10 @@ def test_bench_graph_mode_bookkeeping():
         assert nl >= 27 and nl * b * n * LITE.latent_dim * 2 >= 4 * l2
     counts = bench.split_counts(86, 600, dec.Config(block_n=64))
     assert counts == [10]  # 43, 86 and 172 compiled splits all use 10 (one tile each) at 600
+    assert bench.parse_shapes("1x16384,32x4096") == [(1, 16384), (32, 4096)]
+    for bad in ("1x", "1x2x3", "0x4096", "big"):
+        with pytest.raises(SystemExit, match="BATCHxCTX"):
+            bench.parse_shapes(bad)
 
 
 def test_merge_split_lanes_int_and_tir_agree():
