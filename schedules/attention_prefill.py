@@ -188,17 +188,16 @@ def candidates(target, *, kind: str = "absorbed", dims: MLADims | None = None) -
         # P in registers (wgmma rs form) with 3 warpgroups: 1.19x / 1.16x the 2-warpgroup smem-P
         # kernel at n = 8K / 16K on the H100, even at 2K. 96-row KV tiles (H200, 2026-12-04,
         # results/bench_attention_h200_dec_tiles*.json): 192 x 96 is 1.05 / 1.10 / 1.09x the
-        # 192 x 64 default at n = 2K / 8K / 16K and ties the 4-warpgroup 256 x 64 at 8K-16K
-        # (which loses 23% at 2K: 8 tiles x 16 heads, one wave bound by the longest causal
-        # tile); 128 x 96 (2 warpgroups) is the best at 2K (1.03x cuDNN). Both checked out
-        # against PyTorch in the benchmark but have not run the GPU test suite yet, so they
-        # come after every config the default and extend_config chose before. Slower: 80, 112
-        # and 128-row KV tiles, 256 x 48, 256 x 32, 192 x 32; 256 x 80 and 256 x 96 spill.
+        # 192 x 64 default it replaced at n = 2K / 8K / 16K and ties the 4-warpgroup 256 x 64
+        # at 8K-16K (which loses 23% at 2K: 8 tiles x 16 heads, one wave bound by the longest
+        # causal tile; it stays second, for extend_config's one-wave chunks); 128 x 96
+        # (2 warpgroups) is the best at 2K. Slower: 80, 112 and 128-row KV tiles, 256 x 48,
+        # 256 x 32, 192 x 32, 64-row query tiles two blocks a SM; 256 x 80 and 256 x 96 spill.
         # Also no gain: 8 warps pipelined (softmax under the previous tile's P·V) and Q in
         # registers (2026-12-04).
         rs = functools.partial(wg, swizzle=True, p_regs=True)
-        out = [rs(192, 64, 12, 2), rs(256, 64, 16, 2), rs(192, 64, 12, 3), rs(128, 64, 8, 3)]
-        out += [rs(128, 64, 8, 4, pipelined=True), rs(192, 96, 12, 2), rs(128, 96, 8, 2)]
+        out = [rs(192, 96, 12, 2), rs(256, 64, 16, 2), rs(192, 64, 12, 2), rs(128, 96, 8, 2)]
+        out += [rs(192, 64, 12, 3), rs(128, 64, 8, 3), rs(128, 64, 8, 4, pipelined=True)]
         out += [wg(128, 64, 8, 3, swizzle=True)]
         out += [mma(128, 64, 8, 2), mma(128, 32, 8, 2), mma(64, 32, 4, 2)]
         out += [wg(128, 64, 8, 2), wg(128, 64, 8, 3)]

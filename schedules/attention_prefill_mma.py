@@ -359,10 +359,11 @@ def _softmax_p(G, P, stage, it, pbuf):
     tmp[1] = T.float32(-math.inf)
     # Tiles that end at or before the causal limit of the warp's first row (the smallest) need
     # no mask: a warp-uniform branch skips the per-element compare and select there.
+    # The maxima are taken over the raw scores (the scale is positive) and scaled once per row;
+    # each score is scaled inside its exponent's FFMA.
     if it * G.tkv + s_col0 + G.s_cols - 1 <= (row0 + wm * 16) // P.rows_per_token + n_b - t_b:
         for n in T.unroll(G.s_cols // 8):
             for c in T.unroll(4):
-                s_acc[n * 4 + c] = s_acc[n * 4 + c] * T.float32(P.sm_scale * LOG2E)
                 tmp[c // 2] = T.max(tmp[c // 2], s_acc[n * 4 + c])
     else:
         for n in T.unroll(G.s_cols // 8):
@@ -370,7 +371,7 @@ def _softmax_p(G, P, stage, it, pbuf):
                 lim = (row0 + wm * 16 + lane // 4 + c // 2 * 8) // P.rows_per_token + n_b - t_b
                 s_acc[n * 4 + c] = T.if_then_else(
                     it * G.tkv + s_col0 + n * 8 + lane % 4 * 2 + c % 2 <= lim,
-                    s_acc[n * 4 + c] * T.float32(P.sm_scale * LOG2E),
+                    s_acc[n * 4 + c],
                     T.float32(-math.inf),
                 )
                 tmp[c // 2] = T.max(tmp[c // 2], s_acc[n * 4 + c])
@@ -379,6 +380,8 @@ def _softmax_p(G, P, stage, it, pbuf):
         tmp[h] = T.max(tmp[h], T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), tmp[h], 2, 32, 32))
     if G.split_s:
         _exchange_rows(G, tmp, T.max)
+    for h in T.unroll(2):
+        tmp[h] = tmp[h] * T.float32(P.sm_scale * LOG2E)
     # Lazy rescaling: a row keeps its running max until the tile's max passes it by more than
     # RESCALE_SLACK (base 2), so P <= 2^RESCALE_SLACK (exact in the end: O and l share the max)
     # and O is rescaled only when some row of the warp moved (a warp-uniform branch below).
@@ -395,7 +398,7 @@ def _softmax_p(G, P, stage, it, pbuf):
     for n in T.unroll(G.s_cols // 8):
         for h in T.unroll(2):  # rows g, g + 8 of the warp; two adjacent columns each
             for c2 in T.unroll(2):
-                p = T.exp2(s_acc[n * 4 + h * 2 + c2] - st[h])
+                p = T.exp2(s_acc[n * 4 + h * 2 + c2] * T.float32(P.sm_scale * LOG2E) - st[h])
                 st[2 + h] = st[2 + h] + p
                 if G.p_in_smem:
                     p2[c2] = T.Cast("float16", p)
