@@ -111,6 +111,11 @@ _SASS_INSN = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*
 
 def sass_opcodes(cubin: bytes) -> dict[str, dict[str, int]]:
     """SASS opcode counts per kernel of a cubin, e.g. ``{"attn": {"HMMA": 64, "LDSM": 32}}``."""
+    return {k: dict(collections.Counter(ops)) for k, ops in sass_sequence(cubin).items()}
+
+
+def sass_sequence(cubin: bytes) -> dict[str, list[str]]:
+    """SASS opcodes per kernel of a cubin in program order (predicates and modifiers dropped)."""
     tool = find_tool("cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -118,14 +123,14 @@ def sass_opcodes(cubin: bytes) -> dict[str, dict[str, int]]:
         proc = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True)
     if proc.returncode != 0:
         raise TargetError(f"cuobjdump failed: {proc.stderr.strip()}")
-    counts: dict[str, collections.Counter] = {}
+    ops: dict[str, list[str]] = {}
     current = None
     for line in proc.stdout.splitlines():
         if m := _SASS_FUNC.search(line):
-            current = counts.setdefault(m.group(1), collections.Counter())
+            current = ops.setdefault(m.group(1), [])
         elif current is not None and (m := _SASS_INSN.search(line)):
-            current[m.group(1)] += 1
-    return {k: dict(v) for k, v in counts.items()}
+            current.append(m.group(1))
+    return ops
 
 
 # --- build-time fatbin packing (used by mla_compiler.cuda_build) ---------------------------------

@@ -194,9 +194,12 @@ def candidates(target, *, kind: str = "absorbed", dims: MLADims | None = None) -
         # (2 warpgroups) is the best at 2K. Slower: 80, 112 and 128-row KV tiles, 256 x 48,
         # 256 x 32, 192 x 32, 64-row query tiles two blocks a SM; 256 x 80 and 256 x 96 spill.
         # Also no gain: 8 warps pipelined (softmax under the previous tile's P·V) and Q in
-        # registers (2026-12-04).
+        # registers (2026-12-04). S issued before the next tile's copies (s_first): +3% for
+        # 256 x 64 (the extend kernel), -2 to -3% for 192 x 96 and 128 x 96 (H200, two A/B
+        # pairs, results/bench_attention_h200_sfirst_*.json).
         rs = functools.partial(wg, swizzle=True, p_regs=True)
-        out = [rs(192, 96, 12, 2), rs(256, 64, 16, 2), rs(192, 64, 12, 2), rs(128, 96, 8, 2)]
+        out = [rs(192, 96, 12, 2), rs(256, 64, 16, 2, s_first=True), rs(192, 64, 12, 2)]
+        out += [rs(128, 96, 8, 2), rs(256, 64, 16, 2)]
         out += [rs(192, 64, 12, 3), rs(128, 64, 8, 3), rs(128, 64, 8, 4, pipelined=True)]
         out += [wg(128, 64, 8, 3, swizzle=True)]
         out += [mma(128, 64, 8, 2), mma(128, 32, 8, 2), mma(64, 32, 4, 2)]

@@ -745,10 +745,17 @@ def mma_body(P, G, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t_t
                 if G.wgmma:
                     T.ptx["fence.proxy.async.shared::cta"]()  # cp.async data -> wgmma reads
                 T.tvm_storage_sync("shared")
+                stage = it % G.stages
+                if G.s_first:  # S runs on the tensor cores while this warp issues the copies
+                    _s_issue_swizzled(G, stage)
                 if it + G.stages - 1 < n_tiles:
                     _load_kv(G, P, it + G.stages - 1, (it + G.stages - 1) % G.stages)
                 T.ptx["cp.async.commit_group"]()
-                stage = it % G.stages
-                _tile_step(G, P, stage, it)
+                if G.s_first:
+                    T.ptx["wgmma.wait_group.sync.aligned"](0)
+                    pin(s_acc, G.s_cols // 2)
+                    _softmax_pv(G, P, stage, it)
+                else:
+                    _tile_step(G, P, stage, it)
         T.ptx["cp.async.wait_group"](0)
         _epilogue(G, P)

@@ -29,6 +29,9 @@ class MMAConfig:
     # memory; the other warpgroups issue the KV loads meanwhile.
     p_regs: bool = False
     pipelined: bool = False  # p_regs: tile i's softmax runs under tile i-1's P·V wgmma (FA3)
+    # swizzled wgmma without hand-off: each tile's S wgmma is issued before the next tile's
+    # copies, so the copies' address math and LDGSTS issue run under S
+    s_first: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +50,7 @@ class Geometry:
     swizzle: bool = False
     p_regs: bool = False
     pipelined: bool = False
+    early_s: bool = False
 
     @property
     def threads(self) -> int:
@@ -92,6 +96,11 @@ class Geometry:
         hold only the rope key, dead once S is done. P [tq, tkv] fits there when tq <= dk - dv.
         """
         return self.dv * self.tkv
+
+    @property
+    def s_first(self) -> bool:
+        """Each tile's S wgmma is issued before the next tile's copies (swizzled, no hand-off)."""
+        return self.early_s and self.swizzle and not self.handoff and not self.pipelined
 
     @property
     def kv_loaders(self) -> int:
@@ -193,6 +202,7 @@ def geometry(config: MMAConfig, layout) -> Geometry:
         swizzle=bool(config.wgmma and config.swizzle),
         p_regs=bool(config.wgmma and config.p_regs),
         pipelined=bool(config.wgmma and config.p_regs and config.pipelined),
+        early_s=bool(config.s_first),
     )
 
 
@@ -225,6 +235,8 @@ def fits(config: MMAConfig, layout, smem_limit: int, *, has_wgmma: bool = False)
         return False
     if c.pipelined and (not c.p_regs or not c.swizzle or c.stages < 3):
         return False  # P·V of tile i - 1 still reads its slot while tile i + 1 loads
+    if c.s_first and not geometry(c, layout).s_first:
+        return False  # S goes first only in the plain swizzled wgmma loop
     if c.swizzle:
         # 128-byte swizzle atoms: every operand row a whole number of 64-half blocks, P too
         widths = (g.dk, g.v_width, g.dv_w) + ((g.p_width,) if g.p_in_smem else ())

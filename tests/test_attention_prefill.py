@@ -320,6 +320,24 @@ def test_sm90a_wgmma_variant_uses_warpgroup_mma_without_spills(kind):
 
 
 @pytest.mark.skipif(not nvcc_available(), reason="nvcc / cuobjdump not installed")
+@pytest.mark.parametrize("s_first", [True, False], ids=["s-first", "copies-first"])
+def test_sm90a_s_first_issues_s_before_the_next_tiles_copies(s_first):
+    """In the KV loop (after its CTA barrier) the S wgmmas come before the next tile's LDGSTS
+    with ``s_first``, after them without."""
+    from mla_compiler.nvcc import compile_cubin, sass_sequence
+
+    config = ap.MMAConfig(256, 64, 16, 2, wgmma=True, swizzle=True, p_regs=True, s_first=s_first)
+    assert ap.keep(config, "sm_90a", kind="decompressed", dims=V2_LITE)
+    source = _build("decompressed", V2_LITE, "sm_90a", config).mod.imports[0].inspect_source()
+    cubin, resources = compile_cubin(source, "sm_90a")
+    assert next(iter(resources.values())).spill_bytes == 0
+    (ops,) = sass_sequence(cubin).values()
+    loop = ops[ops.index("BAR") :]
+    first = next(op for op in loop if op in ("HGMMA", "LDGSTS"))
+    assert first == ("HGMMA" if s_first else "LDGSTS"), loop[:40]
+
+
+@pytest.mark.skipif(not nvcc_available(), reason="nvcc / cuobjdump not installed")
 def test_sm90a_absorbed_default_hands_p_over_and_copies_rows_unrolled():
     """Warpgroup 0 computes S and hands P over (named barrier 1); the KV copies are unrolled
     per row and 64-column block (one LDGSTS each), not a loop dividing every chunk index."""
@@ -409,6 +427,7 @@ def _config_id(config) -> str:
     tags = ("split" if split else "nosplit") + ("-wgmma" if config.wgmma else "")
     tags += ("-swz" if config.swizzle else "") + ("-preg" if config.p_regs else "")
     tags += "-pipe" if config.pipelined else ""
+    tags += "-sfirst" if config.s_first else ""
     return f"{config.tile_q}x{config.tile_kv}x{config.warps}w{config.stages}s-{tags}"
 
 
