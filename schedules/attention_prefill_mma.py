@@ -160,6 +160,13 @@ def _load_kv_rows(
 @T.macro(hygienic=False)
 def _load_kv(G, P, tile, stage):
     # KV tile `tile` into ring slot `stage`; rows past the sequence end repeat its last row.
+    _load_k(G, P, tile, stage)
+    if not G.shared_kv:
+        _load_v(G, P, tile, stage)
+
+
+@T.macro(hygienic=False)
+def _load_k(G, P, tile, stage):
     _load_kv_rows(
         G,
         P,
@@ -175,22 +182,25 @@ def _load_kv(G, P, tile, stage):
         P.k_stride,
         G.kv_loaders,
     )
-    if not G.shared_kv:
-        _load_kv_rows(
-            G,
-            P,
-            G.v_off + stage * G.stage_halfs,
-            G.v_stride,
-            G.dv,
-            G.tkv,
-            vf,
-            T.int64(0),
-            k0,
-            tile * G.tkv,
-            n_b - 1,
-            P.v_stride,
-            G.kv_loaders,
-        )
+
+
+@T.macro(hygienic=False)
+def _load_v(G, P, tile, stage):
+    _load_kv_rows(
+        G,
+        P,
+        G.v_off + stage * G.stage_halfs,
+        G.v_stride,
+        G.dv,
+        G.tkv,
+        vf,
+        T.int64(0),
+        k0,
+        tile * G.tkv,
+        n_b - 1,
+        P.v_stride,
+        G.kv_loaders,
+    )
 
 
 @T.macro(hygienic=False)
@@ -619,11 +629,18 @@ def _epilogue(G, P):
 def _pipelined_step(G, P, it, cur, prev):
     # Tile `it`: its S, then the previous tile's P·V (P from `prev`), both in flight while
     # this tile's softmax runs (P into `cur`); O is rescaled once that P·V has landed. The ring
-    # keeps stages - 2 tiles ahead: tile it - 1's slot is still read by its P·V.
-    T.ptx["cp.async.wait_group"](G.stages - 3)
+    # keeps stages - 2 tiles ahead: tile it - 1's slot is still read by its P·V. Two stages
+    # (split ring, K and V apart): K runs one tile ahead of V, so this step loads K of tile
+    # it + 1 (over K of tile it - 1, whose S is done) and V of tile it (over V of tile it - 2,
+    # whose P·V is done) and each K or V slot is read by one wgmma at a time.
+    T.ptx["cp.async.wait_group"](0 if G.split_ring else G.stages - 3)
     T.ptx["fence.proxy.async.shared::cta"]()  # cp.async data -> wgmma reads
     T.tvm_storage_sync("shared")
-    if it + G.stages - 2 < n_tiles:
+    if G.split_ring:
+        if it + 1 < n_tiles:
+            _load_k(G, P, it + 1, (it + 1) % 2)
+        _load_v(G, P, it, it % 2)
+    elif it + G.stages - 2 < n_tiles:
         _load_kv(G, P, it + G.stages - 2, (it + G.stages - 2) % G.stages)
     T.ptx["cp.async.commit_group"]()
     _s_issue_swizzled(G, it % G.stages)
@@ -643,7 +660,10 @@ def _pipelined_step(G, P, it, cur, prev):
 def _pipelined_loop(G, P):
     # Tiles in pairs, so that each P buffer is a fixed set of registers: even tiles write ph,
     # odd ones pq; the last tile's P·V runs after the loop.
-    for s in T.unroll(G.stages - 2):
+    if G.split_ring:
+        _load_k(G, P, 0, 0)
+        T.ptx["cp.async.commit_group"]()
+    for s in T.unroll(0 if G.split_ring else G.stages - 2):
         if s < n_tiles:
             _load_kv(G, P, s, s)
         T.ptx["cp.async.commit_group"]()
@@ -652,6 +672,10 @@ def _pipelined_loop(G, P):
         if it2 * 2 + 1 < n_tiles:
             _pipelined_step(G, P, it2 * 2 + 1, pq, ph)
     last = G.v_off + (n_tiles - 1) % G.stages * G.stage_halfs
+    if G.split_ring:  # V of the last tile was loaded in its own step
+        T.ptx["cp.async.wait_group"](0)
+        T.ptx["fence.proxy.async.shared::cta"]()
+        T.tvm_storage_sync("shared")
     if n_tiles % 2 == 1:
         _pv_wgmma_rs(G, last, ph)
     else:

@@ -98,6 +98,11 @@ class Geometry:
         return self.dv * self.tkv
 
     @property
+    def split_ring(self) -> bool:
+        """Pipelined with two stages: K loads one tile ahead of V (separate K, V layouts)."""
+        return self.pipelined and self.stages == 2 and not self.shared_kv
+
+    @property
     def s_first(self) -> bool:
         """Each tile's S wgmma is issued before the next tile's copies (swizzled, no hand-off)."""
         return self.early_s and self.swizzle and not self.handoff and not self.pipelined
@@ -233,7 +238,7 @@ def fits(config: MMAConfig, layout, smem_limit: int, *, has_wgmma: bool = False)
         return False  # P is handed over in the K tile's rope columns (swizzled blocks)
     if c.p_regs and (not c.wgmma or g.split_s):  # the rs form needs the warp's whole P rows
         return False
-    if c.pipelined and (not c.p_regs or not c.swizzle or c.stages < 3):
+    if c.pipelined and (not c.p_regs or not c.swizzle or c.stages < 3 and not g.split_ring):
         return False  # P·V of tile i - 1 still reads its slot while tile i + 1 loads
     if c.s_first and not geometry(c, layout).s_first:
         return False  # S goes first only in the plain swizzled wgmma loop
