@@ -414,24 +414,37 @@ def main() -> None:
 
 
 def print_table(results) -> None:
+    """Markdown table of TFLOP/s per (kind, n) and implementation, with the best of ours over
+    the fastest baseline measured in the same run (the issue's target is >= 1 against cuDNN)."""
     impls = [i for i in dict.fromkeys(r["impl"] for r in results) if i != "ours-config"]
     keys = list(dict.fromkeys((r["kind"], r["n"]) for r in results))
     cell = {(r["kind"], r["n"], r["impl"]): r for r in results}
     print("\nTFLOP/s (causal, N_eff = N - T/2; '-': wrong, rejected or out of memory: see JSON)")
     print()
-    print("| kind | n | " + " | ".join(impls) + " |")
-    print("|---|---:|" + "---:|" * len(impls))
+    print("| kind | n | " + " | ".join(impls) + " | best ours / best baseline |")
+    print("|---|---:|" + "---:|" * (len(impls) + 1))
     for kind, n in keys:
         vals = []
         for impl in impls:
             r = cell.get((kind, n, impl))
             vals.append(f"{r['tflops']:.1f}" if r and r.get("tflops") else "-")
-        print(f"| {kind} | {n} | " + " | ".join(vals) + " |")
+        print(f"| {kind} | {n} | " + " | ".join(vals) + f" | {_ratio(results, kind, n)} |")
     best = [r for r in results if r["impl"] == "ours-best"]
     if best:
         print("\nours-best config (tile_q, tile_kv, warps, stages, split_s):")
         for r in best:
             print(f"- {r['kind']} n={r['n']}: {r['config']}")
+
+
+def _ratio(results, kind: str, n: int) -> str:
+    """``1.02x sdpa-cudnn``: the fastest of ours over the fastest baseline, or ``-``."""
+    rows = [r for r in results if r["kind"] == kind and r["n"] == n and r.get("tflops")]
+    ours = [r["tflops"] for r in rows if r["impl"].startswith("ours")]
+    base = [r for r in rows if not r["impl"].startswith("ours")]
+    if not ours or not base:
+        return "-"
+    top = max(base, key=lambda r: r["tflops"])
+    return f"{max(ours) / top['tflops']:.2f}x {top['impl']}"
 
 
 if __name__ == "__main__":

@@ -446,3 +446,27 @@ def test_cuda_every_candidate_config_matches_reference(kind, config):
     if arch is None:
         pytest.skip("no CUDA device visible to torch and TVM")
     _run_cuda(kind, Case(V2_LITE, (37, 1, 300), (37, 90, 301)), arch, config)
+
+
+def test_bench_table_reports_best_of_ours_over_the_fastest_baseline(capsys):
+    """benchmarks/bench_attention.py's table: the best of ours (default or any config) over the
+    fastest correct baseline of the same (kind, n); '-' where a side has no figure."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    def row(impl, n, tflops):
+        return {"kind": "decompressed", "n": n, "impl": impl, "tflops": tflops, "config": []}
+
+    results = [row("ours", 2048, 290.0), row("ours-config", 2048, 330.0)]
+    results += [row("ours-best", 2048, 330.0), row("sdpa-cudnn", 2048, 300.0)]
+    results += [row("sdpa-efficient", 2048, 310.0), row("ours", 8192, 480.0)]
+    results += [row("sdpa-cudnn", 8192, None)]  # rejected: no figure
+    bench.print_table(results)
+    lines = capsys.readouterr().out.splitlines()
+    assert "| decompressed | 2048 | 290.0 | 330.0 | 300.0 | 310.0 | 1.06x sdpa-efficient |" in lines
+    assert "| decompressed | 8192 | 480.0 | - | - | - | - |" in lines
