@@ -225,6 +225,24 @@ def test_keep_rejects_bad_tile_shapes():
     assert ap.keep(ap.MMAConfig(64, 16, 8, 2, split_s=False), "sm_90a", kind="absorbed")
 
 
+def test_keep_takes_two_stage_pipelines_only_with_separate_k_and_v_rows():
+    """The pipelined loop needs a third stage unless K and V are separate rows (decompressed),
+    which lets K run a tile ahead of V on two stages (the split ring)."""
+    from mla_compiler.schedules import attention_prefill_tiles as tiles
+
+    pipe = dict(wgmma=True, swizzle=True, p_regs=True, pipelined=True)
+    two = ap.MMAConfig(128, 96, 8, 2, **pipe)
+    assert ap.keep(two, "sm_90a", kind="decompressed", dims=V2_LITE)
+    assert tiles.geometry(two, ap._layout_for("decompressed", V2_LITE)).split_ring
+    assert not ap.keep(two, "sm_89", kind="decompressed", dims=V2_LITE)  # no wgmma
+    # absorbed: V is the K rows' first 512 columns, no separate V slot to load a tile later
+    absorbed = ap.MMAConfig(64, 64, 4, 2, **pipe)
+    assert not tiles.geometry(absorbed, ap._layout_for("absorbed", V2_LITE)).split_ring
+    assert not ap.keep(absorbed, "sm_90a", kind="absorbed", dims=V2_LITE)
+    three = ap.MMAConfig(128, 64, 8, 3, **pipe)
+    assert not tiles.geometry(three, ap._layout_for("decompressed", V2_LITE)).split_ring
+
+
 def test_factory_rejects_config_that_does_not_fit():
     with pytest.raises(TargetError, match="does not fit"):
         ap.absorbed_prefill(
