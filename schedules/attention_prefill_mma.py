@@ -167,38 +167,30 @@ def _load_kv(G, P, tile, stage):
 
 @T.macro(hygienic=False)
 def _load_k(G, P, tile, stage):
-    _load_kv_rows(
-        G,
-        P,
-        G.k_off + stage * G.stage_halfs,
-        G.dkp,
-        G.dk,
-        G.tkv,
-        kf,
-        k_base,
-        k0,
-        tile * G.tkv,
-        n_b - 1,
-        P.k_stride,
-        G.kv_loaders,
-    )
+    _load_rows_of(G, P, tile, G.k_off + stage * G.stage_halfs, G.dkp, G.dk, kf, k_base, P.k_stride)
 
 
 @T.macro(hygienic=False)
 def _load_v(G, P, tile, stage):
+    _load_rows_of(G, P, tile, G.v_off + stage * G.stage_halfs, G.v_stride, G.dv, vf, 0, P.v_stride)
+
+
+@T.macro(hygienic=False)
+def _load_rows_of(G, P, tile, dst_off, dst_stride, width, src, base, stride):
+    # the K (or V) rows of KV tile `tile`: `width` halfs from row `k0 + tile * tkv + r` of src
     _load_kv_rows(
         G,
         P,
-        G.v_off + stage * G.stage_halfs,
-        G.v_stride,
-        G.dv,
+        dst_off,
+        dst_stride,
+        width,
         G.tkv,
-        vf,
-        T.int64(0),
+        src,
+        base,
         k0,
         tile * G.tkv,
         n_b - 1,
-        P.v_stride,
+        stride,
         G.kv_loaders,
     )
 
