@@ -240,7 +240,7 @@ def fits(config: MMAConfig, layout, smem_limit: int, *, has_wgmma: bool = False)
         return False
     if c.pipelined and (not c.p_regs or not c.swizzle or c.stages < 3 and not g.split_ring):
         return False  # P·V of tile i - 1 still reads its slot while tile i + 1 loads
-    if c.s_first and not geometry(c, layout).s_first:
+    if c.s_first and not g.s_first:
         return False  # S goes first only in the plain swizzled wgmma loop
     if c.swizzle:
         # 128-byte swizzle atoms: every operand row a whole number of 64-half blocks, P too

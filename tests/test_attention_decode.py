@@ -10,7 +10,7 @@ import pytest
 import torch
 import tvm
 import tvm.sym
-from conftest import nvcc_available
+from conftest import load_benchmark, nvcc_available
 
 from mla_compiler import reference
 from mla_compiler.model_export.config import MLADims, preset
@@ -434,23 +434,11 @@ def test_gpu_back_to_back_layers(case):
             torch.testing.assert_close(lse[layer, i].double(), ref_lse, atol=2e-3, rtol=1e-4)
 
 
-def _bench_module():
-    """benchmarks/bench_decode.py as a module (not a package: loaded from its path)."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_decode.py"
-    spec = importlib.util.spec_from_file_location("bench_decode", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_bench_graph_mode_bookkeeping():
     """The graph mode's per-layer calls on CPU (llvm): call l reads layer l (checked against
     the float64 reference per layer), the byte count is one layer's rows + Q + O, every
     benchmark shape's graph replay reads at least 4x the L2, timed split counts are used ones."""
-    bench = _bench_module()
+    bench = load_benchmark("bench_decode")
     dims, layers, batch, ctx = TINY, 3, 2, 70
     q, kv, indptr = bench.make_inputs(dims, batch, ctx, layers=layers, device="cpu")
     assert len(q) == layers and q[0].shape == (batch, 1, dims.heads, dims.latent_dim)

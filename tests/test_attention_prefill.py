@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import tvm
-from conftest import nvcc_available
+from conftest import load_benchmark, nvcc_available
 
 from mla_compiler import reference as ref
 from mla_compiler.errors import TargetError
@@ -469,13 +469,7 @@ def test_cuda_every_candidate_config_matches_reference(kind, config):
 def test_bench_table_reports_best_of_ours_over_the_fastest_baseline(capsys):
     """benchmarks/bench_attention.py's table: the best of ours (default or any config) over the
     fastest correct baseline of the same (kind, n); '-' where a side has no figure."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_attention.py"
-    spec = importlib.util.spec_from_file_location("bench_attention", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("bench_attention")
 
     def row(impl, n, tflops):
         return {"kind": "decompressed", "n": n, "impl": impl, "tflops": tflops, "config": []}
