@@ -106,7 +106,8 @@ def compile_cubin(
 
 
 _SASS_FUNC = re.compile(r"Function : (\S+)")
-_SASS_INSN = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?")
+_SASS_LINE = re.compile(r"(/\*[0-9a-f]{4,}\*/)\s+(?:@!?U?P\w+\s+)?([A-Z][^;]*);")
+_SASS_INSN = re.compile(r"/\*[0-9a-f]{4,}\*/\s+([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?")
 
 
 def sass_opcodes(cubin: bytes) -> dict[str, dict[str, int]]:
@@ -116,6 +117,15 @@ def sass_opcodes(cubin: bytes) -> dict[str, dict[str, int]]:
 
 def sass_sequence(cubin: bytes) -> dict[str, list[str]]:
     """SASS opcodes per kernel of a cubin in program order (predicates and modifiers dropped)."""
+    return {
+        k: [_SASS_INSN.match(i).group(1) for i in insns]
+        for k, insns in sass_instructions(cubin).items()
+    }
+
+
+def sass_instructions(cubin: bytes) -> dict[str, list[str]]:
+    """SASS instructions per kernel in program order, as ``/*0a40*/ OP.MODS operands`` with the
+    predicate and the trailing ``;`` dropped (e.g. ``/*2a60*/ WARPGROUP.DEPBAR.LE gsb0, 0x1``)."""
     tool = find_tool("cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
@@ -123,14 +133,14 @@ def sass_sequence(cubin: bytes) -> dict[str, list[str]]:
         proc = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True)
     if proc.returncode != 0:
         raise TargetError(f"cuobjdump failed: {proc.stderr.strip()}")
-    ops: dict[str, list[str]] = {}
+    out: dict[str, list[str]] = {}
     current = None
     for line in proc.stdout.splitlines():
         if m := _SASS_FUNC.search(line):
-            current = ops.setdefault(m.group(1), [])
-        elif current is not None and (m := _SASS_INSN.search(line)):
-            current.append(m.group(1))
-    return ops
+            current = out.setdefault(m.group(1), [])
+        elif current is not None and (m := _SASS_LINE.search(line)):
+            current.append(f"{m.group(1)} {m.group(2).strip()}")
+    return out
 
 
 # --- build-time fatbin packing (used by mla_compiler.cuda_build) ---------------------------------

@@ -204,11 +204,12 @@ def candidates(target, *, kind: str = "absorbed", dims: MLADims | None = None) -
         out += [wg(128, 64, 8, 3, swizzle=True)]
         out += [mma(128, 64, 8, 2), mma(128, 32, 8, 2), mma(64, 32, 4, 2)]
         out += [wg(128, 64, 8, 2), wg(128, 64, 8, 3)]
-        # FA3's in-warpgroup pipeline on a two-stage split ring (K one tile ahead of V), which
-        # frees the third stage the pipeline used to need: 96- and 128-row KV tiles at 8 warps,
-        # 12 warps at 64 rows. Spill-free; not yet run on a GPU (2026-12-04).
-        out += [rs(192, 64, 12, 2, pipelined=True), rs(128, 96, 8, 2, pipelined=True)]
-        out += [rs(128, 128, 8, 2, pipelined=True)]
+        # FA3's in-warpgroup pipeline on a two-stage split ring (K one tile ahead of V, no
+        # third stage). With the softmax really under the P·V (third session, 2026-12-04):
+        # 128 x 96 304 / 431 / 451 TFLOP/s at 2K / 8K / 16K against 316 / 451 / 465 without the
+        # pipeline (H200, results/bench_attention_h200_vote.json); 128 x 128 x 8 warps and
+        # 192 x 64 x 12 warps spill with it (keep rejects them).
+        out += [rs(128, 96, 8, 2, pipelined=True)]
     return [c for c in out if keep(c, target, kind=kind, dims=dims)]
 
 

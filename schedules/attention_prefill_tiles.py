@@ -10,6 +10,14 @@ from __future__ import annotations
 import dataclasses
 
 _PAD = 8  # halfs of padding per shared-memory row: rows 16 B apart mod 128 B, no ldmatrix conflicts
+# Registers the pipelined loop needs beside its accumulators (S, O, two P buffers): ptxas,
+# 2026-12-04, 128 x 96 x 8 warps 254 of 255; 128 x 128 x 8 and 192 x 64 x 12 warps spilled.
+_PIPELINE_REGISTERS = 90
+
+
+def register_cap(warps: int) -> int:
+    """Registers per thread ptxas may use with ``warps`` warps in a 64K-register SM."""
+    return min(255, 65536 // (warps * 32) // 8 * 8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,4 +255,6 @@ def fits(config: MMAConfig, layout, smem_limit: int, *, has_wgmma: bool = False)
         widths = (g.dk, g.v_width, g.dv_w) + ((g.p_width,) if g.p_in_smem else ())
         if not c.wgmma or any(w % 64 for w in widths) or c.tile_kv % 8 or g.p_col0 % 64:
             return False
+    if c.pipelined and g.acc_registers + _PIPELINE_REGISTERS > register_cap(c.warps):
+        return False
     return g.acc_registers <= 200 and shared_bytes(c, layout) <= smem_limit

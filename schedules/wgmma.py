@@ -9,6 +9,22 @@ __forceinline__ __device__ void mla_pin_f32(float& x) { asm volatile("" : "+f"(x
 """
 
 
+_STORE_SOURCE = """
+__forceinline__ __device__ void mla_store_shared_f32(float& slot, float x) {
+  asm volatile("st.shared.f32 [%0], %1;"
+               :: "r"((unsigned)__cvta_generic_to_shared(&slot)), "f"(x) : "memory");
+}
+"""
+
+
+@T.macro(hygienic=True)
+def store_before_wait(slot, value):
+    # A shared-memory store the compilers keep (asm, not a C++ store that nvcc drops when
+    # nothing reads it). ptxas moves a wgmma wait above independent math, but not above a
+    # store: storing a value that needs some math keeps that math before the next wait.
+    T.cuda.func_call("mla_store_shared_f32", slot, value, source_code=_STORE_SOURCE)
+
+
 @T.macro(hygienic=True)
 def pin(acc, n):
     # Empty asm reading and writing each accumulator: the compiler may not move their other
