@@ -241,6 +241,16 @@ def test_keep_takes_two_stage_pipelines_only_with_separate_k_and_v_rows():
     assert not ap.keep(absorbed, "sm_90a", kind="absorbed", dims=V2_LITE)
     three = ap.MMAConfig(128, 64, 8, 3, **pipe)
     assert not tiles.geometry(three, ap._layout_for("decompressed", V2_LITE)).split_ring
+    # both spill under ptxas with the softmax under the P·V (2026-12-04)
+    for tile_q, tile_kv, warps in ((128, 128, 8), (192, 64, 12)):
+        spills = ap.MMAConfig(tile_q, tile_kv, warps, 2, **pipe)
+        assert not ap.keep(spills, "sm_90a", kind="decompressed", dims=V2_LITE)
+        assert ap.keep(
+            dataclasses.replace(spills, pipelined=False),
+            "sm_90a",
+            kind="decompressed",
+            dims=V2_LITE,
+        )
 
 
 def test_factory_rejects_config_that_does_not_fit():
