@@ -348,19 +348,26 @@ def test_sm90a_wgmma_variant_uses_warpgroup_mma_without_spills(kind):
         assert ops.get("STS", 0) <= (3 if config.pipelined else 0), ops
 
 
+def _sm90a_decompressed_cubin(config) -> bytes:
+    """The V2-Lite decompressed kernel of ``config`` compiled for sm_90a, checked spill-free."""
+    from mla_compiler.nvcc import compile_cubin
+
+    assert ap.keep(config, "sm_90a", kind="decompressed", dims=V2_LITE)
+    source = _build("decompressed", V2_LITE, "sm_90a", config).mod.imports[0].inspect_source()
+    cubin, resources = compile_cubin(source, "sm_90a")
+    assert next(iter(resources.values())).spill_bytes == 0
+    return cubin
+
+
 @pytest.mark.skipif(not nvcc_available(), reason="nvcc / cuobjdump not installed")
 def test_sm90a_pipelined_softmax_runs_under_the_previous_tiles_pv():
     """In the pipelined loop every exponent of a tile's softmax lies between the wait for its
     S (``WARPGROUP.DEPBAR.LE gsb0, 0x1``: the previous tile's P·V still runs) and the wait for
     that P·V (``0x0``). Without the ordering store ptxas hoisted the second wait above them."""
-    from mla_compiler.nvcc import compile_cubin, sass_instructions
+    from mla_compiler.nvcc import sass_instructions
 
     config = ap.MMAConfig(128, 96, 8, 2, wgmma=True, swizzle=True, p_regs=True, pipelined=True)
-    assert ap.keep(config, "sm_90a", kind="decompressed", dims=V2_LITE)
-    source = _build("decompressed", V2_LITE, "sm_90a", config).mod.imports[0].inspect_source()
-    cubin, resources = compile_cubin(source, "sm_90a")
-    assert next(iter(resources.values())).spill_bytes == 0
-    (insns,) = sass_instructions(cubin).values()
+    (insns,) = sass_instructions(_sm90a_decompressed_cubin(config)).values()
     ops = [i.split()[1] + (" " + i.split()[-1] if "DEPBAR" in i else "") for i in insns]
     starts = [k for k, op in enumerate(ops) if op == "WARPGROUP.DEPBAR.LE 0x1"]
     assert len(starts) >= 2, "no two pipelined steps"  # the loop's pair
@@ -375,14 +382,10 @@ def test_sm90a_pipelined_softmax_runs_under_the_previous_tiles_pv():
 def test_sm90a_s_first_issues_s_before_the_next_tiles_copies(s_first):
     """In the KV loop (after its CTA barrier) the S wgmmas come before the next tile's LDGSTS
     with ``s_first``, after them without."""
-    from mla_compiler.nvcc import compile_cubin, sass_sequence
+    from mla_compiler.nvcc import sass_sequence
 
     config = ap.MMAConfig(256, 64, 16, 2, wgmma=True, swizzle=True, p_regs=True, s_first=s_first)
-    assert ap.keep(config, "sm_90a", kind="decompressed", dims=V2_LITE)
-    source = _build("decompressed", V2_LITE, "sm_90a", config).mod.imports[0].inspect_source()
-    cubin, resources = compile_cubin(source, "sm_90a")
-    assert next(iter(resources.values())).spill_bytes == 0
-    (ops,) = sass_sequence(cubin).values()
+    (ops,) = sass_sequence(_sm90a_decompressed_cubin(config)).values()
     loop = ops[ops.index("BAR") :]
     first = next(op for op in loop if op in ("HGMMA", "LDGSTS"))
     assert first == ("HGMMA" if s_first else "LDGSTS"), loop[:40]
