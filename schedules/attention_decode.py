@@ -40,7 +40,7 @@ from mla_compiler.schedules.attention_decode_mma import (
     split_mma,
     stages_q_in_ring,
 )
-from mla_compiler.schedules.target import gpu_spec, is_gpu
+from mla_compiler.schedules.target import gpu_spec, is_gpu, register_cap
 
 MAX_Q_TOKENS = 4
 MIN_SPLIT_ROWS = 64  # default Config.min_split_rows (why: Config's docstring)
@@ -169,7 +169,7 @@ def keep(
         q_regs = min(dims.latent_dim // 16, Q_RESIDENT_STEPS) * 4
         acc = dims.kv_lora_rank // (2 * config.warps_n) + config.block_n // config.warps_n
         need = q_regs + acc + 96
-        if need > min(255, 65536 // (32 * warps)):
+        if need > register_cap(warps, spec.registers_per_sm):
             return False
     if stages_q_in_ring(config) and 16 * m_tiles(heads, q_tokens) > config.block_n:
         return False  # Q is staged in one ring slot

@@ -26,6 +26,12 @@ class GPUSpec:
     has_pdl: bool = False  # griddepcontrol: programmatic dependent launch (sm_90)
 
 
+def register_cap(warps: int, registers_per_sm: int = 65536) -> int:
+    """Registers per thread ptxas may give a block of ``warps`` warps (it allocates in steps of
+    8, at most 255) when the block is to fit in one SM's register file."""
+    return min(255, registers_per_sm // (warps * 32) // 8 * 8)
+
+
 GPUS: dict[str, GPUSpec] = {
     "sm_80": GPUSpec("sm_80", sm_count=108, max_shared_bytes_per_block=163 * 1024),
     "sm_86": GPUSpec("sm_86", sm_count=84, max_shared_bytes_per_block=99 * 1024),
