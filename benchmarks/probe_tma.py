@@ -2,11 +2,10 @@
 building block a TMA producer for the prefill kernels needs. Builds here (CPU) and on the GPU
 machine; ``--run`` launches it there and checks the 64 x 64 boxes against numpy.
 
-Status (2026-12-04, H200, full bundle): builds for sm_90a (the kernel takes ``const
-__grid_constant__ CUtensorMap tmap``, the host encodes it with ``runtime.cuTensorMapEncodeTiled``,
-the function table tags the argument as a tensor map), but the launch faults with
-``cudaErrorMisalignedAddress`` with and without the 128-byte swizzle. Not yet understood; see
-benchmarks/NOTES.md.
+Status (2026-12-04, H200, full bundle): both swizzle modes match. The first version faulted
+with ``cudaErrorMisalignedAddress``: its mbarrier was a static shared buffer, which shifted the
+dynamic buffer holding the boxes off the 128-byte alignment TMA needs (the compiler had also
+shrunk the 1 KB pad meant to prevent that to 8 bytes). The barrier now sits after the boxes.
 
     python benchmarks/probe_tma.py --swizzle 3 [--run]
 """
@@ -40,14 +39,16 @@ def tile_load(swizzle: int) -> tvm.tirx.PrimFunc:
         )  # fmt: skip
         bx = T.launch_thread("blockIdx.x", R // BOX)
         tx = T.launch_thread("threadIdx.x", 128)
-        smem = T.alloc_buffer((boxes * BOX * BOX,), "float16", scope="shared.dyn")
-        bar = T.alloc_buffer((128,), "uint64", scope="shared")  # 1 KB: keeps smem 1024-aligned
+        # the boxes, then the mbarrier (8 B): a static buffer before the dynamic one would
+        # shift the boxes off the 128-byte (1024 with the swizzle) alignment TMA needs
+        smem = T.alloc_buffer((boxes * BOX * BOX + 4,), "float16", scope="shared.dyn")
+        bar = T.meta_var(smem.ptr_to([boxes * BOX * BOX]))
         if tx == 0:
-            T.ptx.mbarrier.init.shared.b64(bar.ptr_to([0]), T.uint32(1))
+            T.ptx.mbarrier.init.shared.b64(bar, T.uint32(1))
         T.ptx["fence.proxy.async.shared::cta"]()
         T.tvm_storage_sync("shared")
         if tx == 0:
-            T.ptx.mbarrier.arrive.expect_tx.shared.b64(bar.ptr_to([0]), T.uint32(C * BOX * 2))
+            T.ptx.mbarrier.arrive.expect_tx.shared.b64(bar, T.uint32(C * BOX * 2))
             for j in T.unroll(boxes):
                 T.evaluate(
                     T.ptx[COPY](
@@ -55,10 +56,10 @@ def tile_load(swizzle: int) -> tvm.tirx.PrimFunc:
                         T.address_of(tmap),
                         j * BOX,
                         bx * BOX,
-                        bar.ptr_to([0]),
+                        bar,
                     )  # fmt: skip
                 )
-        T.cuda.mbarrier_wait(bar.ptr_to([0]), 0)
+        T.cuda.mbarrier_wait(bar, 0)
         for i in T.serial(boxes * BOX * BOX // 128):
             e = T.meta_var(i * 128 + tx)
             out[bx * BOX + e % (BOX * BOX) // BOX, e // (BOX * BOX) * BOX + e % BOX] = smem[e]

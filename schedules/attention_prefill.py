@@ -198,7 +198,32 @@ def candidates(target, *, kind: str = "absorbed", dims: MLADims | None = None) -
         # 256 x 64 (the extend kernel), -2 to -3% for 192 x 96 and 128 x 96 (H200, two A/B
         # pairs, results/bench_attention_h200_sfirst_*.json).
         rs = functools.partial(wg, swizzle=True, p_regs=True)
-        out = [rs(192, 96, 12, 2), rs(256, 64, 16, 2, s_first=True), rs(192, 64, 12, 2)]
+        tma = functools.partial(rs, tma=True)
+        # KV tiles by TMA first (2026-12-04, H200, results/bench_attention_h200_tma*.json):
+        # one thread issues each tile's 5 boxes into an mbarrier ring instead of every thread's
+        # cp.async copies: 192 x 96 +3-5%, 128 x 96 +6-9%. With a producer warp (the consumer
+        # warpgroups wait on each slot's "full" mbarrier and release it on its "empty" one, no
+        # CTA barrier per tile) 128 x 128 x 8 warps is the fastest: 360 / 529 / 552 TFLOP/s at
+        # n = 2K / 8K / 16K, 1.15 / 1.01 / 1.01x cuDNN in the same run (+4-5% over 128 x 128
+        # without the producer). 12 warps + a producer warp get only 128 registers (4 warps in
+        # an SM sub-partition): 192-row tiles spill with it (keep rejects them).
+        out = [tma(128, 128, 8, 2, producer=True), tma(256, 64, 16, 2, s_first=True)]
+        out += [tma(128, 96, 8, 2, producer=True), tma(192, 96, 12, 2), tma(128, 128, 8, 2)]
+        out += [tma(128, 96, 8, 2), tma(128, 64, 8, 3, producer=True)]
+        out += [tma(128, 112, 8, 2, producer=True)]
+        # cp.async rings (every thread copies its share of each tile):
+        # P in registers (wgmma rs form) with 3 warpgroups: 1.19x / 1.16x the 2-warpgroup smem-P
+        # kernel at n = 8K / 16K on the H100, even at 2K. 96-row KV tiles (H200, 2026-12-04,
+        # results/bench_attention_h200_dec_tiles*.json): 192 x 96 is 1.05 / 1.10 / 1.09x the
+        # 192 x 64 default it replaced at n = 2K / 8K / 16K and ties the 4-warpgroup 256 x 64
+        # at 8K-16K (which loses 23% at 2K: 8 tiles x 16 heads, one wave bound by the longest
+        # causal tile); 128 x 96 (2 warpgroups) is the best at 2K. Slower: 80, 112 and 128-row
+        # KV tiles, 256 x 48, 256 x 32, 192 x 32, 64-row query tiles two blocks a SM; 256 x 80
+        # and 256 x 96 spill. Also no gain: 8 warps pipelined (softmax under the previous tile's
+        # P·V) and Q in registers (2026-12-04). S issued before the next tile's copies
+        # (s_first): +3% for 256 x 64, -2 to -3% for 192 x 96 and 128 x 96 (H200, two A/B
+        # pairs, results/bench_attention_h200_sfirst_*.json).
+        out += [rs(192, 96, 12, 2), rs(256, 64, 16, 2, s_first=True), rs(192, 64, 12, 2)]
         out += [rs(128, 96, 8, 2), rs(256, 64, 16, 2)]
         out += [rs(192, 64, 12, 3), rs(128, 64, 8, 3), rs(128, 64, 8, 4, pipelined=True)]
         out += [wg(128, 64, 8, 3, swizzle=True)]

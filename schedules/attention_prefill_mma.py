@@ -34,6 +34,13 @@ and then constant offsets, with no per-chunk index arithmetic. Rows
 past a sequence's end are clamped to its last row (finite data that the mask zeroes), so no
 zero fill is needed. Query tiles are handed out latest first so the longest causal rows start
 first.
+
+With ``tma`` (decompressed, swizzled) one thread loads each KV tile as ``dk / 64 + dv / 64``
+TMA boxes (``tkv`` rows x 64 columns of one head: TMA's 128-byte swizzle is the wgmma operand
+layout) through two tensor maps that the kernel's host part encodes per call, completing on the
+slot's mbarrier; rows past a sequence's end are the next sequence's (or TMA's zero fill past the
+tensor), finite and masked. With ``producer`` an extra warp issues them, and the consumer warps
+release each slot on a second mbarrier instead of meeting at a CTA barrier every tile.
 """
 
 from __future__ import annotations
@@ -75,7 +82,7 @@ def _load_rows(G, P, dst_off, dst_stride, width, n_rows, src, base, first, start
     # Consecutive threads fill consecutive 16-byte chunks of shared memory (no bank conflicts):
     # row-major chunks for padded rows, core-matrix order (8 rows of one chunk column) for wgmma.
     # (Q, once per block: this general form keeps registers free for the KV loop)
-    if tx >= G.threads - nt:
+    if tx >= G.threads - nt and tx < G.threads:  # (not the producer warp)
         for i in T.serial(G.iters(n_rows, width, nt)):
             c = tx - (G.threads - nt) + i * nt
             if c < n_rows * width // 8:
@@ -159,10 +166,83 @@ def _load_kv_rows(
 
 @T.macro(hygienic=False)
 def _load_kv(G, P, tile, stage):
-    # KV tile `tile` into ring slot `stage`; rows past the sequence end repeat its last row.
-    _load_k(G, P, tile, stage)
-    if not G.shared_kv:
-        _load_v(G, P, tile, stage)
+    # KV tile `tile` into ring slot `stage`; rows past the sequence end repeat its last row
+    # (cp.async) or are the next sequence's rows or zeros (TMA): finite, and masked.
+    if G.tma:
+        _tma_kv(G, P, tile, stage)
+    else:
+        _load_k(G, P, tile, stage)
+        if not G.shared_kv:
+            _load_v(G, P, tile, stage)
+
+
+_TMA_COPY = "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+
+
+def _full_bar(G, smem, stage):
+    """The mbarrier of ring slot ``stage`` that its TMA loads complete."""
+    return smem.ptr_to([G.bar_off + stage * 4])
+
+
+def _empty_bar(G, smem, stage):
+    """The mbarrier of ring slot ``stage`` that the consumer warps release it on."""
+    return smem.ptr_to([G.bar_off + (G.stages + stage) * 4])
+
+
+@T.macro(hygienic=False)
+def _produce(G, P):
+    # The producer warp's lane 0: tile `it` goes into slot it % stages once the consumer warps
+    # released that slot's previous tile (empty phase it // stages - 1).
+    if tx == G.threads:
+        for it in T.serial(n_tiles):
+            if it >= G.stages:
+                T.cuda.mbarrier_wait(_empty_bar(G, smem, it % G.stages), (it // G.stages + 1) % 2)
+            _tma_kv(G, P, it, it % G.stages)
+
+
+@T.macro(hygienic=False)
+def _consume(G, P):
+    # Q (this block's cp.async copies) landed for every consumer warp, then per tile: wait for
+    # its slot, S, softmax, P·V (waited), and release the slot (lane 0 of each warp).
+    T.ptx["cp.async.commit_group"]()  # (wait_group waits for committed groups only)
+    T.ptx["cp.async.wait_group"](0)
+    T.ptx["fence.proxy.async.shared::cta"]()
+    T.ptx["bar.sync"](1, G.threads)
+    for it in T.serial(n_tiles):
+        T.cuda.mbarrier_wait(_full_bar(G, smem, it % G.stages), it // G.stages % 2)
+        _tile_step(G, P, it % G.stages, it)
+        if lane == 0:
+            T.ptx.mbarrier.arrive.shared.b64(_empty_bar(G, smem, it % G.stages))
+    _epilogue(G, P)
+
+
+@T.macro(hygienic=False)
+def _tma_kv(G, P, tile, stage):
+    # Thread 0: the slot's expect-tx arrival, then one box of `tkv` rows x 64 columns per
+    # swizzle block of K and of V (TMA's 128-byte swizzle is the wgmma operand layout).
+    if tx == (G.threads if G.producer else 0):
+        bar = T.meta_var(_full_bar(G, smem, stage))
+        T.ptx.mbarrier.arrive.expect_tx.shared.b64(bar, T.uint32(G.tkv * (G.dk + G.dv) * 2))
+        for blk in T.unroll(G.dk // 64):
+            k_dst = T.meta_var(smem.ptr_to([G.k_off + stage * G.stage_halfs + blk * G.tkv * 64]))
+            T.evaluate(
+                T.ptx[_TMA_COPY](k_dst, T.address_of(tmap_k), blk * 64, g, k0 + tile * G.tkv, bar)
+            )
+        for blk in T.unroll(G.dv // 64):
+            v_dst = T.meta_var(smem.ptr_to([G.v_off + stage * G.stage_halfs + blk * G.tkv * 64]))
+            T.evaluate(
+                T.ptx[_TMA_COPY](v_dst, T.address_of(tmap_v), blk * 64, g, k0 + tile * G.tkv, bar)
+            )
+
+
+@T.macro(hygienic=False)
+def _wait_kv(G, it):
+    # Tile `it` (and Q) landed: its cp.async group, or its slot's mbarrier phase.
+    if G.tma:
+        T.ptx["cp.async.wait_group"](0)  # Q's copies (a no-op after the first tile)
+        T.cuda.mbarrier_wait(_full_bar(G, smem, it % G.stages), it // G.stages % 2)
+    else:
+        T.ptx["cp.async.wait_group"](G.stages - 2)
 
 
 @T.macro(hygienic=False)
@@ -690,6 +770,24 @@ def _pipelined_loop(G, P):
 @T.macro(hygienic=True)
 def mma_body(P, G, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t_total):
     # P: prefill _Layout, G: Geometry; qf/kf/vf/of/lsef: flat views of q, k, v, o, lse.
+    if G.tma:
+        # host: K [N, groups, dk] and V [N, groups, dv] as 3-d tensor maps, boxes of 64
+        # columns x 1 group x tkv rows, 128-byte swizzle, rows past N zero-filled
+        tmap_k: T.let[T.TensorMap()] = T.tvm_stack_alloca("tensormap", 1)
+        tmap_v: T.let[T.TensorMap()] = T.tvm_stack_alloca("tensormap", 1)
+        n_kv = T.meta_var(kf.shape[0] // (P.groups * P.k_stride))
+        T.tensormap_encode_tiled(
+            tmap_k, kf.data, G.dk, P.groups, n_kv, P.k_stride * 2, P.groups * P.k_stride * 2,
+            64, 1, G.tkv, 1, 1, 1,
+            descriptor_dtype="float16", rank=3, interleave=0, swizzle=3, l2_promotion=2,
+            oob_fill=0, force_cu_dtype=-1,
+        )  # fmt: skip
+        T.tensormap_encode_tiled(
+            tmap_v, vf.data, G.dv, P.groups, n_kv, P.v_stride * 2, P.groups * P.v_stride * 2,
+            64, 1, G.tkv, 1, 1, 1,
+            descriptor_dtype="float16", rank=3, interleave=0, swizzle=3, l2_promotion=2,
+            oob_fill=0, force_cu_dtype=-1,
+        )  # fmt: skip
     # one grid axis over (query tile, head group), group fastest: the heaviest causal tiles of
     # every group are dispatched first (longest-processing-time order), so no group's heavy
     # tiles are left for the tail of the launch
@@ -699,7 +797,7 @@ def mma_body(P, G, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t_t
     )
     bx = T.meta_var(bxg // P.groups)
     g = T.meta_var(bxg % P.groups)
-    tx = T.launch_thread("threadIdx.x", G.threads)
+    tx = T.launch_thread("threadIdx.x", G.block_threads)
     smem = T.alloc_buffer((G.smem_halfs,), "float16", scope="shared.dyn")
     # row max / sum exchange; 1024 B when swizzling: keeps the dynamic tiles 1024-byte aligned
     red = T.alloc_buffer((G.red_floats,), "float32", scope="shared")
@@ -739,6 +837,14 @@ def mma_body(P, G, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t_t
         wm = warp % G.m_warps
         wd = warp // G.m_warps
         s_col0 = wd * G.s_cols if G.split_s else 0  # first S column of this warp in a tile
+        if G.tma:
+            if tx == 0:
+                for s in T.unroll(G.stages):
+                    T.ptx.mbarrier.init.shared.b64(_full_bar(G, smem, s), T.uint32(1))
+                    if G.producer:  # one arrival per consumer warp
+                        T.ptx.mbarrier.init.shared.b64(_empty_bar(G, smem, s), T.uint32(G.warps))
+            T.ptx["fence.proxy.async.shared::cta"]()
+            T.tvm_storage_sync("shared")
         _load_rows(
             G,
             P,
@@ -760,7 +866,12 @@ def mma_body(P, G, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t_t
         st[1] = T.float32(-math.inf)
         st[2] = T.float32(0)
         st[3] = T.float32(0)
-        if G.pipelined:
+        if G.producer:
+            if tx >= G.threads:
+                _produce(G, P)
+            else:
+                _consume(G, P)
+        elif G.pipelined:
             _pipelined_loop(G, P)
         else:
             for s in T.unroll(G.stages - 1):
@@ -768,7 +879,7 @@ def mma_body(P, G, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t_t
                     _load_kv(G, P, s, s)
                 T.ptx["cp.async.commit_group"]()
             for it in T.serial(n_tiles):
-                T.ptx["cp.async.wait_group"](G.stages - 2)
+                _wait_kv(G, it)
                 if G.wgmma:
                     T.ptx["fence.proxy.async.shared::cta"]()  # cp.async data -> wgmma reads
                 T.tvm_storage_sync("shared")
@@ -784,5 +895,6 @@ def mma_body(P, G, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t_t
                     _softmax_pv(G, P, stage, it)
                 else:
                     _tile_step(G, P, stage, it)
-        T.ptx["cp.async.wait_group"](0)
-        _epilogue(G, P)
+        if not G.producer:  # (the consumer warps' epilogue is in _consume)
+            T.ptx["cp.async.wait_group"](0)
+            _epilogue(G, P)

@@ -37,6 +37,14 @@ class MMAConfig:
     # swizzled wgmma without hand-off: each tile's S wgmma is issued before the next tile's
     # copies, so the copies' address math and LDGSTS issue run under S
     s_first: bool = False
+    # swizzled wgmma, separate K and V (decompressed): one thread loads each KV tile with TMA
+    # (``cp.async.bulk.tensor`` through tensor maps the host encodes per call) into an
+    # mbarrier ring, instead of every thread issuing its share of 16-byte cp.async copies
+    tma: bool = False
+    # tma, one warpgroup a row block (no warps exchanging rows): one extra warp issues the TMA
+    # loads; the consumer warps wait on a slot's "full" mbarrier and release it on its "empty"
+    # one, with no CTA-wide barrier per tile (warpgroups drift apart, FA3's producer warp)
+    producer: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,10 +64,17 @@ class Geometry:
     p_regs: bool = False
     pipelined: bool = False
     early_s: bool = False
+    tma: bool = False
+    producer: bool = False
 
     @property
     def threads(self) -> int:
         return self.warps * 32
+
+    @property
+    def block_threads(self) -> int:
+        """Threads a block launches: the compute warps, and the producer warp."""
+        return self.threads + (32 if self.producer else 0)
 
     @property
     def m_warps(self) -> int:
@@ -184,8 +199,20 @@ class Geometry:
         return self.tkv * (self.dkp + (0 if self.shared_kv else self.v_stride))
 
     @property
-    def smem_halfs(self) -> int:
+    def tiles_end(self) -> int:
+        """End (halfs) of Q, the KV ring and P."""
         return self.p_off + (self.tq * self.p_stride if self.p_in_smem and not self.p_in_k else 0)
+
+    @property
+    def bar_off(self) -> int:
+        """The TMA ring's mbarriers (8 B a slot) after every tile: a static buffer before the
+        dynamic one would shift the tiles off the 1024-byte alignment of the swizzle."""
+        return -(-self.tiles_end // 4) * 4
+
+    @property
+    def smem_halfs(self) -> int:
+        bars = self.stages * (2 if self.producer else 1)  # "full" (and "empty") per slot
+        return self.bar_off + 4 * bars if self.tma else self.tiles_end
 
     def iters(self, rows: int, width: int, threads: int) -> int:
         """Loop trips for ``threads`` threads to cp.async ``rows x width`` halfs, 16 B each."""
@@ -213,6 +240,8 @@ def geometry(config: MMAConfig, layout) -> Geometry:
         p_regs=bool(config.wgmma and config.p_regs),
         pipelined=bool(config.wgmma and config.p_regs and config.pipelined),
         early_s=bool(config.s_first),
+        tma=bool(config.tma),
+        producer=bool(config.producer),
     )
 
 
@@ -247,6 +276,12 @@ def fits(config: MMAConfig, layout, smem_limit: int, *, has_wgmma: bool = False)
         return False  # P·V of tile i - 1 still reads its slot while tile i + 1 loads
     if c.s_first and not g.s_first:
         return False  # S goes first only in the plain swizzled wgmma loop
+    if c.tma and (not g.swizzle or g.shared_kv or g.pipelined or g.handoff):
+        return False  # TMA boxes are the 128-byte swizzled K and V blocks of the plain loop
+    if c.producer and (not c.tma or not g.p_regs or g.d_split != 1 or g.s_first):
+        return False  # the consumer warps must not exchange anything within a tile
+    if c.producer and register_cap(c.warps + 1) < 160:
+        return False  # 12 warps + 1: 128 registers (4 warps in a sub-partition); 192 x 64 spills
     if c.swizzle:
         # 128-byte swizzle atoms: every operand row a whole number of 64-half blocks, P too
         widths = (g.dk, g.v_width, g.dv_w) + ((g.p_width,) if g.p_in_smem else ())

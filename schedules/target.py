@@ -28,8 +28,10 @@ class GPUSpec:
 
 def register_cap(warps: int, registers_per_sm: int = 65536) -> int:
     """Registers per thread ptxas may give a block of ``warps`` warps (it allocates in steps of
-    8, at most 255) when the block is to fit in one SM's register file."""
-    return min(255, registers_per_sm // (warps * 32) // 8 * 8)
+    8, at most 255) when the block is to fit in one SM's register file. The file is four
+    sub-partitions' quarters, the warps dealt round them: 13 warps put 4 in one (128 each)."""
+    per_partition = -(-warps // 4)
+    return min(255, registers_per_sm // 4 // (per_partition * 32) // 8 * 8)
 
 
 GPUS: dict[str, GPUSpec] = {

@@ -172,21 +172,28 @@ def test_extend_config_fills_the_waves_it_can(kind, arch, tokens):
     assert all(eff[c] < ap.FULL_WAVES for c in earlier), "an earlier candidate fills the waves"
 
 
-def test_extend_config_avoids_a_partial_second_wave_on_the_h100():
-    # 2048 tokens x 16 heads: 192-row tiles make 176 blocks (1.33 waves on 132 SMs), 256-row
-    # tiles 128 (one wave)
-    causal = ap.default_config("sm_90a", kind="decompressed", dims=V2_LITE)
-    chunk = ap.extend_config("sm_90a", kind="decompressed", dims=V2_LITE, tokens=2048)
-    assert (causal.tile_q, chunk.tile_q) == (192, 256)
-    eff = ap.wave_efficiency(causal, "sm_90a", kind="decompressed", dims=V2_LITE, tokens=2048)
-    assert eff < 0.7
+@pytest.mark.parametrize(
+    ("tokens", "tile_q", "waves"),
+    [(2048, 128, 0.97), (1152, 192, 0.73)],
+    ids=["chunk2048-default", "chunk1152-192rows"],
+)
+def test_extend_config_avoids_a_partial_second_wave_on_the_h100(tokens, tile_q, waves):
+    # 16 heads, one 213 KB block per SM: 2048 tokens in 128-row tiles make 256 blocks (2 waves
+    # of 132, 97% busy), so chunks reuse the default; 1152 tokens make 144 (55%), and 192-row
+    # tiles 96 blocks in one wave (73%)
+    chunk = ap.extend_config("sm_90a", kind="decompressed", dims=V2_LITE, tokens=tokens)
+    assert chunk.tile_q == tile_q
+    eff = ap.wave_efficiency(chunk, "sm_90a", kind="decompressed", dims=V2_LITE, tokens=tokens)
+    assert eff == pytest.approx(waves, abs=0.01)
 
 
 @pytest.mark.skipif(not nvcc_available(), reason="nvcc / cuobjdump not installed")
 def test_extend_config_adds_a_second_kernel_only_when_it_differs():
     import re
 
-    x = ap.extend_config("sm_90a", kind="decompressed", dims=V2_LITE, tokens=2048)
+    x = ap.extend_config("sm_90a", kind="decompressed", dims=V2_LITE, tokens=1152)
+    default = ap.default_config("sm_90a", kind="decompressed", dims=V2_LITE)
+    assert x != default
 
     def kernels(extend):
         func = ap.decompressed_prefill(
@@ -200,11 +207,12 @@ def test_extend_config_adds_a_second_kernel_only_when_it_differs():
             assert pointers <= {"qf", "kf", "vf", "of", "lsef", "q_indptr", "kv_indptr"}, name
         return {name: threads for threads, name, _ in found}
 
-    # 12 warps (192-row tiles) for the causal first chunk, 16 (256-row tiles) for the rest
-    assert sorted(kernels(x).values()) == ["384", "512"]
-    assert list(
-        kernels(ap.default_config("sm_90a", kind="decompressed", dims=V2_LITE)).values()
-    ) == ["384"]
+    # 8 warps and the producer warp (128-row tiles) for the causal first chunk, 12 warps
+    # (192-row tiles) for the rest
+    assert sorted(kernels(x).values()) == ["288", "384"]
+    assert list(kernels(default).values()) == ["288"]
+    same = ap.extend_config("sm_90a", kind="decompressed", dims=V2_LITE, tokens=2048)
+    assert same == default and list(kernels(same).values()) == ["288"]
 
 
 def test_keep_prunes_configs_past_sm89_shared_memory():
@@ -360,6 +368,23 @@ def _sm90a_decompressed_cubin(config) -> bytes:
 
 
 @pytest.mark.skipif(not nvcc_available(), reason="nvcc / cuobjdump not installed")
+def test_sm90a_tma_config_loads_kv_tiles_by_tma():
+    """With ``tma`` the kernel takes K and V as two tensor maps and loads each tile as
+    ``dk / 64 + dv / 64`` TMA boxes (prologue and loop), its only cp.async copies Q's."""
+    from mla_compiler.nvcc import sass_opcodes
+
+    config = ap.MMAConfig(192, 96, 12, 2, wgmma=True, swizzle=True, p_regs=True, tma=True)
+    source = _build("decompressed", V2_LITE, "sm_90a", config).mod.imports[0].inspect_source()
+    assert source.count("const __grid_constant__ CUtensorMap") == 4  # declaration, definition
+    (ops,) = sass_opcodes(_sm90a_decompressed_cubin(config)).values()
+    boxes = V2_LITE.qk_head_dim // 64 + V2_LITE.v_head_dim // 64
+    assert ops.get("UTMALDG", 0) == 2 * boxes, ops
+    plain = dataclasses.replace(config, tma=False)
+    (ops_plain,) = sass_opcodes(_sm90a_decompressed_cubin(plain)).values()
+    assert 0 < ops.get("LDGSTS", 0) < ops_plain["LDGSTS"], (ops, ops_plain)
+
+
+@pytest.mark.skipif(not nvcc_available(), reason="nvcc / cuobjdump not installed")
 def test_sm90a_pipelined_softmax_runs_under_the_previous_tiles_pv():
     """In the pipelined loop every exponent of a tile's softmax lies between the wait for its
     S (``WARPGROUP.DEPBAR.LE gsb0, 0x1``: the previous tile's P·V still runs) and the wait for
@@ -461,6 +486,21 @@ def test_cuda_matches_reference(kind, case):
     _run_cuda(kind, case, arch)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("producer", [False, True], ids=["tma", "tma-producer"])
+@pytest.mark.parametrize("case", GPU_CASES.values(), ids=GPU_CASES.keys())
+def test_cuda_tma_ring_matches_reference(case, producer):
+    """The decompressed kernel with KV tiles by TMA: tiles past a sequence's end read the next
+    sequence's rows or TMA's zero fill (not clamped rows), n up to 32K, T = 1, 24 heads; with
+    a producer warp, the consumer warpgroups synchronised by the ring's mbarriers alone."""
+    arch = _cuda_arch()
+    if arch is None or arch != "sm_90a":
+        pytest.skip("TMA needs an sm_90a device")
+    found = ap.candidates(arch, kind="decompressed", dims=V2_LITE)
+    config = next(c for c in found if c.tma and c.producer == producer)
+    _run_cuda("decompressed", case, arch, config)
+
+
 _EXTEND_CASES = ("t4096-n4096", "t64-n32768-offset", "ragged3")
 
 
@@ -482,6 +522,8 @@ def _config_id(config) -> str:
     tags += ("-swz" if config.swizzle else "") + ("-preg" if config.p_regs else "")
     tags += "-pipe" if config.pipelined else ""
     tags += "-sfirst" if config.s_first else ""
+    tags += "-tma" if config.tma else ""
+    tags += "-producer" if config.producer else ""
     return f"{config.tile_q}x{config.tile_kv}x{config.warps}w{config.stages}s-{tags}"
 
 
