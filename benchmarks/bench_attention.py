@@ -5,7 +5,8 @@
 One sequence, T = N = n new tokens, causal, 16 heads, f16. TFLOP/s = 2*H*T*N_eff*(Dk+Dv)/t with
 N_eff = N/2 (causal). ``--chunk T``: the model's later prompt chunks instead, T new tokens after
 a cached prefix of N - T (N_eff = N - T/2); ours then builds its two-kernel form
-(``extend_config`` for T-token chunks), SDPA gets a lower-right causal mask. Kinds:
+(``extend_config`` for T-token chunks), SDPA gets a lower-right causal mask. The default of
+ours is built as the model builds it, with its ``short_config`` kernel for short prompts. Kinds:
 
 - ``absorbed``: MLA over the 576-wide latent rows (Dk = 576, Dv = 512, one shared KV head).
 - ``decompressed``: per-head K/V (Dk = 192, Dv = 128).
@@ -219,9 +220,11 @@ def verify(problem: Problem, run_ours) -> float:
 def build(kind: str, arch: str, dims: MLADims, config=None):
     target = tvm_target(arch)
     factory = ap.absorbed_prefill if kind == "absorbed" else ap.decompressed_prefill
-    extend = None  # chunks: the default's two-kernel form, as the model builds it
+    extend = short = None  # the default: its extend and short kernels, as the model builds it
     if CHUNK and config is None:
         extend = ap.extend_config(arch, kind=kind, dims=dims, tokens=CHUNK)
+    if config is None:
+        short = ap.short_config(arch, kind=kind, dims=dims)
     t0 = time.time()
     func = factory(
         dims,
@@ -230,6 +233,7 @@ def build(kind: str, arch: str, dims: MLADims, config=None):
         target=arch,
         config=config,
         extend_config=extend,
+        short_config=short,
         sm_scale=SM_SCALE,
     )
     lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
@@ -257,12 +261,16 @@ def build_builtin(kind: str, arch: str, dims: MLADims):
 def measure_ours(kind: str, config, ns: list[int], *, default: bool) -> list[dict]:
     """Build one config of ours, check it against torch and time it at each n (in this process)."""
     arch, dims = cuda_arch(), MLADims(heads=HEADS)
-    lib, build_s = build(kind, arch, dims, None if default else config)  # default: + extend
+    lib, build_s = build(kind, arch, dims, None if default else config)  # default: + extend, short
     impl = "ours" if default else "ours-config"
     label = ",".join(str(int(v)) for v in config.__dict__.values())
     if default and CHUNK:
         extend = ap.extend_config(arch, kind=kind, dims=dims, tokens=CHUNK)
         label += " extend " + ",".join(str(int(v)) for v in extend.__dict__.values())
+    short = ap.short_config(arch, kind=kind, dims=dims) if default else None
+    if short is not None:
+        upto = ap.short_tokens(config, arch, kind=kind, dims=dims)
+        label += f" short (T <= {upto}) " + ",".join(str(int(v)) for v in short.__dict__.values())
     rows = []
     for n in ns:
         row = {"kind": kind, "n": n, "impl": impl, "config": label, "build_s": round(build_s, 2)}

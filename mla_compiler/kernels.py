@@ -99,12 +99,14 @@ def prefill_kernel(
         return None
     factory = ap.absorbed_prefill if op == "attn_absorbed" else ap.decompressed_prefill
     try:
-        extend = None
+        extend = short = None
         if config is None:
             from mla_compiler import tuning
 
             config = tuning.prefill_config(op, target, dims)
             extend = tuning.prefill_extend_config(op, target, dims)
+            kind = "absorbed" if op == "attn_absorbed" else "decompressed"
+            short = ap.short_config(target, kind=kind, dims=dims)  # (not tuned)
         return factory(
             dims,
             heads=dims.heads,
@@ -112,6 +114,7 @@ def prefill_kernel(
             target=target,
             config=config,
             extend_config=extend,
+            short_config=short,
             sm_scale=sm_scale,
         )
     except TargetError:

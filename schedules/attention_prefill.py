@@ -148,12 +148,39 @@ def extend_config(target, *, kind: str, dims: MLADims, tokens: int):
 def wave_efficiency(config, target, *, kind: str, dims: MLADims, tokens: int) -> float:
     """Busy fraction of the block slots over the waves of one ``tokens``-token chunk's grid
     (blocks of equal work assumed; slots = SMs x blocks per SM by shared memory)."""
-    spec, layout = gpu_spec(_target_of(target)), _layout_for(kind, dims)
+    layout = _layout_for(kind, dims)
     blocks = -(-tokens * layout.rows_per_token // config.tile_q) * layout.groups
+    slots = _block_slots(config, target, kind=kind, dims=dims)
+    return blocks / (-(-blocks // slots) * slots)
+
+
+def _block_slots(config, target, *, kind: str, dims: MLADims) -> int:
+    """Blocks of ``config`` the GPU runs at once: SMs x blocks per SM by shared memory."""
+    spec = gpu_spec(_target_of(target))
     smem = shared_bytes(config, kind=kind, dims=dims) + 1024  # +1 KB reserved per block
     per_sm = (spec.max_shared_bytes_per_block + 1024) // smem
-    slots = spec.sm_count * max(1, min(per_sm, 2048 // (32 * config.warps)))
-    return blocks / (-(-blocks // slots) * slots)
+    return spec.sm_count * max(1, min(per_sm, 2048 // (32 * config.warps)))
+
+
+def short_config(target, *, kind: str, dims: MLADims):
+    """The config for causal prompts whose grid in the default's tiles is a single wave: the
+    first candidate with smaller query tiles, or None (CPU, or none such). A single wave lasts
+    as long as its longest causal tile, which smaller tiles shorten (and 512 tokens x 16 heads
+    in 128-row tiles are 64 blocks for 132 SMs)."""
+    target = _target_of(target)
+    if not is_gpu(target):
+        return None
+    default = default_config(target, kind=kind, dims=dims)
+    smaller = [c for c in candidates(target, kind=kind, dims=dims) if c.tile_q < default.tile_q]
+    return smaller[0] if smaller else None
+
+
+def short_tokens(config, target, *, kind: str, dims: MLADims) -> int:
+    """Longest causal prompt whose grid in ``config``'s tiles fits one wave of block slots: the
+    short config's range (1024 tokens for 128-row tiles and 16 heads on 132 SMs: 128 blocks)."""
+    layout = _layout_for(kind, dims)
+    slots = _block_slots(config, target, kind=kind, dims=dims)
+    return slots // layout.groups * config.tile_q // layout.rows_per_token
 
 
 def candidates(target, *, kind: str = "absorbed", dims: MLADims | None = None) -> list:
@@ -211,6 +238,11 @@ def candidates(target, *, kind: str = "absorbed", dims: MLADims | None = None) -
         out += [tma(128, 96, 8, 2, producer=True), tma(192, 96, 12, 2), tma(128, 128, 8, 2)]
         out += [tma(128, 96, 8, 2), tma(128, 64, 8, 3, producer=True)]
         out += [tma(128, 112, 8, 2, producer=True)]
+        # 64-row query tiles (one warpgroup + the producer warp; 64 x 64 two blocks a SM):
+        # short_config's pick for prompts of one 128-row wave. H200 (results/bench_attention_
+        # h200_short.json), TFLOP/s at n = 512 / 1024 / 2048: 64 x 64 77.8 / 183.2 / 356.0,
+        # 64 x 128 75.3 / 172.8 / 280.7, the 128 x 128 default 64.0 (earlier run) / 171.0 / 358.3
+        out += [tma(64, 64, 4, 2, producer=True), tma(64, 128, 4, 2, producer=True)]
         # cp.async rings (every thread copies its share of each tile):
         # P in registers (wgmma rs form) with 3 warpgroups: 1.19x / 1.16x the 2-warpgroup smem-P
         # kernel at n = 8K / 16K on the H100, even at 2K. 96-row KV tiles (H200, 2026-12-04,
@@ -345,13 +377,24 @@ def _body_for(target, config, layout: _Layout, *, kind: str, dims: MLADims, dtyp
     return _cpu_body, (layout, config.tile_kv)
 
 
-def _bodies(target, config, extend, layout: _Layout, *, kind: str, dims: MLADims, dtype: str):
-    """(macro, static args of the causal kernel, static args of the extend kernel or None)."""
+def _bodies(
+    target, config, extend, short, layout: _Layout, *, kind: str, dims: MLADims, dtype: str
+):
+    """(macro, static args of the causal kernel, of the extend kernel or None, of the short
+    kernel or None, the short kernel's longest prompt)."""
     body, static = _body_for(target, config, layout, kind=kind, dims=dims, dtype=dtype)
-    if extend is None or not is_gpu(_target_of(target)):
-        return body, static, None
-    _, static_x = _body_for(target, extend, layout, kind=kind, dims=dims, dtype=dtype)
-    return body, static, (None if static_x[1] == static[1] else static_x)
+    if not is_gpu(_target_of(target)):
+        return body, static, None, None, 0
+
+    def other(cfg):
+        if cfg is None:
+            return None
+        _, got = _body_for(target, cfg, layout, kind=kind, dims=dims, dtype=dtype)
+        return None if got[1] == static[1] else got
+
+    config = config or default_config(target, kind=kind, dims=dims)
+    limit = short_tokens(config, target, kind=kind, dims=dims) if short is not None else 0
+    return body, static, other(extend), other(short), limit
 
 
 def absorbed_prefill(
@@ -362,6 +405,7 @@ def absorbed_prefill(
     target,
     config=None,
     extend_config=None,
+    short_config=None,
     sm_scale: float,
 ) -> tvm.tirx.PrimFunc:
     """Absorbed-MLA prefill over one layer of the whole latent cache ``kv [L, C, 576]``.
@@ -370,15 +414,16 @@ def absorbed_prefill(
     Arguments: q, kv, q_indptr, kv_indptr, layer (int32 scalar), o, lse — the scalar before the
     outputs, as Relax's ``call_tir`` passes it. With ``extend_config`` (CUDA) a second kernel
     built with it runs when the cache holds more rows than there are queries (``C > T``: a
-    chunk after a prompt's first); the host picks one per call.
+    chunk after a prompt's first); ``short_config`` as for ``decompressed_prefill``. The host
+    picks one per call.
     """
     layout = _absorbed_layout(dims, heads, sm_scale)
-    body, static, static_x = _bodies(
-        target, config, extend_config, layout, kind="absorbed", dims=dims, dtype=dtype
+    body, static, static_x, static_s, short_t = _bodies(
+        target, config, extend_config, short_config, layout, kind="absorbed", dims=dims, dtype=dtype
     )
     dl, dv, h = dims.latent_dim, dims.kv_lora_rank, heads
-    two = static_x is not None
-    static_x = static_x or static
+    two, short = static_x is not None, static_s is not None
+    static_x, static_s = static_x or static, static_s or static
 
     @T.prim_func
     def absorbed_prefill(
@@ -418,6 +463,20 @@ def absorbed_prefill(
                 batch1 - 1,
                 t_total,
             )
+        elif short and t_total <= short_t:
+            body(
+                *static_s,
+                qf,
+                kf,
+                kf,
+                T.Cast("int64", layer) * rows * dl,
+                q_indptr,
+                kv_indptr,
+                of,
+                lsef,
+                batch1 - 1,
+                t_total,
+            )
         else:
             body(
                 *static,
@@ -444,6 +503,7 @@ def decompressed_prefill(
     target,
     config=None,
     extend_config=None,
+    short_config=None,
     sm_scale: float,
 ) -> tvm.tirx.PrimFunc:
     """Multi-head prefill with decompressed per-head K [N, H, 192] and V [N, H, 128].
@@ -452,12 +512,19 @@ def decompressed_prefill(
     than queries (``N > T``: a chunk after a prompt's first); the host picks one per call.
     """
     layout = _decompressed_layout(dims, heads, sm_scale)
-    body, static, static_x = _bodies(
-        target, config, extend_config, layout, kind="decompressed", dims=dims, dtype=dtype
+    body, static, static_x, static_s, short_t = _bodies(
+        target,
+        config,
+        extend_config,
+        short_config,
+        layout,
+        kind="decompressed",
+        dims=dims,
+        dtype=dtype,
     )
     dk, dv, h = dims.qk_head_dim, dims.v_head_dim, heads
-    two = static_x is not None
-    static_x = static_x or static
+    two, short = static_x is not None, static_s is not None
+    static_x, static_s = static_x or static, static_s or static
 
     @T.prim_func
     def decompressed_prefill(
@@ -486,6 +553,20 @@ def decompressed_prefill(
         if two and n_total > t_total:
             body(
                 *static_x,
+                qf,
+                kf,
+                vf,
+                T.int64(0),
+                q_indptr,
+                kv_indptr,
+                of,
+                lsef,
+                batch1 - 1,
+                t_total,
+            )
+        elif short and t_total <= short_t:
+            body(
+                *static_s,
                 qf,
                 kf,
                 vf,

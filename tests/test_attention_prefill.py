@@ -48,7 +48,9 @@ def _indptr(lens) -> torch.Tensor:
 
 
 @functools.cache
-def _build(kind: str, dims: MLADims, target: str, config=None, *, extend_config=None):
+def _build(
+    kind: str, dims: MLADims, target: str, config=None, *, extend_config=None, short_config=None
+):
     factory = ap.absorbed_prefill if kind == "absorbed" else ap.decompressed_prefill
     func = factory(
         dims,
@@ -57,6 +59,7 @@ def _build(kind: str, dims: MLADims, target: str, config=None, *, extend_config=
         target=target,
         config=config,
         extend_config=extend_config,
+        short_config=short_config,
         sm_scale=SM_SCALE,
     )
     return tvm.compile(tvm.IRModule({"main": func}), target=tvm_target(target))
@@ -213,6 +216,29 @@ def test_extend_config_adds_a_second_kernel_only_when_it_differs():
     assert list(kernels(default).values()) == ["288"]
     same = ap.extend_config("sm_90a", kind="decompressed", dims=V2_LITE, tokens=2048)
     assert same == default and list(kernels(same).values()) == ["288"]
+
+
+@pytest.mark.skipif(not nvcc_available(), reason="nvcc / cuobjdump not installed")
+def test_short_config_adds_a_kernel_for_one_wave_prompts():
+    """On sm_90a the decompressed default (128-row tiles, one block a SM) runs prompts of up to
+    1024 tokens x 16 heads in one wave of 132 SMs; a build with the short config adds its 64-row
+    kernel (4 warps + the producer warp) for them."""
+    import re
+
+    default = ap.default_config("sm_90a", kind="decompressed", dims=V2_LITE)
+    short = ap.short_config("sm_90a", kind="decompressed", dims=V2_LITE)
+    assert short.tile_q == 64 < default.tile_q
+    assert ap.short_tokens(default, "sm_90a", kind="decompressed", dims=V2_LITE) == 1024
+    waves = {  # 1024 tokens: 128 blocks (one wave); 1152: 144 (two)
+        t: ap.wave_efficiency(default, "sm_90a", kind="decompressed", dims=V2_LITE, tokens=t)
+        for t in (1024, 1152)
+    }
+    assert waves == {1024: pytest.approx(128 / 132), 1152: pytest.approx(144 / 264)}
+    source = _build("decompressed", V2_LITE, "sm_90a", short_config=short)
+    found = re.findall(r"__launch_bounds__\((\d+)\)", source.mod.imports[0].inspect_source())
+    assert sorted(set(found)) == ["160", "288"]
+    assert ap.short_config("sm_89", kind="decompressed", dims=V2_LITE) is None
+    assert ap.short_config("sm_90a", kind="absorbed", dims=V2_LITE) is None
 
 
 def test_keep_prunes_configs_past_sm89_shared_memory():
@@ -463,10 +489,14 @@ GPU_CASES = {
 }
 
 
-def _run_cuda(kind: str, case: Case, arch: str, config=None, *, extend_config=None):
+def _run_cuda(
+    kind: str, case: Case, arch: str, config=None, *, extend_config=None, short_config=None
+):
     gen = torch.Generator().manual_seed(sum(case.t) + len(kind))
     kv_args, qi, ki, o, lse, expected = _inputs(kind, case, gen, device="cuda")
-    lib = _build(kind, case.dims, arch, config, extend_config=extend_config)
+    lib = _build(
+        kind, case.dims, arch, config, extend_config=extend_config, short_config=short_config
+    )
     args = [tvm.runtime.from_dlpack(x) for x in (*kv_args, qi, ki, o, lse)]
     if kind == "absorbed":
         lib["main"](*args[:4], 1, *args[4:])
@@ -514,6 +544,29 @@ def test_cuda_with_extend_kernel_matches_reference(kind, name):
         pytest.skip("no CUDA device visible to torch and TVM")
     extend = ap.extend_config(arch, kind=kind, dims=V2_LITE, tokens=2048)
     _run_cuda(kind, GPU_CASES[name], arch, extend_config=extend)
+
+
+_SHORT_CASES = {
+    "t512-n512": Case(V2_LITE, (512,), (512,)),  # short kernel
+    "ragged-t300-200": Case(V2_LITE, (300, 200), (300, 200)),  # short kernel, two sequences
+    "t1-n2049": Case(V2_LITE, (1,), (2049,)),  # short kernel, a prefix
+    "t1024-n1024": Case(V2_LITE, (1024,), (1024,)),  # short kernel, its longest prompt
+    "t1040-n1040": Case(V2_LITE, (1040,), (1040,)),  # past short_tokens: the default kernel
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", _SHORT_CASES.values(), ids=_SHORT_CASES.keys())
+def test_cuda_with_short_kernel_matches_reference(case):
+    """A build with the short kernel (64-row tiles for prompts too short to fill the SMs with
+    the default's): the host picks it or the default by the prompt length."""
+    arch = _cuda_arch()
+    if arch is None:
+        pytest.skip("no CUDA device visible to torch and TVM")
+    short = ap.short_config(arch, kind="decompressed", dims=V2_LITE)
+    if short is None:
+        pytest.skip(f"no short config on {arch}")
+    _run_cuda("decompressed", case, arch, short_config=short)
 
 
 def _config_id(config) -> str:
