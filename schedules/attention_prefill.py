@@ -159,7 +159,8 @@ def _block_slots(config, target, *, kind: str, dims: MLADims) -> int:
     spec = gpu_spec(_target_of(target))
     smem = shared_bytes(config, kind=kind, dims=dims) + 1024  # +1 KB reserved per block
     per_sm = (spec.max_shared_bytes_per_block + 1024) // smem
-    return spec.sm_count * max(1, min(per_sm, 2048 // (32 * config.warps)))
+    warps = config.warps + (1 if config.producer else 0)  # (and the producer warp)
+    return spec.sm_count * max(1, min(per_sm, 2048 // (32 * warps)))
 
 
 def short_config(target, *, kind: str, dims: MLADims):

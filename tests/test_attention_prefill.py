@@ -411,6 +411,30 @@ def test_sm90a_tma_config_loads_kv_tiles_by_tma():
 
 
 @pytest.mark.skipif(not nvcc_available(), reason="nvcc / cuobjdump not installed")
+def test_sm90a_producer_warp_replaces_the_per_tile_block_barrier():
+    """With ``producer`` the block has one more warp, the consumer warps release each slot on
+    an mbarrier (one arrival per warp) and the only CTA-wide barrier is the one after the
+    mbarrier init; without it every tile also starts with ``__syncthreads``."""
+    config = ap.MMAConfig(128, 128, 8, 2, wgmma=True, swizzle=True, p_regs=True, tma=True)
+    sources = {
+        producer: _build(
+            "decompressed", V2_LITE, "sm_90a", dataclasses.replace(config, producer=producer)
+        )
+        .mod.imports[0]
+        .inspect_source()
+        for producer in (False, True)
+    }
+    assert sources[False].count("__syncthreads()") == 2  # after the init; every tile
+    assert sources[True].count("__syncthreads()") == 1
+    assert "__launch_bounds__(288)" in sources[True]
+    assert (
+        "mbarrier_arrive_nocount" in sources[True]
+        and "mbarrier_arrive_nocount" not in (sources[False])
+    )
+    _sm90a_decompressed_cubin(dataclasses.replace(config, producer=True))  # 0 spills
+
+
+@pytest.mark.skipif(not nvcc_available(), reason="nvcc / cuobjdump not installed")
 def test_sm90a_pipelined_softmax_runs_under_the_previous_tiles_pv():
     """In the pipelined loop every exponent of a tile's softmax lies between the wait for its
     S (``WARPGROUP.DEPBAR.LE gsb0, 0x1``: the previous tile's P·V still runs) and the wait for
