@@ -398,6 +398,34 @@ def _bodies(
     return body, static, other(extend), other(short), limit
 
 
+@T.macro(hygienic=True)
+def _dispatch(
+    body,
+    kernels,
+    extend_now,
+    short_now,
+    qf,
+    kf,
+    vf,
+    k_base,
+    q_indptr,
+    kv_indptr,
+    of,
+    lsef,
+    batch,
+    t,
+):
+    # kernels: static args of the causal kernel, of the extend kernel and of the short one (None
+    # where not built); the host picks one per call: extend for chunks after a prefix, short
+    # for prompts of one wave, else the causal kernel
+    if kernels[1] is not None and extend_now:
+        body(*kernels[1], qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t)
+    elif kernels[2] is not None and short_now:
+        body(*kernels[2], qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t)
+    else:
+        body(*kernels[0], qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t)
+
+
 def absorbed_prefill(
     dims: MLADims,
     *,
@@ -423,8 +451,7 @@ def absorbed_prefill(
         target, config, extend_config, short_config, layout, kind="absorbed", dims=dims, dtype=dtype
     )
     dl, dv, h = dims.latent_dim, dims.kv_lora_rank, heads
-    two, short = static_x is not None, static_s is not None
-    static_x, static_s = static_x or static, static_s or static
+    kernels = (static, static_x, static_s)
 
     @T.prim_func
     def absorbed_prefill(
@@ -450,48 +477,22 @@ def absorbed_prefill(
         lsef = T.decl_buffer((t_total * h,), "float32", data=lse.data)
         # (the layer's first element is passed inline: a variable bound here would reach the
         # kernels as a pointer to host memory)
-        if two and rows > t_total:
-            body(
-                *static_x,
-                qf,
-                kf,
-                kf,
-                T.Cast("int64", layer) * rows * dl,
-                q_indptr,
-                kv_indptr,
-                of,
-                lsef,
-                batch1 - 1,
-                t_total,
-            )
-        elif short and t_total <= short_t:
-            body(
-                *static_s,
-                qf,
-                kf,
-                kf,
-                T.Cast("int64", layer) * rows * dl,
-                q_indptr,
-                kv_indptr,
-                of,
-                lsef,
-                batch1 - 1,
-                t_total,
-            )
-        else:
-            body(
-                *static,
-                qf,
-                kf,
-                kf,
-                T.Cast("int64", layer) * rows * dl,
-                q_indptr,
-                kv_indptr,
-                of,
-                lsef,
-                batch1 - 1,
-                t_total,
-            )
+        _dispatch(
+            body,
+            kernels,
+            rows > t_total,
+            t_total <= short_t,
+            qf,
+            kf,
+            kf,
+            T.Cast("int64", layer) * rows * dl,
+            q_indptr,
+            kv_indptr,
+            of,
+            lsef,
+            batch1 - 1,
+            t_total,
+        )
 
     return absorbed_prefill
 
@@ -524,8 +525,7 @@ def decompressed_prefill(
         dtype=dtype,
     )
     dk, dv, h = dims.qk_head_dim, dims.v_head_dim, heads
-    two, short = static_x is not None, static_s is not None
-    static_x, static_s = static_x or static, static_s or static
+    kernels = (static, static_x, static_s)
 
     @T.prim_func
     def decompressed_prefill(
@@ -551,47 +551,21 @@ def decompressed_prefill(
         vf = T.decl_buffer((n_total * h * dv,), dtype, data=v.data)
         of = T.decl_buffer((t_total * h * dv,), dtype, data=o.data)
         lsef = T.decl_buffer((t_total * h,), "float32", data=lse.data)
-        if two and n_total > t_total:
-            body(
-                *static_x,
-                qf,
-                kf,
-                vf,
-                T.int64(0),
-                q_indptr,
-                kv_indptr,
-                of,
-                lsef,
-                batch1 - 1,
-                t_total,
-            )
-        elif short and t_total <= short_t:
-            body(
-                *static_s,
-                qf,
-                kf,
-                vf,
-                T.int64(0),
-                q_indptr,
-                kv_indptr,
-                of,
-                lsef,
-                batch1 - 1,
-                t_total,
-            )
-        else:
-            body(
-                *static,
-                qf,
-                kf,
-                vf,
-                T.int64(0),
-                q_indptr,
-                kv_indptr,
-                of,
-                lsef,
-                batch1 - 1,
-                t_total,
-            )
+        _dispatch(
+            body,
+            kernels,
+            n_total > t_total,
+            t_total <= short_t,
+            qf,
+            kf,
+            vf,
+            T.int64(0),
+            q_indptr,
+            kv_indptr,
+            of,
+            lsef,
+            batch1 - 1,
+            t_total,
+        )
 
     return decompressed_prefill

@@ -768,26 +768,27 @@ def _pipelined_loop(G, P):
 
 
 @T.macro(hygienic=True)
+def _encode_rows(tmap, data, width, stride, groups, n_rows, box_rows):
+    # f16 rows [n_rows, groups, stride] (the first `width` columns) as a 3-d tensor map: boxes
+    # of 64 columns x 1 group x box_rows rows, 128-byte swizzle, rows past n_rows zero-filled
+    T.tensormap_encode_tiled(
+        tmap, data, width, groups, n_rows, stride * 2, groups * stride * 2,
+        64, 1, box_rows, 1, 1, 1,
+        descriptor_dtype="float16", rank=3, interleave=0, swizzle=3, l2_promotion=2,
+        oob_fill=0, force_cu_dtype=-1,
+    )  # fmt: skip
+
+
+@T.macro(hygienic=True)
 def mma_body(P, G, qf, kf, vf, k_base, q_indptr, kv_indptr, of, lsef, batch, t_total):
     # P: prefill _Layout, G: Geometry; qf/kf/vf/of/lsef: flat views of q, k, v, o, lse.
     if G.tma:
-        # host: K [N, groups, dk] and V [N, groups, dv] as 3-d tensor maps, boxes of 64
-        # columns x 1 group x tkv rows, 128-byte swizzle, rows past N zero-filled
+        # host: K [N, groups, dk] and V [N, groups, dv] as tensor maps
         tmap_k: T.let[T.TensorMap()] = T.tvm_stack_alloca("tensormap", 1)
         tmap_v: T.let[T.TensorMap()] = T.tvm_stack_alloca("tensormap", 1)
         n_kv = T.meta_var(kf.shape[0] // (P.groups * P.k_stride))
-        T.tensormap_encode_tiled(
-            tmap_k, kf.data, G.dk, P.groups, n_kv, P.k_stride * 2, P.groups * P.k_stride * 2,
-            64, 1, G.tkv, 1, 1, 1,
-            descriptor_dtype="float16", rank=3, interleave=0, swizzle=3, l2_promotion=2,
-            oob_fill=0, force_cu_dtype=-1,
-        )  # fmt: skip
-        T.tensormap_encode_tiled(
-            tmap_v, vf.data, G.dv, P.groups, n_kv, P.v_stride * 2, P.groups * P.v_stride * 2,
-            64, 1, G.tkv, 1, 1, 1,
-            descriptor_dtype="float16", rank=3, interleave=0, swizzle=3, l2_promotion=2,
-            oob_fill=0, force_cu_dtype=-1,
-        )  # fmt: skip
+        _encode_rows(tmap_k, kf.data, G.dk, P.k_stride, P.groups, n_kv, G.tkv)
+        _encode_rows(tmap_v, vf.data, G.dv, P.v_stride, P.groups, n_kv, G.tkv)
     # one grid axis over (query tile, head group), group fastest: the heaviest causal tiles of
     # every group are dispatched first (longest-processing-time order), so no group's heavy
     # tiles are left for the tail of the launch
