@@ -478,21 +478,10 @@ def absorbed_prefill(
         # (the layer's first element is passed inline: a variable bound here would reach the
         # kernels as a pointer to host memory)
         _dispatch(
-            body,
-            kernels,
-            rows > t_total,
-            t_total <= short_t,
-            qf,
-            kf,
-            kf,
-            T.Cast("int64", layer) * rows * dl,
-            q_indptr,
-            kv_indptr,
-            of,
-            lsef,
-            batch1 - 1,
-            t_total,
-        )
+            body, kernels, rows > t_total, t_total <= short_t,
+            qf, kf, kf, T.Cast("int64", layer) * rows * dl, q_indptr, kv_indptr, of, lsef,
+            batch1 - 1, t_total,
+        )  # fmt: skip
 
     return absorbed_prefill
 
@@ -552,20 +541,8 @@ def decompressed_prefill(
         of = T.decl_buffer((t_total * h * dv,), dtype, data=o.data)
         lsef = T.decl_buffer((t_total * h,), "float32", data=lse.data)
         _dispatch(
-            body,
-            kernels,
-            n_total > t_total,
-            t_total <= short_t,
-            qf,
-            kf,
-            vf,
-            T.int64(0),
-            q_indptr,
-            kv_indptr,
-            of,
-            lsef,
-            batch1 - 1,
-            t_total,
-        )
+            body, kernels, n_total > t_total, t_total <= short_t,
+            qf, kf, vf, T.int64(0), q_indptr, kv_indptr, of, lsef, batch1 - 1, t_total,
+        )  # fmt: skip
 
     return decompressed_prefill
