@@ -218,13 +218,23 @@ def verify(problem: Problem, run_ours) -> float:
 
 
 def build(kind: str, arch: str, dims: MLADims, config=None):
+    """(library, build seconds, label of the kernels besides ``config``'s: the default's
+    extend and short kernels, as the model builds it; empty for a given config)."""
     target = tvm_target(arch)
     factory = ap.absorbed_prefill if kind == "absorbed" else ap.decompressed_prefill
-    extend = short = None  # the default: its extend and short kernels, as the model builds it
+    extend = short = None
     if CHUNK and config is None:
         extend = ap.extend_config(arch, kind=kind, dims=dims, tokens=CHUNK)
     if config is None:
         short = ap.short_config(arch, kind=kind, dims=dims)
+    extras = ""
+    if extend is not None:
+        extras += " extend " + ",".join(str(int(v)) for v in extend.__dict__.values())
+    if short is not None:
+        upto = ap.short_tokens(
+            ap.default_config(arch, kind=kind, dims=dims), arch, kind=kind, dims=dims
+        )
+        extras += f" short (T <= {upto}) " + ",".join(str(int(v)) for v in short.__dict__.values())
     t0 = time.time()
     func = factory(
         dims,
@@ -237,7 +247,7 @@ def build(kind: str, arch: str, dims: MLADims, config=None):
         sm_scale=SM_SCALE,
     )
     lib = tvm.compile(tvm.IRModule({"main": func}), target=target)
-    return lib, time.time() - t0
+    return lib, time.time() - t0, extras
 
 
 def build_builtin(kind: str, arch: str, dims: MLADims):
@@ -261,16 +271,9 @@ def build_builtin(kind: str, arch: str, dims: MLADims):
 def measure_ours(kind: str, config, ns: list[int], *, default: bool) -> list[dict]:
     """Build one config of ours, check it against torch and time it at each n (in this process)."""
     arch, dims = cuda_arch(), MLADims(heads=HEADS)
-    lib, build_s = build(kind, arch, dims, None if default else config)  # default: + extend, short
+    lib, build_s, extras = build(kind, arch, dims, None if default else config)
     impl = "ours" if default else "ours-config"
-    label = ",".join(str(int(v)) for v in config.__dict__.values())
-    if default and CHUNK:
-        extend = ap.extend_config(arch, kind=kind, dims=dims, tokens=CHUNK)
-        label += " extend " + ",".join(str(int(v)) for v in extend.__dict__.values())
-    short = ap.short_config(arch, kind=kind, dims=dims) if default else None
-    if short is not None:
-        upto = ap.short_tokens(config, arch, kind=kind, dims=dims)
-        label += f" short (T <= {upto}) " + ",".join(str(int(v)) for v in short.__dict__.values())
+    label = ",".join(str(int(v)) for v in config.__dict__.values()) + extras
     rows = []
     for n in ns:
         row = {"kind": kind, "n": n, "impl": impl, "config": label, "build_s": round(build_s, 2)}

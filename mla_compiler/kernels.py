@@ -105,8 +105,7 @@ def prefill_kernel(
 
             config = tuning.prefill_config(op, target, dims)
             extend = tuning.prefill_extend_config(op, target, dims)
-            kind = "absorbed" if op == "attn_absorbed" else "decompressed"
-            short = ap.short_config(target, kind=kind, dims=dims)  # (not tuned)
+            short = tuning.prefill_short_config(op, target, dims)
         return factory(
             dims,
             heads=dims.heads,

@@ -640,7 +640,7 @@ def prefill_config(op: str, target, dims: MLADims):
     from mla_compiler.schedules import attention_prefill as ap
 
     active = _ACTIVE.get() or _Active()
-    kind = "absorbed" if op == "attn_absorbed" else "decompressed"
+    kind = _prefill_kind(op)
     default = ap.default_config(target, kind=kind, dims=dims)
     key = prefill_shape_key(kind, dims, active.tokens)
     return config_for(active.db_dir, f"attn_prefill_{kind}", target, key, default, log=active.log)
@@ -653,8 +653,20 @@ def prefill_extend_config(op: str, target, dims: MLADims):
     from mla_compiler.schedules import attention_prefill as ap
 
     active = _ACTIVE.get() or _Active()
-    kind = "absorbed" if op == "attn_absorbed" else "decompressed"
-    return ap.extend_config(target, kind=kind, dims=dims, tokens=active.tokens)
+    return ap.extend_config(target, kind=_prefill_kind(op), dims=dims, tokens=active.tokens)
+
+
+def prefill_short_config(op: str, target, dims: MLADims):
+    """The prefill config for causal prompts of one wave of the default's tiles
+    (``attention_prefill.short_config``; not tuned, as the extend config)."""
+    from mla_compiler.schedules import attention_prefill as ap
+
+    return ap.short_config(target, kind=_prefill_kind(op), dims=dims)
+
+
+def _prefill_kind(op: str) -> str:
+    """The prefill kernel kind of a call-site op (attn_absorbed / attn_decompressed)."""
+    return "absorbed" if op == "attn_absorbed" else "decompressed"
 
 
 def gpu_present() -> bool:

@@ -190,6 +190,12 @@ def _empty_bar(G, smem, stage):
 
 
 @T.macro(hygienic=False)
+def _wait_full(G, it):
+    # tile `it` landed: its slot's "full" mbarrier completed phase it // stages
+    T.cuda.mbarrier_wait(_full_bar(G, smem, it % G.stages), it // G.stages % 2)
+
+
+@T.macro(hygienic=False)
 def _produce(G, P):
     # The producer warp's lane 0: tile `it` goes into slot it % stages once the consumer warps
     # released that slot's previous tile (empty phase it // stages - 1).
@@ -209,7 +215,7 @@ def _consume(G, P):
     T.ptx["fence.proxy.async.shared::cta"]()
     T.ptx["bar.sync"](1, G.threads)
     for it in T.serial(n_tiles):
-        T.cuda.mbarrier_wait(_full_bar(G, smem, it % G.stages), it // G.stages % 2)
+        _wait_full(G, it)
         _tile_step(G, P, it % G.stages, it)
         if lane == 0:
             T.ptx.mbarrier.arrive.shared.b64(_empty_bar(G, smem, it % G.stages))
@@ -240,7 +246,7 @@ def _wait_kv(G, it):
     # Tile `it` (and Q) landed: its cp.async group, or its slot's mbarrier phase.
     if G.tma:
         T.ptx["cp.async.wait_group"](0)  # Q's copies (a no-op after the first tile)
-        T.cuda.mbarrier_wait(_full_bar(G, smem, it % G.stages), it // G.stages % 2)
+        _wait_full(G, it)
     else:
         T.ptx["cp.async.wait_group"](G.stages - 2)
 
