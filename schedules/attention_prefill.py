@@ -159,7 +159,7 @@ def _block_slots(config, target, *, kind: str, dims: MLADims) -> int:
     spec = gpu_spec(_target_of(target))
     smem = shared_bytes(config, kind=kind, dims=dims) + 1024  # +1 KB reserved per block
     per_sm = (spec.max_shared_bytes_per_block + 1024) // smem
-    warps = config.warps + (1 if config.producer else 0)  # (and the producer warp)
+    warps = config.warps + config.producer_warps
     return spec.sm_count * max(1, min(per_sm, 2048 // (32 * warps)))
 
 
@@ -244,6 +244,12 @@ def candidates(target, *, kind: str = "absorbed", dims: MLADims | None = None) -
         # h200_short.json), TFLOP/s at n = 512 / 1024 / 2048: 64 x 64 77.8 / 183.2 / 356.0,
         # 64 x 128 75.3 / 172.8 / 280.7, the 128 x 128 default 64.0 (earlier run) / 171.0 / 358.3
         out += [tma(64, 64, 4, 2, producer=True), tma(64, 128, 4, 2, producer=True)]
+        # The producer as a warpgroup that gives its registers to the consumers (setmaxnreg:
+        # 240 a thread at 8 consumer warps, 160 at 12), with the consumer warpgroups taking
+        # turns on the tensor cores (pingpong: 2 warpgroups; 3 spill at 160 registers)
+        pp = functools.partial(tma, producer=True, setmaxnreg=True)
+        out += [pp(128, 128, 8, 2, pingpong=True), pp(128, 128, 8, 2)]
+        out += [pp(192, 96, 12, 2), pp(192, 112, 12, 2)]
         # cp.async rings (every thread copies its share of each tile):
         # P in registers (wgmma rs form) with 3 warpgroups: 1.19x / 1.16x the 2-warpgroup smem-P
         # kernel at n = 8K / 16K on the H100, even at 2K. 96-row KV tiles (H200, 2026-12-04,

@@ -45,6 +45,29 @@ class MMAConfig:
     # loads; the consumer warps wait on a slot's "full" mbarrier and release it on its "empty"
     # one, with no CTA-wide barrier per tile (warpgroups drift apart, FA3's producer warp)
     producer: bool = False
+    # producer, two or three consumer warpgroups: they take turns issuing their wgmmas (FA3's
+    # ping-pong): one issues P·V of tile i - 1 and S of tile i, then runs tile i's softmax while
+    # the next issues its own; named barriers 2.. pass the turn
+    pingpong: bool = False
+    # producer: a whole warpgroup (one lane issues) that gives its registers up with
+    # `setmaxnreg` (to 24), so the consumer warps get 240 each (8 warps) instead of 168
+    setmaxnreg: bool = False
+
+    @property
+    def producer_warps(self) -> int:
+        """Warps a block launches besides the compute warps."""
+        return (4 if self.setmaxnreg else 1) if self.producer else 0
+
+
+# setmaxnreg's split of a 64K register file: the producer warpgroup keeps this many a thread,
+# the consumer warps share the rest (in steps of 8)
+PRODUCER_REGISTERS = 24
+
+
+def consumer_registers(warps: int) -> int:
+    """Registers a thread of ``warps`` consumer warps gets once the producer warpgroup gave
+    its own up (`setmaxnreg`); ptxas bounds the code after the increase by it."""
+    return min(240, (65536 - 128 * PRODUCER_REGISTERS) // (warps * 32) // 8 * 8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +89,8 @@ class Geometry:
     early_s: bool = False
     tma: bool = False
     producer: bool = False
+    pingpong: bool = False
+    setmaxnreg: bool = False
 
     @property
     def threads(self) -> int:
@@ -73,8 +98,8 @@ class Geometry:
 
     @property
     def block_threads(self) -> int:
-        """Threads a block launches: the compute warps, and the producer warp."""
-        return self.threads + (32 if self.producer else 0)
+        """Threads a block launches: the compute warps, and the producer warp(group)."""
+        return self.threads + (128 if self.setmaxnreg else 32 if self.producer else 0)
 
     @property
     def m_warps(self) -> int:
@@ -242,6 +267,8 @@ def geometry(config: MMAConfig, layout) -> Geometry:
         early_s=bool(config.s_first),
         tma=bool(config.tma),
         producer=bool(config.producer),
+        pingpong=bool(config.pingpong),
+        setmaxnreg=bool(config.producer and config.setmaxnreg),
     )
 
 
@@ -280,7 +307,12 @@ def fits(config: MMAConfig, layout, smem_limit: int, *, has_wgmma: bool = False)
         return False  # TMA boxes are the 128-byte swizzled K and V blocks of the plain loop
     if c.producer and (not c.tma or not g.p_regs or g.d_split != 1 or g.s_first):
         return False  # the consumer warps must not exchange anything within a tile
-    if c.producer and register_cap(c.warps + 1) < 160:
+    if c.pingpong and (not c.producer or c.warps not in (8, 12)):
+        return False  # the turn passes round two or three consumer warpgroups
+    if c.setmaxnreg and (not c.producer or c.warps % 4):
+        return False  # setmaxnreg acts on whole warpgroups
+    regs = consumer_registers(c.warps) if c.setmaxnreg else register_cap(c.warps + 1)
+    if c.producer and regs < 160:
         return False  # 12 warps + 1: 128 registers (4 warps in a sub-partition); 192 x 64 spills
     if c.swizzle:
         # 128-byte swizzle atoms: every operand row a whole number of 64-half blocks, P too

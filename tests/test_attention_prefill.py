@@ -541,17 +541,21 @@ def test_cuda_matches_reference(kind, case):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("producer", [False, True], ids=["tma", "tma-producer"])
+@pytest.mark.parametrize(
+    "variant", ["plain", "producer", "pingpong"], ids=["tma", "tma-producer", "tma-pingpong"]
+)
 @pytest.mark.parametrize("case", GPU_CASES.values(), ids=GPU_CASES.keys())
-def test_cuda_tma_ring_matches_reference(case, producer):
+def test_cuda_tma_ring_matches_reference(case, variant):
     """The decompressed kernel with KV tiles by TMA: tiles past a sequence's end read the next
     sequence's rows or TMA's zero fill (not clamped rows), n up to 32K, T = 1, 24 heads; with
-    a producer warp, the consumer warpgroups synchronised by the ring's mbarriers alone."""
+    a producer warp, the consumer warpgroups synchronised by the ring's mbarriers alone; with
+    the ping-pong, the warpgroups' wgmmas also ordered by named barriers."""
     arch = _cuda_arch()
     if arch is None or arch != "sm_90a":
         pytest.skip("TMA needs an sm_90a device")
     found = ap.candidates(arch, kind="decompressed", dims=V2_LITE)
-    config = next(c for c in found if c.tma and c.producer == producer)
+    producer, pingpong = variant != "plain", variant == "pingpong"
+    config = next(c for c in found if c.tma and (c.producer, c.pingpong) == (producer, pingpong))
     _run_cuda("decompressed", case, arch, config)
 
 
@@ -601,6 +605,8 @@ def _config_id(config) -> str:
     tags += "-sfirst" if config.s_first else ""
     tags += "-tma" if config.tma else ""
     tags += "-producer" if config.producer else ""
+    tags += "-maxnreg" if config.setmaxnreg else ""
+    tags += "-pingpong" if config.pingpong else ""
     return f"{config.tile_q}x{config.tile_kv}x{config.warps}w{config.stages}s-{tags}"
 
 
