@@ -165,20 +165,22 @@ def _block_slots(config, target, *, kind: str, dims: MLADims) -> int:
 
 def short_config(target, *, kind: str, dims: MLADims):
     """The config for causal prompts whose grid in the default's tiles is a single wave: the
-    first candidate with smaller query tiles, or None (CPU, or none such). A single wave lasts
+    first candidate with the smallest query tiles, or None (CPU, or none smaller than the
+    default's). A single wave lasts
     as long as its longest causal tile, which smaller tiles shorten (and 512 tokens x 16 heads
     in 128-row tiles are 64 blocks for 132 SMs)."""
     target = _target_of(target)
     if not is_gpu(target):
         return None
     default = default_config(target, kind=kind, dims=dims)
-    smaller = [c for c in candidates(target, kind=kind, dims=dims) if c.tile_q < default.tile_q]
-    return smaller[0] if smaller else None
+    found = candidates(target, kind=kind, dims=dims)
+    smallest = min(c.tile_q for c in found)
+    return next((c for c in found if c.tile_q == smallest < default.tile_q), None)
 
 
 def short_tokens(config, target, *, kind: str, dims: MLADims) -> int:
     """Longest causal prompt whose grid in ``config``'s tiles fits one wave of block slots: the
-    short config's range (1024 tokens for 128-row tiles and 16 heads on 132 SMs: 128 blocks)."""
+    short config's range (1536 tokens for 192-row tiles and 16 heads on 132 SMs: 128 blocks)."""
     layout = _layout_for(kind, dims)
     slots = _block_slots(config, target, kind=kind, dims=dims)
     return slots // layout.groups * config.tile_q // layout.rows_per_token
@@ -231,25 +233,28 @@ def candidates(target, *, kind: str = "absorbed", dims: MLADims | None = None) -
         # one thread issues each tile's 5 boxes into an mbarrier ring instead of every thread's
         # cp.async copies: 192 x 96 +3-5%, 128 x 96 +6-9%. With a producer warp (the consumer
         # warpgroups wait on each slot's "full" mbarrier and release it on its "empty" one, no
-        # CTA barrier per tile) 128 x 128 x 8 warps is the fastest: 360 / 529 / 552 TFLOP/s at
-        # n = 2K / 8K / 16K, 1.15 / 1.01 / 1.01x cuDNN in the same run (+4-5% over 128 x 128
-        # without the producer). 12 warps + a producer warp get only 128 registers (4 warps in
-        # an SM sub-partition): 192-row tiles spill with it (keep rejects them).
-        out = [tma(128, 128, 8, 2, producer=True), tma(256, 64, 16, 2, s_first=True)]
-        out += [tma(128, 96, 8, 2, producer=True), tma(192, 96, 12, 2), tma(128, 128, 8, 2)]
-        out += [tma(128, 96, 8, 2), tma(128, 64, 8, 3, producer=True)]
-        out += [tma(128, 112, 8, 2, producer=True)]
+        # CTA barrier per tile) 128 x 128 x 8 warps: 360 / 529 / 552 TFLOP/s at n = 2K / 8K /
+        # 16K (+4-5% over 128 x 128 without the producer). 12 warps + a producer warp get only
+        # 128 registers (4 warps in an SM sub-partition), so 192-row tiles spill with it; with
+        # a producer warpgroup that gives its registers up (setmaxnreg: the consumers get 160)
+        # 192 x 96 x 12 warps leads: 348 / 570 / 603 TFLOP/s at n = 2K / 8K / 16K, 1.11 / 1.10
+        # / 1.09x cuDNN in the same run (results/bench_attention_h200_maxnreg_final_r*.json;
+        # 128 x 128 + producer warp in one run with it: 360 / 509 / 530), 2.5% behind 128 x 128
+        # at 2K (11 query tiles x 16 heads: 1.33 waves), which extend_config picks there.
+        mx = functools.partial(tma, producer=True, setmaxnreg=True)
+        out = [mx(192, 96, 12, 2), tma(128, 128, 8, 2, producer=True)]
+        out += [tma(256, 64, 16, 2, s_first=True), tma(128, 96, 8, 2, producer=True)]
+        out += [tma(192, 96, 12, 2), tma(128, 128, 8, 2), tma(128, 96, 8, 2)]
+        out += [tma(128, 64, 8, 3, producer=True), tma(128, 112, 8, 2, producer=True)]
         # 64-row query tiles (one warpgroup + the producer warp; 64 x 64 two blocks a SM):
-        # short_config's pick for prompts of one 128-row wave. H200 (results/bench_attention_
-        # h200_short.json), TFLOP/s at n = 512 / 1024 / 2048: 64 x 64 77.8 / 183.2 / 356.0,
-        # 64 x 128 75.3 / 172.8 / 280.7, the 128 x 128 default 64.0 (earlier run) / 171.0 / 358.3
+        # short_config's pick for prompts of one wave in the default's tiles. H200 (results/
+        # bench_attention_h200_short.json), TFLOP/s at n = 512 / 1024 / 2048: 64 x 64 77.8 /
+        # 183.2 / 356.0, 64 x 128 75.3 / 172.8 / 280.7, 128 x 128 64.0 / 171.0 / 358.3
         out += [tma(64, 64, 4, 2, producer=True), tma(64, 128, 4, 2, producer=True)]
-        # The producer as a warpgroup that gives its registers to the consumers (setmaxnreg:
-        # 240 a thread at 8 consumer warps, 160 at 12), with the consumer warpgroups taking
-        # turns on the tensor cores (pingpong: 2 warpgroups; 3 spill at 160 registers)
-        pp = functools.partial(tma, producer=True, setmaxnreg=True)
-        out += [pp(128, 128, 8, 2, pingpong=True), pp(128, 128, 8, 2)]
-        out += [pp(192, 96, 12, 2), pp(192, 112, 12, 2)]
+        # More for the register split: FA3's ping-pong of the two consumer warpgroups' wgmmas
+        # (named barriers, 128 x 128, 240 registers) lost 12% and was taken out (commit
+        # 0dc0ede); 192 x 112 ties 192 x 96; 192 x 64 x 3 stages spills at 160 registers.
+        out += [mx(192, 80, 12, 2), mx(192, 112, 12, 2), mx(128, 128, 8, 2)]
         # cp.async rings (every thread copies its share of each tile):
         # P in registers (wgmma rs form) with 3 warpgroups: 1.19x / 1.16x the 2-warpgroup smem-P
         # kernel at n = 8K / 16K on the H100, even at 2K. 96-row KV tiles (H200, 2026-12-04,

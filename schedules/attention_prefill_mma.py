@@ -219,58 +219,12 @@ def _consume(G, P):
     T.ptx["cp.async.wait_group"](0)
     T.ptx["fence.proxy.async.shared::cta"]()
     T.ptx["bar.sync"](1, G.threads)
-    if G.pingpong:
-        _pingpong_loop(G, P)
-    else:
-        for it in T.serial(n_tiles):
-            _wait_full(G, it)
-            _tile_step(G, P, it % G.stages, it)
-            if lane == 0:
-                T.ptx.mbarrier.arrive.shared.b64(_empty_bar(G, smem, it % G.stages))
-    _epilogue(G, P)
-
-
-@T.macro(hygienic=False)
-def _pingpong_loop(G, P):
-    # The consumer warpgroups issue their wgmmas in turns (FA3's ping-pong): warpgroup w waits
-    # for its turn (named barrier 2 + w: its 128 threads sync, the previous warpgroup's arrive),
-    # issues P·V of tile it - 1 and S of tile it back to back, passes the turn on (barrier
-    # 2 + w + 1) and then waits for its wgmmas and runs tile it's softmax while the tensor cores
-    # run the others'. The last warpgroup hands warpgroup 0 its first turn; its own last
-    # hand-over has no taker.
-    n_wg = T.meta_var(G.warps // 4)
-    wg = warp // 4
-    mine = T.meta_var(T.Cast("uint32", 2 + wg))
-    nxt = T.meta_var(T.Cast("uint32", 2 + (wg + 1) % n_wg))
-    if wg == n_wg - 1:
-        T.ptx["bar.arrive"](2, 256)
-    _wait_full(G, 0)
-    T.ptx["bar.sync"](mine, 256)
-    _s_issue_swizzled(G, 0)
-    T.ptx["bar.arrive"](nxt, 256)
-    T.ptx["wgmma.wait_group.sync.aligned"](0)
-    pin(s_acc, G.s_cols // 2)
-    _softmax_p(G, P, 0, 0, ph)
-    for it in T.serial(1, n_tiles):
+    for it in T.serial(n_tiles):
         _wait_full(G, it)
-        _rescale_o(G)  # by tile it - 1's factors, before its P·V adds to O
-        T.ptx["bar.sync"](mine, 256)
-        _pv_wgmma_rs(G, G.v_off + (it - 1) % G.stages * G.stage_halfs, ph)
-        _s_issue_swizzled(G, it % G.stages)
-        T.ptx["bar.arrive"](nxt, 256)
-        T.ptx["wgmma.wait_group.sync.aligned"](0)
-        pin(s_acc, G.s_cols // 2)
-        pin(o_acc, G.dv_w // 2)
+        _tile_step(G, P, it % G.stages, it)
         if lane == 0:
-            T.ptx.mbarrier.arrive.shared.b64(_empty_bar(G, smem, (it - 1) % G.stages))
-        _softmax_p(G, P, it % G.stages, it, ph)
-    _rescale_o(G)
-    T.ptx["bar.sync"](mine, 256)
-    _pv_wgmma_rs(G, G.v_off + (n_tiles - 1) % G.stages * G.stage_halfs, ph)
-    if wg != n_wg - 1:
-        T.ptx["bar.arrive"](nxt, 256)
-    T.ptx["wgmma.wait_group.sync.aligned"](0)
-    pin(o_acc, G.dv_w // 2)
+            T.ptx.mbarrier.arrive.shared.b64(_empty_bar(G, smem, it % G.stages))
+    _epilogue(G, P)
 
 
 @T.macro(hygienic=False)

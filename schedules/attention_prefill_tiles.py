@@ -45,10 +45,6 @@ class MMAConfig:
     # loads; the consumer warps wait on a slot's "full" mbarrier and release it on its "empty"
     # one, with no CTA-wide barrier per tile (warpgroups drift apart, FA3's producer warp)
     producer: bool = False
-    # producer, two or three consumer warpgroups: they take turns issuing their wgmmas (FA3's
-    # ping-pong): one issues P·V of tile i - 1 and S of tile i, then runs tile i's softmax while
-    # the next issues its own; named barriers 2.. pass the turn
-    pingpong: bool = False
     # producer: a whole warpgroup (one lane issues) that gives its registers up with
     # `setmaxnreg` (to 24), so the consumer warps get 240 each (8 warps) instead of 168
     setmaxnreg: bool = False
@@ -89,7 +85,6 @@ class Geometry:
     early_s: bool = False
     tma: bool = False
     producer: bool = False
-    pingpong: bool = False
     setmaxnreg: bool = False
 
     @property
@@ -267,7 +262,6 @@ def geometry(config: MMAConfig, layout) -> Geometry:
         early_s=bool(config.s_first),
         tma=bool(config.tma),
         producer=bool(config.producer),
-        pingpong=bool(config.pingpong),
         setmaxnreg=bool(config.producer and config.setmaxnreg),
     )
 
@@ -307,8 +301,6 @@ def fits(config: MMAConfig, layout, smem_limit: int, *, has_wgmma: bool = False)
         return False  # TMA boxes are the 128-byte swizzled K and V blocks of the plain loop
     if c.producer and (not c.tma or not g.p_regs or g.d_split != 1 or g.s_first):
         return False  # the consumer warps must not exchange anything within a tile
-    if c.pingpong and (not c.producer or c.warps not in (8, 12)):
-        return False  # the turn passes round two or three consumer warpgroups
     if c.setmaxnreg and (not c.producer or c.warps % 4):
         return False  # setmaxnreg acts on whole warpgroups
     regs = consumer_registers(c.warps) if c.setmaxnreg else register_cap(c.warps + 1)

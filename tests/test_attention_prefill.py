@@ -181,8 +181,8 @@ def test_extend_config_fills_the_waves_it_can(kind, arch, tokens):
     ids=["chunk2048-default", "chunk1152-192rows"],
 )
 def test_extend_config_avoids_a_partial_second_wave_on_the_h100(tokens, tile_q, waves):
-    # 16 heads, one 213 KB block per SM: 2048 tokens in 128-row tiles make 256 blocks (2 waves
-    # of 132, 97% busy), so chunks reuse the default; 1152 tokens make 144 (55%), and 192-row
+    # 16 heads, one block per SM: 2048 tokens in 128-row tiles make 256 blocks (2 waves of 132,
+    # 97% busy; the default's 192-row tiles 176, 67%); 1152 tokens make 144 (55%), and 192-row
     # tiles 96 blocks in one wave (73%)
     chunk = ap.extend_config("sm_90a", kind="decompressed", dims=V2_LITE, tokens=tokens)
     assert chunk.tile_q == tile_q
@@ -194,7 +194,7 @@ def test_extend_config_avoids_a_partial_second_wave_on_the_h100(tokens, tile_q, 
 def test_extend_config_adds_a_second_kernel_only_when_it_differs():
     import re
 
-    x = ap.extend_config("sm_90a", kind="decompressed", dims=V2_LITE, tokens=1152)
+    x = ap.extend_config("sm_90a", kind="decompressed", dims=V2_LITE, tokens=2048)
     default = ap.default_config("sm_90a", kind="decompressed", dims=V2_LITE)
     assert x != default
 
@@ -210,33 +210,33 @@ def test_extend_config_adds_a_second_kernel_only_when_it_differs():
             assert pointers <= {"qf", "kf", "vf", "of", "lsef", "q_indptr", "kv_indptr"}, name
         return {name: threads for threads, name, _ in found}
 
-    # 8 warps and the producer warp (128-row tiles) for the causal first chunk, 12 warps
-    # (192-row tiles) for the rest
-    assert sorted(kernels(x).values()) == ["288", "384"]
-    assert list(kernels(default).values()) == ["288"]
-    same = ap.extend_config("sm_90a", kind="decompressed", dims=V2_LITE, tokens=2048)
-    assert same == default and list(kernels(same).values()) == ["288"]
+    # 12 warps and the producer warpgroup (192-row tiles) for the causal first chunk, 8 warps
+    # and the producer warp (128-row tiles: 256 blocks, 0.97 of two waves) for the rest
+    assert sorted(kernels(x).values()) == ["288", "512"]
+    assert list(kernels(default).values()) == ["512"]
+    same = ap.extend_config("sm_90a", kind="decompressed", dims=V2_LITE, tokens=1536)
+    assert same == default and list(kernels(same).values()) == ["512"]
 
 
 @pytest.mark.skipif(not nvcc_available(), reason="nvcc / cuobjdump not installed")
 def test_short_config_adds_a_kernel_for_one_wave_prompts():
-    """On sm_90a the decompressed default (128-row tiles, one block a SM) runs prompts of up to
-    1024 tokens x 16 heads in one wave of 132 SMs; a build with the short config adds its 64-row
+    """On sm_90a the decompressed default (192-row tiles, one block a SM) runs prompts of up to
+    1536 tokens x 16 heads in one wave of 132 SMs; a build with the short config adds its 64-row
     kernel (4 warps + the producer warp) for them."""
     import re
 
     default = ap.default_config("sm_90a", kind="decompressed", dims=V2_LITE)
     short = ap.short_config("sm_90a", kind="decompressed", dims=V2_LITE)
-    assert short.tile_q == 64 < default.tile_q
-    assert ap.short_tokens(default, "sm_90a", kind="decompressed", dims=V2_LITE) == 1024
-    waves = {  # 1024 tokens: 128 blocks (one wave); 1152: 144 (two)
+    assert short.tile_q == 64 < default.tile_q == 192
+    assert ap.short_tokens(default, "sm_90a", kind="decompressed", dims=V2_LITE) == 1536
+    waves = {  # 1536 tokens: 128 blocks (one wave); 1728: 144 (two)
         t: ap.wave_efficiency(default, "sm_90a", kind="decompressed", dims=V2_LITE, tokens=t)
-        for t in (1024, 1152)
+        for t in (1536, 1728)
     }
-    assert waves == {1024: pytest.approx(128 / 132), 1152: pytest.approx(144 / 264)}
+    assert waves == {1536: pytest.approx(128 / 132), 1728: pytest.approx(144 / 264)}
     source = _build("decompressed", V2_LITE, "sm_90a", short_config=short)
     found = re.findall(r"__launch_bounds__\((\d+)\)", source.mod.imports[0].inspect_source())
-    assert sorted(set(found)) == ["160", "288"]
+    assert sorted(set(found)) == ["160", "512"]  # 12 warps + the producer warpgroup
     assert ap.short_config("sm_89", kind="decompressed", dims=V2_LITE) is None
     assert ap.short_config("sm_90a", kind="absorbed", dims=V2_LITE) is None
 
@@ -435,6 +435,26 @@ def test_sm90a_producer_warp_replaces_the_per_tile_block_barrier():
 
 
 @pytest.mark.skipif(not nvcc_available(), reason="nvcc / cuobjdump not installed")
+def test_sm90a_producer_warpgroup_hands_its_registers_to_the_consumers():
+    """The sm_90a decompressed default: 12 consumer warps and a producer warpgroup that drops
+    to 24 registers a thread (``setmaxnreg.dec``) while the consumers rise to 160 (``.inc``);
+    with a producer warp instead, 13 warps get 128 registers and ``keep`` rejects the tiles."""
+    from mla_compiler.nvcc import sass_opcodes
+
+    config = ap.default_config("sm_90a", kind="decompressed", dims=V2_LITE)
+    assert (config.tile_q, config.warps, config.setmaxnreg) == (192, 12, True)
+    assert not ap.keep(
+        dataclasses.replace(config, setmaxnreg=False), "sm_90a", kind="decompressed", dims=V2_LITE
+    )
+    source = _build("decompressed", V2_LITE, "sm_90a", config).mod.imports[0].inspect_source()
+    assert "__launch_bounds__(512)" in source
+    assert "setmaxnreg.dec.sync.aligned.u32 24;" in source
+    assert "setmaxnreg.inc.sync.aligned.u32 160;" in source
+    (ops,) = sass_opcodes(_sm90a_decompressed_cubin(config)).values()  # 0 spills
+    assert ops.get("USETMAXREG", 0) == 2, ops
+
+
+@pytest.mark.skipif(not nvcc_available(), reason="nvcc / cuobjdump not installed")
 def test_sm90a_pipelined_softmax_runs_under_the_previous_tiles_pv():
     """In the pipelined loop every exponent of a tile's softmax lies between the wait for its
     S (``WARPGROUP.DEPBAR.LE gsb0, 0x1``: the previous tile's P·V still runs) and the wait for
@@ -542,20 +562,20 @@ def test_cuda_matches_reference(kind, case):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "variant", ["plain", "producer", "pingpong"], ids=["tma", "tma-producer", "tma-pingpong"]
+    "variant", ["plain", "warp", "warpgroup"], ids=["tma", "tma-producer", "tma-producer-maxnreg"]
 )
 @pytest.mark.parametrize("case", GPU_CASES.values(), ids=GPU_CASES.keys())
 def test_cuda_tma_ring_matches_reference(case, variant):
     """The decompressed kernel with KV tiles by TMA: tiles past a sequence's end read the next
     sequence's rows or TMA's zero fill (not clamped rows), n up to 32K, T = 1, 24 heads; with
-    a producer warp, the consumer warpgroups synchronised by the ring's mbarriers alone; with
-    the ping-pong, the warpgroups' wgmmas also ordered by named barriers."""
+    a producer warp, the consumer warpgroups synchronised by the ring's mbarriers alone; with a
+    producer warpgroup, its registers moved to the consumers by setmaxnreg."""
     arch = _cuda_arch()
     if arch is None or arch != "sm_90a":
         pytest.skip("TMA needs an sm_90a device")
     found = ap.candidates(arch, kind="decompressed", dims=V2_LITE)
-    producer, pingpong = variant != "plain", variant == "pingpong"
-    config = next(c for c in found if c.tma and (c.producer, c.pingpong) == (producer, pingpong))
+    want = {"plain": (False, False), "warp": (True, False), "warpgroup": (True, True)}[variant]
+    config = next(c for c in found if c.tma and (c.producer, c.setmaxnreg) == want)
     _run_cuda("decompressed", case, arch, config)
 
 
@@ -578,8 +598,8 @@ _SHORT_CASES = {
     "t512-n512": Case(V2_LITE, (512,), (512,)),  # short kernel
     "ragged-t300-200": Case(V2_LITE, (300, 200), (300, 200)),  # short kernel, two sequences
     "t1-n2049": Case(V2_LITE, (1,), (2049,)),  # short kernel, a prefix
-    "t1024-n1024": Case(V2_LITE, (1024,), (1024,)),  # short kernel, its longest prompt
-    "t1040-n1040": Case(V2_LITE, (1040,), (1040,)),  # past short_tokens: the default kernel
+    "t1536-n1536": Case(V2_LITE, (1536,), (1536,)),  # short kernel, its longest prompt
+    "t1600-n1600": Case(V2_LITE, (1600,), (1600,)),  # past short_tokens (1536): the default
 }
 
 
@@ -606,7 +626,6 @@ def _config_id(config) -> str:
     tags += "-tma" if config.tma else ""
     tags += "-producer" if config.producer else ""
     tags += "-maxnreg" if config.setmaxnreg else ""
-    tags += "-pingpong" if config.pingpong else ""
     return f"{config.tile_q}x{config.tile_kv}x{config.warps}w{config.stages}s-{tags}"
 
 
