@@ -194,6 +194,13 @@ def compile_model(
 
     # kernels are chosen for the lowest arch: its CUDA source is compiled for every arch
     codegen = targets[0] if targets == ["cpu"] else lowest_arch(targets)
+    if len(targets) > 1:
+        newer = ",".join(t for t in targets if t != codegen)
+        log(
+            f"      note: one CUDA source for {','.join(targets)}: kernels chosen for {codegen} "
+            f"(mma.sync, cp.async); for {newer}'s own kernels (wgmma, TMA) compile an artifact "
+            f"with --target {newer.split(',')[-1]} alone"
+        )
     ir = compile_ir(
         model,
         mla=options.mla,
