@@ -166,9 +166,8 @@ def _block_slots(config, target, *, kind: str, dims: MLADims) -> int:
 def short_config(target, *, kind: str, dims: MLADims):
     """The config for causal prompts whose grid in the default's tiles is a single wave: the
     first candidate with the smallest query tiles, or None (CPU, or none smaller than the
-    default's). A single wave lasts
-    as long as its longest causal tile, which smaller tiles shorten (and 512 tokens x 16 heads
-    in 128-row tiles are 64 blocks for 132 SMs)."""
+    default's). A single wave lasts as long as its longest causal tile, which smaller tiles
+    shorten (and 512 tokens x 16 heads in 192-row tiles are 48 blocks for 132 SMs)."""
     target = _target_of(target)
     if not is_gpu(target):
         return None

@@ -40,7 +40,8 @@ TMA boxes (``tkv`` rows x 64 columns of one head: TMA's 128-byte swizzle is the 
 layout) through two tensor maps that the kernel's host part encodes per call, completing on the
 slot's mbarrier; rows past a sequence's end are the next sequence's (or TMA's zero fill past the
 tensor), finite and masked. With ``producer`` an extra warp issues them, and the consumer warps
-release each slot on a second mbarrier instead of meeting at a CTA barrier every tile.
+release each slot on a second mbarrier instead of meeting at a CTA barrier every tile; with
+``setmaxnreg`` the producer is a whole warpgroup that gives its registers to the consumers.
 """
 
 from __future__ import annotations
@@ -198,8 +199,8 @@ def _wait_full(G, it):
 
 @T.macro(hygienic=False)
 def _produce(G, P):
-    # The producer warp's lane 0: tile `it` goes into slot it % stages once the consumer warps
-    # released that slot's previous tile (empty phase it // stages - 1).
+    # The producer warp's (warpgroup's) first lane: tile `it` goes into slot it % stages once
+    # the consumer warps released that slot's previous tile (empty phase it // stages - 1).
     if G.setmaxnreg:  # (every warp of the warpgroup)
         T.ptx["setmaxnreg.dec.sync.aligned.u32"](PRODUCER_REGISTERS)
     if tx == G.threads:
