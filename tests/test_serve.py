@@ -257,7 +257,8 @@ def test_concurrent_clients(server, engine, expected):
 def test_cli_serve(hf_checkpoint, tmp_path_factory):
     """`mla-compiler serve ART --port 0` answers /health and a completion, and exits on SIGINT."""
     art = text_artifact(hf_checkpoint, tmp_path_factory)
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    # (faulthandler: SIGABRT dumps every thread's stack, for a server that does not exit)
+    env = dict(os.environ, PYTHONWARNINGS="ignore", PYTHONFAULTHANDLER="1")
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -293,9 +294,14 @@ def test_cli_serve(hf_checkpoint, tmp_path_factory):
         assert len(out["choices"][0]["token_ids"]) <= 3 and out["usage"]["prompt_tokens"] == 4
     finally:
         proc.send_signal(signal.SIGINT)
+        hung = ""
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130
+            proc.send_signal(signal.SIGABRT)
+            try:
+                hung = proc.communicate(timeout=30)[1][-6000:]
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 130, f"no exit 30 s after SIGINT; its threads then:\n{hung}"
