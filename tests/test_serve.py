@@ -276,6 +276,10 @@ def test_cli_serve(hf_checkpoint, tmp_path_factory):
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        # SIGINT as a terminal delivers it, whatever this process inherited: a test run started
+        # in the background of a non-interactive shell (`cmd &`) ignores SIGINT, and so would
+        # the server (Python keeps an inherited SIG_IGN)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         line = ""
