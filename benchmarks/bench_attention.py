@@ -217,6 +217,11 @@ def verify(problem: Problem, run_ours) -> float:
     return err
 
 
+def config_label(config) -> str:
+    """A config as its field values, comma-separated (booleans as 0 / 1)."""
+    return ",".join(str(int(v)) for v in config.__dict__.values())
+
+
 def build(kind: str, arch: str, dims: MLADims, config=None):
     """(library, build seconds, label of the kernels besides ``config``'s: the default's
     extend and short kernels, as the model builds it; empty for a given config)."""
@@ -229,12 +234,12 @@ def build(kind: str, arch: str, dims: MLADims, config=None):
         short = ap.short_config(arch, kind=kind, dims=dims)
     extras = ""
     if extend is not None:
-        extras += " extend " + ",".join(str(int(v)) for v in extend.__dict__.values())
+        extras += " extend " + config_label(extend)
     if short is not None:
         upto = ap.short_tokens(
             ap.default_config(arch, kind=kind, dims=dims), arch, kind=kind, dims=dims
         )
-        extras += f" short (T <= {upto}) " + ",".join(str(int(v)) for v in short.__dict__.values())
+        extras += f" short (T <= {upto}) " + config_label(short)
     t0 = time.time()
     func = factory(
         dims,
@@ -273,7 +278,7 @@ def measure_ours(kind: str, config, ns: list[int], *, default: bool) -> list[dic
     arch, dims = cuda_arch(), MLADims(heads=HEADS)
     lib, build_s, extras = build(kind, arch, dims, None if default else config)
     impl = "ours" if default else "ours-config"
-    label = ",".join(str(int(v)) for v in config.__dict__.values()) + extras
+    label = config_label(config) + extras
     rows = []
     for n in ns:
         row = {"kind": kind, "n": n, "impl": impl, "config": label, "build_s": round(build_s, 2)}
@@ -293,7 +298,7 @@ def measure_ours(kind: str, config, ns: list[int], *, default: bool) -> list[dic
 
 def measure_ours_isolated(kind: str, config, ns: list[int], *, default: bool) -> list[dict]:
     """``measure_ours`` in a child process: a kernel that faults cannot poison the baselines."""
-    label = ",".join(str(int(v)) for v in config.__dict__.values())
+    label = config_label(config)
     cmd = [sys.executable, __file__, "--worker", kind, "--config", label]
     cmd += ["--n", ",".join(map(str, ns)), "--chunk", str(CHUNK)]
     cmd += ["--default"] if default else []

@@ -52,7 +52,11 @@ class MMAConfig:
     @property
     def producer_warps(self) -> int:
         """Warps a block launches besides the compute warps."""
-        return (4 if self.setmaxnreg else 1) if self.producer else 0
+        return _producer_warps(self.producer, self.setmaxnreg)
+
+
+def _producer_warps(producer: bool, setmaxnreg: bool) -> int:
+    return (4 if setmaxnreg else 1) if producer else 0
 
 
 # setmaxnreg's split of a 64K register file: the producer warpgroup keeps this many a thread,
@@ -94,7 +98,7 @@ class Geometry:
     @property
     def block_threads(self) -> int:
         """Threads a block launches: the compute warps, and the producer warp(group)."""
-        return self.threads + (128 if self.setmaxnreg else 32 if self.producer else 0)
+        return self.threads + 32 * _producer_warps(self.producer, self.setmaxnreg)
 
     @property
     def m_warps(self) -> int:
