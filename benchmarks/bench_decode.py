@@ -15,7 +15,8 @@ ways:
   time per call = median replay time / layers.
 
 Baselines (per-call method): matmul-softmax-matmul and SDPA (memory-efficient backend) over
-the same rows. GB/s counts the cache rows read once + Q + O per call.
+the same rows. GB/s counts the cache rows read once + Q + O per call. ``read_roofline``:
+``torch.sum`` over the same cache rows (a plain read), per call and in the graph mode.
 """
 
 from __future__ import annotations
@@ -258,7 +259,7 @@ def config_name(cfg) -> str:
     JSON keys: two configs must not share one)."""
     name = f"bn{cfg.block_n}-st{cfg.stages}-w{cfg.warps_n}-r{cfg.min_split_rows}"
     name += ("-tma" if cfg.tma else "") + ("-qr" if cfg.q_regs else "")
-    name += "-pdl" if cfg.pdl else ""
+    name += ("-pdl" if cfg.pdl else "") + ("-ah" if cfg.ahead else "")
     return name + ("" if cfg.tensor_cores else "-simple")
 
 
@@ -419,6 +420,10 @@ def main() -> None:
         # what streaming the cache alone costs here: torch.sum over the rows (a read roofline)
         us = bench(lambda kv=kv0: kv.sum(dtype=torch.float32), reps=args.reps)
         row["read_roofline"] = {"us": us, "gbps": kv0.numel() * 2 / us / 1e3}
+        if layers > 1:  # the same read in the graph mode's pattern: one sum per cache layer
+            sums = [lambda x=kv[i]: x.sum(dtype=torch.float32) for i in range(layers)]
+            us = graph_bench(sums, reps=args.reps)
+            row["read_roofline"].update(graph_us=us, graph_gbps=kv0.numel() * 2 / us / 1e3)
         for base, make in (("torch_matmul", torch_matmul), ("torch_sdpa_mem_eff", torch_sdpa)):
             try:
                 us = bench(make(dims, q0, kv0, sm_scale=sm_scale), reps=args.reps)
@@ -441,9 +446,10 @@ def main() -> None:
     print(
         "| batch | ctx | splits for | ours (best) | config / splits | ours (default) "
         "| ours_graph (best) | config / splits | ours_graph (default) "
-        "| torch matmul | torch SDPA mem-eff | cache read roofline (torch.sum) |"
+        "| torch matmul | torch SDPA mem-eff | cache read roofline (torch.sum) "
+        "| read roofline, graph |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         o, g = r.get("ours"), r.get("ours_graph")
         print(
@@ -453,7 +459,7 @@ def main() -> None:
             f"{g['config'] + '/' + str(g['splits']) if g else '-'} | "
             f"{cell(r.get('ours_graph_default'), 'graph_us')} | "
             f"{cell(r['torch_matmul'])} | {cell(r['torch_sdpa_mem_eff'])} | "
-            f"{cell(r['read_roofline'])} |"
+            f"{cell(r['read_roofline'])} | {cell(r['read_roofline'], 'graph_us')} |"
         )
 
 
