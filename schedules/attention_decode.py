@@ -77,12 +77,6 @@ class Config:
     the merge computes its rows' split counts before waiting for the split; each lets the next
     kernel launch once its stores are issued. The launch latency and the merge's index chain
     overlap the predecessor's tail.
-    ``ahead`` (cp.async ring, ``stages >= 2``): the prologue puts ``stages - 1`` tiles in
-    flight and each iteration, once its tile has landed, sends tile ``kt + stages - 1`` into the
-    slot tile ``kt - 1`` left, before its own math; so ``stages - 1`` tiles fly during every
-    tile's math. Without it all ``stages`` slots fill at once and a slot refills only after
-    its tile's math: with 2 stages, DRAM idles while the first two tiles (landed together) are
-    computed; 3 stages all in flight at once delay the first tile (H200: 7.2 us vs 5.6).
     """
 
     block_n: int = 64
@@ -93,7 +87,6 @@ class Config:
     tma: bool = False
     q_regs: bool = False
     pdl: bool = False
-    ahead: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,8 +163,6 @@ def keep(
     warps = config.warps_n * m_tiles(heads, q_tokens)
     if config.pdl and not spec.has_pdl:
         return False
-    if config.ahead and (config.tma or config.stages < 2):
-        return False
     if config.tma and not (spec.has_tma and config.block_n % 32 == 0 and dims.latent_dim % 8 == 0):
         return False  # bulk copies move whole rows: 16-byte multiples, 16-byte aligned
     if config.q_regs:  # resident Q fragments + O and S accumulators + ~96 must fit 255 registers
@@ -202,8 +193,6 @@ PREFERRED: dict[str, tuple[Config, ...]] = {
     # had been the H100's pick (2026-11-25).
     "sm_90a": (
         Config(block_n=64, stages=2, warps_n=8, q_regs=True, pdl=True),
-        # 3 slots (Q staged in the third), 2 tiles in flight during every tile's math
-        Config(block_n=64, stages=3, warps_n=8, q_regs=True, pdl=True, ahead=True),
         Config(block_n=64, stages=2, warps_n=8, q_regs=True),
         Config(block_n=64, stages=2, warps_n=8),  # 1 CTA/SM, 2 warps per SM sub-partition
         Config(block_n=64, stages=2, warps_n=4, tma=True),

@@ -78,7 +78,6 @@ def split_mma(
     MT = -(-R // 16)  # 16-row M tiles, one warp group each
     BN, ST, WN = config.block_n, config.stages, config.warps_n
     TMA = config.tma
-    AHEAD = config.ahead  # keep() allows it on the cp.async ring with ST >= 2 only
     MR = config.min_split_rows
     SN = BN // WN  # score columns per warp
     OW = DV // WN  # output columns per warp
@@ -311,9 +310,8 @@ def split_mma(
         T.evaluate(T.ptx.cp.async_.commit_group())
 
         # prologue: tiles 0 .. ST-1 in flight (a slot refills once every warp is done with it;
-        # SQ: tile ST - 1 once Q's fragments left slot ST - 1 for the registers). AHEAD: tiles
-        # 0 .. ST-2 only; slot ST - 1 is the look-ahead slot tile ST - 1 enters once tile 0 landed
-        for st in T.unroll(ST - int(SQ or AHEAD)):
+        # SQ: tile ST - 1 once Q's fragments left slot ST - 1 for the registers)
+        for st in T.unroll(ST - int(SQ)):
             if TMA:
                 if st < ntiles:
                     load_tile_tma(kvs, kv, bars, layer, start, lo, hi, tid, st, st)
@@ -322,7 +320,7 @@ def split_mma(
                     load_tile(kvs, kv, layer, start, lo, hi, tid, st, st)
                 T.evaluate(T.ptx.cp.async_.commit_group())  # one group per slot, maybe empty
         # Q landed (the tiles may still fly: cp.async groups complete in order)
-        T.evaluate(T.ptx.cp.async_.wait_group(0 if TMA else ST - int(SQ or AHEAD)))
+        T.evaluate(T.ptx.cp.async_.wait_group(0 if TMA else ST - int(SQ)))
         T.tvm_storage_sync("shared")
         for ks in T.unroll(QRK):  # q_regs: Q's A fragments of the first QRK k-steps, once
             if SQ:
@@ -331,10 +329,9 @@ def split_mma(
                 load_q_frag(qs, 0, QP, q_frag, wm, lane, ks * 16, ks * 8)
         if SQ:
             T.tvm_storage_sync("shared")  # every warp has its fragments: slot ST - 1 is free
-            if not AHEAD:
-                if ST - 1 < ntiles:
-                    load_tile(kvs, kv, layer, start, lo, hi, tid, ST - 1, ST - 1)
-                T.evaluate(T.ptx.cp.async_.commit_group())
+            if ST - 1 < ntiles:
+                load_tile(kvs, kv, layer, start, lo, hi, tid, ST - 1, ST - 1)
+            T.evaluate(T.ptx.cp.async_.commit_group())
 
         for e in T.unroll(NO * 4):
             acc_o[e] = T.float32(0)
@@ -345,14 +342,6 @@ def split_mma(
         for kt in range(ntiles):
             if TMA:
                 T.cuda.mbarrier_wait(bars.ptr_to([kt % ST]), T.truncdiv(kt, ST) % 2)
-            elif AHEAD:  # tile kt's group: tiles kt+1 .. kt+ST-2 may fly
-                T.evaluate(T.ptx.cp.async_.wait_group(ST - 2))
-                # every warp is done with tile kt - 1 (the loop's last barrier): its slot gets
-                # tile kt + ST - 1 before tile kt's math, so ST - 1 tiles fly during the math
-                T.tvm_storage_sync("shared")
-                if kt + ST - 1 < ntiles:
-                    load_tile(kvs, kv, layer, start, lo, hi, tid, kt + ST - 1, (kt + ST - 1) % ST)
-                T.evaluate(T.ptx.cp.async_.commit_group())
             else:  # tile kt's group: ST - 1 younger ones (tiles kt+1 .. kt+ST-1) may fly
                 T.evaluate(T.ptx.cp.async_.wait_group(ST - 1))
                 T.tvm_storage_sync("shared")
@@ -455,7 +444,7 @@ def split_mma(
             if TMA:
                 if kt + ST < ntiles:
                     load_tile_tma(kvs, kv, bars, layer, start, lo, hi, tid, kt + ST, kt % ST)
-            elif not AHEAD:
+            else:
                 if kt + ST < ntiles:
                     load_tile(kvs, kv, layer, start, lo, hi, tid, kt + ST, kt % ST)
                 T.evaluate(T.ptx.cp.async_.commit_group())

@@ -237,7 +237,6 @@ STATIC_CASES = {
     "sm_90a-tma-q2": ("sm_90a", 2, "tma"),
     "sm_89-q-regs-q1": ("sm_89", 1, "q-regs"),  # the register budget keep() allows: no spills
     "sm_90a-q-staged-q1": ("sm_90a", 1, "q-staged"),  # 3 stages: Q staged in the ring
-    "sm_90a-ahead-q1": ("sm_90a", 1, "ahead"),  # the same, refilled a tile ahead
 }
 
 
@@ -256,9 +255,7 @@ def test_cuda_static(case):
     elif ring == "q-regs":
         config = next(c for c in found if c.q_regs)
     elif ring == "q-staged":
-        config = next(c for c in found if stages_q_in_ring(c) and not c.ahead)
-    elif ring == "ahead":
-        config = next(c for c in found if c.ahead)
+        config = next(c for c in found if stages_q_in_ring(c))
     mod, config = _module("lite", q_tokens, arch, config)
     assert config.tma == (ring in ("tma", "default-tma")), config
     flags = getattr(nvcc, "TVM_NVCC_FLAGS", ())  # the flags of TVM's own JIT build, where known
@@ -364,14 +361,12 @@ def test_gpu_matches_reference(case, splits):
 @pytest.mark.gpu
 @pytest.mark.skipif(_gpu_arch() is None, reason="needs a CUDA GPU and TVM with CUDA")
 @pytest.mark.parametrize(
-    "cfg",
-    ["simple", "cp-async-w4", "q-staged", "ahead", "ahead-st2", "alt1", "alt2", "alt3", "alt4"],
+    "cfg", ["simple", "cp-async-w4", "q-staged", "alt1", "alt2", "alt3", "alt4"]
 )
 def test_gpu_other_configs(cfg):
     """The simple CUDA fallback, a 4-warp cp.async ring (sm_89's kind of config), a q_regs ring
-    with Q staged in its last slot (refilled after each tile's math, or a tile ahead), a 2-slot
-    ring refilled ahead (one tile in flight) and the next tensor-core configs agree with the
-    reference. The first sequence's splits take 9-10 tiles each: every refill path runs."""
+    with Q staged in its last slot and the next tensor-core configs (on sm_90a: TMA rings)
+    agree with the reference."""
     arch = _gpu_arch()
     if cfg == "simple":
         config = dec.Config(tensor_cores=False)
@@ -379,16 +374,9 @@ def test_gpu_other_configs(cfg):
         config = dec.Config(block_n=64, stages=2, warps_n=4)
     elif cfg == "q-staged":
         found = dec.candidate_configs(tvm_target(arch), LITE, heads=16, q_tokens=1)
-        config = next((c for c in found if stages_q_in_ring(c) and not c.ahead), None)
+        config = next((c for c in found if stages_q_in_ring(c)), None)
         if config is None:
             pytest.skip(f"no 3-stage q_regs config fits {arch}")
-    elif cfg == "ahead":
-        found = dec.candidate_configs(tvm_target(arch), LITE, heads=16, q_tokens=1)
-        config = next((c for c in found if c.ahead), None)
-        if config is None:
-            pytest.skip(f"no look-ahead config fits {arch}")
-    elif cfg == "ahead-st2":
-        config = dec.Config(block_n=64, stages=2, warps_n=4, ahead=True)
     else:
         config = dec.candidate_configs(tvm_target(arch), LITE, heads=16, q_tokens=1)[int(cfg[-1])]
     built = _module("lite", 1, arch, config)
