@@ -8,7 +8,8 @@ builds the kernels for the GPU's arch (every ``--configs`` best candidate config
 LSE against ``mla_compiler.reference`` (first and last sequence), then times split + merge two
 ways:
 
-- ``ours``: CUDA events around one call, L2 flushed before each, median of ``--reps``;
+- ``ours``: CUDA events around one call, L2 flushed before each (``--flush``: by reading
+  256 MB, the default, or by writing it), median of ``--reps``;
 - ``ours_graph``: a decode step's pattern: ``--layers`` (27) calls back to back, each over a
   DIFFERENT layer of one ``[layers, C, 576]`` cache (at least 4x the L2: short contexts get
   more layers), captured in one CUDA graph and replayed (L2 flushed before each replay);
@@ -102,15 +103,25 @@ def gpu_arch() -> str:
     return arch
 
 
+# How ``bench`` empties the L2 before each timed call: "clean" reads a 256 MB buffer (the L2
+# is left holding clean lines, as after a model's weight-reading kernels), "dirty" writes it
+# (the usual ``zero_()`` flush: the timed call's first ~L2-size of misses also pay for writing
+# those dirty lines back).
+FLUSH = {"mode": "clean"}
+
+
 def bench(fn, *, reps: int) -> float:
-    """Median microseconds of ``fn`` (L2 flushed before each timed call)."""
-    flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+    """Median microseconds of ``fn`` (L2 flushed before each timed call, as ``FLUSH`` says)."""
+    flush = torch.zeros(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
-        flush.zero_()
+        if FLUSH["mode"] == "dirty":
+            flush.zero_()
+        else:
+            flush.sum(dtype=torch.int32)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -332,7 +343,14 @@ def main() -> None:
         default=dec.MIN_SPLIT_ROWS,
         help="Config.min_split_rows of every config",
     )
+    ap.add_argument(
+        "--flush",
+        choices=("clean", "dirty"),
+        default="clean",
+        help="L2 flush before each timed call: read (clean lines) or write (dirty) 256 MB",
+    )
     args = ap.parse_args()
+    FLUSH["mode"] = args.flush
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     arch = gpu_arch()
@@ -436,13 +454,17 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     with open(args.out, "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "sms": sms, "rows": rows}, f, indent=1)
+        head = {"device": torch.cuda.get_device_name(), "sms": sms, "flush": args.flush}
+        json.dump({**head, "rows": rows}, f, indent=1)
 
     def cell(d, field="us"):
         gb = "gbps" if field == "us" else "graph_gbps"
         return f"{d[gb]:.0f} ({d[field]:.1f} us)" if d and gb in d else "err"
 
-    print(f"\n{torch.cuda.get_device_name()} ({arch}), 16 heads, f16, GB/s (median time)\n")
+    print(
+        f"\n{torch.cuda.get_device_name()} ({arch}), 16 heads, f16, GB/s (median time), "
+        f"{args.flush} L2 flush\n"
+    )
     print(
         "| batch | ctx | splits for | ours (best) | config / splits | ours (default) "
         "| ours_graph (best) | config / splits | ours_graph (default) "
