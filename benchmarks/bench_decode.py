@@ -270,7 +270,7 @@ def config_name(cfg) -> str:
     JSON keys: two configs must not share one)."""
     name = f"bn{cfg.block_n}-st{cfg.stages}-w{cfg.warps_n}-r{cfg.min_split_rows}"
     name += ("-tma" if cfg.tma else "") + ("-qr" if cfg.q_regs else "")
-    name += ("-pdl" if cfg.pdl else "") + ("-ah" if cfg.ahead else "")
+    name += "-pdl" if cfg.pdl else ""
     return name + ("" if cfg.tensor_cores else "-simple")
 
 

@@ -461,6 +461,9 @@ def test_bench_graph_mode_bookkeeping():
     counts = bench.split_counts(86, 600, dec.Config(block_n=64))
     assert counts == [10]  # 43, 86 and 172 compiled splits all use 10 (one tile each) at 600
     assert bench.parse_shapes("1x16384,32x4096") == [(1, 16384), (32, 4096)]
+    for arch in ("sm_89", "sm_90a"):  # every candidate has a label (JSON key), none shared
+        found = dec.candidate_configs(tvm_target(arch), LITE, heads=16, q_tokens=1)
+        assert len({bench.config_name(c) for c in found}) == len(found) > 1
     for bad in ("1x", "1x2x3", "0x4096", "big"):
         with pytest.raises(SystemExit, match="BATCHxCTX"):
             bench.parse_shapes(bad)
