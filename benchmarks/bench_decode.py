@@ -106,7 +106,8 @@ def gpu_arch() -> str:
 # How ``bench`` empties the L2 before each timed call: "clean" reads a 256 MB buffer (the L2
 # is left holding clean lines, as after a model's weight-reading kernels), "dirty" writes it
 # (the usual ``zero_()`` flush: the timed call's first ~L2-size of misses also pay for writing
-# those dirty lines back).
+# those dirty lines back; H200, (1, 16K): 19.3 us per call against 17.4 clean, 14.7 against
+# 14.4 us per call in graph mode, results/bench_decode_h200_flush_{dirty,clean}.json).
 FLUSH = {"mode": "clean"}
 
 
