@@ -103,26 +103,25 @@ def gpu_arch() -> str:
     return arch
 
 
-# How ``bench`` empties the L2 before each timed call: "clean" reads a 256 MB buffer (the L2
-# is left holding clean lines, as after a model's weight-reading kernels), "dirty" writes it
-# (the usual ``zero_()`` flush: the timed call's first ~L2-size of misses also pay for writing
-# those dirty lines back; H200, (1, 16K): 19.3 us per call against 17.4 clean, 14.7 against
-# 14.4 us per call in graph mode, results/bench_decode_h200_flush_{dirty,clean}.json).
-FLUSH = {"mode": "clean"}
+def bench(fn, *, reps: int, flush: str = "clean") -> float:
+    """Median microseconds of ``fn``, the L2 flushed before each timed call.
 
-
-def bench(fn, *, reps: int) -> float:
-    """Median microseconds of ``fn`` (L2 flushed before each timed call, as ``FLUSH`` says)."""
-    flush = torch.zeros(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+    ``flush="clean"`` reads a 256 MB buffer: the L2 is left holding clean lines, as after a
+    model's weight-reading kernels. ``"dirty"`` writes it (the usual ``zero_()`` flush): the
+    timed call's first ~L2-size of misses then also pay for writing those lines back (H200,
+    (1, 16K): 19.3 us per call against 17.4 clean, 14.7 against 14.4 us per call in graph mode;
+    ``results/bench_decode_h200_flush_{dirty,clean}.json``).
+    """
+    buf = torch.zeros(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
-        if FLUSH["mode"] == "dirty":
-            flush.zero_()
+        if flush == "dirty":
+            buf.zero_()
         else:
-            flush.sum(dtype=torch.int32)
+            buf.sum(dtype=torch.int32)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -154,9 +153,9 @@ def capture_graph(calls) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def graph_bench(calls, *, reps: int) -> float:
+def graph_bench(calls, *, reps: int, flush: str = "clean") -> float:
     """Median microseconds per call of ``calls`` captured back to back in one CUDA graph."""
-    return bench(capture_graph(calls).replay, reps=reps) / len(calls)
+    return bench(capture_graph(calls).replay, reps=reps, flush=flush) / len(calls)
 
 
 def _t(x: torch.Tensor):
@@ -300,18 +299,18 @@ def split_counts(chosen: int, ctx: int, config) -> list[int]:
     return sorted({used(chosen), used(max(1, chosen // 2)), used(2 * chosen)})
 
 
-def time_ours(calls, o, lse, *, check, nbytes: int, reps: int) -> dict:
+def time_ours(calls, o, lse, *, check, nbytes: int, reps: int, flush: str) -> dict:
     """Per-call time of ``calls[0]`` and, with more than one layer, CUDA-graph time per call of
     all ``calls``; outputs checked (``check(layer=l)``: max abs error, raises) before timing
     (the last layer after the graph replays)."""
     calls[0]()
     torch.cuda.synchronize()
     res = {"max_abs_err": check(layer=0)}
-    us = bench(calls[0], reps=reps)
+    us = bench(calls[0], reps=reps, flush=flush)
     res.update(us=us, gbps=nbytes / us / 1e3)
     if len(calls) > 1:
         try:
-            us = graph_bench(calls, reps=reps)
+            us = graph_bench(calls, reps=reps, flush=flush)
             res.update(graph_us=us, graph_gbps=nbytes / us / 1e3)
             res["max_abs_err"] = max(res["max_abs_err"], check(layer=len(calls) - 1))
         except Exception as e:  # the per-call result stands
@@ -351,7 +350,6 @@ def main() -> None:
         help="L2 flush before each timed call: read (clean lines) or write (dirty) 256 MB",
     )
     args = ap.parse_args()
-    FLUSH["mode"] = args.flush
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     arch = gpu_arch()
@@ -422,7 +420,9 @@ def main() -> None:
                     verify, dims, q, kv, indptr, o, lse, sm_scale=sm_scale
                 )  # check(layer=l): max abs error of layer l's output
                 try:
-                    res = time_ours(calls, o, lse, check=check, nbytes=nbytes, reps=args.reps)
+                    res = time_ours(
+                        calls, o, lse, check=check, nbytes=nbytes, reps=args.reps, flush=args.flush
+                    )
                 except Exception as e:  # a wrong config is reported, not timed
                     res = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                 res.update(config=name, splits=splits, model_choice=splits == chosen)
@@ -437,15 +437,16 @@ def main() -> None:
                 if modelled:  # the default config at the split count the model picks
                     row[f"{mode}_default"] = modelled[0]
         # what streaming the cache alone costs here: torch.sum over the rows (a read roofline)
-        us = bench(lambda kv=kv0: kv.sum(dtype=torch.float32), reps=args.reps)
+        timing = dict(reps=args.reps, flush=args.flush)
+        us = bench(lambda kv=kv0: kv.sum(dtype=torch.float32), **timing)
         row["read_roofline"] = {"us": us, "gbps": kv0.numel() * 2 / us / 1e3}
         if layers > 1:  # the same read in the graph mode's pattern: one sum per cache layer
             sums = [lambda x=kv[i]: x.sum(dtype=torch.float32) for i in range(layers)]
-            us = graph_bench(sums, reps=args.reps)
+            us = graph_bench(sums, **timing)
             row["read_roofline"].update(graph_us=us, graph_gbps=kv0.numel() * 2 / us / 1e3)
         for base, make in (("torch_matmul", torch_matmul), ("torch_sdpa_mem_eff", torch_sdpa)):
             try:
-                us = bench(make(dims, q0, kv0, sm_scale=sm_scale), reps=args.reps)
+                us = bench(make(dims, q0, kv0, sm_scale=sm_scale), **timing)
                 row[base] = {"us": us, "gbps": nbytes / us / 1e3}
             except Exception as e:
                 row[base] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
