@@ -103,25 +103,28 @@ def gpu_arch() -> str:
     return arch
 
 
-def bench(fn, *, reps: int, flush: str = "clean") -> float:
-    """Median microseconds of ``fn``, the L2 flushed before each timed call.
+def l2_flusher(mode: str):
+    """A callable that empties the L2 through a 256 MB buffer.
 
-    ``flush="clean"`` reads a 256 MB buffer: the L2 is left holding clean lines, as after a
-    model's weight-reading kernels. ``"dirty"`` writes it (the usual ``zero_()`` flush): the
-    timed call's first ~L2-size of misses then also pay for writing those lines back (H200,
-    (1, 16K): 19.3 us per call against 17.4 clean, 14.7 against 14.4 us per call in graph mode;
+    ``"clean"`` reads the buffer: the L2 is left holding clean lines, as after a model's
+    weight-reading kernels. ``"dirty"`` writes it (the usual ``zero_()`` flush): the next call's
+    first ~L2-size of misses then also pay for writing those lines back (H200, (1, 16K): 19.3 us
+    per call against 17.4 clean, 14.7 against 14.4 us per call in graph mode;
     ``results/bench_decode_h200_flush_{dirty,clean}.json``).
     """
     buf = torch.zeros(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+    return buf.zero_ if mode == "dirty" else lambda: buf.sum(dtype=torch.int32)
+
+
+def bench(fn, *, reps: int, flush: str = "clean") -> float:
+    """Median microseconds of ``fn``, the L2 flushed (``l2_flusher(flush)``) before each call."""
+    flush_l2 = l2_flusher(flush)
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
-        if flush == "dirty":
-            buf.zero_()
-        else:
-            buf.sum(dtype=torch.int32)
+        flush_l2()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()

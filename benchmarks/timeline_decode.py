@@ -157,14 +157,14 @@ def timelines(cfg, target, dims, args, *, sms: int, l2: int) -> list[dict]:
         del graph
         pcalls = layer_calls(pmod, q, kv, indptr, o_part, lse_part, merge=splits > 1)
         graph = bd.capture_graph(pcalls)
-        flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
+        flush = bd.l2_flusher("dirty")  # as the timelines in NOTES_decode.md were taken
         used = dec.effective_splits(
             ctx, splits, block_n=cfg.block_n, min_split_rows=cfg.min_split_rows
         )
         tiles = -(-ctx // cfg.block_n) // used  # tiles of the shortest used split
         reps = []
         for _ in range(args.replays):
-            flush.zero_()
+            flush()
             graph.replay()
             torch.cuda.synchronize()
             reps.append(phases(_stamps(o_part), tiles))
