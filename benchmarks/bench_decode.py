@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import os
 import statistics
 import sys
 import time
@@ -33,36 +34,11 @@ import time
 import torch
 import tvm
 
+if __name__ == "__main__":  # run from the checkout (maybe uninstalled): import its package
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under PYTHONSAFEPATH
+    import package_shim
 
-def _package_shim() -> None:
-    """Import this checkout's package: where ``mla_compiler`` is not installed from it (not at
-    all, or from another checkout), link the package-dir layout (schedules/ ->
-    mla_compiler.schedules) in a temporary directory first on ``sys.path``."""
-    import pathlib
-
-    root = pathlib.Path(__file__).resolve().parent.parent
-    try:
-        import mla_compiler.schedules.attention_decode as mine
-
-        if pathlib.Path(mine.__file__).resolve() == root / "schedules" / "attention_decode.py":
-            return
-    except ImportError:
-        pass
-    import tempfile
-
-    shim = pathlib.Path(tempfile.mkdtemp()) / "mla_compiler"
-    shim.mkdir()
-    for entry in (root / "mla_compiler").iterdir():
-        if entry.suffix == ".py" or (entry / "__init__.py").exists():
-            (shim / entry.name).symlink_to(entry)
-    for sub in ("runtime", "schedules", "model_export"):
-        (shim / sub).symlink_to(root / sub)
-    sys.path.insert(0, str(shim.parent))
-    for name in [m for m in sys.modules if m == "mla_compiler" or m.startswith("mla_compiler.")]:
-        del sys.modules[name]
-
-
-_package_shim()
+    package_shim.use_checkout_package()
 
 from mla_compiler import reference  # noqa: E402
 from mla_compiler.model_export.config import MLADims  # noqa: E402

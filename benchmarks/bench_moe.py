@@ -26,7 +26,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if __name__ == "__main__":  # import the sibling bench_gemm, also under PYTHONSAFEPATH
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
 import bench_gemm as BG  # noqa: E402
 
 from mla_compiler import reference  # noqa: E402

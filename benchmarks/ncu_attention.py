@@ -19,8 +19,13 @@ import sys
 import torch
 import tvm
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_decode as bd  # noqa: E402  (its import shim makes this checkout's package importable)
+if __name__ == "__main__":  # run from the checkout (maybe uninstalled): siblings, its package
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under PYTHONSAFEPATH
+    import package_shim
+
+    package_shim.use_checkout_package()
+
+import bench_decode as bd  # noqa: E402
 
 from mla_compiler.model_export.config import MLADims  # noqa: E402
 from mla_compiler.schedules import attention_decode as dec  # noqa: E402

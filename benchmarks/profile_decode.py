@@ -21,8 +21,13 @@ import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_decode as bd  # noqa: E402  (its import shim makes this checkout's package importable)
+if __name__ == "__main__":  # run from the checkout (maybe uninstalled): siblings, its package
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under PYTHONSAFEPATH
+    import package_shim
+
+    package_shim.use_checkout_package()
+
+import bench_decode as bd  # noqa: E402
 
 from mla_compiler.model_export.config import MLADims  # noqa: E402
 from mla_compiler.schedules import attention_decode as dec  # noqa: E402
@@ -41,10 +46,11 @@ def kernel_spans(graph, *, replays: int) -> list[list[tuple[str, float, float]]]
             flush()
             graph.replay()
             torch.cuda.synchronize()
-    path = os.path.join(tempfile.mkdtemp(), "trace.json")
-    prof.export_chrome_trace(path)
-    with open(path) as f:
-        events = json.load(f)["traceEvents"]
+    with tempfile.TemporaryDirectory() as tmp:  # one trace per call: not left in /tmp
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
     kernels = sorted(
         (e["ts"], e["dur"], e["name"])
         for e in events

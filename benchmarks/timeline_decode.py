@@ -27,8 +27,13 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_decode as bd  # noqa: E402  (its import shim makes this checkout's package importable)
+if __name__ == "__main__":  # run from the checkout (maybe uninstalled): siblings, its package
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under PYTHONSAFEPATH
+    import package_shim
+
+    package_shim.use_checkout_package()
+
+import bench_decode as bd  # noqa: E402
 import profile_decode as pdc  # noqa: E402
 import tvm  # noqa: E402
 

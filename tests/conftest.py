@@ -10,6 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
+ROOT = Path(__file__).resolve().parent.parent
+
+# Test the installed package, editable or not: `python -m pytest` (and `python -c` / `-m` in a
+# subprocess) put the working directory first on sys.path, where the checkout's mla_compiler/
+# folder, without pyproject's package-dir mapping (schedules/ -> mla_compiler.schedules), would
+# shadow a plain install. An editable install finds this checkout without that entry.
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != ROOT]
+os.environ.setdefault("PYTHONSAFEPATH", "1")  # the subprocesses (Python >= 3.11)
+
 # Small DeepSeek-V2 configs (name -> HF config.json overrides) covering the family's features.
 HF_CONFIGS = {
     "lite2": dict(  # V2-Lite's real shapes, 2 layers (dense first layer, then MoE)
@@ -195,11 +204,17 @@ __all__ = [
 
 
 def load_benchmark(name: str):
-    """``benchmarks/<name>.py`` as a module (the folder is not a package: loaded by path)."""
+    """``benchmarks/<name>.py`` as a module (the folder is not a package: loaded by path). Its
+    sibling scripts (``import bench_decode``) are found on sys.path while it loads; only the
+    scripts' ``__main__`` blocks touch the import system themselves."""
     import importlib.util
 
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
+    folder = str(ROOT / "benchmarks")
+    spec = importlib.util.spec_from_file_location(name, Path(folder) / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)  # this entry only: a change of the script's own stays visible
     return module
