@@ -18,12 +18,28 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from mla_compiler.errors import ArtifactError, TargetError
+from mla_compiler.errors import ArtifactError, InputError, TargetError
 
 FORMAT_VERSION = 1
 MODULE = "model.so"
 WEIGHTS = "weights.safetensors"
 METADATA = "metadata.json"
+
+
+# what the runtime reads from metadata.json, with its JSON type
+METADATA_KEYS = {
+    "model": dict,
+    "target": str,
+    "dtype": str,
+    "kv_dtype": str,
+    "tvm_version": str,
+    "mla": int,
+    "max_context": int,
+    "kv_cache_width": int,
+    "kv_cache_bytes_per_token": int,
+    "param_names": list,
+    "weights": dict,
+}
 
 
 def tvm_version() -> str:
@@ -37,19 +53,58 @@ def tvm_version() -> str:
         return tvm.__version__
 
 
-def write_atomic(output: str | Path, write_into) -> Path:
-    """Call ``write_into(tmpdir)`` and move the result to ``output`` only if it succeeded."""
+def is_artifact(path: str | Path) -> bool:
+    """Whether ``path`` is a directory this package wrote: its ``metadata.json`` parses and
+    carries our format key (the only kind of directory ``compile`` may replace)."""
+    meta = Path(path) / METADATA
+    try:
+        return Path(path).is_dir() and "format_version" in json.loads(meta.read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def check_output(output: str | Path, *, force: bool = False, inputs=()) -> Path:
+    """Refuse an ``--output`` whose replacement would lose data; return it resolved.
+
+    A missing path, an empty directory or an existing artifact may be (re)written; anything
+    else only with ``force``. Never, even with ``force``: a path holding one of ``inputs``
+    (the model being compiled) or the current directory."""
     out = Path(output).resolve()
+    for src in [*inputs, Path.cwd()]:
+        src = Path(src).resolve()
+        if src == out or out in src.parents:
+            what = "the current directory" if src == Path.cwd().resolve() else f"the input {src}"
+            raise InputError(
+                f"--output {output} would replace {what}: choose a new directory for the artifact"
+            )
+    missing = not out.exists() and not out.is_symlink()
+    if missing or is_artifact(out) or _empty_dir(out) or force:
+        return out
+    kind = "directory that is not an mla-compiler artifact" if out.is_dir() else "file"
+    raise InputError(
+        f"--output {output} is an existing {kind}: choose a new path, or pass --force to replace it"
+    )
+
+
+def _empty_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+
+
+def write_atomic(output: str | Path, write_into, *, force: bool = False, inputs=()) -> Path:
+    """Call ``write_into(tmpdir)`` and move the result to ``output`` only if it succeeded.
+    ``output`` is checked first (``check_output``): only an artifact, an empty directory or
+    (``force``) another file or directory is replaced, and only once the new one is complete."""
+    out = check_output(output, force=force, inputs=inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         write_into(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+        check_output(output, force=force, inputs=inputs)  # the path may have changed meanwhile
+        if out.exists() or out.is_symlink():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent)) / "old"
             os.replace(out, old)
             os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            shutil.rmtree(old.parent)  # a symlink at ``output`` goes, not what it points to
         else:
             os.replace(tmp, out)
     except BaseException:
@@ -71,13 +126,27 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         )
     try:
         data = json.loads(meta.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ArtifactError(f"{meta} is corrupt ({e}): compile the artifact again") from None
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{meta} is not a JSON object: compile the artifact again")
     if data.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(
             f"{p} has artifact format {data.get('format_version')}, this mla-compiler reads "
             f"{FORMAT_VERSION}: compile it again"
         )
+    for key, kind in METADATA_KEYS.items():
+        if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
+            state = "lacks" if key not in data else "has a malformed"
+            raise ArtifactError(f"{meta} {state} {key!r}: compile the artifact again")
+    from mla_compiler.model_export.config import ModelConfig
+
+    try:
+        ModelConfig.from_dict(data["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(
+            f"{meta} has a malformed model config ({e}): compile the artifact again"
+        ) from None
     return data
 
 

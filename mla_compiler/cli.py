@@ -10,7 +10,13 @@ import json
 import shlex
 import sys
 
+from mla_compiler.defaults import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_NEW_TOKENS, DEFAULT_UBATCH
 from mla_compiler.errors import InputError, MLAError
+
+DESCRIPTION = (
+    "Compile DeepSeek-family models (MLA attention + MoE) with Apache TVM into artifacts that "
+    "run with TVM's runtime alone; run, serve, benchmark and inspect them."
+)
 
 
 def _add_compile(sub) -> None:
@@ -27,7 +33,19 @@ def _add_compile(sub) -> None:
         help="built-in config with seeded random weights (tiny, deepseek-v2-lite)",
     )
     p.add_argument("--target", default="cpu", help="cpu, or GPU archs: sm_89, sm_90a, sm_89,sm_90a")
-    p.add_argument("--output", "-o", required=True, metavar="DIR")
+    p.add_argument(
+        "--output",
+        "-o",
+        required=True,
+        metavar="DIR",
+        help="artifact directory to write: a new path, an empty directory or an earlier "
+        "artifact (replaced only once the new one is complete)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --output even if it is another file or directory (never the input model)",
+    )
     p.add_argument(
         "--dtype",
         default=None,
@@ -47,8 +65,22 @@ def _add_compile(sub) -> None:
         choices=[0, 2, 3],
         help="0 decompressed cache, 2 absorbed, 3 phase-aware (default)",
     )
-    p.add_argument("--max-context", type=int, default=4096, metavar="N")
-    p.add_argument("--ubatch", type=int, default=2048, metavar="N", help="prompt chunk size")
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=DEFAULT_MAX_CONTEXT,
+        metavar="N",
+        help=f"tokens of KV cache per sequence the artifact is built for (default "
+        f"{DEFAULT_MAX_CONTEXT}; `run --max-context` may change it)",
+    )
+    p.add_argument(
+        "--ubatch",
+        type=int,
+        default=DEFAULT_UBATCH,
+        metavar="N",
+        help=f"prompt chunk size: longer prompts run in chunks of N tokens (default "
+        f"{DEFAULT_UBATCH})",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of preset random weights")
     p.add_argument("--dump-ir", metavar="DIR", help="write the Relax IR after each pipeline phase")
     p.add_argument(
@@ -74,39 +106,92 @@ def _add_compile(sub) -> None:
     )
 
 
+def _add_artifact(p) -> None:
+    p.add_argument("artifact", help="artifact directory written by `mla-compiler compile`")
+
+
+def _add_device(p) -> None:
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default=None,
+        help="where to run (default: the artifact's target: cuda for GPU artifacts)",
+    )
+
+
+def _add_max_context(p, default: str) -> None:
+    p.add_argument(
+        "--max-context",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"tokens of KV cache per sequence (default: {default})",
+    )
+
+
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help="generate tokens with a compiled artifact")
-    p.add_argument("artifact")
+    _add_artifact(p)
     prompt = p.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt-ids", metavar="1,2,3")
-    prompt.add_argument("--prompt", metavar="TEXT")
-    p.add_argument("--max-new-tokens", type=int, required=True, metavar="N")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-context", type=int, default=None, metavar="N")
-    p.add_argument("--ubatch", type=int, default=None, metavar="N")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    prompt.add_argument("--prompt-ids", metavar="1,2,3", help="prompt as token ids")
+    prompt.add_argument(
+        "--prompt", metavar="TEXT", help="prompt as text (needs the artifact's tokenizer.json)"
+    )
+    p.add_argument(
+        "--max-new-tokens",
+        "-n",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"tokens to generate (default {DEFAULT_MAX_NEW_TOKENS}, fewer where the context "
+        "ends first); generation also stops at the end-of-sequence token",
+    )
+    p.add_argument(
+        "--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples"
+    )
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (default 1)"
+    )
+    p.add_argument(
+        "--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)"
+    )
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    _add_max_context(p, "the artifact's --max-context")
+    p.add_argument(
+        "--ubatch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="prompt chunk size (default: the artifact's --ubatch)",
+    )
+    _add_device(p)
     p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
 
 
 def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="list the kernels of a GPU artifact with SASS statistics")
-    p.add_argument("artifact")
-    p.add_argument("--json", action="store_true")
+    _add_artifact(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="llama-bench-style prompt (pp) and generation (tg) speed")
-    p.add_argument("artifact")
-    p.add_argument("-p", "--prompts", default="512", help="prompt lengths, e.g. 512,2048")
-    p.add_argument("-n", "--gen", type=int, default=128, help="tokens to generate (tgN)")
-    p.add_argument("-r", "--reps", type=int, default=3)
-    p.add_argument("--max-context", type=int, default=None)
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    _add_artifact(p)
+    p.add_argument(
+        "-p", "--prompts", default="512", help="prompt lengths, e.g. 512,2048 (default 512)"
+    )
+    p.add_argument(
+        "-n", "--gen", type=int, default=128, help="tokens to generate (tgN; default 128)"
+    )
+    p.add_argument("-r", "--reps", type=int, default=3, help="repetitions of each test (default 3)")
+    _add_max_context(p, "the longest test")
+    _add_device(p)
     p.add_argument("--json", metavar="FILE", help="write the results as JSON")
-    p.add_argument("--plot", metavar="FILE.png", help="bar chart of the results")
+    p.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="bar chart of the results (needs matplotlib: pip install 'mla-compiler[bench]')",
+    )
     p.add_argument(
         "--baseline",
         choices=["hf"],
@@ -146,10 +231,10 @@ def _add_tune(sub) -> None:
 
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat)")
-    p.add_argument("artifact")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-context", type=int, default=None, metavar="N")
+    _add_artifact(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    _add_max_context(p, "the artifact's --max-context")
     p.add_argument(
         "--max-tokens",
         type=int,
@@ -157,7 +242,7 @@ def _add_serve(sub) -> None:
         metavar="N",
         help="largest max_tokens a request may ask for (default: the context)",
     )
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    _add_device(p)
 
 
 def cmd_serve(args) -> int:
@@ -215,6 +300,7 @@ def cmd_compile(args) -> int:
             options=opts,
             command="mla-compiler " + shlex.join(sys.argv[1:]),
             log=say,
+            force=args.force,
         )
     return 0
 
@@ -239,13 +325,16 @@ def cmd_run(args) -> int:
         prompt = eng.encode(args.prompt)
     else:
         prompt = _parse_ids(args.prompt_ids)
+    max_new = args.max_new_tokens
+    if max_new is None:  # the default stops where the context ends; an explicit N never does
+        max_new = max(0, min(DEFAULT_MAX_NEW_TOKENS, eng.max_context - len(prompt)))
     tokens = []
     from mla_compiler.serve import TextStream  # whole-sequence decoding: spaces, split UTF-8
 
     text = TextStream(eng.decode_text)
     for tok in eng.stream(
         prompt,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=max_new,
         temperature=args.temperature,
         top_p=args.top_p,
         top_k=args.top_k,
@@ -280,7 +369,20 @@ def cmd_bench(args) -> int:
     try:
         prompts = [int(x) for x in args.prompts.split(",") if x]
     except ValueError:
-        raise InputError(f"-p takes comma-separated lengths, got {args.prompts!r}") from None
+        prompts = []
+    if not prompts or min(prompts) < 1:
+        raise InputError(f"-p takes comma-separated positive lengths, got {args.prompts!r}")
+    if args.reps < 1:
+        raise InputError(f"-r must be at least 1, got {args.reps}")
+    if args.gen < 1:
+        raise InputError(f"-n must be at least 1, got {args.gen}")
+    if args.plot:  # before minutes of benchmarking, not after
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise InputError(
+                "--plot needs matplotlib: pip install 'mla-compiler[bench]' (or matplotlib)"
+            ) from None
     need = max(prompts + [8 + args.gen])
     say = lambda m: print(m, file=sys.stderr)  # noqa: E731
     base = None
@@ -383,8 +485,38 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def version_string() -> str:
+    """``mla-compiler 0.1.0 (TVM 0.27.0.post1, git 634e160)``; the commit where the package runs
+    from a git checkout. Imports neither TVM nor torch."""
+    import importlib.metadata as md
+    import subprocess
+    from pathlib import Path
+
+    def version(dist: str) -> str:
+        try:
+            return md.version(dist)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    parts = [f"TVM {version('apache-tvm')}"]
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    if commit:
+        parts.append(f"git {commit}")
+    return f"mla-compiler {version('mla-compiler')} ({', '.join(parts)})"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="mla-compiler", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mla-compiler", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=version_string())
     sub = parser.add_subparsers(dest="cmd", required=True)
     _add_compile(sub)
     _add_run(sub)

@@ -13,7 +13,8 @@ import torch
 import tvm
 
 from mla_compiler import artifact
-from mla_compiler.errors import ConfigError
+from mla_compiler.defaults import DEFAULT_MAX_CONTEXT, DEFAULT_UBATCH
+from mla_compiler.errors import ConfigError, WeightError
 from mla_compiler.model_export.config import ModelConfig, load_config, preset
 from mla_compiler.model_export.modeling import DeepseekV2
 from mla_compiler.model_export.weights import load_hf_model, random_model, torch_dtype
@@ -22,8 +23,6 @@ from mla_compiler.schedules.target import gpu_spec, parse_targets, tvm_target
 
 # Presets whose weights take more than this are not stored: the runtime draws them from the seed.
 MAX_STORED_RANDOM_BYTES = 1 << 30
-DEFAULT_MAX_CONTEXT = 4096
-DEFAULT_UBATCH = 2048
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +65,21 @@ def resolve_model(*, model_dir: str | None, preset_name: str | None, dtype: str,
         model = DeepseekV2(cfg).to(torch_dtype(dtype))
     model.inv_freq = model.inv_freq.to("meta")
     return cfg, model.eval(), {"source": "random", "seed": seed, "stored": False}
+
+
+def check_finite(model: torch.nn.Module) -> None:
+    """Refuse weights holding NaN or Inf (they compile, then generate garbage): name the first
+    such tensor. Weights on 'meta' (drawn by the runtime) are skipped."""
+    for name, p in model.named_parameters():
+        if p.device.type == "meta":
+            continue
+        bad = ~torch.isfinite(p)
+        if bad.any():
+            n = int(bad.sum())
+            raise WeightError(
+                f"weight {name} {tuple(p.shape)} holds {n} non-finite value(s) (NaN/Inf) as "
+                f"{p.dtype}: the checkpoint is corrupt; re-download or re-convert it"
+            )
 
 
 def param_bytes(cfg: ModelConfig, dtype: str) -> int:
@@ -176,16 +190,24 @@ def compile_model(
     options: CompileOptions = CompileOptions(),
     command: str | None = None,
     log=print,
+    force: bool = False,
 ) -> Path:
+    """Compile a checkpoint (``model_dir``: HF directory or .gguf) or a preset into the artifact
+    directory ``output``. ``output`` may be new, an empty directory or an earlier artifact; any
+    other existing path only with ``force``, and never the input model (``artifact.check_output``).
+    """
     targets = parse_targets(options.target)
     if options.mla not in MLA_MODES:
         raise ConfigError(f"unknown --mla {options.mla}: use 0, 2 or 3")
     if options.max_context < 1:
         raise ConfigError(f"--max-context must be positive, got {options.max_context}")
+    inputs = [model_dir] if model_dir is not None else []
+    artifact.check_output(output, force=force, inputs=inputs)  # before minutes of work
     t0 = time.time()
     cfg, model, weights = resolve_model(
         model_dir=model_dir, preset_name=preset_name, dtype=options.dtype, seed=options.seed
     )
+    check_finite(model)
     log(
         f"[1/3] model {cfg.name}: {cfg.num_hidden_layers} layers, mla={options.mla}, "
         f"{options.dtype}"
@@ -261,6 +283,6 @@ def compile_model(
         }
         (tmp / artifact.METADATA).write_text(json.dumps(meta, indent=2))
 
-    out = artifact.write_atomic(output, write)
+    out = artifact.write_atomic(output, write, force=force, inputs=inputs)
     log(f"[3/3] wrote {out} ({time.time() - t0:.1f}s)")
     return out

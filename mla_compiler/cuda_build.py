@@ -37,7 +37,7 @@ import tvm
 
 from mla_compiler import nvcc
 from mla_compiler.errors import ArtifactError, TargetError
-from mla_compiler.runtime.loader import MANIFEST_FORMAT, MANIFEST_SUFFIX, SMOKE_IO
+from mla_compiler.runtime.loader import MANIFEST_FORMAT, MANIFEST_SUFFIX, SMOKE_IO, file_sha256
 from mla_compiler.schedules import gemm as G
 from mla_compiler.schedules.target import parse_targets, tvm_target
 
@@ -211,6 +211,9 @@ def _write_manifest(output, name, library, targets, images, device_modules) -> B
         "format": MANIFEST_FORMAT,
         "tvm_version": tvm.__version__,
         "library": rel(library),
+        # what the loader checks before mapping the library (a truncated .so is a bus error)
+        "library_bytes": library.stat().st_size,
+        "library_sha256": file_sha256(library),
         "targets": list(targets),
         "images": list(images),
         "device_modules": [

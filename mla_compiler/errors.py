@@ -27,3 +27,7 @@ class ArtifactError(MLAError):
 
 class TuningError(MLAError):
     """A tuning database that cannot be read or written."""
+
+
+class NumericsError(MLAError):
+    """The model computed non-finite logits (NaN / Inf): broken weights or a broken build."""

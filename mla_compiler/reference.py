@@ -215,12 +215,15 @@ def sample_kept(logits, temperature: float, top_p: float, top_k: int):
 
 
 def sample(logits, temperature: float, top_p: float, top_k: int, u: float) -> int:
-    """The token ``schedules.sampling`` draws from one row with uniform ``u``, in float64:
-    greedy (lowest index of the max) at temperature 0 or top_k 1; else the first kept index
-    whose inclusive prefix of kept p exceeds u x (kept mass)."""
+    """The token ``schedules.sampling`` draws from one row with uniform ``u``, in float64: -1
+    for a row with a non-finite logit; greedy (lowest index of the max) at temperature 0 or
+    top_k 1; else the first kept index whose inclusive prefix of kept p exceeds u x (kept
+    mass)."""
     import numpy as np
 
     z = np.asarray(logits, dtype=np.float32)
+    if not np.isfinite(z).all():
+        return -1
     if temperature <= 0 or top_k == 1:
         return int(np.argmax(z))
     kept, p = sample_kept(z, temperature, top_p, top_k)

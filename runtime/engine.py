@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from mla_compiler import artifact
-from mla_compiler.errors import InputError
+from mla_compiler.errors import InputError, NumericsError
 
 
 @dataclasses.dataclass
@@ -237,6 +237,7 @@ class Engine:
         if self.sampler == "host":
             t0 = time.perf_counter()
             logits = self._step(batch)
+            _check_finite(batch, np.isfinite(logits).all(axis=-1), self.lengths)
             tokens = [sample(row, params, rng) for row in logits]
             if self.step_times is not None:
                 self.step_times[-1]["total"] = time.perf_counter() - t0
@@ -253,6 +254,7 @@ class Engine:
         ids = self.vm["sample"](logits, knobs_dev)
         t2 = time.perf_counter()
         tokens = ids.numpy().tolist()  # waits for the GPU
+        _check_finite(batch, [t >= 0 for t in tokens], self.lengths)  # -1: non-finite row
         if self.step_times is not None:
             self.step_times[-1].update(sample=t2 - t1, total=time.perf_counter() - t0)
         return tokens
@@ -350,6 +352,17 @@ class Engine:
         return list(self.stream(prompt_ids, **kw))
 
 
+def _check_finite(batch: list[tuple[int, np.ndarray]], finite, lengths: list[int]) -> None:
+    """Refuse to sample from non-finite logits (a row of NaN would read as token 0 forever)."""
+    for (slot, _), ok in zip(batch, finite, strict=True):
+        if not ok:
+            raise NumericsError(
+                f"the model computed non-finite logits (NaN/Inf) for sequence {slot} at "
+                f"position {lengths[slot] - 1}: its weights or the artifact are broken "
+                "(recompile from finite weights)"
+            )
+
+
 def _load_tokenizer(path: Path):
     file = path / "tokenizer.json"
     if not file.exists():
@@ -382,7 +395,19 @@ def _load_weights(path: Path, meta: dict, dev) -> list:
         if missing:
             raise artifact.ArtifactError(f"{file} lacks {missing[0]}: compile the artifact again")
         return [tvm.runtime.tensor(state[n], dev) for n in names]
+    if meta["weights"].get("source") != "random" or meta["weights"].get("stored", True):
+        # only presets compiled without stored weights are drawn here: anything else would run
+        # on weights unrelated to the model's
+        raise artifact.ArtifactError(
+            f"{file} missing: the artifact's weights came from {_weights_origin(meta)}; copy "
+            "the whole artifact directory again or recompile"
+        )
     return _random_weights(meta, dev)
+
+
+def _weights_origin(meta: dict) -> str:
+    w = meta["weights"]
+    return w["path"] if "path" in w else f"a seeded {w.get('source', 'unknown')} draw"
 
 
 def random_weight_tensors(meta: dict, device: str) -> dict:

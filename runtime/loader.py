@@ -10,6 +10,7 @@ Nothing here imports ``tvm`` at module import time, nor any compiler-side module
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -64,6 +65,33 @@ def read_manifest(path: str | Path) -> tuple[Path, dict]:
     if manifest.get("format") != MANIFEST_FORMAT:
         raise ArtifactError(f"{path}: not an mla-compiler artifact manifest")
     return path.parent, manifest
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_library(library: Path, manifest: dict) -> None:
+    """Refuse a library whose size or hash differs from what the build recorded (a truncated
+    or overwritten ``.so`` would crash the process when mapped). Older manifests lack both."""
+    if not library.is_file():
+        raise ArtifactError(f"{library}: library missing from the artifact: compile it again")
+    size, want = library.stat().st_size, manifest.get("library_bytes")
+    if want is not None and size != want:
+        raise ArtifactError(
+            f"{library} has {size} bytes, the build wrote {want} (truncated or replaced?): "
+            "copy the artifact again or recompile it"
+        )
+    digest = manifest.get("library_sha256")
+    if digest is not None and file_sha256(library) != digest:
+        raise ArtifactError(
+            f"{library} differs from the library the build wrote (sha256 mismatch): copy the "
+            "artifact again or recompile it"
+        )
 
 
 def device_capability(device) -> tuple[int, int]:
@@ -142,8 +170,9 @@ def ensure_cuda_runtime() -> None:
         )
     except (OSError, RuntimeError) as err:
         raise TargetError(
-            f"cannot load TVM's CUDA runtime (libtvm_runtime_cuda.so: {err}); "
-            "a CUDA artifact needs an NVIDIA GPU with its driver (libcuda.so.1)"
+            f"cannot load TVM's CUDA runtime (libtvm_runtime_cuda.so: {err}): run it on a "
+            "machine with an NVIDIA GPU and its driver (libcuda.so.1), or compile it again "
+            "with --target cpu"
         ) from err
 
 
@@ -156,14 +185,28 @@ def select_image(targets, images, dev) -> str:
     or the fatbin image (``check_arch``). Loads TVM's CUDA runtime for a GPU. Raises
     ``TargetError`` when the artifact cannot run there."""
     cuda = _is_cuda(dev)
-    if cuda == (list(targets) == ["cpu"]):
-        where = "a GPU" if cuda else "the CPU"
-        raise TargetError(f"artifact built for {', '.join(targets)} cannot run on {where}")
+    built = ", ".join(targets)
+    if cuda and list(targets) == ["cpu"]:
+        raise TargetError(
+            "artifact built for cpu cannot run on a GPU: run it with --device cpu, or "
+            "compile it again with --target sm_89 / sm_90a"
+        )
+    if not cuda and list(targets) != ["cpu"]:
+        raise TargetError(
+            f"artifact built for GPU ({built}) cannot run on the CPU: run it on a machine "
+            f"with an NVIDIA GPU, or compile it again with --target cpu"
+        )
     if not cuda:
         return "cpu"
-    ensure_cuda_runtime()
+    try:
+        ensure_cuda_runtime()
+    except TargetError as err:
+        raise TargetError(f"artifact built for GPU ({built}): {err}") from None
     if not dev.exist:
-        raise TargetError(f"no CUDA device {dev.index} on this machine")
+        raise TargetError(
+            f"artifact built for GPU ({built}) but this machine has no CUDA device {dev.index}: "
+            "run it on a machine with an NVIDIA GPU, or compile it again with --target cpu"
+        )
     return check_arch(images, dev)
 
 
@@ -186,6 +229,7 @@ def load_module(path: str | Path, device):
         directory, manifest = read_manifest(path)
         library = directory / manifest["library"]
         targets, images = manifest["targets"], manifest["images"]
+        check_library(library, manifest)
     if not library.is_file():
         raise ArtifactError(f"{library}: library missing from the artifact")
     dev = _device(device)

@@ -4,6 +4,8 @@ Per row, ``params[b] = (temperature, top_p, top_k, u)`` (float32; ``u`` in [0, 1
 host from its seeded generator, so runs are reproducible). The rule (``reference.sample`` is the
 float64 model of it):
 
+- a row holding a non-finite logit (NaN, +-Inf) gives -1: the caller refuses it (a row of NaN
+  would otherwise read as token 0);
 - greedy (``temperature <= 0`` or ``top_k == 1``): argmax, ties to the lowest index;
 - else ``p_i = exp((z_i - max z) / temperature)`` over ``z = float32(logits)``, and the kept set
   is ``{i : z_i >= tau}`` for a threshold *value* ``tau``:
@@ -83,6 +85,11 @@ def sample(
     def up(v, k):
         return T.tvm_warp_shuffle_up(T.uint32(0xFFFFFFFF), v, k, 32, 32)
 
+    def nonfinite(z):
+        """NaN or +-Inf, from the exponent bits (immune to fast-math flags)."""
+        bits = T.reinterpret("int32", z)
+        return T.bitwise_and(bits, 0x7F800000) == 0x7F800000
+
     def key(z):
         """int64 key of a float32, ordered like the floats."""
         bits = T.reinterpret("int32", z)
@@ -106,13 +113,17 @@ def sample(
                 fs = T.alloc_buffer((6,), "float32", scope="local")
                 ks = T.alloc_buffer((4,), "int64", scope="local")  # lo, hi, new lo, new hi
                 warp = tx // WARP
-                # ---- max and argmax (lowest index among ties): fs[0], fs[1]
+                # ---- max and argmax (lowest index among ties): fs[0], fs[1]; a non-finite
+                # logit enters as (+inf, index -1), which wins every comparison below
                 fs[0] = T.float32(neg_inf)
                 fs[1] = T.float32(V)  # index as float32 (exact below 2**24)
                 for j in range(STRIDES):
                     if j * NT + tx < V:
                         z = T.Cast("float32", logits[b, j * NT + tx])
-                        if fs[1] == T.float32(V) or z > fs[0]:
+                        if nonfinite(z):
+                            fs[0] = T.float32(math.inf)
+                            fs[1] = T.float32(-1)
+                        elif fs[1] == T.float32(V) or z > fs[0]:
                             fs[0] = z
                             fs[1] = T.Cast("float32", j * NT + tx)
                 for k in range(LOGW):
@@ -133,7 +144,7 @@ def sample(
                 T.evaluate(sync())
                 temperature = params[b, 0]
                 top_k = T.Cast("int64", params[b, 2])
-                greedy = temperature <= T.float32(0) or top_k == 1
+                greedy = temperature <= T.float32(0) or top_k == 1 or fs[1] < T.float32(0)
                 if greedy and tx == 0:
                     out[b] = T.Cast("int32", T.min(T.Cast("int32", fs[1]), V - 1))
                 for _ in range(T.if_then_else(greedy, 0, 1)):
