@@ -69,10 +69,10 @@ def check_output(output: str | Path, *, force: bool = False, inputs=()) -> Path:
     A missing path, an empty directory or an existing artifact may be (re)written; anything
     else only with ``force``. Never, even with ``force``: a path holding one of ``inputs``
     (the model being compiled) or the current directory."""
-    out = Path(output).resolve()
+    out = Path(os.path.abspath(output))  # a symlink at ``output`` is itself what is replaced
     for src in [*inputs, Path.cwd()]:
         src = Path(src).resolve()
-        if src == out or out in src.parents:
+        if any(src == o or o in src.parents for o in (out, out.resolve())):
             what = "the current directory" if src == Path.cwd().resolve() else f"the input {src}"
             raise InputError(
                 f"--output {output} would replace {what}: choose a new directory for the artifact"

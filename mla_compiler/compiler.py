@@ -75,11 +75,26 @@ def check_finite(model: torch.nn.Module) -> None:
             continue
         bad = ~torch.isfinite(p)
         if bad.any():
-            n = int(bad.sum())
+            first = [int(i) for i in bad.nonzero()[0]]
             raise WeightError(
-                f"weight {name} {tuple(p.shape)} holds {n} non-finite value(s) (NaN/Inf) as "
-                f"{p.dtype}: the checkpoint is corrupt; re-download or re-convert it"
+                f"weight {_checkpoint_name(name, first, p.shape)} holds {int(bad.sum())} "
+                f"non-finite value(s) (NaN/Inf) in {str(p.dtype).removeprefix('torch.')}, the "
+                f"first at {first} of {name} {list(p.shape)}: the checkpoint is corrupt; "
+                "re-download or re-convert it"
             )
+
+
+def _checkpoint_name(name: str, index: list[int], shape) -> str:
+    """The checkpoint's name of the element ``index`` of our parameter ``name``: the routed
+    experts are stacked (``experts_down [E, H, I]``, ``experts_gate_up [E, 2I, H]``, gate
+    rows first) where checkpoints keep one tensor per expert and projection."""
+    prefix, _, leaf = name.rpartition(".")
+    if leaf == "experts_down":
+        return f"{prefix}.experts.{index[0]}.down_proj.weight"
+    if leaf == "experts_gate_up":
+        proj = "gate_proj" if index[1] < shape[1] // 2 else "up_proj"
+        return f"{prefix}.experts.{index[0]}.{proj}.weight"
+    return name
 
 
 def param_bytes(cfg: ModelConfig, dtype: str) -> int:
