@@ -366,3 +366,14 @@ def test_device_sampler_refuses_non_finite_rows():
         want = [reference.sample(row, temperature, top_p, top_k, 0.4) for row in x]
         assert want[1:] == [-1, -1, -1, -1] and want[0] >= 0
         assert out.numpy().tolist() == want
+
+
+def test_bench_json_and_plot(tiny, tmp_path):
+    """With matplotlib (the [bench] extra) the plot is a PNG and the JSON holds each test."""
+    pytest.importorskip("matplotlib")
+    png, out = tmp_path / "b.png", tmp_path / "b.json"
+    run_cli(
+        "bench", str(tiny), "-p", "6", "-n", "2", "-r", "1", "--json", str(out), "--plot", str(png)
+    )
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [r["test"] for r in json.loads(out.read_text())["results"]] == ["pp6", "tg2"]
