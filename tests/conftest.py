@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -134,7 +135,8 @@ def make_hf_model(name: str, *, seed: int = 0, scale: float = 1.0):
 
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
-    """Write HF checkpoints on demand: ``hf_checkpoint(name, shards=1, scale=1.0)`` -> dir."""
+    """Write HF checkpoints on demand: ``hf_checkpoint(name, shards=1, scale=1.0)`` -> dir
+    (removed at the end of the session)."""
     cache: dict = {}
 
     def get(name: str, *, shards: int = 1, scale: float = 1.0, seed: int = 0) -> Path:
@@ -151,7 +153,10 @@ def hf_checkpoint(tmp_path_factory):
         return cache[key][0]
 
     get.models = cache
-    return get
+    yield get
+    # pytest keeps the temp dirs of the last 3 runs: lite2's checkpoint alone is 2.6 GB (f32)
+    for out, _ in cache.values():
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def run_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
