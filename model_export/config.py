@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,32 +109,196 @@ class ModelConfig:
         d["rope"] = RopeConfig(**d["rope"])
         return cls(**d)
 
-    def validate(self) -> ModelConfig:
+    def validate(self, where: str = "config", names: dict[str, str] | None = None) -> ModelConfig:
+        """Check every field's type and range (``FIELD_SPECS``), then the ranges that depend on
+        other fields. ``where`` starts each message; ``names`` maps a field (``dims.heads``) to
+        the key it was read from, for messages in the source's own terms."""
+        names = names or {}
+
+        def name(field: str) -> str:
+            return names.get(field, field)
+
+        for field, spec in FIELD_SPECS.items():
+            value = self
+            for part in field.split("."):
+                value = getattr(value, part)
+            check_value(where, name(field), value, spec)
         if self.topk_method not in ("greedy", "group_limited_greedy"):
             raise ConfigError(
-                f"topk_method {self.topk_method!r} is not supported: use 'greedy' or "
-                "'group_limited_greedy' (DeepSeek-V2); 'noaux_tc' is DeepSeek-V3"
+                f"{where}: {name('topk_method')} {self.topk_method!r} is not supported: use "
+                "'greedy' or 'group_limited_greedy' (DeepSeek-V2); 'noaux_tc' is DeepSeek-V3"
             )
-        if self.n_routed_experts:
+
+        def within(field: str, lo: int, hi: int, hi_text: str) -> None:
+            value = getattr(self, field)
+            if value is not None and not lo <= value <= hi:
+                raise ConfigError(
+                    f"{where}: {name(field)} must be an integer in {lo}..{hi_text} ({hi}), "
+                    f"got {value}"
+                )
+
+        layers = self.num_hidden_layers
+        within("first_k_dense_replace", 0, layers, name("num_hidden_layers"))
+        for field in ("bos_token_id", "eos_token_id"):
+            within(field, 0, self.vocab_size - 1, f"{name('vocab_size')} - 1")
+        if self.n_routed_experts and self.first_k_dense_replace < layers:  # some MoE layers
+            experts = name("n_routed_experts")
+            within("num_experts_per_tok", 1, self.n_routed_experts, experts)
+            if self.moe_intermediate_size < 1:
+                raise ConfigError(
+                    f"{where}: {name('moe_intermediate_size')} must be a positive integer when "
+                    f"{experts} > 0, got {self.moe_intermediate_size}"
+                )
             if self.n_routed_experts % self.n_group:
                 raise ConfigError(
-                    f"n_routed_experts={self.n_routed_experts} is not a multiple of "
-                    f"n_group={self.n_group}: fix config.json"
+                    f"{where}: {name('n_group')} must divide {experts} "
+                    f"({self.n_routed_experts}), got {self.n_group}"
                 )
-            if not 0 < self.num_experts_per_tok <= self.n_routed_experts:
-                raise ConfigError(
-                    f"num_experts_per_tok={self.num_experts_per_tok} must be in "
-                    f"1..n_routed_experts={self.n_routed_experts}: fix config.json"
+            within("topk_group", 1, self.n_group, name("n_group"))
+            if self.topk_method == "group_limited_greedy":
+                per_group = self.n_routed_experts // self.n_group
+                within(
+                    "num_experts_per_tok",
+                    1,
+                    self.topk_group * per_group,
+                    f"{name('topk_group')} * {experts} / {name('n_group')}",
                 )
-        for field in ("vocab_size", "hidden_size", "num_hidden_layers"):
-            if getattr(self, field) <= 0:
-                raise ConfigError(f"{field} must be positive: fix config.json")
         return self
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
+
+# ---- value checks --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """What one config value must be: its type (``int``: a JSON integer, or a float without a
+    fraction, never a bool; ``float``: any finite number; ``bool``; ``str``; ``dict``), a range
+    test on the converted value, the words for both, and whether null is allowed."""
+
+    kind: type
+    text: str
+    ok: Callable[[Any], bool] = lambda _: True
+    null: bool = False
+
+    @property
+    def or_null(self) -> Spec:
+        return dataclasses.replace(self, null=True, text=f"{self.text} or null")
+
+
+POSITIVE = Spec(int, "a positive integer", lambda v: v > 0)
+COUNT = Spec(int, "an integer >= 0", lambda v: v >= 0)
+EVEN = Spec(int, "a positive even integer", lambda v: v > 0 and v % 2 == 0)
+NUMBER_GT0 = Spec(float, "a number > 0", lambda v: v > 0)
+NUMBER_GE0 = Spec(float, "a number >= 0", lambda v: v >= 0)
+THETA = Spec(float, "a number > 1", lambda v: v > 1)
+FACTOR = Spec(float, "a number >= 1", lambda v: v >= 1)
+BOOL = Spec(bool, "true or false")
+STRING = Spec(str, "a string")
+OBJECT = Spec(dict, "an object")
+_EOS = Spec(int, "an integer >= 0, a list of them, or null", lambda v: v >= 0, null=True)
+
+
+def _show(value: Any) -> str:
+    """A value as the message quotes it: strings in quotes, the rest as JSON writes it."""
+    if isinstance(value, str):
+        return repr(value)
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def check_value(where: str, key: str, value: Any, spec: Spec) -> Any:
+    """``value`` converted to ``spec.kind``, or a ``ConfigError`` naming ``key``, the value and
+    what it must be, e.g. ``config.json: num_hidden_layers must be a positive integer, got
+    'three'``."""
+    got = value
+    if value is None:
+        if spec.null:
+            return None
+        good = False
+    elif spec.kind is int:
+        good = isinstance(value, int) and not isinstance(value, bool)
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            value, good = int(value), True
+    elif spec.kind is float:
+        good = isinstance(value, int | float) and not isinstance(value, bool)
+        good = good and math.isfinite(value)
+        value = float(value) if good else value
+    else:
+        good = isinstance(value, spec.kind)
+    if not good or not spec.ok(value):
+        raise ConfigError(f"{where}: {key} must be {spec.text}, got {_show(got)}")
+    return value
+
+
+NEEDED = object()  # default of a key that must be present
+
+
+def read_values(
+    where: str,
+    src: dict[str, Any],
+    table: dict[str, tuple[Spec, Any]],
+    *,
+    prefix: str = "",
+    if_missing: str = "add it",
+) -> dict[str, Any]:
+    """Each key of ``table`` (key -> (spec, default)) read from ``src`` and checked: absent (or
+    null where the spec allows it) gives the default; absent where the default is ``NEEDED``
+    is an error that ends with ``if_missing``."""
+    out = {}
+    for key, (spec, default) in table.items():
+        if key not in src:
+            if default is NEEDED:
+                raise ConfigError(f"{where} lacks {prefix}{key}: {if_missing}")
+            out[key] = default
+            continue
+        value = check_value(where, prefix + key, src[key], spec)
+        out[key] = default if value is None else value
+    return out
+
+
+# Field of ModelConfig (``dims.x`` / ``rope.x`` for the nested ones) -> what it must be.
+FIELD_SPECS: dict[str, Spec] = {
+    "name": STRING,
+    "vocab_size": POSITIVE,
+    "hidden_size": POSITIVE,
+    "num_hidden_layers": POSITIVE,
+    "intermediate_size": POSITIVE,
+    "moe_intermediate_size": COUNT,
+    "n_routed_experts": COUNT,
+    "n_shared_experts": COUNT,
+    "num_experts_per_tok": COUNT,
+    "first_k_dense_replace": COUNT,
+    "dims.heads": POSITIVE,
+    "dims.kv_lora_rank": POSITIVE,
+    "dims.qk_nope_head_dim": POSITIVE,
+    "dims.qk_rope_head_dim": EVEN,
+    "dims.v_head_dim": POSITIVE,
+    "dims.q_lora_rank": POSITIVE.or_null,
+    "rope.theta": THETA,
+    "rope.kind": STRING,
+    "rope.factor": FACTOR,
+    "rope.original_max_position": POSITIVE,
+    "rope.beta_fast": NUMBER_GT0,
+    "rope.beta_slow": NUMBER_GT0,
+    "rope.mscale": NUMBER_GE0,
+    "rope.mscale_all_dim": NUMBER_GE0,
+    "rms_norm_eps": NUMBER_GT0,
+    "topk_method": STRING,
+    "n_group": POSITIVE,
+    "topk_group": POSITIVE,
+    "norm_topk_prob": BOOL,
+    "routed_scaling_factor": NUMBER_GT0,
+    "max_position_embeddings": POSITIVE,
+    "tie_word_embeddings": BOOL,
+    "bos_token_id": COUNT.or_null,
+    "eos_token_id": COUNT.or_null,
+}
 
 _REQUIRED = (
     "vocab_size",
@@ -147,90 +312,169 @@ _REQUIRED = (
     "intermediate_size",
 )
 
+# HF config.json key -> (what it must be, value when absent or null). Null is allowed where
+# transformers' DeepseekV2Config allows it (q_lora_rank: no q LoRA; n_group/topk_group: 1).
+_HF_FIELDS: dict[str, tuple[Spec, Any]] = {
+    "model_type": (STRING.or_null, None),
+    "vocab_size": (POSITIVE, NEEDED),
+    "hidden_size": (POSITIVE, NEEDED),
+    "num_hidden_layers": (POSITIVE, NEEDED),
+    "num_attention_heads": (POSITIVE, NEEDED),
+    "num_key_value_heads": (POSITIVE.or_null, None),
+    "kv_lora_rank": (POSITIVE, NEEDED),
+    "q_lora_rank": (POSITIVE.or_null, None),
+    "qk_nope_head_dim": (POSITIVE, NEEDED),
+    "qk_rope_head_dim": (EVEN, NEEDED),
+    "v_head_dim": (POSITIVE, NEEDED),
+    "intermediate_size": (POSITIVE, NEEDED),
+    "moe_intermediate_size": (COUNT.or_null, 0),
+    "n_routed_experts": (COUNT.or_null, 0),
+    "n_shared_experts": (COUNT.or_null, 0),
+    "num_experts_per_tok": (COUNT.or_null, 0),
+    "first_k_dense_replace": (COUNT.or_null, 0),
+    "topk_method": (STRING.or_null, "greedy"),
+    "n_group": (POSITIVE.or_null, 1),
+    "topk_group": (POSITIVE.or_null, 1),
+    "norm_topk_prob": (BOOL.or_null, False),
+    "routed_scaling_factor": (NUMBER_GT0, 1.0),
+    "rms_norm_eps": (NUMBER_GT0, 1e-6),
+    "max_position_embeddings": (POSITIVE, 163840),
+    "tie_word_embeddings": (BOOL.or_null, False),
+    "bos_token_id": (COUNT.or_null, None),
+    "attention_bias": (BOOL.or_null, False),
+    "mlp_bias": (BOOL.or_null, False),
+    "hidden_act": (STRING, "silu"),
+    "rope_theta": (THETA, 10000.0),
+    "rope_scaling": (OBJECT.or_null, None),
+    "rope_parameters": (OBJECT.or_null, None),
+}
+# Keys of the rope_scaling / rope_parameters object. 0 or null betas and mscales take the
+# defaults, as in transformers' YaRN (``get("beta_fast") or 32``).
+_HF_ROPE_FIELDS: dict[str, tuple[Spec, Any]] = {
+    "rope_theta": (THETA, None),
+    "rope_type": (STRING.or_null, None),
+    "type": (STRING.or_null, None),
+}
+_HF_YARN_FIELDS: dict[str, tuple[Spec, Any]] = {
+    "factor": (FACTOR, NEEDED),
+    "original_max_position_embeddings": (POSITIVE, NEEDED),
+    "beta_fast": (NUMBER_GE0.or_null, 32.0),
+    "beta_slow": (NUMBER_GE0.or_null, 1.0),
+    "mscale": (NUMBER_GE0.or_null, 1.0),
+    "mscale_all_dim": (NUMBER_GE0.or_null, 0.0),
+}
 
-def config_from_hf(hf: dict[str, Any], *, name: str = "hf") -> ModelConfig:
+
+# ModelConfig field -> config.json key, where they differ (for messages of ``validate``).
+_HF_NAMES = {
+    "dims.heads": "num_attention_heads",
+    "dims.kv_lora_rank": "kv_lora_rank",
+    "dims.qk_nope_head_dim": "qk_nope_head_dim",
+    "dims.qk_rope_head_dim": "qk_rope_head_dim",
+    "dims.v_head_dim": "v_head_dim",
+    "dims.q_lora_rank": "q_lora_rank",
+}
+
+
+def config_from_hf(
+    hf: dict[str, Any], *, name: str = "hf", where: str = "config.json"
+) -> ModelConfig:
     """Build a ``ModelConfig`` from the dict of a HF DeepSeek-V2 ``config.json``.
 
     Accepts both the ``rope_scaling`` + ``rope_theta`` keys of the original checkpoints and the
-    ``rope_parameters`` key that transformers >= 5 writes.
+    ``rope_parameters`` key that transformers >= 5 writes. Every key read is checked for type and
+    range (``_HF_FIELDS``): one ``ConfigError`` names the key, its value and what it must be.
     """
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{where} must hold a JSON object, got {type(hf).__name__}: fix it")
     model_type = hf.get("model_type")
     if model_type not in ("deepseek_v2", None):
         raise ConfigError(
-            f"model_type {model_type!r} is not supported: mla-compiler compiles "
+            f"{where}: model_type {model_type!r} is not supported: mla-compiler compiles "
             "'deepseek_v2' models"
         )
     missing = [k for k in _REQUIRED if k not in hf]
     if missing:
         raise ConfigError(
-            f"config.json lacks {', '.join(missing)}: a DeepSeek-V2 config needs all of "
+            f"{where} lacks {', '.join(missing)}: a DeepSeek-V2 config needs all of "
             + ", ".join(_REQUIRED)
         )
-    n_kv = hf.get("num_key_value_heads") or hf["num_attention_heads"]
-    if n_kv != hf["num_attention_heads"]:
+    v = read_values(where, hf, _HF_FIELDS)
+    heads = v["num_attention_heads"]
+    n_kv = v["num_key_value_heads"] or heads
+    if n_kv != heads:
         raise ConfigError(
-            f"num_key_value_heads={n_kv} != num_attention_heads={hf['num_attention_heads']}: "
+            f"{where}: num_key_value_heads={n_kv} != num_attention_heads={heads}: "
             "MLA models have one KV head per query head before absorption"
         )
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ConfigError("attention_bias/mlp_bias are not supported: DeepSeek-V2 has no biases")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"hidden_act {hf['hidden_act']!r} is not supported: use 'silu'")
+    if v["attention_bias"] or v["mlp_bias"]:
+        raise ConfigError(
+            f"{where}: attention_bias/mlp_bias are not supported: set them to false "
+            "(DeepSeek-V2 has no biases)"
+        )
+    if v["hidden_act"] != "silu":
+        raise ConfigError(f"{where}: hidden_act {v['hidden_act']!r} is not supported: use 'silu'")
+    eos = hf.get("eos_token_id")
+    if isinstance(eos, list):  # transformers allows several; the first ends generation here
+        eos = [check_value(where, f"eos_token_id[{i}]", e, COUNT) for i, e in enumerate(eos)]
+        eos = eos[0] if eos else None
+    else:
+        eos = check_value(where, "eos_token_id", eos, _EOS)
 
-    rope_params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or rope_params
-    theta = float(rope_params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default")) or "default"
+    rope_key = "rope_scaling" if v["rope_scaling"] else "rope_parameters"
+    rope_params = v["rope_parameters"] or {}
+    scaling = v["rope_scaling"] or rope_params
+    rp = read_values(where, rope_params, _HF_ROPE_FIELDS, prefix="rope_parameters.")
+    sc = read_values(where, scaling, _HF_ROPE_FIELDS, prefix=f"{rope_key}.")
+    theta = rp["rope_theta"] if rp["rope_theta"] is not None else v["rope_theta"]
+    kind = (sc["rope_type"] if "rope_type" in scaling else sc["type"]) or "default"
     if kind not in ("default", "yarn"):
-        raise ConfigError(f"rope type {kind!r} is not supported: use 'default' or 'yarn'")
+        raise ConfigError(f"{where}: rope type {kind!r} is not supported: use 'default' or 'yarn'")
     rope = RopeConfig(theta=theta, kind=kind)
     if kind == "yarn":
+        y = read_values(where, scaling, _HF_YARN_FIELDS, prefix=f"{rope_key}.")
         rope = RopeConfig(
             theta=theta,
             kind="yarn",
-            factor=float(scaling["factor"]),
-            original_max_position=int(scaling["original_max_position_embeddings"]),
-            beta_fast=float(scaling.get("beta_fast") or 32),
-            beta_slow=float(scaling.get("beta_slow") or 1),
-            mscale=float(scaling.get("mscale") or 1.0),
-            mscale_all_dim=float(scaling.get("mscale_all_dim") or 0.0),
+            factor=y["factor"],
+            original_max_position=y["original_max_position_embeddings"],
+            beta_fast=y["beta_fast"] or 32.0,
+            beta_slow=y["beta_slow"] or 1.0,
+            mscale=y["mscale"] or 1.0,
+            mscale_all_dim=y["mscale_all_dim"] or 0.0,
         )
-    n_routed = int(hf.get("n_routed_experts") or 0)
-    eos = hf.get("eos_token_id")
-    if isinstance(eos, list):
-        eos = eos[0] if eos else None
     dims = MLADims(
-        heads=int(hf["num_attention_heads"]),
-        kv_lora_rank=int(hf["kv_lora_rank"]),
-        qk_nope_head_dim=int(hf["qk_nope_head_dim"]),
-        qk_rope_head_dim=int(hf["qk_rope_head_dim"]),
-        v_head_dim=int(hf["v_head_dim"]),
-        q_lora_rank=hf.get("q_lora_rank"),
+        heads=heads,
+        kv_lora_rank=v["kv_lora_rank"],
+        qk_nope_head_dim=v["qk_nope_head_dim"],
+        qk_rope_head_dim=v["qk_rope_head_dim"],
+        v_head_dim=v["v_head_dim"],
+        q_lora_rank=v["q_lora_rank"],
     )
     return ModelConfig(
         name=name,
-        vocab_size=int(hf["vocab_size"]),
-        hidden_size=int(hf["hidden_size"]),
-        num_hidden_layers=int(hf["num_hidden_layers"]),
-        intermediate_size=int(hf["intermediate_size"]),
-        moe_intermediate_size=int(hf.get("moe_intermediate_size") or 0),
-        n_routed_experts=n_routed,
-        n_shared_experts=int(hf.get("n_shared_experts") or 0),
-        num_experts_per_tok=int(hf.get("num_experts_per_tok") or 0),
-        first_k_dense_replace=int(hf.get("first_k_dense_replace") or 0),
+        vocab_size=v["vocab_size"],
+        hidden_size=v["hidden_size"],
+        num_hidden_layers=v["num_hidden_layers"],
+        intermediate_size=v["intermediate_size"],
+        moe_intermediate_size=v["moe_intermediate_size"],
+        n_routed_experts=v["n_routed_experts"],
+        n_shared_experts=v["n_shared_experts"],
+        num_experts_per_tok=v["num_experts_per_tok"],
+        first_k_dense_replace=v["first_k_dense_replace"],
         dims=dims,
         rope=rope,
-        rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        topk_method=hf.get("topk_method") or "greedy",
-        n_group=int(hf.get("n_group") or 1),
-        topk_group=int(hf.get("topk_group") or 1),
-        norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-        routed_scaling_factor=float(hf.get("routed_scaling_factor", 1.0)),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 163840)),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id"),
+        rms_norm_eps=v["rms_norm_eps"],
+        topk_method=v["topk_method"],
+        n_group=v["n_group"],
+        topk_group=v["topk_group"],
+        norm_topk_prob=v["norm_topk_prob"],
+        routed_scaling_factor=v["routed_scaling_factor"],
+        max_position_embeddings=v["max_position_embeddings"],
+        tie_word_embeddings=v["tie_word_embeddings"],
+        bos_token_id=v["bos_token_id"],
         eos_token_id=eos,
-    ).validate()
+    ).validate(where, _HF_NAMES)
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:
@@ -244,9 +488,11 @@ def load_config(model_dir: str | Path) -> ModelConfig:
     if not cfg.exists():
         raise ConfigError(f"{path} has no config.json: pass a HF checkpoint directory")
     try:
-        hf = json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
+        hf = json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{cfg} is not valid JSON ({e}): fix or re-download it") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {cfg} ({e.strerror}): fix its permissions") from None
     return config_from_hf(hf, name=path.name)
 
 

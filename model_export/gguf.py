@@ -25,9 +25,25 @@ import numpy as np
 import torch
 
 from mla_compiler.errors import ConfigError, WeightError
-from mla_compiler.model_export.config import MLADims, ModelConfig, RopeConfig
+from mla_compiler.model_export.config import (
+    BOOL,
+    COUNT,
+    EVEN,
+    FACTOR,
+    NEEDED,
+    NUMBER_GE0,
+    NUMBER_GT0,
+    POSITIVE,
+    STRING,
+    THETA,
+    MLADims,
+    ModelConfig,
+    RopeConfig,
+    Spec,
+    read_values,
+)
 from mla_compiler.model_export.modeling import DeepseekV2
-from mla_compiler.model_export.weights import permute_rope_rows, torch_dtype
+from mla_compiler.model_export.weights import expected_shapes, permute_rope_rows, torch_dtype
 
 ARCH = "deepseek2"
 
@@ -95,13 +111,79 @@ def tensor_shapes(reader) -> dict[str, tuple[int, ...]]:
     return {t.name: tuple(int(x) for x in reversed(t.shape.tolist())) for t in reader.tensors}
 
 
+# deepseek2.<key> -> (what it must be, value when absent; NEEDED: must be present). GGUF has no
+# null: absent keys take llama.cpp's defaults.
+_GGUF_FIELDS: dict[str, tuple[Spec, Any]] = {
+    "block_count": (POSITIVE, NEEDED),
+    "embedding_length": (POSITIVE, NEEDED),
+    "feed_forward_length": (POSITIVE, NEEDED),
+    "attention.head_count": (POSITIVE, NEEDED),
+    "attention.kv_lora_rank": (POSITIVE, NEEDED),
+    "rope.dimension_count": (EVEN, NEEDED),
+    "attention.key_length_mla": (POSITIVE, None),
+    "attention.value_length_mla": (POSITIVE, None),
+    "attention.key_length": (POSITIVE, None),
+    "attention.value_length": (POSITIVE, None),
+    "attention.q_lora_rank": (COUNT, 0),  # 0: q_proj is one dense matrix
+    "vocab_size": (POSITIVE, None),  # absent: token_embd's rows
+    "context_length": (POSITIVE, 163840),
+    "attention.layer_norm_rms_epsilon": (NUMBER_GT0, 1e-6),
+    "expert_feed_forward_length": (COUNT, 0),
+    "expert_count": (COUNT, 0),
+    "expert_shared_count": (COUNT, 0),
+    "expert_used_count": (COUNT, 0),
+    "leading_dense_block_count": (COUNT, 0),
+    "expert_group_count": (COUNT, 0),  # 0 or 1: no groups
+    "expert_group_used_count": (COUNT, 0),  # 0: expert_group_count
+    "expert_gating_func": (COUNT, None),
+    "expert_weights_norm": (BOOL, False),
+    "expert_weights_scale": (NUMBER_GT0, 1.0),
+    "rope.freq_base": (THETA, 10000.0),
+    "rope.scaling.type": (STRING, None),
+    "rope.scaling.factor": (FACTOR, None),  # needed for yarn
+    "rope.scaling.original_context_length": (POSITIVE, None),  # needed for yarn
+    "rope.scaling.yarn_beta_fast": (NUMBER_GT0, 32.0),
+    "rope.scaling.yarn_beta_slow": (NUMBER_GT0, 1.0),
+    "rope.scaling.yarn_log_multiplier": (NUMBER_GE0, 0.0),
+}
+_GGUF_TOKEN_IDS: dict[str, tuple[Spec, Any]] = {
+    "bos_token_id": (COUNT, None),
+    "eos_token_id": (COUNT, None),
+}
+# ModelConfig field -> the GGUF key it comes from (for the messages of ``ModelConfig.validate``).
+_GGUF_NAMES = {
+    "vocab_size": f"{ARCH}.vocab_size",
+    "hidden_size": f"{ARCH}.embedding_length",
+    "num_hidden_layers": f"{ARCH}.block_count",
+    "intermediate_size": f"{ARCH}.feed_forward_length",
+    "moe_intermediate_size": f"{ARCH}.expert_feed_forward_length",
+    "n_routed_experts": f"{ARCH}.expert_count",
+    "n_shared_experts": f"{ARCH}.expert_shared_count",
+    "num_experts_per_tok": f"{ARCH}.expert_used_count",
+    "first_k_dense_replace": f"{ARCH}.leading_dense_block_count",
+    "n_group": f"{ARCH}.expert_group_count",
+    "topk_group": f"{ARCH}.expert_group_used_count",
+    "bos_token_id": "tokenizer.ggml.bos_token_id",
+    "eos_token_id": "tokenizer.ggml.eos_token_id",
+    "dims.heads": f"{ARCH}.attention.head_count",
+    "dims.kv_lora_rank": f"{ARCH}.attention.kv_lora_rank",
+    "dims.qk_rope_head_dim": f"{ARCH}.rope.dimension_count",
+}
+_NOT_DEEPSEEK2 = "the file is not a DeepSeek-V2 GGUF"
+
+
 def config_from_gguf(
-    meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], *, name: str = "gguf"
+    meta: dict[str, Any],
+    shapes: dict[str, tuple[int, ...]],
+    *,
+    name: str = "gguf",
+    where: str = "GGUF metadata",
 ) -> ModelConfig:
     """Build a ``ModelConfig`` from the ``deepseek2.*`` metadata that llama.cpp's converter writes.
 
     Files from before llama.cpp split MLA (no ``attention.key_length_mla``) carry the per-head
-    Q/K and V widths in ``attention.key_length`` / ``value_length``.
+    Q/K and V widths in ``attention.key_length`` / ``value_length``. Every key read is checked
+    for type and range (``_GGUF_FIELDS``); ``where`` (the file's name) starts each message.
     """
     arch = meta.get("general.architecture")
     if arch != ARCH:
@@ -110,84 +192,93 @@ def config_from_gguf(
             "(DeepSeek-V2) files"
         )
 
-    def get(key: str, default: Any = None, *, required: bool = False) -> Any:
-        full = f"{ARCH}.{key}"
-        if full not in meta:
-            if required:
-                raise ConfigError(f"GGUF metadata lacks {full}: the file is not a DeepSeek-V2 GGUF")
-            return default
-        value = meta[full]
+    def under(prefix: str) -> dict[str, Any]:
         # GGUF floats are f32: their shortest repr gives back the decimal the converter wrote
-        return float(str(np.float32(value))) if isinstance(value, float) else value
+        return {
+            k.removeprefix(prefix): float(str(np.float32(x))) if isinstance(x, float) else x
+            for k, x in meta.items()
+            if k.startswith(prefix)
+        }
 
-    rope_dim = int(get("rope.dimension_count", required=True))
-    kv_lora = int(get("attention.kv_lora_rank", required=True))
-    if f"{ARCH}.attention.key_length_mla" in meta:
-        qk_head = int(get("attention.key_length_mla"))
-        v_head = int(get("attention.value_length_mla", required=True))
-    else:
-        qk_head = int(get("attention.key_length", required=True))
-        v_head = int(get("attention.value_length", required=True))
-    gating = get("expert_gating_func")
+    v = read_values(
+        where, under(f"{ARCH}."), _GGUF_FIELDS, prefix=f"{ARCH}.", if_missing=_NOT_DEEPSEEK2
+    )
+    ids = read_values(where, under("tokenizer.ggml."), _GGUF_TOKEN_IDS, prefix="tokenizer.ggml.")
+
+    def need(key: str) -> Any:
+        if v[key] is None:
+            raise ConfigError(f"{where} lacks {ARCH}.{key}: {_NOT_DEEPSEEK2}")
+        return v[key]
+
+    rope_dim = v["rope.dimension_count"]
+    mla = "_mla" if f"{ARCH}.attention.key_length_mla" in meta else ""
+    qk_head, v_head = need(f"attention.key_length{mla}"), need(f"attention.value_length{mla}")
+    if qk_head <= rope_dim:
+        raise ConfigError(
+            f"{where}: {ARCH}.attention.key_length{mla} must be greater than "
+            f"{ARCH}.rope.dimension_count ({rope_dim}), got {qk_head}: {_NOT_DEEPSEEK2}"
+        )
+    gating = v["expert_gating_func"]
     if gating not in (None, 1):  # LLAMA_EXPERT_GATING_FUNC_TYPE_SOFTMAX
         raise ConfigError(
-            f"expert_gating_func {gating} (sigmoid) is DeepSeek-V3 routing: not supported, "
-            "mla-compiler runs DeepSeek-V2 (softmax) models"
+            f"{where}: {ARCH}.expert_gating_func {gating} is not softmax (1): sigmoid (2) is "
+            "DeepSeek-V3 routing, not supported; mla-compiler runs DeepSeek-V2 (softmax) models"
         )
-    theta = float(get("rope.freq_base", 10000.0))
+    theta = v["rope.freq_base"]
     rope = RopeConfig(theta=theta)
-    scaling = get("rope.scaling.type")
+    scaling = v["rope.scaling.type"]
     if scaling not in (None, "none", "yarn"):
-        raise ConfigError(f"rope.scaling.type {scaling!r} is not supported: use 'yarn' or none")
+        raise ConfigError(
+            f"{where}: {ARCH}.rope.scaling.type {scaling!r} is not supported: use 'yarn' or none"
+        )
     if scaling == "yarn":
         # the converter writes 0.1 * mscale_all_dim (llama.cpp's TAG_DEEPSEEK2_YARN_LOG_MUL_FIX)
-        mscale_all_dim = float(f"{get('rope.scaling.yarn_log_multiplier', 0.0) * 10:.6g}")
+        mscale_all_dim = float(f"{v['rope.scaling.yarn_log_multiplier'] * 10:.6g}")
         rope = RopeConfig(
             theta=theta,
             kind="yarn",
-            factor=float(get("rope.scaling.factor", required=True)),
-            original_max_position=int(get("rope.scaling.original_context_length", required=True)),
-            beta_fast=float(get("rope.scaling.yarn_beta_fast", 32.0)),
-            beta_slow=float(get("rope.scaling.yarn_beta_slow", 1.0)),
+            factor=need("rope.scaling.factor"),
+            original_max_position=need("rope.scaling.original_context_length"),
+            beta_fast=v["rope.scaling.yarn_beta_fast"],
+            beta_slow=v["rope.scaling.yarn_beta_slow"],
             mscale=mscale_all_dim,
             mscale_all_dim=mscale_all_dim,
         )
-    q_lora = get("attention.q_lora_rank")
-    n_group = int(get("expert_group_count", 1) or 1)
-    vocab = get("vocab_size") or shapes.get("token_embd.weight", (None,))[0]
+    n_group = v["expert_group_count"] or 1
+    vocab = v["vocab_size"] or shapes.get("token_embd.weight", (None,))[0]
     if vocab is None:
-        raise ConfigError(f"GGUF lacks {ARCH}.vocab_size and token_embd: not a complete model")
+        raise ConfigError(f"{where} lacks {ARCH}.vocab_size and token_embd: not a complete model")
     return ModelConfig(
         name=name,
         vocab_size=int(vocab),
-        hidden_size=int(get("embedding_length", required=True)),
-        num_hidden_layers=int(get("block_count", required=True)),
-        intermediate_size=int(get("feed_forward_length", required=True)),
-        moe_intermediate_size=int(get("expert_feed_forward_length", 0)),
-        n_routed_experts=int(get("expert_count", 0)),
-        n_shared_experts=int(get("expert_shared_count", 0)),
-        num_experts_per_tok=int(get("expert_used_count", 0)),
-        first_k_dense_replace=int(get("leading_dense_block_count", 0)),
+        hidden_size=v["embedding_length"],
+        num_hidden_layers=v["block_count"],
+        intermediate_size=v["feed_forward_length"],
+        moe_intermediate_size=v["expert_feed_forward_length"],
+        n_routed_experts=v["expert_count"],
+        n_shared_experts=v["expert_shared_count"],
+        num_experts_per_tok=v["expert_used_count"],
+        first_k_dense_replace=v["leading_dense_block_count"],
         dims=MLADims(
-            heads=int(get("attention.head_count", required=True)),
-            kv_lora_rank=kv_lora,
+            heads=v["attention.head_count"],
+            kv_lora_rank=v["attention.kv_lora_rank"],
             qk_nope_head_dim=qk_head - rope_dim,
             qk_rope_head_dim=rope_dim,
             v_head_dim=v_head,
-            q_lora_rank=int(q_lora) if q_lora else None,
+            q_lora_rank=v["attention.q_lora_rank"] or None,
         ),
         rope=rope,
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        rms_norm_eps=v["attention.layer_norm_rms_epsilon"],
         topk_method="group_limited_greedy" if n_group > 1 else "greedy",
         n_group=n_group,
-        topk_group=int(get("expert_group_used_count", n_group) or n_group),
-        norm_topk_prob=bool(get("expert_weights_norm", False)),
-        routed_scaling_factor=float(get("expert_weights_scale", 1.0)),
-        max_position_embeddings=int(get("context_length", 163840)),
+        topk_group=v["expert_group_used_count"] or n_group,
+        norm_topk_prob=v["expert_weights_norm"],
+        routed_scaling_factor=v["expert_weights_scale"],
+        max_position_embeddings=v["context_length"],
         tie_word_embeddings="output.weight" not in shapes,
-        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-        eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
-    ).validate()
+        bos_token_id=ids["bos_token_id"],
+        eos_token_id=ids["eos_token_id"],
+    ).validate(where, _GGUF_NAMES)
 
 
 def _to_torch(t) -> torch.Tensor:
@@ -219,9 +310,48 @@ def _ours(gguf_name: str) -> str | None:
     return None
 
 
+def _check_shapes(cfg: ModelConfig, reader) -> dict[str, tuple[int, ...]]:
+    """Every tensor the metadata implies has the shape it implies, checked before any
+    conversion (dequantization, rope permutation, k_b/v_b and expert merging): the first
+    mismatch in our parameter order is named with both shapes."""
+    d, want = cfg.dims, expected_shapes(cfg)
+    order = {name: i for i, name in enumerate(want)}
+    found = []
+    for t in reader.tensors:
+        m = _BLOCK.match(t.name)
+        part = m.group(2) if m and m.group(2) in _PARTS else None
+        if part is None:
+            ours = _ours(t.name)
+            shape = want.get(ours)
+        elif part in ("attn_k_b", "attn_v_b"):
+            ours = f"layers.{m.group(1)}.self_attn.kv_b_proj.weight"
+            shape = (
+                (d.heads, d.kv_lora_rank, d.qk_nope_head_dim)  # transposed by the converter
+                if part == "attn_k_b"
+                else (d.heads, d.v_head_dim, d.kv_lora_rank)
+            )
+        else:
+            which = "down" if part == "ffn_down_exps" else "gate_up"
+            ours = f"layers.{m.group(1)}.mlp.experts_{which}"
+            shape = want.get(ours)
+            if shape is not None and part != "ffn_down_exps":
+                shape = (shape[0], shape[1] // 2, shape[2])  # gate and up: one half each
+        got = tuple(int(x) for x in reversed(t.shape.tolist()))
+        if ours in want and shape is not None and got != shape:
+            found.append((order[ours], t.name, got, shape))
+    if found:
+        _, name, got, shape = min(found)
+        raise WeightError(
+            f"{name} has shape {got}, metadata implies {shape}: the file is inconsistent "
+            "(re-convert it)"
+        )
+    return want
+
+
 def load_gguf_state(cfg: ModelConfig, reader) -> dict[str, torch.Tensor]:
     """The GGUF's tensors under our parameter names, exactly as ``load_hf_state`` lays them out."""
     d = cfg.dims
+    want = _check_shapes(cfg, reader)
     state: dict[str, torch.Tensor] = {}
     parts: dict[tuple[int, str], torch.Tensor] = {}
     for t in reader.tensors:
@@ -236,7 +366,8 @@ def load_gguf_state(cfg: ModelConfig, reader) -> dict[str, torch.Tensor]:
             raise WeightError(
                 f"GGUF tensor {t.name} is not a DeepSeek-V2 tensor mla-compiler knows"
             )
-        state[ours] = permute_rope_rows(cfg, ours, _to_torch(t))
+        # tensors the metadata does not imply stay as they are: load_gguf_model names them
+        state[ours] = permute_rope_rows(cfg, ours, _to_torch(t)) if ours in want else _to_torch(t)
     for layer in sorted({n for n, _ in parts}):
         attn = f"layers.{layer}.self_attn.kv_b_proj.weight"
         k_b, v_b = parts.pop((layer, "attn_k_b"), None), parts.pop((layer, "attn_v_b"), None)
@@ -246,17 +377,7 @@ def load_gguf_state(cfg: ModelConfig, reader) -> dict[str, torch.Tensor]:
                     f"block {layer} has only one of attn_k_b / attn_v_b: file is incomplete"
                 )
             # k_b [H, kv_lora, nope] (transposed by the converter), v_b [H, v, kv_lora]
-            # -> kv_b [H, nope + v, kv_lora]
-            want = {
-                "k_b": (d.heads, d.kv_lora_rank, d.qk_nope_head_dim),
-                "v_b": (d.heads, d.v_head_dim, d.kv_lora_rank),
-            }
-            for what, t in (("k_b", k_b), ("v_b", v_b)):
-                if tuple(t.shape) != want[what]:
-                    raise WeightError(
-                        f"blk.{layer}.attn_{what} has shape {tuple(t.shape)}, metadata implies "
-                        f"{want[what]}: the file is inconsistent"
-                    )
+            # (shapes checked by _check_shapes) -> kv_b [H, nope + v, kv_lora]
             kv_b = torch.cat([k_b.transpose(1, 2), v_b.to(k_b.dtype)], dim=1)
             state[attn] = kv_b.reshape(d.heads * (d.qk_nope_head_dim + d.v_head_dim), -1)
         exps = [parts.pop((layer, f"ffn_{w}_exps"), None) for w in ("gate", "up", "down")]
@@ -264,6 +385,12 @@ def load_gguf_state(cfg: ModelConfig, reader) -> dict[str, torch.Tensor]:
             if any(e is None for e in exps):
                 raise WeightError(
                     f"block {layer} lacks one of ffn_gate/up/down_exps: file is incomplete"
+                )
+            if f"layers.{layer}.mlp.experts_gate_up" not in want:
+                raise WeightError(
+                    f"block {layer} has routed experts but the metadata makes it a dense layer "
+                    f"({ARCH}.expert_count={cfg.n_routed_experts}, leading_dense_block_count="
+                    f"{cfg.first_k_dense_replace}): the file is inconsistent (re-convert it)"
                 )
             gate, up, down = exps
             state[f"layers.{layer}.mlp.experts_gate_up"] = torch.cat(
@@ -278,7 +405,7 @@ def load_gguf_state(cfg: ModelConfig, reader) -> dict[str, torch.Tensor]:
 def load_gguf_model(path: str | Path, *, dtype: str = "float32") -> tuple[ModelConfig, DeepseekV2]:
     """(config, our model with the GGUF's weights); missing, extra or mis-shaped tensors named."""
     reader = _open(path)
-    cfg = config_from_gguf(read_metadata(reader), tensor_shapes(reader), name=Path(path).stem)
+    cfg = load_gguf_config(path, reader)
     state = load_gguf_state(cfg, reader)
     model = DeepseekV2(cfg)
     expected = dict(model.named_parameters())
@@ -299,43 +426,59 @@ def load_gguf_model(path: str | Path, *, dtype: str = "float32") -> tuple[ModelC
     return cfg, model.to(torch_dtype(dtype)).eval()
 
 
-def load_gguf_config(path: str | Path) -> ModelConfig:
-    reader = _open(path)
-    return config_from_gguf(read_metadata(reader), tensor_shapes(reader), name=Path(path).stem)
+def load_gguf_config(path: str | Path, reader=None) -> ModelConfig:
+    reader = _open(path) if reader is None else reader
+    path = Path(path)
+    return config_from_gguf(
+        read_metadata(reader), tensor_shapes(reader), name=path.stem, where=path.name
+    )
 
 
 # ---- tokenizer -----------------------------------------------------------------------------
 
-# llama.cpp token types (tokenizer.ggml.token_type); control and unused ([PAD{i}]) tokens
-# become special tokens: never split, and left out of decoded text as llama.cpp does.
-_CONTROL, _USER_DEFINED, _UNUSED = 3, 4, 5
+# llama.cpp token types (tokenizer.ggml.token_type); control, unknown and unused ([PAD{i}])
+# tokens become special tokens: never split, and left out of decoded text as llama.cpp does.
+_NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED = 1, 2, 3, 4, 5
+_SPECIAL = (_UNKNOWN, _CONTROL, _UNUSED)
+# Vocabulary kinds tokenizer_from_gguf converts (tokenizer.ggml.model).
+TOKENIZER_MODELS = ("gpt2", "llama")
 
 
 def tokenizer_from_gguf(meta: dict[str, Any]):
-    """A ``tokenizers.Tokenizer`` from a GGUF's ``tokenizer.ggml.*`` arrays (``gpt2`` byte-level
-    BPE, as DeepSeek-V2 files carry), or None for other vocab kinds.
+    """A ``tokenizers.Tokenizer`` from a GGUF's ``tokenizer.ggml.*`` arrays, or None for vocab
+    kinds other than ``TOKENIZER_MODELS``.
 
-    Decoding is exact. Encoding splits words with GPT-2's regex, not the ``deepseek-llm``
-    pre-tokenizer llama.cpp selects from ``tokenizer.ggml.pre``: prompts of text in other
-    scripts than Latin may split differently; put the model's ``tokenizer.json`` next to the
-    .gguf file to get the exact tokenizer (``write_tokenizer_files`` prefers it).
+    ``gpt2`` (byte-level BPE, as DeepSeek-V2 files carry): decoding is exact. Encoding splits
+    words with GPT-2's regex, not the ``deepseek-llm`` pre-tokenizer llama.cpp selects from
+    ``tokenizer.ggml.pre``: prompts of text in other scripts than Latin may split differently;
+    put the model's ``tokenizer.json`` next to the .gguf file to get the exact tokenizer
+    (``write_tokenizer_files`` prefers it).
+
+    ``llama`` (SentencePiece: tokens, scores, token types, ``<0xNN>`` byte tokens): see
+    ``_spm_tokenizer``.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    if meta.get("tokenizer.ggml.model") != "gpt2" or "tokenizer.ggml.tokens" not in meta:
+    kind = meta.get("tokenizer.ggml.model")
+    if kind not in TOKENIZER_MODELS or "tokenizer.ggml.tokens" not in meta:
         return None
     tokens = meta["tokenizer.ggml.tokens"]
-    types = meta.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
-    vocab = {t: i for i, t in enumerate(tokens)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
+    types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+        raise ValueError(f"{len(tokens)} tokens but {len(types)} token types")
+    if kind == "llama":
+        tok = _spm_tokenizer(meta, tokens, types)
+    else:
+        merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]
+        vocab = {t: i for i, t in enumerate(tokens)}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(
         [
             AddedToken(t, special=True, normalized=False)
             for t, kind in zip(tokens, types, strict=True)
-            if kind in (_CONTROL, _UNUSED)
+            if kind in _SPECIAL
         ]
     )
     tok.add_tokens(
@@ -348,13 +491,73 @@ def tokenizer_from_gguf(meta: dict[str, Any]):
     return tok
 
 
-def write_tokenizer_files(path: str | Path, out_dir: str | Path) -> bool:
+def _spm_tokenizer(meta: dict[str, Any], tokens: list[str], types: list[int]):
+    """A SentencePiece vocabulary as llama.cpp tokenizes it: spaces become ``▁``, one ``▁`` is
+    put before the text and after each special token (``tokenizer.ggml.add_space_prefix``,
+    default true), characters no piece covers fall back to ``<0xNN>`` byte tokens, decoding
+    undoes all three.
+
+    The model: llama.cpp repeatedly merges the adjacent pair whose concatenation is the
+    highest-scoring token, which is SentencePiece's BPE; here a BPE whose merges are every
+    two-token split of every normal token, ranked by that token's score. A vocabulary where
+    more than 1% of the normal tokens have no such split cannot come from BPE: it is a
+    SentencePiece unigram model, given the unigram model (Viterbi over the scores), as
+    SentencePiece itself tokenizes it.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    n = len(tokens)
+    scores = [float(x) for x in meta.get("tokenizer.ggml.scores") or [0.0] * n]
+    if len(scores) != n:
+        raise ValueError(f"{n} tokens but {len(scores)} scores")
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    if not isinstance(unk_id, int) or not 0 <= unk_id < n:
+        unk_id = vocab.get("<unk>")
+    normal = [i for i, kind in enumerate(types) if kind == _NORMAL and len(tokens[i]) > 1]
+    splits = {
+        i: [(t[:j], t[j:]) for j in range(1, len(t)) if t[:j] in vocab and t[j:] in vocab]
+        for i in normal
+        for t in (tokens[i],)
+    }
+    unreachable = sum(1 for i in normal if not splits[i])
+    if unreachable > 0.01 * len(normal):
+        model = models.Unigram(
+            [(t, s) for t, s in zip(tokens, scores, strict=True)], unk_id=unk_id, byte_fallback=True
+        )
+    else:
+        ranked = sorted(normal, key=lambda i: (-scores[i], i))
+        model = models.BPE(
+            vocab=vocab,
+            merges=[pair for i in ranked for pair in splits[i]],
+            unk_token=None if unk_id is None else tokens[unk_id],
+            fuse_unk=True,
+            byte_fallback=True,
+        )
+    tok = Tokenizer(model)
+    prefix = meta.get("tokenizer.ggml.add_space_prefix", True) is not False
+    # normalizers run on each stretch of text between special tokens: llama.cpp's prefix rule
+    tok.normalizer = normalizers.Sequence(
+        [normalizers.Prepend("▁")] * prefix + [normalizers.Replace(" ", "▁")]
+    )
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+        + [decoders.Strip(" ", 1, 0)] * prefix
+    )
+    return tok
+
+
+def write_tokenizer_files(path: str | Path, out_dir: str | Path, *, log=None) -> bool:
     """Put ``tokenizer.json`` (+ ``tokenizer_config.json`` with the chat template) into
     ``out_dir``: the files next to the .gguf when there are any, else built from its vocabulary.
-    False when the GGUF carries no usable vocabulary."""
+    False when the GGUF carries no vocabulary this can convert; then ``log`` (a callable taking
+    one line; default ``print``) is told, with what to do about it."""
     import json
     import shutil
 
+    log = print if log is None else log
     path, out_dir = Path(path), Path(out_dir)
     if (path.parent / "tokenizer.json").exists():
         for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -362,15 +565,28 @@ def write_tokenizer_files(path: str | Path, out_dir: str | Path) -> bool:
                 shutil.copy(path.parent / name, out_dir / name)
         return True
     meta = read_metadata(_open(path), arrays=True)
-    tok = tokenizer_from_gguf(meta)
-    if tok is None:
+    kind = meta.get("tokenizer.ggml.model")
+    fix = (
+        "the artifact takes --prompt-ids only; put the model's tokenizer.json next to the "
+        ".gguf to get text in/out"
+    )
+    if kind in (None, "no", "none") or "tokenizer.ggml.tokens" not in meta:
+        log(f"note: {path.name}: the file has no vocabulary: {fix}")
+        return False
+    if kind not in TOKENIZER_MODELS:
+        log(f"note: {path.name}: tokenizer model {kind!r} is not supported: {fix}")
+        return False
+    try:
+        tok = tokenizer_from_gguf(meta)
+    except Exception as e:  # noqa: BLE001  (a malformed vocabulary must not fail the compile)
+        log(f"note: {path.name}: its {kind!r} vocabulary could not be converted ({e}): {fix}")
         return False
     tok.save(str(out_dir / "tokenizer.json"))
     tokens = meta["tokenizer.ggml.tokens"]
 
     def token(key: str) -> str | None:
         i = meta.get(f"tokenizer.ggml.{key}_token_id")
-        return tokens[i] if i is not None and 0 <= i < len(tokens) else None
+        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
 
     cfg = {"bos_token": token("bos"), "eos_token": token("eos")}
     if "tokenizer.chat_template" in meta:

@@ -39,6 +39,13 @@ def random_model(cfg: ModelConfig, *, seed: int = 0, dtype: str = "float32") -> 
     return model.to(torch_dtype(dtype)).eval()
 
 
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Each parameter of our model for ``cfg`` -> its shape, in the model's parameter order."""
+    with torch.device("meta"):
+        model = DeepseekV2(cfg)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
 def rope_permutation(dr: int) -> torch.Tensor:
     """Index that reorders interleaved rope dims (x0,x1,x2,..) to half-split (x0,x2,..,x1,x3,..)."""
     return torch.cat([torch.arange(0, dr, 2), torch.arange(1, dr, 2)])
@@ -93,6 +100,46 @@ def _open_checkpoint(model_dir: Path) -> dict[str, Path]:
 _EXPERT = re.compile(r"layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 
 
+def _ours(name: str) -> str:
+    """Our parameter name of a (non per-expert) checkpoint tensor."""
+    ours = name.removeprefix("model.")
+    ours = ours.replace("mlp.experts.gate_up_proj", "mlp.experts_gate_up")
+    return ours.replace("mlp.experts.down_proj", "mlp.experts_down")
+
+
+def _check_shapes(
+    cfg: ModelConfig, raw: dict[str, torch.Tensor], model_dir: Path
+) -> dict[str, tuple[int, ...]]:
+    """Every checkpoint tensor the config expects has the shape it implies, checked before any
+    reshaping (rope permutation, expert stacking): the first mismatch in parameter order is
+    named with both shapes. Tensors the config does not expect are left to ``load_hf_model``.
+    Returns ``expected_shapes(cfg)``."""
+    want = expected_shapes(cfg)
+    order = {name: i for i, name in enumerate(want)}
+    found = []
+    for name, t in raw.items():
+        if m := _EXPERT.search(name):
+            layer, part = m.group(1), m.group(3)
+            stacked = f"layers.{layer}.mlp.experts_{'down' if part == 'down' else 'gate_up'}"
+            if stacked not in want:
+                continue
+            _, rows, cols = want[stacked]
+            shape = (rows, cols) if part == "down" else (rows // 2, cols)
+        elif (stacked := _ours(name)) in want:
+            shape = want[stacked]
+        else:
+            continue
+        if tuple(t.shape) != shape:
+            found.append((order[stacked], name, tuple(t.shape), shape))
+    if found:
+        _, name, got, shape = min(found)
+        raise WeightError(
+            f"{name} has shape {got} in {model_dir.name}, config.json implies {shape}: the "
+            "weights and config.json disagree; re-download the checkpoint or fix config.json"
+        )
+    return want
+
+
 def load_hf_state(cfg: ModelConfig, model_dir: str | Path) -> dict[str, torch.Tensor]:
     """Read a HF checkpoint into our parameter names (experts stacked, rope rows permuted)."""
     from safetensors import safe_open
@@ -114,18 +161,24 @@ def load_hf_state(cfg: ModelConfig, model_dir: str | Path) -> dict[str, torch.Te
                 f"cannot read {f.name} ({e}): the file is truncated or corrupt"
             ) from None
 
+    want = _check_shapes(cfg, raw, Path(model_dir))
     state: dict[str, torch.Tensor] = {}
     experts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
     for name, t in raw.items():
         if m := _EXPERT.search(name):
             experts.setdefault((int(m.group(1)), int(m.group(2))), {})[m.group(3)] = t
             continue
-        ours = name.removeprefix("model.")
-        ours = ours.replace("mlp.experts.gate_up_proj", "mlp.experts_gate_up")
-        ours = ours.replace("mlp.experts.down_proj", "mlp.experts_down")
-        state[ours] = permute_rope_rows(cfg, ours, t)
+        ours = _ours(name)
+        # tensors the config does not expect stay as they are: load_hf_model names them
+        state[ours] = permute_rope_rows(cfg, ours, t) if ours in want else t
     layers = sorted({layer for layer, _ in experts})
     for layer in layers:
+        if f"layers.{layer}.mlp.experts_gate_up" not in want:
+            raise WeightError(
+                f"checkpoint {model_dir} has routed experts in layer {layer}, a dense layer for "
+                f"config.json (n_routed_experts={cfg.n_routed_experts}, first_k_dense_replace="
+                f"{cfg.first_k_dense_replace}): config.json and the weights disagree"
+            )
         ids = sorted(e for lay, e in experts if lay == layer)
         if ids != list(range(cfg.n_routed_experts)):
             raise WeightError(

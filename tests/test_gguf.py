@@ -49,11 +49,13 @@ def write_gguf(
     legacy_mla_keys: bool = False,
     tokenizer=None,
     drop: tuple[str, ...] = (),
+    edit: dict | None = None,
 ) -> Path:
     """Convert a HF checkpoint as llama.cpp's DeepseekV2Model does (names from gguf-py's own
     tensor map): experts stacked, kv_b split into k_b (transposed) / v_b or kept ("fused"),
     rope rows untouched. ``legacy_mla_keys`` writes the pre-MLA-split header (key_length =
-    per-head Q/K width, no key_length_mla) of older files."""
+    per-head Q/K width, no key_length_mla) of older files. ``edit``: header key -> (value,
+    GGUFValueType) written instead, or None to leave the key out."""
     hf = json.loads((hf_dir / "config.json").read_text())
     layers = hf["num_hidden_layers"]
     w = gguf.GGUFWriter(str(out), "deepseek2")
@@ -106,6 +108,11 @@ def write_gguf(
     w.add_eos_token_id(hf["eos_token_id"])
     if tokenizer is not None:
         add_vocab(w, tokenizer, hf["vocab_size"])
+    for key, value in (edit or {}).items():
+        if value is None:
+            del w.kv_data[0][key]
+        else:
+            w.kv_data[0][key] = gguf.GGUFValue(value=value[0], type=value[1])
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DEEPSEEK2, layers)
     tensors = _hf_tensors(hf_dir)
@@ -387,3 +394,281 @@ def test_cli_gguf_generates_hf_greedy_tokens(tmp_path, sharp_checkpoint):
     assert result["text"] == tok.decode(result["tokens"])
     q8 = write_gguf(sharp_checkpoint, tmp_path / "q8.gguf", kv_b="fused", qtype="q8_0")
     assert _greedy(tmp_path, q8, "gguf-q8", prompt) == expected
+
+
+# ---- metadata and tensor checks --------------------------------------------------------------
+
+V = gguf.GGUFValueType
+
+
+@pytest.fixture(scope="module")
+def small_gguf_meta(hf_checkpoint, tmp_path_factory):
+    """(metadata, tensor shapes) of small-yarn's GGUF: the base the bad headers are made from."""
+    path = write_gguf(hf_checkpoint("small-yarn"), tmp_path_factory.mktemp("g") / "m.gguf")
+    reader = gguf_import._open(path)
+    return gguf_import.read_metadata(reader), gguf_import.tensor_shapes(reader)
+
+
+A = "deepseek2"
+BAD_META = [  # (key, value or None to drop it, message)
+    (f"{A}.block_count", "three", f"{A}.block_count must be a positive integer, got 'three'"),
+    (f"{A}.block_count", 0, f"{A}.block_count must be a positive integer, got 0"),
+    (f"{A}.block_count", None, f"lacks {A}.block_count: the file is not a DeepSeek-V2 GGUF"),
+    (f"{A}.attention.kv_lora_rank", -4, "kv_lora_rank must be a positive integer, got -4"),
+    (f"{A}.rope.dimension_count", 7, "dimension_count must be a positive even integer, got 7"),
+    (f"{A}.attention.key_length_mla", 16, "key_length_mla must be greater than"),
+    (f"{A}.expert_used_count", 9, f"{A}.expert_used_count must be an integer in 1..{A}.expert"),
+    (f"{A}.leading_dense_block_count", 4, "leading_dense_block_count must be an integer in 0.."),
+    (f"{A}.expert_weights_norm", 1, "expert_weights_norm must be true or false, got 1"),
+    (f"{A}.expert_weights_scale", 0.0, "expert_weights_scale must be a number > 0, got 0.0"),
+    (f"{A}.attention.layer_norm_rms_epsilon", "1e-6", "epsilon must be a number > 0, got '1e-6'"),
+    (f"{A}.rope.freq_base", 0.5, f"{A}.rope.freq_base must be a number > 1, got 0.5"),
+    (f"{A}.rope.scaling.factor", None, f"lacks {A}.rope.scaling.factor"),
+    (f"{A}.rope.scaling.factor", 0.25, "rope.scaling.factor must be a number >= 1, got 0.25"),
+    (f"{A}.expert_gating_func", 2, "expert_gating_func 2 is not softmax (1)"),
+    ("tokenizer.ggml.eos_token_id", 999, "eos_token_id must be an integer in 0..deepseek2.voc"),
+]
+
+
+@pytest.mark.parametrize(
+    "key,value,message", BAD_META, ids=[f"{k.split('.', 1)[1]}={v!r}" for k, v, _ in BAD_META]
+)
+def test_bad_metadata_is_one_config_error(small_gguf_meta, key, value, message):
+    meta, shapes = small_gguf_meta
+    meta = dict(meta)
+    if value is None:
+        del meta[key]
+    else:
+        meta[key] = value
+    with pytest.raises(ConfigError) as err:
+        gguf_import.config_from_gguf(meta, shapes, where="m.gguf")
+    assert str(err.value).startswith("m.gguf"), err.value
+    assert message in str(err.value), err.value
+
+
+def test_cli_bad_metadata_is_one_line(tmp_path, hf_checkpoint):
+    path = write_gguf(
+        hf_checkpoint("small-yarn"),
+        tmp_path / "m.gguf",
+        edit={f"{A}.block_count": ("three", V.STRING)},
+    )
+    out = tmp_path / "o"
+    proc = run_cli("compile", "--model", str(path), "--output", str(out), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"mla-compiler compile: error: m.gguf: {A}.block_count must be a positive integer, "
+        "got 'three'"
+    ]
+    assert not out.exists()
+
+
+def test_misshaped_tensor_is_named_before_any_conversion(tmp_path, hf_checkpoint):
+    """A kv_a_mqa tensor with rows missing: named with both shapes, not an IndexError from the
+    rope permutation."""
+    from safetensors.torch import load_file, save_file
+
+    hf = tmp_path / "hf"
+    shutil.copytree(hf_checkpoint("small-yarn"), hf)
+    tensors = load_file(str(hf / "model.safetensors"))
+    name = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"
+    tensors[name] = tensors[name][:40].contiguous()
+    save_file(tensors, str(hf / "model.safetensors"), metadata={"format": "pt"})
+    path = write_gguf(hf, tmp_path / "m.gguf", qtype="q8_0")
+    with pytest.raises(WeightError) as err:
+        gguf_import.load_gguf_model(path)
+    assert str(err.value) == (
+        "blk.1.attn_kv_a_mqa.weight has shape (40, 64), metadata implies (48, 64): the file is "
+        "inconsistent (re-convert it)"
+    )
+
+
+# ---- SentencePiece ("llama") vocabularies ---------------------------------------------------
+
+NORMAL, UNKNOWN, CONTROL, USER, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+
+def spm_vocab() -> tuple[list[str], list[float], list[int]]:
+    """A SentencePiece-BPE vocabulary as llama.cpp's converter writes one (tokens, scores, token
+    types): <unk> <s> </s>, the 256 byte tokens <0xNN>, pieces learnt by a BPE on CORPUS with
+    score -(merge rank) (no piece with a newline: newlines take the byte fallback), then a
+    user-defined token and an unused one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.Metaspace()
+    bpe.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300))
+    pieces = sorted(bpe.get_vocab().items(), key=lambda kv: kv[1])
+    pieces = [p for p, _ in pieces if "\n" not in p]
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256)), *pieces]
+    tokens += ["<|tool|>", "[PAD0]"]
+    scores = [0.0] * 259 + [-float(i) for i in range(len(pieces))] + [0.0, 0.0]
+    types = [UNKNOWN, CONTROL, CONTROL] + [BYTE] * 256 + [NORMAL] * len(pieces) + [USER, UNUSED]
+    return tokens, scores, types
+
+
+def llama_cpp_spm(text: str, tokens: list[str], scores: list[float], types: list[int]):
+    """llama.cpp's SPM tokenizer (llm_tokenizer_spm), written plainly: split off special and
+    user-defined tokens; before each other stretch that starts the text or follows one of those,
+    a space; spaces become ▁; then repeatedly merge the adjacent pair whose concatenation is the
+    highest-scoring token (leftmost on ties); pieces that are not tokens become byte tokens."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    specials = sorted(
+        (t for t, k in zip(tokens, types, strict=True) if k in (UNKNOWN, CONTROL, USER, UNUSED)),
+        key=len,
+        reverse=True,
+    )
+    ids, i, stretch, pieces = [], 0, "", []
+    while i < len(text):
+        hit = next((s for s in specials if text.startswith(s, i)), None)
+        if hit is None:
+            stretch, i = stretch + text[i], i + 1
+            continue
+        pieces += [stretch] if stretch else []
+        pieces.append((hit,))
+        stretch, i = "", i + len(hit)
+    pieces += [stretch] if stretch else []
+    after_special = True
+    for piece in pieces:
+        if isinstance(piece, tuple):
+            ids.append(vocab[piece[0]])
+            after_special = True
+            continue
+        syms = list((" " * after_special + piece).replace(" ", "▁"))
+        after_special = False
+        while True:
+            pairs = [
+                (scores[vocab[a + b]], -j)
+                for j, (a, b) in enumerate(zip(syms, syms[1:], strict=False))
+                if a + b in vocab
+            ]
+            if not pairs:
+                break
+            j = -max(pairs)[1]
+            syms[j : j + 2] = [syms[j] + syms[j + 1]]
+        for sym in syms:
+            ids += [vocab[sym]] if sym in vocab else [vocab[f"<0x{b:02X}>"] for b in sym.encode()]
+    return ids
+
+
+SPM_TEXTS = [
+    "hello world, the latent cache",
+    "experts are routed by a softmax gate",
+    "café crème 🙂",  # é, è and the emoji are no piece: byte fallback
+    "  a  b",
+    " leading and trailing ",
+    "User: hi\n\nAssistant:",
+    "",
+]
+
+
+def _spm_meta(tokens, scores, types, **extra) -> dict:
+    return {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": scores,
+        "tokenizer.ggml.token_type": types,
+        **extra,
+    }
+
+
+def test_spm_tokenizer_encodes_as_llama_cpp():
+    tokens, scores, types = spm_vocab()
+    tok = gguf_import.tokenizer_from_gguf(_spm_meta(tokens, scores, types))
+    for text in SPM_TEXTS:
+        ids = tok.encode(text).ids
+        assert ids == llama_cpp_spm(text, tokens, scores, types), text
+        assert tok.decode(ids) == text
+    assert any(tokens[i] == "<0xC3>" for i in tok.encode("café").ids)  # byte fallback
+    # special and user-defined tokens: never split, a ▁ after each as llama.cpp puts it
+    text = "<s>User: hi<|tool|>x</s>"
+    ids = tok.encode(text).ids
+    assert ids == llama_cpp_spm(text, tokens, scores, types)
+    assert ids[0] == 1 and ids[-1] == 2 and tokens.index("<|tool|>") in ids
+    assert tok.decode(ids) == "User: hi<|tool|> x"  # specials left out of decoded text
+
+
+def test_spm_unigram_vocab_takes_the_best_segmentation():
+    """A vocabulary BPE cannot build (▁abc has no split into two tokens) is a SentencePiece
+    unigram model: the segmentation with the highest total score, as SentencePiece gives."""
+    tokens = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256))]
+    pieces = {"▁": -1.0, "a": -2.0, "b": -2.0, "c": -2.0, "bc": -2.5, "▁abc": -3.0, "ca": -2.2}
+    tokens += list(pieces)
+    scores = [0.0] * 259 + list(pieces.values())
+    types = [UNKNOWN, CONTROL, CONTROL] + [BYTE] * 256 + [NORMAL] * len(pieces)
+    tok = gguf_import.tokenizer_from_gguf(_spm_meta(tokens, scores, types))
+    ids = {text: [tokens[i] for i in tok.encode(text).ids] for text in ("abc", "cabc", "d abc")}
+    assert ids == {
+        "abc": ["▁abc"],  # -3 beats ▁ a bc (-5.5)
+        "cabc": ["▁", "ca", "bc"],  # -5.7 beats ▁ c a bc (-7.5)
+        "d abc": ["▁", "<0x64>", "▁abc"],
+    }
+    for text in ("abc", "cabc", "d abc"):
+        assert tok.decode(tok.encode(text).ids) == text
+
+
+def _tokenizer_gguf(path: Path, model: str | None, **keys) -> Path:
+    """A GGUF with no tensors and only a tokenizer header (all write_tokenizer_files reads)."""
+    w = gguf.GGUFWriter(str(path), "deepseek2")
+    if model is not None:
+        w.add_tokenizer_model(model)
+    for key, value in keys.items():
+        getattr(w, f"add_{key}")(value)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_write_tokenizer_files_converts_spm(tmp_path):
+    from tokenizers import Tokenizer
+
+    tokens, scores, types = spm_vocab()
+    path = _tokenizer_gguf(
+        tmp_path / "spm.gguf",
+        "llama",
+        token_list=tokens,
+        token_scores=scores,
+        token_types=types,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    out = tmp_path / "art"
+    out.mkdir()
+    lines = []
+    assert gguf_import.write_tokenizer_files(path, out, log=lines.append)
+    assert lines == []
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))  # what the runtime loads
+    for text in SPM_TEXTS:
+        assert tok.encode(text).ids == llama_cpp_spm(text, tokens, scores, types), text
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert cfg == {"bos_token": "<s>", "eos_token": "</s>"}
+
+
+FIX = (
+    "the artifact takes --prompt-ids only; put the model's tokenizer.json next to the .gguf to "
+    "get text in/out"
+)
+
+
+def test_write_tokenizer_files_says_what_it_cannot_convert(tmp_path, capsys):
+    out = tmp_path / "art"
+    out.mkdir()
+    bert = _tokenizer_gguf(tmp_path / "bert.gguf", "bert", token_list=["[UNK]", "a"])
+    lines = []
+    assert not gguf_import.write_tokenizer_files(bert, out, log=lines.append)
+    assert lines == [f"note: bert.gguf: tokenizer model 'bert' is not supported: {FIX}"]
+    assert not (out / "tokenizer.json").exists()
+    # the default log prints the same line
+    assert not gguf_import.write_tokenizer_files(bert, out)
+    assert capsys.readouterr().out == lines[0] + "\n"
+    bare = _tokenizer_gguf(tmp_path / "bare.gguf", None)
+    assert not gguf_import.write_tokenizer_files(bare, out, log=lines.append)
+    assert lines[1] == f"note: bare.gguf: the file has no vocabulary: {FIX}"
+    # a malformed vocabulary (fewer scores than tokens) is reported, not raised
+    broken = _tokenizer_gguf(
+        tmp_path / "broken.gguf", "llama", token_list=["<unk>", "a", "b"], token_scores=[0.0]
+    )
+    assert not gguf_import.write_tokenizer_files(broken, out, log=lines.append)
+    assert lines[2].startswith("note: broken.gguf: its 'llama' vocabulary could not be converted")
+    assert lines[2].endswith(FIX) and len(lines) == 3

@@ -106,3 +106,60 @@ def test_truncated_safetensors(hf_checkpoint, tmp_path):
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     with pytest.raises(WeightError, match="truncated or corrupt|not a readable"):
         load_hf_model(load_config(dst), dst)
+
+
+def _reshaped_checkpoint(hf_checkpoint, tmp_path, name: str, reshape):
+    """small-yarn with tensor ``name`` replaced by ``reshape(tensor)``."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst = tmp_path / "ckpt"
+    shutil.copytree(hf_checkpoint("small-yarn"), dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    tensors[name] = reshape(tensors[name]).contiguous()
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+KV_A = "model.layers.1.self_attn.kv_a_proj_with_mqa.weight"
+RESHAPED = [  # (tensor, how it is mis-shaped, expected shape)
+    (KV_A, lambda t: t[:40], "(40, 64)", "(48, 64)"),
+    (KV_A, lambda t: t.T, "(64, 48)", "(48, 64)"),
+    ("model.layers.0.self_attn.q_proj.weight", lambda t: t[:, :32], "(128, 32)", "(128, 64)"),
+    ("model.layers.2.mlp.experts.3.up_proj.weight", lambda t: t.T, "(64, 32)", "(32, 64)"),
+    ("model.layers.0.input_layernorm.weight", lambda t: t[None], "(1, 64)", "(64,)"),
+]
+
+
+@pytest.mark.parametrize(
+    "name,reshape,got,want",
+    RESHAPED,
+    ids=["kv_a-rows", "kv_a-transposed", "q_proj-cols", "expert-up-transposed", "norm-2d"],
+)
+def test_misshaped_tensor_is_named_before_any_transformation(
+    hf_checkpoint, tmp_path, name, reshape, got, want
+):
+    """Each checkpoint tensor's shape is checked before rope permutation or expert stacking:
+    a WeightError naming the tensor, its shape and the shape config.json implies."""
+    dst = _reshaped_checkpoint(hf_checkpoint, tmp_path, name, reshape)
+    with pytest.raises(WeightError) as err:
+        load_hf_model(load_config(dst), dst)
+    assert f"{name} has shape {got} in ckpt, config.json implies {want}" in str(err.value)
+
+
+def test_cli_misshaped_kv_a_proj_is_one_line(hf_checkpoint, tmp_path):
+    from conftest import run_cli
+
+    dst = _reshaped_checkpoint(hf_checkpoint, tmp_path, KV_A, lambda t: t[:40])
+    out = tmp_path / "o"
+    proc = run_cli("compile", "--model", str(dst), "--output", str(out), check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [
+        f"mla-compiler compile: error: {KV_A} has shape (40, 64) in ckpt, config.json implies "
+        "(48, 64): the weights and config.json disagree; re-download the checkpoint or fix "
+        "config.json"
+    ], proc.stderr
+    assert not out.exists()
