@@ -259,7 +259,7 @@ def compile_model(
         if weights["source"] == "gguf":
             from mla_compiler.model_export.gguf import write_tokenizer_files
 
-            write_tokenizer_files(model_dir, tmp)
+            write_tokenizer_files(model_dir, tmp, log=log)
         elif model_dir is not None:
             for name in ("tokenizer.json", "tokenizer_config.json"):
                 if (Path(model_dir) / name).exists():
