@@ -17,7 +17,7 @@ import threading
 import pytest
 from test_tokenizer import MESSAGES, text_artifact
 
-from mla_compiler.serve import ChatTemplate, OpenAIServer
+from mla_compiler.runtime.serve import ChatTemplate, OpenAIServer
 
 MAX_CONTEXT, MAX_TOKENS = 128, 32
 CLIENTS, PER_CLIENT = 8, 3

@@ -12,7 +12,7 @@ from conftest import run_cli
 
 tokenizers = pytest.importorskip("tokenizers")
 
-from mla_compiler.serve import ChatTemplate, TextStream, deepseek_chat_prompt  # noqa: E402
+from mla_compiler.runtime.serve import ChatTemplate, TextStream, deepseek_chat_prompt  # noqa: E402
 
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 CORPUS = [
