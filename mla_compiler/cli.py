@@ -246,7 +246,7 @@ def _add_serve(sub) -> None:
 
 
 def cmd_serve(args) -> int:
-    from mla_compiler.serve import serve
+    from mla_compiler.runtime.serve import serve
 
     serve(
         args.artifact,
@@ -329,7 +329,7 @@ def cmd_run(args) -> int:
     if max_new is None:  # the default stops where the context ends; an explicit N never does
         max_new = max(0, min(DEFAULT_MAX_NEW_TOKENS, eng.max_context - len(prompt)))
     tokens = []
-    from mla_compiler.serve import TextStream  # whole-sequence decoding: spaces, split UTF-8
+    from mla_compiler.runtime.serve import TextStream  # whole-sequence decode: spaces, split UTF-8
 
     text = TextStream(eng.decode_text)
     for tok in eng.stream(
