@@ -119,9 +119,11 @@ class _Lower(relax.PyExprMutator):
         w = R.reshape(gate_up, [e, 2, two_i // 2 // g, g, d])
         return self._emit(R.reshape(R.permute_dims(w, [0, 2, 1, 3, 4]), [e, two_i, d]))
 
-    def _add(self, key, func, name):
+    def _add(self, key, make, name):
+        """The kernel for ``key``; ``make()`` builds it only the first time (every MoE layer
+        asks for the same kernels: building them each time cost V2-Lite ~30 s)."""
         if key not in self.kernels:
-            func = kernels.mark_scheduled(func)
+            func = kernels.mark_scheduled(make())
             self.kernels[key] = self.builder_.add_func(func, name)
         return self.kernels[key]
 
@@ -160,7 +162,9 @@ class _Lower(relax.PyExprMutator):
             routed_scaling_factor=scaling,
         )
         key = (e, top_k, method, n_group, topk_group, norm, scaling, d, inter, dtype)
-        route_gv = self._add(("route",) + key, M.moe_route(spec, target=self.target), "moe_route")
+        route_gv = self._add(
+            ("route",) + key, lambda: M.moe_route(spec, target=self.target), "moe_route"
+        )
         t = x.ty.shape[0]
         logits = self._emit(
             R.matmul(R.astype(x, "float32"), R.permute_dims(R.astype(router, "float32"), [1, 0]))
@@ -187,21 +191,31 @@ class _Lower(relax.PyExprMutator):
             wg = tuned if W.moe_fits(tuned, self.target, hidden=d, inter=inter) else wg
             bm = wg.block_m
             grouped_kw = dict(num_experts=e, top_k=top_k, dtype=dtype, target=self.target)
-            gate_up_fn = W.moe_grouped("gate_up", d, inter, config=wg, **grouped_kw)
-            down_fn = W.moe_grouped("down", d, inter, config=wg, **grouped_kw)
+
+            def gate_up_fn():
+                return W.moe_grouped("gate_up", d, inter, config=wg, **grouped_kw)
+
+            def down_fn():
+                return W.moe_grouped("down", d, inter, config=wg, **grouped_kw)
         else:
             kw = dict(num_experts=e, top_k=top_k, dtype=dtype, target=self.target)
-            gate_up_fn, down_fn = M.moe_gate_up(d, inter, **kw), M.moe_down(d, inter, **kw)
+
+            def gate_up_fn():
+                return M.moe_gate_up(d, inter, **kw)
+
+            def down_fn():
+                return M.moe_down(d, inter, **kw)
+
         align_gv = self._add(
             ("align", bm) + key,
-            M.moe_align(e, top_k, block_m=bm, target=self.target),
+            lambda: M.moe_align(e, top_k, block_m=bm, target=self.target),
             "moe_align",
         )
         gate_up_gv = self._add(("gate_up",) + key, gate_up_fn, "moe_gate_up")
         down_gv = self._add(("down",) + key, down_fn, "moe_down")
         combine_gv = self._add(
             ("combine",) + key,
-            M.moe_combine(d, top_k=top_k, dtype=dtype, target=self.target),
+            lambda: M.moe_combine(d, top_k=top_k, dtype=dtype, target=self.target),
             "moe_combine",
         )
         nb = M.num_row_blocks(t, top_k=top_k, num_experts=e, block_m=bm)
@@ -244,17 +258,14 @@ class _Lower(relax.PyExprMutator):
 
         dtype = x.ty.dtype.dtype
         t, top_k = x.ty.shape[0], int(ids.ty.shape[1])
+        kw = dict(num_experts=e, top_k=top_k, dtype=dtype, target=self.target)
         gate_up_gv = self._add(
             ("gate_up_gemv",) + key,
-            MG.moe_gate_up_gemv(
-                d, inter, num_experts=e, top_k=top_k, dtype=dtype, target=self.target
-            ),
+            lambda: MG.moe_gate_up_gemv(d, inter, **kw),
             "moe_gate_up_gemv",
         )
         down_gv = self._add(
-            ("down_gemv",) + key,
-            MG.moe_down_gemv(d, inter, num_experts=e, top_k=top_k, dtype=dtype, target=self.target),
-            "moe_down_gemv",
+            ("down_gemv",) + key, lambda: MG.moe_down_gemv(d, inter, **kw), "moe_down_gemv"
         )
         w = self._interleaved(gate_up)
         h = self._emit(
