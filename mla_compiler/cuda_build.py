@@ -21,6 +21,10 @@ Artifact layout written to ``output`` (a directory)::
     <name>.manifest.json    targets, images in the fatbin, ptxas resources per kernel and arch
     <name>.cuda/            per device module: sm_XX.cubin, compute_XX.ptx, kernels.fatbin,
                             kernels.cu (the source, for reading only; not used to load)
+
+``progress`` (optional, ``progress(msg)``, called from worker threads too) gets a line as each
+phase starts and ends, with its time: the Relax pipeline (dlight), TIR lowering, codegen, each
+nvcc job (and every ``HEARTBEAT_S`` while nvcc runs), the export.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ import dataclasses
 import json
 import os
 import struct
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import tvm
@@ -40,6 +47,9 @@ from mla_compiler.errors import ArtifactError, TargetError
 from mla_compiler.runtime.loader import MANIFEST_FORMAT, MANIFEST_SUFFIX, SMOKE_IO, file_sha256
 from mla_compiler.schedules import gemm as G
 from mla_compiler.schedules.target import parse_targets, tvm_target
+
+Progress = Callable[[str], None]
+HEARTBEAT_S = 60.0  # a "still running" line while nvcc jobs run longer than this
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,13 +111,15 @@ def build(
     codegen_arch: str | None = None,
     ptx: bool = True,
     cuda_graph: bool = False,
+    progress: Progress | None = None,
 ) -> BuildResult:
     """Compile ``mod`` (Relax, or TIR only) for ``archs`` and export it to ``output``.
 
     ``archs`` are CLI target names: ``["cpu"]`` or GPU archs such as ``["sm_89", "sm_90a"]``.
     TVM generates one CUDA source for ``codegen_arch`` (default: the lowest arch, so the source
     compiles for every arch); nvcc compiles it for each arch. A source that needs arch-specific
-    instructions (wgmma: sm_90a) must be built with that arch alone.
+    instructions (wgmma: sm_90a) must be built with that arch alone. ``progress``: see the
+    module docstring; None is silent.
     """
     targets = parse_targets(",".join(archs))
     gpu = targets != ["cpu"]
@@ -116,22 +128,109 @@ def build(
     config = dict(G.PASS_CONFIG) if gpu else {}
     if gpu and cuda_graph:  # RewriteCUDAGraph (in the default finalize passes) does nothing else
         config["relax.backend.use_cuda_graph"] = True
-    with source_only(), tvm.transform.PassContext(config=config):
+    timer = None if progress is None else _CompileTimer(progress, mod, gpu=gpu)
+    # the instrument only watches: the passes and their output are the same without it
+    instruments = [] if timer is None else [_PassProgress(timer)]
+    with source_only(), tvm.transform.PassContext(config=config, instruments=instruments):
         executable = tvm.compile(
             mod, target=target, relax_pipeline=relax_pipeline, tir_pipeline=tir_pipeline
         )
-    return export(executable, targets, output=output, name=name, ptx=ptx)
+    if timer is not None:
+        timer.finish()
+    return export(executable, targets, output=output, name=name, ptx=ptx, progress=progress)
+
+
+def _functions(mod) -> list:
+    return [mod] if isinstance(mod, tvm.tirx.PrimFunc) else [f for _, f in mod.functions_items()]
+
+
+def _n_kernels(mod, *, unscheduled: bool = False) -> int:
+    return sum(
+        isinstance(f, tvm.tirx.PrimFunc)
+        and not (unscheduled and f.attrs is not None and f.attrs.get("tirx.is_scheduled", 0))
+        for f in _functions(mod)
+    )
+
+
+class _CompileTimer:
+    """Phases of ``tvm.compile`` for ``progress``: Relax pipeline (dlight inside), TIR lowering
+    (from ``tirx.BindTarget`` to the last pass), codegen (after the last pass)."""
+
+    def __init__(self, progress: Progress, mod, *, gpu: bool):
+        self.say, self.gpu, self.depth = progress, gpu, 0
+        self.dlight_start = self.dlight = self.lowering = None
+        self.start = self.last = time.perf_counter()
+        relax_funcs = sum(isinstance(f, tvm.relax.Function) for f in _functions(mod))
+        self.relax = relax_funcs > 0
+        if self.relax:
+            self.say(
+                f"      build: Relax pipeline ({relax_funcs} functions, {_n_kernels(mod)} "
+                "kernels) ..."
+            )
+
+    def before(self, mod: tvm.IRModule, name: str) -> None:
+        self.depth += 1
+        now = time.perf_counter()
+        if name == "ApplyDefaultSchedule":
+            self.dlight_start = now
+            n = _n_kernels(mod, unscheduled=True)
+            self.say(f"      build: dlight scheduling {n} of {_n_kernels(mod)} kernels ...")
+        elif name == "tirx.BindTarget" and self.depth == 1 and self.lowering is None:
+            # tirx.build's first pass (the Relax pipeline may build small TIR modules inside)
+            self.lowering = now
+            done = ""
+            if self.relax:
+                dlight = f" (dlight {self.dlight:.1f}s)" if self.dlight is not None else ""
+                done = f"Relax pipeline done {now - self.start:.1f}s{dlight}; "
+            self.say(f"      build: {done}TIR lowering + codegen of {_n_kernels(mod)} kernels ...")
+
+    def after(self, name: str) -> None:
+        self.depth -= 1
+        now = time.perf_counter()
+        if name == "ApplyDefaultSchedule" and self.dlight_start is not None:
+            self.dlight = now - self.dlight_start
+        if self.depth == 0:
+            self.last = now
+
+    def finish(self) -> None:
+        now = time.perf_counter()
+        if self.lowering is None:  # nothing was lowered (or no instrument)
+            return
+        codegen = "CUDA + host" if self.gpu else "host"
+        self.say(
+            f"      build: TIR lowering {self.last - self.lowering:.1f}s, {codegen} codegen "
+            f"{now - self.last:.1f}s"
+        )
+
+
+@tvm.ir.instrument.pass_instrument
+class _PassProgress:
+    def __init__(self, timer: _CompileTimer):
+        self.timer = timer
+
+    def run_before_pass(self, mod, info):
+        self.timer.before(mod, info.name)
+
+    def run_after_pass(self, mod, info):
+        self.timer.after(info.name)
 
 
 def export(
-    executable, archs: list[str], *, output: Path, name: str = "model", ptx: bool = True
+    executable,
+    archs: list[str],
+    *,
+    output: Path,
+    name: str = "model",
+    ptx: bool = True,
+    progress: Progress | None = None,
 ) -> BuildResult:
     """Export a compiled module (``tvm.compile`` output, or a runtime Module) to ``output``.
 
     Its CUDA device modules must still hold source: compile under ``source_only()``. ``ptx``:
     also carry PTX of the lowest arch (skipped when that arch is arch-specific, e.g. sm_90a,
-    whose PTX runs nowhere else).
+    whose PTX runs nowhere else). ``progress``: see the module docstring; None is silent.
     """
+    say = progress or (lambda _msg: None)
     targets = tuple(parse_targets(",".join(archs)))
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
@@ -140,7 +239,9 @@ def export(
     if targets == ("cpu",):
         if _device_payloads(_pack_imports(root)):
             raise TargetError("module has CUDA kernels but was exported for target cpu")
+        start = time.perf_counter()
         root.export_library(str(library))
+        say(f"      export: {library.name} {time.perf_counter() - start:.1f}s")
         return _write_manifest(output, name, library, targets, images=(), device_modules=())
 
     blob = _pack_imports(root)
@@ -151,9 +252,13 @@ def export(
     for index, source in enumerate(sources):
         suffix = "" if index == 0 else f".{index}"
         directory = output / f"{name}.cuda{suffix}"
-        dm, fatbin = _compile_device_module(source, targets, directory, ptx=ptx)
+        label = f"[{index + 1}/{len(sources)}] " if len(sources) > 1 else ""
+        dm, fatbin = _compile_device_module(
+            source, targets, directory, ptx=ptx, say=say, label=label
+        )
         device_modules.append(dm)
         fatbins.append(fatbin)
+    start = time.perf_counter()
     new_blob = _rewrite_payloads(blob, fatbins)
     images = tuple(nvcc.fatbin_images(fatbins[0]))
 
@@ -161,11 +266,21 @@ def export(
         return _blob_object(root, new_blob, is_system_lib, prefix, Path(workspace_dir))
 
     root.export_library(str(library), fpack_imports=fpack_imports)
+    say(
+        f"      export: fatbin ({', '.join(images)}) + {library.name} "
+        f"{time.perf_counter() - start:.1f}s"
+    )
     return _write_manifest(output, name, library, targets, images, tuple(device_modules))
 
 
 def _compile_device_module(
-    source: str, targets: tuple[str, ...], directory: Path, *, ptx: bool
+    source: str,
+    targets: tuple[str, ...],
+    directory: Path,
+    *,
+    ptx: bool,
+    say: Progress = lambda _msg: None,
+    label: str = "",
 ) -> tuple[DeviceModule, bytes]:
     """nvcc: one cubin per arch, PTX of the lowest arch (unless arch-specific), one fatbin."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -174,13 +289,42 @@ def _compile_device_module(
     ptx_archs = [low] if ptx and not nvcc.arch_number(low).endswith(("a", "f")) else []
     flags = nvcc.TVM_NVCC_FLAGS
     workers = max(1, min(len(targets) + len(ptx_archs), os.cpu_count() or 1))
+    size = f"{len(source.encode()) // 1024} KB source"
+    running: dict[str, float] = {}  # job -> start, while it runs
+    lock = threading.Lock()
+
+    def run(what: str, compile_fn, arch: str):
+        start = time.perf_counter()
+        with lock:
+            running[what] = start
+        say(f"      nvcc {label}{what} ({size}) ...")
+        try:
+            result = compile_fn(source, arch, extra_flags=flags)
+        finally:
+            with lock:
+                del running[what]
+        extra = ""
+        if isinstance(result, tuple):  # cubin: ptxas' report per kernel
+            report = result[1]
+            spills = sum(r.spill_bytes for r in report.values())
+            extra = f" ({len(report)} kernels, {spills} bytes spilled)"
+        say(f"      nvcc {label}{what} done {time.perf_counter() - start:.1f}s{extra}")
+        return result
+
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        cubin_jobs = {
-            a: pool.submit(nvcc.compile_cubin, source, a, extra_flags=flags) for a in targets
-        }
+        cubin_jobs = {a: pool.submit(run, f"{a}: cubin", nvcc.compile_cubin, a) for a in targets}
         ptx_jobs = {
-            a: pool.submit(nvcc.compile_ptx, source, a, extra_flags=flags) for a in ptx_archs
+            a: pool.submit(run, f"compute_{nvcc.arch_number(a)}: PTX", nvcc.compile_ptx, a)
+            for a in ptx_archs
         }
+        pending = set(cubin_jobs.values()) | set(ptx_jobs.values())
+        while pending:  # a heartbeat while nvcc runs long
+            _, pending = concurrent.futures.wait(pending, timeout=HEARTBEAT_S)
+            if pending:
+                now = time.perf_counter()
+                with lock:
+                    jobs = ", ".join(f"{w} {now - t:.0f}s" for w, t in running.items())
+                say(f"      nvcc {label}still running: {jobs or 'queued'}")
         cubins = {a: job.result() for a, job in cubin_jobs.items()}
         ptx_text = {a: job.result() for a, job in ptx_jobs.items()}
     fatbin = nvcc.make_fatbin({a: c for a, (c, _) in cubins.items()}, ptx_text)

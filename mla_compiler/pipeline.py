@@ -11,12 +11,19 @@
               ``transform_params``, run once at load time; LiftPhaseWeightTransforms moves the
               transforms only one phase needs there too
 7. build      TVM's default pipeline for the target (dlight schedules for unscheduled GPU ops)
+
+``log`` (optional, ``log(msg)``) gets one line per phase that took a second or more (quicker
+phases are named in the next line), with the number of TIR kernels so far.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+import inspect
+import os
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -34,6 +41,7 @@ from mla_compiler.passes.lower_dense_gemm import LowerDenseGemm
 from mla_compiler.passes.lower_mla_kernels import LowerMLAKernels
 from mla_compiler.passes.lower_moe import LowerMoE
 from mla_compiler.passes.rewrite_mla_attention import RewriteMLAAttention
+from mla_compiler.schedules.target import is_gpu
 
 MLA_MODES = (0, 2, 3)
 # attention form of (prefill, decode) per MLA mode; see RewriteMLAAttention
@@ -43,6 +51,62 @@ FORMS = {
     3: ("decompress", "absorbed"),
 }
 PHASES = ("prefill", "decode")
+
+
+# File names of frames no module has: TVMScript's own evaluation, the import machinery.
+NO_MODULE_FILES = (
+    "<ast>",
+    "<frozen importlib._bootstrap>",
+    "<frozen importlib._bootstrap_external>",
+)
+
+
+@contextlib.contextmanager
+def quick_frame_lookups() -> Iterator[None]:
+    """Make ``inspect.getmodule`` answer at once for frames of ``NO_MODULE_FILES``.
+
+    Every ``T.prim_func`` calls ``inspect.stack()``, which looks up the module of each frame;
+    for a file no module has, ``getmodule`` scans all of ``sys.modules`` (~2,000 with torch)
+    before answering None. Importing TVM's CUDA tensor intrinsics (~500 such calls, each
+    under import frames) took 50-70 s of a 90 s tiny sm_89 compile, our kernels' ``<ast>``
+    frames a few more. Recording those names as "no module" in inspect's cache gives the same
+    answer (None) without the scan; the entries are removed afterwards.
+    """
+    cache = inspect.modulesbyfile
+    added = [
+        path
+        for path in (os.path.normcase(os.path.abspath(name)) for name in NO_MODULE_FILES)
+        if path not in cache
+    ]
+    for path in added:
+        cache[path] = "<no module>"  # sys.modules has no such name: getmodule returns None
+    try:
+        yield
+    finally:
+        for path in added:
+            cache.pop(path, None)
+
+
+def n_kernels(mod: tvm.IRModule) -> int:
+    return sum(isinstance(f, tvm.tirx.PrimFunc) for _, f in mod.functions_items())
+
+
+class _PhaseLog:
+    """``log`` a line per phase of a second or more; quicker phases are named in the next."""
+
+    def __init__(self, log: Callable[[str], None] | None):
+        self.log, self.names, self.start = log, [], time.perf_counter()
+
+    def done(self, name: str, mod: tvm.IRModule | None = None, *, last: bool = False) -> None:
+        if self.log is None:
+            return
+        self.names.append(name)
+        elapsed = time.perf_counter() - self.start
+        if elapsed < 1.0 and not last:
+            return
+        kernels = f" ({n_kernels(mod)} kernels)" if mod is not None else ""
+        self.log(f"      ir: {' + '.join(self.names)} {elapsed:.1f}s{kernels}")
+        self.names, self.start = [], time.perf_counter()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,33 +141,45 @@ def lower_to_kernels(
     dump: Callable[[str, tvm.IRModule], None] | None = None,
     kernel_config=None,
     max_context: int = 4096,
+    log: Callable[[str], None] | None = None,
 ) -> tvm.IRModule:
     if mla not in MLA_MODES:
         raise ConfigError(
             f"unknown --mla {mla}: use 0 (decompressed), 2 (absorbed) or 3 (phase-aware)"
         )
     dump = dump or (lambda _name, _mod: None)
+    phases = _PhaseLog(log)
     mod = FuseRMSNorm()(mod)
     mod = split_phases(mod)
     dump("phases", mod)
+    phases.done("prefill/decode split")
     forms = dict(zip(PHASES, FORMS[mla], strict=True))
     mod = RewriteMLAAttention(dims=cfg.dims, forms=forms)(mod)
     dump("mla", mod)
+    phases.done(f"MLA rewrite (mla={mla})")
+    if is_gpu(target):
+        with quick_frame_lookups():
+            import tvm.s_tir.tensor_intrin  # noqa: F401  (mma / ldmatrix intrinsics)
+        phases.done("TVM tensor intrinsics")
     mod = LowerMoE(target=target)(mod)
     dump("moe", mod)
+    phases.done("MoE lowering", mod)
     mod = LowerMLAKernels(
         dims=cfg.dims, target=target, config=kernel_config, max_context=max_context
     )(mod)
     pseudo.check_lowered(mod)
     dump("kernels", mod)
+    phases.done("MLA kernels", mod)
     mod = LowerDenseGemm(target=target)(mod)
     # per-layer copies of the same pure values (the decode cache row bounds read from
     # kv_indptr / kv_rows) are computed once per call
     mod = relax.transform.EliminateCommonSubexpr()(mod)
     dump("gemm", mod)
+    phases.done("dense GEMMs", mod)
     mod = relax.transform.LiftTransformParams(shared_transform=True)(mod)
     mod = LiftPhaseWeightTransforms()(mod)
     dump("params", mod)
+    phases.done("weight transforms", mod, last=True)
     return mod
 
 
@@ -116,7 +192,10 @@ def compile_ir(
     kv_dtype: str = "float16",
     kernel_config=None,
     max_context: int = 4096,
+    log: Callable[[str], None] | None = None,
 ) -> CompiledIR:
+    """The model as Relax ``prefill`` / ``decode`` / ``transform_params`` with their kernels.
+    ``log``: progress lines (see the module docstring); None is silent."""
     names: list[str] = []
     if dump_dir is not None:
         Path(dump_dir).mkdir(parents=True, exist_ok=True)
@@ -129,17 +208,26 @@ def compile_ir(
             path = Path(dump_dir) / f"{len(names) - 1:02d}_{name}.py"
             path.write_text(mod.script(show_meta=False))
 
-    exported = export_relax(model, kv_dtype=getattr(torch, kv_dtype))
-    dump("export", exported.mod)
-    mod = lower_to_kernels(
-        exported.mod,
-        model.cfg,
-        mla=mla,
-        target=target,
-        dump=dump,
-        kernel_config=kernel_config,
-        max_context=max_context,
-    )
+    with quick_frame_lookups():
+        start = time.perf_counter()
+        exported = export_relax(model, kv_dtype=getattr(torch, kv_dtype))
+        dump("export", exported.mod)
+        if log is not None:
+            layers = model.cfg.num_hidden_layers
+            log(
+                f"      ir: torch.export -> Relax ({layers} layers) "
+                f"{time.perf_counter() - start:.1f}s"
+            )
+        mod = lower_to_kernels(
+            exported.mod,
+            model.cfg,
+            mla=mla,
+            target=target,
+            dump=dump,
+            kernel_config=kernel_config,
+            max_context=max_context,
+            log=log,
+        )
     return CompiledIR(mod=mod, param_names=exported.param_names)
 
 
