@@ -2,8 +2,12 @@
 
 - ``compile_cubin`` turns CUDA C++ (as TVM generates it) into a cubin for one arch and returns the
   ptxas resource report per kernel (registers, shared memory, spills).
-- ``sass_opcodes`` counts SASS opcodes per kernel with ``cuobjdump`` (PyPI package
-  ``nvidia-cuda-cuobjdump``, or one on the PATH).
+- ``sass_opcodes`` counts SASS opcodes per kernel with ``cuobjdump -sass`` (which runs
+  ``nvdisasm``): the PyPI packages ``nvidia-cuda-cuobjdump`` and ``nvidia-cuda-nvdisasm``
+  (dependencies of mla-compiler on Linux), or the CUDA toolkit's. ``inspect`` needs them.
+- ``compile_ptx`` / ``make_fatbin`` / ``fatbin_images``: what ``cuda_build`` runs to build an
+  artifact. Compiling needs nvcc (with its ptxas and fatbinary) only: ``fatbin_images`` reads the
+  fatbin's own headers, so a CUDA install with nvcc but no cuobjdump compiles.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import dataclasses
 import os
 import re
 import shutil
+import struct
 import subprocess
 import tempfile
 from pathlib import Path
@@ -47,9 +52,10 @@ def find_tool(name: str) -> str:
                 return str(cand)
     except ImportError:
         pass
+    packaged = name in ("cuobjdump", "nvdisasm")  # dependencies of mla-compiler on Linux
     raise TargetError(
-        f"{name} not found: install the CUDA toolkit or `pip install nvidia-cuda-{name}` "
-        "(dev extra of mla-compiler)"
+        f"{name} not found: install the CUDA toolkit or `pip install nvidia-cuda-{name}`"
+        + (" (a dependency of mla-compiler on Linux)" if packaged else "")
     )
 
 
@@ -210,18 +216,52 @@ def make_fatbin(
         return out.read_bytes()
 
 
+# Fatbin layout (``fatbinary --create``; CUDA's fatbinary_section.h for the container header):
+# containers of a 16-byte header (magic, version, header size, size of the entries) followed by
+# entries, each a header (kind, version, header size, payload size, ..., the SM number at byte
+# 28, flags at byte 40) and its payload. Arch-specific (``sm_90a``) and family (``sm_100f``)
+# images carry a flag beside the plain number.
+_FATBIN_MAGIC = 0xBA55ED50
+_FATBIN_KINDS = {1: "compute", 2: "sm"}  # PTX, ELF (other kinds, e.g. LTO IR, are not listed)
+_FATBIN_ARCH_SPECIFIC = 0x100000
+_FATBIN_FAMILY = 0x200000
+
+
 def fatbin_images(fatbin: bytes) -> list[str]:
-    """Images in a fatbin as nvcc names them: ``["sm_89", "sm_90a", "compute_89"]``."""
-    tool = find_tool("cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".fatbin") as f:
-        f.write(fatbin)
-        f.flush()
-        proc = subprocess.run([tool, "-lelf", "-lptx", f.name], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise TargetError(f"cuobjdump failed: {proc.stderr.strip()}")
-    found = []
-    for kind, arch in re.findall(
-        r"(ELF|PTX) file\s+\d+: \S*?\.(sm_\w+?)\.(?:cubin|ptx)", proc.stdout
-    ):
-        found.append(arch if kind == "ELF" else arch.replace("sm_", "compute_"))
+    """Images in a fatbin in file order, as nvcc names them: ``["sm_89", "sm_90a", "compute_89"]``.
+
+    Read from the fatbin's headers (compressed payloads are not opened), so building an artifact
+    needs no cuobjdump; ``cuobjdump -lelf -lptx`` lists the same images (tests/test_nvcc_tools.py
+    checks it), except that it names a family cubin (``sm_100f``) ``sm_100``."""
+    if not fatbin:
+        raise TargetError("not a fatbin: empty")
+    found: list[str] = []
+    off = 0
+    while off < len(fatbin):
+        if len(fatbin) - off < 16:
+            raise TargetError(f"not a fatbin: {len(fatbin) - off} stray bytes at byte {off}")
+        magic, _version, header, size = struct.unpack_from("<IHHQ", fatbin, off)
+        if magic != _FATBIN_MAGIC:
+            raise TargetError(f"not a fatbin: magic {magic:#x} at byte {off}")
+        pos, end = off + header, off + header + size
+        if end > len(fatbin):
+            raise TargetError(f"truncated fatbin: {end} bytes announced, {len(fatbin)} present")
+        while pos < end:
+            if end - pos < 48:
+                raise TargetError(f"truncated fatbin entry at byte {pos}")
+            kind, _version, entry_header, payload = struct.unpack_from("<HHIQ", fatbin, pos)
+            if entry_header < 48:
+                raise TargetError(f"corrupt fatbin: entry header of {entry_header} bytes at {pos}")
+            (sm,) = struct.unpack_from("<I", fatbin, pos + 28)
+            (flags,) = struct.unpack_from("<Q", fatbin, pos + 40)
+            if kind in _FATBIN_KINDS:
+                suffix = "a" if flags & _FATBIN_ARCH_SPECIFIC else ""
+                suffix = "f" if flags & _FATBIN_FAMILY else suffix
+                found.append(f"{_FATBIN_KINDS[kind]}_{sm}{suffix}")
+            pos += entry_header + payload
+        if pos != end:
+            raise TargetError(f"corrupt fatbin: entries overrun their container at byte {end}")
+        off = end
+        while off < len(fatbin) and fatbin[off] == 0:  # padding before a further container
+            off += 1
     return found
