@@ -104,6 +104,13 @@ def _add_compile(sub) -> None:
         help="use the fastest configs recorded by `mla-compiler tune` (default configs "
         "where none is recorded)",
     )
+    _add_verbose(p)
+
+
+def _add_verbose(p) -> None:
+    p.add_argument(
+        "--verbose", "-v", action="store_true", help="also show TVM's own warnings and notes"
+    )
 
 
 def _add_artifact(p) -> None:
@@ -272,10 +279,9 @@ def _parse_ids(text: str) -> list[int]:
 
 def cmd_compile(args) -> int:
     from mla_compiler.compiler import CompileOptions, compile_model
+    from mla_compiler.tvm_log import quiet_tvm
 
     dtype = args.dtype or ("float32" if args.target == "cpu" else "float16")
-    if args.ubatch < 1:
-        raise InputError(f"--ubatch must be positive, got {args.ubatch}")
     opts = CompileOptions(
         target=args.target,
         dtype=dtype,
@@ -287,12 +293,9 @@ def cmd_compile(args) -> int:
         dump_ir=args.dump_ir,
         cuda_graph=args.cuda_graph,
         pdl=args.pdl,
+        tuning_db=args.tuning_db,
     )
-    say = lambda m: print(m, file=sys.stderr)  # noqa: E731
-    from mla_compiler import tuning
-
-    # kernels.py reads the database (if any) and the prompt chunk through tuning.prefill_config
-    with tuning.using_db(args.tuning_db, ubatch=args.ubatch, log=say):
+    with quiet_tvm(args.verbose) as say:  # TVM's own warnings only with --verbose
         compile_model(
             output=args.output,
             model_dir=args.model,

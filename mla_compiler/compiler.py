@@ -15,6 +15,7 @@ import tvm
 from mla_compiler import artifact
 from mla_compiler.defaults import DEFAULT_MAX_CONTEXT, DEFAULT_UBATCH
 from mla_compiler.errors import ConfigError, WeightError
+from mla_compiler.kernel_configs import KernelChoice
 from mla_compiler.model_export.config import ModelConfig, load_config, preset
 from mla_compiler.model_export.modeling import DeepseekV2
 from mla_compiler.model_export.weights import load_hf_model, random_model, torch_dtype
@@ -41,6 +42,8 @@ class CompileOptions:
     # every kernel launched as a programmatic dependent of the one before (sm_90+ targets
     # only): see build_module
     pdl: bool = False
+    # `mla-compiler tune` database: its fastest configs where recorded (kernel_configs)
+    tuning_db: str | None = None
 
 
 def resolve_model(*, model_dir: str | None, preset_name: str | None, dtype: str, seed: int):
@@ -216,6 +219,9 @@ def compile_model(
         raise ConfigError(f"unknown --mla {options.mla}: use 0, 2 or 3")
     if options.max_context < 1:
         raise ConfigError(f"--max-context must be positive, got {options.max_context}")
+    if options.ubatch < 1:
+        raise ConfigError(f"--ubatch must be positive, got {options.ubatch}")
+    choice = KernelChoice.from_options(options, log=log)  # reads the tuning database once
     inputs = [model_dir] if model_dir is not None else []
     artifact.check_output(output, force=force, inputs=inputs)  # before minutes of work
     t0 = time.time()
@@ -244,7 +250,7 @@ def compile_model(
         target=tvm_target(codegen),
         dump_dir=options.dump_ir,
         kv_dtype=options.kv_dtype,
-        max_context=options.max_context,
+        choice=choice,
     )
     mod = add_sampling(ir.mod, tvm_target(codegen))
     cuda_graph = options.cuda_graph and targets != ["cpu"]

@@ -45,8 +45,7 @@ import tvm
 from mla_compiler import nvcc
 from mla_compiler.errors import ArtifactError, TargetError
 from mla_compiler.runtime.loader import MANIFEST_FORMAT, MANIFEST_SUFFIX, SMOKE_IO, file_sha256
-from mla_compiler.schedules import gemm as G
-from mla_compiler.schedules.target import parse_targets, tvm_target
+from mla_compiler.schedules.target import PASS_CONFIG, parse_targets, tvm_target
 
 Progress = Callable[[str], None]
 HEARTBEAT_S = 60.0  # a "still running" line while nvcc jobs run longer than this
@@ -125,7 +124,7 @@ def build(
     gpu = targets != ["cpu"]
     target = tvm_target(codegen_arch or lowest_arch(targets)) if gpu else tvm_target("cpu")
     # cp.async for the kernels that ask for it (software-pipelined shared-memory copies)
-    config = dict(G.PASS_CONFIG) if gpu else {}
+    config = dict(PASS_CONFIG) if gpu else {}
     if gpu and cuda_graph:  # RewriteCUDAGraph (in the default finalize passes) does nothing else
         config["relax.backend.use_cuda_graph"] = True
     timer = None if progress is None else _CompileTimer(progress, mod, gpu=gpu)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import tvm
 
+from mla_compiler import kernel_configs
+from mla_compiler.kernel_configs import KernelChoice
 from mla_compiler.model_export.config import MLADims
 from mla_compiler.schedules import attention_simple, kv_cache
 
@@ -23,9 +25,7 @@ def mark_scheduled(func: tvm.tirx.PrimFunc) -> tvm.tirx.PrimFunc:
     )
 
 
-def select(
-    op: str, *, dims: MLADims, target: tvm.target.Target, config=None, **kw
-) -> tvm.tirx.PrimFunc:
+def select(op: str, *, dims: MLADims, target: tvm.target.Target, **kw) -> tvm.tirx.PrimFunc:
     if op == "cache_write":
         return kv_cache.cache_write(kw["width"], dtype=kw["dtype"], target=target)
     if op == "cache_gather":
@@ -53,20 +53,19 @@ def select(
 
 
 def decode_kernels(
-    dims: MLADims, *, target: tvm.target.Target, dtype: str, sm_scale: float, max_context: int
+    dims: MLADims, *, target: tvm.target.Target, dtype: str, sm_scale: float, choice: KernelChoice
 ):
-    """(DecodeKernels, split count) of tensor-core split-KV decode, or None where it does not
-    apply: CPU targets, non-f16 queries, shapes no config fits."""
+    """(DecodeKernels, split count) of tensor-core split-KV decode for ``choice.max_context``,
+    or None where it does not apply: CPU targets, non-f16 queries, shapes no config fits."""
     from mla_compiler.errors import TargetError
     from mla_compiler.schedules import attention_decode as ad
     from mla_compiler.schedules.target import is_gpu
 
     if not is_gpu(target) or dtype != "float16":
         return None
+    max_context = choice.max_context
     try:
-        from mla_compiler import tuning
-
-        config = tuning.decode_config(target, dims, max_context=max_context)
+        config = kernel_configs.decode_config(choice, target, dims)
         if not config.tensor_cores:
             return None
         dk = ad.absorbed_decode(
@@ -87,10 +86,18 @@ def decode_kernels(
 
 
 def prefill_kernel(
-    op: str, dims: MLADims, *, target: tvm.target.Target, dtype: str, sm_scale: float, config=None
+    op: str,
+    dims: MLADims,
+    *,
+    target: tvm.target.Target,
+    dtype: str,
+    sm_scale: float,
+    choice: KernelChoice,
+    config=None,
 ):
     """Tensor-core flash prefill (``attn_absorbed`` or ``attn_decompressed``), or None where it
-    does not apply: CPU targets, non-f16, shapes no config fits."""
+    does not apply: CPU targets, non-f16, shapes no config fits. ``config``: the first chunk's
+    config (default: ``choice``'s); the extend and short kernels are then left out."""
     from mla_compiler.errors import TargetError
     from mla_compiler.schedules import attention_prefill as ap
     from mla_compiler.schedules.target import is_gpu
@@ -101,11 +108,9 @@ def prefill_kernel(
     try:
         extend = short = None
         if config is None:
-            from mla_compiler import tuning
-
-            config = tuning.prefill_config(op, target, dims)
-            extend = tuning.prefill_extend_config(op, target, dims)
-            short = tuning.prefill_short_config(op, target, dims)
+            config = kernel_configs.prefill_config(choice, op, target, dims)
+            extend = kernel_configs.prefill_extend_config(choice, op, target, dims)
+            short = kernel_configs.prefill_short_config(op, target, dims)
         return factory(
             dims,
             heads=dims.heads,

@@ -31,6 +31,7 @@ import tvm
 from tvm import relax
 
 from mla_compiler.errors import ConfigError
+from mla_compiler.kernel_configs import KernelChoice
 from mla_compiler.model_export.config import ModelConfig
 from mla_compiler.model_export.export import INPUT_NAMES, export_relax
 from mla_compiler.model_export.modeling import DeepseekV2
@@ -138,9 +139,8 @@ def lower_to_kernels(
     *,
     mla: int,
     target: tvm.target.Target,
+    choice: KernelChoice,
     dump: Callable[[str, tvm.IRModule], None] | None = None,
-    kernel_config=None,
-    max_context: int = 4096,
     log: Callable[[str], None] | None = None,
 ) -> tvm.IRModule:
     if mla not in MLA_MODES:
@@ -161,16 +161,14 @@ def lower_to_kernels(
         with quick_frame_lookups():
             import tvm.s_tir.tensor_intrin  # noqa: F401  (mma / ldmatrix intrinsics)
         phases.done("TVM tensor intrinsics")
-    mod = LowerMoE(target=target)(mod)
+    mod = LowerMoE(target=target, choice=choice)(mod)
     dump("moe", mod)
     phases.done("MoE lowering", mod)
-    mod = LowerMLAKernels(
-        dims=cfg.dims, target=target, config=kernel_config, max_context=max_context
-    )(mod)
+    mod = LowerMLAKernels(dims=cfg.dims, target=target, choice=choice)(mod)
     pseudo.check_lowered(mod)
     dump("kernels", mod)
     phases.done("MLA kernels", mod)
-    mod = LowerDenseGemm(target=target)(mod)
+    mod = LowerDenseGemm(target=target, choice=choice)(mod)
     # per-layer copies of the same pure values (the decode cache row bounds read from
     # kv_indptr / kv_rows) are computed once per call
     mod = relax.transform.EliminateCommonSubexpr()(mod)
@@ -190,12 +188,12 @@ def compile_ir(
     target: tvm.target.Target,
     dump_dir: str | Path | None = None,
     kv_dtype: str = "float16",
-    kernel_config=None,
-    max_context: int = 4096,
+    choice: KernelChoice,
     log: Callable[[str], None] | None = None,
 ) -> CompiledIR:
-    """The model as Relax ``prefill`` / ``decode`` / ``transform_params`` with their kernels.
-    ``log``: progress lines (see the module docstring); None is silent."""
+    """The model as Relax ``prefill`` / ``decode`` / ``transform_params`` with their kernels,
+    configured as ``choice`` says (``KernelChoice.from_options``). ``log``: progress lines (see
+    the module docstring); None is silent."""
     names: list[str] = []
     if dump_dir is not None:
         Path(dump_dir).mkdir(parents=True, exist_ok=True)
@@ -223,9 +221,8 @@ def compile_ir(
             model.cfg,
             mla=mla,
             target=target,
+            choice=choice,
             dump=dump,
-            kernel_config=kernel_config,
-            max_context=max_context,
             log=log,
         )
     return CompiledIR(mod=mod, param_names=exported.param_names)

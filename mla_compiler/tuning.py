@@ -11,8 +11,8 @@ it on a GPU (``tuning_measure.RUNNERS``). Tuning runs in two halves:
   the float64 references) loads each artifact, checks it on fresh random inputs and appends one
   record per (candidate, shape) to the database (``tuning_db``).
 
-``best_config`` / ``config_for`` read the database back for the compiler (``compile
---tuning-db``). Kernels of other modules (GEMM, MoE) join with ``register`` plus
+``kernel_configs`` reads the database back for the compiler (``compile --tuning-db``).
+Kernels of other modules (GEMM, MoE) join with ``register`` plus
 ``tuning_measure.register_runner``.
 
 Plan format (``plan.json``, ``PLAN_FORMAT``)::
@@ -29,8 +29,6 @@ Plan format (``plan.json``, ``PLAN_FORMAT``)::
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import contextvars
 import dataclasses
 import multiprocessing
 import re
@@ -43,6 +41,16 @@ import tvm
 
 from mla_compiler import tuning_db
 from mla_compiler.errors import TuningError
+from mla_compiler.kernel_configs import (
+    best_config,
+    config_for,
+    config_from_dict,
+    decode_shape_key,
+    gemm_shape_key,
+    moe_shape_key,
+    prefill_shape_key,
+    target_name,
+)
 from mla_compiler.model_export.config import MLADims, ModelConfig, load_config, preset
 from mla_compiler.tuning_db import format_summary, summary
 from mla_compiler.tuning_measure import (
@@ -80,7 +88,6 @@ class TunableKernel:
 
     name: str
     group: str
-    config_type: type
     space: Callable[[tvm.target.Target, MLADims], list]
     shapes: Callable[[ModelConfig, tvm.target.Target, object], list[Shape]]
     build: Callable[[object, tvm.target.Target, ModelConfig], tvm.IRModule]
@@ -103,18 +110,10 @@ def register(kernel: TunableKernel) -> TunableKernel:
 # --- attention kernels --------------------------------------------------------------------------
 
 
-def _latent_prefix(dims: MLADims) -> str:
-    return f"h{dims.heads}-r{dims.kv_lora_rank}-p{dims.qk_rope_head_dim}"
-
-
 def _decode_space(target, dims: MLADims) -> list:
     from mla_compiler.schedules import attention_decode as ad
 
     return ad.candidate_configs(target, dims, heads=dims.heads, q_tokens=1)
-
-
-def decode_shape_key(dims: MLADims, ctx: int, *, batch: int = 1) -> str:
-    return f"{_latent_prefix(dims)}-b{batch}-ctx{ctx}"
 
 
 def _decode_shapes(model: ModelConfig, target, config) -> list[Shape]:
@@ -141,12 +140,6 @@ def _decode_build(config, target, model: ModelConfig) -> tvm.IRModule:
     return tvm.IRModule({"decode_split": k.split, "decode_merge": k.merge})
 
 
-def prefill_shape_key(kind: str, dims: MLADims, n: int) -> str:
-    if kind == "absorbed":
-        return f"{_latent_prefix(dims)}-n{n}"
-    return f"h{dims.heads}-k{dims.qk_head_dim}-v{dims.v_head_dim}-n{n}"
-
-
 def _prefill_kernel(kind: str) -> TunableKernel:
     from mla_compiler.schedules import attention_prefill as ap
 
@@ -167,17 +160,12 @@ def _prefill_kernel(kind: str) -> TunableKernel:
         )
         return tvm.IRModule({"prefill": func.with_attr("global_symbol", "prefill")})
 
-    return TunableKernel(f"attn_prefill_{kind}", "attn", ap.MMAConfig, space, shapes, build)
+    return TunableKernel(f"attn_prefill_{kind}", "attn", space, shapes, build)
 
 
 def _register_attention() -> None:
-    from mla_compiler.schedules import attention_decode as ad
 
-    register(
-        TunableKernel(
-            "attn_decode", "attn", ad.Config, _decode_space, _decode_shapes, _decode_build
-        )
-    )
+    register(TunableKernel("attn_decode", "attn", _decode_space, _decode_shapes, _decode_build))
     register(_prefill_kernel("absorbed"))
     register(_prefill_kernel("decompressed"))
 
@@ -213,11 +201,6 @@ def dense_products(model: ModelConfig) -> list[tuple[int, int, str | None, str |
     return list(dict.fromkeys(out))
 
 
-def gemm_shape_key(n: int, k: int, epilogue: str | None, out_dtype: str | None, tokens: int):
-    tag = (epilogue or "plain") + ("-f32" if out_dtype == "float32" else "")
-    return f"n{n}-k{k}-{tag}-t{tokens}"
-
-
 def _gemm_kernel() -> TunableKernel:
     from mla_compiler.schedules import gemm_wgmma as W
 
@@ -251,19 +234,11 @@ def _gemm_kernel() -> TunableKernel:
             funcs[p["symbol"]] = f.with_attr("global_symbol", p["symbol"])
         return tvm.IRModule(funcs)
 
-    return TunableKernel("gemm_prefill", "gemm", W.WgmmaConfig, space, shapes, build)
+    return TunableKernel("gemm_prefill", "gemm", space, shapes, build)
 
 
 def _symbol(key: str) -> str:
     return "gemm_" + re.sub(r"\W", "_", key)
-
-
-def gemm_config(target, *, n: int, k: int, epilogue, out_dtype, default):
-    """The wgmma config of a prompt-chunk GEMM: the one tuned for the active database's chunk
-    (``using_db``), else ``default``."""
-    active = _ACTIVE.get() or _Active()
-    key = gemm_shape_key(n, k, epilogue, out_dtype, active.tokens)
-    return config_for(active.db_dir, "gemm_prefill", target, key, default, log=active.log)
 
 
 register(_gemm_kernel())
@@ -272,9 +247,10 @@ register(_gemm_kernel())
 # --- grouped MoE expert GEMMs (sm_90a wgmma) ------------------------------------------------------
 
 
-def moe_shape_key(model: ModelConfig, tokens: int) -> str:
+def _moe_key(model: ModelConfig, tokens: int) -> str:
     e, k = model.n_routed_experts, model.num_experts_per_tok
-    return f"e{e}-k{k}-d{model.hidden_size}-i{model.moe_intermediate_size}-t{tokens}"
+    d, i = model.hidden_size, model.moe_intermediate_size
+    return moe_shape_key(num_experts=e, top_k=k, hidden=d, inter=i, tokens=tokens)
 
 
 def _moe_kernel() -> TunableKernel:
@@ -298,7 +274,7 @@ def _moe_kernel() -> TunableKernel:
             "inter": i,
             "block_m": config.block_m,
         }
-        return [Shape(moe_shape_key(model, t), {**params, "tokens": t}) for t in GEMM_TOKENS]
+        return [Shape(_moe_key(model, t), {**params, "tokens": t}) for t in GEMM_TOKENS]
 
     def build(config, target, model):
         kw = dict(num_experts=model.n_routed_experts, top_k=model.num_experts_per_tok)
@@ -311,16 +287,7 @@ def _moe_kernel() -> TunableKernel:
         }
         return tvm.IRModule(funcs)
 
-    return TunableKernel("moe_grouped", "moe", W.WgmmaConfig, space, shapes, build)
-
-
-def moe_config(target, model_shape: dict, *, default):
-    """The grouped-GEMM config (``hidden``, ``inter``, ``num_experts``, ``top_k`` in
-    ``model_shape``) tuned for the active database's prompt chunk, else ``default``."""
-    active = _ACTIVE.get() or _Active()
-    s = model_shape
-    key = f"e{s['num_experts']}-k{s['top_k']}-d{s['hidden']}-i{s['inter']}-t{active.tokens}"
-    return config_for(active.db_dir, "moe_grouped", target, key, default, log=active.log)
+    return TunableKernel("moe_grouped", "moe", space, shapes, build)
 
 
 register(_moe_kernel())
@@ -365,19 +332,6 @@ def config_to_dict(config) -> dict:
     return dataclasses.asdict(config)
 
 
-def config_from_dict(kernel: str, data: dict):
-    """The kernel's Config from a database dict; ``TuningError`` for unknown fields."""
-    cls = KERNELS[kernel].config_type
-    names = {f.name for f in dataclasses.fields(cls)}
-    extra = set(data) - names
-    if extra:
-        raise TuningError(
-            f"tuning record of {kernel} has config fields {sorted(extra)} that {cls.__name__} "
-            "does not know: the database was written by another version; re-tune"
-        )
-    return cls(**data)
-
-
 # --- building -----------------------------------------------------------------------------------
 
 
@@ -385,12 +339,6 @@ def _target(target) -> tvm.target.Target:
     from mla_compiler.schedules.target import tvm_target
 
     return tvm_target(target) if isinstance(target, str) else target
-
-
-def target_name(target) -> str:
-    if isinstance(target, str):
-        return target
-    return str(target.attrs.get("arch", "cpu")) if target.kind.name == "cuda" else "cpu"
 
 
 def resolve_model(*, model_dir: str | None = None, preset_name: str | None = None) -> ModelConfig:
@@ -552,123 +500,6 @@ def _reusable(out: Path, plan: dict, cands: list[dict]) -> dict[str, dict]:
     return reuse
 
 
-# --- reading the database back ------------------------------------------------------------------
-
-
-def best_config(db_dir, kernel: str, target: str, shape_key: str):
-    """``(Config, record)`` of the fastest correct measurement, or None when there is none."""
-    tuning_db.open_db(db_dir, create=False)
-    record = tuning_db.best_record(db_dir, kernel, target_name(target), shape_key)
-    if record is None:
-        return None
-    return config_from_dict(kernel, record["config"]), record
-
-
-_SIZE = re.compile(r"^(.*\D)(\d+)$")
-
-
-def config_for(db_dir, kernel: str, target, shape_key: str, default, *, log=None):
-    """The config the compiler should use: the best one recorded for ``shape_key``, else the
-    best one of the nearest size of the same family (``...-ctx16384`` for ``...-ctx8192``),
-    else ``default`` (with a note through ``log``). ``db_dir`` None returns ``default``."""
-    if db_dir is None:
-        return default
-    tname = target_name(target)
-    found = best_config(db_dir, kernel, tname, shape_key)
-    if found is not None:
-        return found[0]
-    m = _SIZE.match(shape_key)
-    if m:
-        family, size = m.group(1), int(m.group(2))
-        sizes = {
-            int(r["shape_key"][len(family) :])
-            for r in tuning_db.read(db_dir)
-            if r["kernel"] == kernel
-            and r["target"] == tname
-            and r["ok"]
-            and r["shape_key"].startswith(family)
-            and r["shape_key"][len(family) :].isdigit()
-        }
-        for near in sorted(sizes, key=lambda s: (abs(s - size), s)):
-            found = best_config(db_dir, kernel, tname, f"{family}{near}")
-            if found is not None:
-                if log:
-                    log(f"tuning: {kernel} {shape_key}: using the config tuned for {near}")
-                return found[0]
-    if log:
-        log(f"tuning: no record for {kernel} {tname} {shape_key} in {db_dir}: default config")
-    return default
-
-
-@dataclasses.dataclass(frozen=True)
-class _Active:
-    db_dir: str | None = None
-    tokens: int = 2048  # prompt chunk (ubatch) the prefill kernels are picked for
-    log: Callable | None = None
-
-
-_ACTIVE: contextvars.ContextVar[_Active | None] = contextvars.ContextVar("tuning_db", default=None)
-
-
-@contextlib.contextmanager
-def using_db(db_dir, *, ubatch: int = 2048, log=None):
-    """Make ``decode_config`` / ``prefill_config`` read ``db_dir`` (None: defaults) while the
-    compiler runs; the database is read once up front so a bad one fails early."""
-    if db_dir is not None:
-        tuning_db.read(db_dir)
-    token = _ACTIVE.set(_Active(None if db_dir is None else str(db_dir), ubatch, log))
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
-
-
-def decode_config(target, dims: MLADims, *, max_context: int):
-    """The split-KV decode config ``kernels.decode_kernels`` builds: the one tuned for the
-    nearest context in the active database (``using_db``), else the target's default."""
-    from mla_compiler.schedules import attention_decode as ad
-
-    active = _ACTIVE.get() or _Active()
-    default = ad.default_config(target, dims, heads=dims.heads, q_tokens=1)
-    key = decode_shape_key(dims, max_context)
-    return config_for(active.db_dir, "attn_decode", target, key, default, log=active.log)
-
-
-def prefill_config(op: str, target, dims: MLADims):
-    """The prefill config for ``op`` (attn_absorbed / attn_decompressed): tuned for the active
-    database's prompt chunk (``using_db``), else the target's default."""
-    from mla_compiler.schedules import attention_prefill as ap
-
-    active = _ACTIVE.get() or _Active()
-    kind = _prefill_kind(op)
-    default = ap.default_config(target, kind=kind, dims=dims)
-    key = prefill_shape_key(kind, dims, active.tokens)
-    return config_for(active.db_dir, f"attn_prefill_{kind}", target, key, default, log=active.log)
-
-
-def prefill_extend_config(op: str, target, dims: MLADims):
-    """The prefill config for the chunks after a prompt's first (a cached prefix): picked for
-    the active prompt chunk by ``attention_prefill.extend_config`` (not tuned: the tuner times
-    the causal first chunk)."""
-    from mla_compiler.schedules import attention_prefill as ap
-
-    active = _ACTIVE.get() or _Active()
-    return ap.extend_config(target, kind=_prefill_kind(op), dims=dims, tokens=active.tokens)
-
-
-def prefill_short_config(op: str, target, dims: MLADims):
-    """The prefill config for causal prompts of one wave of the default's tiles
-    (``attention_prefill.short_config``; not tuned, as the extend config)."""
-    from mla_compiler.schedules import attention_prefill as ap
-
-    return ap.short_config(target, kind=_prefill_kind(op), dims=dims)
-
-
-def _prefill_kind(op: str) -> str:
-    """The prefill kernel kind of a call-site op (attn_absorbed / attn_decompressed)."""
-    return "absorbed" if op == "attn_absorbed" else "decompressed"
-
-
 def gpu_present() -> bool:
     try:
         import torch
@@ -723,5 +554,4 @@ __all__ = [
     "select_kernels",
     "summary",
     "tune",
-    "using_db",
 ]

@@ -34,9 +34,8 @@ from tvm import s_tir, te, tirx
 from tvm.script import tirx as T
 
 from . import gemv_mma
-from .target import gpu_spec, is_gpu
+from .target import PASS_CONFIG, gpu_spec, is_gpu  # noqa: F401  (PASS_CONFIG: re-exported)
 
-PASS_CONFIG = {"tirx.use_async_copy": True}
 SWIGLU_GROUP = 32  # gate/up rows interleave in groups of this many rows (see transform_weight)
 EPILOGUES = (None, "residual", "silu_mul")
 GEMV_MAX_M = 16
@@ -595,11 +594,18 @@ def gemm(
 
     On CUDA, a static ``m <= 8`` takes ``gemv_mma.dense`` (or a given ``gemv_mma.Config``), a
     static ``m <= 16`` the small-M tensor-core config of the target (or a given :class:`Config`),
-    unless a :class:`GemvConfig` (the FMA GEMV schedule) is given.
+    unless a :class:`GemvConfig` (the FMA GEMV schedule) is given. On sm_90a a symbolic or
+    > 64-row ``m`` takes ``gemm_wgmma`` with ``config`` (a ``WgmmaConfig``) or, given none,
+    :func:`wgmma_default`.
     """
-    wg = _wgmma_config(
-        m, n, k, target=target, config=config, epilogue=epilogue, batch=batch, out_dtype=out_dtype
-    )
+    from . import gemm_wgmma as W
+
+    if isinstance(config, W.WgmmaConfig):
+        wg = config
+    elif config is None:
+        wg = wgmma_default(m, n, k, target=target, epilogue=epilogue, batch=batch)
+    else:
+        wg = None
     if wg is not None:  # sm_90a, many rows: warpgroup MMAs (schedules/gemm_wgmma.py)
         from . import gemm_wgmma
 
@@ -650,23 +656,18 @@ def gemm(
     )
 
 
-def _wgmma_config(m, n: int, k: int, *, target, config, epilogue, batch, out_dtype=None):
-    """The wgmma tile for this GEMM on sm_90a (symbolic or > 64 rows, no head axis), or None;
-    a tuned one from the active database (``tuning.using_db``) first.
+def wgmma_default(m, n: int, k: int, *, target, epilogue, batch):
+    """The wgmma tile for this GEMM on sm_90a (symbolic or > 64 rows, no head axis), or None.
 
-    Tiles measured best on the H100 (benchmarks/results/bench_gemm_wgmma.json): 256 x 128 for
-    SiLU·up, 128 x 256 for outputs of 2048+ columns, 128 x 128 (5 stages) for narrower ones.
+    SiLU·up takes 256 x 128 tiles, outputs of 2048+ columns 128 x 256, narrower ones 128 x 128
+    with 5 stages (the fastest of each shape class; benchmarks/NOTES_gemm.md).
     """
     from . import gemm_wgmma as W
 
-    if isinstance(config, W.WgmmaConfig):
-        return config
-    if config is not None or batch is not None or not is_gpu(target):
+    if batch is not None or not is_gpu(target):
         return None
     if isinstance(m, int) and m <= 64:
         return None
-    from mla_compiler import tuning
-
     nw = weight_layout(n, k, epilogue=epilogue)[0]
     if epilogue == "silu_mul":
         cfg = W.WgmmaConfig(256, 128, 64, 4, overlap=True)
@@ -674,13 +675,7 @@ def _wgmma_config(m, n: int, k: int, *, target, config, epilogue, batch, out_dty
         cfg = W.WgmmaConfig(128, 256, 64, 4, overlap=True)
     else:
         cfg = W.WgmmaConfig(128, 128, 64, 5, overlap=True)
-    if not W.applies(n, k, target=target, config=cfg):
-        return None
-    # `compile --tuning-db`: the config measured fastest for this shape, if any
-    tuned = tuning.gemm_config(
-        target, n=n, k=k, epilogue=epilogue, out_dtype=out_dtype, default=cfg
-    )
-    return tuned if W.applies(n, k, target=target, config=tuned) else cfg
+    return cfg if W.applies(n, k, target=target, config=cfg) else None
 
 
 def gemv_config(epilogue: str | None = None) -> GemvConfig:

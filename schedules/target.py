@@ -12,6 +12,10 @@ import tvm
 
 from mla_compiler.errors import TargetError
 
+# TVM pass options every GPU build runs under: ``tirx.use_async_copy`` lowers the kernels'
+# software-pipelined shared-memory copies to cp.async (without it they stay synchronous)
+PASS_CONFIG = {"tirx.use_async_copy": True}
+
 
 @dataclasses.dataclass(frozen=True)
 class GPUSpec:

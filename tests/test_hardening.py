@@ -212,7 +212,7 @@ def test_non_finite_logits_are_a_500_from_serve(nan_artifact):
     from test_serve import _post
 
     from mla_compiler.runtime.engine import Engine
-    from mla_compiler.serve import OpenAIServer
+    from mla_compiler.runtime.serve import OpenAIServer
 
     srv = OpenAIServer(Engine.load(nan_artifact), host="127.0.0.1", port=0).start()
     try:

@@ -15,6 +15,7 @@ import tvm
 from conftest import require_nvcc
 
 from mla_compiler import reference
+from mla_compiler.kernel_configs import KernelChoice
 from mla_compiler.schedules import gemm as G
 from mla_compiler.schedules import moe as M
 from mla_compiler.schedules import moe_gemv as MG
@@ -493,7 +494,9 @@ def test_lower_moe_paths_by_phase():
     from mla_compiler.pipeline import split_phases
 
     model = random_model(preset("tiny"), seed=3, dtype="float16")
-    mod = LowerMoE(target=tvm_target("sm_90a"))(split_phases(export_relax(model).mod))
+    mod = LowerMoE(target=tvm_target("sm_90a"), choice=KernelChoice())(
+        split_phases(export_relax(model).mod)
+    )
     calls = {
         phase: set(re.findall(r"R\.call_tir\((\w+),", mod[phase].script(show_meta=False)))
         for phase in ("prefill", "decode")

@@ -12,6 +12,7 @@ from tvm import relax
 
 from mla_compiler.compiler import CompileOptions, compile_model
 from mla_compiler.errors import ConfigError, InputError
+from mla_compiler.kernel_configs import KernelChoice
 from mla_compiler.model_export.config import preset
 from mla_compiler.model_export.export import export_relax
 from mla_compiler.model_export.modeling import single_sequence_inputs
@@ -91,9 +92,9 @@ def test_lower_moe_and_kernels_leave_no_pseudo_ops(tiny):
     mod = RewriteMLAAttention(
         dims=model.cfg.dims, forms={"prefill": "absorbed", "decode": "absorbed"}
     )(mod)
-    mod = LowerMoE(target=CPU)(mod)
+    mod = LowerMoE(target=CPU, choice=KernelChoice())(mod)
     assert "moe" not in _pseudo_names(mod["prefill"])
-    mod = LowerMLAKernels(dims=model.cfg.dims, target=CPU)(mod)
+    mod = LowerMLAKernels(dims=model.cfg.dims, target=CPU, choice=KernelChoice())(mod)
     pseudo.check_lowered(mod)
     text = mod.script(show_meta=False)
     assert "call_tir_inplace" in text  # the cache is written in place
@@ -103,7 +104,7 @@ def test_lower_moe_and_kernels_leave_no_pseudo_ops(tiny):
 def test_absorbed_weights_are_lifted_to_transform_params(tiny):
     model, mod = tiny
     exported = export_relax(model).mod
-    mod = lower_to_kernels(exported, model.cfg, mla=2, target=CPU)
+    mod = lower_to_kernels(exported, model.cfg, mla=2, target=CPU, choice=KernelChoice())
     names = [gv.name_hint for gv, _ in mod.functions_items()]
     assert "transform_params" in names
     # W_UK / W_UV come out of transform_params: prefill takes more inputs than the checkpoint has
@@ -122,6 +123,7 @@ def test_phase_only_weight_transforms_are_lifted(tiny):
         model.cfg,
         mla=3,
         target=CPU,
+        choice=KernelChoice(),
         dump=lambda name, m: stages.__setitem__(name, m),
     )
     n_tp = len(mod["transform_params"].ty.ret.fields)
@@ -201,7 +203,7 @@ def test_v2_lite_cache_row_is_576_f16():
     cfg, model, _ = resolve_model(
         model_dir=None, preset_name="deepseek-v2-lite", dtype="float16", seed=0
     )
-    ir = compile_ir(model, mla=3, target=tvm_target("sm_90a"))
+    ir = compile_ir(model, mla=3, target=tvm_target("sm_90a"), choice=KernelChoice())
     for phase in ("prefill", "decode"):
         cache = [p for p in ir.mod[phase].params if p.name == "cache"][0]
         assert int(cache.ty.shape[0]) == 27 and int(cache.ty.shape[2]) == 576
@@ -237,7 +239,9 @@ def lite_attn_gpu():
 
     model = random_model(preset("tiny-lite-attn"), seed=3, dtype="float16")
     # LowerMoE first, once (it does not touch attention; its GPU kernels take a while)
-    mod = LowerMoE(target=tvm_target("sm_90a"))(split_phases(export_relax(model).mod))
+    mod = LowerMoE(target=tvm_target("sm_90a"), choice=KernelChoice())(
+        split_phases(export_relax(model).mod)
+    )
     out = {}
     for mla in (0, 2, 3):
         forms = dict(zip(PHASES, FORMS[mla], strict=True))
@@ -254,7 +258,7 @@ def test_lower_dense_gemm_leaves_no_matmul_on_gpu(lite_attn_gpu, mla, monkeypatc
     model, mods = lite_attn_gpu
     before = mods[mla]
     assert "R.matmul" in before["prefill"].script(show_meta=False)
-    out = LowerDenseGemm(target=tvm_target("sm_90a"))(before)
+    out = LowerDenseGemm(target=tvm_target("sm_90a"), choice=KernelChoice())(before)
     layers = model.cfg.num_hidden_layers
     for phase in ("prefill", "decode"):
         text = out[phase].script(show_meta=False)
@@ -282,7 +286,7 @@ def test_lower_dense_gemm_is_a_noop_on_cpu(tiny):
     from mla_compiler.passes.lower_dense_gemm import LowerDenseGemm
 
     _, mod = tiny
-    assert LowerDenseGemm(target=CPU)(mod).same_as(mod)
+    assert LowerDenseGemm(target=CPU, choice=KernelChoice())(mod).same_as(mod)
 
 
 @pytest.mark.parametrize("mla", [0, 2, 3], ids=["mla0", "mla2", "mla3"])

@@ -69,6 +69,7 @@ def test_quiet_tvm_hides_tvm_warnings_unless_verbose(verbose):
         + f"""
 import os, sys, warnings
 from mla_compiler.tvm_log import quiet_tvm
+from mla_compiler.kernel_configs import KernelChoice
 
 with quiet_tvm({verbose}) as say:
     take_warning()
@@ -249,12 +250,13 @@ def test_nvcc_heartbeat(monkeypatch, tmp_path):
 
 def test_compile_ir_logs_phases():
     from mla_compiler.compiler import resolve_model
+    from mla_compiler.kernel_configs import KernelChoice
     from mla_compiler.pipeline import compile_ir
     from mla_compiler.schedules.target import tvm_target
 
     _, model, _ = resolve_model(model_dir=None, preset_name="tiny", dtype="float32", seed=0)
     lines: list[str] = []
-    compile_ir(model, mla=3, target=tvm_target("cpu"), log=lines.append)
+    compile_ir(model, mla=3, target=tvm_target("cpu"), choice=KernelChoice(), log=lines.append)
     assert lines[0].startswith("      ir: torch.export -> Relax (")
     assert "weight transforms" in lines[-1] and lines[-1].endswith(" kernels)")
     assert 2 <= len(lines) <= 8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -9,8 +10,10 @@ import re
 import pytest
 from conftest import gpu_available
 
-from mla_compiler import tuning, tuning_db, tuning_measure
+from mla_compiler import kernel_configs, tuning, tuning_db, tuning_measure
+from mla_compiler.compiler import CompileOptions
 from mla_compiler.errors import TuningError
+from mla_compiler.kernel_configs import KernelChoice
 from mla_compiler.model_export.config import preset
 from mla_compiler.schedules import attention_decode as ad
 from mla_compiler.schedules import attention_prefill as ap
@@ -78,10 +81,10 @@ def test_select_kernels():
 
 def test_config_round_trip():
     cfg = ap.candidates("sm_90a", kind="absorbed", dims=V2.dims)[-1]
-    back = tuning.config_from_dict("attn_prefill_absorbed", tuning.config_to_dict(cfg))
+    back = kernel_configs.config_from_dict("attn_prefill_absorbed", tuning.config_to_dict(cfg))
     assert back == cfg
     with pytest.raises(TuningError, match="another version"):
-        tuning.config_from_dict("attn_decode", {"block_n": 64, "bogus": 1})
+        kernel_configs.config_from_dict("attn_decode", {"block_n": 64, "bogus": 1})
 
 
 # --- the database -------------------------------------------------------------------------------
@@ -134,21 +137,23 @@ def test_best_config_picks_fastest_ok(tmp_path):
     tuning_db.append(db, _rec(1.0, cfg=_cfg(128, 2, 4), shape="h16-r512-p64-b1-ctx16384"))
     with open(db / "records.jsonl", "a") as f:  # an error record claiming a time never wins
         f.write(json.dumps({**_rec(0.1, cfg=_cfg(32, 4, 4), shape=key), "ok": False}) + "\n")
-    cfg, rec = tuning.best_config(db, "attn_decode", "sm_90a", key)
+    cfg, rec = kernel_configs.best_config(db, "attn_decode", "sm_90a", key)
     assert cfg == ad.Config(block_n=32, stages=2, warps_n=4) and rec["median_us"] == 12.5
-    assert tuning.best_config(db, "attn_decode", "sm_89", key) is None
-    assert tuning.best_config(db, "attn_prefill_absorbed", "sm_90a", key) is None
+    assert kernel_configs.best_config(db, "attn_decode", "sm_89", key) is None
+    assert kernel_configs.best_config(db, "attn_prefill_absorbed", "sm_90a", key) is None
     # the compiler's view: exact key, else the nearest tuned size, else the default with a note
     notes = []
     default = ad.Config()
-    assert tuning.config_for(db, "attn_decode", "sm_90a", key, default) == cfg
-    near = tuning.config_for(db, "attn_decode", "sm_90a", "h16-r512-p64-b1-ctx12000", default,
-                             log=notes.append)  # fmt: skip
+    assert kernel_configs.config_for(db, "attn_decode", "sm_90a", key, default) == cfg
+    near = kernel_configs.config_for(
+        db, "attn_decode", "sm_90a", "h16-r512-p64-b1-ctx12000", default, log=notes.append
+    )
     assert near == ad.Config(block_n=128, stages=2, warps_n=4) and "16384" in notes[-1]
-    other = tuning.config_for(db, "attn_decode", "sm_90a", "h4-r64-p32-b1-ctx4096", default,
-                              log=notes.append)  # fmt: skip
+    other = kernel_configs.config_for(
+        db, "attn_decode", "sm_90a", "h4-r64-p32-b1-ctx4096", default, log=notes.append
+    )
     assert other is default and "default" in notes[-1]
-    assert tuning.config_for(None, "attn_decode", "sm_90a", key, default) is default
+    assert kernel_configs.config_for(None, "attn_decode", "sm_90a", key, default) is default
 
 
 def test_unreadable_db_dir_raises(tmp_path):
@@ -157,7 +162,7 @@ def test_unreadable_db_dir_raises(tmp_path):
     with pytest.raises(TuningError, match="not a directory"):
         tuning_db.read(not_dir)
     with pytest.raises(TuningError, match="does not exist"):
-        tuning.best_config(tmp_path / "missing", "attn_decode", "sm_90a", "k")
+        kernel_configs.best_config(tmp_path / "missing", "attn_decode", "sm_90a", "k")
     if os.getuid() != 0:  # root reads anything
         db = tmp_path / "db"
         tuning_db.append(db, _rec(1.0))
@@ -207,7 +212,7 @@ def test_measure_resumes_and_records_failures(tmp_path):
     calls.clear()
     again = tuning_measure.measure(plan_dir, db, runner=runner, progress=False)
     assert calls == [] and again["skipped"] == 6 and len(tuning_db.read(db)) == 6
-    _, best = tuning.best_config(db, "attn_decode", "sm_90a", "k-ctx4096")
+    _, best = kernel_configs.best_config(db, "attn_decode", "sm_90a", "k-ctx4096")
     assert best["median_us"] == 11.0
     rows = {r["shape_key"]: r for r in tuning.summary(db, target="sm_90a")}
     assert rows["k-ctx4096"]["measured"] == 3 and rows["k-ctx4096"]["failed"] == 1
@@ -262,7 +267,7 @@ def test_build_plan_writes_artifacts(tiny_plan):
     space = ad.candidate_configs(tvm_target("sm_90a"), TINY.dims, heads=4, q_tokens=1)
     for cand, cfg in zip(plan["candidates"], space, strict=False):
         assert cand["build_error"] is None, cand["build_error"]
-        assert tuning.config_from_dict("attn_decode", cand["config"]) == cfg
+        assert kernel_configs.config_from_dict("attn_decode", cand["config"]) == cfg
         directory, manifest = loader.read_manifest(tiny_plan / cand["artifact"])
         assert manifest["images"] == ["sm_90a"] and manifest["targets"] == ["sm_90a"]
         lib = (directory / manifest["library"]).read_bytes()
@@ -334,8 +339,8 @@ def test_gpu_measure_tiny_plan(tiny_plan, tmp_path):
     bad = [r for r in recs if not r["ok"]]
     assert not bad, bad
     assert all(r["median_us"] > 0 and r["arch"].startswith("sm_") for r in recs)
-    cfg, rec = tuning.best_config(
-        db, "attn_decode", "sm_90a", tuning.decode_shape_key(TINY.dims, 4096)
+    cfg, rec = kernel_configs.best_config(
+        db, "attn_decode", "sm_90a", kernel_configs.decode_shape_key(TINY.dims, 4096)
     )
     assert cfg in ad.candidate_configs(tvm_target("sm_90a"), TINY.dims, heads=4, q_tokens=1)[:2]
     assert tuning_measure.measure(tiny_plan, db, progress=False)["skipped"] == 6
@@ -382,8 +387,6 @@ def on_cpu(monkeypatch):
 
 @pytest.mark.parametrize("name", list(CPU_CASES))
 def test_runner_checks_against_reference(name, cpu_modules, on_cpu):
-    import dataclasses
-
     plan = {"model": {"dims": dataclasses.asdict(TINY.dims), "sm_scale": TINY.softmax_scale}}
     params = CPU_CASES[name][0]
     res = tuning_measure.RUNNERS[name](cpu_modules[name], plan, params, 5)
@@ -394,36 +397,38 @@ def test_runner_checks_against_reference(name, cpu_modules, on_cpu):
     assert on_cpu == [2]  # a wrong kernel is never timed
 
 
-def test_compiler_view_of_the_active_db(tmp_path):
-    """``using_db`` + ``decode_config`` / ``prefill_config``: what kernels.py calls."""
+def test_compiler_view_of_the_kernel_choice(tmp_path):
+    """``KernelChoice`` + ``decode_config`` / ``prefill_config``: what kernels.py calls."""
     db, target = tmp_path / "db", tvm_target("sm_90a")
     tuned = ad.Config(block_n=32, stages=2, warps_n=4)
-    key = tuning.decode_shape_key(V2.dims, 16384)
+    key = kernel_configs.decode_shape_key(V2.dims, 16384)
     tuning_db.append(db, _rec(5.0, cfg=tuning.config_to_dict(tuned), shape=key))
     pre = ap.candidates(target, kind="absorbed", dims=V2.dims)[-1]
-    pre_key = tuning.prefill_shape_key("absorbed", V2.dims, 512)
+    pre_key = kernel_configs.prefill_shape_key("absorbed", V2.dims, 512)
     tuning_db.append(
         db, _rec(9.0, cfg=tuning.config_to_dict(pre), shape=pre_key, kernel="attn_prefill_absorbed")
     )
     default = ad.default_config(target, V2.dims, heads=16)
-    assert tuning.decode_config(target, V2.dims, max_context=16384) == default  # no active db
+    plain = KernelChoice(max_context=16384)
+    assert kernel_configs.decode_config(plain, target, V2.dims) == default  # no db
     notes = []
-    with tuning.using_db(db, ubatch=512, log=notes.append):
-        assert tuning.decode_config(target, V2.dims, max_context=16384) == tuned
-        assert tuning.decode_config(target, V2.dims, max_context=32768) == tuned  # nearest
-        assert tuning.prefill_config("attn_absorbed", target, V2.dims) == pre
-        fallback = tuning.prefill_config("attn_decompressed", target, V2.dims)
-        assert fallback == ap.default_config(target, kind="decompressed", dims=V2.dims)
+    choice = KernelChoice(str(db), ubatch=512, max_context=16384, log=notes.append)
+    assert kernel_configs.decode_config(choice, target, V2.dims) == tuned
+    longer = dataclasses.replace(choice, max_context=32768)
+    assert kernel_configs.decode_config(longer, target, V2.dims) == tuned  # nearest
+    assert kernel_configs.prefill_config(choice, "attn_absorbed", target, V2.dims) == pre
+    fallback = kernel_configs.prefill_config(choice, "attn_decompressed", target, V2.dims)
+    assert fallback == ap.default_config(target, kind="decompressed", dims=V2.dims)
     assert any("tuned for 16384" in n for n in notes) and "default config" in notes[-1]
-    assert tuning.prefill_config("attn_absorbed", target, V2.dims) != pre  # scope ended
+    assert kernel_configs.prefill_config(plain, "attn_absorbed", target, V2.dims) != pre
+    options = CompileOptions(tuning_db=str(tmp_path / "nope"))
     with pytest.raises(TuningError, match="does not exist"):
-        with tuning.using_db(tmp_path / "nope"):
-            pass
+        KernelChoice.from_options(options)
 
 
 def test_gemm_kernel_shapes_and_compiler_view(tmp_path):
     """gemm_prefill: V2-Lite's dense products are its shapes; under ``using_db`` the GEMM
-    factory builds the wgmma config recorded fastest for a shape, others keep the default."""
+    choice picks the wgmma config recorded fastest for a shape, others keep the default."""
     from mla_compiler.schedules import gemm as G
     from mla_compiler.schedules import gemm_wgmma as W
 
@@ -438,25 +443,29 @@ def test_gemm_kernel_shapes_and_compiler_view(tmp_path):
 
     db = tmp_path / "db"
     tuned = W.WgmmaConfig(64, 256, 64, 4, overlap=True)
-    key = tuning.gemm_shape_key(3072, 2048, None, None, 2048)
+    key = kernel_configs.gemm_shape_key(3072, 2048, None, None, 2048)
     tuning_db.append(
         db, _rec(3.0, cfg=tuning.config_to_dict(tuned), shape=key, kernel="gemm_prefill")
     )
 
-    def config_of(n):
-        return G._wgmma_config(None, n, 2048, target=target, config=None, epilogue=None, batch=None)
+    def config_of(n, choice=None):
+        choice = choice or KernelChoice()
+        return kernel_configs.dense_gemm_config(
+            choice, None, n, 2048, target=target, epilogue=None, out_dtype=None
+        )
 
     default, other = config_of(3072), config_of(2048)
-    with tuning.using_db(db):
-        assert config_of(3072) == tuned
-        assert config_of(2048) == other  # no record for this shape: the default tile
-        assert "wgmma" in G.gemm(None, 3072, 2048, target=target).script()
-    assert config_of(3072) == default != tuned
+    assert default == G.wgmma_default(None, 3072, 2048, target=target, epilogue=None, batch=None)
+    with_db = KernelChoice(str(db))
+    assert config_of(3072, with_db) == tuned
+    assert config_of(2048, with_db) == other  # no record for this shape: the default tile
+    assert "wgmma" in G.gemm(None, 3072, 2048, target=target, config=tuned).script()
+    assert default != tuned
 
 
 def test_moe_kernel_registered_and_looked_up(tmp_path):
     """moe_grouped: one shape per prompt chunk (gate+up and down measured together: they share
-    the row blocks), looked up by LowerMoE through ``tuning.moe_config``."""
+    the row blocks), looked up by LowerMoE through ``kernel_configs.moe_config``."""
     from mla_compiler.schedules import gemm_wgmma as W
 
     target = tvm_target("sm_90a")
@@ -471,6 +480,8 @@ def test_moe_kernel_registered_and_looked_up(tmp_path):
     rec = _rec(2.0, cfg=tuning.config_to_dict(tuned), shape=shape.key, kernel="moe_grouped")
     tuning_db.append(db, rec)
     model_shape = dict(hidden=2048, inter=1408, num_experts=64, top_k=6)
-    assert tuning.moe_config(target, model_shape, default=W.MOE_CONFIG) == W.MOE_CONFIG
-    with tuning.using_db(db):
-        assert tuning.moe_config(target, model_shape, default=W.MOE_CONFIG) == tuned
+    plain, with_db = KernelChoice(), KernelChoice(str(db))
+    assert kernel_configs.moe_config(plain, target, default=W.MOE_CONFIG, **model_shape) == (
+        W.MOE_CONFIG
+    )
+    assert kernel_configs.moe_config(with_db, target, default=W.MOE_CONFIG, **model_shape) == tuned

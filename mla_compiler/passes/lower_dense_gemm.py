@@ -25,7 +25,8 @@ from tvm import relax
 from tvm.relax import op as R
 from tvm_ffi import structural_equal
 
-from mla_compiler import kernels
+from mla_compiler import kernel_configs, kernels
+from mla_compiler.kernel_configs import KernelChoice
 from mla_compiler.schedules import gemm as G
 from mla_compiler.schedules.target import is_gpu
 
@@ -175,9 +176,9 @@ def _silu_arg(a: _Analysis, expr):
 
 @relax.expr_functor.mutator
 class _Lower(relax.PyExprMutator):
-    def __init__(self, mod, target):
+    def __init__(self, mod, target, choice: KernelChoice):
         super().__init__(mod)
-        self.target = target
+        self.target, self.choice = target, choice
         self.kernels: dict[tuple, relax.GlobalVar] = {}
         self.plan: dict = {}  # original call -> (kind, data)
 
@@ -246,6 +247,17 @@ class _Lower(relax.PyExprMutator):
     def _kernel(self, m, n, k, **kw) -> relax.GlobalVar:
         key = (m, n, k, tuple(sorted(kw.items())))
         if key not in self.kernels:
+            if kw.get("batch") is None:  # sm_90a prompt chunks: wgmma, tuned where recorded
+                wg = kernel_configs.dense_gemm_config(
+                    self.choice,
+                    m,
+                    n,
+                    k,
+                    target=self.target,
+                    epilogue=kw.get("epilogue"),
+                    out_dtype=kw.get("out_dtype"),
+                )
+                kw = kw if wg is None else {**kw, "config": wg}
             func = G.gemm(m, n, k, target=self.target, **kw)
             name = G.kernel_name(
                 m,
@@ -325,13 +337,14 @@ class _Lower(relax.PyExprMutator):
         return super().visit_call_(op)
 
 
-def LowerDenseGemm(*, target: tvm.target.Target) -> tvm.transform.Pass:  # noqa: N802
-    """Lower dense products with weights to ``gemm_*`` kernels (GPU, f16/bf16); no-op on CPU."""
+def LowerDenseGemm(*, target: tvm.target.Target, choice: KernelChoice) -> tvm.transform.Pass:  # noqa: N802
+    """Lower dense products with weights to ``gemm_*`` kernels (GPU, f16/bf16); no-op on CPU.
+    ``choice`` picks the tuned wgmma configs of prompt-chunk products."""
 
     def transform(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if not is_gpu(target):
             return mod
-        lower = _Lower(mod, target)
+        lower = _Lower(mod, target, choice)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 lower.analyse(func)

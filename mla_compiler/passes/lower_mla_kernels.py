@@ -14,16 +14,16 @@ import tvm
 from tvm import relax
 
 from mla_compiler import kernels
+from mla_compiler.kernel_configs import KernelChoice
 from mla_compiler.model_export.config import MLADims
 from mla_compiler.passes import pseudo
 
 
 @relax.expr_functor.mutator
 class _Lower(relax.PyExprMutator):
-    def __init__(self, mod, *, dims: MLADims, target, config, max_context: int):
+    def __init__(self, mod, *, dims: MLADims, target, choice: KernelChoice):
         super().__init__(mod)
-        self.dims, self.target, self.config = dims, target, config
-        self.max_context = max_context
+        self.dims, self.target, self.choice = dims, target, choice
         self.phase = None  # name of the Relax function being lowered
         self.funcs: dict[tuple, relax.GlobalVar] = {}
         self.decode: dict[tuple, tuple | None] = {}  # (key, dtype) -> decode_kernels(...)
@@ -37,9 +37,7 @@ class _Lower(relax.PyExprMutator):
     def _kernel(self, op_name: str, **kw) -> relax.GlobalVar:
         key = (op_name, tuple(sorted(kw.items())))
         if key not in self.funcs:
-            func = kernels.select(
-                op_name, dims=self.dims, target=self.target, config=self.config, **kw
-            )
+            func = kernels.select(op_name, dims=self.dims, target=self.target, **kw)
             name = (
                 func.attrs["global_symbol"]
                 if func.attrs and "global_symbol" in func.attrs
@@ -53,7 +51,12 @@ class _Lower(relax.PyExprMutator):
         key = ("flash", op_name, dtype, sm_scale)
         if key not in self.funcs:
             func = kernels.prefill_kernel(
-                op_name, self.dims, target=self.target, dtype=dtype, sm_scale=sm_scale
+                op_name,
+                self.dims,
+                target=self.target,
+                dtype=dtype,
+                sm_scale=sm_scale,
+                choice=self.choice,
             )
             if func is None:
                 return None
@@ -86,7 +89,7 @@ class _Lower(relax.PyExprMutator):
                 target=self.target,
                 dtype=q.ty.dtype.dtype,
                 sm_scale=sm_scale,
-                max_context=self.max_context,
+                choice=self.choice,
             )
         found = self.decode[key, q.ty.dtype.dtype]
         if found is None:
@@ -206,12 +209,13 @@ class _Lower(relax.PyExprMutator):
 
 
 def LowerMLAKernels(  # noqa: N802
-    *, dims: MLADims, target: tvm.target.Target, config=None, max_context: int = 4096
+    *, dims: MLADims, target: tvm.target.Target, choice: KernelChoice
 ) -> tvm.transform.Pass:
-    """``max_context`` sizes the decode kernel's split count (and its workspace)."""
+    """``choice`` picks the kernel configs; its ``max_context`` sizes the decode kernel's split
+    count (and its workspace)."""
 
     def transform(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        lower = _Lower(mod, dims=dims, target=target, config=config, max_context=max_context)
+        lower = _Lower(mod, dims=dims, target=target, choice=choice)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 lower.phase = gv.name_hint

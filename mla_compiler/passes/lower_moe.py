@@ -13,7 +13,8 @@ import tvm
 from tvm import relax
 from tvm.relax import op as R
 
-from mla_compiler import kernels, tuning
+from mla_compiler import kernel_configs, kernels
+from mla_compiler.kernel_configs import KernelChoice
 from mla_compiler.passes import pseudo
 from mla_compiler.schedules.topk import topk as topk_kernel
 
@@ -56,9 +57,9 @@ def route(
 
 @relax.expr_functor.mutator
 class _Lower(relax.PyExprMutator):
-    def __init__(self, mod, target):
+    def __init__(self, mod, target, choice: KernelChoice):
         super().__init__(mod)
-        self.target = target
+        self.target, self.choice = target, choice
         self.kernels: dict[tuple[int, int], relax.GlobalVar] = {}
 
     def _emit(self, expr):
@@ -187,7 +188,7 @@ class _Lower(relax.PyExprMutator):
         wg = W.moe_config(self.target, hidden=d, inter=inter)  # sm_90a: warpgroup MMAs
         if wg is not None:  # `compile --tuning-db`: the tile measured fastest, if recorded
             shape = dict(hidden=d, inter=inter, num_experts=e, top_k=top_k)
-            tuned = tuning.moe_config(self.target, shape, default=wg)
+            tuned = kernel_configs.moe_config(self.choice, self.target, default=wg, **shape)
             wg = tuned if W.moe_fits(tuned, self.target, hidden=d, inter=inter) else wg
             bm = wg.block_m
             grouped_kw = dict(num_experts=e, top_k=top_k, dtype=dtype, target=self.target)
@@ -278,9 +279,11 @@ class _Lower(relax.PyExprMutator):
         )
 
 
-def LowerMoE(*, target: tvm.target.Target) -> tvm.transform.Pass:  # noqa: N802
+def LowerMoE(*, target: tvm.target.Target, choice: KernelChoice) -> tvm.transform.Pass:  # noqa: N802
+    """Lower the MoE blocks to kernels; ``choice`` picks the grouped GEMMs' tuned configs."""
+
     def transform(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-        lower = _Lower(mod, target)
+        lower = _Lower(mod, target, choice)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
                 body = lower.visit_expr(func.body)
