@@ -16,10 +16,10 @@ from mla_compiler import artifact
 from mla_compiler.defaults import DEFAULT_MAX_CONTEXT, DEFAULT_UBATCH
 from mla_compiler.errors import ConfigError, WeightError
 from mla_compiler.kernel_configs import KernelChoice
-from mla_compiler.model_export.config import ModelConfig, load_config, preset
+from mla_compiler.model_export.config import ModelConfig, load_config, mla_mode, preset
 from mla_compiler.model_export.modeling import DeepseekV2
 from mla_compiler.model_export.weights import load_hf_model, random_model, torch_dtype
-from mla_compiler.pipeline import MLA_MODES, compile_ir
+from mla_compiler.pipeline import compile_ir
 from mla_compiler.schedules.target import gpu_spec, parse_targets, tvm_target
 
 # Presets whose weights take more than this are not stored: the runtime draws them from the seed.
@@ -130,7 +130,13 @@ def add_sampling(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
 
 
 def build_module(
-    mod, target_names: list[str], output_dir: Path, *, cuda_graph: bool = False, pdl: bool = False
+    mod,
+    target_names: list[str],
+    output_dir: Path,
+    *,
+    cuda_graph: bool = False,
+    pdl: bool = False,
+    progress=None,
 ) -> dict:
     """Build into ``output_dir/model.so`` (device code as a fatbin compiled by nvcc here, so the
     GPU box needs only TVM's runtime); return the facts metadata.json records.
@@ -170,6 +176,7 @@ def build_module(
             relax_pipeline=build_pipeline(tvm_target(schedule_arch)),
             codegen_arch=None if schedule_arch == codegen else schedule_arch,
             cuda_graph=cuda_graph,
+            progress=progress,
         )
     archs = [t for t in res.targets if t != "cpu"]
     return {"archs": archs, "images": list(res.images), "pdl": pdl}
@@ -186,17 +193,15 @@ def attention_workspace_bytes(
     t, n = min(ubatch, context), context
     q_absorbed = t * d.heads * (d.latent_dim + d.kv_lora_rank) * itemsize + t * d.heads * 4
     decompressed = n * d.heads * (d.qk_head_dim + d.v_head_dim) * itemsize  # K, V
-    if mla == 2:
-        prefill = q_absorbed
-    elif mla == 3:
-        prefill = (
-            decompressed
-            + n * (d.latent_dim * 2 + d.heads * (d.qk_nope_head_dim + d.v_head_dim)) * itemsize
-        )
-    else:
-        prefill = 2 * decompressed
+    latent_k_v = n * (d.latent_dim * 2 + d.heads * (d.qk_nope_head_dim + d.v_head_dim))
+    prefill = {  # by the form of prompt attention
+        "absorbed": q_absorbed,
+        "decompress": decompressed + latent_k_v * itemsize,
+        "decompressed_cache": 2 * decompressed,
+    }[mla_mode(mla).prefill_form]
     splits = 132 * 2  # upper bound of the split-KV partials (H x 512 f32 each)
-    decode = splits * d.heads * (d.kv_lora_rank + 1) * 4 + (2 * decompressed if mla == 0 else 0)
+    gathered = 0 if mla_mode(mla).latent_cache else 2 * decompressed
+    decode = splits * d.heads * (d.kv_lora_rank + 1) * 4 + gathered
     return {"prefill": int(prefill), "decode": int(decode)}
 
 
@@ -215,8 +220,7 @@ def compile_model(
     other existing path only with ``force``, and never the input model (``artifact.check_output``).
     """
     targets = parse_targets(options.target)
-    if options.mla not in MLA_MODES:
-        raise ConfigError(f"unknown --mla {options.mla}: use 0, 2 or 3")
+    mla_mode(options.mla)  # validates it
     if options.max_context < 1:
         raise ConfigError(f"--max-context must be positive, got {options.max_context}")
     if options.ubatch < 1:
@@ -251,6 +255,7 @@ def compile_model(
         dump_dir=options.dump_ir,
         kv_dtype=options.kv_dtype,
         choice=choice,
+        log=log,
     )
     mod = add_sampling(ir.mod, tvm_target(codegen))
     cuda_graph = options.cuda_graph and targets != ["cpu"]
@@ -261,7 +266,9 @@ def compile_model(
     )
 
     def write(tmp: Path) -> None:
-        facts = build_module(mod, targets, tmp, cuda_graph=cuda_graph, pdl=options.pdl)
+        facts = build_module(
+            mod, targets, tmp, cuda_graph=cuda_graph, pdl=options.pdl, progress=log
+        )
         if weights["source"] == "gguf":
             from mla_compiler.model_export.gguf import write_tokenizer_files
 

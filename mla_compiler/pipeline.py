@@ -30,9 +30,8 @@ import torch
 import tvm
 from tvm import relax
 
-from mla_compiler.errors import ConfigError
 from mla_compiler.kernel_configs import KernelChoice
-from mla_compiler.model_export.config import ModelConfig
+from mla_compiler.model_export.config import ModelConfig, mla_mode
 from mla_compiler.model_export.export import INPUT_NAMES, export_relax
 from mla_compiler.model_export.modeling import DeepseekV2
 from mla_compiler.passes import pseudo
@@ -44,13 +43,6 @@ from mla_compiler.passes.lower_moe import LowerMoE
 from mla_compiler.passes.rewrite_mla_attention import RewriteMLAAttention
 from mla_compiler.schedules.target import is_gpu
 
-MLA_MODES = (0, 2, 3)
-# attention form of (prefill, decode) per MLA mode; see RewriteMLAAttention
-FORMS = {
-    0: ("decompressed_cache", "decompressed_cache"),
-    2: ("absorbed", "absorbed"),
-    3: ("decompress", "absorbed"),
-}
 PHASES = ("prefill", "decode")
 
 
@@ -143,17 +135,14 @@ def lower_to_kernels(
     dump: Callable[[str, tvm.IRModule], None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> tvm.IRModule:
-    if mla not in MLA_MODES:
-        raise ConfigError(
-            f"unknown --mla {mla}: use 0 (decompressed), 2 (absorbed) or 3 (phase-aware)"
-        )
+    mode = mla_mode(mla)
     dump = dump or (lambda _name, _mod: None)
     phases = _PhaseLog(log)
     mod = FuseRMSNorm()(mod)
     mod = split_phases(mod)
     dump("phases", mod)
     phases.done("prefill/decode split")
-    forms = dict(zip(PHASES, FORMS[mla], strict=True))
+    forms = {"prefill": mode.prefill_form, "decode": mode.decode_form}
     mod = RewriteMLAAttention(dims=cfg.dims, forms=forms)(mod)
     dump("mla", mod)
     phases.done(f"MLA rewrite (mla={mla})")

@@ -39,11 +39,36 @@ class MLADims:
 
     def cache_bytes_per_token(self, layers: int, *, mla: int, itemsize: int = 2) -> int:
         """Bytes of KV cache one token takes over ``layers`` layers in MLA mode ``mla``."""
-        if mla in (2, 3):
+        if mla_mode(mla).latent_cache:
             return layers * self.latent_dim * itemsize
-        if mla == 0:
-            return layers * self.heads * (self.qk_head_dim + self.v_head_dim) * itemsize
-        raise ConfigError(f"unknown MLA mode {mla}: use 0, 2 or 3")
+        return layers * self.heads * (self.qk_head_dim + self.v_head_dim) * itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class MLAMode:
+    """One ``--mla`` mode: the attention form of prompt chunks and of decode steps (see
+    ``passes.rewrite_mla_attention``) and whether the cache holds latent rows (576 per token
+    and layer) or decompressed per-head K and V."""
+
+    number: int
+    prefill_form: str
+    decode_form: str
+    latent_cache: bool
+
+
+MLA_MODES = {
+    0: MLAMode(0, "decompressed_cache", "decompressed_cache", latent_cache=False),
+    2: MLAMode(2, "absorbed", "absorbed", latent_cache=True),
+    3: MLAMode(3, "decompress", "absorbed", latent_cache=True),
+}
+
+
+def mla_mode(number: int) -> MLAMode:
+    if number not in MLA_MODES:
+        raise ConfigError(
+            f"unknown --mla {number}: use 0 (decompressed), 2 (absorbed) or 3 (phase-aware)"
+        )
+    return MLA_MODES[number]
 
 
 @dataclasses.dataclass(frozen=True)

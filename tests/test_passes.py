@@ -235,7 +235,7 @@ def _workload_only(m, n, k, *, target, config=None, **kw):
 def lite_attn_gpu():
     """tiny-lite-attn (V2-Lite attention, fused MoE on GPU) split into phases, through
     LowerMoE for sm_90a and RewriteMLAAttention per MLA mode."""
-    from mla_compiler.pipeline import FORMS, PHASES
+    from mla_compiler.model_export.config import mla_mode
 
     model = random_model(preset("tiny-lite-attn"), seed=3, dtype="float16")
     # LowerMoE first, once (it does not touch attention; its GPU kernels take a while)
@@ -244,7 +244,8 @@ def lite_attn_gpu():
     )
     out = {}
     for mla in (0, 2, 3):
-        forms = dict(zip(PHASES, FORMS[mla], strict=True))
+        mode = mla_mode(mla)
+        forms = {"prefill": mode.prefill_form, "decode": mode.decode_form}
         out[mla] = RewriteMLAAttention(dims=model.cfg.dims, forms=forms)(mod)
     return model, out
 
