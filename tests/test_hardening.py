@@ -342,27 +342,35 @@ def test_bench_plot_without_matplotlib_fails_before_running(tiny, tmp_path):
     assert "pp512" not in proc.stdout and not (tmp_path / "b.png").exists()
 
 
-def test_device_sampler_refuses_non_finite_rows():
-    """The sampling kernel (llvm) returns -1 for a row with NaN / +-Inf, whatever the params;
-    finite rows in the same batch keep their tokens (reference.sample agrees)."""
+@pytest.mark.parametrize(
+    "where", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)], ids=["llvm", "cuda"]
+)
+def test_device_sampler_refuses_non_finite_rows(where):
+    """The sampling kernel returns -1 for a row with NaN / +-Inf, whatever the params; finite
+    rows in the same batch keep their tokens (reference.sample agrees)."""
     import tvm
+    from test_sampling import _gpu_arch
 
     from mla_compiler import reference
     from mla_compiler.schedules import sampling
     from mla_compiler.schedules.target import tvm_target
 
-    target = tvm_target("cpu")
+    if where == "gpu" and _gpu_arch() is None:
+        pytest.skip("needs a CUDA GPU and TVM with CUDA")
+    target = tvm_target("cpu" if where == "cpu" else _gpu_arch())
+    dev = tvm.cpu() if where == "cpu" else tvm.cuda(0)
+    vocab = 300 if where == "cpu" else 102400
     fn = tvm.compile(
-        tvm.IRModule({"sample": sampling.sample(300, dtype="float32", target=target)}), target
+        tvm.IRModule({"sample": sampling.sample(vocab, dtype="float32", target=target)}), target
     )["sample"]
     rng = np.random.default_rng()
-    x = rng.standard_normal((5, 300)).astype(np.float32)
-    x[1, 7], x[2, 299], x[3, :] = np.nan, np.inf, np.nan
+    x = rng.standard_normal((5, vocab)).astype(np.float32)
+    x[1, 7], x[2, vocab - 1], x[3, :] = np.nan, np.inf, np.nan
     x[4, 0] = -np.inf
     for temperature, top_p, top_k in [(0.0, 1.0, 0), (0.9, 0.8, 20), (1.2, 1.0, 0)]:
         params = np.tile(np.float32([temperature, top_p, top_k, 0.4]), (5, 1))
-        out = tvm.runtime.tensor(np.full(5, -7, np.int32))
-        fn(tvm.runtime.tensor(x), tvm.runtime.tensor(params), out)
+        out = tvm.runtime.tensor(np.full(5, -7, np.int32), dev)
+        fn(tvm.runtime.tensor(x, dev), tvm.runtime.tensor(params, dev), out)
         want = [reference.sample(row, temperature, top_p, top_k, 0.4) for row in x]
         assert want[1:] == [-1, -1, -1, -1] and want[0] >= 0
         assert out.numpy().tolist() == want
