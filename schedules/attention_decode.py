@@ -40,10 +40,16 @@ from mla_compiler.schedules.attention_decode_mma import (
     split_mma,
     stages_q_in_ring,
 )
+from mla_compiler.schedules.decode_splits import (  # re-exported: callers import them from here
+    MIN_SPLIT_ROWS,
+    choose_splits,
+    effective_splits,
+    merge_split_lanes,
+    split_range,
+)
 from mla_compiler.schedules.target import gpu_spec, is_gpu, register_cap
 
 MAX_Q_TOKENS = 4
-MIN_SPLIT_ROWS = 64  # default Config.min_split_rows (why: Config's docstring)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,22 +62,19 @@ class Config:
     ``tensor_cores=False`` selects the simple loop kernel (the llvm schedule, slow on a GPU).
     ``tma`` (sm_90): warp 0 fills a ring slot with one ``cp.async.bulk`` per cache row, completing
     on the slot's mbarrier, instead of every thread's 16-byte ``cp.async``; all ``stages`` slots
-    are in flight and a slot refills as soon as every warp is done with it. Measured on the H100
-    (stream-only kernels, no compute): one SM streams far more this way, (1, 16K) 14.2 -> 9.4 us.
+    are in flight and a slot refills as soon as every warp is done with it: one SM streams far
+    more this way (measured: ``benchmarks/NOTES_decode.md``).
     ``min_split_rows``: the rows that open one more split. A sequence of ``n`` rows uses only
     ``effective_splits`` = ``min(S, ceil(n / min_split_rows))`` (in whole tiles) of the ``S``
     compiled splits: uncapped, each split gets at most ``min_split_rows`` rows (rounded up to
     a tile) and the splits together more than ``used - 1`` times that. 64 = one 64-row tile:
     a short context is latency-bound (a CTA's fixed chain of index load, first tile, math,
-    epilogue), so more CTAs with one tile each finish sooner than fewer with two. Measured on
-    the H100 with the TMA kernel (graph mode): (1, 600) 11.9 -> 9.4 us, (1, 4K) 12.4 -> 10.7
-    us against 128-row splits, long contexts and big batches unchanged (the split count
-    ``choose_splits`` picks caps them). With the older cp.async kernel 128 had won at (1, 4K).
+    epilogue), so more CTAs with one tile each finish sooner than fewer with two; long contexts
+    and big batches are capped by the split count ``choose_splits`` picks.
     ``q_regs``: every warp keeps Q's A fragments of the first ``Q_RESIDENT_STEPS`` (28) of the
     ``latent_dim / 16`` k-steps in registers (112 per thread) instead of reloading them from
     shared memory for every tile. At 8 warps those reloads were 147 of the ~380 KB of
-    shared-memory traffic per 64-row tile, which bounds the tile's math (H200 probe: 1.6 us
-    per tile, ~2950 cycles at 128 B per cycle; 1.3 us with ``q_regs``).
+    shared-memory traffic per 64-row tile, which bounds the tile's math.
     ``pdl`` (sm_90): both kernels are launched as programmatic dependents
     (``grid_dependency``): the split waits for the kernel before it at its first instruction,
     the merge computes its rows' split counts before waiting for the split; each lets the next
@@ -99,40 +102,6 @@ class DecodeKernels:
 
 
 CPU_CONFIG = Config(block_n=64, stages=1, warps_n=1, tensor_cores=False)
-
-
-def _is_expr(*xs) -> bool:
-    return any(isinstance(x, tvm.ir.expr.Expr) for x in xs)
-
-
-def effective_splits(n, num_splits, *, block_n: int, min_split_rows: int):
-    """Splits a sequence of ``n`` rows uses out of the ``num_splits`` compiled ones.
-
-    ``min(num_splits, max(1, ceil(tiles / per)))`` with ``tiles = ceil(n / block_n)`` and
-    ``per = ceil(min_split_rows / block_n)`` tiles: at most ``tiles``, so every used split of a
-    non-empty sequence gets rows; an empty sequence uses one (empty) split. The ONE formula of
-    the split kernels, the merge kernels and the tests: ``n`` and ``num_splits`` may be Python
-    ints or TIR int32 expressions (``n >= 0``).
-    """
-    per = max(1, -(-min_split_rows // block_n))
-    if _is_expr(n, num_splits):
-        want = tvm.tirx.truncdiv(tvm.tirx.truncdiv(n + block_n - 1, block_n) + per - 1, per)
-        return T.min(num_splits, T.max(want, 1))
-    tiles = -(-n // block_n)
-    return min(num_splits, max(1, -(-tiles // per)))
-
-
-def split_range(n, split, used, *, block_n: int):
-    """Rows ``[lo, hi)`` of split ``split`` (< ``used`` = ``effective_splits``) of a sequence of
-    ``n`` rows: the ``ceil(n / block_n)`` tiles dealt out evenly (whole tiles, the last tile cut
-    at ``n``), so splits differ by at most one tile. Python ints or TIR int32 expressions."""
-    if _is_expr(n, split, used):
-        tiles = tvm.tirx.truncdiv(n + block_n - 1, block_n)
-        lo = tvm.tirx.truncdiv(split * tiles, used) * block_n
-        hi = T.min(tvm.tirx.truncdiv((split + 1) * tiles, used) * block_n, n)
-        return lo, hi
-    tiles = -(-n // block_n)
-    return split * tiles // used * block_n, min((split + 1) * tiles // used * block_n, n)
 
 
 def m_tiles(heads: int, q_tokens: int) -> int:
@@ -184,13 +153,9 @@ def keep(
     )
 
 
-# Preferred first, per arch; the rest of the space follows, most rows in flight first.
+# Preferred first, per arch, in measured order (benchmarks/NOTES_decode.md); the rest of the
+# space follows, most rows in flight first.
 PREFERRED: dict[str, tuple[Config, ...]] = {
-    # H200 (2026-12-03, results/bench_decode_h200_fm.json): q_regs over the plain 8-warp
-    # cp.async ring, graph GB/s +5% (1, 600) to +17% (128, 4K). Before (results/
-    # bench_decode_h200_configs.json), the plain ring over the 4-warp TMA one: (32, 4K) 2959 vs
-    # 2634, (128, 4K) 3233 vs 2966, (128, 8K) 3173 vs 2975, b = 1 within +-4%; the TMA configs
-    # had been the H100's pick (2026-11-25).
     "sm_90a": (
         Config(block_n=64, stages=2, warps_n=8, q_regs=True, pdl=True),
         Config(block_n=64, stages=2, warps_n=8, q_regs=True),
@@ -240,47 +205,6 @@ def default_config(target, dims: MLADims | None = None, *, heads: int = 16, q_to
         return CPU_CONFIG
     found = candidate_configs(target, dims, heads=heads, q_tokens=q_tokens)
     return found[0] if found else Config(tensor_cores=False)
-
-
-def choose_splits(
-    batch: int,
-    max_context: int,
-    sm_count: int,
-    *,
-    block_n: int = 64,
-    ctas_per_sm: int = 1,
-    sm_bandwidth_ratio: float = 1.0,
-    min_split_rows: int = MIN_SPLIT_ROWS,
-) -> int:
-    """Splits per sequence: enough CTAs to pull DRAM bandwidth, few enough partials to merge.
-
-    Modelled step time, in units of one tile load per SM at a fair share of DRAM bandwidth::
-
-        max(tiles_total / SMs, waves * tiles_per_split * ctas_per_sm / ratio)  # stream
-        + waves                                      # pipeline fill, once per wave
-        + 0.9 * batch * splits / SMs                 # f32 partials: written + merged
-
-    ``sm_bandwidth_ratio``: how much faster than its fair share one SM streams when others
-    idle. 1.0: on the H100 one CTA of this kernel streamed ~22 GB/s (the copy ceiling's fair
-    share is 22.9), e.g. 32 sequences x 3 splits on 96 SMs gave 2.16 TB/s (bench_decode,
-    2026-11-25); 1.5 had chosen those 3 splits. ``bench_decode.py`` times S/2, S and 2S.
-    Returns the smallest split count of least modelled time, at most ``effective_splits`` of
-    ``max_context`` (more would never be used).
-    """
-    tiles = max(1, -(-max_context // block_n))
-    slots = sm_count * ctas_per_sm
-    most = effective_splits(
-        max(max_context, 1), 4 * slots, block_n=block_n, min_split_rows=min_split_rows
-    )
-    best, best_cost = 1, math.inf
-    for s in range(1, most + 1):
-        waves = -(-(batch * s) // slots)
-        per_split = -(-tiles // s)
-        stream = max(batch * tiles / sm_count, waves * per_split * ctas_per_sm / sm_bandwidth_ratio)
-        cost = stream + waves + 0.9 * batch * s / sm_count
-        if cost < best_cost - 1e-9:
-            best, best_cost = s, cost
-    return best
 
 
 def ctas_per_sm(config: Config, target, dims: MLADims, *, heads: int, q_tokens: int) -> int:
@@ -526,18 +450,6 @@ def _merge(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: Conf
                         )
 
     return merge
-
-
-def merge_split_lanes(num_splits, *, unroll: int = 4):
-    """Lanes that share one output column group in the CUDA merge: the power of two (1..32)
-    that lets ``num_splits`` partials load in one unrolled step (``unroll`` per lane). Python
-    int or TIR expression (the merge picks it from the workspace's split count at run time)."""
-    if _is_expr(num_splits):
-        lanes = T.int32(32)
-        for k in (4, 3, 2, 1, 0):
-            lanes = T.if_then_else(num_splits <= unroll * (1 << k), 1 << k, lanes)
-        return lanes
-    return next((1 << k for k in range(6) if num_splits <= unroll * (1 << k)), 32)
 
 
 def _merge_gpu(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: Config):

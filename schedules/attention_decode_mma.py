@@ -1,3 +1,6 @@
+# The body macros are TVMScript expanded inside `split_mma`'s kernel (hygienic=False): they read
+# its locals (tid, lane, kvs, fragments, ...), which Python static analysis cannot see.
+# ruff: noqa: F821, F841
 """Tensor-core split kernel of absorbed-MLA decode (see ``attention_decode.py`` for the contract).
 
 CTA ``(s, b)`` = split ``s`` of sequence ``b``. Threads: ``m_tiles x warps_n`` warps; warp
@@ -22,12 +25,14 @@ Fragment layouts (PTX ISA, m16n8k16 f16): lane = 4 g + c. A regs: (g, 2c), (g + 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from tvm.script import tirx as T
 
 from mla_compiler.model_export.config import MLADims
 from mla_compiler.schedules import grid_dependency
+from mla_compiler.schedules.decode_splits import effective_splits, split_range
 from mla_compiler.schedules.mma_sync import mma_f16
 
 _LOG2E = 1.4426950408889634
@@ -62,6 +67,430 @@ def q_tail_columns(dims: MLADims, config) -> int:
     return dims.latent_dim - 16 * min(dims.latent_dim // 16, Q_RESIDENT_STEPS)
 
 
+@dataclasses.dataclass(frozen=True)
+class SplitGeometry:
+    """Every compile-time constant of the split kernel, from the dims, heads, query tokens and
+    the config (``keep`` has checked it); short names, as the fragment arithmetic uses them."""
+
+    D: int  # latent row (576)
+    DV: int  # V columns (kv_lora_rank)
+    H: int  # heads
+    Q: int  # new tokens per sequence
+    BN: int  # cache rows per tile
+    ST: int  # ring stages
+    WN: int  # warps per 16-row M tile
+    TMA: bool
+    MR: int  # min_split_rows
+    QRK: int  # k-steps of Q in registers (q_regs), else 0
+    SQ: bool  # Q staged in ring slot ST - 1; qs keeps only columns QRK * 16 ..
+    QC: int  # columns of qs
+    scale_log2: float
+    probe: bool
+    pdl: bool
+
+    @classmethod
+    def of(cls, dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale, probe: bool):
+        D = dims.latent_dim
+        return cls(
+            D=D,
+            DV=dims.kv_lora_rank,
+            H=heads,
+            Q=q_tokens,
+            BN=config.block_n,
+            ST=config.stages,
+            WN=config.warps_n,
+            TMA=config.tma,
+            MR=config.min_split_rows,
+            QRK=min(D // 16, Q_RESIDENT_STEPS) if config.q_regs else 0,
+            SQ=stages_q_in_ring(config),
+            QC=q_tail_columns(dims, config),
+            scale_log2=float(sm_scale) * _LOG2E,
+            probe=probe,
+            pdl=config.pdl,
+        )
+
+    R = property(lambda g: g.H * g.Q, doc="valid query rows")
+    MT = property(lambda g: -(-g.R // 16), doc="16-row M tiles, one warp group each")
+    SN = property(lambda g: g.BN // g.WN, doc="score columns per warp")
+    OW = property(lambda g: g.DV // g.WN, doc="output columns per warp")
+    NS = property(lambda g: g.SN // 8, doc="n8 tiles of S per warp")
+    NO = property(lambda g: g.OW // 8, doc="n8 tiles of O per warp")
+    DP = property(lambda g: g.D + 8, doc="padded smem row (halves)")
+    BNP = property(lambda g: g.BN + 8, doc="padded row of P")
+    NT = property(lambda g: 32 * g.MT * g.WN, doc="threads")
+    CH = property(lambda g: g.D // 8, doc="16-byte chunks per row")
+    KV_ITERS = property(lambda g: -(-(g.BN * g.CH) // g.NT), doc="copies per thread per tile")
+    Q_ITERS = property(lambda g: -(-(g.MT * 16 * g.CH) // g.NT), doc="copies per thread of Q")
+    NSTAMP = property(lambda g: 4 + 2 * PROBE_TILES if g.probe else 1, doc="probe stamps")
+    QF = property(lambda g: max(g.QRK, 1) * 8, doc="halves of Q's register fragments")
+    QO = property(lambda g: g.D - g.QC, doc="Q column of qs column 0")
+    QP = property(lambda g: g.QC + 8, doc="padded qs row")
+    QCH = property(lambda g: g.QC // 8, doc="16-byte chunks of a qs row")
+    QT_ITERS = property(lambda g: -(-(g.MT * 16 * g.QCH) // g.NT), doc="copies per thread of qs")
+
+
+@T.macro
+def _qk_step(G, abuf, aoff, kvs, st_off, wn, lane, acc_s, b_frag, ks):
+    """k-step ``ks`` of S = Q Kᵀ for this warp's score columns, A = ``abuf[aoff :]`` (even /
+    odd k-steps accumulate apart: 2 mma chains)."""
+    for np in T.unroll(G.NS // 2):
+        T.evaluate(
+            T.ptx_legacy.ldmatrix(
+                False,
+                4,
+                ".b16",
+                b_frag.data,
+                0,
+                kvs.access_ptr("r"),
+                st_off
+                + (wn * G.SN + np * 16 + lane % 8 + lane // 16 * 8) * G.DP
+                + ks * 16
+                + lane // 8 % 2 * 8,
+                dtype="float16",
+            )
+        )
+        for half in T.unroll(2):
+            c_off = T.meta_var(ks % 2 * (G.NS * 4) + (np * 2 + half) * 4)  # even / odd chain
+            mma_f16(abuf, aoff, b_frag, half * 4, acc_s, c_off)
+
+    for _odd in T.unroll(G.NS % 2):  # a lone n8 tile: ldmatrix.x2 (lanes 0-15)
+        T.evaluate(
+            T.ptx_legacy.ldmatrix(
+                False,
+                2,
+                ".b16",
+                b_frag.data,
+                0,
+                kvs.access_ptr("r"),
+                st_off
+                + (wn * G.SN + (G.NS - 1) * 8 + lane % 8) * G.DP
+                + ks * 16
+                + lane // 8 % 2 * 8,
+                dtype="float16",
+            )
+        )
+        mma_f16(abuf, aoff, b_frag, 0, acc_s, ks % 2 * (G.NS * 4) + (G.NS - 1) * 4)
+
+
+@T.macro
+def _load_q_frag(src, base, stride, dst, wm, lane, col, off):
+    """ldmatrix.x4: the A fragment of Q's columns ``col .. col + 15`` (rows ``16 wm ..``,
+    ``stride`` halves apart from ``src[base]``) into ``dst[off : off + 8]``."""
+    T.evaluate(
+        T.ptx_legacy.ldmatrix(
+            False,
+            4,
+            ".b16",
+            dst.data,
+            off,
+            src.access_ptr("r"),
+            base + (wm * 16 + lane % 16) * stride + col + lane // 16 * 8,
+            dtype="float16",
+        )
+    )
+
+
+@T.macro
+def _load_tile(G, kvs, kv, layer, start, lo, hi, tid, tile, stage):
+    """cp.async rows ``lo + tile * BN ..`` into ring slot ``stage`` (zero-fill past ``hi``)."""
+    for i in T.unroll(G.KV_ITERS):
+        idx = T.meta_var(i * G.NT + tid)
+        if idx < G.BN * G.CH:
+            row = T.meta_var(lo + tile * G.BN + idx // G.CH)
+            T.evaluate(
+                T.ptx["cp.async.cg.shared.global"](
+                    kvs.ptr_to([stage, idx // G.CH, idx % G.CH * 8]),
+                    kv.ptr_to([layer, start + T.min(row, hi - 1), idx % G.CH * 8]),
+                    16,
+                    T.Cast("uint32", T.if_then_else(row < hi, 16, 0)),
+                )
+            )
+
+
+@T.macro
+def _load_tile_tma(G, kvs, kv, bars, layer, start, lo, hi, tid, tile, stage):
+    """Warp 0: one bulk copy per row of tile ``tile`` into ring slot ``stage``, completing
+    on ``bars[stage]`` (rows past ``hi`` repeat row ``hi - 1``: finite, and masked)."""
+    if tid < 32:
+        if tid == 0:
+            T.ptx.mbarrier.arrive.expect_tx.shared.b64(
+                bars.ptr_to([stage]), T.uint32(G.BN * G.D * 2)
+            )
+        for i in T.unroll(G.BN // 32):
+            row = T.meta_var(lo + tile * G.BN + i * 32 + tid)
+            T.evaluate(
+                T.ptx["cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"](
+                    kvs.ptr_to([stage, i * 32 + tid, 0]),
+                    kv.ptr_to([layer, start + T.min(row, hi - 1), 0]),
+                    T.uint32(G.D * 2),
+                    bars.ptr_to([stage]),
+                )
+            )
+
+
+@T.macro(hygienic=False)
+def _fill_slot(G, tile, stage):
+    # tile `tile` into ring slot `stage`, if the split has it (cp.async: one group, maybe empty)
+    if G.TMA:
+        if tile < ntiles:
+            _load_tile_tma(G, kvs, kv, bars, layer, start, lo, hi, tid, tile, stage)
+    else:
+        if tile < ntiles:
+            _load_tile(G, kvs, kv, layer, start, lo, hi, tid, tile, stage)
+        T.evaluate(T.ptx.cp.async_.commit_group())
+
+
+@T.macro(hygienic=False)
+def _load_q(G):
+    # Q rows (padded rows zero-filled) ride in their own first cp.async group: into qs, or
+    # (SQ) whole into ring slot ST - 1 and the non-resident columns into qs
+    for i in T.unroll(G.QT_ITERS):
+        idx = T.meta_var(i * G.NT + tid)
+        if idx < G.MT * 16 * G.QCH and used:
+            r = T.meta_var(idx // G.QCH)
+            rc = T.meta_var(T.min(r, G.R - 1))
+            T.evaluate(
+                T.ptx["cp.async.cg.shared.global"](
+                    qs.ptr_to([r, idx % G.QCH * 8]),
+                    q.ptr_to([b, rc // G.H, rc % G.H, G.QO + idx % G.QCH * 8]),
+                    16,
+                    T.Cast("uint32", T.if_then_else(r < G.R, 16, 0)),
+                )
+            )
+    if G.SQ:
+        for i in T.unroll(G.Q_ITERS):
+            idx = T.meta_var(i * G.NT + tid)
+            if idx < G.MT * 16 * G.CH and used:
+                r = T.meta_var(idx // G.CH)
+                rc = T.meta_var(T.min(r, G.R - 1))
+                T.evaluate(
+                    T.ptx["cp.async.cg.shared.global"](
+                        kvs.ptr_to([G.ST - 1, r, idx % G.CH * 8]),
+                        q.ptr_to([b, rc // G.H, rc % G.H, idx % G.CH * 8]),
+                        16,
+                        T.Cast("uint32", T.if_then_else(r < G.R, 16, 0)),
+                    )
+                )
+    T.evaluate(T.ptx.cp.async_.commit_group())
+
+
+@T.macro(hygienic=False)
+def _prologue(G):
+    # tiles 0 .. ST-1 in flight (a slot refills once every warp is done with it; SQ: tile
+    # ST - 1 once Q's fragments left slot ST - 1 for the registers), then Q's fragments
+    for st in T.unroll(G.ST - int(G.SQ)):
+        _fill_slot(G, st, st)
+    # Q landed (the tiles may still fly: cp.async groups complete in order)
+    T.evaluate(T.ptx.cp.async_.wait_group(0 if G.TMA else G.ST - int(G.SQ)))
+    T.tvm_storage_sync("shared")
+    for ks in T.unroll(G.QRK):  # q_regs: Q's A fragments of the first QRK k-steps, once
+        if G.SQ:
+            _load_q_frag(kvs, (G.ST - 1) * G.BN * G.DP, G.DP, q_frag, wm, lane, ks * 16, ks * 8)
+        else:
+            _load_q_frag(qs, 0, G.QP, q_frag, wm, lane, ks * 16, ks * 8)
+    if G.SQ:
+        T.tvm_storage_sync("shared")  # every warp has its fragments: slot ST - 1 is free
+        if G.ST - 1 < ntiles:
+            _load_tile(G, kvs, kv, layer, start, lo, hi, tid, G.ST - 1, G.ST - 1)
+        T.evaluate(T.ptx.cp.async_.commit_group())
+
+
+@T.macro(hygienic=False)
+def _wait_tile(G, kt):
+    if G.TMA:
+        T.cuda.mbarrier_wait(bars.ptr_to([kt % G.ST]), T.truncdiv(kt, G.ST) % 2)
+    else:  # tile kt's group: ST - 1 younger ones (tiles kt+1 .. kt+ST-1) may fly
+        T.evaluate(T.ptx.cp.async_.wait_group(G.ST - 1))
+        T.tvm_storage_sync("shared")
+    _probe_tile(G, kt, 4)  # landed
+
+
+@T.macro(hygienic=False)
+def _scores(G, kt, st_off):
+    # S = Q Kᵀ for this warp's SN columns
+    for e in T.unroll(G.NS * 8):
+        acc_s[e] = T.float32(0)
+    for ks in T.unroll(G.QRK):  # Q's A fragments resident in registers
+        _qk_step(G, q_frag, ks * 8, kvs, st_off, wn, lane, acc_s, b_frag, ks)
+    for kr in T.unroll(G.D // 16 - G.QRK):  # the rest reloaded from shared memory
+        _load_q_frag(qs, 0, G.QP, a_frag, wm, lane, (G.QRK + kr) * 16 - G.QO, 0)
+        _qk_step(G, a_frag, 0, kvs, st_off, wn, lane, acc_s, b_frag, G.QRK + kr)
+    for e in T.unroll(G.NS * 4):
+        acc_s[e] = acc_s[e] + acc_s[G.NS * 4 + e]
+    # scale, mask (split end and causal among the Q new tokens), row max
+    for k in T.unroll(2):
+        m_new[k] = T.float32(-math.inf)
+    for i in T.unroll(G.NS):
+        for e in T.unroll(4):
+            jj = T.meta_var(lo + kt * G.BN + wn * G.SN + i * 8 + lane % 4 * 2 + e % 2)
+            tok = T.meta_var((wm * 16 + lane // 4 + e // 2 * 8) // G.H)
+            acc_s[i * 4 + e] = T.if_then_else(
+                jj < hi and jj <= n - G.Q + tok,
+                acc_s[i * 4 + e] * T.float32(G.scale_log2),
+                T.float32(-math.inf),
+            )
+            m_new[e // 2] = T.max(m_new[e // 2], acc_s[i * 4 + e])
+    for k in T.unroll(2):
+        for sh in T.unroll(2):
+            m_new[k] = T.max(
+                m_new[k],
+                T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), m_new[k], 1 << sh, 32, 32),
+            )
+        if lane % 4 == 0:
+            red_m[wn, wm * 16 + lane // 4 + k * 8] = m_new[k]
+
+
+@T.macro(hygienic=False)
+def _softmax(G):
+    # the row max over the WN warps, P = exp2(S - max) to shared memory, O and l rescaled
+    for k in T.unroll(2):
+        m_new[k] = m_i[k]
+        for w in T.unroll(G.WN):
+            m_new[k] = T.max(m_new[k], red_m[w, wm * 16 + lane // 4 + k * 8])
+        alpha[k] = T.exp2(m_i[k] - m_new[k])
+        m_i[k] = m_new[k]
+        l_i[k] = l_i[k] * alpha[k]
+    for i in T.unroll(G.NS):
+        for e in T.unroll(4):
+            acc_s[i * 4 + e] = T.exp2(acc_s[i * 4 + e] - m_new[e // 2])
+            l_i[e // 2] = l_i[e // 2] + acc_s[i * 4 + e]
+            ps[wm * 16 + lane // 4 + e // 2 * 8, wn * G.SN + i * 8 + lane % 4 * 2 + e % 2] = T.Cast(
+                "float16", acc_s[i * 4 + e]
+            )
+    for j in T.unroll(G.NO):
+        for e in T.unroll(4):
+            acc_o[j * 4 + e] = acc_o[j * 4 + e] * alpha[e // 2]
+
+
+@T.macro(hygienic=False)
+def _pv(G, st_off):
+    # O += P V over this warp's OW output columns
+    for kk in T.unroll(G.BN // 16):
+        T.evaluate(
+            T.ptx_legacy.ldmatrix(
+                False,
+                4,
+                ".b16",
+                a_frag.data,
+                0,
+                ps.access_ptr("r"),
+                (wm * 16 + lane % 16) * G.BNP + kk * 16 + lane // 16 * 8,
+                dtype="float16",
+            )
+        )
+        for np in T.unroll(G.NO // 2):
+            T.evaluate(
+                T.ptx_legacy.ldmatrix(
+                    True,
+                    4,
+                    ".b16",
+                    b_frag.data,
+                    0,
+                    kvs.access_ptr("r"),
+                    st_off + (kk * 16 + lane % 16) * G.DP + wn * G.OW + np * 16 + lane // 16 * 8,
+                    dtype="float16",
+                )
+            )
+            for half in T.unroll(2):
+                mma_f16(a_frag, 0, b_frag, half * 4, acc_o, (np * 2 + half) * 4)
+
+
+@T.macro(hygienic=False)
+def _row_sums(G):
+    # l: quad lanes, then the warps_n warps of this M tile; alpha = 1 / l (0 for an empty row)
+    for k in T.unroll(2):
+        for sh in T.unroll(2):
+            l_i[k] = l_i[k] + T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), l_i[k], 1 << sh, 32, 32)
+        if lane % 4 == 0:
+            red_l[wn, wm * 16 + lane // 4 + k * 8] = l_i[k]
+    T.tvm_storage_sync("shared")
+    for k in T.unroll(2):
+        l_i[k] = T.float32(0)
+        for w in T.unroll(G.WN):
+            l_i[k] = l_i[k] + red_l[w, wm * 16 + lane // 4 + k * 8]
+        alpha[k] = T.if_then_else(l_i[k] > T.float32(0), T.float32(1) / l_i[k], T.float32(0))
+
+
+@T.macro(hygienic=False)
+def _store_o(G):
+    # Lanes 2i and 2i + 1 of a quad trade halves (one xor shuffle per value): the even lane
+    # ends with columns 4 (i) .. +3 of row g, the odd one those of row g + 8, so each lane
+    # stores one 16-byte float4 (8-byte half4) and two lanes fill a 32-byte sector per row.
+    even = T.meta_var(lane % 2 == 0)
+    for j in T.unroll(G.NO):
+        for k in T.unroll(2):
+            mine = T.meta_var(
+                T.if_then_else(even, acc_o[j * 4 + k] * alpha[0], acc_o[j * 4 + 2 + k] * alpha[1])
+            )
+            give = T.meta_var(
+                T.if_then_else(even, acc_o[j * 4 + 2 + k] * alpha[1], acc_o[j * 4 + k] * alpha[0])
+            )
+            got = T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), give, 1, 32, 32)
+            out4[k] = T.if_then_else(even, mine, got)
+            out4[2 + k] = T.if_then_else(even, got, mine)
+        r = T.meta_var(wm * 16 + lane // 4 + lane % 2 * 8)
+        col = T.meta_var(wn * G.OW + j * 8 + lane % 4 // 2 * 4)
+        if r < G.R:
+            if single:
+                o[b, r // G.H, r % G.H, T.ramp(col, 1, 4)] = T.Cast(
+                    "float16x4", out4[T.ramp(0, 1, 4)]
+                )
+            elif used_end:
+                o_part[sid, b, r // G.H, r % G.H, T.ramp(col, 1, 4)] = out4[T.ramp(0, 1, 4)]
+
+
+@T.macro(hygienic=False)
+def _store_lse(G):
+    if wn == 0 and lane % 4 == 0:
+        for k in T.unroll(2):
+            r = T.meta_var(wm * 16 + lane // 4 + k * 8)
+            value = T.meta_var(
+                T.if_then_else(
+                    l_i[k] > T.float32(0),
+                    m_i[k] * T.float32(_LN2) + T.log(l_i[k]),
+                    T.float32(-math.inf),
+                )
+            )
+            if r < G.R:
+                if single:
+                    lse[b, r // G.H, r % G.H] = value
+                elif used_end:
+                    lse_part[sid, b, r // G.H, r % G.H] = value
+
+
+@T.macro(hygienic=False)
+def _probe_entry(G):
+    if G.probe:
+        for i in T.unroll(G.NSTAMP):
+            stamp[i] = T.uint32(0)
+        stamp[0] = T.cuda.func_call(
+            "probe_globaltimer", source_code=_GLOBALTIMER, return_type="uint32"
+        )
+        stamp[2] = T.Cast("uint32", T.cuda.clock64())
+
+
+@T.macro(hygienic=False)
+def _probe_tile(G, kt, slot):
+    # clock64 of the first PROBE_TILES tiles: landed (slot 4) and done (slot 5)
+    if G.probe:
+        for j in T.unroll(PROBE_TILES):
+            if kt == j:
+                stamp[slot + 2 * j] = T.Cast("uint32", T.cuda.clock64())
+
+
+@T.macro(hygienic=False)
+def _probe_exit(G):
+    if G.probe:
+        stamp[3] = T.Cast("uint32", T.cuda.clock64())
+        stamp[1] = T.cuda.func_call(
+            "probe_globaltimer", source_code=_GLOBALTIMER, return_type="uint32"
+        )
+        T.tvm_storage_sync("shared")  # orders the epilogue's stores before these
+        if tid == 0:
+            for i in T.unroll(G.NSTAMP):
+                o_part[sid, b, 0, 0, i] = T.reinterpret("float32", stamp[i])
+
+
 def split_mma(
     dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: float, probe: bool = False
 ):
@@ -71,127 +500,10 @@ def split_mma(
     stamps its timeline and writes it over ``o_part[s, b, 0, 0, :12]`` (uint32 bits, wrong
     outputs): globaltimer at entry and end, clock64 at entry, end, and when each of the first
     ``PROBE_TILES`` tiles has landed and is done."""
-    from mla_compiler.schedules.attention_decode import effective_splits, split_range  # a cycle
-
-    D, DV, H, Q = dims.latent_dim, dims.kv_lora_rank, heads, q_tokens
-    R = H * Q  # valid query rows
-    MT = -(-R // 16)  # 16-row M tiles, one warp group each
-    BN, ST, WN = config.block_n, config.stages, config.warps_n
-    TMA = config.tma
-    MR = config.min_split_rows
-    SN = BN // WN  # score columns per warp
-    OW = DV // WN  # output columns per warp
-    NS = SN // 8  # n8 tiles of S per warp
-    NO = OW // 8  # n8 tiles of O per warp
-    DP = D + 8  # padded smem row (halves)
-    BNP = BN + 8
-    NT = 32 * MT * WN  # threads
-    CH = D // 8  # 16-byte chunks per row
-    KV_ITERS = -(-(BN * CH) // NT)
-    Q_ITERS = -(-(MT * 16 * CH) // NT)
-    scale_log2 = float(sm_scale) * _LOG2E
-    neg_inf = -math.inf
-    NSTAMP = 4 + 2 * PROBE_TILES if probe else 1
-    QRK = min(D // 16, Q_RESIDENT_STEPS) if config.q_regs else 0  # k-steps of Q in registers
-    QF = max(QRK, 1) * 8
-    SQ = stages_q_in_ring(config)  # Q staged in slot ST - 1; qs keeps only columns QRK*16..
-    QC = q_tail_columns(dims, config)  # columns of qs
-    QO = D - QC  # Q column of qs column 0
-    QP = QC + 8  # padded qs row
-    QCH = QC // 8  # 16-byte chunks of a qs row
-    QT_ITERS = -(-(MT * 16 * QCH) // NT)
-
-    @T.macro
-    def qk_step(abuf, aoff, kvs, st_off, wn, lane, acc_s, b_frag, ks):
-        """k-step ``ks`` of S = Q Kᵀ for this warp's score columns, A = ``abuf[aoff :]`` (even /
-        odd k-steps accumulate apart: 2 mma chains)."""
-        for np in T.unroll(NS // 2):
-            T.evaluate(
-                T.ptx_legacy.ldmatrix(
-                    False,
-                    4,
-                    ".b16",
-                    b_frag.data,
-                    0,
-                    kvs.access_ptr("r"),
-                    st_off
-                    + (wn * SN + np * 16 + lane % 8 + lane // 16 * 8) * DP
-                    + ks * 16
-                    + lane // 8 % 2 * 8,
-                    dtype="float16",
-                )
-            )
-            for half in T.unroll(2):
-                c_off = T.meta_var(ks % 2 * (NS * 4) + (np * 2 + half) * 4)  # even / odd chain
-                mma_f16(abuf, aoff, b_frag, half * 4, acc_s, c_off)
-
-        for _odd in T.unroll(NS % 2):  # a lone n8 tile: ldmatrix.x2 (lanes 0-15)
-            T.evaluate(
-                T.ptx_legacy.ldmatrix(
-                    False,
-                    2,
-                    ".b16",
-                    b_frag.data,
-                    0,
-                    kvs.access_ptr("r"),
-                    st_off + (wn * SN + (NS - 1) * 8 + lane % 8) * DP + ks * 16 + lane // 8 % 2 * 8,
-                    dtype="float16",
-                )
-            )
-            mma_f16(abuf, aoff, b_frag, 0, acc_s, ks % 2 * (NS * 4) + (NS - 1) * 4)
-
-    @T.macro
-    def load_q_frag(src, base, stride, dst, wm, lane, col, off):
-        """ldmatrix.x4: the A fragment of Q's columns ``col .. col + 15`` (rows ``16 wm ..``,
-        ``stride`` halves apart from ``src[base]``) into ``dst[off : off + 8]``."""
-        T.evaluate(
-            T.ptx_legacy.ldmatrix(
-                False,
-                4,
-                ".b16",
-                dst.data,
-                off,
-                src.access_ptr("r"),
-                base + (wm * 16 + lane % 16) * stride + col + lane // 16 * 8,
-                dtype="float16",
-            )
-        )
-
-    @T.macro
-    def load_tile(kvs, kv, layer, start, lo, hi, tid, tile, stage):
-        """cp.async rows ``lo + tile * BN ..`` into ring slot ``stage`` (zero-fill past ``hi``)."""
-        for i in T.unroll(KV_ITERS):
-            idx = T.meta_var(i * NT + tid)
-            if idx < BN * CH:
-                row = T.meta_var(lo + tile * BN + idx // CH)
-                T.evaluate(
-                    T.ptx["cp.async.cg.shared.global"](
-                        kvs.ptr_to([stage, idx // CH, idx % CH * 8]),
-                        kv.ptr_to([layer, start + T.min(row, hi - 1), idx % CH * 8]),
-                        16,
-                        T.Cast("uint32", T.if_then_else(row < hi, 16, 0)),
-                    )
-                )
-
-    @T.macro
-    def load_tile_tma(kvs, kv, bars, layer, start, lo, hi, tid, tile, stage):
-        """Warp 0: one bulk copy per row of tile ``tile`` into ring slot ``stage``, completing
-        on ``bars[stage]`` (rows past ``hi`` repeat row ``hi - 1``: finite, and masked)."""
-        if tid < 32:
-            if tid == 0:
-                T.ptx.mbarrier.arrive.expect_tx.shared.b64(
-                    bars.ptr_to([stage]), T.uint32(BN * D * 2)
-                )
-            for i in T.unroll(BN // 32):
-                row = T.meta_var(lo + tile * BN + i * 32 + tid)
-                T.evaluate(
-                    T.ptx["cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"](
-                        kvs.ptr_to([stage, i * 32 + tid, 0]),
-                        kv.ptr_to([layer, start + T.min(row, hi - 1), 0]),
-                        T.uint32(D * 2),
-                        bars.ptr_to([stage]),
-                    )
-                )
+    G = SplitGeometry.of(
+        dims, heads=heads, q_tokens=q_tokens, config=config, sm_scale=sm_scale, probe=probe
+    )
+    D, DV, H, Q = G.D, G.DV, G.H, G.Q
 
     @T.prim_func
     def split(
@@ -219,50 +531,44 @@ def split_mma(
 
         sid = T.launch_thread("blockIdx.x", S)
         b = T.launch_thread("blockIdx.y", B)
-        tid = T.launch_thread("threadIdx.x", NT)
-        kvs = T.alloc_buffer((ST, BN, DP), "float16", scope="shared.dyn")  # cache tile ring
-        qs = T.alloc_buffer((MT * 16, QP), "float16", scope="shared.dyn")  # Q (or its tail)
-        ps = T.alloc_buffer((MT * 16, BNP), "float16", scope="shared.dyn")
-        red_m = T.alloc_buffer((WN, MT * 16), "float32", scope="shared.dyn")
-        red_l = T.alloc_buffer((WN, MT * 16), "float32", scope="shared.dyn")
-        bars = T.alloc_buffer((ST,), "uint64", scope="shared")  # TMA: one mbarrier per slot
-        acc_o = T.alloc_buffer((NO * 4,), "float32", scope="local")
-        acc_s = T.alloc_buffer((NS * 8,), "float32", scope="local")  # 2 k-chains
+        tid = T.launch_thread("threadIdx.x", G.NT)
+        kvs = T.alloc_buffer((G.ST, G.BN, G.DP), "float16", scope="shared.dyn")  # tile ring
+        qs = T.alloc_buffer((G.MT * 16, G.QP), "float16", scope="shared.dyn")  # Q (or its tail)
+        ps = T.alloc_buffer((G.MT * 16, G.BNP), "float16", scope="shared.dyn")
+        red_m = T.alloc_buffer((G.WN, G.MT * 16), "float32", scope="shared.dyn")
+        red_l = T.alloc_buffer((G.WN, G.MT * 16), "float32", scope="shared.dyn")
+        bars = T.alloc_buffer((G.ST,), "uint64", scope="shared")  # TMA: one mbarrier per slot
+        acc_o = T.alloc_buffer((G.NO * 4,), "float32", scope="local")
+        acc_s = T.alloc_buffer((G.NS * 8,), "float32", scope="local")  # 2 k-chains
         a_frag = T.alloc_buffer((8,), "float16", scope="local")
-        q_frag = T.alloc_buffer((QF,), "float16", scope="local")  # q_regs: Q's A fragments
+        q_frag = T.alloc_buffer((G.QF,), "float16", scope="local")  # q_regs: Q's A fragments
         b_frag = T.alloc_buffer((8,), "float16", scope="local")
         m_i = T.alloc_buffer((2,), "float32", scope="local")
         l_i = T.alloc_buffer((2,), "float32", scope="local")
         m_new = T.alloc_buffer((2,), "float32", scope="local")
         alpha = T.alloc_buffer((2,), "float32", scope="local")
         out4 = T.alloc_buffer((4,), "float32", scope="local")  # one lane's float4 of O
-        stamp = T.alloc_buffer((NSTAMP,), "uint32", scope="local")  # probe builds only
-        if probe:
-            for i in T.unroll(NSTAMP):
-                stamp[i] = T.uint32(0)
-            stamp[0] = T.cuda.func_call(
-                "probe_globaltimer", source_code=_GLOBALTIMER, return_type="uint32"
-            )
-            stamp[2] = T.Cast("uint32", T.cuda.clock64())
+        stamp = T.alloc_buffer((G.NSTAMP,), "uint32", scope="local")  # probe builds only
+        _probe_entry(G)
 
-        if config.pdl:  # q, kv_indptr (and the cache row) come from the kernels before
+        if G.pdl:  # q, kv_indptr (and the cache row) come from the kernels before
             grid_dependency.wait()
         lane = T.meta_var(tid % 32)
-        wm = T.meta_var(tid // 32 // WN)
-        wn = T.meta_var(tid // 32 % WN)
+        wm = T.meta_var(tid // 32 // G.WN)
+        wn = T.meta_var(tid // 32 % G.WN)
         # per-CTA scalars, computed once: start row, rows, splits used, split begin / end
         geo = T.alloc_buffer((5,), "int32", scope="local")
         geo[0] = kv_indptr[b]
         geo[1] = kv_indptr[b + 1] - geo[0]
-        geo[4] = effective_splits(geo[1], S, block_n=BN, min_split_rows=MR)
-        rows = T.meta_var(split_range(geo[1], sid, geo[4], block_n=BN))
+        geo[4] = effective_splits(geo[1], S, block_n=G.BN, min_split_rows=G.MR)
+        rows = T.meta_var(split_range(geo[1], sid, geo[4], block_n=G.BN))
         geo[2] = rows[0]
         geo[3] = rows[1]
         start = T.meta_var(geo[0])
         n = T.meta_var(geo[1])
         lo = T.meta_var(geo[2])
         hi = T.meta_var(geo[3])
-        ntiles = T.meta_var(T.truncdiv(T.max(hi - lo, 0) + BN - 1, BN))  # 0 past `used`
+        ntiles = T.meta_var(T.truncdiv(T.max(hi - lo, 0) + G.BN - 1, G.BN))  # 0 past `used`
         # A CTA past its sequence's used splits loads and stores nothing (no tiles, no Q, no
         # output): it only runs the fixed epilogue (TVM cannot put barriers under a condition).
         # At the end the same test reads `lo < n or sid == 0` (equivalent, see split_range):
@@ -272,254 +578,40 @@ def split_mma(
         # the sequence's only split (an empty sequence's too) writes O and LSE itself: the
         # merge skips it
         single = T.meta_var(sid == 0 and hi >= n)
-        if TMA:
+        if G.TMA:
             if tid == 0:
-                for i in T.unroll(ST):
+                for i in T.unroll(G.ST):
                     T.ptx.mbarrier.init.shared.b64(bars.ptr_to([i]), T.uint32(1))
                 T.evaluate(T.ptx["fence.proxy.async.shared::cta"]())
             T.tvm_storage_sync("shared")
-        # Q rows (padded rows zero-filled) ride in their own first cp.async group: into qs, or
-        # (SQ) whole into ring slot ST - 1 and the non-resident columns into qs
-        for i in T.unroll(QT_ITERS):
-            idx = T.meta_var(i * NT + tid)
-            if idx < MT * 16 * QCH and used:
-                r = T.meta_var(idx // QCH)
-                rc = T.meta_var(T.min(r, R - 1))
-                T.evaluate(
-                    T.ptx["cp.async.cg.shared.global"](
-                        qs.ptr_to([r, idx % QCH * 8]),
-                        q.ptr_to([b, rc // H, rc % H, QO + idx % QCH * 8]),
-                        16,
-                        T.Cast("uint32", T.if_then_else(r < R, 16, 0)),
-                    )
-                )
-        if SQ:
-            for i in T.unroll(Q_ITERS):
-                idx = T.meta_var(i * NT + tid)
-                if idx < MT * 16 * CH and used:
-                    r = T.meta_var(idx // CH)
-                    rc = T.meta_var(T.min(r, R - 1))
-                    T.evaluate(
-                        T.ptx["cp.async.cg.shared.global"](
-                            kvs.ptr_to([ST - 1, r, idx % CH * 8]),
-                            q.ptr_to([b, rc // H, rc % H, idx % CH * 8]),
-                            16,
-                            T.Cast("uint32", T.if_then_else(r < R, 16, 0)),
-                        )
-                    )
-        T.evaluate(T.ptx.cp.async_.commit_group())
-
-        # prologue: tiles 0 .. ST-1 in flight (a slot refills once every warp is done with it;
-        # SQ: tile ST - 1 once Q's fragments left slot ST - 1 for the registers)
-        for st in T.unroll(ST - int(SQ)):
-            if TMA:
-                if st < ntiles:
-                    load_tile_tma(kvs, kv, bars, layer, start, lo, hi, tid, st, st)
-            else:
-                if st < ntiles:
-                    load_tile(kvs, kv, layer, start, lo, hi, tid, st, st)
-                T.evaluate(T.ptx.cp.async_.commit_group())  # one group per slot, maybe empty
-        # Q landed (the tiles may still fly: cp.async groups complete in order)
-        T.evaluate(T.ptx.cp.async_.wait_group(0 if TMA else ST - int(SQ)))
-        T.tvm_storage_sync("shared")
-        for ks in T.unroll(QRK):  # q_regs: Q's A fragments of the first QRK k-steps, once
-            if SQ:
-                load_q_frag(kvs, (ST - 1) * BN * DP, DP, q_frag, wm, lane, ks * 16, ks * 8)
-            else:
-                load_q_frag(qs, 0, QP, q_frag, wm, lane, ks * 16, ks * 8)
-        if SQ:
-            T.tvm_storage_sync("shared")  # every warp has its fragments: slot ST - 1 is free
-            if ST - 1 < ntiles:
-                load_tile(kvs, kv, layer, start, lo, hi, tid, ST - 1, ST - 1)
-            T.evaluate(T.ptx.cp.async_.commit_group())
-
-        for e in T.unroll(NO * 4):
+        _load_q(G)
+        _prologue(G)
+        for e in T.unroll(G.NO * 4):
             acc_o[e] = T.float32(0)
         for k in T.unroll(2):
             m_i[k] = T.float32(_NEG)
             l_i[k] = T.float32(0)
 
         for kt in range(ntiles):
-            if TMA:
-                T.cuda.mbarrier_wait(bars.ptr_to([kt % ST]), T.truncdiv(kt, ST) % 2)
-            else:  # tile kt's group: ST - 1 younger ones (tiles kt+1 .. kt+ST-1) may fly
-                T.evaluate(T.ptx.cp.async_.wait_group(ST - 1))
-                T.tvm_storage_sync("shared")
-            if probe:
-                for j in T.unroll(PROBE_TILES):
-                    if kt == j:
-                        stamp[4 + 2 * j] = T.Cast("uint32", T.cuda.clock64())
-            st_off = T.meta_var(kt % ST * (BN * DP))
-
-            # S = Q Kᵀ for this warp's SN columns
-            for e in T.unroll(NS * 8):
-                acc_s[e] = T.float32(0)
-            for ks in T.unroll(QRK):  # Q's A fragments resident in registers
-                qk_step(q_frag, ks * 8, kvs, st_off, wn, lane, acc_s, b_frag, ks)
-            for kr in T.unroll(D // 16 - QRK):  # the rest reloaded from shared memory
-                load_q_frag(qs, 0, QP, a_frag, wm, lane, (QRK + kr) * 16 - QO, 0)
-                qk_step(a_frag, 0, kvs, st_off, wn, lane, acc_s, b_frag, QRK + kr)
-            for e in T.unroll(NS * 4):
-                acc_s[e] = acc_s[e] + acc_s[NS * 4 + e]
-            # scale, mask (split end and causal among the Q new tokens), row max
-            for k in T.unroll(2):
-                m_new[k] = T.float32(neg_inf)
-            for i in T.unroll(NS):
-                for e in T.unroll(4):
-                    jj = T.meta_var(lo + kt * BN + wn * SN + i * 8 + lane % 4 * 2 + e % 2)
-                    tok = T.meta_var((wm * 16 + lane // 4 + e // 2 * 8) // H)
-                    acc_s[i * 4 + e] = T.if_then_else(
-                        jj < hi and jj <= n - Q + tok,
-                        acc_s[i * 4 + e] * T.float32(scale_log2),
-                        T.float32(neg_inf),
-                    )
-                    m_new[e // 2] = T.max(m_new[e // 2], acc_s[i * 4 + e])
-            for k in T.unroll(2):
-                for sh in T.unroll(2):
-                    m_new[k] = T.max(
-                        m_new[k],
-                        T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), m_new[k], 1 << sh, 32, 32),
-                    )
-                if lane % 4 == 0:
-                    red_m[wn, wm * 16 + lane // 4 + k * 8] = m_new[k]
+            _wait_tile(G, kt)
+            st_off = T.meta_var(kt % G.ST * (G.BN * G.DP))
+            _scores(G, kt, st_off)
             T.tvm_storage_sync("shared")
-            for k in T.unroll(2):
-                m_new[k] = m_i[k]
-                for w in T.unroll(WN):
-                    m_new[k] = T.max(m_new[k], red_m[w, wm * 16 + lane // 4 + k * 8])
-                alpha[k] = T.exp2(m_i[k] - m_new[k])
-                m_i[k] = m_new[k]
-                l_i[k] = l_i[k] * alpha[k]
-            for i in T.unroll(NS):
-                for e in T.unroll(4):
-                    acc_s[i * 4 + e] = T.exp2(acc_s[i * 4 + e] - m_new[e // 2])
-                    l_i[e // 2] = l_i[e // 2] + acc_s[i * 4 + e]
-                    ps[wm * 16 + lane // 4 + e // 2 * 8, wn * SN + i * 8 + lane % 4 * 2 + e % 2] = (
-                        T.Cast("float16", acc_s[i * 4 + e])
-                    )
-            for j in T.unroll(NO):
-                for e in T.unroll(4):
-                    acc_o[j * 4 + e] = acc_o[j * 4 + e] * alpha[e // 2]
+            _softmax(G)
             T.tvm_storage_sync("shared")
-
-            # O += P V over this warp's OW output columns
-            for kk in T.unroll(BN // 16):
-                T.evaluate(
-                    T.ptx_legacy.ldmatrix(
-                        False,
-                        4,
-                        ".b16",
-                        a_frag.data,
-                        0,
-                        ps.access_ptr("r"),
-                        (wm * 16 + lane % 16) * BNP + kk * 16 + lane // 16 * 8,
-                        dtype="float16",
-                    )
-                )
-                for np in T.unroll(NO // 2):
-                    T.evaluate(
-                        T.ptx_legacy.ldmatrix(
-                            True,
-                            4,
-                            ".b16",
-                            b_frag.data,
-                            0,
-                            kvs.access_ptr("r"),
-                            st_off
-                            + (kk * 16 + lane % 16) * DP
-                            + wn * OW
-                            + np * 16
-                            + lane // 16 * 8,
-                            dtype="float16",
-                        )
-                    )
-                    for half in T.unroll(2):
-                        mma_f16(a_frag, 0, b_frag, half * 4, acc_o, (np * 2 + half) * 4)
+            _pv(G, st_off)
             T.tvm_storage_sync("shared")
-            if probe:
-                for j in T.unroll(PROBE_TILES):
-                    if kt == j:
-                        stamp[5 + 2 * j] = T.Cast("uint32", T.cuda.clock64())
-            # every warp is done with slot kt % ST: refill it
-            if TMA:
-                if kt + ST < ntiles:
-                    load_tile_tma(kvs, kv, bars, layer, start, lo, hi, tid, kt + ST, kt % ST)
-            else:
-                if kt + ST < ntiles:
-                    load_tile(kvs, kv, layer, start, lo, hi, tid, kt + ST, kt % ST)
-                T.evaluate(T.ptx.cp.async_.commit_group())
+            _probe_tile(G, kt, 5)  # done
+            _fill_slot(G, kt + G.ST, kt % G.ST)  # every warp is done with slot kt % ST
 
         T.evaluate(T.ptx.cp.async_.wait_group(0))
-        # l: quad lanes, then the warps_n warps of this M tile
-        for k in T.unroll(2):
-            for sh in T.unroll(2):
-                l_i[k] = l_i[k] + T.tvm_warp_shuffle_xor(
-                    T.uint32(0xFFFFFFFF), l_i[k], 1 << sh, 32, 32
-                )
-            if lane % 4 == 0:
-                red_l[wn, wm * 16 + lane // 4 + k * 8] = l_i[k]
-        T.tvm_storage_sync("shared")
-        for k in T.unroll(2):
-            l_i[k] = T.float32(0)
-            for w in T.unroll(WN):
-                l_i[k] = l_i[k] + red_l[w, wm * 16 + lane // 4 + k * 8]
-            alpha[k] = T.if_then_else(l_i[k] > T.float32(0), T.float32(1) / l_i[k], T.float32(0))
-        # Lanes 2i and 2i + 1 of a quad trade halves (one xor shuffle per value): the even lane
-        # ends with columns 4 (i) .. +3 of row g, the odd one those of row g + 8, so each lane
-        # stores one 16-byte float4 (8-byte half4) and two lanes fill a 32-byte sector per row.
-        even = T.meta_var(lane % 2 == 0)
-        for j in T.unroll(NO):
-            for k in T.unroll(2):
-                mine = T.meta_var(
-                    T.if_then_else(
-                        even, acc_o[j * 4 + k] * alpha[0], acc_o[j * 4 + 2 + k] * alpha[1]
-                    )
-                )
-                give = T.meta_var(
-                    T.if_then_else(
-                        even, acc_o[j * 4 + 2 + k] * alpha[1], acc_o[j * 4 + k] * alpha[0]
-                    )
-                )
-                got = T.tvm_warp_shuffle_xor(T.uint32(0xFFFFFFFF), give, 1, 32, 32)
-                out4[k] = T.if_then_else(even, mine, got)
-                out4[2 + k] = T.if_then_else(even, got, mine)
-            r = T.meta_var(wm * 16 + lane // 4 + lane % 2 * 8)
-            col = T.meta_var(wn * OW + j * 8 + lane % 4 // 2 * 4)
-            if r < R:
-                if single:
-                    o[b, r // H, r % H, T.ramp(col, 1, 4)] = T.Cast(
-                        "float16x4", out4[T.ramp(0, 1, 4)]
-                    )
-                elif used_end:
-                    o_part[sid, b, r // H, r % H, T.ramp(col, 1, 4)] = out4[T.ramp(0, 1, 4)]
-        if wn == 0 and lane % 4 == 0:
-            for k in T.unroll(2):
-                r = T.meta_var(wm * 16 + lane // 4 + k * 8)
-                value = T.meta_var(
-                    T.if_then_else(
-                        l_i[k] > T.float32(0),
-                        m_i[k] * T.float32(_LN2) + T.log(l_i[k]),
-                        T.float32(neg_inf),
-                    )
-                )
-                if r < R:
-                    if single:
-                        lse[b, r // H, r % H] = value
-                    elif used_end:
-                        lse_part[sid, b, r // H, r % H] = value
-        if config.pdl:
-            # the merge may launch now. Not at the start: its CTAs would crowd the few SMs
-            # without a split CTA (7 per SM at 128 splits), and the merge takes as long as its
-            # busiest SM (H200, (1, 16K): 17.1 us per call against 15.2 without PDL)
+        _row_sums(G)
+        _store_o(G)
+        _store_lse(G)
+        if G.pdl:
+            # the merge may launch now; at the start its CTAs would crowd the few SMs without
+            # a split CTA, and the merge takes as long as its busiest SM
             grid_dependency.launch_dependents()
-        if probe:
-            stamp[3] = T.Cast("uint32", T.cuda.clock64())
-            stamp[1] = T.cuda.func_call(
-                "probe_globaltimer", source_code=_GLOBALTIMER, return_type="uint32"
-            )
-            T.tvm_storage_sync("shared")  # orders the epilogue's stores before these
-            if tid == 0:
-                for i in T.unroll(NSTAMP):
-                    o_part[sid, b, 0, 0, i] = T.reinterpret("float32", stamp[i])
+        _probe_exit(G)
 
     return split

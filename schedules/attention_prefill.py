@@ -193,17 +193,17 @@ def candidates(target, *, kind: str = "absorbed", dims: MLADims | None = None) -
     dims = dims or MLADims()
     arch = gpu_spec(target).arch
     # The first one that fits is the default; all free of spills under ptxas
-    # (tests/test_attention_prefill.py). wgmma configs are pruned where the arch lacks it.
+    # (tests/test_attention_prefill.py). wgmma configs are pruned where the arch lacks it. The
+    # order is what the GPU runs measured (benchmarks/NOTES.md).
     mma, wg = MMAConfig, functools.partial(MMAConfig, wgmma=True)
     if kind == "absorbed" and arch == "sm_89":
         out = [mma(32, 16, 8, 3, split_s=False), mma(32, 16, 8, 2, split_s=False)]
     elif kind == "absorbed":
         # O is [rows, 512] f32: 2-4 warps (or 2 warpgroups) split V's columns of each row slice.
         # tile_kv = 64 = the rope width: P is stored over the K tile's dead rope columns.
-        # sm_90a: swizzled wgmma first (1.36-1.45x the best mma.sync at n = 2K-8K on the H100)
-        # hand-off first: warpgroup 0 computes all of S (m64n64, not two m64n32) and the
-        # softmax, the other loads KV; both run P·V from registers (FlashMLA's first kernel's
-        # split of the work). H200: 1.01-1.02x the split-S kernel at n = 2K-16K.
+        # sm_90a: swizzled wgmma first, the hand-off first of all: warpgroup 0 computes all of S
+        # (m64n64, not two m64n32) and the softmax, the other loads KV; both run P·V from
+        # registers (FlashMLA's first kernel's split of the work).
         handoff = functools.partial(wg, split_s=False, swizzle=True, p_regs=True)
         out = [handoff(64, 64, 8, 2), wg(64, 64, 8, 2, swizzle=True)]
         out += [handoff(64, 32, 8, 4), handoff(64, 32, 8, 3)]
@@ -213,59 +213,25 @@ def candidates(target, *, kind: str = "absorbed", dims: MLADims | None = None) -
     elif arch == "sm_89":
         out = [mma(64, 32, 4, 2), mma(128, 32, 8, 2), mma(64, 16, 4, 3)]
     else:
-        # sm_90a: swizzled wgmma first (1.5-1.6x the best mma.sync at n = 2K-8K on the H100)
-        # P in registers (wgmma rs form) with 3 warpgroups: 1.19x / 1.16x the 2-warpgroup smem-P
-        # kernel at n = 8K / 16K on the H100, even at 2K. 96-row KV tiles (H200, 2026-12-04,
-        # results/bench_attention_h200_dec_tiles*.json): 192 x 96 is 1.05 / 1.10 / 1.09x the
-        # 192 x 64 default it replaced at n = 2K / 8K / 16K and ties the 4-warpgroup 256 x 64
-        # at 8K-16K (which loses 23% at 2K: 8 tiles x 16 heads, one wave bound by the longest
-        # causal tile; it stays second, for extend_config's one-wave chunks); 128 x 96
-        # (2 warpgroups) is the best at 2K. Slower: 80, 112 and 128-row KV tiles, 256 x 48,
-        # 256 x 32, 192 x 32, 64-row query tiles two blocks a SM; 256 x 80 and 256 x 96 spill.
-        # Also no gain: 8 warps pipelined (softmax under the previous tile's P·V) and Q in
-        # registers (2026-12-04). S issued before the next tile's copies (s_first): +3% for
-        # 256 x 64 (the extend kernel), -2 to -3% for 192 x 96 and 128 x 96 (H200, two A/B
-        # pairs, results/bench_attention_h200_sfirst_*.json).
+        # sm_90a: swizzled wgmma, P in registers (wgmma rs form), 96-row KV tiles; 256 x 64
+        # stays near the front for extend_config's one-wave chunks.
         rs = functools.partial(wg, swizzle=True, p_regs=True)
         tma = functools.partial(rs, tma=True)
-        # KV tiles by TMA first (2026-12-04, H200, results/bench_attention_h200_tma*.json):
-        # one thread issues each tile's 5 boxes into an mbarrier ring instead of every thread's
-        # cp.async copies: 192 x 96 +3-5%, 128 x 96 +6-9%. With a producer warp (the consumer
-        # warpgroups wait on each slot's "full" mbarrier and release it on its "empty" one, no
-        # CTA barrier per tile) 128 x 128 x 8 warps: 360 / 529 / 552 TFLOP/s at n = 2K / 8K /
-        # 16K (+4-5% over 128 x 128 without the producer). 12 warps + a producer warp get only
-        # 128 registers (4 warps in an SM sub-partition), so 192-row tiles spill with it; with
-        # a producer warpgroup that gives its registers up (setmaxnreg: the consumers get 160)
-        # 192 x 96 x 12 warps leads: 348 / 570 / 603 TFLOP/s at n = 2K / 8K / 16K, 1.11 / 1.10
-        # / 1.09x cuDNN in the same run (results/bench_attention_h200_maxnreg_final_r*.json;
-        # 128 x 128 + producer warp in one run with it: 360 / 509 / 530), 2.5% behind 128 x 128
-        # at 2K (11 query tiles x 16 heads: 1.33 waves), which extend_config picks there.
+        # KV tiles by TMA first: one thread issues each tile's boxes into an mbarrier ring; with
+        # a producer warp the consumers meet at no CTA barrier per tile. 12 warps + a producer
+        # warp get only 128 registers, so 192-row tiles need a producer warpgroup that gives its
+        # registers up (setmaxnreg: the consumers get 160).
         mx = functools.partial(tma, producer=True, setmaxnreg=True)
         out = [mx(192, 96, 12, 2), tma(128, 128, 8, 2, producer=True)]
         out += [tma(256, 64, 16, 2, s_first=True), tma(128, 96, 8, 2, producer=True)]
         out += [tma(192, 96, 12, 2), tma(128, 128, 8, 2), tma(128, 96, 8, 2)]
         out += [tma(128, 64, 8, 3, producer=True), tma(128, 112, 8, 2, producer=True)]
         # 64-row query tiles (one warpgroup + the producer warp; 64 x 64 two blocks a SM):
-        # short_config's pick for prompts of one wave in the default's tiles. H200 (results/
-        # bench_attention_h200_short.json), TFLOP/s at n = 512 / 1024 / 2048: 64 x 64 77.8 /
-        # 183.2 / 356.0, 64 x 128 75.3 / 172.8 / 280.7, 128 x 128 64.0 / 171.0 / 358.3
+        # short_config's pick for prompts of one wave in the default's tiles
         out += [tma(64, 64, 4, 2, producer=True), tma(64, 128, 4, 2, producer=True)]
-        # More for the register split: FA3's ping-pong of the two consumer warpgroups' wgmmas
-        # (named barriers, 128 x 128, 240 registers) lost 12% and was taken out (commit
-        # 0dc0ede); 192 x 112 ties 192 x 96; 192 x 64 x 3 stages spills at 160 registers.
+        # More for the register split (192 x 64 x 3 stages spills at 160 registers)
         out += [mx(192, 80, 12, 2), mx(192, 112, 12, 2), mx(128, 128, 8, 2)]
-        # cp.async rings (every thread copies its share of each tile):
-        # P in registers (wgmma rs form) with 3 warpgroups: 1.19x / 1.16x the 2-warpgroup smem-P
-        # kernel at n = 8K / 16K on the H100, even at 2K. 96-row KV tiles (H200, 2026-12-04,
-        # results/bench_attention_h200_dec_tiles*.json): 192 x 96 is 1.05 / 1.10 / 1.09x the
-        # 192 x 64 default it replaced at n = 2K / 8K / 16K and ties the 4-warpgroup 256 x 64
-        # at 8K-16K (which loses 23% at 2K: 8 tiles x 16 heads, one wave bound by the longest
-        # causal tile); 128 x 96 (2 warpgroups) is the best at 2K. Slower: 80, 112 and 128-row
-        # KV tiles, 256 x 48, 256 x 32, 192 x 32, 64-row query tiles two blocks a SM; 256 x 80
-        # and 256 x 96 spill. Also no gain: 8 warps pipelined (softmax under the previous tile's
-        # P·V) and Q in registers (2026-12-04). S issued before the next tile's copies
-        # (s_first): +3% for 256 x 64, -2 to -3% for 192 x 96 and 128 x 96 (H200, two A/B
-        # pairs, results/bench_attention_h200_sfirst_*.json).
+        # cp.async rings (every thread copies its share of each tile)
         out += [rs(192, 96, 12, 2), rs(256, 64, 16, 2, s_first=True), rs(192, 64, 12, 2)]
         out += [rs(128, 96, 8, 2), rs(256, 64, 16, 2)]
         out += [rs(192, 64, 12, 3), rs(128, 64, 8, 3), rs(128, 64, 8, 4, pipelined=True)]
@@ -273,10 +239,8 @@ def candidates(target, *, kind: str = "absorbed", dims: MLADims | None = None) -
         out += [mma(128, 64, 8, 2), mma(128, 32, 8, 2), mma(64, 32, 4, 2)]
         out += [wg(128, 64, 8, 2), wg(128, 64, 8, 3)]
         # FA3's in-warpgroup pipeline on a two-stage split ring (K one tile ahead of V, no
-        # third stage). With the softmax really under the P·V (third session, 2026-12-04):
-        # 128 x 96 304 / 431 / 451 TFLOP/s at 2K / 8K / 16K against 316 / 451 / 465 without the
-        # pipeline (H200, results/bench_attention_h200_vote.json); 128 x 128 x 8 warps and
-        # 192 x 64 x 12 warps spill with it (keep rejects them).
+        # third stage); 128 x 128 x 8 warps and 192 x 64 x 12 warps spill with it (keep
+        # rejects them)
         out += [rs(128, 96, 8, 2, pipelined=True)]
     return [c for c in out if keep(c, target, kind=kind, dims=dims)]
 

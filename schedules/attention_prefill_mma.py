@@ -484,9 +484,9 @@ def _softmax_p(G, P, stage, it, pbuf):
         tmp[2 + h] = T.exp2(st[h] - m_new)
         st[h] = m_new
         st[2 + h] = st[2 + h] * tmp[2 + h]
-    # One vote, not five shuffles (H200, same-run A/B: 192 x 96 +-0.5%, 128 x 96 +1%). ptxas
-    # sees a branch on it as warp-uniform, which lets the pipelined loop rescale O between
-    # wgmmas (in a branch it cannot prove uniform, it serialises every wgmma: C7518).
+    # One vote, not five shuffles: ptxas sees a branch on it as warp-uniform, which lets the
+    # pipelined loop rescale O between wgmmas (in a branch it cannot prove uniform, it
+    # serialises every wgmma: C7518).
     moved[0] = T.cuda.any_sync(
         T.uint32(0xFFFFFFFF),
         T.if_then_else(tmp[2] < T.float32(1) or tmp[3] < T.float32(1), 1, 0),

@@ -12,8 +12,8 @@ import dataclasses
 from .target import register_cap
 
 _PAD = 8  # halfs of padding per shared-memory row: rows 16 B apart mod 128 B, no ldmatrix conflicts
-# Registers the pipelined loop needs beside its accumulators (S, O, two P buffers): ptxas,
-# 2026-12-04, 128 x 96 x 8 warps 254 of 255; 128 x 128 x 8 and 192 x 64 x 12 warps spilled.
+# Registers the pipelined loop needs beside its accumulators (S, O, two P buffers): under
+# ptxas 128 x 96 x 8 warps used 254 of 255; 128 x 128 x 8 and 192 x 64 x 12 warps spilled.
 _PIPELINE_REGISTERS = 90
 
 

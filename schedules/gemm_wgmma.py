@@ -79,8 +79,8 @@ class WgmmaConfig:
         return self.stages * self.stage_halfs * 2
 
 
-# the tuning space: swizzled tiles with one wgmma group in flight won every shape on the H100
-# (benchmarks/results/bench_gemm_wgmma.json); one config without the overlap for reference
+# the tuning space: swizzled tiles with one wgmma group in flight, the fastest at every V2-Lite
+# shape (benchmarks/NOTES_gemm.md); one config without the overlap for reference
 CONFIGS = (
     WgmmaConfig(128, 256, 64, 4, overlap=True),
     WgmmaConfig(256, 128, 64, 4, overlap=True),
@@ -117,7 +117,7 @@ def applies(n: int, k: int, *, target, config: WgmmaConfig | None = None) -> boo
     return keep(cfg, target, k=k) and n % 8 == 0
 
 
-MOE_CONFIG = WgmmaConfig(128, 256, 64, 4, overlap=True)  # best grouped tile on the H100, T=2048
+MOE_CONFIG = WgmmaConfig(128, 256, 64, 4, overlap=True)  # the fastest grouped tile at T=2048
 
 
 def moe_config(target, *, hidden: int, inter: int) -> WgmmaConfig | None:

@@ -52,10 +52,10 @@ class Config:
 def default_config(
     *, rows: int, k: int, items: int, epilogue=None, target=None, slots: int = 1
 ) -> Config:
-    """Measured on the H100 (``benchmarks/sweep_gemv.py``, every V2-Lite decode product): many
-    K-warps with a short unroll beat deep unrolls - 16 warps (``slots`` x warps <= 24 for the
-    MoE down GEMV), 32 for SiLU·up (2 tiles: 16 gate + 16 up rows) and for grids of more than
-    8 blocks per SM, each warp with at least one full unroll of 2 k steps.
+    """Many K-warps with a short unroll beat deep unrolls (``benchmarks/sweep_gemv.py`` over
+    every V2-Lite decode product, ``benchmarks/NOTES_gemm.md``): 16 warps (``slots`` x warps
+    <= 24 for the MoE down GEMV), 32 for SiLU·up (2 tiles: 16 gate + 16 up rows) and for grids
+    of more than 8 blocks per SM, each warp with at least one full unroll of 2 k steps.
     ``items``: blocks along the grid's second axis; ``slots``: warp groups per block."""
     silu = epilogue == "silu_mul"
     tiles, unroll = (2 if silu else 1), 2

@@ -21,8 +21,8 @@ Rules for a kernel using these (``wait`` / ``launch_dependents`` below):
   that the predecessor's own predecessors wrote, and those are complete only past the wait;
 - ``launch_dependents`` at the end, once the kernel's stores are issued: triggered at the
   start, the dependent's CTAs crowd whatever SMs the kernel leaves free and sit there waiting,
-  so the dependent runs unbalanced (H200, decode split of 128 CTAs then its merge: 7 merge
-  CTAs on each of the 4 free SMs, 17.1 us per call against 15.2 without PDL).
+  so the dependent runs unbalanced (a decode split of 128 CTAs then its merge: 7 merge CTAs
+  on each of the 4 free SMs; measured in ``benchmarks/NOTES_decode.md``).
 """
 
 from __future__ import annotations

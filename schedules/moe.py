@@ -555,7 +555,7 @@ def _schedule_grouped(
         # Partial tiles (N % block_n or K % block_k): pad_einsum puts a zero-fill block between
         # the gather and the shared-memory load; schedule_mma inlines that block only, so the
         # gather stayed a root-level loop nest with no thread binding - TVM ran it on the host
-        # against device pointers (segfault on the H100 at D = I = 64). Fold it into the load.
+        # against device pointers (a segfault at D = I = 64). Fold it into the load.
         for name in ("gather_a", "gather_b"):
             if _has_block(sch, name):
                 sch.compute_inline(sch.get_sblock(name))

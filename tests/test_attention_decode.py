@@ -477,3 +477,24 @@ def test_merge_split_lanes_int_and_tir_agree():
         lanes = dec.merge_split_lanes(s)
         assert lanes == min(32, 1 << max(0, math.ceil(math.log2(math.ceil(s / 4))))), s
         assert int(analyzer.simplify(dec.merge_split_lanes(tvm.tirx.IntImm("int32", s)))) == lanes
+
+
+def test_split_arithmetic_has_one_home_and_no_cycle():
+    """``decode_splits`` holds the split arithmetic; ``attention_decode`` re-exports the same
+    objects and the split kernel module imports them from there, not from ``attention_decode``
+    (no import cycle, no local import to break one)."""
+    import ast
+    import inspect
+
+    from mla_compiler.schedules import attention_decode_mma, decode_splits
+
+    for name in ("MIN_SPLIT_ROWS", "effective_splits", "split_range", "choose_splits"):
+        assert getattr(dec, name) is getattr(decode_splits, name), name
+    assert dec.merge_split_lanes is decode_splits.merge_split_lanes
+    for module in (attention_decode_mma, decode_splits):
+        imported = {
+            node.module
+            for node in ast.walk(ast.parse(inspect.getsource(module)))
+            if isinstance(node, ast.ImportFrom)
+        }
+        assert "mla_compiler.schedules.attention_decode" not in imported, module.__name__
