@@ -1,6 +1,6 @@
 """Prefill attention throughput on the local GPU: our TVM kernels against the baselines.
 
-    python benchmarks/bench_attention.py --out bench_attention.json [--n 512,2048,8192,16384]
+    python -m benchmarks.bench_attention --out bench_attention.json [--n 512,2048,8192,16384]
 
 One sequence, T = N = n new tokens, causal, 16 heads, f16. TFLOP/s = 2*H*T*N_eff*(Dk+Dv)/t with
 N_eff = N/2 (causal). ``--chunk T``: the model's later prompt chunks instead, T new tokens after
@@ -35,6 +35,11 @@ import traceback
 import torch
 import tvm
 
+try:  # as benchmarks.bench_attention
+    from benchmarks import timing
+except ImportError:  # by file path, benchmarks/ on sys.path (tests/conftest.load_benchmark)
+    import timing
+
 from mla_compiler.model_export.config import MLADims
 from mla_compiler.schedules import attention_prefill as ap
 from mla_compiler.schedules.target import GPUS, tvm_target
@@ -62,29 +67,6 @@ def cuda_arch() -> str:
     if arch not in GPUS:
         raise SystemExit(f"no GPU spec for {arch}: known archs are {', '.join(GPUS)}")
     return arch
-
-
-def bench_ms(fn) -> float:
-    """Median milliseconds of ``fn`` (triton's do_bench when present, else CUDA events)."""
-    try:
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
-    except ImportError:
-        pass
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(30):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
 
 
 def flops(kind: str, n: int, dims: MLADims) -> float:
@@ -286,7 +268,7 @@ def measure_ours(kind: str, config, ns: list[int], *, default: bool) -> list[dic
         run_ours = ours(p, lib)
         try:
             row["max_abs_err"] = verify(p, run_ours)
-            ms = bench_ms(run_ours)
+            ms = timing.do_bench_ms(run_ours)
             row.update(ms=ms, tflops=flops(kind, n, dims) / ms / 1e9)
         except AssertionError as e:  # never time a wrong kernel
             row.update(ms=None, tflops=None, error=f"WRONG: {e}")
@@ -299,7 +281,7 @@ def measure_ours(kind: str, config, ns: list[int], *, default: bool) -> list[dic
 def measure_ours_isolated(kind: str, config, ns: list[int], *, default: bool) -> list[dict]:
     """``measure_ours`` in a child process: a kernel that faults cannot poison the baselines."""
     label = config_label(config)
-    cmd = [sys.executable, __file__, "--worker", kind, "--config", label]
+    cmd = [sys.executable, "-m", "benchmarks.bench_attention", "--worker", kind, "--config", label]
     cmd += ["--n", ",".join(map(str, ns)), "--chunk", str(CHUNK)]
     cmd += ["--default"] if default else []
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -367,7 +349,7 @@ def main() -> None:
         try:
             fn()
             torch.cuda.synchronize()
-            ms = bench_ms(fn)
+            ms = timing.do_bench_ms(fn)
             row.update(ms=ms, tflops=flops(kind, n, dims) / ms / 1e9)
         except Exception as e:  # a backend that rejects the shape, OOM, ...
             row.update(ms=None, tflops=None, error=f"{type(e).__name__}: {str(e)[:160]}")

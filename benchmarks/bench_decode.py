@@ -1,7 +1,7 @@
 """Decode attention bandwidth: our split-KV TensorIR kernels vs PyTorch baselines, on one GPU.
 
-    python benchmarks/bench_decode.py --out bench_decode.json [--configs 3] [--reps 50]
-    python benchmarks/bench_decode.py --out b.json --only bn64-st2-w8-r64,bn64-st1-w8-r64
+    python -m benchmarks.bench_decode --out bench_decode.json [--configs 3] [--reps 50]
+    python -m benchmarks.bench_decode --out b.json --only bn64-st2-w8-r64,bn64-st1-w8-r64
 
 For each (batch, context) with 16 heads, one new token, f16 latent rows (576 wide, V = first 512):
 builds the kernels for the GPU's arch (every ``--configs`` best candidate config), checks O and
@@ -26,8 +26,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
-import statistics
 import sys
 import time
 
@@ -35,10 +33,14 @@ import torch
 import tvm
 
 if __name__ == "__main__":  # run from the checkout (maybe uninstalled): import its package
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under PYTHONSAFEPATH
-    import package_shim
+    from benchmarks import package_shim
 
     package_shim.use_checkout_package()
+
+try:  # as benchmarks.bench_decode
+    from benchmarks import timing
+except ImportError:  # by file path, benchmarks/ on sys.path (tests/conftest.load_benchmark)
+    import timing
 
 from mla_compiler import reference  # noqa: E402
 from mla_compiler.model_export.config import MLADims  # noqa: E402
@@ -77,64 +79,6 @@ def gpu_arch() -> str:
     if arch not in GPUS:
         sys.exit(f"no GPU spec for {arch}: known archs are {', '.join(GPUS)}")
     return arch
-
-
-def l2_flusher(mode: str):
-    """A callable that empties the L2 through a 256 MB buffer.
-
-    ``"clean"`` reads the buffer: the L2 is left holding clean lines, as after a model's
-    weight-reading kernels. ``"dirty"`` writes it (the usual ``zero_()`` flush): the next call's
-    first ~L2-size of misses then also pay for writing those lines back (H200, (1, 16K): 19.3 us
-    per call against 17.4 clean, 14.7 against 14.4 us per call in graph mode;
-    ``results/bench_decode_h200_flush_{dirty,clean}.json``).
-    """
-    buf = torch.zeros(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
-    return buf.zero_ if mode == "dirty" else lambda: buf.sum(dtype=torch.int32)
-
-
-def bench(fn, *, reps: int, flush: str = "clean") -> float:
-    """Median microseconds of ``fn``, the L2 flushed (``l2_flusher(flush)``) before each call."""
-    flush_l2 = l2_flusher(flush)
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        flush_l2()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
-
-
-def capture_graph(calls) -> torch.cuda.CUDAGraph:
-    """``calls`` captured back to back into one CUDA graph (returned).
-
-    TVM launches on the stream tvm_ffi holds for the device: ``use_torch_stream`` points it at
-    torch's stream (the capture stream inside ``torch.cuda.graph``). The calls run once first
-    (module load, smem attributes: nothing of that may happen during capture).
-    """
-    import tvm_ffi
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())  # the inputs were made on the current stream
-    with tvm_ffi.use_torch_stream(torch.cuda.stream(side)):
-        for call in calls:
-            call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with tvm_ffi.use_torch_stream(torch.cuda.graph(graph)):
-        for call in calls:
-            call()
-    return graph
-
-
-def graph_bench(calls, *, reps: int, flush: str = "clean") -> float:
-    """Median microseconds per call of ``calls`` captured back to back in one CUDA graph."""
-    return bench(capture_graph(calls).replay, reps=reps, flush=flush) / len(calls)
 
 
 def _t(x: torch.Tensor):
@@ -278,18 +222,18 @@ def split_counts(chosen: int, ctx: int, config) -> list[int]:
     return sorted({used(chosen), used(max(1, chosen // 2)), used(2 * chosen)})
 
 
-def time_ours(calls, o, lse, *, check, nbytes: int, reps: int, flush: str) -> dict:
+def time_ours(calls, o, lse, *, check, nbytes: int, reps: int, flush) -> dict:
     """Per-call time of ``calls[0]`` and, with more than one layer, CUDA-graph time per call of
-    all ``calls``; outputs checked (``check(layer=l)``: max abs error, raises) before timing
-    (the last layer after the graph replays)."""
+    all ``calls`` (``flush()`` before each); outputs checked (``check(layer=l)``: max abs error,
+    raises) before timing (the last layer after the graph replays)."""
     calls[0]()
     torch.cuda.synchronize()
     res = {"max_abs_err": check(layer=0)}
-    us = bench(calls[0], reps=reps, flush=flush)
+    us = timing.median_us(calls[0], reps=reps, before=flush)
     res.update(us=us, gbps=nbytes / us / 1e3)
     if len(calls) > 1:
         try:
-            us = graph_bench(calls, reps=reps, flush=flush)
+            us = timing.graph_us(calls, reps=reps, before=flush)
             res.update(graph_us=us, graph_gbps=nbytes / us / 1e3)
             res["max_abs_err"] = max(res["max_abs_err"], check(layer=len(calls) - 1))
         except Exception as e:  # the per-call result stands
@@ -297,7 +241,7 @@ def time_ours(calls, o, lse, *, check, nbytes: int, reps: int, flush: str) -> di
     return res
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="JSON file for the results")
     ap.add_argument("--configs", type=int, default=6, help="candidate configs to try (best kept)")
@@ -328,19 +272,11 @@ def main() -> None:
         default="clean",
         help="L2 flush before each timed call: read (clean lines) or write (dirty) 256 MB",
     )
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("needs a CUDA GPU")
-    arch = gpu_arch()
-    target = tvm_target(arch)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    dims = MLADims(heads=HEADS)
-    sm_scale = dims.qk_head_dim**-0.5
-    configs = [
-        dataclasses.replace(c, min_split_rows=args.min_split_rows)
-        for c in dec.candidate_configs(target, dims, heads=HEADS, q_tokens=1)
-    ]
-    configs = select_configs(configs, args.only, arch=arch, first=args.configs)
+    return ap.parse_args()
+
+
+def build_configs(configs, target, dims, *, sm_scale) -> dict:
+    """{config: built module} of the configs that build (failures printed, skipped)."""
     mods = {}
     for cfg in configs:
         t0 = time.time()
@@ -352,99 +288,103 @@ def main() -> None:
             print(f"built {cfg} in {time.time() - t0:.1f}s", flush=True)
         except Exception as e:  # keep benchmarking the configs that build
             print(f"build of {cfg} failed: {type(e).__name__}: {str(e)[:500]}", flush=True)
+    return mods
 
-    rows = []
-    l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
-    shapes = SHAPES
-    if args.shapes:
-        wanted = set(parse_shapes(args.shapes))
-        shapes = [s for s in SHAPES if s[:2] in wanted]
-        if len(shapes) != len(wanted):
-            sys.exit(f"--shapes: known are {', '.join(f'{b}x{c}' for b, c, _ in SHAPES)}")
-    for batch, ctx, max_context in shapes:
-        layers = 1
-        if args.layers > 1:
-            layers = graph_layers(
-                dims, batch=batch, ctx=ctx, min_layers=args.layers, l2_bytes=l2_bytes
-            )
-        q, kv, indptr = make_inputs(dims, batch, ctx, layers=layers)
-        q0, kv0 = q[0], kv[:1]  # [B, 1, H, 576], [1, B*ctx, 576]: the per-call baselines' input
-        nbytes = call_bytes(dims, batch=batch, ctx=ctx)
-        row = {
-            "batch": batch,
-            "ctx": ctx,
-            "splits_for_context": max_context,
-            "bytes": nbytes,
-            "layers": layers,
-            "cache_bytes": kv.numel() * kv.element_size(),
-            "arch": arch,
-            "configs": {},
-        }
-        for cfg, mod in mods.items():
-            name = config_name(cfg)
-            chosen = dec.splits_for(
-                cfg,
-                target,
-                dims,
-                heads=HEADS,
-                q_tokens=1,
-                batch=batch,
-                max_context=max_context,
-                sm_count=sms,
-            )
-            for splits in split_counts(chosen, max_context, cfg):
-                key = f"{name}/s{splits}"
-                calls, o, lse = ours(mod, dims, q, kv, indptr, splits=splits)
-                check = functools.partial(
-                    verify, dims, q, kv, indptr, o, lse, sm_scale=sm_scale
-                )  # check(layer=l): max abs error of layer l's output
-                try:
-                    res = time_ours(
-                        calls, o, lse, check=check, nbytes=nbytes, reps=args.reps, flush=args.flush
-                    )
-                except Exception as e:  # a wrong config is reported, not timed
-                    res = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-                res.update(config=name, splits=splits, model_choice=splits == chosen)
-                row["configs"][key] = res
-                print(batch, ctx, key, res, flush=True)
-                del calls, o, lse
-        for mode, field in (("ours", "us"), ("ours_graph", "graph_us")):
-            good = {k: v for k, v in row["configs"].items() if field in v}
-            if good:
-                row[mode] = good[min(good, key=lambda k, g=good, f=field: g[k][f])]
-                modelled = [v for v in good.values() if v["model_choice"]]
-                if modelled:  # the default config at the split count the model picks
-                    row[f"{mode}_default"] = modelled[0]
-        # what streaming the cache alone costs here: torch.sum over the rows (a read roofline)
-        timing = dict(reps=args.reps, flush=args.flush)
-        us = bench(lambda kv=kv0: kv.sum(dtype=torch.float32), **timing)
-        row["read_roofline"] = {"us": us, "gbps": kv0.numel() * 2 / us / 1e3}
-        if layers > 1:  # the same read in the graph mode's pattern: one sum per cache layer
-            sums = [lambda x=kv[i]: x.sum(dtype=torch.float32) for i in range(layers)]
-            us = graph_bench(sums, **timing)
-            row["read_roofline"].update(graph_us=us, graph_gbps=kv0.numel() * 2 / us / 1e3)
-        for base, make in (("torch_matmul", torch_matmul), ("torch_sdpa_mem_eff", torch_sdpa)):
+
+def selected_shapes(spec: str | None) -> list[tuple[int, int, int]]:
+    """The ``SHAPES`` rows ``--shapes`` names (all without it); exits on an unknown one."""
+    if not spec:
+        return SHAPES
+    wanted = set(parse_shapes(spec))
+    shapes = [s for s in SHAPES if s[:2] in wanted]
+    if len(shapes) != len(wanted):
+        sys.exit(f"--shapes: known are {', '.join(f'{b}x{c}' for b, c, _ in SHAPES)}")
+    return shapes
+
+
+def measure_shape(shape, mods, target, dims, args, *, sms: int, l2_bytes: int, flush) -> dict:
+    """One table row: every built config at the split counts ``split_counts`` picks (per call
+    and in graph mode), the best and the default of each mode, the read roofline and the
+    PyTorch baselines."""
+    batch, ctx, max_context = shape
+    sm_scale = dims.qk_head_dim**-0.5
+    layers = 1
+    if args.layers > 1:
+        layers = graph_layers(dims, batch=batch, ctx=ctx, min_layers=args.layers, l2_bytes=l2_bytes)
+    q, kv, indptr = make_inputs(dims, batch, ctx, layers=layers)
+    q0, kv0 = q[0], kv[:1]  # [B, 1, H, 576], [1, B*ctx, 576]: the per-call baselines' input
+    nbytes = call_bytes(dims, batch=batch, ctx=ctx)
+    row = {
+        "batch": batch,
+        "ctx": ctx,
+        "splits_for_context": max_context,
+        "bytes": nbytes,
+        "layers": layers,
+        "cache_bytes": kv.numel() * kv.element_size(),
+        "arch": str(target.attrs["arch"]),
+        "configs": {},
+    }
+    for cfg, mod in mods.items():
+        name = config_name(cfg)
+        chosen = dec.splits_for(
+            cfg,
+            target,
+            dims,
+            heads=HEADS,
+            q_tokens=1,
+            batch=batch,
+            max_context=max_context,
+            sm_count=sms,
+        )
+        for splits in split_counts(chosen, max_context, cfg):
+            key = f"{name}/s{splits}"
+            calls, o, lse = ours(mod, dims, q, kv, indptr, splits=splits)
+            check = functools.partial(
+                verify, dims, q, kv, indptr, o, lse, sm_scale=sm_scale
+            )  # check(layer=l): max abs error of layer l's output
             try:
-                us = bench(make(dims, q0, kv0, sm_scale=sm_scale), **timing)
-                row[base] = {"us": us, "gbps": nbytes / us / 1e3}
-            except Exception as e:
-                row[base] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-            print(batch, ctx, base, row[base], flush=True)
-        rows.append(row)
-        del q, kv, indptr, q0, kv0
-        torch.cuda.empty_cache()
+                res = time_ours(
+                    calls, o, lse, check=check, nbytes=nbytes, reps=args.reps, flush=flush
+                )
+            except Exception as e:  # a wrong config is reported, not timed
+                res = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            res.update(config=name, splits=splits, model_choice=splits == chosen)
+            row["configs"][key] = res
+            print(batch, ctx, key, res, flush=True)
+            del calls, o, lse
+    for mode, field in (("ours", "us"), ("ours_graph", "graph_us")):
+        good = {k: v for k, v in row["configs"].items() if field in v}
+        if good:
+            row[mode] = good[min(good, key=lambda k, g=good, f=field: g[k][f])]
+            modelled = [v for v in good.values() if v["model_choice"]]
+            if modelled:  # the default config at the split count the model picks
+                row[f"{mode}_default"] = modelled[0]
+    # what streaming the cache alone costs here: torch.sum over the rows (a read roofline)
+    timed = dict(reps=args.reps, before=flush)
+    us = timing.median_us(lambda kv=kv0: kv.sum(dtype=torch.float32), **timed)
+    row["read_roofline"] = {"us": us, "gbps": kv0.numel() * 2 / us / 1e3}
+    if layers > 1:  # the same read in the graph mode's pattern: one sum per cache layer
+        sums = [lambda x=kv[i]: x.sum(dtype=torch.float32) for i in range(layers)]
+        us = timing.graph_us(sums, **timed)
+        row["read_roofline"].update(graph_us=us, graph_gbps=kv0.numel() * 2 / us / 1e3)
+    for base, make in (("torch_matmul", torch_matmul), ("torch_sdpa_mem_eff", torch_sdpa)):
+        try:
+            us = timing.median_us(make(dims, q0, kv0, sm_scale=sm_scale), **timed)
+            row[base] = {"us": us, "gbps": nbytes / us / 1e3}
+        except Exception as e:
+            row[base] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        print(batch, ctx, base, row[base], flush=True)
+    return row
 
-    with open(args.out, "w") as f:
-        head = {"device": torch.cuda.get_device_name(), "sms": sms, "flush": args.flush}
-        json.dump({**head, "rows": rows}, f, indent=1)
 
+def print_table(rows, *, arch: str, flush: str) -> None:
     def cell(d, field="us"):
         gb = "gbps" if field == "us" else "graph_gbps"
         return f"{d[gb]:.0f} ({d[field]:.1f} us)" if d and gb in d else "err"
 
     print(
         f"\n{torch.cuda.get_device_name()} ({arch}), 16 heads, f16, GB/s (median time), "
-        f"{args.flush} L2 flush\n"
+        f"{flush} L2 flush\n"
     )
     print(
         "| batch | ctx | splits for | ours (best) | config / splits | ours (default) "
@@ -464,6 +404,36 @@ def main() -> None:
             f"{cell(r['torch_matmul'])} | {cell(r['torch_sdpa_mem_eff'])} | "
             f"{cell(r['read_roofline'])} | {cell(r['read_roofline'], 'graph_us')} |"
         )
+
+
+def main() -> None:
+    args = parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    arch = gpu_arch()
+    target = tvm_target(arch)
+    props = torch.cuda.get_device_properties(0)
+    sms = props.multi_processor_count
+    dims = MLADims(heads=HEADS)
+    configs = [
+        dataclasses.replace(c, min_split_rows=args.min_split_rows)
+        for c in dec.candidate_configs(target, dims, heads=HEADS, q_tokens=1)
+    ]
+    configs = select_configs(configs, args.only, arch=arch, first=args.configs)
+    mods = build_configs(configs, target, dims, sm_scale=dims.qk_head_dim**-0.5)
+    flush = timing.l2_flusher(args.flush)
+    rows = []
+    for shape in selected_shapes(args.shapes):
+        rows.append(
+            measure_shape(
+                shape, mods, target, dims, args, sms=sms, l2_bytes=props.L2_cache_size, flush=flush
+            )
+        )
+        torch.cuda.empty_cache()
+    with open(args.out, "w") as f:
+        head = {"device": torch.cuda.get_device_name(), "sms": sms, "flush": args.flush}
+        json.dump({**head, "rows": rows}, f, indent=1)
+    print_table(rows, arch=arch, flush=args.flush)
 
 
 if __name__ == "__main__":

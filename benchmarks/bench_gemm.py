@@ -1,9 +1,9 @@
 """Dense GEMM kernels (schedules/gemm.py) vs torch.matmul (cuBLAS) on DeepSeek-V2-Lite shapes.
 
-    python benchmarks/bench_gemm.py --out $OUT/bench_gemm.json [--tokens 16,512,2048,4096]
+    python -m benchmarks.bench_gemm --out $OUT/bench_gemm.json [--tokens 16,512,2048,4096]
 
 Decode (T <= 8, the tensor-core GEMVs of ``schedules/gemv_mma.py``) is measured by
-``benchmarks/sweep_gemv.py`` instead: CUPTI kernel times over rotating weight copies. Here a
+``benchmarks.sweep_gemv`` instead: CUPTI kernel times over rotating weight copies. Here a
 call's time includes its launch, which dominates kernels of a few microseconds.
 
 For each shape and token count: TVM time (best of the configs that fit, plus the default
@@ -20,6 +20,11 @@ import time
 
 import torch
 import tvm
+
+try:  # as benchmarks.bench_gemm
+    from benchmarks import timing
+except ImportError:  # by file path, benchmarks/ on sys.path (bench_moe loaded by the tests)
+    import timing
 
 from mla_compiler.schedules import gemm as G
 from mla_compiler.schedules.target import is_gpu, tvm_target
@@ -55,25 +60,8 @@ def tvm_dtype() -> str:
 
 
 def timeit(fn, *, iters: int = 50, warmup: int = 5) -> float:
-    """Median-of-3 mean time per call in seconds, CUDA events on the current stream."""
-    for _ in range(warmup):
-        fn()
-    if SMOKE:
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return (time.perf_counter() - t0) / iters
-    torch.cuda.synchronize()
-    runs = []
-    for _ in range(3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        runs.append(start.elapsed_time(end) / 1e3 / iters)
-    return sorted(runs)[1]
+    """Seconds per call (``timing.loop_s``: CUDA events, or the wall clock in a CPU smoke run)."""
+    return timing.loop_s(fn, iters=iters, warmup=warmup, cuda=not SMOKE)
 
 
 def arch_of_device() -> str:

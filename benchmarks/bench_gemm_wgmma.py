@@ -3,8 +3,8 @@ checked against a float32 PyTorch reference and timed against cuBLAS (``torch.ma
 
 Build here (no GPU needed), run there with TVM's runtime only:
 
-    python benchmarks/bench_gemm_wgmma.py build .device/wgmma
-    python benchmarks/bench_gemm_wgmma.py run .device/wgmma --json $OUT/bench_gemm_wgmma.json
+    python -m benchmarks.bench_gemm_wgmma build .device/wgmma
+    python -m benchmarks.bench_gemm_wgmma run .device/wgmma --json $OUT/bench_gemm_wgmma.json
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 from pathlib import Path
+
+from benchmarks import timing
 
 # (name, n, k, epilogue, out_dtype): every dense product of a V2-Lite prefill (mla=3)
 SHAPES = (
@@ -127,18 +128,7 @@ def run(out: Path, json_path: str | None, reps: int) -> int:
     rows, bad = [], 0
 
     def timed(fn) -> float:
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(reps):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            ts.append(a.elapsed_time(b) * 1e3)
-        return statistics.median(ts)
+        return timing.median_us(fn, reps=reps)
 
     gen = torch.Generator("cuda").manual_seed(0)
     for m in TOKENS:

@@ -1,8 +1,8 @@
 """Routed-expert MoE kernels (schedules/moe.py) vs a PyTorch MoE (tokens sorted by expert, one
 matmul per expert) on the DeepSeek-V2-Lite layer: 64 experts, top-6, hidden 2048, inter 1408.
 
-    python benchmarks/bench_moe.py --out $OUT/bench_moe.json [--tokens 1,16,512,2048]
-    python benchmarks/bench_moe.py --out $OUT/moe_sweep.json --sweep [--tokens 512,2048]
+    python -m benchmarks.bench_moe --out $OUT/bench_moe.json [--tokens 1,16,512,2048]
+    python -m benchmarks.bench_moe --out $OUT/moe_sweep.json --sweep [--tokens 512,2048]
 
 Two paths: ``grouped`` (route, align, grouped gate_up / down GEMMs, combine: the prefill path,
 with the tiles the model build uses: wgmma on sm_90a)
@@ -21,22 +21,22 @@ import argparse
 import collections
 import json
 import sys
-import time
-from pathlib import Path
 
 import torch
 
-if __name__ == "__main__":  # import the sibling bench_gemm, also under PYTHONSAFEPATH
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
+try:  # as benchmarks.bench_moe
+    from benchmarks import bench_gemm as BG
+    from benchmarks import timing
+except ImportError:  # by file path, benchmarks/ on sys.path (tests/conftest.load_benchmark)
+    import bench_gemm as BG
+    import timing
 
-import bench_gemm as BG  # noqa: E402
-
-from mla_compiler import reference  # noqa: E402
-from mla_compiler.schedules import gemm as G  # noqa: E402
-from mla_compiler.schedules import gemm_wgmma as W  # noqa: E402
-from mla_compiler.schedules import moe as M  # noqa: E402
-from mla_compiler.schedules import moe_gemv as MG  # noqa: E402
-from mla_compiler.schedules.target import tvm_target  # noqa: E402
+from mla_compiler import reference
+from mla_compiler.schedules import gemm as G
+from mla_compiler.schedules import gemm_wgmma as W
+from mla_compiler.schedules import moe as M
+from mla_compiler.schedules import moe_gemv as MG
+from mla_compiler.schedules.target import tvm_target
 
 E, K, D, INTER = 64, 6, 2048, 1408  # V2-Lite: greedy softmax routing, no norm, scale 1
 
@@ -62,25 +62,14 @@ def torch_moe(x, logits, gate_up, down):
 
 
 def gpu_time(fn, *, iters: int = 20) -> tuple[float, dict[str, float]]:
-    """(GPU seconds per call, {kernel: seconds per call}) from CUPTI (torch.profiler)."""
+    """(GPU seconds per call, {kernel: seconds per call}) from CUPTI (``timing.kernel_totals``;
+    the wall clock in a CPU smoke run)."""
     if BG.SMOKE:
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn()
-        return (time.perf_counter() - t0) / iters, {}
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
+        return timing.loop_s(fn, iters=iters, warmup=0, cuda=False), {}
+    total, _ = timing.kernel_totals([fn], reps=iters)
     per = collections.Counter()
-    for ev in prof.events():
-        if ev.device_type.name == "CUDA":
-            us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time
-            per[ev.name.split("(")[0][:60]] += us * 1e-6 / iters
+    for name, us in total.items():
+        per[name.split("(")[0][:60]] += us * 1e-6 / iters
     return sum(per.values()), dict(per)
 
 

@@ -1,7 +1,7 @@
 """The GPU's measured ceilings, the denominators of the kernel tables: DRAM copy and read
 bandwidth and the f16 tensor-core GEMM rate, through PyTorch on random data.
 
-    python benchmarks/ceilings.py --out ceilings.json
+    python -m benchmarks.ceilings --out ceilings.json
 
 - ``copy_gbps``: a 2 GiB device-to-device copy, bytes read + written (median time);
 - ``read_gbps``: ``torch.sum`` over 2 GiB of f16 (bytes read);
@@ -15,25 +15,20 @@ import json
 
 import torch
 
-
-def median_ms(fn) -> float:
-    """Median milliseconds of ``fn`` (triton's ``do_bench``: CUDA events, warm-up first)."""
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=25, rep=200, return_mode="median"))
+from benchmarks import timing
 
 
 def measure() -> dict:
     n = 2**30  # f16 elements: 2 GiB
     src = torch.randn(n, device="cuda", dtype=torch.float16)
     dst = torch.empty_like(src)
-    copy_ms = median_ms(lambda: dst.copy_(src))
-    read_ms = median_ms(lambda: src.sum(dtype=torch.float32))
+    copy_ms = timing.do_bench_ms(lambda: dst.copy_(src))
+    read_ms = timing.do_bench_ms(lambda: src.sum(dtype=torch.float32))
     src = dst = None  # free 4 GiB before the GEMM
     m = 8192
     a = torch.randn(m, m, device="cuda", dtype=torch.float16)
     b = torch.randn(m, m, device="cuda", dtype=torch.float16)
-    gemm_ms = median_ms(lambda: a @ b)
+    gemm_ms = timing.do_bench_ms(lambda: a @ b)
     return {
         "device": torch.cuda.get_device_name(),
         "sms": torch.cuda.get_device_properties(0).multi_processor_count,

@@ -6,7 +6,7 @@ logits), 8 decode steps (decode function), one two-sequence step (prefill functi
 slots). Each part's logits are compared with the reference: relative Frobenius error and argmax
 agreement. Exit status 1 when a part is off.
 
-    python benchmarks/check_torch.py ARTIFACT [--json FILE] [--max-rel 0.02] [--min-argmax 0.95]
+    python -m benchmarks.check_torch ARTIFACT [--json FILE] [--max-rel 0.02] [--min-argmax 0.95]
 """
 
 from __future__ import annotations

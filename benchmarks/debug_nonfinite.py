@@ -1,5 +1,5 @@
 """Find the first kernel of an artifact whose output is not finite (runs with the VM's
-instrumentation hook; runtime-only). Usage: python benchmarks/debug_nonfinite.py ARTIFACT"""
+instrumentation hook; runtime-only). Usage: python -m benchmarks.debug_nonfinite ARTIFACT"""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ greedy, seeded temperature / top-k / top-p sampling runs and repeats itself, and
 ``--save``/``--compare``) the greedy ids and logits of this artifact against another build of
 the same model (e.g. with and without CUDA graphs).
 
-    python benchmarks/decode_sampling_check.py ARTIFACT [--steps 32] [--json FILE]
+    python -m benchmarks.decode_sampling_check ARTIFACT [--steps 32] [--json FILE]
         [--save FILE.npz] [--compare FILE.npz]
 """
 

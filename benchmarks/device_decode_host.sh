@@ -15,13 +15,13 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 status=0
 G=${GRAPH_ART:-.device/art/v2lite_mla3}; N=${NOGRAPH_ART:-.device/art/v2lite_mla3_nograph}
 run() { echo "+ $*"; timeout 150 "$@" 2>&1 | grep -v Warning | tee -a "$OUT/log.txt" || status=1; }
-run python3 benchmarks/decode_sampling_check.py $G --json "$OUT/check_graph.json" --save /tmp/graph.npz
+run python3 -m benchmarks.decode_sampling_check $G --json "$OUT/check_graph.json" --save /tmp/graph.npz
 if [ -d $N ]; then
-  run python3 benchmarks/decode_sampling_check.py $N --json "$OUT/check_nograph.json" --compare /tmp/graph.npz
+  run python3 -m benchmarks.decode_sampling_check $N --json "$OUT/check_nograph.json" --compare /tmp/graph.npz
 fi
-run python3 benchmarks/profile_step.py $G --prompt 2048 --steps 32 --json "$OUT/profile_graph.json"
+run python3 -m benchmarks.profile_step $G --prompt 2048 --steps 32 --json "$OUT/profile_graph.json"
 if [ -d $N ]; then
-  run python3 benchmarks/profile_step.py $N --prompt 2048 --steps 32 --json "$OUT/profile_nograph.json"
+  run python3 -m benchmarks.profile_step $N --prompt 2048 --steps 32 --json "$OUT/profile_nograph.json"
 fi
 python3 - "$OUT" <<'PY' | tee -a "$OUT/log.txt"
 import json, pathlib, sys

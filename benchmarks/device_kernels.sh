@@ -7,6 +7,6 @@ for what in "$@"; do
   case $what in
     tests) python3 -m pytest -q -m gpu -x tests/test_attention_decode.py tests/test_attention_prefill.py tests/test_cuda_build.py 2>&1 | tail -25 ;;
     tests-*) python3 -m pytest -q -m gpu "tests/test_${what#tests-}.py" 2>&1 | tail -25 ;;
-    *) python3 "benchmarks/bench_$what.py" --out "$OUT/bench_$what.json" 2>&1 | tail -40 ;;
+    *) python3 -m "benchmarks.bench_$what" --out "$OUT/bench_$what.json" 2>&1 | tail -40 ;;
   esac
 done

@@ -9,13 +9,13 @@ source benchmarks/device_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 what=${1:-all}
 if [ "$what" = sweep ]; then
-  python3 benchmarks/bench_moe.py --sweep --out "$OUT/moe_sweep.json" 2>"$OUT/moe_sweep.log" | tail -25
+  python3 -m benchmarks.bench_moe --sweep --out "$OUT/moe_sweep.json" 2>"$OUT/moe_sweep.log" | tail -25
   exit
 fi
 SECONDS=0
 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_moe_kernels.py >"$OUT/pytest_moe.log" 2>&1
 echo "pytest rc=$? (${SECONDS}s)"; grep -E "passed|failed|error|FAILED|ERROR" "$OUT/pytest_moe.log" | tail -25
-python3 benchmarks/bench_moe.py --tokens 1,16,512,2048 --out "$OUT/bench_moe.json" \
+python3 -m benchmarks.bench_moe --tokens 1,16,512,2048 --out "$OUT/bench_moe.json" \
   2>"$OUT/bench_moe.log" | tail -20
 echo "bench rc=$? (${SECONDS}s)"
 if command -v compute-sanitizer >/dev/null; then

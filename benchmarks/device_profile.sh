@@ -7,11 +7,11 @@ export TVM_USE_RUNTIME_LIB=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 status=0
 for a in $2; do
-  python3 benchmarks/check_torch.py "$a" --json "$OUT/check_$(basename $a).json" || status=1
+  python3 -m benchmarks.check_torch "$a" --json "$OUT/check_$(basename $a).json" || status=1
 done
 for a in $1; do
   echo "== $a"
-  python3 benchmarks/profile_step.py "$a" --prompt "${3:-2048}" --steps "${4:-32}" \
+  python3 -m benchmarks.profile_step "$a" --prompt "${3:-2048}" --steps "${4:-32}" \
       --json "$OUT/profile_$(basename $a).json" || status=1
 done
 exit $status

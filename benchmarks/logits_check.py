@@ -1,8 +1,8 @@
 """Record or check an artifact's logits on a fixed script of calls (prompt chunks, decode steps,
 batched decode over two slots). Run it on the CPU artifact to record, on the GPU to check:
 
-    python benchmarks/logits_check.py record ARTIFACT OUT.npz
-    python benchmarks/logits_check.py check ARTIFACT EXPECTED.npz   # exit 1 on mismatch
+    python -m benchmarks.logits_check record ARTIFACT OUT.npz
+    python -m benchmarks.logits_check check ARTIFACT EXPECTED.npz   # exit 1 on mismatch
 """
 
 from __future__ import annotations

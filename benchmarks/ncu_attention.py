@@ -2,7 +2,7 @@
 
     ncu --clock-control none --kernel-name regex:'prefill_|decode_' --launch-skip 0 \\
         --section SpeedOfLight --section WarpStateStats --section ComputeWorkloadAnalysis \\
-        python benchmarks/ncu_attention.py [--n 8192] [--decode 1x16384,32x4096]
+        python -m benchmarks.ncu_attention [--n 8192] [--decode 1x16384,32x4096]
 
 Kernels (sm_90a defaults, 16 heads, f16): ``prefill_absorbed`` and ``prefill_decompressed``
 (one causal sequence of ``--n`` tokens over its own ``--n`` rows), then ``decode_split`` /
@@ -13,19 +13,19 @@ runs twice; profile the second launch (``--launch-skip``) to skip module-load ef
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 import tvm
 
-if __name__ == "__main__":  # run from the checkout (maybe uninstalled): siblings, its package
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under PYTHONSAFEPATH
-    import package_shim
+if __name__ == "__main__":  # run from the checkout (maybe uninstalled): import its package
+    from benchmarks import package_shim
 
     package_shim.use_checkout_package()
 
-import bench_decode as bd  # noqa: E402
+try:  # as benchmarks.ncu_attention
+    from benchmarks import bench_decode as bd
+except ImportError:  # by file path, benchmarks/ on sys.path (tests/conftest.load_benchmark)
+    import bench_decode as bd
 
 from mla_compiler.model_export.config import MLADims  # noqa: E402
 from mla_compiler.schedules import attention_decode as dec  # noqa: E402

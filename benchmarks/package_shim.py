@@ -1,6 +1,7 @@
-"""Import this checkout's ``mla_compiler`` in a benchmark script run from the checkout without
-an install of it (the GPU box has no package registry). Only a script's ``__main__`` block calls
-``use_checkout_package``: it rewires the import system, and tests import the scripts."""
+"""Import this checkout's ``mla_compiler`` in a benchmark script run from the checkout
+(``python -m benchmarks.NAME``) without an install of it (the GPU box has no package registry).
+Only a script's ``__main__`` block calls ``use_checkout_package``, before its first import of
+``mla_compiler``: it rewires the import system, and tests import the scripts."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ with ``cudaErrorMisalignedAddress``: its mbarrier was a static shared buffer, wh
 dynamic buffer holding the boxes off the 128-byte alignment TMA needs (the compiler had also
 shrunk the 1 KB pad meant to prevent that to 8 bytes). The barrier now sits after the boxes.
 
-    python benchmarks/probe_tma.py --swizzle 3 [--run]
+    python -m benchmarks.probe_tma --swizzle 3 [--run]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Where a decode attention call's time goes: CUPTI kernel spans of the split / merge kernels.
 
-    python benchmarks/profile_decode.py --out profile_decode.json [--shapes 1x16384,32x4096]
+    python -m benchmarks.profile_decode --out profile_decode.json [--shapes 1x16384,32x4096]
 
 For each (batch, ctx) and each of the first ``--configs`` candidate configs at the split count
 the model picks: the graph mode of ``bench_decode.py`` (``--layers`` calls, each over another
@@ -14,20 +14,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
-import tempfile
 
 import torch
 
-if __name__ == "__main__":  # run from the checkout (maybe uninstalled): siblings, its package
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under PYTHONSAFEPATH
-    import package_shim
+if __name__ == "__main__":  # run from the checkout (maybe uninstalled): import its package
+    from benchmarks import package_shim
 
     package_shim.use_checkout_package()
 
-import bench_decode as bd  # noqa: E402
+try:  # as benchmarks.profile_decode
+    from benchmarks import bench_decode as bd
+    from benchmarks import timing
+except ImportError:  # by file path, benchmarks/ on sys.path (tests/conftest.load_benchmark)
+    import bench_decode as bd
+    import timing
 
 from mla_compiler.model_export.config import MLADims  # noqa: E402
 from mla_compiler.schedules import attention_decode as dec  # noqa: E402
@@ -35,32 +36,10 @@ from mla_compiler.schedules.target import tvm_target  # noqa: E402
 
 
 def kernel_spans(graph, *, replays: int) -> list[list[tuple[str, float, float]]]:
-    """Per replay, its kernels as (name, start us, duration us), in start order."""
-    from torch.profiler import ProfilerActivity, profile
-
-    flush = bd.l2_flusher("dirty")  # as the spans in NOTES_decode.md were taken
-    graph.replay()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(replays):
-            flush()
-            graph.replay()
-            torch.cuda.synchronize()
-    with tempfile.TemporaryDirectory() as tmp:  # one trace per call: not left in /tmp
-        path = os.path.join(tmp, "trace.json")
-        prof.export_chrome_trace(path)
-        with open(path) as f:
-            events = json.load(f)["traceEvents"]
-    kernels = sorted(
-        (e["ts"], e["dur"], e["name"])
-        for e in events
-        if e.get("cat") == "kernel" and "decode_" in e.get("name", "")
-    )
-    per = len(kernels) // replays
-    return [
-        [(name, ts, dur) for ts, dur, name in kernels[i * per : (i + 1) * per]]
-        for i in range(replays)
-    ]
+    """Per replay, its decode kernels as (name, start us, duration us), in start order; the L2
+    flushed by writing before each replay, as the spans in NOTES_decode.md were taken."""
+    flush = timing.l2_flusher("dirty")
+    return timing.kernel_spans(graph.replay, replays=replays, match="decode_", before=flush)
 
 
 def summarize(replays, *, nbytes: int) -> dict:
@@ -123,7 +102,7 @@ def main() -> None:
                 sm_count=sms,
             )
             calls, o, lse = bd.ours(mod, dims, q, kv, indptr, splits=splits)
-            graph = bd.capture_graph(calls)
+            graph = timing.capture_graph(calls)
             graph.replay()
             torch.cuda.synchronize()
             err = bd.verify(dims, q, kv, indptr, o, lse, layer=layers - 1, sm_scale=sm_scale)

@@ -12,7 +12,7 @@ process, TVM's too); the host side is timed with ``perf_counter``:
 - ``gpu``: sum of kernel times of one step (what the GPU works), and the launch / copy API
   calls per step; ``decode_host_overhead_ms`` = step - gpu.
 
-    python benchmarks/profile_step.py ARTIFACT [--prompt 2048] [--steps 32] [--json FILE]
+    python -m benchmarks.profile_step ARTIFACT [--prompt 2048] [--steps 32] [--json FILE]
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ import time
 
 import numpy as np
 
+from benchmarks import timing
+
 
 def kernel_table(prof, steps: int) -> list[dict]:
     """Kernel name -> GPU microseconds per step and launches per step, largest first."""
     total = collections.Counter()
     count = collections.Counter()
-    for ev in prof.events():
-        if ev.device_type.name != "CUDA":
-            continue
-        name = ev.name.split("(")[0][:80]
-        total[name] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time
+    for name, us in timing.kernel_events(prof):
+        name = name.split("(")[0][:80]
+        total[name] += us
         count[name] += 1
     rows = [
         {"kernel": k, "us_per_step": total[k] / steps, "launches_per_step": count[k] / steps}
@@ -56,7 +56,6 @@ def api_calls(prof, steps: int) -> dict:
 
 def main() -> None:
     import torch
-    from torch.profiler import ProfilerActivity, profile
 
     from mla_compiler.runtime import Engine
 
@@ -76,7 +75,7 @@ def main() -> None:
     eng.reset()
     eng.prefill(ids)
     eng.reset()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with timing.cupti() as prof:
         t0 = time.perf_counter()
         eng.prefill(ids)
         out["prefill_wall_ms"] = 1e3 * (time.perf_counter() - t0)
@@ -138,7 +137,7 @@ def main() -> None:
     out["decode_back_to_back_ms"] = 1e3 * (time.perf_counter() - t0) / args.steps
 
     # ---- GPU time of whole steps (decode + sampling) and the launch API calls the host makes
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with timing.cupti() as prof:
         tok, _ = steps(args.steps, tok)
         eng.device.sync()
     out["decode_kernels"] = kernel_table(prof, args.steps)

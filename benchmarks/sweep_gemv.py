@@ -3,8 +3,8 @@ GEMV and the small-M tile kernel, checked against float32 PyTorch and timed agai
 
 Build here (no GPU needed), run there with TVM's runtime only:
 
-    python benchmarks/sweep_gemv.py build .device/gemv
-    python benchmarks/sweep_gemv.py run .device/gemv --json $OUT/sweep_gemv.json
+    python -m benchmarks.sweep_gemv build .device/gemv
+    python -m benchmarks.sweep_gemv run .device/gemv --json $OUT/sweep_gemv.json
 
 Times are GPU kernel times (CUPTI through torch.profiler: no launch gaps), each call on a
 different copy of the weights (>= 256 MB in all), as in a decode step where every weight comes
@@ -14,10 +14,12 @@ from DRAM; MoE calls rotate over expert choices. GB/s counts the weight bytes re
 from __future__ import annotations
 
 import argparse
-import collections
+import functools
 import json
 import sys
 from pathlib import Path
+
+from benchmarks import timing
 
 # name -> (n, k, epilogue, out_dtype, heads): the dense products of a V2-Lite decode step
 DENSE = {
@@ -34,7 +36,6 @@ DENSE = {
     "lm_head": (102400, 2048, None, None, None),
 }
 MOE = dict(num_experts=64, top_k=6, hidden=2048, inter=1408)
-ROTATE_BYTES = 256 << 20
 
 
 def _name(c) -> str:
@@ -100,23 +101,7 @@ def build(out: Path) -> None:
 
 def _kernel_times(calls, *, reps: int) -> dict[str, float]:
     """{kernel name: mean GPU microseconds} of ``calls`` (each run ``reps`` times), CUPTI."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    for fn in calls:
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for fn in calls:
-            for _ in range(reps):
-                fn()
-        torch.cuda.synchronize()
-    total, count = collections.Counter(), collections.Counter()
-    for ev in prof.events():
-        if ev.device_type.name == "CUDA":
-            us = ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time
-            total[ev.name] += us
-            count[ev.name] += 1
+    total, count = timing.kernel_totals(calls, reps=reps)
     return {name: total[name] / count[name] for name in total}
 
 
@@ -169,13 +154,7 @@ def run(out: Path, json_path: str | None, reps: int) -> int:
             ok = bool(torch.isfinite(y).all()) and err <= 2e-2 * float(ref.abs().max()) + 1e-2
             bad += not ok
             results.append((item, err, ok))
-            turn = [0]
-
-            def rotating(fn=fn, turn=turn):
-                turn[0] += 1
-                call(fn, turn[0])
-
-            calls.append(rotating)
+            calls.append(timing.rotating(functools.partial(call, fn)))
         times = _kernel_times(calls + ([blas] if blas else []), reps=reps)
         # cuBLAS: every kernel of one matmul call (a split-K GEMV launches two)
         blas_us = (
@@ -217,7 +196,7 @@ def run(out: Path, json_path: str | None, reps: int) -> int:
         nw = 2 * n if epi == "silu_mul" else n
         lead = (heads,) if heads else ()
         wbytes = (heads or 1) * nw * k * 2
-        copies = max(1, -(-ROTATE_BYTES // wbytes))
+        copies = timing.copies_for(wbytes)
         ws = [(torch.randn(*lead, nw, k, device="cuda", generator=gen) / k**0.5).half()]
         ws += [ws[0].clone() for _ in range(copies - 1)]
         wk = ws  # the kernels' layout: SiLU·up takes gate/up rows interleaved
@@ -241,11 +220,7 @@ def run(out: Path, json_path: str | None, reps: int) -> int:
 
         blas = None
         if not heads:
-            turn = [0]
-
-            def blas(x=x, ws=ws, turn=turn):
-                turn[0] += 1
-                torch.matmul(x, ws[turn[0] % len(ws)].T)
+            blas = timing.rotating(lambda i, x=x, ws=ws: torch.matmul(x, ws[i % len(ws)].T))
 
         check_and_time(shape, items, call, ref, y, blas, wbytes)
 

@@ -1,6 +1,6 @@
 """Inside one decode split kernel: per-CTA timelines from a probe build, and launch overheads.
 
-    python benchmarks/timeline_decode.py --out timeline_decode.json [--shapes 1x16384,1x32768]
+    python -m benchmarks.timeline_decode --out timeline_decode.json [--shapes 1x16384,1x32768]
 
 Per (batch, ctx), default config at the model's split count, the graph mode of
 ``bench_decode.py`` (``--layers`` calls over other cache layers, L2 flushed before each replay):
@@ -21,21 +21,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 
 import torch
+import tvm
 
-if __name__ == "__main__":  # run from the checkout (maybe uninstalled): siblings, its package
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also under PYTHONSAFEPATH
-    import package_shim
+if __name__ == "__main__":  # run from the checkout (maybe uninstalled): import its package
+    from benchmarks import package_shim
 
     package_shim.use_checkout_package()
 
-import bench_decode as bd  # noqa: E402
-import profile_decode as pdc  # noqa: E402
-import tvm  # noqa: E402
+try:  # as benchmarks.timeline_decode
+    from benchmarks import bench_decode as bd
+    from benchmarks import profile_decode as pdc
+    from benchmarks import timing
+except ImportError:  # by file path, benchmarks/ on sys.path (tests/conftest.load_benchmark)
+    import bench_decode as bd
+    import profile_decode as pdc
+    import timing
 
 from mla_compiler.model_export.config import MLADims  # noqa: E402
 from mla_compiler.schedules import attention_decode as dec  # noqa: E402
@@ -150,19 +153,19 @@ def timelines(cfg, target, dims, args, *, sms: int, l2: int) -> list[dict]:
         )  # fmt: skip
         row = {"batch": batch, "ctx": ctx, "splits": splits, "config": bd.config_name(cfg)}
         calls, o, lse = bd.ours(mod, dims, q, kv, indptr, splits=splits)
-        graph = bd.capture_graph(calls)
+        graph = timing.capture_graph(calls)
         row["cupti"] = pdc.summarize(pdc.kernel_spans(graph, replays=args.replays), nbytes=nbytes)
         del graph
         ws = dec.workspace_shapes(dims, batch=batch, heads=bd.HEADS, q_tokens=1, num_splits=splits)
         o_part = torch.zeros(ws["o_part"], device="cuda")  # [S, B, 1, H, 512]
         lse_part = torch.zeros(ws["lse_part"], device="cuda")
-        graph = bd.capture_graph(layer_calls(mod, q, kv, indptr, o_part, lse_part, merge=False))
+        graph = timing.capture_graph(layer_calls(mod, q, kv, indptr, o_part, lse_part, merge=False))
         alone = pdc.summarize(pdc.kernel_spans(graph, replays=args.replays), nbytes=nbytes)
         row["cupti_split_alone_us"] = alone["split_us"]
         del graph
         pcalls = layer_calls(pmod, q, kv, indptr, o_part, lse_part, merge=splits > 1)
-        graph = bd.capture_graph(pcalls)
-        flush = bd.l2_flusher("dirty")  # as the timelines in NOTES_decode.md were taken
+        graph = timing.capture_graph(pcalls)
+        flush = timing.l2_flusher("dirty")  # as the timelines in NOTES_decode.md were taken
         used = dec.effective_splits(
             ctx, splits, block_n=cfg.block_n, min_split_rows=cfg.min_split_rows
         )
