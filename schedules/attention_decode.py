@@ -34,10 +34,10 @@ from tvm.script import tirx as T
 from mla_compiler.errors import TargetError
 from mla_compiler.model_export.config import MLADims
 from mla_compiler.schedules import grid_dependency
-from mla_compiler.schedules.attention_decode_mma import (
+from mla_compiler.schedules.attention_decode_mma import split_mma
+from mla_compiler.schedules.attention_decode_tiles import (
     Q_RESIDENT_STEPS,
     q_tail_columns,
-    split_mma,
     stages_q_in_ring,
 )
 from mla_compiler.schedules.decode_splits import (  # re-exported: callers import them from here

@@ -171,6 +171,67 @@ def _load_step(C, src, base, src_rows, row0, n_chunks, step, slot, dst0, kk, gat
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Epilogue:
+    """The static switches of a kernel's stores (``_store``)."""
+
+    n: int  # output columns
+    out_dtype: str
+    top_k: int
+    skip: bool  # padding rows (sorted_rows < 0) are not stored
+    scaled: bool  # rows scaled by their routing weight (MoE down)
+    silu: bool  # silu(gate) * up of paired accumulator chunks
+    residual: bool  # plus R
+
+
+@T.macro(hygienic=False)
+def _store(C, E):
+    # The accumulators to Y: this thread's rows g and g + 8 of its warp's 16, two adjacent
+    # columns per 8-column chunk. Reads the kernel body's locals (acc, m0, n0, wg, lane, ...).
+    for h in T.unroll(2):
+        row = m0 + wg * 64 + warp * 16 + lane // 4 + h * 8
+        if E.skip:  # padding rows are not written (nothing reads them)
+            row_ok[0] = T.Cast("int32", sorted_rows[row] >= 0)
+        else:
+            row_ok[0] = T.Cast("int32", row < n_rows)
+        if row_ok[0] != 0:
+            scale[0] = T.float32(1)
+            if E.scaled:
+                sr = sorted_rows[row]
+                scale[0] = T.if_then_else(
+                    sr >= 0,
+                    weights[T.max(sr, 0) // E.top_k, T.max(sr, 0) % E.top_k],
+                    T.float32(0),
+                )
+            if E.silu:
+                for j in T.unroll(C.block_n // 8):
+                    if j % 8 < 4:
+                        col = n0 // 2 + j // 8 * 32 + j % 8 * 8 + lane % 4 * 2
+                        if col < E.n:
+                            for c in T.vectorized(2):
+                                yf[T.Cast("int64", row) * E.n + col + c] = T.Cast(
+                                    E.out_dtype,
+                                    acc[j * 4 + h * 2 + c]
+                                    * T.sigmoid(acc[j * 4 + h * 2 + c])
+                                    * acc[(j + 4) * 4 + h * 2 + c],
+                                )
+            else:
+                for j in T.unroll(C.block_n // 8):
+                    col = n0 + j * 8 + lane % 4 * 2
+                    if col < E.n:
+                        for c in T.vectorized(2):
+                            if E.residual:
+                                yf[T.Cast("int64", row) * E.n + col + c] = T.Cast(
+                                    E.out_dtype,
+                                    acc[j * 4 + h * 2 + c]
+                                    + T.Cast("float32", rf[T.Cast("int64", row) * E.n + col + c]),
+                                )
+                            else:
+                                yf[T.Cast("int64", row) * E.n + col + c] = T.Cast(
+                                    E.out_dtype, acc[j * 4 + h * 2 + c] * scale[0]
+                                )
+
+
 def _check(C: WgmmaConfig, n: int, k: int, *, target, silu: bool) -> None:
     if target is not None and not keep(C, _as_target(target), k=k):
         raise ValueError(f"wgmma config {C} does not fit {target} with k={k}")
@@ -216,10 +277,16 @@ def _body(
     # descriptors (16-byte units): 128B swizzle: 8-row atoms 1024 B apart, k16 steps 32 B apart;
     # core matrices: LBO 128 B along K, SBO one 8-row group (block_k * 16 B), k16 steps 256 B
     lbo, sbo, mode, k_step = (1, 64, 3, 2) if C.swizzle else (8, C.block_k, 0, 16)
-    residual = epilogue == "residual"
-    silu = epilogue == "silu_mul"
     gather = kind == "gate_up"
-    scaled = kind == "down"
+    E = _Epilogue(
+        n=n,
+        out_dtype=out_dtype,
+        top_k=top_k,
+        skip=skip,
+        scaled=kind == "down",
+        silu=epilogue == "silu_mul",
+        residual=epilogue == "residual",
+    )
 
     @T.macro(hygienic=True)
     def mma_step(acc, desc):
@@ -307,48 +374,7 @@ def _body(
         T.ptx["wgmma.wait_group.sync.aligned"](0)
         pin(acc, acc_n)
         T.ptx["cp.async.wait_group"](0)
-        for h in T.unroll(2):
-            row = m0 + wg * 64 + warp * 16 + lane // 4 + h * 8
-            if skip:  # padding rows are not written (nothing reads them)
-                row_ok[0] = T.Cast("int32", sorted_rows[row] >= 0)
-            else:
-                row_ok[0] = T.Cast("int32", row < n_rows)
-            if row_ok[0] != 0:
-                scale[0] = T.float32(1)
-                if scaled:
-                    sr = sorted_rows[row]
-                    scale[0] = T.if_then_else(
-                        sr >= 0,
-                        weights[T.max(sr, 0) // top_k, T.max(sr, 0) % top_k],
-                        T.float32(0),
-                    )
-                if silu:
-                    for j in T.unroll(C.block_n // 8):
-                        if j % 8 < 4:
-                            col = n0 // 2 + j // 8 * 32 + j % 8 * 8 + lane % 4 * 2
-                            if col < n:
-                                for c in T.vectorized(2):
-                                    yf[T.Cast("int64", row) * n + col + c] = T.Cast(
-                                        out_dtype,
-                                        acc[j * 4 + h * 2 + c]
-                                        * T.sigmoid(acc[j * 4 + h * 2 + c])
-                                        * acc[(j + 4) * 4 + h * 2 + c],
-                                    )
-                else:
-                    for j in T.unroll(C.block_n // 8):
-                        col = n0 + j * 8 + lane % 4 * 2
-                        if col < n:
-                            for c in T.vectorized(2):
-                                if residual:
-                                    yf[T.Cast("int64", row) * n + col + c] = T.Cast(
-                                        out_dtype,
-                                        acc[j * 4 + h * 2 + c]
-                                        + T.Cast("float32", rf[T.Cast("int64", row) * n + col + c]),
-                                    )
-                                else:
-                                    yf[T.Cast("int64", row) * n + col + c] = T.Cast(
-                                        out_dtype, acc[j * 4 + h * 2 + c] * scale[0]
-                                    )
+        _store(C, E)
 
     return body
 

@@ -15,7 +15,7 @@ from conftest import load_benchmark, nvcc_available
 from mla_compiler import reference
 from mla_compiler.model_export.config import MLADims, preset
 from mla_compiler.schedules import attention_decode as dec
-from mla_compiler.schedules.attention_decode_mma import stages_q_in_ring
+from mla_compiler.schedules.attention_decode_tiles import stages_q_in_ring
 from mla_compiler.schedules.target import GPUS, tvm_target
 
 TINY = preset("tiny").dims
