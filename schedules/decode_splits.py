@@ -70,8 +70,8 @@ def choose_splits(
         + 0.9 * batch * splits / SMs                 # f32 partials: written + merged
 
     ``sm_bandwidth_ratio``: how much faster than its fair share one SM streams when others
-    idle; 1.0 as measured (``benchmarks/NOTES_decode.md``, "Split choice"). ``bench_decode.py``
-    times S/2, S and 2S.
+    idle; 1.0 as measured (``benchmarks/NOTES_decode.md``). ``benchmarks.bench_decode`` times
+    S/2, S and 2S.
     Returns the smallest split count of least modelled time, at most ``effective_splits`` of
     ``max_context`` (more would never be used).
     """

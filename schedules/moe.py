@@ -396,8 +396,8 @@ CONFIGS: dict[str, G.Config] = {
 }
 CPU_BLOCK_M = 16
 
-# Prefill candidates for `bench_moe.py --sweep` (none measured yet with cp.async on; the lead
-# picks CONFIGS from the sweep). At T=2048 an expert averages T*k/E = 192 rows: 64-row blocks
+# Prefill candidates for `benchmarks.bench_moe --sweep` (CONFIGS is picked from the sweep).
+# At T=2048 an expert averages T*k/E = 192 rows: 64-row blocks
 # pad ~1/6 of the rows (E/2 blocks of padding), 128-row blocks ~1/3. The dense GEMM's best
 # sm_90a tile is 128x256 (8 warps): 64x256 keeps its column reuse with small M blocks.
 CANDIDATES: dict[str, tuple[G.Config, ...]] = {
