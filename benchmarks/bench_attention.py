@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import subprocess
@@ -40,7 +41,7 @@ try:  # as benchmarks.bench_attention
 except ImportError:  # by file path, benchmarks/ on sys.path (tests/conftest.load_benchmark)
     import timing
 
-from mla_compiler.model_export.config import MLADims
+from mla_compiler.model_export.config import MLADims, preset
 from mla_compiler.schedules import attention_prefill as ap
 from mla_compiler.schedules.target import GPUS, tvm_target
 
@@ -225,7 +226,6 @@ def build(kind: str, arch: str, dims: MLADims, config=None):
     t0 = time.time()
     func = factory(
         dims,
-        heads=HEADS,
         dtype="float16",
         target=arch,
         config=config,
@@ -257,7 +257,7 @@ def build_builtin(kind: str, arch: str, dims: MLADims):
 
 def measure_ours(kind: str, config, ns: list[int], *, default: bool) -> list[dict]:
     """Build one config of ours, check it against torch and time it at each n (in this process)."""
-    arch, dims = cuda_arch(), MLADims(heads=HEADS)
+    arch, dims = cuda_arch(), dataclasses.replace(preset("deepseek-v2-lite").dims, heads=HEADS)
     lib, build_s, extras = build(kind, arch, dims, None if default else config)
     impl = "ours" if default else "ours-config"
     label = config_label(config) + extras
@@ -332,7 +332,7 @@ def main() -> None:
     CHUNK = args.chunk
     if args.worker:
         values = [int(v) for v in args.config.split(",")]
-        config = ap.MMAConfig(*values[:4], *(bool(v) for v in values[4:]))
+        config = ap.PrefillConfig(*values[:4], *(bool(v) for v in values[4:]))
         print(json.dumps(measure_ours(args.worker, config, ns, default=args.default)))
         return
     if not args.out:
@@ -340,7 +340,7 @@ def main() -> None:
     from torch.nn.attention import SDPBackend
 
     arch = cuda_arch()
-    dims = MLADims(heads=HEADS)
+    dims = dataclasses.replace(preset("deepseek-v2-lite").dims, heads=HEADS)
     results = []
     meta = {"device": torch.cuda.get_device_name(), "arch": arch, "heads": HEADS, "configs": {}}
 

@@ -43,7 +43,7 @@ except ImportError:  # by file path, benchmarks/ on sys.path (tests/conftest.loa
     import timing
 
 from mla_compiler import reference  # noqa: E402
-from mla_compiler.model_export.config import MLADims  # noqa: E402
+from mla_compiler.model_export.config import MLADims, preset  # noqa: E402
 from mla_compiler.schedules import attention_decode as dec  # noqa: E402
 from mla_compiler.schedules.target import GPUS, tvm_target  # noqa: E402
 
@@ -115,7 +115,7 @@ def ours(mod, dims, q, kv, indptr, *, splits: int):
     outputs o[l] [B, 1, H, 512] and lse[l] [B, 1, H], NaN until run."""
     layers, (batch, _, heads, _) = len(q), q[0].shape
     dev = q[0].device
-    ws = dec.workspace_shapes(dims, batch=batch, heads=heads, q_tokens=1, num_splits=splits)
+    ws = dec.workspace_shapes(dims, batch=batch, q_tokens=1, num_splits=splits)
     o_part = torch.full(ws["o_part"], float("nan"), device=dev)  # [S, B, 1, H, 512]
     lse_part = torch.full(ws["lse_part"], float("nan"), device=dev)  # [S, B, 1, H]
     nan = dict(fill_value=float("nan"), device=dev)
@@ -264,7 +264,7 @@ def parse_args():
         "--min-split-rows",
         type=int,
         default=dec.MIN_SPLIT_ROWS,
-        help="Config.min_split_rows of every config",
+        help="DecodeConfig.min_split_rows of every config",
     )
     ap.add_argument(
         "--flush",
@@ -281,9 +281,7 @@ def build_configs(configs, target, dims, *, sm_scale) -> dict:
     for cfg in configs:
         t0 = time.time()
         try:
-            kernels = dec.absorbed_decode(
-                dims, heads=HEADS, target=target, config=cfg, sm_scale=sm_scale
-            )
+            kernels = dec.absorbed_decode(dims, target=target, config=cfg, sm_scale=sm_scale)
             mods[cfg] = dec.build(kernels, target)
             print(f"built {cfg} in {time.time() - t0:.1f}s", flush=True)
         except Exception as e:  # keep benchmarking the configs that build
@@ -330,7 +328,6 @@ def measure_shape(shape, mods, target, dims, args, *, sms: int, l2_bytes: int, f
             cfg,
             target,
             dims,
-            heads=HEADS,
             q_tokens=1,
             batch=batch,
             max_context=max_context,
@@ -414,10 +411,10 @@ def main() -> None:
     target = tvm_target(arch)
     props = torch.cuda.get_device_properties(0)
     sms = props.multi_processor_count
-    dims = MLADims(heads=HEADS)
+    dims = dataclasses.replace(preset("deepseek-v2-lite").dims, heads=HEADS)
     configs = [
         dataclasses.replace(c, min_split_rows=args.min_split_rows)
-        for c in dec.candidate_configs(target, dims, heads=HEADS, q_tokens=1)
+        for c in dec.candidate_configs(target, dims, q_tokens=1)
     ]
     configs = select_configs(configs, args.only, arch=arch, first=args.configs)
     mods = build_configs(configs, target, dims, sm_scale=dims.qk_head_dim**-0.5)

@@ -27,7 +27,7 @@ try:  # as benchmarks.ncu_attention
 except ImportError:  # by file path, benchmarks/ on sys.path (tests/conftest.load_benchmark)
     import bench_decode as bd
 
-from mla_compiler.model_export.config import MLADims  # noqa: E402
+from mla_compiler.model_export.config import MLADims, preset  # noqa: E402
 from mla_compiler.schedules import attention_decode as dec  # noqa: E402
 from mla_compiler.schedules import attention_prefill as ap  # noqa: E402
 from mla_compiler.schedules.target import tvm_target  # noqa: E402
@@ -39,7 +39,7 @@ def _t(x: torch.Tensor):
 
 def prefill(kind: str, dims: MLADims, arch: str, n: int, sm_scale: float) -> None:
     factory = ap.absorbed_prefill if kind == "absorbed" else ap.decompressed_prefill
-    func = factory(dims, heads=dims.heads, dtype="float16", target=arch, sm_scale=sm_scale)
+    func = factory(dims, dtype="float16", target=arch, sm_scale=sm_scale)
     name = f"prefill_{kind}"
     lib = tvm.compile(
         tvm.IRModule({name: func.with_attr("global_symbol", name)}), target=tvm_target(arch)
@@ -65,13 +65,9 @@ def prefill(kind: str, dims: MLADims, arch: str, n: int, sm_scale: float) -> Non
 
 def decode(dims: MLADims, arch: str, batch: int, ctx: int, sm_scale: float) -> None:
     target = tvm_target(arch)
-    mod = dec.build(
-        dec.absorbed_decode(dims, heads=dims.heads, target=target, sm_scale=sm_scale), target
-    )
-    cfg = dec.default_config(target, dims, heads=dims.heads)
-    splits = dec.splits_for(
-        cfg, target, dims, heads=dims.heads, q_tokens=1, batch=batch, max_context=ctx
-    )
+    mod = dec.build(dec.absorbed_decode(dims, target=target, sm_scale=sm_scale), target)
+    cfg = dec.default_config(target, dims)
+    splits = dec.splits_for(cfg, target, dims, q_tokens=1, batch=batch, max_context=ctx)
     q, kv, indptr = bd.make_inputs(dims, batch, ctx, layers=1)
     calls, _, _ = bd.ours(mod, dims, q, kv, indptr, splits=splits)
     for _ in range(2):
@@ -86,7 +82,7 @@ def main() -> None:
     ap_.add_argument("--kinds", default="absorbed,decompressed")
     args = ap_.parse_args()
     arch = bd.gpu_arch()
-    dims = MLADims()
+    dims = preset("deepseek-v2-lite").dims
     for kind in filter(None, args.kinds.split(",")):
         scale = dims.qk_head_dim**-0.5
         prefill(kind, dims, arch, args.n, scale)

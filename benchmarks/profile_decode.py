@@ -13,6 +13,7 @@ read once + Q + O, as ``bench_decode.py`` does.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 
@@ -30,7 +31,7 @@ except ImportError:  # by file path, benchmarks/ on sys.path (tests/conftest.loa
     import bench_decode as bd
     import timing
 
-from mla_compiler.model_export.config import MLADims  # noqa: E402
+from mla_compiler.model_export.config import preset  # noqa: E402
 from mla_compiler.schedules import attention_decode as dec  # noqa: E402
 from mla_compiler.schedules.target import tvm_target  # noqa: E402
 
@@ -75,12 +76,12 @@ def main() -> None:
     target = tvm_target(arch)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    dims = MLADims(heads=bd.HEADS)
+    dims = dataclasses.replace(preset("deepseek-v2-lite").dims, heads=bd.HEADS)
     sm_scale = dims.qk_head_dim**-0.5
-    configs = dec.candidate_configs(target, dims, heads=bd.HEADS, q_tokens=1)[: args.configs]
+    configs = dec.candidate_configs(target, dims, q_tokens=1)[: args.configs]
     mods = {
         cfg: dec.build(
-            dec.absorbed_decode(dims, heads=bd.HEADS, target=target, config=cfg, sm_scale=sm_scale),
+            dec.absorbed_decode(dims, target=target, config=cfg, sm_scale=sm_scale),
             target,
         )
         for cfg in configs
@@ -95,7 +96,6 @@ def main() -> None:
                 cfg,
                 target,
                 dims,
-                heads=bd.HEADS,
                 q_tokens=1,
                 batch=batch,
                 max_context=ctx,

@@ -20,6 +20,7 @@ Per (batch, ctx), default config at the model's split count, the graph mode of
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 
@@ -40,7 +41,7 @@ except ImportError:  # by file path, benchmarks/ on sys.path (tests/conftest.loa
     import profile_decode as pdc
     import timing
 
-from mla_compiler.model_export.config import MLADims  # noqa: E402
+from mla_compiler.model_export.config import preset  # noqa: E402
 from mla_compiler.schedules import attention_decode as dec  # noqa: E402
 from mla_compiler.schedules.attention_decode_mma import PROBE_TILES, split_mma  # noqa: E402
 from mla_compiler.schedules.target import tvm_target  # noqa: E402
@@ -48,10 +49,10 @@ from mla_compiler.schedules.target import tvm_target  # noqa: E402
 
 def probe_module(dims, cfg, target, *, sm_scale: float):
     """decode_split built with ``probe=True`` next to the regular merge."""
-    k = dec.absorbed_decode(dims, heads=bd.HEADS, target=target, config=cfg, sm_scale=sm_scale)
-    split = split_mma(
-        dims, heads=bd.HEADS, q_tokens=1, config=cfg, sm_scale=sm_scale, probe=True
-    ).with_attr("global_symbol", "decode_split")
+    k = dec.absorbed_decode(dims, target=target, config=cfg, sm_scale=sm_scale)
+    split = split_mma(dims, q_tokens=1, config=cfg, sm_scale=sm_scale, probe=True).with_attr(
+        "global_symbol", "decode_split"
+    )
     return dec.build(dec.DecodeKernels(split=split, merge=k.merge, config=cfg), target)
 
 
@@ -123,8 +124,8 @@ def main() -> None:
     target = tvm_target(arch)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
-    dims = MLADims(heads=bd.HEADS)
-    found = dec.candidate_configs(target, dims, heads=bd.HEADS, q_tokens=1)
+    dims = dataclasses.replace(preset("deepseek-v2-lite").dims, heads=bd.HEADS)
+    found = dec.candidate_configs(target, dims, q_tokens=1)
     configs = bd.select_configs(found, args.only, arch=arch, first=1)
     rows = []
     for cfg in configs:
@@ -138,7 +139,7 @@ def timelines(cfg, target, dims, args, *, sms: int, l2: int) -> list[dict]:
     """One row per shape of ``args.shapes`` for ``cfg`` (printed as it lands)."""
     sm_scale = dims.qk_head_dim**-0.5
     mod = dec.build(
-        dec.absorbed_decode(dims, heads=bd.HEADS, target=target, config=cfg, sm_scale=sm_scale),
+        dec.absorbed_decode(dims, target=target, config=cfg, sm_scale=sm_scale),
         target,
     )
     pmod = probe_module(dims, cfg, target, sm_scale=sm_scale)
@@ -148,7 +149,7 @@ def timelines(cfg, target, dims, args, *, sms: int, l2: int) -> list[dict]:
         q, kv, indptr = bd.make_inputs(dims, batch, ctx, layers=layers)
         nbytes = bd.call_bytes(dims, batch=batch, ctx=ctx)
         splits = dec.splits_for(
-            cfg, target, dims, heads=bd.HEADS, q_tokens=1, batch=batch, max_context=ctx,
+            cfg, target, dims, q_tokens=1, batch=batch, max_context=ctx,
             sm_count=sms,
         )  # fmt: skip
         row = {"batch": batch, "ctx": ctx, "splits": splits, "config": bd.config_name(cfg)}
@@ -156,7 +157,7 @@ def timelines(cfg, target, dims, args, *, sms: int, l2: int) -> list[dict]:
         graph = timing.capture_graph(calls)
         row["cupti"] = pdc.summarize(pdc.kernel_spans(graph, replays=args.replays), nbytes=nbytes)
         del graph
-        ws = dec.workspace_shapes(dims, batch=batch, heads=bd.HEADS, q_tokens=1, num_splits=splits)
+        ws = dec.workspace_shapes(dims, batch=batch, q_tokens=1, num_splits=splits)
         o_part = torch.zeros(ws["o_part"], device="cuda")  # [S, B, 1, H, 512]
         lse_part = torch.zeros(ws["lse_part"], device="cuda")
         graph = timing.capture_graph(layer_calls(mod, q, kv, indptr, o_part, lse_part, merge=False))

@@ -71,13 +71,13 @@ def moe_shape_key(*, num_experts: int, top_k: int, hidden: int, inter: int, toke
 def config_type(kernel: str) -> type:
     """The config class of a tuned kernel family (what its database records hold)."""
     if kernel == "attn_decode":
-        from mla_compiler.schedules.attention_decode import Config
+        from mla_compiler.schedules.attention_decode import DecodeConfig
 
-        return Config
+        return DecodeConfig
     if kernel in ("attn_prefill_absorbed", "attn_prefill_decompressed"):
-        from mla_compiler.schedules.attention_prefill import MMAConfig
+        from mla_compiler.schedules.attention_prefill import PrefillConfig
 
-        return MMAConfig
+        return PrefillConfig
     if kernel in ("gemm_prefill", "moe_grouped"):
         from mla_compiler.schedules.gemm_wgmma import WgmmaConfig
 
@@ -156,7 +156,7 @@ def decode_config(choice: KernelChoice, target, dims: MLADims):
     """The split-KV decode config: tuned for the nearest context, else the target's default."""
     from mla_compiler.schedules import attention_decode as ad
 
-    default = ad.default_config(target, dims, heads=dims.heads, q_tokens=1)
+    default = ad.default_config(target, dims, q_tokens=1)
     key = decode_shape_key(dims, choice.max_context)
     return config_for(choice.db, "attn_decode", target, key, default, log=choice.log)
 

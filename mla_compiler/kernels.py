@@ -33,7 +33,6 @@ def select(op: str, *, dims: MLADims, target: tvm.target.Target, **kw) -> tvm.ti
     if op == "attn_absorbed":
         return attention_simple.simple_attention(
             dims,
-            heads=dims.heads,
             dtype=kw["dtype"],
             kv_dtype=kw["kv_dtype"],
             target=target,
@@ -43,7 +42,6 @@ def select(op: str, *, dims: MLADims, target: tvm.target.Target, **kw) -> tvm.ti
     if op == "attn_decompressed":
         return attention_simple.simple_attention(
             dims,
-            heads=dims.heads,
             dtype=kw["dtype"],
             target=target,
             variant="decompressed",
@@ -70,7 +68,6 @@ def decode_kernels(
             return None
         dk = ad.absorbed_decode(
             dims,
-            heads=dims.heads,
             dtype=dtype,
             target=target,
             config=config,
@@ -79,9 +76,7 @@ def decode_kernels(
         )
     except TargetError:
         return None
-    splits = ad.splits_for(
-        config, target, dims, heads=dims.heads, q_tokens=1, batch=1, max_context=max_context
-    )
+    splits = ad.splits_for(config, target, dims, q_tokens=1, batch=1, max_context=max_context)
     return dk, splits
 
 
@@ -113,7 +108,6 @@ def prefill_kernel(
             short = kernel_configs.prefill_short_config(op, target, dims)
         return factory(
             dims,
-            heads=dims.heads,
             dtype=dtype,
             target=target,
             config=config,

@@ -113,7 +113,7 @@ def register(kernel: TunableKernel) -> TunableKernel:
 def _decode_space(target, dims: MLADims) -> list:
     from mla_compiler.schedules import attention_decode as ad
 
-    return ad.candidate_configs(target, dims, heads=dims.heads, q_tokens=1)
+    return ad.candidate_configs(target, dims, q_tokens=1)
 
 
 def _decode_shapes(model: ModelConfig, target, config) -> list[Shape]:
@@ -122,9 +122,7 @@ def _decode_shapes(model: ModelConfig, target, config) -> list[Shape]:
     dims = model.dims
     out = []
     for ctx in DECODE_CONTEXTS:
-        splits = ad.splits_for(
-            config, target, dims, heads=dims.heads, q_tokens=1, batch=1, max_context=ctx
-        )
+        splits = ad.splits_for(config, target, dims, q_tokens=1, batch=1, max_context=ctx)
         params = {"batch": 1, "ctx": ctx, "splits": splits}
         out.append(Shape(decode_shape_key(dims, ctx), params))
     return out
@@ -134,9 +132,7 @@ def _decode_build(config, target, model: ModelConfig) -> tvm.IRModule:
     from mla_compiler.schedules import attention_decode as ad
 
     dims = model.dims
-    k = ad.absorbed_decode(
-        dims, heads=dims.heads, target=target, config=config, sm_scale=model.softmax_scale
-    )
+    k = ad.absorbed_decode(dims, target=target, config=config, sm_scale=model.softmax_scale)
     return tvm.IRModule({"decode_split": k.split, "decode_merge": k.merge})
 
 
@@ -153,7 +149,6 @@ def _prefill_kernel(kind: str) -> TunableKernel:
         factory = ap.absorbed_prefill if kind == "absorbed" else ap.decompressed_prefill
         func = factory(
             model.dims,
-            heads=model.dims.heads,
             target=target,
             config=config,
             sm_scale=model.softmax_scale,

@@ -18,14 +18,15 @@ from mla_compiler.errors import ConfigError
 
 @dataclasses.dataclass(frozen=True)
 class MLADims:
-    """Multi-head latent attention dimensions (DeepSeek-V2-Lite defaults)."""
+    """Multi-head latent attention dimensions of a model; every field required (a model's own
+    dims, never a default: ``preset("deepseek-v2-lite").dims`` for V2-Lite)."""
 
-    heads: int = 16
-    kv_lora_rank: int = 512  # compressed KV width: the latent row and V of absorbed attention
-    qk_nope_head_dim: int = 128
-    qk_rope_head_dim: int = 64
-    v_head_dim: int = 128
-    q_lora_rank: int | None = None  # None: q_proj is one dense matrix (V2-Lite)
+    heads: int
+    kv_lora_rank: int  # compressed KV width: the latent row and V of absorbed attention
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None  # None: q_proj is one dense matrix (V2-Lite)
 
     @property
     def latent_dim(self) -> int:
@@ -531,7 +532,14 @@ _V2_LITE = dict(
     n_shared_experts=2,
     num_experts_per_tok=6,
     first_k_dense_replace=1,
-    dims=MLADims(),
+    dims=MLADims(
+        heads=16,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        q_lora_rank=None,
+    ),
     rope=RopeConfig(
         theta=10000.0,
         kind="yarn",
@@ -572,7 +580,12 @@ PRESETS: dict[str, ModelConfig] = {
         num_experts_per_tok=2,
         first_k_dense_replace=1,
         dims=MLADims(
-            heads=4, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32
+            heads=4,
+            kv_lora_rank=64,
+            qk_nope_head_dim=32,
+            qk_rope_head_dim=32,
+            v_head_dim=32,
+            q_lora_rank=None,
         ),
         rope=_V2_LITE["rope"],
         max_position_embeddings=4096,
@@ -592,7 +605,7 @@ PRESETS: dict[str, ModelConfig] = {
         n_shared_experts=1,
         num_experts_per_tok=2,
         first_k_dense_replace=1,
-        dims=MLADims(),
+        dims=_V2_LITE["dims"],
         rope=_V2_LITE["rope"],
         max_position_embeddings=16384,
         bos_token_id=1,

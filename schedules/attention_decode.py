@@ -19,7 +19,7 @@ V is the first ``kv_lora_rank`` columns of the same rows, read from the same sha
 
 On CUDA the split kernel uses mma.sync m16n8k16 (ldmatrix operands, ldmatrix.trans for V) and a
 cp.async multi-stage pipeline of 16-byte copies (``attention_decode_mma.py``). On ``llvm`` (and as
-the simple CUDA fallback, ``Config(tensor_cores=False)``) it is a plain two-pass loop nest.
+the simple CUDA fallback, ``DecodeConfig(tensor_cores=False)``) it is a plain two-pass loop nest.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ MAX_Q_TOKENS = 4
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class DecodeConfig:
     """Schedule knobs of the split kernel.
 
     ``block_n`` cache rows per pipeline tile; ``stages`` tiles in flight (cp.async groups);
@@ -98,10 +98,10 @@ class DecodeKernels:
 
     split: tvm.tirx.PrimFunc
     merge: tvm.tirx.PrimFunc
-    config: Config
+    config: DecodeConfig
 
 
-CPU_CONFIG = Config(block_n=64, stages=1, warps_n=1, tensor_cores=False)
+CPU_CONFIG = DecodeConfig(block_n=64, stages=1, warps_n=1, tensor_cores=False)
 
 
 def m_tiles(heads: int, q_tokens: int) -> int:
@@ -109,9 +109,9 @@ def m_tiles(heads: int, q_tokens: int) -> int:
     return -(-heads * q_tokens // 16)
 
 
-def shared_bytes(config: Config, dims: MLADims, *, heads: int, q_tokens: int) -> int:
+def shared_bytes(config: DecodeConfig, dims: MLADims, *, q_tokens: int) -> int:
     """Dynamic shared memory of the tensor-core split kernel (rows padded by 8 halves)."""
-    rows = 16 * m_tiles(heads, q_tokens)
+    rows = 16 * m_tiles(dims.heads, q_tokens)
     row = (dims.latent_dim + 8) * 2
     kv = config.stages * config.block_n * row
     q = rows * (q_tail_columns(dims, config) + 8) * 2  # Q, or its tail (staged in the ring)
@@ -120,16 +120,14 @@ def shared_bytes(config: Config, dims: MLADims, *, heads: int, q_tokens: int) ->
     return kv + q + p + red
 
 
-def keep(
-    config: Config, target: tvm.target.Target, dims: MLADims, *, heads: int, q_tokens: int
-) -> bool:
+def keep(config: DecodeConfig, target: tvm.target.Target, dims: MLADims, *, q_tokens: int) -> bool:
     """Whether ``config`` builds a valid kernel on ``target`` (tile shapes, smem, threads)."""
     if not config.tensor_cores:
         return True
     if not is_gpu(target):
         return False
     spec = gpu_spec(target)
-    warps = config.warps_n * m_tiles(heads, q_tokens)
+    warps = config.warps_n * m_tiles(dims.heads, q_tokens)
     if config.pdl and not spec.has_pdl:
         return False
     if config.tma and not (spec.has_tma and config.block_n % 32 == 0 and dims.latent_dim % 8 == 0):
@@ -140,7 +138,7 @@ def keep(
         need = q_regs + acc + 96
         if need > register_cap(warps, spec.registers_per_sm):
             return False
-    if stages_q_in_ring(config) and 16 * m_tiles(heads, q_tokens) > config.block_n:
+    if stages_q_in_ring(config) and 16 * m_tiles(dims.heads, q_tokens) > config.block_n:
         return False  # Q is staged in one ring slot
     return (
         config.block_n % (8 * config.warps_n) == 0
@@ -148,40 +146,40 @@ def keep(
         and dims.latent_dim % 16 == 0
         and 1 <= config.stages <= (5 if config.tma else 4)
         and warps * 32 <= 1024
-        and shared_bytes(config, dims, heads=heads, q_tokens=q_tokens)
-        <= spec.max_shared_bytes_per_block
+        and shared_bytes(config, dims, q_tokens=q_tokens) <= spec.max_shared_bytes_per_block
     )
 
 
 # Preferred first, per arch, in measured order (benchmarks/NOTES_decode.md); the rest of the
 # space follows, most rows in flight first.
-PREFERRED: dict[str, tuple[Config, ...]] = {
+PREFERRED: dict[str, tuple[DecodeConfig, ...]] = {
     "sm_90a": (
-        Config(block_n=64, stages=2, warps_n=8, q_regs=True, pdl=True),
-        Config(block_n=64, stages=2, warps_n=8, q_regs=True),
-        Config(block_n=64, stages=2, warps_n=8),  # 1 CTA/SM, 2 warps per SM sub-partition
-        Config(block_n=64, stages=2, warps_n=4, tma=True),
-        Config(block_n=32, stages=4, warps_n=4, tma=True),  # 3 tiles in flight during compute
-        Config(block_n=64, stages=2, warps_n=8, tma=True),
-        Config(block_n=32, stages=5, warps_n=4, tma=True),
-        Config(block_n=32, stages=2, warps_n=4),  # 95 KB: 2 CTAs/SM overlap each other's syncs
-        Config(block_n=64, stages=2, warps_n=4),
-        Config(block_n=32, stages=2, warps_n=2),
-        Config(block_n=32, stages=4, warps_n=4),
-        Config(block_n=32, stages=3, warps_n=2),
+        DecodeConfig(block_n=64, stages=2, warps_n=8, q_regs=True, pdl=True),
+        DecodeConfig(block_n=64, stages=2, warps_n=8, q_regs=True),
+        DecodeConfig(block_n=64, stages=2, warps_n=8),  # 1 CTA/SM, 2 warps per SM sub-partition
+        DecodeConfig(block_n=64, stages=2, warps_n=4, tma=True),
+        DecodeConfig(block_n=32, stages=4, warps_n=4, tma=True),  # 3 tiles in flight during compute
+        DecodeConfig(block_n=64, stages=2, warps_n=8, tma=True),
+        DecodeConfig(block_n=32, stages=5, warps_n=4, tma=True),
+        # 95 KB: 2 CTAs/SM overlap each other's syncs
+        DecodeConfig(block_n=32, stages=2, warps_n=4),
+        DecodeConfig(block_n=64, stages=2, warps_n=4),
+        DecodeConfig(block_n=32, stages=2, warps_n=2),
+        DecodeConfig(block_n=32, stages=4, warps_n=4),
+        DecodeConfig(block_n=32, stages=3, warps_n=2),
     ),
     "sm_89": (
-        Config(block_n=32, stages=2, warps_n=4),
-        Config(block_n=32, stages=2, warps_n=2),
-        Config(block_n=64, stages=1, warps_n=4),
+        DecodeConfig(block_n=32, stages=2, warps_n=4),
+        DecodeConfig(block_n=32, stages=2, warps_n=2),
+        DecodeConfig(block_n=64, stages=1, warps_n=4),
     ),
 }
 
 
-def candidate_configs(target, dims: MLADims, *, heads: int, q_tokens: int) -> list[Config]:
+def candidate_configs(target, dims: MLADims, *, q_tokens: int) -> list[DecodeConfig]:
     """Every tensor-core config ``keep`` accepts: ``PREFERRED`` first, then by rows in flight."""
     space = [
-        Config(block_n=block_n, stages=stages, warps_n=warps_n, tma=tma, q_regs=q_regs)
+        DecodeConfig(block_n=block_n, stages=stages, warps_n=warps_n, tma=tma, q_regs=q_regs)
         for block_n, stages, warps_n, tma, q_regs in itertools.product(
             (32, 64, 128), (1, 2, 3, 4, 5), (2, 4, 8, 16), (True, False), (False, True)
         )
@@ -189,10 +187,10 @@ def candidate_configs(target, dims: MLADims, *, heads: int, q_tokens: int) -> li
     space.sort(key=lambda c: (not c.tma, -(max(c.stages - 1, 0.5) * c.block_n), c.warps_n != 4))
     preferred = PREFERRED.get(str(target.attrs.get("arch", "")), ())
     ordered = list(preferred) + [c for c in space if c not in preferred]
-    return [c for c in ordered if keep(c, target, dims, heads=heads, q_tokens=q_tokens)]
+    return [c for c in ordered if keep(c, target, dims, q_tokens=q_tokens)]
 
 
-def default_config(target, dims: MLADims | None = None, *, heads: int = 16, q_tokens: int = 1):
+def default_config(target, dims: MLADims, *, q_tokens: int = 1):
     """sm_90a: 64-row tiles, 2 stages, 8 warps, cp.async, Q's fragments in registers (171 KB
     smem); sm_89 (99 KB): 32 rows, 2 stages, 4 warps, cp.async. The first of
     ``PREFERRED[arch]`` that ``keep`` accepts.
@@ -200,28 +198,26 @@ def default_config(target, dims: MLADims | None = None, *, heads: int = 16, q_to
     Where no tensor-core config fits (sm_89 with 4 query tokens: Q alone takes 75 KB of smem)
     this falls back to the simple loop kernel, which is correct but slow.
     """
-    dims = dims or MLADims(heads=heads)
     if not is_gpu(target):
         return CPU_CONFIG
-    found = candidate_configs(target, dims, heads=heads, q_tokens=q_tokens)
-    return found[0] if found else Config(tensor_cores=False)
+    found = candidate_configs(target, dims, q_tokens=q_tokens)
+    return found[0] if found else DecodeConfig(tensor_cores=False)
 
 
-def ctas_per_sm(config: Config, target, dims: MLADims, *, heads: int, q_tokens: int) -> int:
+def ctas_per_sm(config: DecodeConfig, target, dims: MLADims, *, q_tokens: int) -> int:
     """Split CTAs one SM holds at once, as shared memory allows (per-SM smem = per-block + 1 KB)."""
     if not config.tensor_cores:
         return 1
     per_sm = gpu_spec(target).max_shared_bytes_per_block + 1024
-    need = shared_bytes(config, dims, heads=heads, q_tokens=q_tokens) + 1024  # +1 KB reserved
+    need = shared_bytes(config, dims, q_tokens=q_tokens) + 1024  # +1 KB reserved
     return max(1, per_sm // need)
 
 
 def splits_for(
-    config: Config,
+    config: DecodeConfig,
     target,
     dims: MLADims,
     *,
-    heads: int,
     q_tokens: int,
     batch: int,
     max_context: int,
@@ -236,28 +232,27 @@ def splits_for(
         max_context,
         sm_count or gpu_spec(target).sm_count,
         block_n=config.block_n,
-        ctas_per_sm=ctas_per_sm(config, target, dims, heads=heads, q_tokens=q_tokens),
+        ctas_per_sm=ctas_per_sm(config, target, dims, q_tokens=q_tokens),
         min_split_rows=config.min_split_rows,
     )
 
 
 def workspace_shapes(
-    dims: MLADims, *, batch: int, heads: int, q_tokens: int, num_splits: int
+    dims: MLADims, *, batch: int, q_tokens: int, num_splits: int
 ) -> dict[str, tuple[int, ...]]:
     """Float32 workspace the split kernel writes: ``o_part`` and ``lse_part``."""
     return {
-        "o_part": (num_splits, batch, q_tokens, heads, dims.kv_lora_rank),
-        "lse_part": (num_splits, batch, q_tokens, heads),
+        "o_part": (num_splits, batch, q_tokens, dims.heads, dims.kv_lora_rank),
+        "lse_part": (num_splits, batch, q_tokens, dims.heads),
     }
 
 
 def absorbed_decode(
     dims: MLADims,
     *,
-    heads: int,
     dtype: str = "float16",
     target: tvm.target.Target,
-    config: Config | None = None,
+    config: DecodeConfig | None = None,
     sm_scale: float,
     q_tokens: int = 1,
 ) -> DecodeKernels:
@@ -277,25 +272,23 @@ def absorbed_decode(
         raise TargetError(f"decode dtype {dtype!r} is not supported: use float16 (the f16 cache)")
     gpu = is_gpu(target)
     if config is None:
-        config = default_config(target, dims, heads=heads, q_tokens=q_tokens)
-    if not keep(config, target, dims, heads=heads, q_tokens=q_tokens):
+        config = default_config(target, dims, q_tokens=q_tokens)
+    if not keep(config, target, dims, q_tokens=q_tokens):
         raise TargetError(f"decode config {config} does not fit target {target}")
     if config.tensor_cores:
-        split = split_mma(dims, heads=heads, q_tokens=q_tokens, config=config, sm_scale=sm_scale)
+        split = split_mma(dims, q_tokens=q_tokens, config=config, sm_scale=sm_scale)
     else:
-        split = _split_simple(
-            dims, heads=heads, q_tokens=q_tokens, config=config, sm_scale=sm_scale, gpu=gpu
-        )
+        split = _split_simple(dims, q_tokens=q_tokens, config=config, sm_scale=sm_scale, gpu=gpu)
     if gpu and dims.kv_lora_rank % 8 == 0:
-        merge = _merge_gpu(dims, heads=heads, q_tokens=q_tokens, dtype=dtype, config=config)
+        merge = _merge_gpu(dims, q_tokens=q_tokens, dtype=dtype, config=config)
     else:
-        merge = _merge(dims, heads=heads, q_tokens=q_tokens, dtype=dtype, config=config, gpu=gpu)
+        merge = _merge(dims, q_tokens=q_tokens, dtype=dtype, config=config, gpu=gpu)
     return DecodeKernels(split=split, merge=merge, config=config)
 
 
-def _split_simple(dims: MLADims, *, heads: int, q_tokens: int, config: Config, sm_scale, gpu: bool):
+def _split_simple(dims: MLADims, *, q_tokens: int, config: DecodeConfig, sm_scale, gpu: bool):
     """Two-pass loop kernel: one (split, sequence, query row) per CPU task / GPU thread."""
-    D, DV, H, Q = dims.latent_dim, dims.kv_lora_rank, heads, q_tokens
+    D, DV, H, Q = dims.latent_dim, dims.kv_lora_rank, dims.heads, q_tokens
     block_n, min_rows = config.block_n, config.min_split_rows
     R = H * Q
     scale = float(sm_scale)
@@ -382,7 +375,7 @@ def _split_simple(dims: MLADims, *, heads: int, q_tokens: int, config: Config, s
     return split
 
 
-def _merge(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: Config, gpu: bool):
+def _merge(dims: MLADims, *, q_tokens: int, dtype: str, config: DecodeConfig, gpu: bool):
     """o = sum_s exp(lse_s - lse) o_s with lse = logsumexp_s lse_s over the sequence's
     ``effective_splits``; empty splits weigh 0. Sequences of one used split are skipped (the
     split kernel wrote them).
@@ -391,7 +384,7 @@ def _merge(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: Conf
     ``16 x 512 / 64`` CTAs); each reads the split LSEs of its row (L1 hits) and one float32
     partial per split.
     """
-    DV, H, Q = dims.kv_lora_rank, heads, q_tokens
+    DV, H, Q = dims.kv_lora_rank, dims.heads, q_tokens
     CW = 64 if gpu and DV % 64 == 0 else DV  # columns per block
     NC = DV // CW
     block_n, min_rows = config.block_n, config.min_split_rows
@@ -452,7 +445,7 @@ def _merge(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: Conf
     return merge
 
 
-def _merge_gpu(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: Config):
+def _merge_gpu(dims: MLADims, *, q_tokens: int, dtype: str, config: DecodeConfig):
     """CUDA merge: one pass over the sequence's ``effective_splits``, memory-level parallel.
 
     ``SL = merge_split_lanes(S)`` lanes (1..32, a power of two, chosen at run time from the
@@ -463,7 +456,7 @@ def _merge_gpu(dims: MLADims, *, heads: int, q_tokens: int, dtype: str, config: 
     (b = 1 with 128 splits: 32 lanes; 32 sequences x 4 splits: 1 lane, no idle lanes). The SL
     lanes then combine (max, rescale, sum) with xor shuffles: no smem, no barrier.
     """
-    DV, H, Q = dims.kv_lora_rank, heads, q_tokens
+    DV, H, Q = dims.kv_lora_rank, dims.heads, q_tokens
     U, CG = 4, 8  # unroll, columns per lane
     GROUPS = DV // CG  # column groups per row
     THREADS = 128

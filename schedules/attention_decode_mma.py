@@ -408,18 +408,14 @@ def _probe_exit(G):
                 o_part[sid, b, 0, 0, i] = T.reinterpret("float32", stamp[i])
 
 
-def split_mma(
-    dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale: float, probe: bool = False
-):
+def split_mma(dims: MLADims, *, q_tokens: int, config, sm_scale: float, probe: bool = False):
     """The tensor-core split PrimFunc for ``config`` (already checked by ``keep``).
 
     ``probe`` (timing builds only, ``benchmarks/timeline_decode.py``): thread 0 of each CTA
     stamps its timeline and writes it over ``o_part[s, b, 0, 0, :12]`` (uint32 bits, wrong
     outputs): globaltimer at entry and end, clock64 at entry, end, and when each of the first
     ``PROBE_TILES`` tiles has landed and is done."""
-    G = SplitGeometry.of(
-        dims, heads=heads, q_tokens=q_tokens, config=config, sm_scale=sm_scale, probe=probe
-    )
+    G = SplitGeometry.of(dims, q_tokens=q_tokens, config=config, sm_scale=sm_scale, probe=probe)
     D, DV, H, Q = G.D, G.DV, G.H, G.Q
 
     @T.prim_func

@@ -55,12 +55,12 @@ class SplitGeometry:
     pdl: bool
 
     @classmethod
-    def of(cls, dims: MLADims, *, heads: int, q_tokens: int, config, sm_scale, probe: bool):
+    def of(cls, dims: MLADims, *, q_tokens: int, config, sm_scale, probe: bool):
         D = dims.latent_dim
         return cls(
             D=D,
             DV=dims.kv_lora_rank,
-            H=heads,
+            H=dims.heads,
             Q=q_tokens,
             BN=config.block_n,
             ST=config.stages,

@@ -39,13 +39,13 @@ LN2 = math.log(2.0)
 
 
 @dataclasses.dataclass(frozen=True)
-class CPUConfig:
+class PrefillCpuConfig:
     """llvm schedule: queries in parallel, KV rows in chunks of ``tile_kv`` per softmax update."""
 
     tile_kv: int = 32
 
 
-MMAConfig = _tiles.MMAConfig
+PrefillConfig = _tiles.PrefillConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,12 +72,12 @@ class _Layout:
         return self.rows_per_token * self.groups
 
 
-def _absorbed_layout(dims: MLADims, heads: int, sm_scale: float) -> _Layout:
+def _absorbed_layout(dims: MLADims, sm_scale: float) -> _Layout:
     d = dims.latent_dim
     return _Layout(
         dk=d,
         dv=dims.kv_lora_rank,
-        rows_per_token=heads,
+        rows_per_token=dims.heads,
         groups=1,
         k_stride=d,
         v_stride=d,
@@ -86,13 +86,13 @@ def _absorbed_layout(dims: MLADims, heads: int, sm_scale: float) -> _Layout:
     )
 
 
-def _decompressed_layout(dims: MLADims, heads: int, sm_scale: float) -> _Layout:
+def _decompressed_layout(dims: MLADims, sm_scale: float) -> _Layout:
     dk, dv = dims.qk_head_dim, dims.v_head_dim
     return _Layout(
         dk=dk,
         dv=dv,
         rows_per_token=1,
-        groups=heads,
+        groups=dims.heads,
         k_stride=dk,
         v_stride=dv,
         shared_kv=False,
@@ -116,12 +116,11 @@ def _target_of(target) -> tvm.target.Target:
 FULL_WAVES = 0.9  # wave_efficiency a prompt chunk's grid must reach for the fastest config
 
 
-def default_config(target, *, kind: str = "absorbed", dims: MLADims | None = None):
+def default_config(target, *, kind: str = "absorbed", dims: MLADims):
     """The config each target uses when none is given (first candidate that ``keep`` accepts)."""
     target = _target_of(target)
     if not is_gpu(target):
-        return CPUConfig()
-    dims = dims or MLADims()
+        return PrefillCpuConfig()
     for cfg in candidates(target, kind=kind, dims=dims):
         return cfg
     raise TargetError(f"no {kind} prefill config fits {gpu_spec(target).arch}")
@@ -136,7 +135,7 @@ def extend_config(target, *, kind: str, dims: MLADims, tokens: int):
     ``default_config``)."""
     target = _target_of(target)
     if not is_gpu(target):
-        return CPUConfig()
+        return PrefillCpuConfig()
     found = candidates(target, kind=kind, dims=dims)
     if not found:
         raise TargetError(f"no {kind} prefill config fits {gpu_spec(target).arch}")
@@ -185,17 +184,16 @@ def short_tokens(config, target, *, kind: str, dims: MLADims) -> int:
     return slots // layout.groups * config.tile_q // layout.rows_per_token
 
 
-def candidates(target, *, kind: str = "absorbed", dims: MLADims | None = None) -> list:
+def candidates(target, *, kind: str = "absorbed", dims: MLADims) -> list:
     """Configs worth tuning over on ``target``, best guess first, already pruned by ``keep``."""
     target = _target_of(target)
     if not is_gpu(target):
-        return [CPUConfig(t) for t in (32, 64, 16)]
-    dims = dims or MLADims()
+        return [PrefillCpuConfig(t) for t in (32, 64, 16)]
     arch = gpu_spec(target).arch
     # The first one that fits is the default; all free of spills under ptxas
     # (tests/test_attention_prefill.py). wgmma configs are pruned where the arch lacks it. The
     # order is what the GPU runs measured (benchmarks/NOTES.md).
-    mma, wg = MMAConfig, functools.partial(MMAConfig, wgmma=True)
+    mma, wg = PrefillConfig, functools.partial(PrefillConfig, wgmma=True)
     if kind == "absorbed" and arch == "sm_89":
         out = [mma(32, 16, 8, 3, split_s=False), mma(32, 16, 8, 2, split_s=False)]
     elif kind == "absorbed":
@@ -245,31 +243,29 @@ def candidates(target, *, kind: str = "absorbed", dims: MLADims | None = None) -
     return [c for c in out if keep(c, target, kind=kind, dims=dims)]
 
 
-def _layout_for(kind: str, dims: MLADims, heads: int | None = None) -> _Layout:
-    heads = heads or dims.heads
+def _layout_for(kind: str, dims: MLADims) -> _Layout:
     if kind == "absorbed":
-        return _absorbed_layout(dims, heads, 1.0)
+        return _absorbed_layout(dims, 1.0)
     if kind == "decompressed":
-        return _decompressed_layout(dims, heads, 1.0)
+        return _decompressed_layout(dims, 1.0)
     raise ValueError(f"unknown prefill kind {kind!r}: use 'absorbed' or 'decompressed'")
 
 
-def keep(config, target, *, kind: str = "absorbed", dims: MLADims | None = None) -> bool:
+def keep(config, target, *, kind: str = "absorbed", dims: MLADims) -> bool:
     """Whether ``config`` is valid on ``target``: tile shapes, registers, shared memory."""
     target = _target_of(target)
-    dims = dims or MLADims()
     if not is_gpu(target):
-        return isinstance(config, CPUConfig) and config.tile_kv > 0
-    if not isinstance(config, MMAConfig):
+        return isinstance(config, PrefillCpuConfig) and config.tile_kv > 0
+    if not isinstance(config, PrefillConfig):
         return False
     layout = _layout_for(kind, dims)
     spec = gpu_spec(target)
     return _tiles.fits(config, layout, spec.max_shared_bytes_per_block, has_wgmma=spec.has_wgmma)
 
 
-def shared_bytes(config: MMAConfig, *, kind: str = "absorbed", dims: MLADims | None = None) -> int:
+def shared_bytes(config: PrefillConfig, *, kind: str = "absorbed", dims: MLADims) -> int:
     """Dynamic shared memory one block of the CUDA kernel allocates."""
-    return _tiles.shared_bytes(config, _layout_for(kind, dims or MLADims()))
+    return _tiles.shared_bytes(config, _layout_for(kind, dims))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,7 +399,6 @@ def _dispatch(
 def absorbed_prefill(
     dims: MLADims,
     *,
-    heads: int,
     dtype: str = "float16",
     target,
     config=None,
@@ -420,11 +415,11 @@ def absorbed_prefill(
     chunk after a prompt's first); ``short_config`` as for ``decompressed_prefill``. The host
     picks one per call.
     """
-    layout = _absorbed_layout(dims, heads, sm_scale)
+    layout = _absorbed_layout(dims, sm_scale)
     body, static, static_x, static_s, short_t = _bodies(
         target, config, extend_config, short_config, layout, kind="absorbed", dims=dims, dtype=dtype
     )
-    dl, dv, h = dims.latent_dim, dims.kv_lora_rank, heads
+    dl, dv, h = dims.latent_dim, dims.kv_lora_rank, dims.heads
     kernels = (static, static_x, static_s)
 
     @T.prim_func
@@ -463,7 +458,6 @@ def absorbed_prefill(
 def decompressed_prefill(
     dims: MLADims,
     *,
-    heads: int,
     dtype: str = "float16",
     target,
     config=None,
@@ -476,7 +470,7 @@ def decompressed_prefill(
     With ``extend_config`` (CUDA) a second kernel built with it runs for calls with more KV rows
     than queries (``N > T``: a chunk after a prompt's first); the host picks one per call.
     """
-    layout = _decompressed_layout(dims, heads, sm_scale)
+    layout = _decompressed_layout(dims, sm_scale)
     body, static, static_x, static_s, short_t = _bodies(
         target,
         config,
@@ -487,7 +481,7 @@ def decompressed_prefill(
         dims=dims,
         dtype=dtype,
     )
-    dk, dv, h = dims.qk_head_dim, dims.v_head_dim, heads
+    dk, dv, h = dims.qk_head_dim, dims.v_head_dim, dims.heads
     kernels = (static, static_x, static_s)
 
     @T.prim_func

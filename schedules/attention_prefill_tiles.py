@@ -1,6 +1,6 @@
 """Tile configs of the CUDA prefill kernels and every compile-time constant derived from them.
 
-``MMAConfig`` is what tuning searches and artifacts record; ``Geometry`` is the config resolved
+``PrefillConfig`` is what tuning searches and artifacts record; ``Geometry`` is the config resolved
 against a layout (head dims, whether V is part of the K rows): thread counts, warp grid,
 shared-memory offsets, register estimate. ``fits`` prunes configs a target cannot run.
 """
@@ -18,7 +18,7 @@ _PIPELINE_REGISTERS = 90
 
 
 @dataclasses.dataclass(frozen=True)
-class MMAConfig:
+class PrefillConfig:
     """CUDA tile shape: ``tile_q`` query rows per block, ``tile_kv`` KV rows per pipeline step."""
 
     tile_q: int
@@ -249,7 +249,7 @@ class Geometry:
         return self.dv_w // 2 + self.s_cols // 2 + p
 
 
-def geometry(config: MMAConfig, layout) -> Geometry:
+def geometry(config: PrefillConfig, layout) -> Geometry:
     return Geometry(
         dk=layout.dk,
         dv=layout.dv,
@@ -270,11 +270,11 @@ def geometry(config: MMAConfig, layout) -> Geometry:
     )
 
 
-def shared_bytes(config: MMAConfig, layout) -> int:
+def shared_bytes(config: PrefillConfig, layout) -> int:
     return geometry(config, layout).smem_halfs * 2
 
 
-def fits(config: MMAConfig, layout, smem_limit: int, *, has_wgmma: bool = False) -> bool:
+def fits(config: PrefillConfig, layout, smem_limit: int, *, has_wgmma: bool = False) -> bool:
     """Tile shape valid for the MMA layout, registers bounded, shared memory within the limit."""
     c = config
     if c.tile_q % 16 or c.tile_kv % 16 or c.stages < 2 or not 0 < c.warps <= 16:

@@ -33,7 +33,6 @@ def _dense_at(buf, j, h, d):
 def simple_attention(
     dims: MLADims,
     *,
-    heads: int,
     dtype: str,
     target: tvm.target.Target,
     variant: str,
@@ -48,6 +47,7 @@ def simple_attention(
     kv_dtype = kv_dtype or dtype
     dk = dims.latent_dim if absorbed else dims.qk_head_dim
     dv = dims.kv_lora_rank if absorbed else dims.v_head_dim
+    heads = dims.heads
     neg_inf = T.float32(-3.0e38)
 
     @T.macro

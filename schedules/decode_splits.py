@@ -14,7 +14,8 @@ import math
 import tvm
 from tvm.script import tirx as T
 
-MIN_SPLIT_ROWS = 64  # default Config.min_split_rows (why: attention_decode.Config's docstring)
+# default DecodeConfig.min_split_rows (why: attention_decode.DecodeConfig's docstring)
+MIN_SPLIT_ROWS = 64
 
 
 def _is_expr(*xs) -> bool:

@@ -8,7 +8,7 @@
 - CUDA, static M <= 16: the same tensor-core schedule with a small-M config
   (``SMALL_M_CONFIGS``: one 16-row tile, 4 warps along N, block_k 128-256, 4-6 stages: the
   product is memory-bound, so many weight bytes in flight). The FMA GEMV schedule (each warp
-  reduces one weight row for all M tokens) stays available as ``config=GemvConfig(...)``.
+  reduces one weight row for all M tokens) stays available as ``config=FmaGemvConfig(...)``.
 - ``llvm``: a simple parallel/vectorized schedule for CPU tests.
 
 Options: ``out_dtype`` (e.g. f32 router logits from f16 operands), ``batch`` (per-head products
@@ -42,7 +42,7 @@ GEMV_MAX_M = 16
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class GemmConfig:
     """Tensor-core tile config: block tile = (warps_m * warp_m) x (warps_n * warp_n) x block_k."""
 
     warps_m: int = 2
@@ -72,7 +72,7 @@ class Config:
 
 
 @dataclasses.dataclass(frozen=True)
-class GemvConfig:
+class FmaGemvConfig:
     """Memory-bound schedule for static M <= 16: a block owns ``rows`` weight rows; each of its
     ``warps`` warps reduces ``rows // warps`` of them (lanes split K, ``vec`` halves per load)."""
 
@@ -81,15 +81,15 @@ class GemvConfig:
     vec: int = 8
 
 
-SILU_GEMV = GemvConfig(rows=2 * SWIGLU_GROUP, warps=8)
+SILU_GEMV = FmaGemvConfig(rows=2 * SWIGLU_GROUP, warps=8)
 
 
 @dataclasses.dataclass(frozen=True)
-class CpuConfig:
+class GemmCpuConfig:
     tile_n: int = 16
 
 
-def keep(config: Config, target: tvm.target.Target) -> bool:
+def keep(config: GemmConfig, target: tvm.target.Target) -> bool:
     """Whether a tensor-core config fits the target (shared memory, threads, tile divisibility)."""
     spec = gpu_spec(target)
     ok_tiles = config.warp_m % 16 == 0 and config.warp_n % 16 == 0 and config.block_k % 16 == 0
@@ -106,42 +106,42 @@ def keep(config: Config, target: tvm.target.Target) -> bool:
     )
 
 
-CONFIGS: dict[str, tuple[Config, ...]] = {
+CONFIGS: dict[str, tuple[GemmConfig, ...]] = {
     # sm_89: 99 KB shared; 128x128x32, 3 stages = 30 KB pipeline + 66 KB f32 staging
     "sm_89": (
-        Config(warps_m=2, warps_n=2, warp_m=64, warp_n=64, block_k=32, stages=3),
-        Config(warps_m=2, warps_n=4, warp_m=64, warp_n=32, block_k=32, stages=4),
-        Config(warps_m=2, warps_n=2, warp_m=32, warp_n=64, block_k=32, stages=4),
+        GemmConfig(warps_m=2, warps_n=2, warp_m=64, warp_n=64, block_k=32, stages=3),
+        GemmConfig(warps_m=2, warps_n=4, warp_m=64, warp_n=32, block_k=32, stages=4),
+        GemmConfig(warps_m=2, warps_n=2, warp_m=32, warp_n=64, block_k=32, stages=4),
     ),
     # sm_90a: 227 KB shared; deeper pipelines and 128x256 tiles fit
     "sm_90a": (
-        Config(warps_m=2, warps_n=4, warp_m=64, warp_n=64, block_k=32, stages=4),
-        Config(warps_m=2, warps_n=2, warp_m=64, warp_n=64, block_k=32, stages=4),
-        Config(warps_m=2, warps_n=2, warp_m=64, warp_n=64, block_k=64, stages=3),
-        Config(warps_m=4, warps_n=2, warp_m=64, warp_n=64, block_k=32, stages=4),
-        Config(warps_m=2, warps_n=4, warp_m=64, warp_n=64, block_k=64, stages=3),
+        GemmConfig(warps_m=2, warps_n=4, warp_m=64, warp_n=64, block_k=32, stages=4),
+        GemmConfig(warps_m=2, warps_n=2, warp_m=64, warp_n=64, block_k=32, stages=4),
+        GemmConfig(warps_m=2, warps_n=2, warp_m=64, warp_n=64, block_k=64, stages=3),
+        GemmConfig(warps_m=4, warps_n=2, warp_m=64, warp_n=64, block_k=32, stages=4),
+        GemmConfig(warps_m=2, warps_n=4, warp_m=64, warp_n=64, block_k=64, stages=3),
     ),
 }
 
 
 # Static M <= 16 (decode): one 16-row mma tile, warps along N, a deep cp.async pipeline with a
 # large block_k so that enough weight bytes are in flight (the product is memory-bound).
-SMALL_M_CONFIGS: dict[str, tuple[Config, ...]] = {
+SMALL_M_CONFIGS: dict[str, tuple[GemmConfig, ...]] = {
     # 4 stages x (16 + 64) x 128 halfs = 85 KB
     "sm_89": (
-        Config(warps_m=1, warps_n=4, warp_m=16, warp_n=16, block_k=128, stages=4),
-        Config(warps_m=1, warps_n=4, warp_m=16, warp_n=16, block_k=64, stages=6),
+        GemmConfig(warps_m=1, warps_n=4, warp_m=16, warp_n=16, block_k=128, stages=4),
+        GemmConfig(warps_m=1, warps_n=4, warp_m=16, warp_n=16, block_k=64, stages=6),
     ),
     # 6 stages x (16 + 64) x 128 halfs = 128 KB
     "sm_90a": (
-        Config(warps_m=1, warps_n=4, warp_m=16, warp_n=16, block_k=128, stages=6),
-        Config(warps_m=1, warps_n=4, warp_m=16, warp_n=16, block_k=256, stages=4),
-        Config(warps_m=1, warps_n=4, warp_m=16, warp_n=32, block_k=128, stages=4),
+        GemmConfig(warps_m=1, warps_n=4, warp_m=16, warp_n=16, block_k=128, stages=6),
+        GemmConfig(warps_m=1, warps_n=4, warp_m=16, warp_n=16, block_k=256, stages=4),
+        GemmConfig(warps_m=1, warps_n=4, warp_m=16, warp_n=32, block_k=128, stages=4),
     ),
 }
 
 
-def default_config(target: tvm.target.Target, m=None) -> Config:
+def default_config(target: tvm.target.Target, m=None) -> GemmConfig:
     """The first kept config of the target: ``SMALL_M_CONFIGS`` for a static ``m <= 16``."""
     arch = str(target.attrs.get("arch", ""))
     table = SMALL_M_CONFIGS if isinstance(m, int) and m <= GEMV_MAX_M else CONFIGS
@@ -381,7 +381,7 @@ def _register_bf16_intrinsics() -> None:
 
 def schedule_mma(
     sch: s_tir.Schedule,
-    cfg: Config,
+    cfg: GemmConfig,
     *,
     batched: bool = False,
     heads: bool = False,
@@ -520,7 +520,7 @@ def schedule_mma(
     sch.bind(f1, "threadIdx.y")
 
 
-def schedule_gemv(sch: s_tir.Schedule, cfg: GemvConfig, *, epilogue: str | None = None) -> None:
+def schedule_gemv(sch: s_tir.Schedule, cfg: FmaGemvConfig, *, epilogue: str | None = None) -> None:
     """GEMV schedule of block ``gemm`` (static, small M): weight rows read once, f32 partials
     per lane, a warp all-reduce per row into a shared row tile, then the epilogue."""
     block = sch.get_sblock("gemm")
@@ -563,7 +563,7 @@ def schedule_gemv(sch: s_tir.Schedule, cfg: GemvConfig, *, epilogue: str | None 
     sch.bind(f2, "threadIdx.x")
 
 
-def schedule_cpu(sch: s_tir.Schedule, cfg: CpuConfig) -> None:
+def schedule_cpu(sch: s_tir.Schedule, cfg: GemmCpuConfig) -> None:
     """Plain CPU schedule: rows in parallel, the epilogue fused per row, inner K vectorized."""
     block = sch.get_sblock("gemm")
     epi = sch.get_sblock("epilogue")
@@ -580,7 +580,7 @@ def gemm(
     *,
     dtype: str = "float16",
     target: tvm.target.Target,
-    config: Config | GemvConfig | CpuConfig | gemv_mma.Config | None = None,
+    config: GemmConfig | FmaGemvConfig | GemmCpuConfig | gemv_mma.GemvMmaConfig | None = None,
     epilogue: str | None = None,
     out_dtype: str | None = None,
     batch: int | None = None,
@@ -592,9 +592,10 @@ def gemm(
     dtype (default ``dtype``; e.g. float32 router logits from f16 inputs). ``batch``: per-head
     products ``Y[m, b, :] = X[m, b, :] @ W[b]^T`` (see :func:`gemm_workload`).
 
-    On CUDA, a static ``m <= 8`` takes ``gemv_mma.dense`` (or a given ``gemv_mma.Config``), a
-    static ``m <= 16`` the small-M tensor-core config of the target (or a given :class:`Config`),
-    unless a :class:`GemvConfig` (the FMA GEMV schedule) is given. On sm_90a a symbolic or
+    On CUDA, a static ``m <= 8`` takes ``gemv_mma.dense`` (or a given
+    ``gemv_mma.GemvMmaConfig``), a static ``m <= 16`` the small-M tensor-core config of the target
+    (or a given :class:`GemmConfig`), unless a :class:`FmaGemvConfig` (the FMA GEMV schedule) is
+    given. On sm_90a a symbolic or
     > 64-row ``m`` takes ``gemm_wgmma`` with ``config`` (a ``WgmmaConfig``) or, given none,
     :func:`wgmma_default`.
     """
@@ -616,7 +617,7 @@ def gemm(
             "global_symbol", kernel_name(m, n, k, epilogue=epilogue, out_dtype=out_dtype)
         )
     mma_gemv = is_gpu(target) and gemv_mma.applies(m, k, dtype=dtype) and config is None
-    if mma_gemv or isinstance(config, gemv_mma.Config):
+    if mma_gemv or isinstance(config, gemv_mma.GemvMmaConfig):
         # decode, <= 8 tokens: weight rows as the mma's A operand straight from DRAM
         func = gemv_mma.dense(
             m, n, k, dtype=dtype, target=target, config=config, epilogue=epilogue,
@@ -627,14 +628,14 @@ def gemm(
             kernel_name(m, n, k, epilogue=epilogue, out_dtype=out_dtype, batch=batch),
         )
     small = isinstance(m, int) and m <= GEMV_MAX_M
-    gemv = is_gpu(target) and isinstance(config, GemvConfig)
+    gemv = is_gpu(target) and isinstance(config, FmaGemvConfig)
     # tensor cores pad M to the 16-row tile: the small-M kernel is the symbolic-M kernel
     # (predicated loads and stores), specialised only by its config
     wm = None if small and is_gpu(target) and not gemv else m
     func = gemm_workload(wm, n, k, dtype=dtype, epilogue=epilogue, out_dtype=out_dtype, batch=batch)
     sch = s_tir.Schedule(func)
     if not is_gpu(target):
-        schedule_cpu(sch, config or CpuConfig())
+        schedule_cpu(sch, config or GemmCpuConfig())
     elif gemv:
         if batch is not None or not small:
             raise ValueError("the GEMV schedule serves static M <= 16 without a batch axis")
@@ -678,9 +679,9 @@ def wgmma_default(m, n: int, k: int, *, target, epilogue, batch):
     return cfg if W.applies(n, k, target=target, config=cfg) else None
 
 
-def gemv_config(epilogue: str | None = None) -> GemvConfig:
+def gemv_config(epilogue: str | None = None) -> FmaGemvConfig:
     """The FMA GEMV config (kept for comparison with the small-M tensor-core schedule)."""
-    return SILU_GEMV if epilogue == "silu_mul" else GemvConfig()
+    return SILU_GEMV if epilogue == "silu_mul" else FmaGemvConfig()
 
 
 def kernel_name(m, n: int, k: int, *, epilogue=None, out_dtype=None, batch=None) -> str:

@@ -40,7 +40,7 @@ _MMA_TYPE = {"float16": "fp16", "bfloat16": "bf16"}
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class GemvMmaConfig:
     """``tiles`` 16-row mma tiles per block (all warps share them), ``warps`` warps along K,
     ``unroll`` 32-wide k steps loaded before their mmas."""
 
@@ -51,7 +51,7 @@ class Config:
 
 def default_config(
     *, rows: int, k: int, items: int, epilogue=None, target=None, slots: int = 1
-) -> Config:
+) -> GemvMmaConfig:
     """Many K-warps with a short unroll beat deep unrolls (``benchmarks/sweep_gemv.py`` over
     every V2-Lite decode product, ``benchmarks/NOTES_gemm.md``): 16 warps (``slots`` x warps
     <= 24 for the MoE down GEMV), 32 for SiLU·up (2 tiles: 16 gate + 16 up rows) and for grids
@@ -65,7 +65,7 @@ def default_config(
     steps, warps = -(-k // 32), 1
     while 2 * warps <= cap and 2 * warps * slots <= max(24, cap) and 2 * warps * unroll <= steps:
         warps *= 2
-    return Config(tiles=tiles, warps=warps, unroll=unroll)
+    return GemvMmaConfig(tiles=tiles, warps=warps, unroll=unroll)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,7 +225,7 @@ def kwarp_of(warp, *, warps: int):
     return warp % warps
 
 
-def candidates(*, rows: int, k: int, epilogue=None, slots: int = 1) -> list[Config]:
+def candidates(*, rows: int, k: int, epilogue=None, slots: int = 1) -> list[GemvMmaConfig]:
     """The config space searched by ``benchmarks/sweep_gemv.py``: tiles 1-2 (SiLU·up 2-4),
     unroll 2-16 with at most 32 loads in flight per thread, 1-32 K-warps (``slots`` x warps
     <= 32 per block), no more loads in flight per block than registers hold, every warp with
@@ -238,7 +238,7 @@ def candidates(*, rows: int, k: int, epilogue=None, slots: int = 1) -> list[Conf
                 # past ~256 loads x warps per block ptxas spills (register file of 64K)
                 fits = loads <= 32 and warps * slots <= 32 and loads * warps * slots <= 256
                 if fits and 2 * steps >= warps * unroll:
-                    out.append(Config(tiles=tiles, warps=warps, unroll=unroll))
+                    out.append(GemvMmaConfig(tiles=tiles, warps=warps, unroll=unroll))
     return out
 
 
@@ -247,7 +247,7 @@ def applies(m, k: int, *, dtype: str) -> bool:
     return isinstance(m, int) and 1 <= m <= MAX_TOKENS and k % 8 == 0 and dtype in _MMA_TYPE
 
 
-def _body(*, k: int, cfg: Config, slots: int, dtype: str, silu: bool):
+def _body(*, k: int, cfg: GemvMmaConfig, slots: int, dtype: str, silu: bool):
     """The block body shared by every variant, ``run(tid, wvec, xvec, n_tok, ks, scale, store,
     ctx)``, and the block's warp count. ``slots``: warp groups that each read their own weight
     matrix and activation (MoE down: the top-k slots)."""
@@ -362,7 +362,7 @@ def _i64(v: int):
     return tirx.IntImm("int64", v)
 
 
-def _check(rows: int, k: int, cfg: Config, *, silu: bool, dtype: str) -> None:
+def _check(rows: int, k: int, cfg: GemvMmaConfig, *, silu: bool, dtype: str) -> None:
     if dtype not in _MMA_TYPE:
         raise ValueError(f"tensor-core GEMV supports float16/bfloat16, not {dtype}")
     if k % 8:
@@ -392,7 +392,7 @@ def dense(
     *,
     dtype: str = "float16",
     target: tvm.target.Target,
-    config: Config | None = None,
+    config: GemvMmaConfig | None = None,
     epilogue: str | None = None,
     out_dtype: str | None = None,
     batch: int | None = None,
@@ -472,7 +472,7 @@ def moe_gate_up(
     top_k: int,
     dtype: str = "float16",
     target: tvm.target.Target,
-    config: Config | None = None,
+    config: GemvMmaConfig | None = None,
 ) -> tirx.PrimFunc:
     """``moe_gemv.moe_gate_up_gemv`` on tensor cores: ``(x [T, D], ids [T, k] int32,
     gate_up [E, 2I, D] interleaved, h [T*k, I])``, ``h[t*k + j] = silu(x[t] Wg^T) * (x[t] Wu^T)``
@@ -517,7 +517,7 @@ def moe_down(
     top_k: int,
     dtype: str = "float16",
     target: tvm.target.Target,
-    config: Config | None = None,
+    config: GemvMmaConfig | None = None,
 ) -> tirx.PrimFunc:
     """``moe_gemv.moe_down_gemv`` on tensor cores: ``(h [T*k, I], ids [T, k] int32,
     down [E, D, I], weights [T, k] f32, out [T, D])``,

@@ -389,10 +389,10 @@ def moe_align(
 # ------------------------------------------------------------------------- grouped GEMMs
 
 
-CONFIGS: dict[str, G.Config] = {
+CONFIGS: dict[str, G.GemmConfig] = {
     # 64-row blocks: experts get ~T*k/E rows each, so smaller M tiles waste less padding
-    "sm_89": G.Config(warps_m=2, warps_n=2, warp_m=32, warp_n=64, block_k=32, stages=4),
-    "sm_90a": G.Config(warps_m=2, warps_n=2, warp_m=32, warp_n=64, block_k=32, stages=4),
+    "sm_89": G.GemmConfig(warps_m=2, warps_n=2, warp_m=32, warp_n=64, block_k=32, stages=4),
+    "sm_90a": G.GemmConfig(warps_m=2, warps_n=2, warp_m=32, warp_n=64, block_k=32, stages=4),
 }
 CPU_BLOCK_M = 16
 
@@ -400,27 +400,27 @@ CPU_BLOCK_M = 16
 # At T=2048 an expert averages T*k/E = 192 rows: 64-row blocks
 # pad ~1/6 of the rows (E/2 blocks of padding), 128-row blocks ~1/3. The dense GEMM's best
 # sm_90a tile is 128x256 (8 warps): 64x256 keeps its column reuse with small M blocks.
-CANDIDATES: dict[str, tuple[G.Config, ...]] = {
+CANDIDATES: dict[str, tuple[G.GemmConfig, ...]] = {
     "sm_90a": (
-        G.Config(warps_m=2, warps_n=2, warp_m=32, warp_n=64, block_k=32, stages=4),  # 64x128
-        G.Config(warps_m=2, warps_n=2, warp_m=32, warp_n=64, block_k=64, stages=3),
-        G.Config(warps_m=1, warps_n=4, warp_m=64, warp_n=32, block_k=32, stages=4),
-        G.Config(warps_m=2, warps_n=4, warp_m=32, warp_n=64, block_k=32, stages=4),  # 64x256
-        G.Config(warps_m=2, warps_n=4, warp_m=32, warp_n=64, block_k=64, stages=3),
-        G.Config(warps_m=1, warps_n=4, warp_m=64, warp_n=64, block_k=32, stages=4),
-        G.Config(warps_m=2, warps_n=2, warp_m=64, warp_n=64, block_k=32, stages=4),  # 128x128
-        G.Config(warps_m=2, warps_n=4, warp_m=64, warp_n=64, block_k=32, stages=4),  # 128x256
+        G.GemmConfig(warps_m=2, warps_n=2, warp_m=32, warp_n=64, block_k=32, stages=4),  # 64x128
+        G.GemmConfig(warps_m=2, warps_n=2, warp_m=32, warp_n=64, block_k=64, stages=3),
+        G.GemmConfig(warps_m=1, warps_n=4, warp_m=64, warp_n=32, block_k=32, stages=4),
+        G.GemmConfig(warps_m=2, warps_n=4, warp_m=32, warp_n=64, block_k=32, stages=4),  # 64x256
+        G.GemmConfig(warps_m=2, warps_n=4, warp_m=32, warp_n=64, block_k=64, stages=3),
+        G.GemmConfig(warps_m=1, warps_n=4, warp_m=64, warp_n=64, block_k=32, stages=4),
+        G.GemmConfig(warps_m=2, warps_n=2, warp_m=64, warp_n=64, block_k=32, stages=4),  # 128x128
+        G.GemmConfig(warps_m=2, warps_n=4, warp_m=64, warp_n=64, block_k=32, stages=4),  # 128x256
     ),
     "sm_89": (
-        G.Config(warps_m=2, warps_n=2, warp_m=32, warp_n=64, block_k=32, stages=4),
-        G.Config(warps_m=2, warps_n=2, warp_m=64, warp_n=64, block_k=32, stages=3),
+        G.GemmConfig(warps_m=2, warps_n=2, warp_m=32, warp_n=64, block_k=32, stages=4),
+        G.GemmConfig(warps_m=2, warps_n=2, warp_m=64, warp_n=64, block_k=32, stages=3),
     ),
 }
 
 
-def default_config(target: tvm.target.Target) -> G.Config:
+def default_config(target: tvm.target.Target) -> G.GemmConfig:
     if not is_gpu(target):
-        return G.Config(warps_m=1, warps_n=1, warp_m=CPU_BLOCK_M, warp_n=64)
+        return G.GemmConfig(warps_m=1, warps_n=1, warp_m=CPU_BLOCK_M, warp_n=64)
     return CONFIGS.get(str(target.attrs.get("arch", "")), CONFIGS["sm_89"])
 
 
@@ -545,7 +545,7 @@ def _has_block(sch: s_tir.Schedule, name: str) -> bool:
 
 
 def _schedule_grouped(
-    func, cfg: G.Config, target, *, epilogue: str | None, dtype: str
+    func, cfg: G.GemmConfig, target, *, epilogue: str | None, dtype: str
 ) -> tirx.PrimFunc:
     sch = s_tir.Schedule(func)
     if is_gpu(target):
@@ -562,7 +562,7 @@ def _schedule_grouped(
         return sch.mod["main"]
     for name in ("gather_a", "gather_b"):
         sch.compute_inline(sch.get_sblock(name))
-    G.schedule_cpu(sch, G.CpuConfig())
+    G.schedule_cpu(sch, G.GemmCpuConfig())
     return sch.mod["main"]
 
 
@@ -574,7 +574,7 @@ def moe_gate_up(
     top_k: int,
     dtype: str = "float16",
     target: tvm.target.Target,
-    config: G.Config | None = None,
+    config: G.GemmConfig | None = None,
 ) -> tirx.PrimFunc:
     """(x [T, D], sorted_rows [NB*BM], block_expert [NB], gate_up [E, 2I, D] interleaved,
     h [NB*BM, I]) -> h = silu(gate) * up per routed row; padding rows hold zeros' image."""
@@ -601,7 +601,7 @@ def moe_down(
     top_k: int,
     dtype: str = "float16",
     target: tvm.target.Target,
-    config: G.Config | None = None,
+    config: G.GemmConfig | None = None,
 ) -> tirx.PrimFunc:
     """(h [NB*BM, I], sorted_rows, block_expert, down [E, D, I], weights [T, k] f32,
     y [NB*BM, D]) -> y[r] = routing weight of row r * (h[r] @ down[e]^T); padding rows 0."""

@@ -7,7 +7,7 @@ slots folded in: no ``moe_combine``): 3 kernels, each weight row read once per (
 
 On CUDA both GEMVs run on tensor cores (``gemv_mma.moe_gate_up`` / ``gemv_mma.moe_down``: expert
 rows as the mma's A operand straight from DRAM); the FMA schedules below serve the CPU (llvm)
-build and stay selectable on CUDA with a :class:`GemvConfig`.
+build and stay selectable on CUDA with a :class:`MoeGemvConfig`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ GEMV_MAX_TOKENS = 8  # static T up to this: per-(token, slot) GEMVs, no grouping
 
 
 @dataclasses.dataclass(frozen=True)
-class GemvConfig:
+class MoeGemvConfig:
     """Expert GEMV tiling: a block of ``warps`` warps; a warp owns ``cols`` output columns
     (gate_up: 2 * cols weight rows); lanes split K in ``vec``-element (16-byte) vectors."""
 
@@ -39,11 +39,11 @@ class GemvConfig:
 # V2-Lite at T=1 on 132 SMs: gate_up 6 x 88 = 528 blocks (4 per SM, 128 KB of weights each;
 # 8 warps x 2 columns: 4 columns per warp spilled 8-24 bytes at bf16); down 512 blocks (3.9 per
 # SM, 6 experts x 4 rows x 2.8 KB each)
-GEMV_GATE_UP = GemvConfig(warps=8, cols=2)
-GEMV_DOWN = GemvConfig(warps=4, cols=1)
+GEMV_GATE_UP = MoeGemvConfig(warps=8, cols=2)
+GEMV_DOWN = MoeGemvConfig(warps=4, cols=1)
 
 
-def _gemv_check(k_dim: int, cfg: GemvConfig) -> None:
+def _gemv_check(k_dim: int, cfg: MoeGemvConfig) -> None:
     if k_dim % cfg.vec:
         raise ValueError(f"expert GEMV needs K % {cfg.vec} == 0, got {k_dim}")
 
@@ -56,7 +56,7 @@ def moe_gate_up_gemv(
     top_k: int,
     dtype: str = "float16",
     target: tvm.target.Target,
-    config: GemvConfig | gemv_mma.Config | None = None,
+    config: MoeGemvConfig | gemv_mma.GemvMmaConfig | None = None,
 ) -> tirx.PrimFunc:
     """(x [T, D], ids [T, k] int32, gate_up [E, 2I, D] interleaved, h [T*k, I]):
     ``h[t*k + j] = silu(x[t] Wg[e]^T) * (x[t] Wu[e]^T)`` with ``e = ids[t, j]``.
@@ -66,7 +66,7 @@ def moe_gate_up_gemv(
     rows of each; lanes accumulate f32 partials over 16-byte K vectors; the 32 partials per
     row are summed through shared memory (a second thread loop: the same code runs on CPU).
     """
-    if is_gpu(target) and not isinstance(config, GemvConfig):
+    if is_gpu(target) and not isinstance(config, MoeGemvConfig):
         return gemv_mma.moe_gate_up(
             hidden, inter, num_experts=num_experts, top_k=top_k, dtype=dtype, target=target,
             config=config,
@@ -151,12 +151,12 @@ def moe_down_gemv(
     top_k: int,
     dtype: str = "float16",
     target: tvm.target.Target,
-    config: GemvConfig | gemv_mma.Config | None = None,
+    config: MoeGemvConfig | gemv_mma.GemvMmaConfig | None = None,
 ) -> tirx.PrimFunc:
     """(h [T*k, I], ids [T, k] int32, down [E, D, I], weights [T, k] f32, out [T, D]):
     ``out[t] = sum_j weights[t, j] * (h[t*k + j] @ down[ids[t, j]]^T)`` - the down GEMVs with
     the combine folded in (f32 sum over the k slots). Block (column block, token)."""
-    if is_gpu(target) and not isinstance(config, GemvConfig):
+    if is_gpu(target) and not isinstance(config, MoeGemvConfig):
         return gemv_mma.moe_down(
             hidden, inter, num_experts=num_experts, top_k=top_k, dtype=dtype, target=target,
             config=config,

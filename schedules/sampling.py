@@ -40,17 +40,17 @@ PARAMS = ("temperature", "top_p", "top_k", "u")  # columns of the params tensor 
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class SamplingConfig:
     threads: int = 512  # per block (power of two); the CPU path uses 1
     ways: int = 16  # thresholds tried per pass (power of two): 32 / log2(ways) passes per search
 
 
-def default_config(target: tvm.target.Target) -> Config:
-    return Config() if is_gpu(target) else Config(threads=1)
+def default_config(target: tvm.target.Target) -> SamplingConfig:
+    return SamplingConfig() if is_gpu(target) else SamplingConfig(threads=1)
 
 
 def sample(
-    vocab: int, *, dtype: str, target: tvm.target.Target, config: Config | None = None
+    vocab: int, *, dtype: str, target: tvm.target.Target, config: SamplingConfig | None = None
 ) -> tvm.tirx.PrimFunc:
     """``sample(logits [B, V] dtype, params [B, 4] float32, out [B] int32)``; see the module."""
     if dtype not in ("float16", "float32"):

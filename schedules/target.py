@@ -1,6 +1,6 @@
 """Target names of the CLI (``cpu``, ``sm_89``, ``sm_90a``, ...) and what each GPU offers.
 
-Per-kernel ``Config`` dataclasses live beside each kernel factory; this module only knows the
+Per-kernel config dataclasses live beside each kernel factory; this module only knows the
 hardware limits they are pruned against.
 """
 

@@ -13,24 +13,25 @@ import tvm.sym
 from conftest import load_benchmark, nvcc_available
 
 from mla_compiler import reference
-from mla_compiler.model_export.config import MLADims, preset
+from mla_compiler.model_export.config import preset
 from mla_compiler.schedules import attention_decode as dec
 from mla_compiler.schedules.attention_decode_tiles import stages_q_in_ring
 from mla_compiler.schedules.target import GPUS, tvm_target
 
 TINY = preset("tiny").dims
-LITE = MLADims()  # DeepSeek-V2-Lite: 576-wide rows, V = first 512 columns, 16 heads
+LITE = preset("deepseek-v2-lite").dims  # 576-wide rows, V = first 512 columns, 16 heads
 DIMS = {"tiny": TINY, "lite": LITE}
 
 
 @functools.cache
-def _module(dims_name: str, q_tokens: int, target_name: str, config: dec.Config | None = None):
+def _module(
+    dims_name: str, q_tokens: int, target_name: str, config: dec.DecodeConfig | None = None
+):
     """(built module, the config it was built with)."""
     dims = DIMS[dims_name]
     target = tvm_target(target_name)
     kernels = dec.absorbed_decode(
         dims,
-        heads=dims.heads,
         target=target,
         config=config,
         sm_scale=dims.qk_head_dim**-0.5,
@@ -43,7 +44,7 @@ def _tvm(x: torch.Tensor):
     return tvm.runtime.from_dlpack(x)
 
 
-def _used(n: int, num_splits: int, config: dec.Config) -> int:
+def _used(n: int, num_splits: int, config: dec.DecodeConfig) -> int:
     return dec.effective_splits(
         n, num_splits, block_n=config.block_n, min_split_rows=config.min_split_rows
     )
@@ -65,7 +66,7 @@ def _run_and_check(
     q = torch.randn(b, q_tokens, h, dims.latent_dim, generator=gen).half()
     kv = torch.randn(layers, rows, dims.latent_dim, generator=gen).half()
     kv[:, int(indptr[-1]) :] = float("nan")
-    ws = dec.workspace_shapes(dims, batch=b, heads=h, q_tokens=q_tokens, num_splits=num_splits)
+    ws = dec.workspace_shapes(dims, batch=b, q_tokens=q_tokens, num_splits=num_splits)
     o_part = torch.full(ws["o_part"], float("nan"))  # [S, B, Q, H, 512]
     lse_part = torch.full(ws["lse_part"], float("nan"))  # [S, B, Q, H]
     o = torch.full((b, q_tokens, h, dims.kv_lora_rank), float("nan")).half()
@@ -100,7 +101,7 @@ def _run_and_check(
     return used
 
 
-def _cpu(block_n: int, min_split_rows: int) -> dec.Config:
+def _cpu(block_n: int, min_split_rows: int) -> dec.DecodeConfig:
     return dataclasses.replace(dec.CPU_CONFIG, block_n=block_n, min_split_rows=min_split_rows)
 
 
@@ -181,47 +182,45 @@ def test_choose_splits_fills_the_gpu():
 @pytest.mark.parametrize("q_tokens", [1, 2, 4], ids=lambda q: f"q{q}")
 def test_default_config_fits(arch, q_tokens):
     target = tvm_target(arch)
-    cfg = dec.default_config(target, LITE, heads=16, q_tokens=q_tokens)
+    cfg = dec.default_config(target, LITE, q_tokens=q_tokens)
     if arch == "sm_89" and q_tokens == 4:  # Q needs 75 KB of the 99: simple-kernel fallback
         assert not cfg.tensor_cores
         return
     assert cfg.tensor_cores
-    assert dec.keep(cfg, target, LITE, heads=16, q_tokens=q_tokens)
-    smem = dec.shared_bytes(cfg, LITE, heads=16, q_tokens=q_tokens)
+    assert dec.keep(cfg, target, LITE, q_tokens=q_tokens)
+    smem = dec.shared_bytes(cfg, LITE, q_tokens=q_tokens)
     assert smem <= GPUS[arch].max_shared_bytes_per_block
     assert cfg.stages >= 2 or q_tokens > 1  # Q=1 always gets a real pipeline
 
 
 def test_ctas_per_sm():
     sm90, sm89 = tvm_target("sm_90a"), tvm_target("sm_89")
-    assert dec.ctas_per_sm(dec.Config(64, 2, 4), sm90, LITE, heads=16, q_tokens=1) == 1
-    assert dec.ctas_per_sm(dec.Config(32, 2, 2), sm90, LITE, heads=16, q_tokens=1) == 2
-    assert dec.ctas_per_sm(dec.Config(32, 2, 2), sm89, LITE, heads=16, q_tokens=1) == 1
+    assert dec.ctas_per_sm(dec.DecodeConfig(64, 2, 4), sm90, LITE, q_tokens=1) == 1
+    assert dec.ctas_per_sm(dec.DecodeConfig(32, 2, 2), sm90, LITE, q_tokens=1) == 2
+    assert dec.ctas_per_sm(dec.DecodeConfig(32, 2, 2), sm89, LITE, q_tokens=1) == 1
     two = dec.splits_for(
-        dec.Config(32, 2, 2), sm90, LITE, heads=16, q_tokens=1, batch=1, max_context=65536
+        dec.DecodeConfig(32, 2, 2), sm90, LITE, q_tokens=1, batch=1, max_context=65536
     )
     assert two > GPUS["sm_90a"].sm_count  # two CTAs per SM: more splits fill the GPU
 
 
 def test_keep_tma_only_where_the_gpu_has_it():
     """TMA configs: sm_90a yes (tuning candidates there), sm_89 no (Ada has no cp.async.bulk)."""
-    cfg = dec.Config(block_n=64, stages=2, warps_n=4, tma=True)
-    assert dec.keep(cfg, tvm_target("sm_90a"), LITE, heads=16, q_tokens=1)
-    assert not dec.keep(cfg, tvm_target("sm_89"), LITE, heads=16, q_tokens=1)
-    assert not any(
-        c.tma for c in dec.candidate_configs(tvm_target("sm_89"), LITE, heads=16, q_tokens=1)
-    )
-    assert any(
-        c.tma for c in dec.candidate_configs(tvm_target("sm_90a"), LITE, heads=16, q_tokens=1)
-    )
-    odd = dec.Config(block_n=16, stages=2, warps_n=2, tma=True)  # a lane copies whole 32-row groups
-    assert not dec.keep(odd, tvm_target("sm_90a"), LITE, heads=16, q_tokens=1)
+    cfg = dec.DecodeConfig(block_n=64, stages=2, warps_n=4, tma=True)
+    assert dec.keep(cfg, tvm_target("sm_90a"), LITE, q_tokens=1)
+    assert not dec.keep(cfg, tvm_target("sm_89"), LITE, q_tokens=1)
+    assert not any(c.tma for c in dec.candidate_configs(tvm_target("sm_89"), LITE, q_tokens=1))
+    assert any(c.tma for c in dec.candidate_configs(tvm_target("sm_90a"), LITE, q_tokens=1))
+    odd = dec.DecodeConfig(
+        block_n=16, stages=2, warps_n=2, tma=True
+    )  # a lane copies whole 32-row groups
+    assert not dec.keep(odd, tvm_target("sm_90a"), LITE, q_tokens=1)
 
 
 def test_keep_rejects_oversized():
-    big = dec.Config(block_n=128, stages=4, warps_n=4)
-    assert not dec.keep(big, tvm_target("sm_90a"), LITE, heads=16, q_tokens=1)
-    assert not dec.keep(dec.Config(), tvm_target("cpu"), LITE, heads=16, q_tokens=1)
+    big = dec.DecodeConfig(block_n=128, stages=4, warps_n=4)
+    assert not dec.keep(big, tvm_target("sm_90a"), LITE, q_tokens=1)
+    assert not dec.keep(dec.DecodeConfig(), tvm_target("cpu"), LITE, q_tokens=1)
 
 
 # id -> (arch, query tokens, ring): "default-cp.async" / "default-tma" build the default and
@@ -249,7 +248,7 @@ def test_cuda_static(case):
 
     arch, q_tokens, ring = STATIC_CASES[case]
     config = None
-    found = dec.candidate_configs(tvm_target(arch), LITE, heads=16, q_tokens=q_tokens)
+    found = dec.candidate_configs(tvm_target(arch), LITE, q_tokens=q_tokens)
     if ring == "tma":
         config = next(c for c in found if c.tma)
     elif ring == "q-regs":
@@ -347,7 +346,6 @@ def test_gpu_matches_reference(case, splits):
         cfg,
         target,
         LITE,
-        heads=16,
         q_tokens=q_tokens,
         batch=len(lens),
         max_context=max_context or max(lens),
@@ -369,16 +367,16 @@ def test_gpu_other_configs(cfg):
     agree with the reference."""
     arch = _gpu_arch()
     if cfg == "simple":
-        config = dec.Config(tensor_cores=False)
+        config = dec.DecodeConfig(tensor_cores=False)
     elif cfg == "cp-async-w4":
-        config = dec.Config(block_n=64, stages=2, warps_n=4)
+        config = dec.DecodeConfig(block_n=64, stages=2, warps_n=4)
     elif cfg == "q-staged":
-        found = dec.candidate_configs(tvm_target(arch), LITE, heads=16, q_tokens=1)
+        found = dec.candidate_configs(tvm_target(arch), LITE, q_tokens=1)
         config = next((c for c in found if stages_q_in_ring(c)), None)
         if config is None:
             pytest.skip(f"no 3-stage q_regs config fits {arch}")
     else:
-        config = dec.candidate_configs(tvm_target(arch), LITE, heads=16, q_tokens=1)[int(cfg[-1])]
+        config = dec.candidate_configs(tvm_target(arch), LITE, q_tokens=1)[int(cfg[-1])]
     built = _module("lite", 1, arch, config)
     _run_and_check(built, LITE, lens=[3000, 130], q_tokens=1, num_splits=5, device="cuda")
 
@@ -407,7 +405,7 @@ def test_gpu_back_to_back_layers(case):
     row_src = kv[:, newest].clone()  # [layers, B, 576]
     kv[:, newest] = float("nan")  # until written just before the layer's split
     indptr = indptr.cuda()
-    ws = dec.workspace_shapes(dims, batch=b, heads=16, q_tokens=1, num_splits=num_splits)
+    ws = dec.workspace_shapes(dims, batch=b, q_tokens=1, num_splits=num_splits)
     o_part = torch.full(ws["o_part"], float("nan"), device="cuda")  # shared by all layers
     lse_part = torch.full(ws["lse_part"], float("nan"), device="cuda")
     o = torch.full((layers, b, 1, 16, dims.kv_lora_rank), float("nan"), device="cuda").half()
@@ -458,11 +456,11 @@ def test_bench_graph_mode_bookkeeping():
     for b, n, _ in bench.SHAPES:
         nl = bench.graph_layers(LITE, batch=b, ctx=n, min_layers=27, l2_bytes=l2)
         assert nl >= 27 and nl * b * n * LITE.latent_dim * 2 >= 4 * l2
-    counts = bench.split_counts(86, 600, dec.Config(block_n=64))
+    counts = bench.split_counts(86, 600, dec.DecodeConfig(block_n=64))
     assert counts == [10]  # 43, 86 and 172 compiled splits all use 10 (one tile each) at 600
     assert bench.parse_shapes("1x16384,32x4096") == [(1, 16384), (32, 4096)]
     for arch in ("sm_89", "sm_90a"):  # every candidate has a label (JSON key), none shared
-        found = dec.candidate_configs(tvm_target(arch), LITE, heads=16, q_tokens=1)
+        found = dec.candidate_configs(tvm_target(arch), LITE, q_tokens=1)
         assert len({bench.config_name(c) for c in found}) == len(found) > 1
     for bad in ("1x", "1x2x3", "0x4096", "big"):
         with pytest.raises(SystemExit, match="BATCHxCTX"):

@@ -18,7 +18,7 @@ from mla_compiler.schedules import attention_prefill as ap
 from mla_compiler.schedules.target import GPUS, tvm_target
 
 TINY = preset("tiny").dims
-V2_LITE = MLADims()
+V2_LITE = preset("deepseek-v2-lite").dims
 SM_SCALE = 0.3
 
 
@@ -54,7 +54,6 @@ def _build(
     factory = ap.absorbed_prefill if kind == "absorbed" else ap.decompressed_prefill
     func = factory(
         dims,
-        heads=dims.heads,
         dtype="float16",
         target=target,
         config=config,
@@ -200,7 +199,7 @@ def test_extend_config_adds_a_second_kernel_only_when_it_differs():
 
     def kernels(extend):
         func = ap.decompressed_prefill(
-            V2_LITE, heads=16, target="sm_90a", sm_scale=SM_SCALE, extend_config=extend
+            V2_LITE, target="sm_90a", sm_scale=SM_SCALE, extend_config=extend
         )
         lib = tvm.compile(tvm.IRModule({"main": func}), target=tvm_target("sm_90a"))
         source = lib.mod.imports[0].inspect_source()
@@ -242,21 +241,24 @@ def test_short_config_adds_a_kernel_for_one_wave_prompts():
 
 
 def test_keep_prunes_configs_past_sm89_shared_memory():
-    big = ap.MMAConfig(tile_q=64, tile_kv=64, warps=8, stages=3)  # ~290 KB of shared memory
+    big = ap.PrefillConfig(tile_q=64, tile_kv=64, warps=8, stages=3)  # ~290 KB of shared memory
     assert not ap.keep(big, "sm_89", kind="absorbed", dims=V2_LITE)
     assert not ap.keep(big, "sm_90a", kind="absorbed", dims=V2_LITE)
-    mid = ap.MMAConfig(tile_q=64, tile_kv=16, warps=8, stages=3, split_s=False)  # ~128 KB
+    mid = ap.PrefillConfig(tile_q=64, tile_kv=16, warps=8, stages=3, split_s=False)  # ~128 KB
     assert ap.keep(mid, "sm_90a", kind="absorbed", dims=V2_LITE)
     assert not ap.keep(mid, "sm_89", kind="absorbed", dims=V2_LITE)
 
 
 def test_keep_rejects_bad_tile_shapes():
-    assert not ap.keep(ap.MMAConfig(24, 16, 4, 2), "sm_90a", kind="decompressed")  # tile_q % 16
-    assert not ap.keep(ap.MMAConfig(64, 16, 4, 1), "sm_90a", kind="decompressed")  # 1 stage
-    assert not ap.keep(ap.MMAConfig(64, 16, 6, 2), "sm_90a", kind="absorbed")  # warps % rows
+    def keep(kind, *args, **flags):
+        return ap.keep(ap.PrefillConfig(*args, **flags), "sm_90a", kind=kind, dims=V2_LITE)
+
+    assert not keep("decompressed", 24, 16, 4, 2)  # tile_q % 16
+    assert not keep("decompressed", 64, 16, 4, 1)  # 1 stage
+    assert not keep("absorbed", 64, 16, 6, 2)  # warps % rows
     # split S: each of the 2 warps of a row slice gets 8 columns, under one ldmatrix.x4 pair
-    assert not ap.keep(ap.MMAConfig(64, 16, 8, 2, split_s=True), "sm_90a", kind="absorbed")
-    assert ap.keep(ap.MMAConfig(64, 16, 8, 2, split_s=False), "sm_90a", kind="absorbed")
+    assert not keep("absorbed", 64, 16, 8, 2, split_s=True)
+    assert keep("absorbed", 64, 16, 8, 2, split_s=False)
 
 
 def test_keep_takes_two_stage_pipelines_only_with_separate_k_and_v_rows():
@@ -265,19 +267,19 @@ def test_keep_takes_two_stage_pipelines_only_with_separate_k_and_v_rows():
     from mla_compiler.schedules import attention_prefill_tiles as tiles
 
     pipe = dict(wgmma=True, swizzle=True, p_regs=True, pipelined=True)
-    two = ap.MMAConfig(128, 96, 8, 2, **pipe)
+    two = ap.PrefillConfig(128, 96, 8, 2, **pipe)
     assert ap.keep(two, "sm_90a", kind="decompressed", dims=V2_LITE)
     assert tiles.geometry(two, ap._layout_for("decompressed", V2_LITE)).split_ring
     assert not ap.keep(two, "sm_89", kind="decompressed", dims=V2_LITE)  # no wgmma
     # absorbed: V is the K rows' first 512 columns, no separate V slot to load a tile later
-    absorbed = ap.MMAConfig(64, 64, 4, 2, **pipe)
+    absorbed = ap.PrefillConfig(64, 64, 4, 2, **pipe)
     assert not tiles.geometry(absorbed, ap._layout_for("absorbed", V2_LITE)).split_ring
     assert not ap.keep(absorbed, "sm_90a", kind="absorbed", dims=V2_LITE)
-    three = ap.MMAConfig(128, 64, 8, 3, **pipe)
+    three = ap.PrefillConfig(128, 64, 8, 3, **pipe)
     assert not tiles.geometry(three, ap._layout_for("decompressed", V2_LITE)).split_ring
     # both spill under ptxas with the softmax under the P·V (2026-12-04)
     for tile_q, tile_kv, warps in ((128, 128, 8), (192, 64, 12)):
-        spills = ap.MMAConfig(tile_q, tile_kv, warps, 2, **pipe)
+        spills = ap.PrefillConfig(tile_q, tile_kv, warps, 2, **pipe)
         assert not ap.keep(spills, "sm_90a", kind="decompressed", dims=V2_LITE)
         assert ap.keep(
             dataclasses.replace(spills, pipelined=False),
@@ -291,18 +293,15 @@ def test_factory_rejects_config_that_does_not_fit():
     with pytest.raises(TargetError, match="does not fit"):
         ap.absorbed_prefill(
             V2_LITE,
-            heads=16,
             target="sm_89",
-            config=ap.MMAConfig(64, 64, 8, 3),
+            config=ap.PrefillConfig(64, 64, 8, 3),
             sm_scale=SM_SCALE,
         )
 
 
 def test_cuda_factories_reject_non_f16():
     with pytest.raises(TargetError, match="float16"):
-        ap.decompressed_prefill(
-            V2_LITE, heads=16, dtype="float32", target="sm_90a", sm_scale=SM_SCALE
-        )
+        ap.decompressed_prefill(V2_LITE, dtype="float32", target="sm_90a", sm_scale=SM_SCALE)
 
 
 def test_llvm_float32_runs():
@@ -310,9 +309,7 @@ def test_llvm_float32_runs():
     case = CPU_CASES["tiny-ragged3"]
     gen = torch.Generator().manual_seed(4)
     (q, k, v), qi, ki, o, lse, expected = _inputs("decompressed", case, gen)
-    func = ap.decompressed_prefill(
-        TINY, heads=TINY.heads, dtype="float32", target="cpu", sm_scale=SM_SCALE
-    )
+    func = ap.decompressed_prefill(TINY, dtype="float32", target="cpu", sm_scale=SM_SCALE)
     lib = tvm.compile(tvm.IRModule({"main": func}), target=tvm_target("cpu"))
     args = [tvm.runtime.tensor(x.float().numpy()) for x in (q, k, v)]
     args += [tvm.runtime.tensor(x.numpy()) for x in (qi, ki, o.float(), lse)]
@@ -399,7 +396,7 @@ def test_sm90a_tma_config_loads_kv_tiles_by_tma():
     ``dk / 64 + dv / 64`` TMA boxes (prologue and loop), its only cp.async copies Q's."""
     from mla_compiler.nvcc import sass_opcodes
 
-    config = ap.MMAConfig(192, 96, 12, 2, wgmma=True, swizzle=True, p_regs=True, tma=True)
+    config = ap.PrefillConfig(192, 96, 12, 2, wgmma=True, swizzle=True, p_regs=True, tma=True)
     source = _build("decompressed", V2_LITE, "sm_90a", config).mod.imports[0].inspect_source()
     assert source.count("const __grid_constant__ CUtensorMap") == 4  # declaration, definition
     (ops,) = sass_opcodes(_sm90a_decompressed_cubin(config)).values()
@@ -415,7 +412,7 @@ def test_sm90a_producer_warp_replaces_the_per_tile_block_barrier():
     """With ``producer`` the block has one more warp, the consumer warps release each slot on
     an mbarrier (one arrival per warp) and the only CTA-wide barrier is the one after the
     mbarrier init; without it every tile also starts with ``__syncthreads``."""
-    config = ap.MMAConfig(128, 128, 8, 2, wgmma=True, swizzle=True, p_regs=True, tma=True)
+    config = ap.PrefillConfig(128, 128, 8, 2, wgmma=True, swizzle=True, p_regs=True, tma=True)
     sources = {
         producer: _build(
             "decompressed", V2_LITE, "sm_90a", dataclasses.replace(config, producer=producer)
@@ -461,7 +458,7 @@ def test_sm90a_pipelined_softmax_runs_under_the_previous_tiles_pv():
     that P·V (``0x0``). Without the ordering store ptxas hoisted the second wait above them."""
     from mla_compiler.nvcc import sass_instructions
 
-    config = ap.MMAConfig(128, 96, 8, 2, wgmma=True, swizzle=True, p_regs=True, pipelined=True)
+    config = ap.PrefillConfig(128, 96, 8, 2, wgmma=True, swizzle=True, p_regs=True, pipelined=True)
     (insns,) = sass_instructions(_sm90a_decompressed_cubin(config)).values()
     ops = [i.split()[1] + (" " + i.split()[-1] if "DEPBAR" in i else "") for i in insns]
     starts = [k for k, op in enumerate(ops) if op == "WARPGROUP.DEPBAR.LE 0x1"]
@@ -479,7 +476,9 @@ def test_sm90a_s_first_issues_s_before_the_next_tiles_copies(s_first):
     with ``s_first``, after them without."""
     from mla_compiler.nvcc import sass_sequence
 
-    config = ap.MMAConfig(256, 64, 16, 2, wgmma=True, swizzle=True, p_regs=True, s_first=s_first)
+    config = ap.PrefillConfig(
+        256, 64, 16, 2, wgmma=True, swizzle=True, p_regs=True, s_first=s_first
+    )
     (ops,) = sass_sequence(_sm90a_decompressed_cubin(config)).values()
     loop = ops[ops.index("BAR") :]
     first = next(op for op in loop if op in ("HGMMA", "LDGSTS"))
@@ -529,7 +528,7 @@ GPU_CASES = {
     "ragged3": Case(V2_LITE, (100, 1, 1000), (333, 50, 1000)),
     "t1-n2049": Case(V2_LITE, (1,), (2049,)),
     # 24 heads: a 64-row absorbed tile holds 2 2/3 tokens, so tokens straddle blocks
-    "heads24-ragged2": Case(MLADims(heads=24), (50, 7), (120, 7)),
+    "heads24-ragged2": Case(dataclasses.replace(V2_LITE, heads=24), (50, 7), (120, 7)),
 }
 
 

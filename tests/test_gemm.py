@@ -122,7 +122,7 @@ def test_transform_weight_pairs_gate_and_up():
 
 
 def test_config_prune():
-    big = G.Config(warps_m=2, warps_n=4, warp_m=64, warp_n=64, block_k=64, stages=3)
+    big = G.GemmConfig(warps_m=2, warps_n=4, warp_m=64, warp_n=64, block_k=64, stages=3)
     assert not G.keep(big, tvm_target("sm_89"))  # 165 KB > 99 KB
     assert G.keep(big, tvm_target("sm_90a"))
     deep = G.SMALL_M_CONFIGS["sm_90a"][0]  # 128 KB pipeline: H100 only
@@ -156,7 +156,7 @@ CUDA_CASES = {  # (m, epilogue, extra factory kwargs) -> the SASS opcode the ker
     (16, "silu_mul", ()): "HMMA",
     (12, None, ()): "HMMA",
     # the FMA GEMV, kept as a config for comparison
-    (1, None, (("config", G.GemvConfig()),)): "SHFL",
+    (1, None, (("config", G.FmaGemvConfig()),)): "SHFL",
     (16, "silu_mul", (("config", G.SILU_GEMV),)): "SHFL",
 }
 
@@ -321,10 +321,16 @@ def test_gemm_gpu_fma_gemv_config(epilogue):
 @pytest.mark.parametrize(
     "m,n,k,epilogue,cfg",
     [
-        (3, 100, 200, None, GM.Config(tiles=1, warps=4, unroll=2)),  # ragged rows, K % 32 != 0
-        (8, 100, 1000, "residual", GM.Config(tiles=2, warps=3, unroll=4)),  # uneven K split
-        (1, 96, 520, "silu_mul", GM.Config(tiles=4, warps=2, unroll=2)),
-        (5, 64, 4096, None, GM.Config(tiles=1, warps=16, unroll=8)),
+        (
+            3,
+            100,
+            200,
+            None,
+            GM.GemvMmaConfig(tiles=1, warps=4, unroll=2),
+        ),  # ragged rows, K % 32 != 0
+        (8, 100, 1000, "residual", GM.GemvMmaConfig(tiles=2, warps=3, unroll=4)),  # uneven K split
+        (1, 96, 520, "silu_mul", GM.GemvMmaConfig(tiles=4, warps=2, unroll=2)),
+        (5, 64, 4096, None, GM.GemvMmaConfig(tiles=1, warps=16, unroll=8)),
     ],
     ids=["ragged", "uneven-split", "silu", "deep-unroll"],
 )

@@ -211,14 +211,21 @@ def _dense(m, n, k, epilogue, cfg, batch, seed):
 
 
 DENSE = [  # m, n, k, epilogue, config, batch
-    (3, 100, 200, None, GM.Config(tiles=1, warps=4, unroll=2), None),  # ragged rows, K % 32
-    (8, 100, 1000, "residual", GM.Config(tiles=2, warps=3, unroll=4), None),  # uneven K split
-    (1, 96, 520, "silu_mul", GM.Config(tiles=4, warps=2, unroll=2), None),
-    (5, 64, 4096, None, GM.Config(tiles=1, warps=16, unroll=8), None),
-    (2, 64, 264, "silu_mul", GM.Config(tiles=2, warps=32, unroll=16), None),  # idle warps
-    (7, 33, 72, None, GM.Config(tiles=2, warps=1, unroll=16), None),
-    (4, 40, 136, "residual", GM.Config(tiles=1, warps=5, unroll=3), 3),  # per-head products
-    (6, 17, 328, None, GM.Config(tiles=4, warps=7, unroll=2), None),
+    (3, 100, 200, None, GM.GemvMmaConfig(tiles=1, warps=4, unroll=2), None),  # ragged rows, K % 32
+    (
+        8,
+        100,
+        1000,
+        "residual",
+        GM.GemvMmaConfig(tiles=2, warps=3, unroll=4),
+        None,
+    ),  # uneven K split
+    (1, 96, 520, "silu_mul", GM.GemvMmaConfig(tiles=4, warps=2, unroll=2), None),
+    (5, 64, 4096, None, GM.GemvMmaConfig(tiles=1, warps=16, unroll=8), None),
+    (2, 64, 264, "silu_mul", GM.GemvMmaConfig(tiles=2, warps=32, unroll=16), None),  # idle warps
+    (7, 33, 72, None, GM.GemvMmaConfig(tiles=2, warps=1, unroll=16), None),
+    (4, 40, 136, "residual", GM.GemvMmaConfig(tiles=1, warps=5, unroll=3), 3),  # per-head products
+    (6, 17, 328, None, GM.GemvMmaConfig(tiles=4, warps=7, unroll=2), None),
     (8, 200, 1000, None, None, 2),  # default config
     (1, 128, 2048, "silu_mul", None, None),
 ]
@@ -302,14 +309,14 @@ def _moe_down(t_num, hidden, inter, experts, top_k, cfg, seed):
 
 
 MOE = [  # tokens, hidden, inter, experts, top_k, config
-    (3, 200, 96, 4, 2, GM.Config(tiles=4, warps=3, unroll=2)),
-    (2, 136, 64, 3, 3, GM.Config(tiles=2, warps=5, unroll=4)),
+    (3, 200, 96, 4, 2, GM.GemvMmaConfig(tiles=4, warps=3, unroll=2)),
+    (2, 136, 64, 3, 3, GM.GemvMmaConfig(tiles=2, warps=5, unroll=4)),
     (1, 2048, 64, 8, 2, None),  # default config
 ]
 MOE_DOWN = [
-    (2, 100, 200, 4, 3, GM.Config(tiles=2, warps=3, unroll=4)),
-    (1, 72, 1000, 4, 6, GM.Config(tiles=1, warps=4, unroll=2)),
-    (3, 40, 136, 3, 2, GM.Config(tiles=1, warps=1, unroll=16)),
+    (2, 100, 200, 4, 3, GM.GemvMmaConfig(tiles=2, warps=3, unroll=4)),
+    (1, 72, 1000, 4, 6, GM.GemvMmaConfig(tiles=1, warps=4, unroll=2)),
+    (3, 40, 136, 3, 2, GM.GemvMmaConfig(tiles=1, warps=1, unroll=16)),
     (1, 48, 1408, 8, 6, None),  # default config
 ]
 

@@ -1,7 +1,7 @@
 """The tests pass whatever install of ``mla_compiler`` they import (editable from this checkout, a
 plain ``pip install .``, another clone): loading a benchmark script leaves the import system
-alone, so a test never sees a second copy of a package module (``Config(...) == Config(...)``
-False, PicklingError)."""
+alone, so a test never sees a second copy of a package module
+(``DecodeConfig(...) == DecodeConfig(...)`` False, PicklingError)."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ POISON = -7
 @functools.cache
 def _kernel(vocab: int, dtype: str, target_name: str = "cpu", threads: int | None = None):
     target = tvm_target(target_name)
-    config = sampling.Config(threads=threads) if threads else None
+    config = sampling.SamplingConfig(threads=threads) if threads else None
     func = sampling.sample(vocab, dtype=dtype, target=target, config=config)
     return tvm.compile(tvm.IRModule({"sample": func}), target=target)["sample"]
 
@@ -122,7 +122,10 @@ def test_rejects_bad_configs():
         sampling.sample(100, dtype="int32", target=tvm_target("cpu"))
     with pytest.raises(ValueError):
         sampling.sample(
-            100, dtype="float32", target=tvm_target("cpu"), config=sampling.Config(threads=3)
+            100,
+            dtype="float32",
+            target=tvm_target("cpu"),
+            config=sampling.SamplingConfig(threads=3),
         )
 
 

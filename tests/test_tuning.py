@@ -37,13 +37,13 @@ def test_space_is_pruned_by_keep(name, arch):
     assert len(set(space)) == len(space)
     for cfg in space:
         if name == "attn_decode":
-            assert ad.keep(cfg, target, V2.dims, heads=16, q_tokens=1)
+            assert ad.keep(cfg, target, V2.dims, q_tokens=1)
         else:
             kind = name.rsplit("_", 1)[1]
             assert ap.keep(cfg, target, kind=kind, dims=V2.dims)
     if name == "attn_decode":  # the full product is pruned: smem / thread limits drop configs
         assert len(space) < 3 * 4 * 4
-        assert space[0] == ad.default_config(target, V2.dims, heads=16)
+        assert space[0] == ad.default_config(target, V2.dims)
 
 
 def test_sm_89_space_drops_what_sm_90a_keeps():
@@ -55,7 +55,7 @@ def test_sm_89_space_drops_what_sm_90a_keeps():
 
 
 def test_shapes_and_keys():
-    cfg = ad.default_config(tvm_target("sm_90a"), V2.dims, heads=16)
+    cfg = ad.default_config(tvm_target("sm_90a"), V2.dims)
     shapes = tuning.KERNELS["attn_decode"].shapes(V2, tvm_target("sm_90a"), cfg)
     assert [s.params["ctx"] for s in shapes] == list(tuning.DECODE_CONTEXTS)
     assert shapes[0].key == "h16-r512-p64-b1-ctx4096"
@@ -138,17 +138,17 @@ def test_best_config_picks_fastest_ok(tmp_path):
     with open(db / "records.jsonl", "a") as f:  # an error record claiming a time never wins
         f.write(json.dumps({**_rec(0.1, cfg=_cfg(32, 4, 4), shape=key), "ok": False}) + "\n")
     cfg, rec = kernel_configs.best_config(db, "attn_decode", "sm_90a", key)
-    assert cfg == ad.Config(block_n=32, stages=2, warps_n=4) and rec["median_us"] == 12.5
+    assert cfg == ad.DecodeConfig(block_n=32, stages=2, warps_n=4) and rec["median_us"] == 12.5
     assert kernel_configs.best_config(db, "attn_decode", "sm_89", key) is None
     assert kernel_configs.best_config(db, "attn_prefill_absorbed", "sm_90a", key) is None
     # the compiler's view: exact key, else the nearest tuned size, else the default with a note
     notes = []
-    default = ad.Config()
+    default = ad.DecodeConfig()
     assert kernel_configs.config_for(db, "attn_decode", "sm_90a", key, default) == cfg
     near = kernel_configs.config_for(
         db, "attn_decode", "sm_90a", "h16-r512-p64-b1-ctx12000", default, log=notes.append
     )
-    assert near == ad.Config(block_n=128, stages=2, warps_n=4) and "16384" in notes[-1]
+    assert near == ad.DecodeConfig(block_n=128, stages=2, warps_n=4) and "16384" in notes[-1]
     other = kernel_configs.config_for(
         db, "attn_decode", "sm_90a", "h4-r64-p32-b1-ctx4096", default, log=notes.append
     )
@@ -264,7 +264,7 @@ def test_build_plan_writes_artifacts(tiny_plan):
     plan = tuning.read_plan(tiny_plan)
     assert plan["target"] == "sm_90a" and plan["model"]["dims"]["heads"] == TINY.dims.heads
     assert [c["id"] for c in plan["candidates"]] == ["attn_decode-000", "attn_decode-001"]
-    space = ad.candidate_configs(tvm_target("sm_90a"), TINY.dims, heads=4, q_tokens=1)
+    space = ad.candidate_configs(tvm_target("sm_90a"), TINY.dims, q_tokens=1)
     for cand, cfg in zip(plan["candidates"], space, strict=False):
         assert cand["build_error"] is None, cand["build_error"]
         assert kernel_configs.config_from_dict("attn_decode", cand["config"]) == cfg
@@ -342,7 +342,7 @@ def test_gpu_measure_tiny_plan(tiny_plan, tmp_path):
     cfg, rec = kernel_configs.best_config(
         db, "attn_decode", "sm_90a", kernel_configs.decode_shape_key(TINY.dims, 4096)
     )
-    assert cfg in ad.candidate_configs(tvm_target("sm_90a"), TINY.dims, heads=4, q_tokens=1)[:2]
+    assert cfg in ad.candidate_configs(tvm_target("sm_90a"), TINY.dims, q_tokens=1)[:2]
     assert tuning_measure.measure(tiny_plan, db, progress=False)["skipped"] == 6
 
 
@@ -350,8 +350,8 @@ def test_gpu_measure_tiny_plan(tiny_plan, tmp_path):
 
 CPU_CASES = {
     "attn_decode": ({"batch": 2, "ctx": 100, "splits": 3}, ad.CPU_CONFIG),
-    "attn_prefill_absorbed": ({"n": 160}, ap.CPUConfig()),
-    "attn_prefill_decompressed": ({"n": 160}, ap.CPUConfig()),
+    "attn_prefill_absorbed": ({"n": 160}, ap.PrefillCpuConfig()),
+    "attn_prefill_decompressed": ({"n": 160}, ap.PrefillCpuConfig()),
 }
 
 
@@ -400,7 +400,7 @@ def test_runner_checks_against_reference(name, cpu_modules, on_cpu):
 def test_compiler_view_of_the_kernel_choice(tmp_path):
     """``KernelChoice`` + ``decode_config`` / ``prefill_config``: what kernels.py calls."""
     db, target = tmp_path / "db", tvm_target("sm_90a")
-    tuned = ad.Config(block_n=32, stages=2, warps_n=4)
+    tuned = ad.DecodeConfig(block_n=32, stages=2, warps_n=4)
     key = kernel_configs.decode_shape_key(V2.dims, 16384)
     tuning_db.append(db, _rec(5.0, cfg=tuning.config_to_dict(tuned), shape=key))
     pre = ap.candidates(target, kind="absorbed", dims=V2.dims)[-1]
@@ -408,7 +408,7 @@ def test_compiler_view_of_the_kernel_choice(tmp_path):
     tuning_db.append(
         db, _rec(9.0, cfg=tuning.config_to_dict(pre), shape=pre_key, kernel="attn_prefill_absorbed")
     )
-    default = ad.default_config(target, V2.dims, heads=16)
+    default = ad.default_config(target, V2.dims)
     plain = KernelChoice(max_context=16384)
     assert kernel_configs.decode_config(plain, target, V2.dims) == default  # no db
     notes = []
