@@ -230,6 +230,7 @@ def load_module(path: str | Path, device):
         library = directory / manifest["library"]
         targets, images = manifest["targets"], manifest["images"]
         check_library(library, manifest)
+        library = _fresh_path(library, manifest.get("library_sha256"))
     if not library.is_file():
         raise ArtifactError(f"{library}: library missing from the artifact")
     dev = _device(device)
@@ -238,6 +239,28 @@ def load_module(path: str | Path, device):
     elif _is_cuda(dev):
         ensure_cuda_runtime()
     return tvm.runtime.load_module(str(library))
+
+
+# library path -> sha256 of the library this process mapped from it
+_MAPPED: dict[str, str] = {}
+
+
+def _fresh_path(library: Path, digest: str | None) -> Path:
+    """``library``, or a private copy of it where this process already mapped another library
+    from the same path (an artifact recompiled in place): dlopen would hand back the old one."""
+    if digest is None:
+        return library
+    key = str(library.resolve())
+    if _MAPPED.setdefault(key, digest) == digest:
+        return library
+    import atexit
+    import shutil
+    import tempfile
+
+    copy = Path(tempfile.mkdtemp(prefix="mla-lib-")) / f"{digest[:16]}.so"
+    shutil.copyfile(library, copy)
+    atexit.register(shutil.rmtree, copy.parent, True)
+    return copy
 
 
 def load_vm(path: str | Path, device):

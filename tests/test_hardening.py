@@ -385,3 +385,16 @@ def test_bench_json_and_plot(tiny, tmp_path):
     )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [r["test"] for r in json.loads(out.read_text())["results"]] == ["pp6", "tg2"]
+
+
+def test_artifact_recompiled_in_place_loads_the_new_library(tmp_path):
+    """One process loads an artifact, the artifact is recompiled at the same path (another MLA
+    mode: another cache layout), the process loads it again: it runs the new library, not the
+    one dlopen already holds for that path."""
+    from mla_compiler.runtime.engine import Engine
+
+    out = tmp_path / "art"
+    for mla in ("3", "0"):
+        run_cli("compile", "--preset", "tiny", "-o", str(out), "--max-context", "24", "--mla", mla)
+        eng = Engine.load(out)
+        assert len(eng.generate([1, 2, 3], max_new_tokens=2)) >= 1
