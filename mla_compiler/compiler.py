@@ -193,14 +193,15 @@ def attention_workspace_bytes(
     t, n = min(ubatch, context), context
     q_absorbed = t * d.heads * (d.latent_dim + d.kv_lora_rank) * itemsize + t * d.heads * 4
     decompressed = n * d.heads * (d.qk_head_dim + d.v_head_dim) * itemsize  # K, V
+    mode = mla_mode(mla)
     latent_k_v = n * (d.latent_dim * 2 + d.heads * (d.qk_nope_head_dim + d.v_head_dim))
     prefill = {  # by the form of prompt attention
         "absorbed": q_absorbed,
         "decompress": decompressed + latent_k_v * itemsize,
         "decompressed_cache": 2 * decompressed,
-    }[mla_mode(mla).prefill_form]
+    }[mode.prefill_form]
     splits = 132 * 2  # upper bound of the split-KV partials (H x 512 f32 each)
-    gathered = 0 if mla_mode(mla).latent_cache else 2 * decompressed
+    gathered = 0 if mode.latent_cache else 2 * decompressed
     decode = splits * d.heads * (d.kv_lora_rank + 1) * 4 + gathered
     return {"prefill": int(prefill), "decode": int(decode)}
 

@@ -225,14 +225,14 @@ def load_module(path: str | Path, device):
     )
     if plain_library:  # a library not built by mla_compiler: nothing to check
         library, targets, images = path, None, []
+        if not library.is_file():
+            raise ArtifactError(f"{library}: library missing from the artifact")
     else:
         directory, manifest = read_manifest(path)
         library = directory / manifest["library"]
         targets, images = manifest["targets"], manifest["images"]
         check_library(library, manifest)
         library = _fresh_path(library, manifest.get("library_sha256"))
-    if not library.is_file():
-        raise ArtifactError(f"{library}: library missing from the artifact")
     dev = _device(device)
     if targets is not None:
         select_image(targets, images, dev)
