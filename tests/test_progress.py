@@ -7,6 +7,7 @@ reached the child's real stderr.
 from __future__ import annotations
 
 import inspect
+import os
 import subprocess
 import sys
 import textwrap
@@ -37,9 +38,12 @@ def take_warning():
 
 
 def child(code: str, *, stdin: str = "", check: bool = True) -> subprocess.CompletedProcess:
-    """Run ``code`` in a fresh interpreter; its stderr is what a user's terminal would show."""
+    """Run ``code`` in a fresh interpreter; its stderr is what a user's terminal would show.
+    Python's default warning filters apply (CI exports PYTHONWARNINGS=ignore)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
         input=stdin,
         capture_output=True,
         text=True,
