@@ -202,7 +202,16 @@ def verify(problem: Problem, run_ours) -> float:
 
 def config_label(config) -> str:
     """A config as its field values, comma-separated (booleans as 0 / 1)."""
-    return ",".join(str(int(v)) for v in config.__dict__.values())
+    return ",".join(v if isinstance(v, str) else str(int(v)) for v in config.__dict__.values())
+
+
+def config_of_label(label: str):
+    """``config_label`` read back into a ``PrefillConfig``."""
+    fields = dataclasses.fields(ap.PrefillConfig)
+    parse = {"int": int, "bool": lambda v: bool(int(v)), "str": str}
+    return ap.PrefillConfig(
+        *(parse[f.type](v) for f, v in zip(fields, label.split(","), strict=True))
+    )
 
 
 def build(kind: str, arch: str, dims: MLADims, config=None):
@@ -331,8 +340,7 @@ def main() -> None:
     global CHUNK
     CHUNK = args.chunk
     if args.worker:
-        values = [int(v) for v in args.config.split(",")]
-        config = ap.PrefillConfig(*values[:4], *(bool(v) for v in values[4:]))
+        config = config_of_label(args.config)
         print(json.dumps(measure_ours(args.worker, config, ns, default=args.default)))
         return
     if not args.out:

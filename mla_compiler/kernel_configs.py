@@ -39,63 +39,33 @@ class KernelChoice:
         return cls(db, options.ubatch, options.max_context, log)
 
 
-# --- shape keys: names of problems in the tuning database -----------------------------------
-
-
-def _latent_prefix(dims: MLADims) -> str:
-    return f"h{dims.heads}-r{dims.kv_lora_rank}-p{dims.qk_rope_head_dim}"
-
-
-def decode_shape_key(dims: MLADims, ctx: int, *, batch: int = 1) -> str:
-    return f"{_latent_prefix(dims)}-b{batch}-ctx{ctx}"
-
-
-def prefill_shape_key(kind: str, dims: MLADims, n: int) -> str:
-    if kind == "absorbed":
-        return f"{_latent_prefix(dims)}-n{n}"
-    return f"h{dims.heads}-k{dims.qk_head_dim}-v{dims.v_head_dim}-n{n}"
-
-
-def gemm_shape_key(n: int, k: int, epilogue: str | None, out_dtype: str | None, tokens: int):
-    tag = (epilogue or "plain") + ("-f32" if out_dtype == "float32" else "")
-    return f"n{n}-k{k}-{tag}-t{tokens}"
-
-
-def moe_shape_key(*, num_experts: int, top_k: int, hidden: int, inter: int, tokens: int) -> str:
-    return f"e{num_experts}-k{top_k}-d{hidden}-i{inter}-t{tokens}"
-
-
 # --- configs <-> database records ----------------------------------------------------------
+
+
+def kernel_family(kernel: str):
+    """The registered family of a tuned kernel name (``schedules.families.FAMILIES``)."""
+    from mla_compiler.schedules.families import FAMILIES
+
+    if kernel not in FAMILIES:
+        raise TuningError(f"unknown tuned kernel {kernel!r}: one of {', '.join(FAMILIES)}")
+    return FAMILIES[kernel]
 
 
 def config_type(kernel: str) -> type:
     """The config class of a tuned kernel family (what its database records hold)."""
-    if kernel == "attn_decode":
-        from mla_compiler.schedules.attention_decode import DecodeConfig
-
-        return DecodeConfig
-    if kernel in ("attn_prefill_absorbed", "attn_prefill_decompressed"):
-        from mla_compiler.schedules.attention_prefill import PrefillConfig
-
-        return PrefillConfig
-    if kernel in ("gemm_prefill", "moe_grouped"):
-        from mla_compiler.schedules.gemm_wgmma import WgmmaConfig
-
-        return WgmmaConfig
-    raise TuningError(f"unknown tuned kernel {kernel!r}")
+    return kernel_family(kernel).config_type
 
 
 def config_from_dict(kernel: str, data: dict):
     """The kernel's config from a database dict; ``TuningError`` for unknown fields."""
-    cls = config_type(kernel)
-    names = {f.name for f in dataclasses.fields(cls)}
-    extra = set(data) - names
-    if extra:
+    family = kernel_family(kernel)
+    try:
+        return family.config_from_dict(data)
+    except (TypeError, ValueError) as err:
         raise TuningError(
-            f"tuning record of {kernel} has config fields {sorted(extra)} that {cls.__name__} "
-            "does not know: the database was written by another version; re-tune"
-        )
-    return cls(**data)
+            f"tuning record of {kernel} has a config {family.config_type.__name__} cannot read "
+            f"({err}): the database was written by another version; re-tune"
+        ) from None
 
 
 def target_name(target) -> str:
@@ -149,16 +119,24 @@ def config_for(db_dir, kernel: str, target, shape_key: str, default, *, log=None
     return default
 
 
-# --- one function per tuned family -----------------------------------------------------------
+# --- the compiler's questions ---------------------------------------------------------------
 
 
-def decode_config(choice: KernelChoice, target, dims: MLADims):
-    """The split-KV decode config: tuned for the nearest context, else the target's default."""
-    from mla_compiler.schedules import attention_decode as ad
+def choose(choice: KernelChoice, kernel: str, shape, target):
+    """The config of family ``kernel`` for ``shape``: the tuned one where recorded (nearest size
+    otherwise) and valid, else the family's default."""
+    family = kernel_family(kernel)
+    default = family.default(shape, target)
+    key = family.shape_key(shape)
+    tuned = config_for(choice.db, kernel, target, key, default, log=choice.log)
+    return tuned if tuned is default or family.keep(tuned, shape, target) else default
 
-    default = ad.default_config(target, dims, q_tokens=1)
-    key = decode_shape_key(dims, choice.max_context)
-    return config_for(choice.db, "attn_decode", target, key, default, log=choice.log)
+
+def decode_config(choice: KernelChoice, target, dims: MLADims, *, sm_scale: float):
+    """The split-KV decode config, picked for ``choice.max_context``."""
+    from mla_compiler.schedules.families import DecodeShape
+
+    return choose(choice, "attn_decode", DecodeShape(dims, choice.max_context, sm_scale), target)
 
 
 def prefill_kind(op: str) -> str:
@@ -166,15 +144,12 @@ def prefill_kind(op: str) -> str:
     return "absorbed" if op == "attn_absorbed" else "decompressed"
 
 
-def prefill_config(choice: KernelChoice, op: str, target, dims: MLADims):
-    """The first-chunk prefill config for ``op``: tuned for the prompt chunk, else the
-    target's default."""
-    from mla_compiler.schedules import attention_prefill as ap
+def prefill_config(choice: KernelChoice, op: str, target, dims: MLADims, *, sm_scale: float):
+    """The first-chunk prefill config for ``op``, picked for the prompt chunk."""
+    from mla_compiler.schedules.families import PrefillShape
 
-    kind = prefill_kind(op)
-    default = ap.default_config(target, kind=kind, dims=dims)
-    key = prefill_shape_key(kind, dims, choice.ubatch)
-    return config_for(choice.db, f"attn_prefill_{kind}", target, key, default, log=choice.log)
+    shape = PrefillShape(dims, choice.ubatch, sm_scale)
+    return choose(choice, f"attn_prefill_{prefill_kind(op)}", shape, target)
 
 
 def prefill_extend_config(choice: KernelChoice, op: str, target, dims: MLADims):
@@ -192,29 +167,25 @@ def prefill_short_config(op: str, target, dims: MLADims):
     return ap.short_config(target, kind=prefill_kind(op), dims=dims)
 
 
-def gemm_config(choice: KernelChoice, target, *, n: int, k: int, epilogue, out_dtype, default):
-    """The wgmma config of a prompt-chunk GEMM: tuned for the prompt chunk, else ``default``."""
-    key = gemm_shape_key(n, k, epilogue, out_dtype, choice.ubatch)
-    return config_for(choice.db, "gemm_prefill", target, key, default, log=choice.log)
+def moe_config(choice: KernelChoice, target, *, num_experts, top_k, hidden, inter):
+    """The grouped-GEMM config, picked for the prompt chunk; None where wgmma does not apply."""
+    from mla_compiler.schedules.families import MoeShape
 
-
-def moe_config(choice: KernelChoice, target, *, default, **shape):
-    """The grouped-GEMM config (``num_experts``, ``top_k``, ``hidden``, ``inter``) tuned for
-    the prompt chunk, else ``default``."""
-    key = moe_shape_key(**shape, tokens=choice.ubatch)
-    return config_for(choice.db, "moe_grouped", target, key, default, log=choice.log)
+    shape = MoeShape(num_experts, top_k, hidden, inter, choice.ubatch)
+    if kernel_family("moe_grouped").default(shape, target) is None:
+        return None
+    return choose(choice, "moe_grouped", shape, target)
 
 
 def dense_gemm_config(choice: KernelChoice, m, n: int, k: int, *, target, epilogue, out_dtype):
-    """The wgmma config of a dense product on sm_90a (``schedules.gemm.wgmma_default`` where it
-    applies: symbolic or > 64 rows), the tuned one where recorded and it fits; else None (the
-    factory picks its own mma.sync / GEMV schedule)."""
+    """The wgmma config of a dense product on sm_90a where it applies (symbolic or > 64 rows:
+    ``schedules.gemm.wgmma_default``), picked for the prompt chunk; else None (the factory
+    picks its own mma.sync / GEMV schedule)."""
     from mla_compiler.schedules import gemm as G
-    from mla_compiler.schedules import gemm_wgmma as W
+    from mla_compiler.schedules.families import GemmShape
 
-    default = G.wgmma_default(m, n, k, target=target, epilogue=epilogue, batch=None)
-    if default is None:
+    if G.wgmma_default(m, n, k, target=target, epilogue=epilogue, batch=None) is None:
         return None
-    tuned = gemm_config(choice, target, n=n, k=k, epilogue=epilogue, out_dtype=out_dtype,
-                        default=default)  # fmt: skip
-    return tuned if W.applies(n, k, target=target, config=tuned) else default
+    return choose(
+        choice, "gemm_prefill", GemmShape(n, k, epilogue, out_dtype, choice.ubatch), target
+    )

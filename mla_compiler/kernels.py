@@ -63,7 +63,7 @@ def decode_kernels(
         return None
     max_context = choice.max_context
     try:
-        config = kernel_configs.decode_config(choice, target, dims)
+        config = kernel_configs.decode_config(choice, target, dims, sm_scale=sm_scale)
         if not config.tensor_cores:
             return None
         dk = ad.absorbed_decode(
@@ -103,7 +103,7 @@ def prefill_kernel(
     try:
         extend = short = None
         if config is None:
-            config = kernel_configs.prefill_config(choice, op, target, dims)
+            config = kernel_configs.prefill_config(choice, op, target, dims, sm_scale=sm_scale)
             extend = kernel_configs.prefill_extend_config(choice, op, target, dims)
             short = kernel_configs.prefill_short_config(op, target, dims)
         return factory(

@@ -1,8 +1,9 @@
 """``mla-compiler tune``: search kernel schedule configs; build here, measure there.
 
-A ``TunableKernel`` names a kernel factory, its config space on a target (already pruned by the
-schedule's ``keep``), the shapes worth tuning for a model and the runner that checks and times
-it on a GPU (``tuning_measure.RUNNERS``). Tuning runs in two halves:
+The kernel families (``schedules.families.FAMILIES``) give each config space on a target
+(already pruned by the schedule's ``keep``), the shapes worth tuning for a model and how to
+build a config; ``tuning_measure.RUNNERS`` checks and times a family's kernels on a GPU. Tuning
+runs in two halves:
 
 - ``build_candidates`` (the build machine: full TVM + nvcc, no GPU needed) compiles every
   candidate config into its own artifact directory ``<plan>/<id>/kernel.so`` with
@@ -12,8 +13,6 @@ it on a GPU (``tuning_measure.RUNNERS``). Tuning runs in two halves:
   record per (candidate, shape) to the database (``tuning_db``).
 
 ``kernel_configs`` reads the database back for the compiler (``compile --tuning-db``).
-Kernels of other modules (GEMM, MoE) join with ``register`` plus
-``tuning_measure.register_runner``.
 
 Plan format (``plan.json``, ``PLAN_FORMAT``)::
 
@@ -31,27 +30,17 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import multiprocessing
-import re
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import tvm
 
 from mla_compiler import tuning_db
 from mla_compiler.errors import TuningError
-from mla_compiler.kernel_configs import (
-    best_config,
-    config_for,
-    config_from_dict,
-    decode_shape_key,
-    gemm_shape_key,
-    moe_shape_key,
-    prefill_shape_key,
-    target_name,
-)
-from mla_compiler.model_export.config import MLADims, ModelConfig, load_config, preset
+from mla_compiler.kernel_configs import best_config, config_for, config_from_dict, target_name
+from mla_compiler.model_export.config import ModelConfig, load_config, preset
+from mla_compiler.schedules.families import FAMILIES, GROUPS, KernelFamily
 from mla_compiler.tuning_db import format_summary, summary
 from mla_compiler.tuning_measure import (
     PLAN_FILE,
@@ -62,261 +51,55 @@ from mla_compiler.tuning_measure import (
     write_json,
 )
 
-DECODE_CONTEXTS = (4096, 16384, 32768)
-PREFILL_LENGTHS = (2048, 8192)
 LIBRARY = "kernel"  # <plan>/<candidate>/kernel.so
 
 
-@dataclasses.dataclass(frozen=True)
-class Shape:
-    """One problem size to measure: ``key`` names it in the database, ``params`` feed the runner."""
-
-    key: str
-    params: dict
-
-
-@dataclasses.dataclass(frozen=True)
-class TunableKernel:
-    """What tuning needs to know of one kernel.
-
-    ``space(target, dims)``: configs worth measuring, best guess first, pruned by ``keep``.
-    ``shapes(model, target, config)``: the problems to measure (per config where a run-time
-    parameter such as the decode split count depends on it).
-    ``build(config, target, model)``: an IRModule of PrimFuncs the runner calls by name.
-    ``group``: the ``--kernels`` name that selects it (attn, gemm, moe).
-    """
-
-    name: str
-    group: str
-    space: Callable[[tvm.target.Target, MLADims], list]
-    shapes: Callable[[ModelConfig, tvm.target.Target, object], list[Shape]]
-    build: Callable[[object, tvm.target.Target, ModelConfig], tvm.IRModule]
+def tuning_space(family: KernelFamily, model: ModelConfig, target) -> list[tuple[object, list]]:
+    """``[(config, shapes it serves)]`` of ``family`` for ``model``: every candidate of any of
+    the model's shapes (first seen first), with the shapes that keep it."""
+    shapes = family.model_shapes(model)
+    configs = list(dict.fromkeys(c for s in shapes for c in family.candidates(s, target)))
+    return [(c, [s for s in shapes if family.keep(c, s, target)]) for c in configs]
 
 
-KERNELS: dict[str, TunableKernel] = {}
-GROUPS = ("attn", "gemm", "moe")
+def build_module(family: KernelFamily, config, shapes: list, target) -> tvm.IRModule:
+    """One IRModule of ``config``'s kernels for all its shapes (a symbol built once)."""
+    funcs = {}
+    for shape in shapes:
+        for symbol, func in family.build(config, shape, target).items():
+            funcs.setdefault(symbol, func)
+    return tvm.IRModule(funcs)
 
 
-def register(kernel: TunableKernel) -> TunableKernel:
-    """Add a kernel to the registry (the hook for schedules/gemm.py, schedules/moe.py: register
-    a ``TunableKernel`` of group "gemm"/"moe" here and its runner with
-    ``tuning_measure.register_runner``)."""
-    if kernel.group not in GROUPS:
-        raise ValueError(f"unknown kernel group {kernel.group!r}: use one of {GROUPS}")
-    KERNELS[kernel.name] = kernel
-    return kernel
-
-
-# --- attention kernels --------------------------------------------------------------------------
-
-
-def _decode_space(target, dims: MLADims) -> list:
-    from mla_compiler.schedules import attention_decode as ad
-
-    return ad.candidate_configs(target, dims, q_tokens=1)
-
-
-def _decode_shapes(model: ModelConfig, target, config) -> list[Shape]:
-    from mla_compiler.schedules import attention_decode as ad
-
-    dims = model.dims
-    out = []
-    for ctx in DECODE_CONTEXTS:
-        splits = ad.splits_for(config, target, dims, q_tokens=1, batch=1, max_context=ctx)
-        params = {"batch": 1, "ctx": ctx, "splits": splits}
-        out.append(Shape(decode_shape_key(dims, ctx), params))
-    return out
-
-
-def _decode_build(config, target, model: ModelConfig) -> tvm.IRModule:
-    from mla_compiler.schedules import attention_decode as ad
-
-    dims = model.dims
-    k = ad.absorbed_decode(dims, target=target, config=config, sm_scale=model.softmax_scale)
-    return tvm.IRModule({"decode_split": k.split, "decode_merge": k.merge})
-
-
-def _prefill_kernel(kind: str) -> TunableKernel:
-    from mla_compiler.schedules import attention_prefill as ap
-
-    def space(target, dims):
-        return ap.candidates(target, kind=kind, dims=dims)
-
-    def shapes(model, target, config):
-        return [Shape(prefill_shape_key(kind, model.dims, n), {"n": n}) for n in PREFILL_LENGTHS]
-
-    def build(config, target, model):
-        factory = ap.absorbed_prefill if kind == "absorbed" else ap.decompressed_prefill
-        func = factory(
-            model.dims,
-            target=target,
-            config=config,
-            sm_scale=model.softmax_scale,
-        )
-        return tvm.IRModule({"prefill": func.with_attr("global_symbol", "prefill")})
-
-    return TunableKernel(f"attn_prefill_{kind}", "attn", space, shapes, build)
-
-
-def _register_attention() -> None:
-
-    register(TunableKernel("attn_decode", "attn", _decode_space, _decode_shapes, _decode_build))
-    register(_prefill_kernel("absorbed"))
-    register(_prefill_kernel("decompressed"))
-
-
-_register_attention()
-
-
-# --- dense GEMMs (sm_90a wgmma kernel) -----------------------------------------------------------
-
-GEMM_TOKENS = (2048,)  # prompt-chunk rows the dense GEMMs are tuned for
-
-
-def dense_products(model: ModelConfig) -> list[tuple[int, int, str | None, str | None]]:
-    """``(n, k, epilogue, out_dtype)`` of every dense product of a prompt chunk (mla=3): the
-    shapes ``LowerDenseGemm`` hands to ``schedules.gemm``."""
-    d, m = model.hidden_size, model.dims
-    out = [
-        (m.heads * m.qk_head_dim, d, None, None),  # q_proj (q_lora_rank None)
-        (m.kv_lora_rank + m.qk_rope_head_dim, d, None, None),  # kv_a_proj_with_mqa
-        (m.heads * (m.qk_nope_head_dim + m.v_head_dim), m.kv_lora_rank, None, None),  # kv_b
-        (d, m.heads * m.v_head_dim, "residual", None),  # o_proj + residual
-        (model.n_routed_experts, d, None, "float32"),  # router logits
-    ]
-    shared = model.n_shared_experts * model.moe_intermediate_size
-    if shared:
-        out += [(shared, d, "silu_mul", None), (d, shared, "residual", None)]
-    if model.first_k_dense_replace:
-        out += [(model.intermediate_size, d, "silu_mul", None)]
-        out += [(d, model.intermediate_size, "residual", None)]
-    if m.q_lora_rank is not None:
-        out[0] = (m.heads * m.qk_head_dim, m.q_lora_rank, None, None)
-        out.append((m.q_lora_rank, d, None, None))
-    return list(dict.fromkeys(out))
-
-
-def _gemm_kernel() -> TunableKernel:
-    from mla_compiler.schedules import gemm_wgmma as W
-
-    def space(target, dims):
-        return [c for c in W.CONFIGS if W.keep(c, target)]
-
-    def shapes(model, target, config):
-        out = []
-        for n, k, epi, odt in dense_products(model):
-            if not W.keep(config, target, k=k) or (epi == "silu_mul" and config.block_n % 64):
-                continue
-            for t in GEMM_TOKENS:
-                key = gemm_shape_key(n, k, epi, odt, t)
-                params = {"n": n, "k": k, "epilogue": epi, "out_dtype": odt, "tokens": t}
-                out.append(Shape(key, {**params, "symbol": _symbol(key)}))
-        return out
-
-    def build(config, target, model):
-        funcs = {}
-        for shape in shapes(model, target, config):
-            p = shape.params
-            f = W.wgmma_gemm(
-                None,
-                p["n"],
-                p["k"],
-                target=target,
-                config=config,
-                epilogue=p["epilogue"],
-                out_dtype=p["out_dtype"],
-            )
-            funcs[p["symbol"]] = f.with_attr("global_symbol", p["symbol"])
-        return tvm.IRModule(funcs)
-
-    return TunableKernel("gemm_prefill", "gemm", space, shapes, build)
-
-
-def _symbol(key: str) -> str:
-    return "gemm_" + re.sub(r"\W", "_", key)
-
-
-register(_gemm_kernel())
-
-
-# --- grouped MoE expert GEMMs (sm_90a wgmma) ------------------------------------------------------
-
-
-def _moe_key(model: ModelConfig, tokens: int) -> str:
-    e, k = model.n_routed_experts, model.num_experts_per_tok
-    d, i = model.hidden_size, model.moe_intermediate_size
-    return moe_shape_key(num_experts=e, top_k=k, hidden=d, inter=i, tokens=tokens)
-
-
-def _moe_kernel() -> TunableKernel:
-    """gate+up then down for one prompt chunk, as one measurement: both take the same row
-    blocks (``moe_align`` groups tokens for one ``block_m``), so one config serves both."""
-    from mla_compiler.schedules import gemm_wgmma as W
-
-    def space(target, dims):
-        return [c for c in W.CONFIGS if W.keep(c, target)]
-
-    def shapes(model, target, config):
-        if not model.n_routed_experts:
-            return []
-        d, i = model.hidden_size, model.moe_intermediate_size
-        if not (W.keep(config, target, k=d) and W.keep(config, target, k=i)):
-            return []
-        params = {
-            "num_experts": model.n_routed_experts,
-            "top_k": model.num_experts_per_tok,
-            "hidden": d,
-            "inter": i,
-            "block_m": config.block_m,
-        }
-        return [Shape(_moe_key(model, t), {**params, "tokens": t}) for t in GEMM_TOKENS]
-
-    def build(config, target, model):
-        kw = dict(num_experts=model.n_routed_experts, top_k=model.num_experts_per_tok)
-        d, i = model.hidden_size, model.moe_intermediate_size
-        funcs = {
-            name: W.moe_grouped(kind, d, i, target=target, config=config, **kw).with_attr(
-                "global_symbol", name
-            )
-            for kind, name in (("gate_up", "moe_gate_up"), ("down", "moe_down"))
-        }
-        return tvm.IRModule(funcs)
-
-    return TunableKernel("moe_grouped", "moe", space, shapes, build)
-
-
-register(_moe_kernel())
-
-
-def select_kernels(spec: str | list[str]) -> list[TunableKernel]:
+def select_kernels(spec: str | list[str]) -> list[KernelFamily]:
     """Kernels named by ``--kernels``: groups (attn, gemm, moe) or kernel names.
 
     A group with nothing registered on this build raises ``TuningError`` when it is the only
     thing asked for; otherwise it is skipped (``skipped_groups`` says which).
     """
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
-    out: list[TunableKernel] = []
+    out: list[KernelFamily] = []
     for name in names:
-        if name in KERNELS:
-            found = [KERNELS[name]]
+        if name in FAMILIES:
+            found = [FAMILIES[name]]
         elif name in GROUPS:
-            found = [k for k in KERNELS.values() if k.group == name]
+            found = [k for k in FAMILIES.values() if k.group == name]
         else:
             raise TuningError(
-                f"unknown kernel {name!r}: use {', '.join(GROUPS)} or one of {', '.join(KERNELS)}"
+                f"unknown kernel {name!r}: use {', '.join(GROUPS)} or one of {', '.join(FAMILIES)}"
             )
         out += [k for k in found if k not in out]
     if not out:
         raise TuningError(
             f"no tunable kernel registered for {', '.join(names)} on this build "
-            f"(registered: {', '.join(KERNELS)})"
+            f"(registered: {', '.join(FAMILIES)})"
         )
     return out
 
 
 def skipped_groups(spec: str) -> list[str]:
     """Groups named in ``spec`` that have no registered kernel (reported, not tuned)."""
-    have = {k.group for k in KERNELS.values()}
+    have = {k.group for k in FAMILIES.values()}
     return [g for g in spec.split(",") if g in GROUPS and g not in have]
 
 
@@ -343,27 +126,27 @@ def resolve_model(*, model_dir: str | None = None, preset_name: str | None = Non
 
 
 def plan_candidates(
-    model: ModelConfig, target, kernels: list[TunableKernel], *, limit: int | None = None
+    model: ModelConfig, target, kernels: list[KernelFamily], *, limit: int | None = None
 ) -> list[dict]:
-    """Candidate entries (no artifacts yet): every config of every kernel with its shapes.
+    """Candidate entries (no artifacts yet): every config of every family with its shapes.
 
-    ``limit``: at most this many configs per kernel (the first ones: best guesses).
+    ``limit``: at most this many configs per family (the first ones: best guesses).
     """
     tgt = _target(target)
     out = []
-    for kernel in kernels:
-        configs = kernel.space(tgt, model.dims)[:limit]
-        for index, config in enumerate(configs):
-            cid = f"{kernel.name}-{index:03d}"
-            shapes = kernel.shapes(model, tgt, config)
+    for family in kernels:
+        for index, (config, shapes) in enumerate(tuning_space(family, model, tgt)[:limit]):
             out.append(
                 {
-                    "id": cid,
-                    "kernel": kernel.name,
+                    "id": f"{family.name}-{index:03d}",
+                    "kernel": family.name,
                     "config": config_to_dict(config),
                     "artifact": None,
                     "build_error": None,
-                    "shapes": [{"key": s.key, "params": s.params} for s in shapes],
+                    "shapes": [
+                        {"key": family.shape_key(s), "params": family.run_params(config, s, tgt)}
+                        for s in shapes
+                    ],
                 }
             )
     return out
@@ -378,9 +161,11 @@ def _build_one(job: dict) -> dict:
     out = Path(job["out"]) / cand["id"]
     t0 = time.time()
     try:
-        kernel = KERNELS[cand["kernel"]]
+        family, tgt = FAMILIES[cand["kernel"]], _target(target)
         config = config_from_dict(cand["kernel"], cand["config"])
-        mod = kernel.build(config, _target(target), model)
+        keys = {s["key"] for s in cand["shapes"]}
+        shapes = [s for s in family.model_shapes(model) if family.shape_key(s) in keys]
+        mod = build_module(family, config, shapes, tgt)
         result = cuda_build.build(mod, [target], output=out, name=LIBRARY, ptx=False)
         cand["resources"] = {
             k: dataclasses.asdict(r) for k, r in result.device_modules[0].kernels[target].items()
@@ -416,7 +201,7 @@ def build_candidates(
     if tname == "cpu":
         raise TuningError("tuning needs a GPU target (e.g. --target sm_90a): cpu has no configs")
     chosen = kernels if isinstance(kernels, list) else select_kernels(kernels)
-    chosen = [KERNELS[k] if isinstance(k, str) else k for k in chosen]
+    chosen = [FAMILIES[k] if isinstance(k, str) else k for k in chosen]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cands = plan_candidates(model, tname, chosen, limit=limit)
@@ -536,16 +321,12 @@ def tune(
 
 
 __all__ = [
-    "KERNELS",
-    "Shape",
-    "TunableKernel",
     "best_config",
     "build_candidates",
     "config_for",
     "format_summary",
     "measure",
     "read_plan",
-    "register",
     "select_kernels",
     "summary",
     "tune",

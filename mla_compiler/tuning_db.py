@@ -6,7 +6,7 @@ only) writes records with it too.
 Record format (version ``v = 1``), one per measured (kernel, target, shape, config)::
 
     {"v": 1,
-     "kernel": "attn_decode",            # registry name (mla_compiler.tuning.KERNELS)
+     "kernel": "attn_decode",            # family name (schedules.families.FAMILIES)
      "target": "sm_90a",                 # what the candidate was compiled for
      "arch": "sm_90a",                   # the GPU that measured it ("" when not run)
      "device": "NVIDIA H100 80GB HBM3",

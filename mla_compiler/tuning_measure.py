@@ -41,7 +41,7 @@ RUNNERS: dict[str, Callable] = {}
 
 def register_runner(kernel: str):
     """Decorator: ``fn(module, plan, shape_params, reps) -> result dict`` measures ``kernel``
-    (the runner half of the registry hook; ``tuning.register`` is the build half)."""
+    (a family of ``schedules.families.FAMILIES`` names its runner by its own name)."""
 
     def wrap(fn):
         RUNNERS[kernel] = fn

@@ -193,7 +193,9 @@ def candidates(target, *, kind: str = "absorbed", dims: MLADims) -> list:
     # The first one that fits is the default; all free of spills under ptxas
     # (tests/test_attention_prefill.py). wgmma configs are pruned where the arch lacks it. The
     # order is what the GPU runs measured (benchmarks/NOTES.md).
-    mma, wg = PrefillConfig, functools.partial(PrefillConfig, wgmma=True)
+    mma = PrefillConfig
+    wg = functools.partial(PrefillConfig, mma="wgmma")
+    sw = functools.partial(PrefillConfig, mma="wgmma_swizzled")
     if kind == "absorbed" and arch == "sm_89":
         out = [mma(32, 16, 8, 3, split_s=False), mma(32, 16, 8, 2, split_s=False)]
     elif kind == "absorbed":
@@ -202,8 +204,8 @@ def candidates(target, *, kind: str = "absorbed", dims: MLADims) -> list:
         # sm_90a: swizzled wgmma first, the hand-off first of all: warpgroup 0 computes all of S
         # (m64n64, not two m64n32) and the softmax, the other loads KV; both run P·V from
         # registers (FlashMLA's first kernel's split of the work).
-        handoff = functools.partial(wg, split_s=False, swizzle=True, p_regs=True)
-        out = [handoff(64, 64, 8, 2), wg(64, 64, 8, 2, swizzle=True)]
+        handoff = functools.partial(sw, split_s=False, p_operand="regs")
+        out = [handoff(64, 64, 8, 2), sw(64, 64, 8, 2)]
         out += [handoff(64, 32, 8, 4), handoff(64, 32, 8, 3)]
         out += [mma(64, 32, 8, 3), mma(64, 64, 8, 2), mma(64, 32, 8, 2)]
         out += [mma(64, 16, 8, 3, split_s=False)]
@@ -213,33 +215,35 @@ def candidates(target, *, kind: str = "absorbed", dims: MLADims) -> list:
     else:
         # sm_90a: swizzled wgmma, P in registers (wgmma rs form), 96-row KV tiles; 256 x 64
         # stays near the front for extend_config's one-wave chunks.
-        rs = functools.partial(wg, swizzle=True, p_regs=True)
-        tma = functools.partial(rs, tma=True)
+        rs = functools.partial(sw, p_operand="regs")
+        pipe = functools.partial(sw, p_operand="regs_pipelined")
+        tma = functools.partial(rs, kv_loads="tma")
+        warp = functools.partial(rs, kv_loads="tma_producer_warp")
         # KV tiles by TMA first: one thread issues each tile's boxes into an mbarrier ring; with
         # a producer warp the consumers meet at no CTA barrier per tile. 12 warps + a producer
         # warp get only 128 registers, so 192-row tiles need a producer warpgroup that gives its
         # registers up (setmaxnreg: the consumers get 160).
-        mx = functools.partial(tma, producer=True, setmaxnreg=True)
-        out = [mx(192, 96, 12, 2), tma(128, 128, 8, 2, producer=True)]
-        out += [tma(256, 64, 16, 2, s_first=True), tma(128, 96, 8, 2, producer=True)]
+        mx = functools.partial(rs, kv_loads="tma_producer_warpgroup")
+        out = [mx(192, 96, 12, 2), warp(128, 128, 8, 2)]
+        out += [tma(256, 64, 16, 2, s_first=True), warp(128, 96, 8, 2)]
         out += [tma(192, 96, 12, 2), tma(128, 128, 8, 2), tma(128, 96, 8, 2)]
-        out += [tma(128, 64, 8, 3, producer=True), tma(128, 112, 8, 2, producer=True)]
+        out += [warp(128, 64, 8, 3), warp(128, 112, 8, 2)]
         # 64-row query tiles (one warpgroup + the producer warp; 64 x 64 two blocks a SM):
         # short_config's pick for prompts of one wave in the default's tiles
-        out += [tma(64, 64, 4, 2, producer=True), tma(64, 128, 4, 2, producer=True)]
+        out += [warp(64, 64, 4, 2), warp(64, 128, 4, 2)]
         # More for the register split (192 x 64 x 3 stages spills at 160 registers)
         out += [mx(192, 80, 12, 2), mx(192, 112, 12, 2), mx(128, 128, 8, 2)]
         # cp.async rings (every thread copies its share of each tile)
         out += [rs(192, 96, 12, 2), rs(256, 64, 16, 2, s_first=True), rs(192, 64, 12, 2)]
         out += [rs(128, 96, 8, 2), rs(256, 64, 16, 2)]
-        out += [rs(192, 64, 12, 3), rs(128, 64, 8, 3), rs(128, 64, 8, 4, pipelined=True)]
-        out += [wg(128, 64, 8, 3, swizzle=True)]
+        out += [rs(192, 64, 12, 3), rs(128, 64, 8, 3), pipe(128, 64, 8, 4)]
+        out += [sw(128, 64, 8, 3)]
         out += [mma(128, 64, 8, 2), mma(128, 32, 8, 2), mma(64, 32, 4, 2)]
         out += [wg(128, 64, 8, 2), wg(128, 64, 8, 3)]
         # FA3's in-warpgroup pipeline on a two-stage split ring (K one tile ahead of V, no
         # third stage); 128 x 128 x 8 warps and 192 x 64 x 12 warps spill with it (keep
         # rejects them)
-        out += [rs(128, 96, 8, 2, pipelined=True)]
+        out += [pipe(128, 96, 8, 2)]
     return [c for c in out if keep(c, target, kind=kind, dims=dims)]
 
 

@@ -17,37 +17,88 @@ _PAD = 8  # halfs of padding per shared-memory row: rows 16 B apart mod 128 B, n
 _PIPELINE_REGISTERS = 90
 
 
+# The three feature axes of a CUDA prefill config, each a chain of steps (a step needs the ones
+# before it), so each is one field rather than a boolean per step.
+MMA_FORMS = (
+    "mma_sync",  # mma.sync fragments loaded with ldmatrix
+    "wgmma",  # sm_90a warpgroup MMAs, operands in core-matrix tiled shared memory
+    "wgmma_swizzled",  # wgmma, operands in 128-byte swizzled rows
+)
+P_OPERANDS = (
+    "smem",  # P·V reads P from shared memory (or from the A fragments, mma.sync)
+    # wgmma, unsplit S: P·V takes P from registers (rs form). With split V columns (d_split > 1)
+    # that is the hand-off: warpgroup 0 alone computes S and the softmax and passes P and the
+    # rescale factors to the others through shared memory; they issue the KV loads meanwhile.
+    "regs",
+    "regs_pipelined",  # regs, and tile i's softmax runs under tile i-1's P·V wgmma (FA3)
+)
+KV_LOADS = (
+    "cp_async",  # every thread issues its share of 16-byte cp.async copies
+    # swizzled wgmma, separate K and V (decompressed): one thread loads each KV tile with TMA
+    # (``cp.async.bulk.tensor`` through tensor maps the host encodes per call) into an mbarrier ring
+    "tma",
+    # tma, one warpgroup a row block: one extra warp issues the loads; the consumer warps wait on
+    # a slot's "full" mbarrier and release its "empty" one, no CTA-wide barrier a tile (FA3)
+    "tma_producer_warp",
+    # a whole producer warpgroup (one lane issues) that gives its registers up with `setmaxnreg`
+    # (to 24), so the consumer warps get 240 each (8 warps) instead of 168
+    "tma_producer_warpgroup",
+)
+# a database record of an older version spells the chains as booleans
+_LEGACY_FIELDS = ("wgmma", "swizzle", "p_regs", "pipelined", "tma", "producer", "setmaxnreg")
+
+
 @dataclasses.dataclass(frozen=True)
 class PrefillConfig:
-    """CUDA tile shape: ``tile_q`` query rows per block, ``tile_kv`` KV rows per pipeline step."""
+    """CUDA tile shape: ``tile_q`` query rows per block, ``tile_kv`` KV rows per pipeline step;
+    the MMA form, where P·V takes P from and how KV tiles are loaded (``MMA_FORMS``,
+    ``P_OPERANDS``, ``KV_LOADS``)."""
 
     tile_q: int
     tile_kv: int
     warps: int
     stages: int
     split_s: bool = True  # with split V columns, split S's columns too and share P via smem
-    wgmma: bool = False  # sm_90a: warpgroup MMAs with operands in (core-matrix tiled) smem
-    swizzle: bool = False  # wgmma operands in 128-byte swizzled rows instead of core matrices
-    # wgmma, unsplit S: P·V takes P from registers (rs form), not smem. With split V columns
-    # (d_split > 1) that is the hand-off: warpgroup 0 alone computes S and the softmax and
-    # passes P (in its A-fragment layout) and the rescale factors to the others through shared
-    # memory; the other warpgroups issue the KV loads meanwhile.
-    p_regs: bool = False
-    pipelined: bool = False  # p_regs: tile i's softmax runs under tile i-1's P·V wgmma (FA3)
+    mma: str = "mma_sync"
+    p_operand: str = "smem"
     # swizzled wgmma without hand-off: each tile's S wgmma is issued before the next tile's
     # copies, so the copies' address math and LDGSTS issue run under S
     s_first: bool = False
-    # swizzled wgmma, separate K and V (decompressed): one thread loads each KV tile with TMA
-    # (``cp.async.bulk.tensor`` through tensor maps the host encodes per call) into an
-    # mbarrier ring, instead of every thread issuing its share of 16-byte cp.async copies
-    tma: bool = False
-    # tma, one warpgroup a row block (no warps exchanging rows): one extra warp issues the TMA
-    # loads; the consumer warps wait on a slot's "full" mbarrier and release it on its "empty"
-    # one, with no CTA-wide barrier per tile (warpgroups drift apart, FA3's producer warp)
-    producer: bool = False
-    # producer: a whole warpgroup (one lane issues) that gives its registers up with
-    # `setmaxnreg` (to 24), so the consumer warps get 240 each (8 warps) instead of 168
-    setmaxnreg: bool = False
+    kv_loads: str = "cp_async"
+
+    def __post_init__(self):
+        for name, allowed in (
+            ("mma", MMA_FORMS),
+            ("p_operand", P_OPERANDS),
+            ("kv_loads", KV_LOADS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"PrefillConfig.{name}={getattr(self, name)!r}: use one of {allowed}"
+                )
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PrefillConfig:
+        """From a database record, today's fields or an older version's booleans."""
+        data = dict(data)
+        if any(k in data for k in _LEGACY_FIELDS):
+            old = {k: bool(data.pop(k, False)) for k in _LEGACY_FIELDS}
+            data["mma"] = MMA_FORMS[old["wgmma"] * (1 + old["swizzle"])]
+            p = old["wgmma"] and old["p_regs"]
+            data["p_operand"] = P_OPERANDS[p * (1 + old["pipelined"])]
+            steps = (old["tma"], old["tma"] and old["producer"])
+            steps += (steps[1] and old["setmaxnreg"],)
+            data["kv_loads"] = KV_LOADS[sum(steps)]
+        return cls(**data)
+
+    # the steps of the chains, as the CUDA body reads them
+    wgmma = property(lambda self: self.mma != "mma_sync")
+    swizzle = property(lambda self: self.mma == "wgmma_swizzled")
+    p_regs = property(lambda self: self.p_operand != "smem")
+    pipelined = property(lambda self: self.p_operand == "regs_pipelined")
+    tma = property(lambda self: self.kv_loads != "cp_async")
+    producer = property(lambda self: self.kv_loads.startswith("tma_producer"))
+    setmaxnreg = property(lambda self: self.kv_loads == "tma_producer_warpgroup")
 
     @property
     def producer_warps(self) -> int:

@@ -266,7 +266,7 @@ def test_keep_takes_two_stage_pipelines_only_with_separate_k_and_v_rows():
     which lets K run a tile ahead of V on two stages (the split ring)."""
     from mla_compiler.schedules import attention_prefill_tiles as tiles
 
-    pipe = dict(wgmma=True, swizzle=True, p_regs=True, pipelined=True)
+    pipe = dict(mma="wgmma_swizzled", p_operand="regs_pipelined")
     two = ap.PrefillConfig(128, 96, 8, 2, **pipe)
     assert ap.keep(two, "sm_90a", kind="decompressed", dims=V2_LITE)
     assert tiles.geometry(two, ap._layout_for("decompressed", V2_LITE)).split_ring
@@ -282,7 +282,7 @@ def test_keep_takes_two_stage_pipelines_only_with_separate_k_and_v_rows():
         spills = ap.PrefillConfig(tile_q, tile_kv, warps, 2, **pipe)
         assert not ap.keep(spills, "sm_90a", kind="decompressed", dims=V2_LITE)
         assert ap.keep(
-            dataclasses.replace(spills, pipelined=False),
+            dataclasses.replace(spills, p_operand="regs"),
             "sm_90a",
             kind="decompressed",
             dims=V2_LITE,
@@ -396,13 +396,15 @@ def test_sm90a_tma_config_loads_kv_tiles_by_tma():
     ``dk / 64 + dv / 64`` TMA boxes (prologue and loop), its only cp.async copies Q's."""
     from mla_compiler.nvcc import sass_opcodes
 
-    config = ap.PrefillConfig(192, 96, 12, 2, wgmma=True, swizzle=True, p_regs=True, tma=True)
+    config = ap.PrefillConfig(
+        192, 96, 12, 2, mma="wgmma_swizzled", p_operand="regs", kv_loads="tma"
+    )
     source = _build("decompressed", V2_LITE, "sm_90a", config).mod.imports[0].inspect_source()
     assert source.count("const __grid_constant__ CUtensorMap") == 4  # declaration, definition
     (ops,) = sass_opcodes(_sm90a_decompressed_cubin(config)).values()
     boxes = V2_LITE.qk_head_dim // 64 + V2_LITE.v_head_dim // 64
     assert ops.get("UTMALDG", 0) == 2 * boxes, ops
-    plain = dataclasses.replace(config, tma=False)
+    plain = dataclasses.replace(config, kv_loads="cp_async")
     (ops_plain,) = sass_opcodes(_sm90a_decompressed_cubin(plain)).values()
     assert 0 < ops.get("LDGSTS", 0) < ops_plain["LDGSTS"], (ops, ops_plain)
 
@@ -412,10 +414,13 @@ def test_sm90a_producer_warp_replaces_the_per_tile_block_barrier():
     """With ``producer`` the block has one more warp, the consumer warps release each slot on
     an mbarrier (one arrival per warp) and the only CTA-wide barrier is the one after the
     mbarrier init; without it every tile also starts with ``__syncthreads``."""
-    config = ap.PrefillConfig(128, 128, 8, 2, wgmma=True, swizzle=True, p_regs=True, tma=True)
+    config = ap.PrefillConfig(
+        128, 128, 8, 2, mma="wgmma_swizzled", p_operand="regs", kv_loads="tma"
+    )
+    loads = {False: "tma", True: "tma_producer_warp"}
     sources = {
         producer: _build(
-            "decompressed", V2_LITE, "sm_90a", dataclasses.replace(config, producer=producer)
+            "decompressed", V2_LITE, "sm_90a", dataclasses.replace(config, kv_loads=loads[producer])
         )
         .mod.imports[0]
         .inspect_source()
@@ -428,7 +433,7 @@ def test_sm90a_producer_warp_replaces_the_per_tile_block_barrier():
         "mbarrier_arrive_nocount" in sources[True]
         and "mbarrier_arrive_nocount" not in (sources[False])
     )
-    _sm90a_decompressed_cubin(dataclasses.replace(config, producer=True))  # 0 spills
+    _sm90a_decompressed_cubin(dataclasses.replace(config, kv_loads=loads[True]))  # 0 spills
 
 
 @pytest.mark.skipif(not nvcc_available(), reason="nvcc / cuobjdump not installed")
@@ -441,7 +446,10 @@ def test_sm90a_producer_warpgroup_hands_its_registers_to_the_consumers():
     config = ap.default_config("sm_90a", kind="decompressed", dims=V2_LITE)
     assert (config.tile_q, config.warps, config.setmaxnreg) == (192, 12, True)
     assert not ap.keep(
-        dataclasses.replace(config, setmaxnreg=False), "sm_90a", kind="decompressed", dims=V2_LITE
+        dataclasses.replace(config, kv_loads="tma_producer_warp"),
+        "sm_90a",
+        kind="decompressed",
+        dims=V2_LITE,
     )
     source = _build("decompressed", V2_LITE, "sm_90a", config).mod.imports[0].inspect_source()
     assert "__launch_bounds__(512)" in source
@@ -458,7 +466,7 @@ def test_sm90a_pipelined_softmax_runs_under_the_previous_tiles_pv():
     that P·V (``0x0``). Without the ordering store ptxas hoisted the second wait above them."""
     from mla_compiler.nvcc import sass_instructions
 
-    config = ap.PrefillConfig(128, 96, 8, 2, wgmma=True, swizzle=True, p_regs=True, pipelined=True)
+    config = ap.PrefillConfig(128, 96, 8, 2, mma="wgmma_swizzled", p_operand="regs_pipelined")
     (insns,) = sass_instructions(_sm90a_decompressed_cubin(config)).values()
     ops = [i.split()[1] + (" " + i.split()[-1] if "DEPBAR" in i else "") for i in insns]
     starts = [k for k, op in enumerate(ops) if op == "WARPGROUP.DEPBAR.LE 0x1"]
@@ -477,7 +485,7 @@ def test_sm90a_s_first_issues_s_before_the_next_tiles_copies(s_first):
     from mla_compiler.nvcc import sass_sequence
 
     config = ap.PrefillConfig(
-        256, 64, 16, 2, wgmma=True, swizzle=True, p_regs=True, s_first=s_first
+        256, 64, 16, 2, mma="wgmma_swizzled", p_operand="regs", s_first=s_first
     )
     (ops,) = sass_sequence(_sm90a_decompressed_cubin(config)).values()
     loop = ops[ops.index("BAR") :]

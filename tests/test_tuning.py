@@ -17,6 +17,8 @@ from mla_compiler.kernel_configs import KernelChoice
 from mla_compiler.model_export.config import preset
 from mla_compiler.schedules import attention_decode as ad
 from mla_compiler.schedules import attention_prefill as ap
+from mla_compiler.schedules import families
+from mla_compiler.schedules.families import FAMILIES
 from mla_compiler.schedules.target import tvm_target
 
 V2 = preset("deepseek-v2-lite")
@@ -25,14 +27,19 @@ TINY = preset("tiny")
 
 # --- config spaces ------------------------------------------------------------------------------
 
+ATTN = ["attn_decode", "attn_prefill_absorbed", "attn_prefill_decompressed"]
+
+
+def _space(name, arch, model=V2):
+    """The tuner's candidate configs of family ``name`` for ``model`` on ``arch``."""
+    return [c for c, _ in tuning.tuning_space(FAMILIES[name], model, tvm_target(arch))]
+
 
 @pytest.mark.parametrize("arch", ["sm_90a", "sm_89"])
-@pytest.mark.parametrize(
-    "name", ["attn_decode", "attn_prefill_absorbed", "attn_prefill_decompressed"]
-)
+@pytest.mark.parametrize("name", ATTN)
 def test_space_is_pruned_by_keep(name, arch):
     target = tvm_target(arch)
-    space = tuning.KERNELS[name].space(target, V2.dims)
+    space = _space(name, arch)
     assert space, f"{name} has no config on {arch}"
     assert len(set(space)) == len(space)
     for cfg in space:
@@ -47,21 +54,21 @@ def test_space_is_pruned_by_keep(name, arch):
 
 
 def test_sm_89_space_drops_what_sm_90a_keeps():
-    big = tuning.KERNELS["attn_decode"].space(tvm_target("sm_90a"), V2.dims)
-    small = tuning.KERNELS["attn_decode"].space(tvm_target("sm_89"), V2.dims)
+    big, small = _space("attn_decode", "sm_90a"), _space("attn_decode", "sm_89")
     assert set(small) < set(big)  # 99 KB of smem on sm_89
-    pre = tuning.KERNELS["attn_prefill_absorbed"].space(tvm_target("sm_89"), V2.dims)
-    assert not any(c.wgmma for c in pre)
+    assert not any(c.wgmma for c in _space("attn_prefill_absorbed", "sm_89"))
 
 
 def test_shapes_and_keys():
-    cfg = ad.default_config(tvm_target("sm_90a"), V2.dims)
-    shapes = tuning.KERNELS["attn_decode"].shapes(V2, tvm_target("sm_90a"), cfg)
-    assert [s.params["ctx"] for s in shapes] == list(tuning.DECODE_CONTEXTS)
-    assert shapes[0].key == "h16-r512-p64-b1-ctx4096"
-    assert all(s.params["splits"] >= 1 for s in shapes)
-    pre = tuning.KERNELS["attn_prefill_decompressed"].shapes(V2, None, None)
-    assert [s.key for s in pre] == ["h16-k192-v128-n2048", "h16-k192-v128-n8192"]
+    target = tvm_target("sm_90a")
+    (cfg, shapes), *_ = tuning.tuning_space(FAMILIES["attn_decode"], V2, target)
+    assert [s.ctx for s in shapes] == list(families.DECODE_CONTEXTS)
+    assert FAMILIES["attn_decode"].shape_key(shapes[0]) == "h16-r512-p64-b1-ctx4096"
+    params = [FAMILIES["attn_decode"].run_params(cfg, s, target) for s in shapes]
+    assert all(p["splits"] >= 1 for p in params)
+    pre = FAMILIES["attn_prefill_decompressed"]
+    keys = [pre.shape_key(s) for s in pre.model_shapes(V2)]
+    assert keys == ["h16-k192-v128-n2048", "h16-k192-v128-n8192"]
 
 
 def test_select_kernels():
@@ -73,7 +80,7 @@ def test_select_kernels():
     assert [k.name for k in tuning.select_kernels("attn_decode,attn")][0] == "attn_decode"
     with pytest.raises(TuningError, match="unknown kernel"):
         tuning.select_kernels("attn,conv")
-    if not any(k.group == "gemm" for k in tuning.KERNELS.values()):
+    if not any(k.group == "gemm" for k in FAMILIES.values()):
         assert tuning.skipped_groups("attn,gemm") == ["gemm"]
         with pytest.raises(TuningError, match="no tunable kernel"):
             tuning.select_kernels("gemm")
@@ -273,7 +280,7 @@ def test_build_plan_writes_artifacts(tiny_plan):
         lib = (directory / manifest["library"]).read_bytes()
         assert lib[:4] == b"\x7fELF" and b"decode_split" in lib and b"decode_merge" in lib
         assert cand["resources"]["decode_split_kernel"]["spill_bytes"] == 0
-        assert [s["params"]["ctx"] for s in cand["shapes"]] == list(tuning.DECODE_CONTEXTS)
+        assert [s["params"]["ctx"] for s in cand["shapes"]] == list(families.DECODE_CONTEXTS)
 
 
 @pytest.mark.skipif(gpu_available(), reason="checks what a dying worker leaves (no GPU here)")
@@ -295,8 +302,8 @@ def test_rebuild_reuses_built_candidates(tiny_plan, capsys):
 
 
 def test_build_records_a_config_that_does_not_build(tmp_path, monkeypatch):
-    bad = {"id": "attn_decode-000", "kernel": "attn_decode", "config": _cfg(48, 9, 4),
-           "artifact": None, "build_error": None, "shapes": []}  # fmt: skip
+    (real, *_) = tuning.plan_candidates(TINY, "sm_90a", [FAMILIES["attn_decode"]], limit=1)
+    bad = {**real, "config": _cfg(48, 9, 4)}
     job = {"candidate": bad, "target": "sm_90a", "model": TINY.to_dict(), "out": str(tmp_path)}
     cand = tuning._build_one(job)  # the worker function, in this process
     assert cand["artifact"] is None and "does not fit" in cand["build_error"]
@@ -340,7 +347,10 @@ def test_gpu_measure_tiny_plan(tiny_plan, tmp_path):
     assert not bad, bad
     assert all(r["median_us"] > 0 and r["arch"].startswith("sm_") for r in recs)
     cfg, rec = kernel_configs.best_config(
-        db, "attn_decode", "sm_90a", kernel_configs.decode_shape_key(TINY.dims, 4096)
+        db,
+        "attn_decode",
+        "sm_90a",
+        "h4-r64-p32-b1-ctx4096",  # TINY's dims
     )
     assert cfg in ad.candidate_configs(tvm_target("sm_90a"), TINY.dims, q_tokens=1)[:2]
     assert tuning_measure.measure(tiny_plan, db, progress=False)["skipped"] == 6
@@ -363,7 +373,8 @@ def cpu_modules(tmp_path_factory):
 
     out, mods = tmp_path_factory.mktemp("cpu"), {}
     for name, (_, cfg) in CPU_CASES.items():
-        mod = tuning.KERNELS[name].build(cfg, tvm_target("cpu"), TINY)
+        family = FAMILIES[name]
+        mod = tuning.build_module(family, cfg, family.model_shapes(TINY)[:1], tvm_target("cpu"))
         cuda_build.build(mod, ["cpu"], output=out / name, name=tuning.LIBRARY)
         mods[name] = loader.load_module(out / name, "cpu")
     return mods
@@ -401,26 +412,37 @@ def test_compiler_view_of_the_kernel_choice(tmp_path):
     """``KernelChoice`` + ``decode_config`` / ``prefill_config``: what kernels.py calls."""
     db, target = tmp_path / "db", tvm_target("sm_90a")
     tuned = ad.DecodeConfig(block_n=32, stages=2, warps_n=4)
-    key = kernel_configs.decode_shape_key(V2.dims, 16384)
+    scale = V2.softmax_scale
+    key = FAMILIES["attn_decode"].shape_key(families.DecodeShape(V2.dims, 16384, scale))
     tuning_db.append(db, _rec(5.0, cfg=tuning.config_to_dict(tuned), shape=key))
     pre = ap.candidates(target, kind="absorbed", dims=V2.dims)[-1]
-    pre_key = kernel_configs.prefill_shape_key("absorbed", V2.dims, 512)
+    pre_key = FAMILIES["attn_prefill_absorbed"].shape_key(
+        families.PrefillShape(V2.dims, 512, scale)
+    )
     tuning_db.append(
         db, _rec(9.0, cfg=tuning.config_to_dict(pre), shape=pre_key, kernel="attn_prefill_absorbed")
     )
     default = ad.default_config(target, V2.dims)
     plain = KernelChoice(max_context=16384)
-    assert kernel_configs.decode_config(plain, target, V2.dims) == default  # no db
+    assert kernel_configs.decode_config(plain, target, V2.dims, sm_scale=scale) == default  # no db
     notes = []
     choice = KernelChoice(str(db), ubatch=512, max_context=16384, log=notes.append)
-    assert kernel_configs.decode_config(choice, target, V2.dims) == tuned
+    assert kernel_configs.decode_config(choice, target, V2.dims, sm_scale=scale) == tuned
     longer = dataclasses.replace(choice, max_context=32768)
-    assert kernel_configs.decode_config(longer, target, V2.dims) == tuned  # nearest
-    assert kernel_configs.prefill_config(choice, "attn_absorbed", target, V2.dims) == pre
-    fallback = kernel_configs.prefill_config(choice, "attn_decompressed", target, V2.dims)
+    assert kernel_configs.decode_config(longer, target, V2.dims, sm_scale=scale) == tuned  # nearest
+    assert (
+        kernel_configs.prefill_config(choice, "attn_absorbed", target, V2.dims, sm_scale=scale)
+        == pre
+    )
+    fallback = kernel_configs.prefill_config(
+        choice, "attn_decompressed", target, V2.dims, sm_scale=scale
+    )
     assert fallback == ap.default_config(target, kind="decompressed", dims=V2.dims)
     assert any("tuned for 16384" in n for n in notes) and "default config" in notes[-1]
-    assert kernel_configs.prefill_config(plain, "attn_absorbed", target, V2.dims) != pre
+    assert (
+        kernel_configs.prefill_config(plain, "attn_absorbed", target, V2.dims, sm_scale=scale)
+        != pre
+    )
     options = CompileOptions(tuning_db=str(tmp_path / "nope"))
     with pytest.raises(TuningError, match="does not exist"):
         KernelChoice.from_options(options)
@@ -433,17 +455,16 @@ def test_gemm_kernel_shapes_and_compiler_view(tmp_path):
     from mla_compiler.schedules import gemm_wgmma as W
 
     target = tvm_target("sm_90a")
-    kernel = tuning.KERNELS["gemm_prefill"]
+    kernel = FAMILIES["gemm_prefill"]
     assert kernel.group == "gemm" and tuning.select_kernels("gemm") == [kernel]
-    cfg = W.CONFIGS[0]
-    keys = [s.key for s in kernel.shapes(V2, target, cfg)]
+    keys = [kernel.shape_key(s) for s in kernel.model_shapes(V2)]
     assert "n2816-k2048-silu_mul-t2048" in keys and "n64-k2048-plain-f32-t2048" in keys
-    assert len(keys) == len(set(keys)) == len(tuning.dense_products(V2)) == 9
-    assert kernel.space(tvm_target("sm_89"), V2.dims) == []  # no wgmma there
+    assert len(keys) == len(set(keys)) == len(families.dense_products(V2)) == 9
+    assert tuning.tuning_space(kernel, V2, tvm_target("sm_89")) == []  # no wgmma there
 
     db = tmp_path / "db"
     tuned = W.WgmmaConfig(64, 256, 64, 4, overlap=True)
-    key = kernel_configs.gemm_shape_key(3072, 2048, None, None, 2048)
+    key = kernel.shape_key(families.GemmShape(3072, 2048, None, None, 2048))
     tuning_db.append(
         db, _rec(3.0, cfg=tuning.config_to_dict(tuned), shape=key, kernel="gemm_prefill")
     )
@@ -469,19 +490,20 @@ def test_moe_kernel_registered_and_looked_up(tmp_path):
     from mla_compiler.schedules import gemm_wgmma as W
 
     target = tvm_target("sm_90a")
-    kernel = tuning.KERNELS["moe_grouped"]
+    kernel = FAMILIES["moe_grouped"]
     assert tuning.select_kernels("moe") == [kernel] and tuning.skipped_groups("gemm,moe") == []
-    (shape,) = kernel.shapes(V2, target, W.CONFIGS[0])
-    assert shape.key == "e64-k6-d2048-i1408-t2048" and shape.params["block_m"] == 128
-    mod = kernel.build(W.CONFIGS[2], target, V2)
+    (shape,) = kernel.model_shapes(V2)
+    key = kernel.shape_key(shape)
+    assert key == "e64-k6-d2048-i1408-t2048"
+    assert kernel.run_params(W.CONFIGS[0], shape, target)["block_m"] == 128
+    mod = tuning.build_module(kernel, W.CONFIGS[2], [shape], target)
     assert {gv.name_hint for gv in mod.get_global_vars()} == {"moe_gate_up", "moe_down"}
     db = tmp_path / "db"
     tuned = W.WgmmaConfig(64, 256, 64, 4, overlap=True)
-    rec = _rec(2.0, cfg=tuning.config_to_dict(tuned), shape=shape.key, kernel="moe_grouped")
+    rec = _rec(2.0, cfg=tuning.config_to_dict(tuned), shape=key, kernel="moe_grouped")
     tuning_db.append(db, rec)
     model_shape = dict(hidden=2048, inter=1408, num_experts=64, top_k=6)
     plain, with_db = KernelChoice(), KernelChoice(str(db))
-    assert kernel_configs.moe_config(plain, target, default=W.MOE_CONFIG, **model_shape) == (
-        W.MOE_CONFIG
-    )
-    assert kernel_configs.moe_config(with_db, target, default=W.MOE_CONFIG, **model_shape) == tuned
+    assert kernel_configs.moe_config(plain, target, **model_shape) == W.MOE_CONFIG
+    assert kernel_configs.moe_config(with_db, target, **model_shape) == tuned
+    assert kernel_configs.moe_config(with_db, tvm_target("sm_89"), **model_shape) is None

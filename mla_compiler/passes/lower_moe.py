@@ -185,11 +185,10 @@ class _Lower(relax.PyExprMutator):
         if isinstance(t, tvm.tirx.IntImm) and int(t) <= MG.GEMV_MAX_TOKENS:
             # decode: per-(token, slot) expert GEMVs, no grouping pass, the combine folded
             return self._fused_gemv(x, gate_up, down, weights, ids, key=key, e=e, d=d, inter=inter)
-        wg = W.moe_config(self.target, hidden=d, inter=inter)  # sm_90a: warpgroup MMAs
-        if wg is not None:  # `compile --tuning-db`: the tile measured fastest, if recorded
-            shape = dict(hidden=d, inter=inter, num_experts=e, top_k=top_k)
-            tuned = kernel_configs.moe_config(self.choice, self.target, default=wg, **shape)
-            wg = tuned if W.moe_fits(tuned, self.target, hidden=d, inter=inter) else wg
+        # sm_90a: warpgroup MMAs (`compile --tuning-db`: the tile measured fastest, if recorded)
+        shape = dict(hidden=d, inter=inter, num_experts=e, top_k=top_k)
+        wg = kernel_configs.moe_config(self.choice, self.target, **shape)
+        if wg is not None:
             bm = wg.block_m
             grouped_kw = dict(num_experts=e, top_k=top_k, dtype=dtype, target=self.target)
 
