@@ -459,183 +459,200 @@ def _usage(req: GenerationRequest, tokens: list[int]) -> dict:
     return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
 
 
-def _make_handler(server: OpenAIServer):
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-        server_version = "mla-compiler"
+def _stream_chunk(head: dict, chat: bool, piece: str | None, toks: list[int], finish) -> dict:
+    """One SSE chunk of a streamed answer: a chat delta or a completion's text piece."""
+    if chat:
+        delta = {} if piece is None else {"content": piece}
+        choice = {"index": 0, "delta": delta}
+    else:
+        choice = {"index": 0, "text": piece or "", "logprobs": None}
+    choice.update(finish_reason=finish, token_ids=toks)
+    return {**head, "choices": [choice]}
 
-        def log_message(self, fmt, *args):  # quiet: one line per request would flood tests
-            pass
 
-        # ---- plumbing ----------------------------------------------------------------------
-        def _send_json(self, status: int, payload: dict) -> None:
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+class _Handler(BaseHTTPRequestHandler):
+    """The request handler; ``_make_handler`` binds it to one ``OpenAIServer`` as ``api``
+    (``self.server`` is http.server's own: the ``ThreadingHTTPServer``)."""
 
-        def _start_sse(self) -> None:
-            self.send_response(HTTPStatus.OK)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Connection", "close")
-            self.end_headers()
-            self.close_connection = True
+    protocol_version = "HTTP/1.1"
+    server_version = "mla-compiler"
+    api: OpenAIServer
 
-        def _sse(self, payload: dict | str) -> None:
-            data = payload if isinstance(payload, str) else json.dumps(payload)
-            self.wfile.write(f"data: {data}\n\n".encode())
-            self.wfile.flush()
+    def log_message(self, fmt, *args):  # quiet: one line per request would flood tests
+        pass
 
-        def _body(self) -> dict:
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_BODY_BYTES:
-                raise RequestError(f"request body over {MAX_BODY_BYTES} bytes", status=413)
-            raw = self.rfile.read(length) if length else b""
-            try:
-                body = json.loads(raw or b"null")
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise RequestError(f"request body is not valid JSON: {e}") from None
-            if not isinstance(body, dict):
-                raise RequestError("request body must be a JSON object")
-            return body
+    # ---- plumbing --------------------------------------------------------------------------
+    def _send_json(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
-        # ---- routes ------------------------------------------------------------------------
-        def do_GET(self):  # noqa: N802
-            path = self.path.split("?", 1)[0].rstrip("/")
-            if path == "/health":
-                self._send_json(200, {"status": "ok"})
-            elif path == "/v1/models":
-                self._send_json(
-                    200,
-                    {
-                        "object": "list",
-                        "data": [
-                            {
-                                "id": server.model_name,
-                                "object": "model",
-                                "created": server.created,
-                                "owned_by": "mla-compiler",
-                                "max_model_len": server.limits.max_context,
-                            }
-                        ],
-                    },
-                )
+    def _send_error(self, error: RequestError) -> None:
+        self._send_json(error.status, error.body())
+
+    def _start_sse(self) -> None:
+        self.send_response(HTTPStatus.OK)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+
+    def _sse(self, payload: dict | str) -> None:
+        data = payload if isinstance(payload, str) else json.dumps(payload)
+        self.wfile.write(f"data: {data}\n\n".encode())
+        self.wfile.flush()
+
+    def _body(self) -> dict:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY_BYTES:
+            raise RequestError(f"request body over {MAX_BODY_BYTES} bytes", status=413)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            body = json.loads(raw or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RequestError(f"request body is not valid JSON: {e}") from None
+        if not isinstance(body, dict):
+            raise RequestError("request body must be a JSON object")
+        return body
+
+    # ---- routes ----------------------------------------------------------------------------
+    def do_GET(self):  # noqa: N802
+        path = self.path.split("?", 1)[0].rstrip("/")
+        if path == "/health":
+            self._send_json(200, {"status": "ok"})
+        elif path == "/v1/models":
+            self._send_json(200, self._models())
+        else:
+            self._send_error(RequestError(f"no route GET {path}", status=404))
+
+    def _models(self) -> dict:
+        api = self.api
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": api.model_name,
+                    "object": "model",
+                    "created": api.created,
+                    "owned_by": "mla-compiler",
+                    "max_model_len": api.limits.max_context,
+                }
+            ],
+        }
+
+    def do_POST(self):  # noqa: N802
+        path = self.path.split("?", 1)[0].rstrip("/")
+        routes = {"/v1/completions": False, "/v1/chat/completions": True}
+        if path not in routes:
+            self._send_error(RequestError(f"no route POST {path}", status=404))
+            return
+        chat = routes[path]
+        parsed = self._parse_request(chat)
+        if parsed is None:
+            return
+        body, req = parsed
+        self.api.worker.submit(req)
+        self._answer(req, body, chat=chat)
+
+    def _parse_request(self, chat: bool) -> tuple[dict, GenerationRequest] | None:
+        """The body and its validated request; None once a refusal has been sent."""
+        api = self.api
+        try:
+            body = self._body()
+            ids = api.chat_ids(body.get("messages")) if chat else api.prompt_ids(body.get("prompt"))
+            return body, api.build_request(body, ids, chat=chat)
+        except RequestError as e:
+            self._send_error(e)
+        except InputError as e:  # tokenizer or template trouble
+            self._send_error(RequestError(str(e)))
+        return None
+
+    def _answer(self, req: GenerationRequest, body: dict, *, chat: bool) -> None:
+        """Send the submitted request's answer (streamed or whole); a failure before the
+        headers went out is an error reply, a dropped client cancels the generation."""
+        try:
+            if body.get("stream"):
+                options = body.get("stream_options") or {}
+                usage = isinstance(options, dict) and bool(options.get("include_usage"))
+                self._stream(req, chat=chat, usage=usage)
             else:
-                self._send_json(404, RequestError(f"no route GET {path}", status=404).body())
+                self._complete(req, chat=chat)
+        except (BrokenPipeError, ConnectionResetError):
+            req.cancelled.set()
+        except RequestError as e:
+            req.cancelled.set()
+            self._send_error(e)
+        except InputError as e:
+            self._send_error(RequestError(str(e)))
+        except Exception as e:  # noqa: BLE001
+            req.cancelled.set()
+            self._send_error(
+                RequestError(f"generation failed: {e}", status=500, kind="server_error")
+            )
 
-        def do_POST(self):  # noqa: N802
-            path = self.path.split("?", 1)[0].rstrip("/")
-            routes = {"/v1/completions": False, "/v1/chat/completions": True}
-            if path not in routes:
-                self._send_json(404, RequestError(f"no route POST {path}", status=404).body())
-                return
-            chat = routes[path]
-            try:
-                body = self._body()
-                ids = (
-                    server.chat_ids(body.get("messages"))
-                    if chat
-                    else server.prompt_ids(body.get("prompt"))
-                )
-                req = server.build_request(body, ids, chat=chat)
-            except RequestError as e:
-                self._send_json(e.status, e.body())
-                return
-            except InputError as e:  # tokenizer or template trouble
-                self._send_json(400, RequestError(str(e)).body())
-                return
-            server.worker.submit(req)
-            try:
-                if body.get("stream"):
-                    options = body.get("stream_options") or {}
-                    usage = isinstance(options, dict) and bool(options.get("include_usage"))
-                    self._stream(req, chat=chat, usage=usage)
-                else:
-                    self._complete(req, chat=chat)
-            except (BrokenPipeError, ConnectionResetError):
-                req.cancelled.set()
-            except RequestError as e:
-                req.cancelled.set()
-                self._send_json(e.status, e.body())
-            except InputError as e:
-                self._send_json(400, RequestError(str(e)).body())
-            except Exception as e:  # noqa: BLE001
-                req.cancelled.set()
-                self._send_json(
-                    500,
-                    RequestError(f"generation failed: {e}", status=500, kind="server_error").body(),
-                )
+    # ---- answers ---------------------------------------------------------------------------
+    def _head(self, chat: bool, chunk: bool) -> dict:
+        prefix = "chatcmpl" if chat else "cmpl"
+        kind = "chat.completion" if chat else "text_completion"
+        return {
+            "id": f"{prefix}-{uuid.uuid4().hex[:24]}-{next(_ids)}",
+            "object": kind + ".chunk" if chat and chunk else kind,
+            "created": int(time.time()),
+            "model": self.api.model_name,
+        }
 
-        def _head(self, chat: bool, chunk: bool) -> dict:
-            prefix = "chatcmpl" if chat else "cmpl"
-            kind = "chat.completion" if chat else "text_completion"
-            return {
-                "id": f"{prefix}-{uuid.uuid4().hex[:24]}-{next(_ids)}",
-                "object": kind + ".chunk" if chat and chunk else kind,
-                "created": int(time.time()),
-                "model": server.model_name,
-            }
+    def _complete(self, req: GenerationRequest, *, chat: bool) -> None:
+        tokens, finish = [], "length"
+        for kind, value in _events(req):
+            if kind == "token":
+                tokens.append(value)
+            else:
+                finish = value
+        text = self.api.engine.decode_text(tokens)
+        choice = (
+            {"index": 0, "message": {"role": "assistant", "content": text}}
+            if chat
+            else {"index": 0, "text": text, "logprobs": None}
+        )
+        choice.update(finish_reason=finish, token_ids=tokens)
+        usage = _usage(req, tokens)
+        self._send_json(200, {**self._head(chat, False), "choices": [choice], "usage": usage})
 
-        def _complete(self, req: GenerationRequest, *, chat: bool) -> None:
-            tokens, finish = [], "length"
+    def _stream(self, req: GenerationRequest, *, chat: bool, usage: bool) -> None:
+        """SSE chunks, one per token; with ``stream_options.include_usage`` a last chunk
+        with empty choices and the usage, as OpenAI sends it."""
+        head = self._head(chat, True)
+        text = TextStream(self.api.engine.decode_text)
+        self._start_sse()
+        if chat:
+            role = {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}
+            self._sse({**head, "choices": [role]})
+        try:
             for kind, value in _events(req):
                 if kind == "token":
-                    tokens.append(value)
+                    self._sse(_stream_chunk(head, chat, text.push(value), [value], None))
                 else:
-                    finish = value
-            text = server.engine.decode_text(tokens)
-            choice = (
-                {"index": 0, "message": {"role": "assistant", "content": text}}
-                if chat
-                else {"index": 0, "text": text, "logprobs": None}
+                    self._sse(_stream_chunk(head, chat, text.flush() or None, [], value))
+            if usage:
+                self._sse({**head, "choices": [], "usage": _usage(req, text.ids)})
+        except RequestError as e:
+            self._sse(e.body())
+        except Exception as e:  # noqa: BLE001 — headers are sent: report in-band
+            self._sse(
+                RequestError(f"generation failed: {e}", status=500, kind="server_error").body()
             )
-            choice.update(finish_reason=finish, token_ids=tokens)
-            usage = _usage(req, tokens)
-            self._send_json(200, {**self._head(chat, False), "choices": [choice], "usage": usage})
+        self._sse("[DONE]")
 
-        def _stream(self, req: GenerationRequest, *, chat: bool, usage: bool) -> None:
-            """SSE chunks, one per token; with ``stream_options.include_usage`` a last chunk
-            with empty choices and the usage, as OpenAI sends it."""
-            head = self._head(chat, True)
-            text = TextStream(server.engine.decode_text)
-            self._start_sse()
 
-            def chunk(piece: str | None, toks: list[int], finish: str | None) -> dict:
-                if chat:
-                    delta = {} if piece is None else {"content": piece}
-                    choice = {"index": 0, "delta": delta}
-                else:
-                    choice = {"index": 0, "text": piece or "", "logprobs": None}
-                choice.update(finish_reason=finish, token_ids=toks)
-                return {**head, "choices": [choice]}
+def _make_handler(server: OpenAIServer) -> type[BaseHTTPRequestHandler]:
+    """The handler class of ``server``'s ``ThreadingHTTPServer`` (one class per server)."""
 
-            if chat:
-                self._sse(
-                    {
-                        **head,
-                        "choices": [
-                            {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}
-                        ],
-                    }
-                )
-            try:
-                for kind, value in _events(req):
-                    if kind == "token":
-                        self._sse(chunk(text.push(value), [value], None))
-                    else:
-                        self._sse(chunk(text.flush() or None, [], value))
-                if usage:
-                    self._sse({**head, "choices": [], "usage": _usage(req, text.ids)})
-            except RequestError as e:
-                self._sse(e.body())
-            except Exception as e:  # noqa: BLE001 — headers are sent: report in-band
-                self._sse(
-                    RequestError(f"generation failed: {e}", status=500, kind="server_error").body()
-                )
-            self._sse("[DONE]")
+    class Handler(_Handler):
+        api = server
 
     return Handler
 
