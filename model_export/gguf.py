@@ -89,7 +89,7 @@ def _open(path: str | Path):
         if m := re.search(r"(\d+)\)? is not a valid GGMLQuantizationType", str(e)):
             raise WeightError(
                 f"{path}: not supported yet: tensor type id {m.group(1)} (a quant type gguf-py "
-                "does not know, e.g. ik_llama.cpp's own): use an f32/f16/bf16/Q8_0 file"
+                f"does not know, e.g. ik_llama.cpp's own): use a file of {SUPPORTED} tensors"
             ) from None
         raise WeightError(f"{path} is not a readable GGUF file ({e}): re-download it") from None
 
@@ -281,8 +281,14 @@ def config_from_gguf(
     ).validate(where, _GGUF_NAMES)
 
 
+# the block formats read from GGUF files (each one gguf-py's ``dequantize`` decodes)
+QUANT_TYPES = ("Q8_0", "Q4_0", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
+SUPPORTED = "f32/f16/bf16/" + "/".join(QUANT_TYPES)
+
+
 def _to_torch(t) -> torch.Tensor:
-    """One GGUF tensor as a torch tensor in its torch shape: f32/f16/bf16 exact, Q8_0 as f32."""
+    """One GGUF tensor as a torch tensor in its torch shape: f32/f16/bf16 exact, the block
+    formats of ``QUANT_TYPES`` dequantized to f32 (bit-exact with gguf-py)."""
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import dequantize
 
@@ -293,11 +299,18 @@ def _to_torch(t) -> torch.Tensor:
     if kind == Q.BF16:
         raw = np.array(t.data).view(np.int16).reshape(shape)
         return torch.from_numpy(raw).view(torch.bfloat16)
-    if kind == Q.Q8_0:
-        return torch.from_numpy(dequantize(np.array(t.data), kind).reshape(shape))
-    raise WeightError(
-        f"{t.name}: GGUF tensor type not supported yet: {kind.name} (use an f32/f16/bf16/Q8_0 file)"
-    )
+    if kind.name not in QUANT_TYPES:
+        raise WeightError(
+            f"{t.name}: GGUF tensor type not supported yet: {kind.name} (supported: {SUPPORTED})"
+        )
+    try:
+        values = dequantize(np.array(t.data), kind).reshape(shape)
+    except ValueError:
+        raise WeightError(
+            f"{t.name}: its {kind.name} blocks do not make its shape {shape}: the file is "
+            "truncated or corrupt (re-download it)"
+        ) from None
+    return torch.from_numpy(values)
 
 
 def _ours(gguf_name: str) -> str | None:

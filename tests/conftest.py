@@ -50,6 +50,28 @@ HF_CONFIGS = {
         ),
         max_position_embeddings=163840,
     ),
+    # K of 256 (hidden) and of 32 x 3 / 64 (experts' down, o_proj, kv_b): Q4_K_M mixes every
+    # type on it (Q4_K, Q6_K, Q5_0 and Q8_0 fallbacks, f32)
+    "quant": dict(
+        vocab_size=256,
+        hidden_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=512,
+        moe_intermediate_size=96,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        kv_lora_rank=64,
+        q_lora_rank=None,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=32,
+        v_head_dim=32,
+        norm_topk_prob=False,
+        routed_scaling_factor=1.0,
+        rope_parameters=dict(rope_type="default", rope_theta=10000.0),
+    ),
     "small-yarn": dict(
         vocab_size=256,
         hidden_size=64,

@@ -19,6 +19,7 @@ from test_tokenizer import BOS, CORPUS, DEEPSEEK_TEMPLATE, EOS  # noqa: E402
 
 from mla_compiler.errors import ConfigError, WeightError  # noqa: E402
 from mla_compiler.model_export import gguf as gguf_import  # noqa: E402
+from mla_compiler.model_export import quantize  # noqa: E402
 from mla_compiler.model_export.config import load_config  # noqa: E402
 from mla_compiler.model_export.weights import load_hf_state  # noqa: E402
 
@@ -31,11 +32,14 @@ def _hf_tensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(hf_dir / "model.safetensors"))
 
 
-def _pick_type(name: str, t: np.ndarray, qtype: str):
-    """llama.cpp's choice: 1-D tensors stay f32; q8_0 needs rows that are multiples of 32."""
+def _pick_type(name: str, t: np.ndarray, qtype: str, layers: int):
+    """llama.cpp's choice: 1-D tensors stay f32; q8_0 / q4_0 / q4_1 need rows that are multiples
+    of 32; a mix (q4_k_m) picks per tensor (``model_export.quantize.mix_type``)."""
+    if qtype == "q4_k_m":
+        return Q[quantize.mix_type(qtype, name, t.shape, layers).upper()]
     if qtype == "f32" or t.ndim == 1:
         return Q.F32
-    if qtype in ("q8_0", "q4_0") and t.shape[-1] % 32 == 0:
+    if qtype in ("q8_0", "q4_0", "q4_1") and t.shape[-1] % 32 == 0:
         return Q[qtype.upper()]
     return Q.BF16 if qtype == "bf16" else Q.F16
 
@@ -50,12 +54,15 @@ def write_gguf(
     tokenizer=None,
     drop: tuple[str, ...] = (),
     edit: dict | None = None,
+    dequantized: dict | None = None,
 ) -> Path:
     """Convert a HF checkpoint as llama.cpp's DeepseekV2Model does (names from gguf-py's own
     tensor map): experts stacked, kv_b split into k_b (transposed) / v_b or kept ("fused"),
     rope rows untouched. ``legacy_mla_keys`` writes the pre-MLA-split header (key_length =
     per-head Q/K width, no key_length_mla) of older files. ``edit``: header key -> (value,
-    GGUFValueType) written instead, or None to leave the key out."""
+    GGUFValueType) written instead, or None to leave the key out. ``dequantized``: filled with
+    what each tensor written decodes to from the file (``{hf name: f32 tensor}``; experts
+    stacked as ``...mlp.experts.{down,gate,up}_proj.weight``, kv_b as written)."""
     hf = json.loads((hf_dir / "config.json").read_text())
     layers = hf["num_hidden_layers"]
     w = gguf.GGUFWriter(str(out), "deepseek2")
@@ -143,13 +150,19 @@ def write_gguf(
         if new.removesuffix(".weight") in drop:
             continue
         data = t.float().contiguous().numpy()
-        kind = _pick_type(new, data, qtype)
+        kind = _pick_type(new, data, qtype, layers)
         if kind == Q.F32:
-            w.add_tensor(new, data)
+            stored = data
         elif kind == Q.F16:
-            w.add_tensor(new, data.astype(np.float16))
+            stored = data.astype(np.float16)
+        elif kind == Q.BF16 or kind.name.lower() not in quantize.QTYPES:
+            stored = gguf.quants.quantize(data, kind)
         else:
-            w.add_tensor(new, gguf.quants.quantize(data, kind), raw_dtype=kind)
+            stored = quantize.quantize(data, kind.name.lower())
+        w.add_tensor(new, stored, raw_dtype=None if kind in (Q.F32, Q.F16) else kind)
+        if dequantized is not None:
+            values = gguf.quants.dequantize(stored, kind).reshape(data.shape)
+            dequantized[name] = torch.from_numpy(np.array(values, np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -272,8 +285,10 @@ def test_state_dict_matches_hf(tmp_path, hf_checkpoint, fixture, kv_b, qtype, le
 
 
 def test_unsupported_quant_type_is_named(tmp_path, hf_checkpoint):
-    path = write_gguf(hf_checkpoint("small-yarn"), tmp_path / "q4.gguf", qtype="q4_0")
-    with pytest.raises(WeightError, match="not supported yet: Q4_0"):
+    path = write_gguf(hf_checkpoint("small-yarn"), tmp_path / "q4.gguf", qtype="q4_1")
+    with pytest.raises(
+        WeightError, match=r"blk\.1\.ffn_down_exps\.weight: .* not supported yet: Q4_1"
+    ):
         gguf_import.load_gguf_model(path)
     proc = run_cli(
         "compile",
@@ -285,7 +300,7 @@ def test_unsupported_quant_type_is_named(tmp_path, hf_checkpoint):
         str(tmp_path / "out"),
         check=False,
     )
-    assert proc.returncode == 2 and "not supported yet: Q4_0" in proc.stderr
+    assert proc.returncode == 2 and "not supported yet: Q4_1" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     # a type id gguf-py does not know (ik_llama.cpp's own quants): same kind of error
     reader = gguf.GGUFReader(str(path), "r+")
@@ -394,6 +409,55 @@ def test_cli_gguf_generates_hf_greedy_tokens(tmp_path, sharp_checkpoint):
     assert result["text"] == tok.decode(result["tokens"])
     q8 = write_gguf(sharp_checkpoint, tmp_path / "q8.gguf", kv_b="fused", qtype="q8_0")
     assert _greedy(tmp_path, q8, "gguf-q8", prompt) == expected
+
+
+@pytest.fixture(scope="module")
+def quant_checkpoint(hf_checkpoint):
+    return hf_checkpoint("quant", scale=8.0)
+
+
+def test_cli_mixed_quant_gguf_generates_the_greedy_tokens_of_its_weights(
+    tmp_path, quant_checkpoint
+):
+    """A Q4_K_M file (Q4_K, Q6_K, Q5_0, Q8_0 and f32 tensors, as llama.cpp mixes them) compiles
+    for cpu and generates transformers' greedy tokens of the weights the file decodes to."""
+    from transformers import DeepseekV2ForCausalLM
+
+    decoded: dict = {}
+    path = write_gguf(
+        quant_checkpoint, tmp_path / "m.gguf", kv_b="split", qtype="q4_k_m", dequantized=decoded
+    )
+    types = {Q(t.tensor_type).name for t in gguf.GGUFReader(str(path)).tensors}
+    assert {"Q4_K", "Q6_K", "Q5_0", "Q8_0", "F32"} <= types, types
+    hf = DeepseekV2ForCausalLM.from_pretrained(quant_checkpoint).eval()
+    state = hf.state_dict()
+    for name in list(decoded):  # as transformers holds them
+        if name.endswith("k_b_proj.weight"):  # k_b (written transposed) and v_b -> kv_b
+            k_b, v_b = decoded.pop(name), decoded.pop(name.replace("k_b_proj", "v_b_proj"))
+            kv_b = name.replace("k_b_proj", "kv_b_proj")
+            decoded[kv_b] = torch.cat([k_b.transpose(1, 2), v_b], 1).reshape(state[kv_b].shape)
+        elif ".mlp.experts.gate_proj." in name:  # stacked experts: gate | up, down
+            up = decoded.pop(name.replace("gate_proj", "up_proj"))
+            prefix = name.removesuffix("gate_proj.weight")
+            decoded[prefix + "gate_up_proj"] = torch.cat([decoded.pop(name), up], 1)
+            decoded[prefix + "down_proj"] = decoded.pop(prefix + "down_proj.weight")
+    assert sorted(decoded) == sorted(n for n in state if "rotary" not in n)
+    changed = sum(not torch.equal(decoded[n], state[n]) for n in decoded)
+    assert changed >= 20  # the quantized ones
+    hf.load_state_dict(decoded, strict=False)
+    prompt = torch.randint(3, 256, (PROMPT_LEN,), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = hf.generate(prompt[None], max_new_tokens=NEW, do_sample=False)[0, PROMPT_LEN:]
+    assert _greedy(tmp_path, path, "q4km", prompt.tolist()) == expected.tolist()
+
+
+def test_truncated_quant_blocks_are_named(tmp_path, hf_checkpoint):
+    path = write_gguf(hf_checkpoint("small-yarn"), tmp_path / "q8.gguf", qtype="q8_0")
+    reader = gguf_import._open(path)
+    t = next(t for t in reader.tensors if Q(t.tensor_type) == Q.Q8_0)
+    t = t._replace(data=t.data[:-1])  # a row of blocks short
+    with pytest.raises(WeightError, match=f"{t.name}: its Q8_0 blocks do not make its shape"):
+        gguf_import._to_torch(t)
 
 
 # ---- metadata and tensor checks --------------------------------------------------------------
