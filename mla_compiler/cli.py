@@ -53,6 +53,14 @@ def _add_compile(sub) -> None:
         help="weights/activations (default float32 on cpu, float16 on GPUs)",
     )
     p.add_argument(
+        "--quant",
+        default=None,
+        choices=["q4_k_m", "q4_0", "iq4_nl", "q8_0", "none"],
+        help="store the weights in GGUF block formats: llama.cpp's Q4_K_M mix or one type for "
+        "all (router and norms stay float); a .gguf keeps its own types unless 'none' (decoded "
+        "to --dtype at compile). For now the device decodes them once at load",
+    )
+    p.add_argument(
         "--kv-dtype",
         default="float16",
         choices=["float16", "float32"],
@@ -294,6 +302,7 @@ def cmd_compile(args) -> int:
         cuda_graph=args.cuda_graph,
         pdl=args.pdl,
         tuning_db=args.tuning_db,
+        quant=args.quant,
     )
     with quiet_tvm(args.verbose) as say:  # TVM's own warnings only with --verbose
         compile_model(

@@ -21,6 +21,7 @@ from mla_compiler.model_export.modeling import DeepseekV2
 from mla_compiler.model_export.weights import load_hf_model, random_model, torch_dtype
 from mla_compiler.pipeline import compile_ir
 from mla_compiler.schedules.target import gpu_spec, parse_targets, tvm_target
+from mla_compiler.weight_quant import DEVICE_FORMATS, check_quant, quantize_model
 
 # Presets whose weights take more than this are not stored: the runtime draws them from the seed.
 MAX_STORED_RANDOM_BYTES = 1 << 30
@@ -44,16 +45,37 @@ class CompileOptions:
     pdl: bool = False
     # `mla-compiler tune` database: its fastest configs where recorded (kernel_configs)
     tuning_db: str | None = None
+    # weights in GGUF block formats: a mix of model_export.quantize.MIXES, "none", or None (a
+    # .gguf keeps its own types, other models stay float): see weight_quant
+    quant: str | None = None
 
 
-def resolve_model(*, model_dir: str | None, preset_name: str | None, dtype: str, seed: int):
-    """(config, model, where the weights come from). Big random presets are built on 'meta'."""
+def resolve_model(
+    *, model_dir: str | None, preset_name: str | None, dtype: str, seed: int, quant=None, log=None
+):
+    """(config, model, where the weights come from, weights kept in block formats). Big random
+    presets are built on 'meta'; so are the kept weights' parameters."""
     torch_dtype(dtype)  # validates the name
+    check_quant(quant)
     if model_dir is not None and str(model_dir).endswith(".gguf"):
-        from mla_compiler.model_export.gguf import load_gguf_model
+        from mla_compiler.model_export.gguf import load_gguf_weights
 
-        cfg, model = load_gguf_model(model_dir, dtype=dtype)
-        return cfg, model, {"source": "gguf", "path": str(model_dir)}
+        keep = () if quant == "none" else DEVICE_FORMATS
+        if quant not in (None, "none"):
+            raise ConfigError(
+                f"--quant {quant} re-quantizes weights a GGUF file already holds quantized: "
+                "leave --quant out (the file's own types are kept) or pass 'none'"
+            )
+        cfg, model, kept = load_gguf_weights(model_dir, dtype=dtype, keep=keep)
+        return cfg, model, {"source": "gguf", "path": str(model_dir)}, kept
+    cfg, model, weights = _resolve_float(model_dir, preset_name, dtype, seed)
+    if quant in (None, "none"):
+        return cfg, model, weights, {}
+    kept = quantize_model(model, quant, seed=seed, log=log)
+    return cfg, model, {**weights, "stored": True, "quant": quant}, kept
+
+
+def _resolve_float(model_dir, preset_name, dtype: str, seed: int):
     if model_dir is not None:
         cfg = load_config(model_dir)
         return (
@@ -230,10 +252,19 @@ def compile_model(
     inputs = [model_dir] if model_dir is not None else []
     artifact.check_output(output, force=force, inputs=inputs)  # before minutes of work
     t0 = time.time()
-    cfg, model, weights = resolve_model(
-        model_dir=model_dir, preset_name=preset_name, dtype=options.dtype, seed=options.seed
+    cfg, model, weights, kept = resolve_model(
+        model_dir=model_dir,
+        preset_name=preset_name,
+        dtype=options.dtype,
+        seed=options.seed,
+        quant=options.quant,
+        log=log,
     )
     check_finite(model)
+    # the values to store; with kept blocks the export sees shapes only (one device: 'meta')
+    values = {n: p.detach() for n, p in model.named_parameters() if p.device.type != "meta"}
+    if kept:
+        model = model.to("meta")
     log(
         f"[1/3] model {cfg.name}: {cfg.num_hidden_layers} layers, mla={options.mla}, "
         f"{options.dtype}"
@@ -256,6 +287,7 @@ def compile_model(
         dump_dir=options.dump_ir,
         kv_dtype=options.kv_dtype,
         choice=choice,
+        weight_formats={name: q.qtype for name, q in kept.items()},
         log=log,
     )
     mod = add_sampling(ir.mod, tvm_target(codegen))
@@ -281,7 +313,10 @@ def compile_model(
         if weights.get("stored", True):
             from safetensors.torch import save_file
 
-            state = {n: p.detach().contiguous() for n, p in model.named_parameters()}
+            state = {
+                n: torch.from_numpy(kept[n].data) if n in kept else values[n].contiguous()
+                for n, _ in model.named_parameters()
+            }
             save_file(state, str(tmp / artifact.WEIGHTS))
         meta = {
             "format_version": artifact.FORMAT_VERSION,
@@ -306,6 +341,7 @@ def compile_model(
             },
             "kv_cache_width": int(ir.mod["prefill"].params[7].ty.shape[2]),
             "param_names": list(ir.param_names),
+            "weight_formats": {name: q.qtype for name, q in kept.items()},
             "weights": weights,
             "created_by": command or " ".join(sys.argv),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -7,7 +7,9 @@
 4. moe        LowerMoE
 5. kernels    LowerMLAKernels: call_tir to the target's attention / cache kernels
 5b. gemm      LowerDenseGemm: dense products with weights -> ``gemm_*`` kernels (GPU f16/bf16)
-6. params     LiftTransformParams: weight transforms (W_UK / W_UV absorption) into
+5c. dequant   DequantizeWeights: weights stored in GGUF block formats enter as their bytes and
+              are decoded where the function starts
+6. params     LiftTransformParams: weight transforms (decoding, W_UK / W_UV absorption) into
               ``transform_params``, run once at load time; LiftPhaseWeightTransforms moves the
               transforms only one phase needs there too
 7. build      TVM's default pipeline for the target (dlight schedules for unscheduled GPU ops)
@@ -35,6 +37,7 @@ from mla_compiler.model_export.config import ModelConfig, mla_mode
 from mla_compiler.model_export.export import INPUT_NAMES, export_relax
 from mla_compiler.model_export.modeling import DeepseekV2
 from mla_compiler.passes import pseudo
+from mla_compiler.passes.dequantize_weights import DequantizeWeights
 from mla_compiler.passes.fuse_rms_norm import FuseRMSNorm
 from mla_compiler.passes.lift_phase_weight_transforms import LiftPhaseWeightTransforms
 from mla_compiler.passes.lower_dense_gemm import LowerDenseGemm
@@ -132,9 +135,13 @@ def lower_to_kernels(
     mla: int,
     target: tvm.target.Target,
     choice: KernelChoice,
+    param_names: tuple[str, ...] = (),
+    weight_formats: dict[str, str] | None = None,
     dump: Callable[[str, tvm.IRModule], None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> tvm.IRModule:
+    """``weight_formats``: weight name -> GGUF block format it is stored in (``param_names``
+    orders the weight parameters)."""
     mode = mla_mode(mla)
     dump = dump or (lambda _name, _mod: None)
     phases = _PhaseLog(log)
@@ -163,6 +170,10 @@ def lower_to_kernels(
     mod = relax.transform.EliminateCommonSubexpr()(mod)
     dump("gemm", mod)
     phases.done("dense GEMMs", mod)
+    if weight_formats:
+        mod = DequantizeWeights(weight_formats, param_names, target=target)(mod)
+        dump("dequantize", mod)
+        phases.done(f"{len(weight_formats)} quantized weights", mod)
     mod = relax.transform.LiftTransformParams(shared_transform=True)(mod)
     mod = LiftPhaseWeightTransforms()(mod)
     dump("params", mod)
@@ -178,6 +189,7 @@ def compile_ir(
     dump_dir: str | Path | None = None,
     kv_dtype: str = "float16",
     choice: KernelChoice,
+    weight_formats: dict[str, str] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> CompiledIR:
     """The model as Relax ``prefill`` / ``decode`` / ``transform_params`` with their kernels,
@@ -211,6 +223,8 @@ def compile_ir(
             mla=mla,
             target=target,
             choice=choice,
+            param_names=exported.param_names,
+            weight_formats=weight_formats,
             dump=dump,
             log=log,
         )

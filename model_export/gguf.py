@@ -18,6 +18,7 @@ mscale_all_dim`` (as in every DeepSeek-V2 release), so that is the config built 
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,8 @@ from mla_compiler.model_export.config import (
     Spec,
     read_values,
 )
-from mla_compiler.model_export.modeling import DeepseekV2
+from mla_compiler.model_export.modeling import DeepseekV2, rope_tables
+from mla_compiler.model_export.quantize import QuantTensor
 from mla_compiler.model_export.weights import expected_shapes, permute_rope_rows, torch_dtype
 
 ARCH = "deepseek2"
@@ -313,6 +315,55 @@ def _to_torch(t) -> torch.Tensor:
     return torch.from_numpy(values)
 
 
+def _to_value(t, keep: Collection[str]):
+    """A GGUF tensor as a ``QuantTensor`` where its type is in ``keep`` (block formats kept as
+    stored), else as ``_to_torch`` gives it."""
+    from gguf import GGMLQuantizationType as Q
+
+    kind = Q(t.tensor_type).name.lower()
+    if kind not in keep:
+        return _to_torch(t)
+    shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+    try:
+        return QuantTensor(np.array(t.data, dtype=np.uint8), kind, shape)
+    except WeightError:
+        raise WeightError(
+            f"{t.name}: its {kind.upper()} blocks do not make its shape {shape}: the file is "
+            "truncated or corrupt (re-download it)"
+        ) from None
+
+
+def _values(v) -> torch.Tensor:
+    """A loaded tensor's values (a kept ``QuantTensor`` decoded to f32)."""
+    return torch.from_numpy(v.dequantize()) if isinstance(v, QuantTensor) else v
+
+
+def _permute_rows(cfg: ModelConfig, name: str, v):
+    """``permute_rope_rows`` for values or kept blocks (rows are whole blocks: a permutation of
+    rows permutes their blocks)."""
+    if not isinstance(v, QuantTensor):
+        return permute_rope_rows(cfg, name, v)
+    index = torch.arange(v.shape[0]).view(-1, 1).float()
+    order = permute_rope_rows(cfg, name, index).view(-1).long().numpy()
+    return QuantTensor(np.ascontiguousarray(v.data[order]), v.qtype, v.shape)
+
+
+_OURS_TO_GGUF = {ours: gguf for gguf, ours in _NAMES.items()}
+_LAYER = re.compile(r"^layers\.(\d+)\.(.+?)(\.weight)?$")
+_EXPERTS = {"mlp.experts_gate_up": "ffn_gate_exps", "mlp.experts_down": "ffn_down_exps"}
+
+
+def gguf_tensor_name(ours: str) -> str:
+    """The GGUF name of our parameter (stacked gate+up experts: ``ffn_gate_exps``, the name
+    llama.cpp's type rules see for both halves)."""
+    m = _LAYER.match(ours)
+    if m is None:
+        return _OURS_TO_GGUF[ours.removesuffix(".weight")] + ".weight"
+    if m.group(2) in _EXPERTS:
+        return f"blk.{m.group(1)}.{_EXPERTS[m.group(2)]}.weight"
+    return _OURS_TO_GGUF[f"layers.{{n}}.{m.group(2)}"].format(n=m.group(1)) + ".weight"
+
+
 def _ours(gguf_name: str) -> str | None:
     base = gguf_name.removesuffix(".weight")
     if base in _NAMES:
@@ -361,16 +412,19 @@ def _check_shapes(cfg: ModelConfig, reader) -> dict[str, tuple[int, ...]]:
     return want
 
 
-def load_gguf_state(cfg: ModelConfig, reader) -> dict[str, torch.Tensor]:
-    """The GGUF's tensors under our parameter names, exactly as ``load_hf_state`` lays them out."""
+def load_gguf_state(cfg: ModelConfig, reader, *, keep: Collection[str] = ()) -> dict:
+    """The GGUF's tensors under our parameter names, exactly as ``load_hf_state`` lays them out.
+    Tensors of a type in ``keep`` (block formats: "q4_k", ...) stay ``QuantTensor`` blocks
+    where our tensor is theirs up to a row order or stacking (kv_b from k_b / v_b and mixed
+    expert halves are decoded)."""
     d = cfg.dims
     want = _check_shapes(cfg, reader)
-    state: dict[str, torch.Tensor] = {}
-    parts: dict[tuple[int, str], torch.Tensor] = {}
+    state: dict = {}
+    parts: dict = {}
     for t in reader.tensors:
         m = _BLOCK.match(t.name)
         if m and m.group(2) in _PARTS:
-            parts[(int(m.group(1)), m.group(2))] = _to_torch(t)
+            parts[(int(m.group(1)), m.group(2))] = _to_value(t, keep)
             continue
         if m and m.group(2) == "exp_probs_b":
             raise ConfigError(f"{t.name}: expert score bias is DeepSeek-V3 routing, not supported")
@@ -380,7 +434,8 @@ def load_gguf_state(cfg: ModelConfig, reader) -> dict[str, torch.Tensor]:
                 f"GGUF tensor {t.name} is not a DeepSeek-V2 tensor mla-compiler knows"
             )
         # tensors the metadata does not imply stay as they are: load_gguf_model names them
-        state[ours] = permute_rope_rows(cfg, ours, _to_torch(t)) if ours in want else _to_torch(t)
+        value = _to_value(t, keep)
+        state[ours] = _permute_rows(cfg, ours, value) if ours in want else value
     for layer in sorted({n for n, _ in parts}):
         attn = f"layers.{layer}.self_attn.kv_b_proj.weight"
         k_b, v_b = parts.pop((layer, "attn_k_b"), None), parts.pop((layer, "attn_v_b"), None)
@@ -391,6 +446,7 @@ def load_gguf_state(cfg: ModelConfig, reader) -> dict[str, torch.Tensor]:
                 )
             # k_b [H, kv_lora, nope] (transposed by the converter), v_b [H, v, kv_lora]
             # (shapes checked by _check_shapes) -> kv_b [H, nope + v, kv_lora]
+            k_b, v_b = _values(k_b), _values(v_b)
             kv_b = torch.cat([k_b.transpose(1, 2), v_b.to(k_b.dtype)], dim=1)
             state[attn] = kv_b.reshape(d.heads * (d.qk_nope_head_dim + d.v_head_dim), -1)
         exps = [parts.pop((layer, f"ffn_{w}_exps"), None) for w in ("gate", "up", "down")]
@@ -406,37 +462,64 @@ def load_gguf_state(cfg: ModelConfig, reader) -> dict[str, torch.Tensor]:
                     f"{cfg.first_k_dense_replace}): the file is inconsistent (re-convert it)"
                 )
             gate, up, down = exps
-            state[f"layers.{layer}.mlp.experts_gate_up"] = torch.cat(
-                [gate, up.to(gate.dtype)], dim=1
-            )
+            state[f"layers.{layer}.mlp.experts_gate_up"] = _stack_halves(gate, up)
             state[f"layers.{layer}.mlp.experts_down"] = down
     if "lm_head.weight" not in state and cfg.tie_word_embeddings:
         state["lm_head.weight"] = state.get("embed_tokens.weight")
     return state
 
 
+def _stack_halves(gate, up):
+    """Experts' gate [E, I, D] and up rows into gate_up [E, 2I, D]: blocks where both halves
+    are kept in one format, values otherwise."""
+    if isinstance(gate, QuantTensor) and isinstance(up, QuantTensor) and gate.qtype == up.qtype:
+        data = np.concatenate([gate.data, up.data], axis=1)
+        return QuantTensor(data, gate.qtype, (gate.shape[0], 2 * gate.shape[1], gate.shape[2]))
+    gate, up = _values(gate), _values(up)
+    return torch.cat([gate, up.to(gate.dtype)], dim=1)
+
+
 def load_gguf_model(path: str | Path, *, dtype: str = "float32") -> tuple[ModelConfig, DeepseekV2]:
     """(config, our model with the GGUF's weights); missing, extra or mis-shaped tensors named."""
+    cfg, model, kept = load_gguf_weights(path, dtype=dtype)
+    return cfg, model
+
+
+def load_gguf_weights(
+    path: str | Path, *, dtype: str = "float32", keep: Collection[str] = ()
+) -> tuple[ModelConfig, DeepseekV2, dict[str, QuantTensor]]:
+    """(config, our model, the weights kept in their block formats): tensors of a type in
+    ``keep`` are ``QuantTensor`` blocks (their parameters left on 'meta'), the others values in
+    ``dtype``. Missing, extra or mis-shaped tensors are named."""
     reader = _open(path)
     cfg = load_gguf_config(path, reader)
-    state = load_gguf_state(cfg, reader)
-    model = DeepseekV2(cfg)
+    state = load_gguf_state(cfg, reader, keep=keep)
+    with torch.device("meta"):
+        model = DeepseekV2(cfg)
     expected = dict(model.named_parameters())
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:
         what = f"lacks {', '.join(missing[:3])}" if missing else f"has extra {', '.join(extra[:3])}"
         raise WeightError(f"GGUF {path} {what}: metadata and tensors disagree")
-    with torch.no_grad():
-        for name, p in expected.items():
-            t = state[name]
-            if tuple(t.shape) != tuple(p.shape):
-                raise WeightError(
-                    f"{name} has shape {tuple(t.shape)} in {path}, metadata implies "
-                    f"{tuple(p.shape)}: the file is inconsistent"
-                )
-            p.copy_(t.to(torch.float32))
-    return cfg, model.to(torch_dtype(dtype)).eval()
+    kept = {}
+    for name, p in expected.items():
+        t = state[name]
+        if tuple(t.shape) != tuple(p.shape):
+            raise WeightError(
+                f"{name} has shape {tuple(t.shape)} in {path}, metadata implies "
+                f"{tuple(p.shape)}: the file is inconsistent"
+            )
+        if isinstance(t, QuantTensor):
+            kept[name] = t
+            continue
+        module, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(module) if module else model
+        value = t.to(torch.float32).to(torch_dtype(dtype))
+        owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=False)
+    if not kept:  # every parameter real: the model runs (a buffer made on 'meta' is not)
+        model.inv_freq = rope_tables(cfg)[0]
+    return cfg, model.eval(), kept
 
 
 def load_gguf_config(path: str | Path, reader=None) -> ModelConfig:

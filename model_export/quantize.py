@@ -23,12 +23,39 @@ them back, which is what "correct" means here. Types:
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable
 
 import numpy as np
 
 from mla_compiler.errors import WeightError
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantTensor:
+    """A weight kept in a GGUF block format: ``data`` holds each row's blocks, exactly as in a
+    GGUF file, for the logical ``shape`` [..., N, K]."""
+
+    data: np.ndarray  # [..., N, row_bytes(K)] uint8
+    qtype: str  # "q4_k", ... (LAYOUTS)
+    shape: tuple[int, ...]
+
+    def __post_init__(self):
+        want = (*self.shape[:-1], row_bytes(self.shape[-1], self.qtype))
+        if self.data.dtype != np.uint8 or tuple(self.data.shape) != want:
+            raise WeightError(
+                f"{self.qtype} blocks of shape {tuple(self.data.shape)} {self.data.dtype} do not "
+                f"make a {list(self.shape)} weight (want {want} uint8)"
+            )
+
+    def dequantize(self) -> np.ndarray:
+        """The values, float32 [..., N, K] (gguf-py's decoders)."""
+        return dequantize(self.data, self.qtype).reshape(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
 
 
 class QuantizeError(WeightError, ValueError):

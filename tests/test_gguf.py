@@ -449,6 +449,10 @@ def test_cli_mixed_quant_gguf_generates_the_greedy_tokens_of_its_weights(
     with torch.no_grad():
         expected = hf.generate(prompt[None], max_new_tokens=NEW, do_sample=False)[0, PROMPT_LEN:]
     assert _greedy(tmp_path, path, "q4km", prompt.tolist()) == expected.tolist()
+    # the artifact keeps the file's blocks (kv_b, made of k_b and v_b, is decoded)
+    meta = json.loads((tmp_path / "q4km" / "metadata.json").read_text())
+    assert set(meta["weight_formats"].values()) == {"q4_k", "q6_k", "q5_0", "q8_0"}
+    assert not any("kv_b" in n for n in meta["weight_formats"])
 
 
 def test_truncated_quant_blocks_are_named(tmp_path, hf_checkpoint):

@@ -200,7 +200,7 @@ def test_v2_lite_cache_row_is_576_f16():
     from mla_compiler.compiler import resolve_model
     from mla_compiler.pipeline import compile_ir
 
-    cfg, model, _ = resolve_model(
+    cfg, model, _, _ = resolve_model(
         model_dir=None, preset_name="deepseek-v2-lite", dtype="float16", seed=0
     )
     ir = compile_ir(model, mla=3, target=tvm_target("sm_90a"), choice=KernelChoice())

@@ -258,7 +258,7 @@ def test_compile_ir_logs_phases():
     from mla_compiler.pipeline import compile_ir
     from mla_compiler.schedules.target import tvm_target
 
-    _, model, _ = resolve_model(model_dir=None, preset_name="tiny", dtype="float32", seed=0)
+    _, model, _, _ = resolve_model(model_dir=None, preset_name="tiny", dtype="float32", seed=0)
     lines: list[str] = []
     compile_ir(model, mla=3, target=tvm_target("cpu"), choice=KernelChoice(), log=lines.append)
     assert lines[0].startswith("      ir: torch.export -> Relax (")

@@ -1,0 +1,121 @@
+"""Weights in GGUF block formats through the compiler: ``compile --quant MIX`` stores each
+weight as the mix says, the artifact decodes them (``DequantizeWeights``), and its logits are
+those of our PyTorch model on the decoded weights, for a prompt longer than ``--ubatch`` and
+decode steps after it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+from mla_compiler.compiler import CompileOptions, compile_model  # noqa: E402
+from mla_compiler.errors import ConfigError  # noqa: E402
+from mla_compiler.model_export.config import load_config  # noqa: E402
+from mla_compiler.model_export.modeling import single_sequence_inputs  # noqa: E402
+from mla_compiler.model_export.weights import load_hf_model  # noqa: E402
+from mla_compiler.runtime.engine import Engine  # noqa: E402
+
+UBATCH, PROMPT, DECODE = 16, 40, 3
+# the types each mix must put in the "quant" checkpoint (K = 256 and 32-multiples)
+MIX_TYPES = {
+    "q8_0": {"q8_0"},
+    "q4_0": {"q4_0"},
+    "iq4_nl": {"iq4_nl"},
+    "q4_k_m": {"q4_k", "q6_k", "q5_0", "q8_0"},
+}
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def quant_model(hf_checkpoint):
+    return hf_checkpoint("quant")
+
+
+def _reference(path, artifact, ids: list[int]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Our PyTorch model on the weights the artifact stores (blocks decoded by gguf-py): the
+    prompt's logits [T, V], then the greedy decode steps' [V]."""
+    from safetensors.numpy import load_file
+
+    meta = json.loads((artifact / "metadata.json").read_text())
+    stored = load_file(str(artifact / "weights.safetensors"))
+    model = load_hf_model(load_config(path), path)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            qtype = meta["weight_formats"].get(name)
+            if qtype is None:
+                p.copy_(torch.from_numpy(stored[name]))
+                continue
+            kind = gguf.GGMLQuantizationType[qtype.upper()]
+            p.copy_(torch.from_numpy(gguf.quants.dequantize(stored[name], kind)).view(p.shape))
+        cache = model.new_cache(PROMPT + DECODE + 4, torch.float32)
+        logits, cache = model(**single_sequence_inputs(ids, start=0, logits="all"), cache=cache)
+        prompt, steps, seq = logits.numpy(), [], list(ids)
+        tok = int(prompt[-1].argmax())
+        for _ in range(DECODE):
+            out, cache = model(**single_sequence_inputs([tok], start=len(seq)), cache=cache)
+            steps.append(out[0].numpy())
+            seq.append(tok)
+            tok = int(out[0].argmax())
+    return prompt, steps
+
+
+@pytest.mark.parametrize("mix", list(MIX_TYPES))
+def test_quantized_artifact_matches_the_model_on_its_decoded_weights(tmp_path, quant_model, mix):
+    out = compile_model(
+        output=tmp_path / mix,
+        model_dir=str(quant_model),
+        options=CompileOptions(quant=mix, ubatch=UBATCH, kv_dtype="float32"),
+        log=lambda _msg: None,
+    )
+    meta = json.loads((out / "metadata.json").read_text())
+    formats = meta["weight_formats"]
+    assert set(formats.values()) == MIX_TYPES[mix], formats
+    assert not any("norm" in n or n.endswith("mlp.gate.weight") for n in formats)  # stay f32
+    from safetensors.numpy import load_file
+
+    stored = load_file(str(out / "weights.safetensors"))
+    assert all(stored[n].dtype == np.uint8 for n in formats)
+    f32_bytes = sum(p.numel() * 4 for p in load_hf_model(load_config(quant_model), quant_model)
+                    .parameters())  # fmt: skip
+    assert sum(v.nbytes for v in stored.values()) < f32_bytes / 3
+
+    ids = torch.randint(0, 256, (PROMPT,), generator=torch.Generator().manual_seed(7)).tolist()
+    want_prompt, want_steps = _reference(quant_model, out, ids)
+    engine = Engine.load(out, "cpu")
+    got = engine.prefill(ids, all_logits=True)  # [T, V], in ubatch chunks
+    assert got.shape == want_prompt.shape
+    assert _rel(got, want_prompt) < 1e-4
+    tok = int(got[-1].argmax())
+    for want in want_steps:
+        step = engine.decode(tok)
+        assert _rel(step, want) < 1e-4
+        tok = int(step.argmax())
+
+
+def test_quant_of_a_gguf_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="already holds quantized"):
+        compile_model(
+            output=tmp_path / "x",
+            model_dir=str(tmp_path / "m.gguf"),
+            options=CompileOptions(quant="q4_0"),
+            log=lambda _msg: None,
+        )
+
+
+def test_unknown_quant_is_one_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="--quant 'q3_k_s' is not a mix"):
+        compile_model(
+            output=tmp_path / "x",
+            preset_name="tiny",
+            options=CompileOptions(quant="q3_k_s"),
+            log=lambda _msg: None,
+        )
