@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import sys
 import time
@@ -120,6 +121,25 @@ def _checkpoint_name(name: str, index: list[int], shape) -> str:
         proj = "gate_proj" if index[1] < shape[1] // 2 else "up_proj"
         return f"{prefix}.experts.{index[0]}.{proj}.weight"
     return name
+
+
+def weight_bytes(model: torch.nn.Module, kept: dict, mod: tvm.IRModule) -> dict:
+    """``{"stored": {format: bytes}, "device": bytes}``: the weights uploaded at load, by format
+    (blocks, or the float dtype), and the outputs of ``transform_params`` the kernels read."""
+    stored: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        fmt, size = (
+            (kept[name].qtype, kept[name].nbytes)
+            if name in kept
+            else (str(p.dtype).removeprefix("torch."), p.numel() * p.element_size())
+        )
+        stored[fmt] = stored.get(fmt, 0) + int(size)  # fmt: skip
+    outs = mod["transform_params"].ret_ty.fields
+    device = sum(
+        math.prod(int(s) for s in t.shape) * tvm.runtime.DataType(str(t.dtype)).bits // 8
+        for t in outs
+    )
+    return {"stored": stored, "device": int(device)}
 
 
 def param_bytes(cfg: ModelConfig, dtype: str) -> int:
@@ -342,6 +362,7 @@ def compile_model(
             "kv_cache_width": int(ir.mod["prefill"].params[7].ty.shape[2]),
             "param_names": list(ir.param_names),
             "weight_formats": {name: q.qtype for name, q in kept.items()},
+            "weight_bytes": weight_bytes(model, kept, ir.mod),
             "weights": weights,
             "created_by": command or " ".join(sys.argv),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -23,6 +23,7 @@ import numpy as np
 
 from mla_compiler import artifact
 from mla_compiler.errors import InputError, NumericsError
+from mla_compiler.runtime import memory_plan
 
 
 @dataclasses.dataclass
@@ -137,7 +138,14 @@ class Engine:
                 f"KV cache: {slots} x {max_context} tokens x {meta['kv_cache_bytes_per_token']} B"
                 f" = {cache_bytes / 2**20:.1f} MiB"
             )
+        needs = memory_plan.plan(meta, max_context=max_context, slots=slots)
         dev = tvm.cpu() if kind == "cpu" else tvm.cuda(0)
+        if kind == "cuda":
+            if log:
+                log(memory_plan.format_plan(needs))
+            free = dev.available_global_memory if dev.exist else None
+            if free:  # before anything is allocated: one line, not an out-of-memory error
+                memory_plan.check_fits(needs, int(free), max_context=max_context)
         vm = loader.load_vm(path, dev)  # checks the device and arch against the fatbin
         raw = _load_weights(path, meta, dev)
         params = list(vm["transform_params"](raw))

@@ -247,6 +247,8 @@ def dequantize_func(
     """(wq [n, row_bytes(k)] u8, w [n, k] out_dtype): ``w = dequantize(wq)``. CPU: rows in
     parallel; GPU: one thread per element (kernels are meant to inline ``fmt.value`` instead)."""
     rb = fmt.row_bytes(k)
+    # int64 extents, as Relax's shapes: FuseTIR matches buffers to vars structurally
+    n, k, rb = (tirx.IntImm("int64", v) for v in (n, k, rb))
 
     @T.prim_func(s_tir=True)
     def dequantize(wq: T.Buffer((n, rb), "uint8"), w: T.Buffer((n, k), out_dtype)):

@@ -119,3 +119,44 @@ def test_unknown_quant_is_one_config_error(tmp_path):
             options=CompileOptions(quant="q3_k_s"),
             log=lambda _msg: None,
         )
+
+
+def test_memory_plan_counts_the_stored_blocks_and_what_the_kernels_read(tmp_path):
+    from mla_compiler.errors import InputError
+    from mla_compiler.runtime import memory_plan
+
+    out = compile_model(
+        output=tmp_path / "q8",
+        preset_name="tiny",
+        options=CompileOptions(quant="q8_0"),
+        log=lambda _msg: None,
+    )
+    meta = json.loads((out / "metadata.json").read_text())
+    stored = meta["weight_bytes"]["stored"]
+    q8 = sum(np.prod(s) for s in _shapes(meta, "q8_0"))
+    assert stored["q8_0"] == q8 // 32 * 34  # 34 B a block of 32
+    # decoded at load (for now): the kernels read float32; kv_b also in the absorbed forms
+    # decode and prefill take (W_UK / W_UV per head), nothing else twice
+    n = sum(np.prod(s) for s in _shapes(meta, None))
+    kv_b = sum(np.prod(s) for s in _shapes(meta, None, "kv_b_proj"))
+    device = meta["weight_bytes"]["device"]
+    assert 4 * n < device <= 4 * (n + 2 * kv_b)
+    plan = memory_plan.plan(meta, max_context=1024)
+    assert plan["load_peak"] == sum(stored.values()) + device
+    cache = 3 * 1024 * meta["kv_cache_width"] * 2
+    assert dict(plan["parts"])["KV cache (1024 x 1)"] == cache
+    assert "device memory plan" in memory_plan.format_plan(plan)
+    need = max(plan["load_peak"], plan["run"])
+    memory_plan.check_fits(plan, need, max_context=1024)
+    with pytest.raises(InputError, match=r"GiB short; lower --max-context"):
+        memory_plan.check_fits(plan, need - 1, max_context=1024)
+
+
+def _shapes(meta: dict, qtype: str | None, part: str = "") -> list[tuple[int, ...]]:
+    """Shapes of the tiny preset's weights stored as ``qtype`` (None: all) named ``*part*``."""
+    from mla_compiler.model_export.config import ModelConfig
+    from mla_compiler.model_export.weights import expected_shapes
+
+    shapes = expected_shapes(ModelConfig.from_dict(meta["model"]))
+    fmt = meta["weight_formats"]
+    return [s for n, s in shapes.items() if (qtype is None or fmt.get(n) == qtype) and part in n]

@@ -80,5 +80,6 @@ def _rewrite(func: relax.Function, names, formats, kernel, bb) -> relax.Function
             value = shaped
         binds[w] = value
     bound = func.bind_params(binds)
-    body = relax.SeqExpr([relax.BindingBlock(bindings), *bound.body.blocks], bound.body.body)
+    # a dataflow block: LiftTransformParams lifts from dataflow blocks only
+    body = relax.SeqExpr([relax.DataflowBlock(bindings), *bound.body.blocks], bound.body.body)
     return relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs)
