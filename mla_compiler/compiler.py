@@ -21,6 +21,7 @@ from mla_compiler.model_export.config import ModelConfig, load_config, mla_mode,
 from mla_compiler.model_export.modeling import DeepseekV2
 from mla_compiler.model_export.weights import load_hf_model, random_model, torch_dtype
 from mla_compiler.pipeline import compile_ir
+from mla_compiler.runtime import memory_plan
 from mla_compiler.schedules.target import gpu_spec, parse_targets, tvm_target
 from mla_compiler.weight_quant import DEVICE_FORMATS, check_quant, quantize_model
 
@@ -370,5 +371,7 @@ def compile_model(
         (tmp / artifact.METADATA).write_text(json.dumps(meta, indent=2))
 
     out = artifact.write_atomic(output, write, force=force, inputs=inputs)
+    meta = json.loads((out / artifact.METADATA).read_text())
+    log(memory_plan.format_plan(memory_plan.plan(meta, max_context=options.max_context)))
     log(f"[3/3] wrote {out} ({time.time() - t0:.1f}s)")
     return out

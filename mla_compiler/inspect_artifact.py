@@ -1,4 +1,5 @@
-"""What an artifact's GPU kernels compiled to: registers, shared memory, spills, SASS opcodes.
+"""What an artifact's GPU kernels compiled to: registers, shared memory, spills, SASS opcodes;
+and the device memory it plans (``runtime.memory_plan``).
 
 Reads the per-arch cubins and the ptxas report that ``mla_compiler.cuda_build`` saved beside
 the library; SASS comes from ``cuobjdump`` (``mla_compiler.nvcc.sass_opcodes``). No GPU needed.
@@ -6,10 +7,12 @@ the library; SASS comes from ``cuobjdump`` (``mla_compiler.nvcc.sass_opcodes``).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from mla_compiler import nvcc
 from mla_compiler.errors import ArtifactError
+from mla_compiler.runtime import memory_plan
 from mla_compiler.runtime.loader import read_manifest
 
 # Opcodes worth a column of their own: tensor cores, async copies, shared-memory matrix loads.
@@ -41,7 +44,12 @@ def inspect(path: str | Path) -> dict:
                     }
                 )
     kernels.sort(key=lambda k: (k["name"], k["arch"]))
-    return {"kernels": kernels}
+    report = {"kernels": kernels}
+    meta_path = directory / "metadata.json"
+    if meta_path.is_file():  # the device memory plan at the artifact's max context
+        meta = json.loads(meta_path.read_text())
+        report["memory"] = memory_plan.plan(meta, max_context=int(meta["max_context"]))
+    return report
 
 
 def format_table(report: dict, *, top: int = 4) -> str:
@@ -76,7 +84,10 @@ def format_table(report: dict, *, top: int = 4) -> str:
         ).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(header), rule, *(line(r) for r in rows)])
+    table = "\n".join([line(header), rule, *(line(r) for r in rows)])
+    if "memory" in report:
+        table += "\n\n" + memory_plan.format_plan(report["memory"])
+    return table
 
 
 def _cell(value) -> str:

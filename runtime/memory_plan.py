@@ -49,10 +49,13 @@ def _workspace(recorded: dict, context: int) -> int:
 
 
 def format_plan(p: dict) -> str:
-    lines = [f"  {name:<32} {b / GiB:8.2f} GiB" for name, b in p["parts"]]
-    lines.append(f"  {'at load (stored + read)':<32} {p['load_peak'] / GiB:8.2f} GiB")
-    lines.append(f"  {'running (read + cache + work)':<32} {p['run'] / GiB:8.2f} GiB")
-    return "device memory plan:\n" + "\n".join(lines)
+    rows = [*p["parts"], ("at load (stored + read)", p["load_peak"])]
+    rows.append(("running (read + cache + work)", p["run"]))
+    return "device memory plan:\n" + "\n".join(f"  {n:<32} {_size(b):>11}" for n, b in rows)
+
+
+def _size(b: int) -> str:
+    return f"{b / GiB:.2f} GiB" if b >= GiB else f"{b / 2**20:.1f} MiB"
 
 
 def check_fits(p: dict, free: int, *, max_context: int) -> None:
