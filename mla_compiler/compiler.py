@@ -324,7 +324,7 @@ def compile_model(
             mod, targets, tmp, cuda_graph=cuda_graph, pdl=options.pdl, progress=log
         )
         if weights["source"] == "gguf":
-            from mla_compiler.model_export.gguf import write_tokenizer_files
+            from mla_compiler.model_export.gguf_tokenizer import write_tokenizer_files
 
             write_tokenizer_files(model_dir, tmp, log=log)
         elif model_dir is not None:

@@ -19,7 +19,7 @@ from test_tokenizer import BOS, CORPUS, DEEPSEEK_TEMPLATE, EOS  # noqa: E402
 
 from mla_compiler.errors import ConfigError, WeightError  # noqa: E402
 from mla_compiler.model_export import gguf as gguf_import  # noqa: E402
-from mla_compiler.model_export import quantize  # noqa: E402
+from mla_compiler.model_export import gguf_tokenizer, quantize  # noqa: E402
 from mla_compiler.model_export.config import load_config  # noqa: E402
 from mla_compiler.model_export.weights import load_hf_state  # noqa: E402
 
@@ -216,7 +216,7 @@ def test_tokenizer_from_gguf_vocab(tmp_path, hf_checkpoint):
     tok = byte_level_tokenizer()
     path = write_gguf(hf_checkpoint("qlora-grouped"), tmp_path / "t.gguf", tokenizer=tok)
     meta = gguf_import.read_metadata(gguf_import._open(path), arrays=True)
-    got = gguf_import.tokenizer_from_gguf(meta)
+    got = gguf_tokenizer.tokenizer_from_gguf(meta)
     for text in TEXTS:
         ids = tok.encode(text).ids
         assert got.encode(text).ids == ids, text
@@ -225,7 +225,7 @@ def test_tokenizer_from_gguf_vocab(tmp_path, hf_checkpoint):
         )
     out = tmp_path / "art"
     out.mkdir()
-    assert gguf_import.write_tokenizer_files(path, out)
+    assert gguf_tokenizer.write_tokenizer_files(path, out)
     cfg = json.loads((out / "tokenizer_config.json").read_text())
     assert cfg == {"bos_token": BOS, "eos_token": EOS, "chat_template": DEEPSEEK_TEMPLATE}
 
@@ -641,7 +641,7 @@ def _spm_meta(tokens, scores, types, **extra) -> dict:
 
 def test_spm_tokenizer_encodes_as_llama_cpp():
     tokens, scores, types = spm_vocab()
-    tok = gguf_import.tokenizer_from_gguf(_spm_meta(tokens, scores, types))
+    tok = gguf_tokenizer.tokenizer_from_gguf(_spm_meta(tokens, scores, types))
     for text in SPM_TEXTS:
         ids = tok.encode(text).ids
         assert ids == llama_cpp_spm(text, tokens, scores, types), text
@@ -663,7 +663,7 @@ def test_spm_unigram_vocab_takes_the_best_segmentation():
     tokens += list(pieces)
     scores = [0.0] * 259 + list(pieces.values())
     types = [UNKNOWN, CONTROL, CONTROL] + [BYTE] * 256 + [NORMAL] * len(pieces)
-    tok = gguf_import.tokenizer_from_gguf(_spm_meta(tokens, scores, types))
+    tok = gguf_tokenizer.tokenizer_from_gguf(_spm_meta(tokens, scores, types))
     ids = {text: [tokens[i] for i in tok.encode(text).ids] for text in ("abc", "cabc", "d abc")}
     assert ids == {
         "abc": ["▁abc"],  # -3 beats ▁ a bc (-5.5)
@@ -704,7 +704,7 @@ def test_write_tokenizer_files_converts_spm(tmp_path):
     out = tmp_path / "art"
     out.mkdir()
     lines = []
-    assert gguf_import.write_tokenizer_files(path, out, log=lines.append)
+    assert gguf_tokenizer.write_tokenizer_files(path, out, log=lines.append)
     assert lines == []
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))  # what the runtime loads
     for text in SPM_TEXTS:
@@ -724,19 +724,19 @@ def test_write_tokenizer_files_says_what_it_cannot_convert(tmp_path, capsys):
     out.mkdir()
     bert = _tokenizer_gguf(tmp_path / "bert.gguf", "bert", token_list=["[UNK]", "a"])
     lines = []
-    assert not gguf_import.write_tokenizer_files(bert, out, log=lines.append)
+    assert not gguf_tokenizer.write_tokenizer_files(bert, out, log=lines.append)
     assert lines == [f"note: bert.gguf: tokenizer model 'bert' is not supported: {FIX}"]
     assert not (out / "tokenizer.json").exists()
     # the default log prints the same line
-    assert not gguf_import.write_tokenizer_files(bert, out)
+    assert not gguf_tokenizer.write_tokenizer_files(bert, out)
     assert capsys.readouterr().out == lines[0] + "\n"
     bare = _tokenizer_gguf(tmp_path / "bare.gguf", None)
-    assert not gguf_import.write_tokenizer_files(bare, out, log=lines.append)
+    assert not gguf_tokenizer.write_tokenizer_files(bare, out, log=lines.append)
     assert lines[1] == f"note: bare.gguf: the file has no vocabulary: {FIX}"
     # a malformed vocabulary (fewer scores than tokens) is reported, not raised
     broken = _tokenizer_gguf(
         tmp_path / "broken.gguf", "llama", token_list=["<unk>", "a", "b"], token_scores=[0.0]
     )
-    assert not gguf_import.write_tokenizer_files(broken, out, log=lines.append)
+    assert not gguf_tokenizer.write_tokenizer_files(broken, out, log=lines.append)
     assert lines[2].startswith("note: broken.gguf: its 'llama' vocabulary could not be converted")
     assert lines[2].endswith(FIX) and len(lines) == 3
