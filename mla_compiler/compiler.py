@@ -19,11 +19,12 @@ from mla_compiler.errors import ConfigError, WeightError
 from mla_compiler.kernel_configs import KernelChoice
 from mla_compiler.model_export.config import ModelConfig, load_config, mla_mode, preset
 from mla_compiler.model_export.modeling import DeepseekV2
+from mla_compiler.model_export.quantize import row_bytes
 from mla_compiler.model_export.weights import load_hf_model, random_model, torch_dtype
 from mla_compiler.pipeline import compile_ir
 from mla_compiler.runtime import memory_plan
 from mla_compiler.schedules.target import gpu_spec, parse_targets, tvm_target
-from mla_compiler.weight_quant import DEVICE_FORMATS, check_quant, quantize_model
+from mla_compiler.weight_quant import DEVICE_FORMATS, check_quant, quantize_model, weight_types
 
 # Presets whose weights take more than this are not stored: the runtime draws them from the seed.
 MAX_STORED_RANDOM_BYTES = 1 << 30
@@ -73,8 +74,10 @@ def resolve_model(
     cfg, model, weights = _resolve_float(model_dir, preset_name, dtype, seed)
     if quant in (None, "none"):
         return cfg, model, weights, {}
+    if not weights.get("stored", True):  # the runtime draws and quantizes them
+        return cfg, model, {**weights, "quant": quant}, {}
     kept = quantize_model(model, quant, seed=seed, log=log)
-    return cfg, model, {**weights, "stored": True, "quant": quant}, kept
+    return cfg, model, {**weights, "quant": quant}, kept
 
 
 def _resolve_float(model_dir, preset_name, dtype: str, seed: int):
@@ -124,14 +127,14 @@ def _checkpoint_name(name: str, index: list[int], shape) -> str:
     return name
 
 
-def weight_bytes(model: torch.nn.Module, kept: dict, mod: tvm.IRModule) -> dict:
+def weight_bytes(model: torch.nn.Module, formats: dict, mod: tvm.IRModule) -> dict:
     """``{"stored": {format: bytes}, "device": bytes}``: the weights uploaded at load, by format
     (blocks, or the float dtype), and the outputs of ``transform_params`` the kernels read."""
     stored: dict[str, int] = {}
     for name, p in model.named_parameters():
         fmt, size = (
-            (kept[name].qtype, kept[name].nbytes)
-            if name in kept
+            (formats[name], p.numel() // p.shape[-1] * row_bytes(p.shape[-1], formats[name]))
+            if name in formats
             else (str(p.dtype).removeprefix("torch."), p.numel() * p.element_size())
         )
         stored[fmt] = stored.get(fmt, 0) + int(size)  # fmt: skip
@@ -282,9 +285,12 @@ def compile_model(
         log=log,
     )
     check_finite(model)
-    # the values to store; with kept blocks the export sees shapes only (one device: 'meta')
+    formats = {name: q.qtype for name, q in kept.items()}
+    if weights.get("quant") and not weights.get("stored", True):  # drawn by the runtime
+        formats = weight_types(model, weights["quant"])
+    # the values to store; with blocks the export sees shapes only (one device: 'meta')
     values = {n: p.detach() for n, p in model.named_parameters() if p.device.type != "meta"}
-    if kept:
+    if formats:
         model = model.to("meta")
     log(
         f"[1/3] model {cfg.name}: {cfg.num_hidden_layers} layers, mla={options.mla}, "
@@ -308,7 +314,7 @@ def compile_model(
         dump_dir=options.dump_ir,
         kv_dtype=options.kv_dtype,
         choice=choice,
-        weight_formats={name: q.qtype for name, q in kept.items()},
+        weight_formats=formats,
         log=log,
     )
     mod = add_sampling(ir.mod, tvm_target(codegen))
@@ -362,8 +368,8 @@ def compile_model(
             },
             "kv_cache_width": int(ir.mod["prefill"].params[7].ty.shape[2]),
             "param_names": list(ir.param_names),
-            "weight_formats": {name: q.qtype for name, q in kept.items()},
-            "weight_bytes": weight_bytes(model, kept, ir.mod),
+            "weight_formats": formats,
+            "weight_bytes": weight_bytes(model, formats, ir.mod),
             "weights": weights,
             "created_by": command or " ".join(sys.argv),
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -15,6 +15,7 @@ import torch
 from mla_compiler.errors import ConfigError
 from mla_compiler.model_export.gguf import gguf_tensor_name
 from mla_compiler.model_export.quantize import MIXES, QuantTensor, mix_type, quantize
+from mla_compiler.model_export.weights import seeded_weight
 from mla_compiler.schedules.quant_formats import FORMATS
 
 # block formats with a TIR decoder (the plain float types are not quantization)
@@ -27,38 +28,41 @@ def check_quant(quant: str | None) -> None:
         raise ConfigError(f"--quant {quant!r} is not a mix we write: use one of {QUANT_CHOICES}")
 
 
+def weight_types(model: torch.nn.Module, mix: str) -> dict[str, str]:
+    """The block format ``mix`` gives each weight of ``model`` that a kernel decodes."""
+    layers = model.cfg.num_hidden_layers
+    out = {}
+    for name, p in model.named_parameters():
+        qtype = mix_type(mix, gguf_tensor_name(name), tuple(p.shape), layers)
+        if qtype in DEVICE_FORMATS:
+            out[name] = qtype
+    return out
+
+
 def quantize_model(
-    model: torch.nn.Module, mix: str, *, seed: int | None = None, log=None
+    model: torch.nn.Module, mix: str, *, seed: int = 0, log=None
 ) -> dict[str, QuantTensor]:
     """Quantize ``model``'s weights with ``mix``; returns the kept ones (their parameters moved
-    to 'meta'). A model on 'meta' (a preset too large to store) is drawn here, one tensor at a
-    time, from ``seed`` (norms 1 + 0.1 N(0, 1), the rest 0.02 N(0, 1), as the runtime draws)."""
-    layers = model.cfg.num_hidden_layers
+    to 'meta'). A model on 'meta' (a preset too large to store: ``seeded_weight``) is drawn
+    here a tensor at a time, the kept ones straight into blocks."""
+    types = weight_types(model, mix)
     kept: dict[str, QuantTensor] = {}
-    gen = torch.Generator().manual_seed(seed or 0)
-    params = list(model.named_parameters())
-    t0, done = time.time(), 0
-    for i, (name, p) in enumerate(params):
-        shape = tuple(p.shape)
-        qtype = mix_type(mix, gguf_tensor_name(name), shape, layers)
+    t0, last = time.time(), time.time()
+    for name, p in list(model.named_parameters()):
         drawn = p.device.type == "meta"
-        if drawn:
-            values = torch.randn(shape, generator=gen)
-            values = 1.0 + 0.1 * values if "norm" in name else 0.02 * values
-        if qtype not in DEVICE_FORMATS:
-            if drawn:
-                _set(model, name, values.to(p.dtype))
-            continue
-        data = quantize((values if drawn else p.detach()).float().numpy(), qtype)
-        kept[name] = QuantTensor(data, qtype, shape)
-        if not drawn:
-            _set(model, name, torch.empty(shape, dtype=p.dtype, device="meta"))
-        done += p.numel()
-        if log and time.time() - t0 > 10 * (1 + len(kept) // 50):
-            log(f"      quantize {mix}: {i + 1}/{len(params)} tensors ({time.time() - t0:.0f}s)")
+        values = seeded_weight(name, tuple(p.shape), seed) if drawn else p.detach().float()
+        if name in types:
+            kept[name] = QuantTensor(quantize(values.numpy(), types[name]), types[name], p.shape)
+            if not drawn:
+                _set(model, name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+        elif drawn:
+            _set(model, name, values.to(p.dtype))
+        if log and time.time() - last > 30:
+            last = time.time()
+            log(f"      quantize {mix}: {len(kept)}/{len(types)} tensors ({last - t0:.0f}s)")
     if log:
         mb = sum(q.nbytes for q in kept.values()) / 2**20
-        log(f"      quantize {mix}: {len(kept)} tensors, {done / 1e6:.1f}M weights -> {mb:.1f} MiB")
+        log(f"      quantize {mix}: {len(kept)} tensors -> {mb:.1f} MiB")
     return kept
 
 

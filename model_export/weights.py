@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from pathlib import Path
 
 import torch
@@ -37,6 +38,14 @@ def random_model(cfg: ModelConfig, *, seed: int = 0, dtype: str = "float32") -> 
             else:
                 p.copy_(0.02 * torch.randn(p.shape, generator=gen))
     return model.to(torch_dtype(dtype)).eval()
+
+
+def seeded_weight(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """One weight of a quantized preset, float32 on the CPU, drawn from its own generator
+    (``seed`` and the name): any process draws any tensor alone, in any order, the same."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    values = torch.randn(shape, generator=gen)
+    return 1.0 + 0.1 * values if "norm" in name else 0.02 * values
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -444,14 +444,63 @@ def random_weight_tensors(meta: dict, device: str) -> dict:
 
 
 def _random_weights(meta: dict, dev) -> list:
-    """Seeded random weights drawn on the device (presets too large to store)."""
+    """Seeded random weights drawn on the device (presets too large to store); those of a
+    quantized preset drawn on the CPU and quantized (``seeded_blocks``)."""
     import tvm
 
+    if meta.get("weight_formats"):
+        return [tvm.runtime.tensor(a, dev) for a in seeded_blocks(meta)]
     tdev = "cuda" if dev.dlpack_device_type() == 2 else "cpu"
     return [
         tvm.runtime.from_dlpack(t) if tdev == "cuda" else tvm.runtime.tensor(t.numpy(), dev)
         for t in random_weight_tensors(meta, tdev).values()
     ]
+
+
+def seeded_blocks(meta: dict, *, workers: int | None = None) -> list[np.ndarray]:
+    """The weights of a quantized preset compiled without them, in export order: each drawn
+    alone (``model_export.weights.seeded_weight``), the ``weight_formats`` ones as their GGUF
+    blocks (uint8), the others in the artifact's dtype. Tensors are spread over ``workers``
+    processes (default: the CPU count when the model is large, else this process)."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    from mla_compiler.model_export.config import ModelConfig
+    from mla_compiler.model_export.weights import expected_shapes
+
+    shapes = expected_shapes(ModelConfig.from_dict(meta["model"]))
+    seed = int(meta["weights"].get("seed", 0))
+    jobs = [
+        (n, shapes[n], seed, meta["weight_formats"].get(n), meta["dtype"])
+        for n in meta["param_names"]
+    ]
+    if workers is None:  # processes pay off for big models only
+        big = sum(int(np.prod(s)) for s in shapes.values()) > 1 << 28
+        workers = (os.cpu_count() or 1) if big else 1
+    if workers == 1:
+        return [_seeded_block(*job) for job in jobs]
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # no CUDA context or TVM state in the children
+    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        return list(pool.map(_seeded_block, *zip(*jobs, strict=True)))
+
+
+def _seeded_block(name: str, shape, seed: int, qtype: str | None, dtype: str) -> np.ndarray:
+    import torch
+
+    from mla_compiler.model_export.quantize import quantize
+    from mla_compiler.model_export.weights import seeded_weight
+
+    torch.set_num_threads(1)
+    values = seeded_weight(name, tuple(shape), seed)
+    if qtype is not None:
+        return quantize(values.numpy(), qtype)
+    if dtype == "bfloat16":  # numpy has no bf16 of its own
+        import ml_dtypes
+
+        return values.numpy().astype(ml_dtypes.bfloat16)
+    return values.to(getattr(torch, dtype)).numpy()
 
 
 def _choose_sampler(sampling: str, vm, device) -> str:

@@ -30,6 +30,8 @@ LOWER_LAYERS = {
         "mla_compiler.artifact",  # the artifact's files and metadata.json
         "mla_compiler.model_export.config",  # ModelConfig of metadata.json; bench's HF baseline
         "mla_compiler.model_export.modeling",  # weights of seeded presets too large to store
+        "mla_compiler.model_export.weights",  # ... drawn a tensor at a time (quantized presets)
+        "mla_compiler.model_export.quantize",  # ... and quantized at load
     },
 }
 SHARED = {"mla_compiler", "mla_compiler.errors", "mla_compiler.artifact"}  # below every layer

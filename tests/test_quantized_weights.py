@@ -160,3 +160,46 @@ def _shapes(meta: dict, qtype: str | None, part: str = "") -> list[tuple[int, ..
     shapes = expected_shapes(ModelConfig.from_dict(meta["model"]))
     fmt = meta["weight_formats"]
     return [s for n, s in shapes.items() if (qtype is None or fmt.get(n) == qtype) and part in n]
+
+
+def test_a_quantized_preset_too_large_to_store_is_drawn_and_quantized_at_load(
+    tmp_path, monkeypatch
+):
+    """``--preset X --quant MIX`` for a preset whose weights are not stored: the artifact has
+    no weights file, the runtime draws each tensor alone and quantizes it (in processes or
+    not, the same blocks), and the logits are our model's on those blocks decoded."""
+    from mla_compiler import compiler
+    from mla_compiler.model_export.config import preset
+    from mla_compiler.model_export.modeling import DeepseekV2
+    from mla_compiler.runtime import engine as E
+
+    monkeypatch.setattr(compiler, "MAX_STORED_RANDOM_BYTES", 0)
+    out = compile_model(
+        output=tmp_path / "q4",
+        preset_name="tiny",
+        options=CompileOptions(quant="q4_0", kv_dtype="float32"),
+        log=lambda _msg: None,
+    )
+    assert not (out / "weights.safetensors").exists()
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["weights"] == {"source": "random", "seed": 0, "stored": False, "quant": "q4_0"}
+    assert set(meta["weight_formats"].values()) == {"q4_0"}
+    blocks = E.seeded_blocks(meta, workers=1)
+    assert all(
+        np.array_equal(a, b) for a, b in zip(blocks, E.seeded_blocks(meta, workers=2), strict=True)
+    )
+    model = DeepseekV2(preset("tiny")).eval()
+    with torch.no_grad():
+        for (name, p), data in zip(model.named_parameters(), blocks, strict=True):
+            qtype = meta["weight_formats"].get(name)
+            values = (
+                data
+                if qtype is None
+                else gguf.quants.dequantize(data, gguf.GGMLQuantizationType[qtype.upper()])
+            )
+            p.copy_(torch.from_numpy(np.asarray(values, np.float32)).view(p.shape))
+        ids = list(range(3, 3 + PROMPT))
+        cache = model.new_cache(PROMPT + 4, torch.float32)
+        want, _ = model(**single_sequence_inputs(ids, start=0, logits="all"), cache=cache)
+    got = Engine.load(out, "cpu").prefill(ids, all_logits=True)
+    assert _rel(got, want.numpy()) < 1e-4
