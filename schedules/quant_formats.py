@@ -106,6 +106,11 @@ def _q5_0(b, j):  # [2 d | 4 qh: bit j = 5th bit | 16 qs as Q4_0]
     return _f16(b, 0) * _f32((_nibble32(b, 6, j) | (qh << 4)) - 16)
 
 
+def _q5_1(b, j):  # [2 d | 2 m | 4 qh: bit j = 5th bit | 16 qs as Q4_0]: d * q + m
+    qh = (b(4 + j // 8) >> (j % 8)) & 1
+    return _f16(b, 0) * _f32(_nibble32(b, 8, j) | (qh << 4)) + _f16(b, 2)
+
+
 def _q45_k(b, j, q):
     """Q4_K / Q5_K: (d * sc) * q - dmin * m, gguf-py's order; only the subtraction rounds."""
     sc, mn = _k_scale_min(b, j // 32)
@@ -208,6 +213,7 @@ FORMATS: dict[str, WeightFormat] = dict(
         _fmt("bf16", 30, 1, 2, _bf16_elem),
         _fmt("q4_0", 2, 32, 18, _q4_0),
         _fmt("q5_0", 6, 32, 22, _q5_0),
+        _fmt("q5_1", 7, 32, 24, _q5_1),
         _fmt("q8_0", 8, 32, 34, _q8_0),
         _fmt("q4_k", 12, 256, 144, _q4_k),
         _fmt("q5_k", 13, 256, 176, _q5_k),

@@ -26,7 +26,7 @@ QUANTIZED = [f for f in QF.FORMATS.values() if f.block > 1]
 # normal, +-0, +-1
 EXTREME_F16 = (0x7BFF, 0xFBFF, 0x0001, 0x8001, 0x03FF, 0x0400, 0x0000, 0x8000, 0x3C00, 0xBC00)
 # byte offsets of the f16 scale fields in a block (d, and dmin for Q4_K / Q5_K)
-F16_FIELDS = {"q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}
+F16_FIELDS = {"q5_1": (0, 2), "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}
 
 
 def _shapes(fmt) -> list[tuple[int, int]]:
