@@ -138,12 +138,33 @@ def weight_bytes(model: torch.nn.Module, formats: dict, mod: tvm.IRModule) -> di
             else (str(p.dtype).removeprefix("torch."), p.numel() * p.element_size())
         )
         stored[fmt] = stored.get(fmt, 0) + int(size)  # fmt: skip
-    outs = mod["transform_params"].ret_ty.fields
-    device = sum(
+    func = mod["transform_params"]
+    outs = func.ret_ty.fields
+    sizes = [
         math.prod(int(s) for s in t.shape) * tvm.runtime.DataType(str(t.dtype)).bits // 8
         for t in outs
-    )
-    return {"stored": stored, "device": int(device)}
+    ]
+    passed = _passthrough(func)
+    new = sum(b for i, b in enumerate(sizes) if i not in passed)
+    return {"stored": stored, "device": int(sum(sizes)), "device_new": int(new)}
+
+
+def _passthrough(func) -> set[int]:
+    """Indices of ``transform_params``' outputs that are its inputs unchanged (no new memory)."""
+    from tvm import relax
+
+    body = func.body.body
+    values = relax.analysis.get_var2val(func)
+    if body.same_as(func.params[0]):  # every weight as it is
+        return set(range(len(func.ret_ty.fields)))
+    result = values.get(body, body)
+    fields = result.fields if isinstance(result, relax.Tuple) else []
+    out = set()
+    for i, f in enumerate(fields):
+        v = values.get(f, f)
+        if isinstance(v, relax.TupleGetItem) and v.tuple_value.same_as(func.params[0]):
+            out.add(i)
+    return out
 
 
 def param_bytes(cfg: ModelConfig, dtype: str) -> int:

@@ -2,10 +2,11 @@
 
 Parts: the weights as stored (by format: the bytes ``Engine.load`` uploads), the weights the
 kernels read (``transform_params``' outputs), the KV cache at the context asked for and the
-attention workspace the compiler recorded. Loading holds the stored and the transformed weights
-at once; running holds the transformed weights, the cache and the workspace. What TVM's
-allocator keeps beyond these (activations of a prompt chunk, freed temporaries) is not
-predicted here: ``benchmarks/memory_probe.py`` measures it.
+attention workspace the compiler recorded. Loading holds the stored weights and what
+``transform_params`` allocates (its outputs that are not its inputs) at once; running holds the
+transformed weights, the cache and the workspace. What TVM's allocator keeps beyond these
+(activations of a prompt chunk, freed temporaries) is not predicted here:
+``benchmarks/memory_probe.py`` measures it.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ def plan(meta: dict, *, max_context: int, slots: int = 1) -> dict:
     wb = meta.get("weight_bytes") or {}
     stored = wb.get("stored") or {}
     device = int(wb.get("device", sum(stored.values())))
+    new = int(wb.get("device_new", device))  # what transform_params allocates
     work = _workspace(meta.get("attention_workspace_bytes") or {}, max_context)
     parts = [(f"weights stored {fmt}", int(b)) for fmt, b in sorted(stored.items())]
     parts += [
@@ -33,7 +35,7 @@ def plan(meta: dict, *, max_context: int, slots: int = 1) -> dict:
     parts += [("attention workspace", work)]
     return {
         "parts": parts,
-        "load_peak": sum(stored.values()) + device,
+        "load_peak": sum(stored.values()) + new,
         "run": device + cache + work,
     }
 
