@@ -111,7 +111,7 @@ class _Geometry:
 
     def shared_bytes(self) -> int:
         cfg, x = self.cfg, self.m * self.x_stride * tvm.DataType(self.x_dtype).bits // 8
-        red = cfg.warps_k * self.rows_blk * self.m * 4 if cfg.warps_k > 1 else 0
+        red = _cdiv(cfg.warps_k * self.rows_blk * self.m, 4) * 16 if cfg.warps_k > 1 else 0
         return x + cfg.warps_n * cfg.warps_k * self.warp_bytes + red
 
     def x_pos(self, c):
@@ -177,8 +177,8 @@ def default_config(weight_format: str, n: int, k: int, target, m: int = 1) -> Qu
       102400-row LM head); Q4_0 / Q5_0 / Q8_0 / IQ4_NL 2-8 by the row count.
     - lanes: as many as split the row's units with at most 10% idle (up to 32); warps_k: a
       divisor of the row's chunks (up to 8) when the row groups give < 4 warps per SM;
-      warps_n: the rest of an up-to-8-warp block in a quarter of the shared memory (a few
-      blocks per SM: one's copy overlaps another's decode).
+      warps_n: the rest of an up-to-8-warp block in a quarter of the shared memory, with at
+      least 2 blocks per SM where the rows allow (one's copy overlaps another's decode).
     - group / chains: fewer x values per load and FMA chains for more tokens; x_f32 when x
       takes at most 16 KB.
     """
@@ -203,14 +203,15 @@ def default_config(weight_format: str, n: int, k: int, target, m: int = 1) -> Qu
         row_iters=row_iters,
         warps_n=1,
         warps_k=warps_k,
-        group=min(32 if m == 1 else 16 if m == 2 else 8, fmt.block),
+        group=16 if m <= 2 else 8,
         chains=2 if m * row_iters <= 2 else 1,
         x_f32=m * k * 4 <= 16 * 1024,
     )
     g = _Geometry(fmt, m, n, k, cfg, "float16")
     per_warp_n = g.warp_bytes * warps_k
     fit = (smem // 4 - (g.shared_bytes() - per_warp_n)) // per_warp_n
-    cfg = dataclasses.replace(cfg, warps_n=max(1, min(8 // warps_k, fit, row_groups)))
+    spread = row_groups // (2 * want // 4)  # at least 2 blocks per SM where rows allow
+    cfg = dataclasses.replace(cfg, warps_n=max(1, min(8 // warps_k, fit, spread)))
     if gpu and not keep(weight_format, m, n, k, cfg, target):
         cfg = dataclasses.replace(cfg, x_f32=False)
     return cfg
@@ -257,7 +258,7 @@ def _bound(e) -> tuple[int, int] | None:
     return (a[0] << b[0], a[1] << b[1]) if isinstance(e, E.LShift) else None
 
 
-def _small(b) -> bool:
+def _small(b) -> bool:  # a range the exponent trick covers
     return b is not None and 0 <= b[0] and b[1] < 1 << 23
 
 
@@ -296,9 +297,8 @@ def fast_value(fmt: WeightFormat, buf, n, k, dtype: str = "float32"):
 
 
 class _Bytes:
-    """``buf[n, offset]`` as ``fmt.value`` reads it, on a lane's register copy: the block's
-    byte ``offset`` (a compile-time constant) is ``local[base + offset]``; ``read`` collects
-    the local offsets asked for."""
+    """``buf[n, offset]`` as ``fmt.value`` reads it, on a lane's register copy: block byte
+    ``offset`` (a constant) is ``local[base + offset]``; ``read``: the local offsets read."""
 
     def __init__(self, local, base: int, limit: int):
         self.local, self.base, self.limit, self.read = local, base, limit, set()
@@ -498,7 +498,8 @@ class _Emitter:
         ws = T.alloc_buffer((cfg.warps_n * cfg.warps_k * g.warp_bytes,), "uint8", scope=scope)
         red = None
         if cfg.warps_k > 1:
-            red = T.alloc_buffer((cfg.warps_k * g.rows_blk * g.m,), "float32", scope=scope)
+            size = _cdiv(cfg.warps_k * g.rows_blk * g.m, 4) * 4  # 16-byte multiple: aligned
+            red = T.alloc_buffer((size,), "float32", scope=scope)
         size = self.n_acc * (1 if self.gpu else g.threads)
         acc = T.alloc_buffer((size,), "float32", scope="local" if self.gpu else "global")
         if self.gpu:  # 0x4B000000 from the grid size read at run time: no compiler folds it

@@ -161,16 +161,17 @@ V2LITE = [
 
 @pytest.mark.parametrize("arch", ["sm_89", "sm_90a"])
 def test_cuda_static(arch):
-    """V2-Lite decode shapes (1 token; Q4_K also at 8) build through nvcc with the model
-    build's flags: 0 spills, no stack frame; the weight arrives by the widest vector loads its
-    rows allow (16 bytes, 8 for Q5_0's 968-byte rows), no byte loads from global memory; the
-    lanes read their units back with the unit's shared-load width; int -> float conversions
-    take the exponent trick (no I2F); lanes meet through shuffles. (Each 8-token kernel takes
-    nvcc 5-50 s: one is built here.)"""
+    """V2-Lite decode shapes (1 token; Q4_K also at 8; the other formats at 2048 x 2048) build
+    through nvcc with the model build's flags: 0 spills, no stack frame; the weight arrives by
+    the widest vector loads its rows allow (16 bytes, 8 for Q5_0's 968-byte rows), no byte
+    loads from global memory; lanes read their units back with the unit's shared-load width;
+    int -> float conversions take the exponent trick (no I2F); lanes meet through shuffles.
+    (Each 8-token kernel takes nvcc 5-50 s: one is built here.)"""
     nvcc = require_nvcc()
     target = tvm_target(arch)
     funcs, geo = {}, {}
-    for fmt, n, k, m in [(*shape, 1) for shape in V2LITE] + [("q4_k", 3072, 2048, 8)]:
+    others = [(fmt, 2048, 2048, 1) for fmt in ("q4_0", "q5_k", "iq4_nl", "iq4_xs")]
+    for fmt, n, k, m in [(*s, 1) for s in V2LITE] + others + [("q4_k", 3072, 2048, 8)]:
         f = QG.quant_gemv(m, n, k, target=target, weight_format=fmt)
         name = f.attrs["global_symbol"]
         funcs[name] = f
