@@ -19,7 +19,6 @@ import sys
 import time
 
 import torch
-import tvm
 
 try:  # as benchmarks.bench_gemm
     from benchmarks import timing
@@ -65,15 +64,11 @@ def timeit(fn, *, iters: int = 50, warmup: int = 5) -> float:
 
 
 def arch_of_device() -> str:
-    if SMOKE:
-        return "cpu"
-    major, minor = torch.cuda.get_device_capability()
-    return "sm_90a" if (major, minor) >= (9, 0) else f"sm_{major}{minor}"
+    return "cpu" if SMOKE else timing.device_arch()
 
 
 def build(func, target):
-    with tvm.transform.PassContext(config=G.PASS_CONFIG):
-        return tvm.compile(func, target=target)
+    return timing.build_kernel(func, target)
 
 
 def candidates(m, target, epilogue=None):

@@ -65,17 +65,11 @@ def device() -> str:
 
 
 def arch_of_device() -> str:
-    if SMOKE:
-        return "cpu"
-    major, minor = torch.cuda.get_device_capability()
-    return "sm_90a" if (major, minor) >= (9, 0) else f"sm_{major}{minor}"
+    return "cpu" if SMOKE else timing.device_arch()
 
 
 def build(func, target):
-    from mla_compiler.schedules.target import PASS_CONFIG
-
-    with tvm.transform.PassContext(config=PASS_CONFIG):
-        return tvm.compile(func, target=target)
+    return timing.build_kernel(func, target)
 
 
 def kernel_us(call, *, reps: int) -> float:

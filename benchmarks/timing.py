@@ -202,3 +202,20 @@ def rotating(call):
     picks the copy of the inputs)."""
     turn = itertools.count(1)
     return lambda: call(next(turn))
+
+
+def device_arch() -> str:
+    """The arch to build for on this GPU: ``sm_90a`` on Hopper (its wgmma / TMA kernels), else
+    ``sm_XY``."""
+    major, minor = torch.cuda.get_device_capability()
+    return "sm_90a" if (major, minor) >= (9, 0) else f"sm_{major}{minor}"
+
+
+def build_kernel(func, target):
+    """A PrimFunc or IRModule built for ``target`` with the model build's pass config."""
+    import tvm
+
+    from mla_compiler.schedules.target import PASS_CONFIG
+
+    with tvm.transform.PassContext(config=PASS_CONFIG):
+        return tvm.compile(func, target=target)
