@@ -149,6 +149,11 @@ def test_memory_plan_counts_the_stored_blocks_and_what_the_kernels_read(tmp_path
     cache = 3 * 1024 * meta["kv_cache_width"] * 2
     assert dict(plan["parts"])["KV cache (1024 x 1)"] == cache
     assert "device memory plan" in memory_plan.format_plan(plan)
+    from mla_compiler import inspect_artifact
+
+    report = inspect_artifact.inspect(out)  # at the artifact's own max context
+    assert report["memory"]["parts"][0] == ("weights stored float32", stored["float32"])
+    assert "weights stored q8_0" in inspect_artifact.format_table(report)
     need = max(plan["load_peak"], plan["run"])
     memory_plan.check_fits(plan, need, max_context=1024)
     with pytest.raises(InputError, match=r"GiB short; lower --max-context"):
