@@ -63,12 +63,12 @@ def resolve_model(
     if model_dir is not None and str(model_dir).endswith(".gguf"):
         from mla_compiler.model_export.gguf import load_gguf_weights
 
-        keep = () if quant == "none" else DEVICE_FORMATS
         if quant not in (None, "none"):
             raise ConfigError(
                 f"--quant {quant} re-quantizes weights a GGUF file already holds quantized: "
                 "leave --quant out (the file's own types are kept) or pass 'none'"
             )
+        keep = () if quant == "none" else DEVICE_FORMATS
         cfg, model, kept = load_gguf_weights(model_dir, dtype=dtype, keep=keep)
         return cfg, model, {"source": "gguf", "path": str(model_dir)}, kept
     cfg, model, weights = _resolve_float(model_dir, preset_name, dtype, seed)
@@ -76,7 +76,7 @@ def resolve_model(
         return cfg, model, weights, {}
     if not weights.get("stored", True):  # the runtime draws and quantizes them
         return cfg, model, {**weights, "quant": quant}, {}
-    kept = quantize_model(model, quant, seed=seed, log=log)
+    kept = quantize_model(model, quant, log=log)
     return cfg, model, {**weights, "quant": quant}, kept
 
 

@@ -15,12 +15,11 @@ import torch
 from mla_compiler.errors import ConfigError
 from mla_compiler.model_export.gguf import gguf_tensor_name
 from mla_compiler.model_export.quantize import MIXES, QuantTensor, mix_type, quantize
-from mla_compiler.model_export.weights import seeded_weight
 from mla_compiler.schedules.quant_formats import FORMATS
 
 # block formats with a TIR decoder (the plain float types are not quantization)
 DEVICE_FORMATS = tuple(f for f in FORMATS if f not in ("f32", "f16", "bf16"))
-QUANT_CHOICES = (*MIXES, "none")
+QUANT_CHOICES = (*MIXES, "none")  # = compile --quant's choices
 
 
 def check_quant(quant: str | None) -> None:
@@ -39,24 +38,19 @@ def weight_types(model: torch.nn.Module, mix: str) -> dict[str, str]:
     return out
 
 
-def quantize_model(
-    model: torch.nn.Module, mix: str, *, seed: int = 0, log=None
-) -> dict[str, QuantTensor]:
+def quantize_model(model: torch.nn.Module, mix: str, *, log=None) -> dict[str, QuantTensor]:
     """Quantize ``model``'s weights with ``mix``; returns the kept ones (their parameters moved
-    to 'meta'). A model on 'meta' (a preset too large to store: ``seeded_weight``) is drawn
-    here a tensor at a time, the kept ones straight into blocks."""
+    to 'meta', the export needs their shapes only). A preset too large to store never comes
+    here: the runtime draws and quantizes it (``runtime.engine.seeded_blocks``)."""
     types = weight_types(model, mix)
     kept: dict[str, QuantTensor] = {}
     t0, last = time.time(), time.time()
     for name, p in list(model.named_parameters()):
-        drawn = p.device.type == "meta"
-        values = seeded_weight(name, tuple(p.shape), seed) if drawn else p.detach().float()
-        if name in types:
-            kept[name] = QuantTensor(quantize(values.numpy(), types[name]), types[name], p.shape)
-            if not drawn:
-                _set(model, name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
-        elif drawn:
-            _set(model, name, values.to(p.dtype))
+        if name not in types:
+            continue
+        data = quantize(p.detach().float().numpy(), types[name])
+        kept[name] = QuantTensor(data, types[name], tuple(p.shape))
+        _set(model, name, torch.empty(p.shape, dtype=p.dtype, device="meta"))
         if log and time.time() - last > 30:
             last = time.time()
             log(f"      quantize {mix}: {len(kept)}/{len(types)} tensors ({last - t0:.0f}s)")
