@@ -12,6 +12,7 @@ import sys
 
 from mla_compiler.defaults import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_NEW_TOKENS, DEFAULT_UBATCH
 from mla_compiler.errors import InputError, MLAError
+from mla_compiler.model_export.quantize import MIXES  # numpy only: --help stays quick
 
 DESCRIPTION = (
     "Compile DeepSeek-family models (MLA attention + MoE) with Apache TVM into artifacts that "
@@ -55,7 +56,7 @@ def _add_compile(sub) -> None:
     p.add_argument(
         "--quant",
         default=None,
-        choices=["q4_k_m", "q4_0", "iq4_nl", "q8_0", "none"],
+        choices=[*MIXES, "none"],
         help="store the weights in GGUF block formats: llama.cpp's Q4_K_M mix or one type for "
         "all (router and norms stay float); a .gguf keeps its own types unless 'none' (decoded "
         "to --dtype at compile). For now the device decodes them once at load",
