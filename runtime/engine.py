@@ -492,8 +492,15 @@ def seeded_blocks(meta: dict, *, workers: int | None = None) -> list[np.ndarray]
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")  # no CUDA context or TVM state in the children
-    with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_one_thread) as pool:
         return list(pool.map(_seeded_block, *zip(*jobs, strict=True)))
+
+
+def _one_thread() -> None:
+    """A worker of ``seeded_blocks``: one torch thread each (the processes are the parallelism)."""
+    import torch
+
+    torch.set_num_threads(1)
 
 
 def _seeded_block(name: str, shape, seed: int, qtype: str | None, dtype: str) -> np.ndarray:
@@ -502,7 +509,6 @@ def _seeded_block(name: str, shape, seed: int, qtype: str | None, dtype: str) ->
     from mla_compiler.model_export.quantize import quantize
     from mla_compiler.model_export.weights import seeded_weight
 
-    torch.set_num_threads(1)
     values = seeded_weight(name, tuple(shape), seed)
     if qtype is not None:
         return quantize(values.numpy(), qtype)
