@@ -124,9 +124,11 @@ def config_for(db_dir, kernel: str, target, shape_key: str, default, *, log=None
 
 def choose(choice: KernelChoice, kernel: str, shape, target):
     """The config of family ``kernel`` for ``shape``: the tuned one where recorded (nearest size
-    otherwise) and valid, else the family's default."""
+    otherwise) and valid, else the family's default (None where the family does not apply)."""
     family = kernel_family(kernel)
     default = family.default(shape, target)
+    if default is None:  # the family does not serve this shape on this target
+        return None
     key = family.shape_key(shape)
     tuned = config_for(choice.db, kernel, target, key, default, log=choice.log)
     return tuned if tuned is default or family.keep(tuned, shape, target) else default
@@ -172,8 +174,6 @@ def moe_config(choice: KernelChoice, target, *, num_experts, top_k, hidden, inte
     from mla_compiler.schedules.families import MoeShape
 
     shape = MoeShape(num_experts, top_k, hidden, inter, choice.ubatch)
-    if kernel_family("moe_grouped").default(shape, target) is None:
-        return None
     return choose(choice, "moe_grouped", shape, target)
 
 
