@@ -76,9 +76,16 @@ def kernel_us(call, *, reps: int) -> float:
     """Microseconds per call: every GPU kernel the call launches (CUPTI), averaged over
     ``reps`` calls; the wall clock in a CPU smoke run."""
     if SMOKE:
-        return timing.loop_s(call, iters=reps, warmup=1, cuda=False) * 1e6
-    total, _ = timing.kernel_totals([call], reps=reps)
-    return sum(total.values()) / reps
+        us = timing.loop_s(call, iters=reps, warmup=1, cuda=False) * 1e6
+    else:
+        total, _ = timing.kernel_totals([call], reps=reps)
+        us = sum(total.values()) / reps
+    if not us > 0:  # a time of 0 would divide the GB/s and speed-ups by zero
+        raise RuntimeError(
+            f"{us} us per call over {reps} calls: below the clock's resolution"
+            + ("" if SMOKE else " (or no kernel recorded)")
+        )
+    return us
 
 
 def timed_us(fn, x, weights, y, *, reps: int) -> float:
@@ -140,7 +147,9 @@ def bench_weight(fmt, shape, n, k, tokens, target, reps, f16_times):
         y = aligned(torch.full((m, n), float("nan"), device=dev, dtype=dt))
         x_t, y_t = tv(x), tv(y)
         ref = x.float() @ w0.float().T
-        cfg = QG.default_config(fmt, n, k, target, m)
+        # CUDA: the schedule's config. The CPU kernel has none (quant_gemv builds it without
+        # one), and default_config sizes for a GPU: on the CPU target it divides by zero.
+        cfg = None if SMOKE else QG.default_config(fmt, n, k, target, m)
         t0 = time.time()
         func = QG.quant_gemv(m, n, k, target=target, weight_format=fmt, dtype=tvm_dt)
         lib = build(func, target)
@@ -168,7 +177,7 @@ def bench_weight(fmt, shape, n, k, tokens, target, reps, f16_times):
             "n": n,
             "k": k,
             "tokens": m,
-            "config": str(cfg),
+            "config": None if cfg is None else str(cfg),
             "quant_us": t_q,
             "f16_gemv_us": t_f16,
             "torch_f16_us": t_torch,

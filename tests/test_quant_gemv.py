@@ -147,6 +147,24 @@ def test_invalid_shapes_raise(fmt):
         QG.quant_gemv(1, 64, 256, target=SM90, weight_format="f16")
 
 
+def test_bench_cpu_smoke(tmp_path):
+    """``benchmarks/bench_quant_gemv.py --cpu-smoke`` on one shape, a 32- and a 256-block
+    format: every case built, checked and timed (it once failed every case: it asked
+    ``default_config``, sized for a GPU, for a config on the CPU target)."""
+    import json
+
+    from conftest import load_benchmark
+
+    bench = load_benchmark("bench_quant_gemv")
+    out = tmp_path / "smoke.json"
+    argv = ["--out", str(out), "--cpu-smoke", "--formats", "q4_0,q4_k", "--shapes", "kv_a"]
+    argv += ["--reps", "2"]
+    assert bench.main(argv) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [(r["format"], r["ok"]) for r in results] == [("q4_0", True), ("q4_k", True)]
+    assert all(r["quant_us"] > 0 and r["config"] is None for r in results)
+
+
 # --------------------------------------------------------------------- CUDA static checks
 
 # V2-Lite decode products: (format, n, k) and the global / shared load widths expected
