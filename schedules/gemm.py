@@ -34,6 +34,7 @@ from tvm import s_tir, te, tirx
 from tvm.script import tirx as T
 
 from . import gemv_mma
+from .quant_formats import FORMATS
 from .target import PASS_CONFIG, gpu_spec, is_gpu  # noqa: F401  (PASS_CONFIG: re-exported)
 
 SWIGLU_GROUP = 32  # gate/up rows interleave in groups of this many rows (see transform_weight)
@@ -190,12 +191,15 @@ def gemm_workload(
     epilogue: str | None = None,
     out_dtype: str | None = None,
     batch: int | None = None,
+    weight_format: str | None = None,
 ):
     """Unscheduled PrimFunc: blocks ``gemm`` (f32 accumulate) and ``epilogue`` (-> Y).
 
     ``m`` is an int or None (symbolic ``m``); ``n`` is the output width. ``batch``: a head axis
     in the middle of X and Y (``X[m, b, k]``, ``W[b, n_w, k]``, ``Y[m, b, n]``: the layout of
     per-head products in a ``[T, H, D]`` activation, read and written in place, no transpose).
+    ``weight_format``: W is that GGUF format's bytes ``[(b,) n_w, row_bytes(k)]`` uint8, decoded
+    by a block ``dequantize`` that the schedules inline into their weight loads.
     """
     if epilogue not in EPILOGUES:
         raise ValueError(f"unknown epilogue {epilogue!r}: use one of {EPILOGUES}")
@@ -209,7 +213,7 @@ def gemm_workload(
         return (i, j) if batch is None else (i, b, j)
 
     x = te.placeholder((mm, *lead, k), dtype, name="x")
-    w = te.placeholder((*lead, nc, k), dtype, name="w")
+    w_arg, w = weight_placeholder((*lead, nc), k, dtype, weight_format)
     r = te.placeholder((mm, *lead, n), dtype, name="r")
     kk = te.reduce_axis((i64(0), k), name="k")
     f32 = "float32"
@@ -233,12 +237,46 @@ def gemm_workload(
         return cc(j).astype(out_dtype)
 
     y = te.compute((mm, *lead, n), epi, name="epilogue")
-    args = [x, w, r, y] if epilogue == "residual" else [x, w, y]
+    args = [x, w_arg, r, y] if epilogue == "residual" else [x, w_arg, y]
     return te.create_prim_func(args).with_attr("tirx.noalias", True)
 
 
 # ---------------------------------------------------------------------------------------------
 # Schedules
+
+
+def weight_placeholder(rows: tuple, k, dtype: str, weight_format: str | None):
+    """(parameter, values) of a weight ``[*rows, k]``: one ``dtype`` placeholder, or for a GGUF
+    ``weight_format`` its bytes ``wq [*rows, row_bytes(k)]`` uint8 and a block ``dequantize``
+    (``dtype`` values) over them."""
+    if weight_format is None:
+        w = te.placeholder((*rows, k), dtype, name="w")
+        return w, w
+    fmt = FORMATS[weight_format]
+    rb = tirx.IntImm("int64", fmt.row_bytes(int(k)))
+    wq = te.placeholder((*rows, rb), "uint8", name="wq")
+    values = te.compute(
+        (*rows, k), lambda *i: fmt.value(wq, i[:-1], i[-1], dtype), name="dequantize"
+    )
+    return wq, values
+
+
+def has_block(sch: s_tir.Schedule, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+    except Exception:  # noqa: BLE001  (ScheduleError: no such block)
+        return False
+    return True
+
+
+def inline_producers(sch: s_tir.Schedule, block) -> None:
+    """Inline every block feeding ``block`` (pad copies, a weight's ``dequantize``), nearest
+    first, so that ``block`` reads the function's inputs."""
+    producers = sch.get_producers(block)
+    while producers:
+        for producer in producers:
+            sch.compute_inline(producer)
+        producers = sch.get_producers(block)
 
 
 def _mma_index_map(*lead):
@@ -445,8 +483,10 @@ def schedule_mma(
     ty = sch.fuse(i1, j1)
     sch.bind(ty, "threadIdx.y")
     warps = cfg.warps_m * cfg.warps_n
+    quantized = has_block(sch, "dequantize")
 
     def fetch(idx):
+        decoded = idx == 1 and quantized  # decoded per element (no bool vectors in CUDA)
         cache = sch.cache_read(outer, idx, "shared.dyn")
         if heads and idx == 0:  # X[i, b, k] -> shared [b, i, k]: mma tiles on the last two axes
             sch.transform_layout(cache, ("write", 0), lambda i, b, kk: (b, i, kk))
@@ -457,13 +497,15 @@ def schedule_mma(
         _, f1, f2, f3 = sch.split(fused, [None, warps, 32, 8])
         sch.bind(f2, "threadIdx.x")
         sch.bind(f1, "threadIdx.y")
-        sch.vectorize(f3)
+        if decoded:
+            sch.unroll(f3)
+        else:
+            sch.vectorize(f3)
         sch.storage_align(cache, 0, axis=-2, factor=32, offset=8)
         return cache
 
-    for cache in (fetch(0), fetch(1)):
-        for producer in sch.get_producers(cache):  # zero-filling pad copies fold into the loads
-            sch.compute_inline(producer)
+    for cache in (fetch(0), fetch(1)):  # zero-filling pad copies and weight decoding fold in
+        inline_producers(sch, cache)
     a_warp = sch.cache_read(outer, 0, "warp")
     b_warp = sch.cache_read(outer, 1, "warp")
     sch.compute_at(a_warp, k1)
@@ -571,6 +613,7 @@ def schedule_cpu(sch: s_tir.Schedule, cfg: GemmCpuConfig) -> None:
     sch.parallel(i)
     sch.compute_at(block, i, preserve_unit_loops=True)
     sch.set_scope(block, 0, "local")
+    inline_producers(sch, block)  # a quantized weight's decode: into the reduction
 
 
 def gemm(
@@ -584,6 +627,7 @@ def gemm(
     epilogue: str | None = None,
     out_dtype: str | None = None,
     batch: int | None = None,
+    weight_format: str | None = None,
 ) -> tirx.PrimFunc:
     """``Y[m, n] = epilogue(X[m, k] @ W^T)``; W is ``weight_layout(n, k, epilogue=...)``.
 
@@ -598,9 +642,18 @@ def gemm(
     given. On sm_90a a symbolic or
     > 64-row ``m`` takes ``gemm_wgmma`` with ``config`` (a ``WgmmaConfig``) or, given none,
     :func:`wgmma_default`.
+
+    ``weight_format``: W is given as that GGUF format's bytes (``weight_placeholder``), decoded
+    inside the kernel: on CUDA as each tile is loaded into shared memory (the mma.sync schedule
+    for every M; decode of <= 8 tokens is ``quant_gemv``'s, see ``passes/lower_dense_gemm``).
     """
     from . import gemm_wgmma as W
 
+    if weight_format is not None:
+        return _quant_gemm(
+            m, n, k, dtype=dtype, target=target, config=config, epilogue=epilogue,
+            out_dtype=out_dtype, batch=batch, weight_format=weight_format,
+        )  # fmt: skip
     if isinstance(config, W.WgmmaConfig):
         wg = config
     elif config is None:
@@ -655,6 +708,32 @@ def gemm(
     return sch.mod["main"].with_attr(
         "global_symbol", kernel_name(m, n, k, epilogue=epilogue, out_dtype=out_dtype, batch=batch)
     )
+
+
+def _quant_gemm(m, n, k, *, dtype, target, config, epilogue, out_dtype, batch, weight_format):
+    """GEMM over GGUF blocks: the workload's ``dequantize`` inlined into the W tile loads."""
+    if isinstance(config, (FmaGemvConfig, gemv_mma.GemvMmaConfig)) or type(config).__name__ == (
+        "WgmmaConfig"
+    ):
+        raise ValueError(f"{type(config).__name__} has no quantized-weight form: use GemmConfig")
+    small = isinstance(m, int) and m <= GEMV_MAX_M
+    wm = None if is_gpu(target) else m  # tensor cores: the symbolic-M kernel, predicated
+    func = gemm_workload(
+        wm, n, k, dtype=dtype, epilogue=epilogue, out_dtype=out_dtype, batch=batch,
+        weight_format=weight_format,
+    )  # fmt: skip
+    sch = s_tir.Schedule(func)
+    if not is_gpu(target):
+        schedule_cpu(sch, config or GemmCpuConfig())
+    else:
+        if dtype not in ("float16", "bfloat16"):
+            raise NotImplementedError(f"tensor-core GEMM supports float16/bfloat16, not {dtype}")
+        cfg = config or default_config(target, m if small else None)
+        if not keep(cfg, target):
+            raise ValueError(f"config {cfg} does not fit {target}")
+        schedule_mma(sch, cfg, heads=batch is not None, epilogue=epilogue, dtype=dtype)
+    name = kernel_name(m, n, k, epilogue=epilogue, out_dtype=out_dtype, batch=batch)
+    return sch.mod["main"].with_attr("global_symbol", f"{name}_{weight_format}")
 
 
 def wgmma_default(m, n: int, k: int, *, target, epilogue, batch):

@@ -190,13 +190,15 @@ class WeightFormat:
 
     def value(self, buf, n, k, dtype: str = "float32") -> tirx.Expr:
         """Element (n, k) of the weight whose GGUF bytes are ``buf`` [N, row_bytes(K)] u8;
-        ``n``, ``k`` are any index expressions. Computed in float32, then cast to ``dtype``."""
+        ``n``, ``k`` are any index expressions; ``n`` may be a tuple of leading indices (a
+        stacked weight ``[E, N, row_bytes(K)]``). Computed in float32, then cast to ``dtype``."""
+        lead = tuple(n) if isinstance(n, (tuple, list)) else (n,)
         blk, j = k // self.block, k % self.block
         base = blk * self.block_bytes
         j = j.astype("int32") if isinstance(j, tirx.Expr) else _i32(j)  # < 256: int32 math
 
         def byte(off):
-            return buf[n, base + off].astype("int32")
+            return buf[(*lead, base + off)].astype("int32")
 
         v = self._decode(byte, j)
         return v if dtype == "float32" else v.astype(dtype)
