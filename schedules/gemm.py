@@ -261,14 +261,6 @@ def weight_placeholder(rows: tuple, k, dtype: str, weight_format: str | None):
     return wq, values
 
 
-def has_block(sch: s_tir.Schedule, name: str) -> bool:
-    try:
-        sch.get_sblock(name)
-    except Exception:  # noqa: BLE001  (ScheduleError: no such block)
-        return False
-    return True
-
-
 def inline_producers(sch: s_tir.Schedule, block) -> None:
     """Inline every block feeding ``block`` (pad copies, a weight's ``dequantize``), nearest
     first, so that ``block`` reads the function's inputs."""
@@ -425,6 +417,7 @@ def schedule_mma(
     heads: bool = False,
     epilogue: str | None = None,
     dtype: str = "float16",
+    decoded_weight: bool = False,
 ) -> None:
     """Tensor-core schedule of block ``gemm`` (loops [b,] i, j, k) and its ``epilogue``.
 
@@ -434,6 +427,8 @@ def schedule_mma(
     ``batched``: an outer spatial loop (MoE row blocks) goes to blockIdx.y; then the i extent
     must equal ``cfg.block_m``. Otherwise i and j are padded to the block tile.
     ``heads``: the workload's head axis (``gemm_workload(batch=...)``) goes to blockIdx.z.
+    ``decoded_weight``: the weight operand is computed (a GGUF decode, inlined with the other
+    producers of the W tile into its shared-memory load), not copied: no cp.async, no vectors.
     """
     import tvm.s_tir.tensor_intrin.cuda  # noqa: F401  (registers the intrinsics)
 
@@ -483,10 +478,9 @@ def schedule_mma(
     ty = sch.fuse(i1, j1)
     sch.bind(ty, "threadIdx.y")
     warps = cfg.warps_m * cfg.warps_n
-    quantized = has_block(sch, "dequantize")
 
     def fetch(idx):
-        decoded = idx == 1 and quantized  # decoded per element (no bool vectors in CUDA)
+        decoded = idx == 1 and decoded_weight  # per element: no bool vectors in CUDA
         cache = sch.cache_read(outer, idx, "shared.dyn")
         if heads and idx == 0:  # X[i, b, k] -> shared [b, i, k]: mma tiles on the last two axes
             sch.transform_layout(cache, ("write", 0), lambda i, b, kk: (b, i, kk))
@@ -731,7 +725,9 @@ def _quant_gemm(m, n, k, *, dtype, target, config, epilogue, out_dtype, batch, w
         cfg = config or default_config(target, m if small else None)
         if not keep(cfg, target):
             raise ValueError(f"config {cfg} does not fit {target}")
-        schedule_mma(sch, cfg, heads=batch is not None, epilogue=epilogue, dtype=dtype)
+        schedule_mma(
+            sch, cfg, heads=batch is not None, epilogue=epilogue, dtype=dtype, decoded_weight=True
+        )
     name = kernel_name(m, n, k, epilogue=epilogue, out_dtype=out_dtype, batch=batch)
     return sch.mod["main"].with_attr("global_symbol", f"{name}_{weight_format}")
 
