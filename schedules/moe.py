@@ -2,9 +2,9 @@
 
 One MoE layer (T tokens, E experts, top-k, hidden D, expert width I) runs, with no host sync:
 
-1. :func:`moe_route`: logits [T, E] (f32) -> weights [T, k] (f32), ids [T, k] (int32).
-   Softmax, then greedy or group-limited greedy top-k; ties go to the lowest expert index
-   (``reference.moe_route_lowest_index`` follows the same rule).
+1. :func:`moe_route` (``moe_route.py``, re-exported here): logits [T, E] (f32) -> weights
+   [T, k] (f32), ids [T, k] (int32). Softmax, then greedy or group-limited greedy top-k; ties go
+   to the lowest expert index (``reference.moe_route_lowest_index`` follows the same rule).
 2. :func:`moe_align` (3 kernels): ids -> ``sorted_rows`` [NB*BM] (flat entry ``t*k + j`` per
    row, experts contiguous, each expert's rows padded to a multiple of BM with -1),
    ``block_expert`` [NB] (expert of each BM-row block, -1 when unused; used blocks come first),
@@ -23,271 +23,35 @@ One MoE layer (T tokens, E experts, top-k, hidden D, expert width I) runs, with 
 On CUDA the grouped GEMMs use the tensor-core schedule of ``gemm.py`` with the row block as the
 batch axis (blockIdx.y); blocks whose ``block_expert`` is -1 exit at once.
 
+``weight_format`` (a GGUF format of ``quant_formats.FORMATS``): the expert weights stay in their
+GGUF blocks, ``uint8 [E, rows, row_bytes(K)]``; block ``gather_b`` decodes each value with
+``fmt.value`` and the schedules inline it into the weight tile's loads (CUDA: the shared-memory
+fetch, unrolled; CPU: the reduction), so no dequantized copy exists anywhere.
+
 Small static T (decode): :func:`moe_route`, then the expert GEMVs of ``moe_gemv.py``.
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 import tvm
 from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
 from . import gemm as G
+from .moe_route import (  # noqa: F401  (routing lives in moe_route.py: re-exported)
+    ROUTE_METHODS,
+    ROUTE_WARPS,
+    THREADS,
+    RouteSpec,
+    _i64,
+    _named,
+    _par,
+    moe_route,
+)
+from .quant_formats import FORMATS
 from .target import is_gpu
 
-ROUTE_METHODS = ("greedy", "group_limited_greedy")
 CHUNK = 32  # tokens per chunk in moe_align's counting pass
-THREADS = 128
-
-
-def _i64(v):
-    return tirx.IntImm("int64", v)
-
-
-def _par(gpu: bool):
-    """Loop-kind helper: thread-bound loops on CUDA, serial loops on CPU (same body)."""
-
-    def par(n, tag):
-        return T.thread_binding(n, thread=tag) if gpu else T.serial(n)
-
-    return par
-
-
-def _named(func: tirx.PrimFunc, name: str) -> tirx.PrimFunc:
-    return func.with_attr("global_symbol", name)
-
-
-# ---------------------------------------------------------------------------------- routing
-
-
-@dataclasses.dataclass(frozen=True)
-class RouteSpec:
-    """DeepSeek routing hyper-parameters (HF config names)."""
-
-    num_experts: int
-    top_k: int
-    method: str = "greedy"
-    n_group: int = 1
-    topk_group: int = 1
-    norm_topk_prob: bool = False
-    routed_scaling_factor: float = 1.0
-
-    def __post_init__(self):
-        if self.method not in ROUTE_METHODS:
-            raise ValueError(f"unknown routing method {self.method!r}: use {ROUTE_METHODS}")
-        if self.num_experts % self.n_group:
-            raise ValueError("num_experts must be a multiple of n_group")
-
-
-def moe_route(spec: RouteSpec, *, target: tvm.target.Target) -> tirx.PrimFunc:
-    """logits [T, E] f32 -> (weights [T, k] f32, ids [T, k] int32).
-
-    CUDA: one warp per token (:func:`_route_warp`); CPU: one thread per token (below).
-    Selection j takes the best expert strictly after selection j-1 in the order
-    (score descending, index ascending), so equal scores resolve to the lowest index.
-    """
-    if is_gpu(target):
-        return _route_warp(spec)
-    return _route_serial(spec, target=target)
-
-
-def _route_serial(spec: RouteSpec, *, target: tvm.target.Target) -> tirx.PrimFunc:
-    """logits [T, E] f32 -> (weights [T, k] f32, ids [T, k] int32); one thread per token.
-
-    Selection j takes the best expert strictly after selection j-1 in the order
-    (score descending, index ascending), so equal scores resolve to the lowest index.
-    """
-    e_num, k_top = spec.num_experts, spec.top_k
-    gsize = e_num // spec.n_group
-    n_group = spec.n_group if spec.method == "group_limited_greedy" else 1
-    topk_group = spec.topk_group if spec.method == "group_limited_greedy" else 1
-    norm = spec.norm_topk_prob and k_top > 1
-    scale = float(spec.routed_scaling_factor)
-    par = _par(is_gpu(target))
-    t_num = tirx.Var("t", "int64")
-    nblk = (t_num + THREADS - 1) // THREADS
-
-    @T.prim_func
-    def route(
-        logits: T.Buffer((t_num, e_num), "float32"),
-        weights: T.Buffer((t_num, k_top), "float32"),
-        ids: T.Buffer((t_num, k_top), "int32"),
-    ):
-        T.func_attr({"tirx.noalias": True})
-        for bx in par(nblk, "blockIdx.x"):
-            for tx in par(THREADS, "threadIdx.x"):
-                t = bx * THREADS + tx
-                if t < t_num:
-                    mx = T.alloc_buffer((1,), "float32", scope="local")
-                    den = T.alloc_buffer((1,), "float32", scope="local")
-                    keep = T.alloc_buffer((n_group,), "float32", scope="local")
-                    prev = T.alloc_buffer((2,), "float32", scope="local")
-                    best = T.alloc_buffer((2,), "float32", scope="local")
-                    acc = T.alloc_buffer((1,), "float32", scope="local")
-                    mx[0] = T.float32(-3.0e38)
-                    for e in range(e_num):
-                        mx[0] = T.max(mx[0], logits[t, e])
-                    den[0] = T.float32(0)
-                    for e in range(e_num):
-                        den[0] = den[0] + T.exp(logits[t, e] - mx[0])
-                    # group g is kept when fewer than topk_group groups beat it (score, index)
-                    for g in range(n_group):
-                        keep[g] = T.float32(0)
-                        gs = T.float32(-1.0)
-                        for c in range(gsize):
-                            gs = T.max(gs, T.exp(logits[t, g * gsize + c] - mx[0]) / den[0])
-                        for h in range(n_group):
-                            hs = T.float32(-1.0)
-                            for c in range(gsize):
-                                hs = T.max(hs, T.exp(logits[t, h * gsize + c] - mx[0]) / den[0])
-                            if hs > gs or (hs == gs and h < g):
-                                keep[g] = keep[g] + T.float32(1)
-                        keep[g] = T.Select(
-                            keep[g] < T.float32(topk_group), T.float32(1), T.float32(0)
-                        )
-                    prev[0] = T.float32(3.0e38)
-                    prev[1] = T.float32(-1)
-                    acc[0] = T.float32(0)
-                    for j in range(k_top):
-                        best[0] = T.float32(-1)
-                        best[1] = T.float32(-1)
-                        for e in range(e_num):
-                            s = keep[e // gsize] * (T.exp(logits[t, e] - mx[0]) / den[0])
-                            after = s < prev[0] or (s == prev[0] and T.Cast("float32", e) > prev[1])
-                            if after and s > best[0]:
-                                best[0] = s
-                                best[1] = T.Cast("float32", e)
-                        weights[t, j] = best[0]
-                        ids[t, j] = T.Cast("int32", best[1])
-                        acc[0] = acc[0] + best[0]
-                        prev[0] = best[0]
-                        prev[1] = best[1]
-                    for j in range(k_top):
-                        if norm:
-                            weights[t, j] = weights[t, j] / (acc[0] + T.float32(1e-20)) * scale
-                        else:
-                            weights[t, j] = weights[t, j] * scale
-
-    return _named(route, f"moe_route_e{e_num}_k{k_top}")
-
-
-ROUTE_WARPS = 4  # tokens per block of the warp routing kernel
-
-
-def _route_warp(spec: RouteSpec) -> tirx.PrimFunc:
-    """CUDA routing, one warp per token: lane l holds the scores of experts l, l + 32, ...;
-    max, sum, group maxima and each of the k (score, index) arg-maxima are warp shuffles.
-    A picked expert's score is set below every real score, so pick j is the best remaining
-    expert in the order (score desc, index asc): the rule of ``_route_serial``."""
-    e_num, k_top = spec.num_experts, spec.top_k
-    per_lane = (e_num + 31) // 32
-    gsize = e_num // spec.n_group
-    n_group = spec.n_group if spec.method == "group_limited_greedy" else 1
-    topk_group = spec.topk_group if spec.method == "group_limited_greedy" else n_group
-    if n_group > 32:
-        raise ValueError("group-limited routing supports at most 32 groups")
-    norm = spec.norm_topk_prob and k_top > 1
-    scale = float(spec.routed_scaling_factor)
-    t_num = tirx.Var("t", "int64")
-    nblk = (t_num + ROUTE_WARPS - 1) // ROUTE_WARPS
-    full = T.uint32(0xFFFFFFFF)
-
-    @T.prim_func
-    def route(
-        logits: T.Buffer((t_num, e_num), "float32"),
-        weights: T.Buffer((t_num, k_top), "float32"),
-        ids: T.Buffer((t_num, k_top), "int32"),
-    ):
-        T.func_attr({"tirx.noalias": True})
-        for bx in T.thread_binding(nblk, thread="blockIdx.x"):
-            for ty in T.thread_binding(ROUTE_WARPS, thread="threadIdx.y"):
-                for tx in T.thread_binding(32, thread="threadIdx.x"):
-                    s = T.alloc_buffer((per_lane,), "float32", scope="local")
-                    red = T.alloc_buffer((3,), "float32", scope="local")  # max, sum, other
-                    best = T.alloc_buffer((2,), "float32", scope="local")  # score, index
-                    oth = T.alloc_buffer((2,), "float32", scope="local")
-                    keep = T.alloc_buffer((1,), "int32", scope="local")  # bit g: group kept
-                    grp = T.alloc_buffer((n_group,), "float32", scope="local")
-                    pick_w = T.alloc_buffer((k_top,), "float32", scope="local")
-                    pick_i = T.alloc_buffer((k_top,), "int32", scope="local")
-                    t = T.meta_var(bx * ROUTE_WARPS + ty)
-                    for c in T.unroll(per_lane):
-                        s[c] = T.if_then_else(
-                            t < t_num and c * 32 + tx < e_num,
-                            logits[T.min(t, t_num - 1), T.min(c * 32 + tx, e_num - 1)],
-                            T.float32(-3.0e38),
-                        )
-                    red[0] = T.float32(-3.0e38)
-                    for c in T.unroll(per_lane):
-                        red[0] = T.max(red[0], s[c])
-                    for o in T.unroll(5):
-                        red[0] = T.max(
-                            red[0], T.tvm_warp_shuffle_xor(full, red[0], 16 >> o, 32, 32)
-                        )
-                    red[1] = T.float32(0)
-                    for c in T.unroll(per_lane):
-                        s[c] = T.exp(s[c] - red[0])
-                        red[1] = red[1] + s[c]
-                    for o in T.unroll(5):
-                        red[1] = red[1] + T.tvm_warp_shuffle_xor(full, red[1], 16 >> o, 32, 32)
-                    for c in T.unroll(per_lane):  # padding lanes of E % 32: below every score
-                        s[c] = T.if_then_else(c * 32 + tx < e_num, s[c] / red[1], T.float32(-1.0))
-                    if n_group > 1:
-                        for g in T.unroll(n_group):
-                            red[2] = T.float32(-1.0)
-                            for c in T.unroll(per_lane):
-                                if (c * 32 + tx) // gsize == g:
-                                    red[2] = T.max(red[2], s[c])
-                            for o in T.unroll(5):
-                                red[2] = T.max(
-                                    red[2], T.tvm_warp_shuffle_xor(full, red[2], 16 >> o, 32, 32)
-                                )
-                            grp[g] = red[2]
-                        # group g is kept when fewer than topk_group groups beat it (score, index)
-                        keep[0] = 0
-                        for g in T.unroll(n_group):
-                            red[2] = T.float32(0)
-                            for h in T.unroll(n_group):
-                                if grp[h] > grp[g] or (grp[h] == grp[g] and h < g):
-                                    red[2] = red[2] + T.float32(1)
-                            if red[2] < T.float32(topk_group):
-                                keep[0] = keep[0] | (1 << g)
-                        for c in T.unroll(per_lane):
-                            if c * 32 + tx < e_num:
-                                if (keep[0] >> ((c * 32 + tx) // gsize)) & 1 == 0:
-                                    s[c] = T.float32(0)
-                    for j in T.unroll(k_top):
-                        best[0] = T.float32(-3.0)
-                        best[1] = T.float32(e_num)
-                        for c in T.unroll(per_lane):
-                            if s[c] > best[0]:  # ascending c: the lane's lowest index wins ties
-                                best[0] = s[c]
-                                best[1] = T.Cast("float32", c * 32 + tx)
-                        for o in T.unroll(5):
-                            oth[0] = T.tvm_warp_shuffle_xor(full, best[0], 16 >> o, 32, 32)
-                            oth[1] = T.tvm_warp_shuffle_xor(full, best[1], 16 >> o, 32, 32)
-                            if oth[0] > best[0] or (oth[0] == best[0] and oth[1] < best[1]):
-                                best[0] = oth[0]
-                                best[1] = oth[1]
-                        for c in T.unroll(per_lane):
-                            if T.Cast("float32", c * 32 + tx) == best[1]:
-                                s[c] = T.float32(-2.0)
-                        pick_w[j] = best[0]
-                        pick_i[j] = T.Cast("int32", best[1])
-                    red[2] = T.float32(0)
-                    for j in T.unroll(k_top):
-                        red[2] = red[2] + pick_w[j]
-                    if t < t_num and tx == 0:
-                        for j in T.unroll(k_top):
-                            ids[t, j] = pick_i[j]
-                            if norm:
-                                weights[t, j] = pick_w[j] / (red[2] + T.float32(1e-20)) * scale
-                            else:
-                                weights[t, j] = pick_w[j] * scale
-
-    return _named(route, f"moe_route_e{e_num}_k{k_top}")
 
 
 # --------------------------------------------------------------------------------- grouping
@@ -424,13 +188,34 @@ def default_config(target: tvm.target.Target) -> G.GemmConfig:
     return CONFIGS.get(str(target.attrs.get("arch", "")), CONFIGS["sm_89"])
 
 
+def _expert_weight(rows: int, k: int, dtype: str, weight_format: str | None):
+    """(row-buffer shape, dtype, value fn) of an expert weight [E, rows, k]: ``value(w, e, j,
+    kk)`` is element (e, j, kk), a plain load or the GGUF format's decode of its bytes."""
+    if weight_format is None:
+        return (rows, k), dtype, lambda w, e, j, kk: w[e, j, kk]
+    fmt = FORMATS[weight_format]
+    return (rows, fmt.row_bytes(k)), "uint8", lambda w, e, j, kk: fmt.value(w, (e, j), kk, dtype)
+
+
 def _grouped_workload(
-    kind: str, *, d: int, inter: int, e_num: int, k_top: int, bm: int, dtype, early_exit: bool
+    kind: str,
+    *,
+    d: int,
+    inter: int,
+    e_num: int,
+    k_top: int,
+    bm: int,
+    dtype,
+    early_exit: bool,
+    weight_format: str | None = None,
 ):
     """kind "gate_up": H = silu_mul(gather(x) @ gate_up[e]^T); "down": Y = w * (H @ down[e]^T)."""
     nb = tirx.Var("nb", "int64")
     t_num = tirx.Var("t", "int64")
     g = _i64(G.SWIGLU_GROUP)
+    rows, k_in = (2 * inter, d) if kind == "gate_up" else (d, inter)
+    (w_rows, w_cols), w_dtype, w_val = _expert_weight(rows, k_in, dtype, weight_format)
+    w_shape = (_i64(e_num), _i64(w_rows), _i64(w_cols))
     d, inter, bm = _i64(d), _i64(inter), _i64(bm)
 
     if kind == "gate_up":
@@ -441,7 +226,7 @@ def _grouped_workload(
             x: T.Buffer((t_num, d), dtype),
             sorted_rows: T.Buffer((nb * bm,), "int32"),
             block_expert: T.Buffer((nb,), "int32"),
-            w: T.Buffer((e_num, n2, d), dtype),
+            w: T.Buffer(w_shape, w_dtype),
             h: T.Buffer((nb * bm, inter), dtype),
         ):
             T.func_attr({"tirx.noalias": True})
@@ -459,7 +244,7 @@ def _grouped_workload(
             for rb, j, kk in T.grid(nb, n2, d):
                 with T.sblock("gather_b"):
                     vb, vj, vk = T.axis.remap("SSS", [rb, j, kk])
-                    b[vb, vj, vk] = w[T.max(block_expert[vb], 0), vj, vk]
+                    b[vb, vj, vk] = w_val(w, T.max(block_expert[vb], 0), vj, vk)
             for rb, i, j, kk in T.grid(nb, bm, n2, d):
                 with T.sblock("gemm"):
                     vb, vi, vj, vk = T.axis.remap("SSSR", [rb, i, j, kk])
@@ -489,7 +274,7 @@ def _grouped_workload(
         h: T.Buffer((nb * bm, inter), dtype),
         sorted_rows: T.Buffer((nb * bm,), "int32"),
         block_expert: T.Buffer((nb,), "int32"),
-        w: T.Buffer((e_num, d, inter), dtype),
+        w: T.Buffer(w_shape, w_dtype),
         weights: T.Buffer((t_num, k_top), "float32"),
         y: T.Buffer((nb * bm, d), dtype),
     ):
@@ -504,7 +289,7 @@ def _grouped_workload(
         for rb, j, kk in T.grid(nb, d, inter):
             with T.sblock("gather_b"):
                 vb, vj, vk = T.axis.remap("SSS", [rb, j, kk])
-                b[vb, vj, vk] = w[T.max(block_expert[vb], 0), vj, vk]
+                b[vb, vj, vk] = w_val(w, T.max(block_expert[vb], 0), vj, vk)
         for rb, i, j, kk in T.grid(nb, bm, d, inter):
             with T.sblock("gemm"):
                 vb, vi, vj, vk = T.axis.remap("SSSR", [rb, i, j, kk])
@@ -545,17 +330,20 @@ def _has_block(sch: s_tir.Schedule, name: str) -> bool:
 
 
 def _schedule_grouped(
-    func, cfg: G.GemmConfig, target, *, epilogue: str | None, dtype: str
+    func, cfg: G.GemmConfig, target, *, epilogue: str | None, dtype: str, decoded: bool
 ) -> tirx.PrimFunc:
     sch = s_tir.Schedule(func)
     if is_gpu(target):
         if not G.keep(cfg, target):
             raise ValueError(f"config {cfg} does not fit {target}")
-        G.schedule_mma(sch, cfg, batched=True, epilogue=epilogue, dtype=dtype)
+        G.schedule_mma(
+            sch, cfg, batched=True, epilogue=epilogue, dtype=dtype, decoded_weight=decoded
+        )
         # Partial tiles (N % block_n or K % block_k): pad_einsum puts a zero-fill block between
-        # the gather and the shared-memory load; schedule_mma inlines that block only, so the
-        # gather stayed a root-level loop nest with no thread binding - TVM ran it on the host
-        # against device pointers (a segfault at D = I = 64). Fold it into the load.
+        # the gather and the shared-memory load. Left un-inlined, the gather stayed a root-level
+        # loop nest with no thread binding - TVM ran it on the host against device pointers (a
+        # segfault at D = I = 64). schedule_mma inlines every producer of the tiles now; this
+        # stays as the guard (a no-op then).
         for name in ("gather_a", "gather_b"):
             if _has_block(sch, name):
                 sch.compute_inline(sch.get_sblock(name))
@@ -564,6 +352,20 @@ def _schedule_grouped(
         sch.compute_inline(sch.get_sblock(name))
     G.schedule_cpu(sch, G.GemmCpuConfig())
     return sch.mod["main"]
+
+
+def _grouped(kind, hidden, inter, *, num_experts, top_k, dtype, target, config, weight_format):
+    cfg = config or default_config(target)
+    func = _grouped_workload(
+        kind, d=hidden, inter=inter, e_num=num_experts, k_top=top_k, bm=cfg.block_m,
+        dtype=dtype, early_exit=is_gpu(target), weight_format=weight_format,
+    )  # fmt: skip
+    epilogue = "silu_mul" if kind == "gate_up" else None
+    func = _schedule_grouped(
+        func, cfg, target, epilogue=epilogue, dtype=dtype, decoded=weight_format is not None
+    )
+    suffix = "" if weight_format is None else f"_{weight_format}"
+    return _named(func, f"moe_{kind}_e{num_experts}_d{hidden}_i{inter}{suffix}")
 
 
 def moe_gate_up(
@@ -575,22 +377,17 @@ def moe_gate_up(
     dtype: str = "float16",
     target: tvm.target.Target,
     config: G.GemmConfig | None = None,
+    weight_format: str | None = None,
 ) -> tirx.PrimFunc:
     """(x [T, D], sorted_rows [NB*BM], block_expert [NB], gate_up [E, 2I, D] interleaved,
-    h [NB*BM, I]) -> h = silu(gate) * up per routed row; padding rows hold zeros' image."""
-    cfg = config or default_config(target)
-    func = _grouped_workload(
-        "gate_up",
-        d=hidden,
-        inter=inter,
-        e_num=num_experts,
-        k_top=top_k,
-        bm=cfg.block_m,
-        dtype=dtype,
-        early_exit=is_gpu(target),
-    )
-    func = _schedule_grouped(func, cfg, target, epilogue="silu_mul", dtype=dtype)
-    return _named(func, f"moe_gate_up_e{num_experts}_d{hidden}_i{inter}")
+    h [NB*BM, I]) -> h = silu(gate) * up per routed row; padding rows hold zeros' image.
+
+    ``weight_format``: gate_up is that GGUF format's bytes ``[E, 2I, row_bytes(D)]`` uint8 (the
+    interleaved rows, each quantized on its own), decoded in the kernel; name suffix ``_fmt``."""
+    return _grouped(
+        "gate_up", hidden, inter, num_experts=num_experts, top_k=top_k, dtype=dtype,
+        target=target, config=config, weight_format=weight_format,
+    )  # fmt: skip
 
 
 def moe_down(
@@ -602,22 +399,16 @@ def moe_down(
     dtype: str = "float16",
     target: tvm.target.Target,
     config: G.GemmConfig | None = None,
+    weight_format: str | None = None,
 ) -> tirx.PrimFunc:
     """(h [NB*BM, I], sorted_rows, block_expert, down [E, D, I], weights [T, k] f32,
-    y [NB*BM, D]) -> y[r] = routing weight of row r * (h[r] @ down[e]^T); padding rows 0."""
-    cfg = config or default_config(target)
-    func = _grouped_workload(
-        "down",
-        d=hidden,
-        inter=inter,
-        e_num=num_experts,
-        k_top=top_k,
-        bm=cfg.block_m,
-        dtype=dtype,
-        early_exit=is_gpu(target),
-    )
-    func = _schedule_grouped(func, cfg, target, epilogue=None, dtype=dtype)
-    return _named(func, f"moe_down_e{num_experts}_d{hidden}_i{inter}")
+    y [NB*BM, D]) -> y[r] = routing weight of row r * (h[r] @ down[e]^T); padding rows 0.
+
+    ``weight_format``: down is that GGUF format's bytes ``[E, D, row_bytes(I)]`` uint8."""
+    return _grouped(
+        "down", hidden, inter, num_experts=num_experts, top_k=top_k, dtype=dtype,
+        target=target, config=config, weight_format=weight_format,
+    )  # fmt: skip
 
 
 def moe_combine(

@@ -8,6 +8,12 @@ slots folded in: no ``moe_combine``): 3 kernels, each weight row read once per (
 On CUDA both GEMVs run on tensor cores (``gemv_mma.moe_gate_up`` / ``gemv_mma.moe_down``: expert
 rows as the mma's A operand straight from DRAM); the FMA schedules below serve the CPU (llvm)
 build and stay selectable on CUDA with a :class:`MoeGemvConfig`.
+
+``weight_format`` (a GGUF format of ``quant_formats.FORMATS``): the expert weights are that
+format's bytes ``uint8 [E, rows, row_bytes(K)]``, decoded by ``fmt.value`` (to float32) inside
+the FMA reduction, on CUDA too (the tensor-core GEMVs read f16 rows). A lane's K chunk is then
+a whole GGUF block, or the largest power-of-two part of one that still gives every lane of a
+warp a chunk (Q4_K at K = 2048: 64 values), so the lane's bytes are one contiguous run.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ from tvm.script import tirx as T
 
 from . import gemm as G
 from . import gemv_mma
-from .moe import _i64, _named, _par
+from .moe_route import _i64, _named, _par
+from .quant_formats import FORMATS
 from .target import is_gpu
 
 GEMV_MAX_TOKENS = 8  # static T up to this: per-(token, slot) GEMVs, no grouping (decode)
@@ -48,6 +55,27 @@ def _gemv_check(k_dim: int, cfg: MoeGemvConfig) -> None:
         raise ValueError(f"expert GEMV needs K % {cfg.vec} == 0, got {k_dim}")
 
 
+def _fma_setup(target, config, weight_format, default: MoeGemvConfig, rows: int, k_dim: int):
+    """(config, expert-weight shape, its dtype, value fn) of an FMA expert GEMV. A GGUF
+    ``weight_format`` sets the lane chunk ``vec`` (see the module docstring) and makes the
+    weight bytes, ``value(w, e, row, k)`` the float32 decode of element (e, row, k)."""
+    if isinstance(config, gemv_mma.GemvMmaConfig):
+        raise ValueError("GemvMmaConfig has no quantized-weight form: use MoeGemvConfig")
+    cfg = config or default
+    if weight_format is None:
+        _gemv_check(k_dim, cfg)
+        shape = (_i64(rows), _i64(k_dim))
+        return cfg, shape, None, lambda w, e, r, k: T.Cast("float32", w[e, r, k])
+    fmt = FORMATS[weight_format]
+    rb = fmt.row_bytes(k_dim)  # raises unless K is a multiple of the block
+    vec = max(fmt.block, 8)
+    while vec > 8 and vec % 2 == 0 and k_dim // vec < 32:  # give all 32 lanes a chunk
+        vec //= 2
+    cfg = dataclasses.replace(cfg, vec=vec)
+    _gemv_check(k_dim, cfg)
+    return cfg, (_i64(rows), _i64(rb)), "uint8", lambda w, e, r, k: fmt.value(w, (e, r), k)
+
+
 def moe_gate_up_gemv(
     hidden: int,
     inter: int,
@@ -57,36 +85,42 @@ def moe_gate_up_gemv(
     dtype: str = "float16",
     target: tvm.target.Target,
     config: MoeGemvConfig | gemv_mma.GemvMmaConfig | None = None,
+    weight_format: str | None = None,
 ) -> tirx.PrimFunc:
     """(x [T, D], ids [T, k] int32, gate_up [E, 2I, D] interleaved, h [T*k, I]):
     ``h[t*k + j] = silu(x[t] Wg[e]^T) * (x[t] Wu[e]^T)`` with ``e = ids[t, j]``.
 
     For small T (decode): every (token, slot) reads its expert's rows once, no grouping pass.
     Block (column block, entry); a warp owns ``cols`` output columns, i.e. the gate and up
-    rows of each; lanes accumulate f32 partials over 16-byte K vectors; the 32 partials per
-    row are summed through shared memory (a second thread loop: the same code runs on CPU).
+    rows of each; lanes accumulate f32 partials over ``vec``-element K chunks; the 32 partials
+    per row are summed through shared memory (a second thread loop: the same code runs on CPU).
+    ``weight_format``: gate_up is ``[E, 2I, row_bytes(D)]`` uint8 (module docstring).
     """
-    if is_gpu(target) and not isinstance(config, MoeGemvConfig):
+    if is_gpu(target) and weight_format is None and not isinstance(config, MoeGemvConfig):
         return gemv_mma.moe_gate_up(
             hidden, inter, num_experts=num_experts, top_k=top_k, dtype=dtype, target=target,
             config=config,
         )  # fmt: skip
-    cfg, d, n_out, k_top, g = config or GEMV_GATE_UP, hidden, inter, top_k, G.SWIGLU_GROUP
-    _gemv_check(d, cfg)
+    d, n_out, k_top, g = hidden, inter, top_k, G.SWIGLU_GROUP
+    cfg, w_shape, w_dtype, w_val = _fma_setup(
+        target, config, weight_format, GEMV_GATE_UP, 2 * n_out, d
+    )
     if n_out % g:
         raise ValueError(f"moe_gate_up_gemv needs I % {g} == 0, got {n_out}")
     par = _par(is_gpu(target))
-    kv_n = (d + 32 * cfg.vec - 1) // (32 * cfg.vec)  # vector steps per lane
+    kv_n = (d + 32 * cfg.vec - 1) // (32 * cfg.vec)  # chunk steps per lane
     per_blk = cfg.warps * cfg.cols
     n_blk = (n_out + per_blk - 1) // per_blk
     t_num = tirx.Var("t", "int64")
     ws, cols, vec = cfg.warps, cfg.cols, cfg.vec
+    ld = min(vec, 8)  # x loads: 16-byte vectors
+    quant = weight_format is not None
 
     @T.prim_func
     def gate_up(
         x: T.Buffer((t_num, d), dtype),
         ids: T.Buffer((t_num, k_top), "int32"),
-        w: T.Buffer((_i64(num_experts), _i64(2 * n_out), _i64(d)), dtype),  # > 2^31 elements
+        w: T.Buffer((_i64(num_experts), *w_shape), w_dtype or dtype),  # > 2^31 elements
         h: T.Buffer((t_num * k_top, n_out), dtype),
     ):
         T.func_attr({"tirx.noalias": True})
@@ -95,7 +129,7 @@ def moe_gate_up_gemv(
                 part = T.alloc_buffer((ws, cols, 2, 32), "float32", scope="shared")
                 for ty in par(ws, "threadIdx.y"):
                     for tx in par(32, "threadIdx.x"):
-                        xv = T.alloc_buffer((vec,), dtype, scope="local")
+                        xv = T.alloc_buffer((ld,), dtype, scope="local")
                         xs = T.alloc_buffer((kv_n * vec,), "float32", scope="local")  # x in f32
                         wv = T.alloc_buffer((2 * cols * vec,), dtype, scope="local")
                         acc = T.alloc_buffer((2 * cols,), "float32", scope="local")
@@ -104,29 +138,38 @@ def moe_gate_up_gemv(
                             acc[q] = T.float32(0)
                         for kv in T.unroll(kv_n):
                             if (kv * 32 + tx) * vec < d:
-                                xv[T.ramp(0, 1, vec)] = x[
-                                    ent // k_top, T.ramp((kv * 32 + tx) * vec, 1, vec)
-                                ]
-                                for v in T.unroll(vec):
-                                    xs[kv * vec + v] = T.Cast("float32", xv[v])
+                                for u in T.unroll(vec // ld):
+                                    xv[T.ramp(0, 1, ld)] = x[
+                                        ent // k_top, T.ramp((kv * 32 + tx) * vec + u * ld, 1, ld)
+                                    ]
+                                    for v in T.unroll(ld):
+                                        xs[kv * vec + u * ld + v] = T.Cast("float32", xv[v])
                         for kv in T.unroll(kv_n):
                             if (kv * 32 + tx) * vec < d:
                                 for q in T.unroll(2 * cols):  # q = 2 c + (0 gate, 1 up)
-                                    wv[T.ramp(q * vec, 1, vec)] = w[
-                                        e,
+                                    row = T.meta_var(
                                         T.min(
                                             ((bx * ws + ty) * cols + q // 2) // g * 2 * g
                                             + q % 2 * g
                                             + ((bx * ws + ty) * cols + q // 2) % g,
                                             2 * n_out - 1,
-                                        ),
-                                        T.ramp((kv * 32 + tx) * vec, 1, vec),
-                                    ]
-                                for q in T.unroll(2 * cols):
-                                    for v in T.unroll(vec):
-                                        acc[q] = acc[q] + xs[kv * vec + v] * T.Cast(
-                                            "float32", wv[q * vec + v]
                                         )
+                                    )
+                                    if quant:  # decoded in the reduction: no f16 copy
+                                        for v in T.unroll(vec):
+                                            acc[q] = acc[q] + xs[kv * vec + v] * w_val(
+                                                w, e, row, (kv * 32 + tx) * vec + v
+                                            )
+                                    else:
+                                        wv[T.ramp(q * vec, 1, vec)] = w[
+                                            e, row, T.ramp((kv * 32 + tx) * vec, 1, vec)
+                                        ]
+                                if not quant:
+                                    for q in T.unroll(2 * cols):
+                                        for v in T.unroll(vec):
+                                            acc[q] = acc[q] + xs[kv * vec + v] * T.Cast(
+                                                "float32", wv[q * vec + v]
+                                            )
                         for q in T.unroll(2 * cols):
                             part[ty, q // 2, q % 2, tx] = acc[q]
                 for ty in par(ws, "threadIdx.y"):
@@ -140,7 +183,8 @@ def moe_gate_up_gemv(
                                     sums[q] = sums[q] + part[ty, tx, q, ln]
                             h[ent, o] = T.Cast(dtype, T.sigmoid(sums[0]) * sums[0] * sums[1])
 
-    return _named(gate_up, f"moe_gate_up_gemv_e{num_experts}_d{hidden}_i{inter}")
+    suffix = "" if weight_format is None else f"_{weight_format}"
+    return _named(gate_up, f"moe_gate_up_gemv_e{num_experts}_d{hidden}_i{inter}{suffix}")
 
 
 def moe_down_gemv(
@@ -152,29 +196,33 @@ def moe_down_gemv(
     dtype: str = "float16",
     target: tvm.target.Target,
     config: MoeGemvConfig | gemv_mma.GemvMmaConfig | None = None,
+    weight_format: str | None = None,
 ) -> tirx.PrimFunc:
     """(h [T*k, I], ids [T, k] int32, down [E, D, I], weights [T, k] f32, out [T, D]):
     ``out[t] = sum_j weights[t, j] * (h[t*k + j] @ down[ids[t, j]]^T)`` - the down GEMVs with
-    the combine folded in (f32 sum over the k slots). Block (column block, token)."""
-    if is_gpu(target) and not isinstance(config, MoeGemvConfig):
+    the combine folded in (f32 sum over the k slots). Block (column block, token).
+    ``weight_format``: down is ``[E, D, row_bytes(I)]`` uint8 (module docstring)."""
+    if is_gpu(target) and weight_format is None and not isinstance(config, MoeGemvConfig):
         return gemv_mma.moe_down(
             hidden, inter, num_experts=num_experts, top_k=top_k, dtype=dtype, target=target,
             config=config,
         )  # fmt: skip
-    cfg, d, n_in, k_top = config or GEMV_DOWN, hidden, inter, top_k
-    _gemv_check(n_in, cfg)
+    d, n_in, k_top = hidden, inter, top_k
+    cfg, w_shape, w_dtype, w_val = _fma_setup(target, config, weight_format, GEMV_DOWN, d, n_in)
     par = _par(is_gpu(target))
     kv_n = (n_in + 32 * cfg.vec - 1) // (32 * cfg.vec)
     per_blk = cfg.warps * cfg.cols
     n_blk = (d + per_blk - 1) // per_blk
     t_num = tirx.Var("t", "int64")
     ws, cols, vec = cfg.warps, cfg.cols, cfg.vec
+    ld = min(vec, 8)  # h loads: 16-byte vectors
+    quant = weight_format is not None
 
     @T.prim_func
     def down(
         h: T.Buffer((t_num * k_top, n_in), dtype),
         ids: T.Buffer((t_num, k_top), "int32"),
-        w: T.Buffer((_i64(num_experts), _i64(d), _i64(n_in)), dtype),
+        w: T.Buffer((_i64(num_experts), *w_shape), w_dtype or dtype),
         weights: T.Buffer((t_num, k_top), "float32"),
         out: T.Buffer((t_num, d), dtype),
     ):
@@ -195,22 +243,36 @@ def moe_down_gemv(
                                 dot[c] = T.float32(0)
                             for kv in T.unroll(kv_n):
                                 if (kv * 32 + tx) * vec < n_in:
-                                    hs[T.ramp(kv * vec, 1, vec)] = h[
-                                        t * k_top + j, T.ramp((kv * 32 + tx) * vec, 1, vec)
-                                    ]
+                                    for u in T.unroll(vec // ld):
+                                        hs[T.ramp(kv * vec + u * ld, 1, ld)] = h[
+                                            t * k_top + j,
+                                            T.ramp((kv * 32 + tx) * vec + u * ld, 1, ld),
+                                        ]
                             for kv in T.unroll(kv_n):
                                 if (kv * 32 + tx) * vec < n_in:
-                                    for c in T.unroll(cols):
-                                        wv[T.ramp(c * vec, 1, vec)] = w[
-                                            ids[t, j],
-                                            T.min((bx * ws + ty) * cols + c, d - 1),
-                                            T.ramp((kv * 32 + tx) * vec, 1, vec),
-                                        ]
-                                    for c in T.unroll(cols):
-                                        for v in T.unroll(vec):
-                                            dot[c] = dot[c] + T.Cast(
-                                                "float32", hs[kv * vec + v]
-                                            ) * T.Cast("float32", wv[c * vec + v])
+                                    if quant:  # decoded in the reduction: no f16 copy
+                                        for c in T.unroll(cols):
+                                            for v in T.unroll(vec):
+                                                dot[c] = dot[c] + T.Cast(
+                                                    "float32", hs[kv * vec + v]
+                                                ) * w_val(
+                                                    w,
+                                                    ids[t, j],
+                                                    T.min((bx * ws + ty) * cols + c, d - 1),
+                                                    (kv * 32 + tx) * vec + v,
+                                                )
+                                    else:
+                                        for c in T.unroll(cols):
+                                            wv[T.ramp(c * vec, 1, vec)] = w[
+                                                ids[t, j],
+                                                T.min((bx * ws + ty) * cols + c, d - 1),
+                                                T.ramp((kv * 32 + tx) * vec, 1, vec),
+                                            ]
+                                        for c in T.unroll(cols):
+                                            for v in T.unroll(vec):
+                                                dot[c] = dot[c] + T.Cast(
+                                                    "float32", hs[kv * vec + v]
+                                                ) * T.Cast("float32", wv[c * vec + v])
                             for c in T.unroll(cols):
                                 acc[c] = acc[c] + weights[t, j] * dot[c]
                         for c in T.unroll(cols):
@@ -225,4 +287,5 @@ def moe_down_gemv(
                                 total[0] = total[0] + part[ty, tx, ln]
                             out[t, o] = T.Cast(dtype, total[0])
 
-    return _named(down, f"moe_down_gemv_e{num_experts}_d{hidden}_i{inter}")
+    suffix = "" if weight_format is None else f"_{weight_format}"
+    return _named(down, f"moe_down_gemv_e{num_experts}_d{hidden}_i{inter}{suffix}")
