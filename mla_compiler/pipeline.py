@@ -4,14 +4,15 @@
               kernel per norm)
 2. phases     ``main`` becomes ``prefill`` and ``decode`` (same signature)
 3. mla        RewriteMLAAttention: the MLA form of each phase for the chosen mode
+3b. dequant   DequantizeWeights: weights stored in GGUF block formats enter as their bytes,
+              seen by the function as decoded views of them
 4. moe        LowerMoE
 5. kernels    LowerMLAKernels: call_tir to the target's attention / cache kernels
-5b. gemm      LowerDenseGemm: dense products with weights -> ``gemm_*`` kernels (GPU f16/bf16)
-5c. dequant   DequantizeWeights: weights stored in GGUF block formats enter as their bytes and
-              are decoded where the function starts
-6. params     LiftTransformParams: weight transforms (decoding, W_UK / W_UV absorption) into
-              ``transform_params``, run once at load time; LiftPhaseWeightTransforms moves the
-              transforms only one phase needs there too
+5b. gemm      LowerDenseGemm: dense products with weights -> ``gemm_*`` kernels (GPU f16/bf16);
+              products of quantized views read the blocks (``quant_gemv``, quantized ``gemm``)
+6. params     LiftTransformParams: weight transforms (views no kernel reads quantized, W_UK /
+              W_UV absorption) into ``transform_params``, run once at load time;
+              LiftPhaseWeightTransforms moves the transforms only one phase needs there too
 7. build      TVM's default pipeline for the target (dlight schedules for unscheduled GPU ops)
 
 ``log`` (optional, ``log(msg)``) gets one line per phase that took a second or more (quicker
@@ -157,6 +158,10 @@ def lower_to_kernels(
         with quick_frame_lookups():
             import tvm.s_tir.tensor_intrin  # noqa: F401  (mma / ldmatrix intrinsics)
         phases.done("TVM tensor intrinsics")
+    if weight_formats:  # views of the blocks; the lowerings below read them quantized
+        mod = DequantizeWeights(weight_formats, param_names, target=target)(mod)
+        dump("dequantize", mod)
+        phases.done(f"{len(weight_formats)} quantized weights", mod)
     mod = LowerMoE(target=target, choice=choice)(mod)
     dump("moe", mod)
     phases.done("MoE lowering", mod)
@@ -170,10 +175,6 @@ def lower_to_kernels(
     mod = relax.transform.EliminateCommonSubexpr()(mod)
     dump("gemm", mod)
     phases.done("dense GEMMs", mod)
-    if weight_formats:
-        mod = DequantizeWeights(weight_formats, param_names, target=target)(mod)
-        dump("dequantize", mod)
-        phases.done(f"{len(weight_formats)} quantized weights", mod)
     mod = relax.transform.LiftTransformParams(shared_transform=True)(mod)
     mod = LiftPhaseWeightTransforms()(mod)
     dump("params", mod)

@@ -334,8 +334,42 @@ def _quant_gemm(m, n, k, *, dtype, target, config, epilogue, out_dtype, batch, w
         schedule_mma(
             sch, cfg, heads=batch is not None, epilogue=epilogue, dtype=dtype, decoded_weight=True
         )
-    name = kernel_name(m, n, k, epilogue=epilogue, out_dtype=out_dtype, batch=batch)
-    return sch.mod["main"].with_attr("global_symbol", f"{name}_{weight_format}")
+    name = kernel_name(
+        m, n, k, epilogue=epilogue, out_dtype=out_dtype, batch=batch, weight_format=weight_format
+    )
+    return sch.mod["main"].with_attr("global_symbol", name)
+
+
+def gemm_epilogue(
+    m: int, n: int, *, epilogue: str, dtype: str = "float16", target: tvm.target.Target
+) -> tirx.PrimFunc:
+    """``(acc [m, n_w], [residual [m, n],] y [m, n])``: a GEMM's epilogue on its finished
+    products (``acc`` in ``weight_layout`` columns), for GEMV kernels that write plain
+    products (``quant_gemv``)."""
+    if epilogue not in ("residual", "silu_mul"):
+        raise ValueError(f"gemm_epilogue applies 'residual' or 'silu_mul', not {epilogue!r}")
+    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
+    nc, g, f32 = weight_layout(n, 0, epilogue=epilogue)[0], SWIGLU_GROUP, "float32"
+    acc = te.placeholder((i64(m), i64(nc)), dtype, name="acc")
+    r = te.placeholder((i64(m), i64(n)), dtype, name="r")
+
+    def epi(i, j):
+        if epilogue == "silu_mul":  # output column j pairs gate column jc and up column jc + g
+            jc = j // g * 2 * g + j % g
+            gate, up = acc[i, jc].astype(f32), acc[i, jc + g].astype(f32)
+            return (tirx.sigmoid(gate) * gate * up).astype(dtype)
+        return (acc[i, j].astype(f32) + r[i, j].astype(f32)).astype(dtype)
+
+    y = te.compute((i64(m), i64(n)), epi, name="epilogue")
+    args = [acc, r, y] if epilogue == "residual" else [acc, y]
+    sch = s_tir.Schedule(te.create_prim_func(args).with_attr("tirx.noalias", True))
+    fused = sch.fuse(*sch.get_loops(sch.get_sblock("epilogue")))
+    if is_gpu(target):
+        bx, tx = sch.split(fused, [None, 256])
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+    name = f"gemm_epilogue_{epilogue}_n{n}_m{m}"
+    return sch.mod["main"].with_attr("global_symbol", name)
 
 
 def wgmma_default(m, n: int, k: int, *, target, epilogue, batch):
@@ -365,8 +399,11 @@ def gemv_config(epilogue: str | None = None) -> FmaGemvConfig:
     return SILU_GEMV if epilogue == "silu_mul" else FmaGemvConfig()
 
 
-def kernel_name(m, n: int, k: int, *, epilogue=None, out_dtype=None, batch=None) -> str:
+def kernel_name(
+    m, n: int, k: int, *, epilogue=None, out_dtype=None, batch=None, weight_format=None
+) -> str:
     tag = f"_{epilogue}" if epilogue else ""
     tag += f"_{out_dtype}" if out_dtype else ""
+    tag += f"_{weight_format}" if weight_format else ""
     head = "" if batch is None else f"_h{batch}"
     return f"gemm{head}_n{n}_k{k}{tag}" + ("" if m is None else f"_m{m}")

@@ -210,7 +210,7 @@ def default_config(weight_format: str, n: int, k: int, target, m: int = 1) -> Qu
     g = _Geometry(fmt, m, n, k, cfg, "float16")
     per_warp_n = g.warp_bytes * warps_k
     fit = (smem // 4 - (g.shared_bytes() - per_warp_n)) // per_warp_n
-    spread = row_groups // (2 * want // 4)  # at least 2 blocks per SM where rows allow
+    spread = row_groups // max(1, want // 2)  # at least 2 blocks per SM where rows allow
     cfg = dataclasses.replace(cfg, warps_n=max(1, min(8 // warps_k, fit, spread)))
     if gpu and not keep(weight_format, m, n, k, cfg, target):
         cfg = dataclasses.replace(cfg, x_f32=False)

@@ -211,3 +211,67 @@ def test_a_quantized_preset_too_large_to_store_is_drawn_and_quantized_at_load(
         want, _ = model(**single_sequence_inputs(ids, start=0, logits="all"), cache=cache)
     got = Engine.load(out, "cpu").prefill(ids, all_logits=True)
     assert _rel(got, want.numpy()) < 1e-4
+
+
+@pytest.mark.parametrize("mix", ["q4_k_m", "iq4_nl"])
+def test_lowered_products_read_the_blocks(tmp_path, quant_model, monkeypatch, mix):
+    """The GPU lowering on llvm (LowerDenseGemm's GPU gate bypassed; its kernels have CPU
+    paths): dense products of quantized weights call kernels that read the blocks (prompt
+    chunks the quantized ``gemm``, decode ``quant_gemv`` + epilogue), the device keeps the
+    blocks (``transform_params`` returns them as uint8), and the f16 logits follow the model
+    on the decoded weights for a prompt longer than ``--ubatch`` and decode steps."""
+    import mla_compiler.passes.lower_dense_gemm as L
+
+    monkeypatch.setattr(L, "is_gpu", lambda _t: True)
+    out = compile_model(
+        output=tmp_path / mix,
+        model_dir=str(quant_model),
+        options=CompileOptions(quant=mix, ubatch=UBATCH, dtype="float16"),
+        log=lambda _msg: None,
+    )
+    lib = (out / "model.so").read_bytes()
+    meta = json.loads((out / "metadata.json").read_text())
+    fmts = set(meta["weight_formats"].values())
+    for fmt in fmts:
+        assert f"quant_gemv_{fmt}_".encode() in lib, fmt
+    assert b"gemm_epilogue_residual" in lib and b"gemm_epilogue_silu_mul" in lib
+    # the dense products' weights stay blocks (q_proj, kv_a, o_proj, MLPs, head: 2 bytes a
+    # value less ~4.5 bits): the device holds less than with every weight decoded
+    dense = [n for n, f in meta["weight_formats"].items() if "kv_b" not in n and "embed" not in n
+             and "experts_" not in n]  # fmt: skip
+    shapes = _named_shapes(meta)
+    saved = sum(np.prod(shapes[n]) * 2 - np.prod(shapes[n][:-1]) * _row_bytes(meta, n, shapes)
+                for n in dense)  # fmt: skip
+    monkeypatch.setattr(L, "is_gpu", lambda _t: False)
+    plain = compile_model(
+        output=tmp_path / "decoded",
+        model_dir=str(quant_model),
+        options=CompileOptions(quant=mix, ubatch=UBATCH, dtype="float16"),
+        log=lambda _msg: None,
+    )
+    everything = json.loads((plain / "metadata.json").read_text())["weight_bytes"]["device"]
+    assert meta["weight_bytes"]["device"] <= everything - saved
+
+    ids = torch.randint(0, 256, (PROMPT,), generator=torch.Generator().manual_seed(3)).tolist()
+    want_prompt, want_steps = _reference(quant_model, out, ids)
+    engine = Engine.load(out, "cpu")
+    got = engine.prefill(ids, all_logits=True)
+    assert _rel(got, want_prompt) < 3e-3
+    tok = int(got[-1].argmax())
+    for want in want_steps:
+        step = engine.decode(tok)
+        assert _rel(step, want) < 3e-3
+        tok = int(step.argmax())
+
+
+def _named_shapes(meta: dict) -> dict:
+    from mla_compiler.model_export.config import ModelConfig
+    from mla_compiler.model_export.weights import expected_shapes
+
+    return expected_shapes(ModelConfig.from_dict(meta["model"]))
+
+
+def _row_bytes(meta: dict, name: str, shapes: dict) -> int:
+    from mla_compiler.model_export.quantize import row_bytes
+
+    return row_bytes(shapes[name][-1], meta["weight_formats"][name])

@@ -2,13 +2,16 @@
 
 Each quantized weight parameter ``W [..., N, K]`` (``formats``: weight name -> format name of
 ``schedules.quant_formats``) becomes ``Wq [..., N, row_bytes(K)] uint8``, and the function
-starts with ``W = reshape(call_tir(dequantize_<fmt>, reshape(Wq, [rows, row_bytes])))``. It runs
-last, before LiftTransformParams, which moves the decode to load time (``transform_params``):
-the artifact stores the blocks, the device holds what the kernels read.
+starts with ``W = reshape(call_tir(dequantize_<fmt>, reshape(Wq, [rows, row_bytes])))``: a
+*view* of the blocks (:func:`quantized_views`). The lowering passes that follow (LowerMoE,
+LowerDenseGemm) hand the blocks to kernels that decode them as they load them; the views left
+in use (weights no kernel of theirs reads, e.g. sliced or transposed ones) are moved to load
+time by LiftTransformParams and stay on the device decoded.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import tvm
@@ -38,6 +41,7 @@ def DequantizeWeights(formats: dict[str, str], param_names, *, target) -> tvm.tr
             if key not in kernels:
                 func = dequantize_func(FORMATS[fmt], rows, k, out_dtype=dtype, target=target)
                 func = func.without_attr("global_symbol")  # named by add_func
+                func = func.with_attr("weight_format", fmt)  # marks views: quantized_views
                 kernels[key] = bb.add_func(func, f"dequantize_{fmt}_{rows}x{k}_{dtype}")
             return kernels[key]
 
@@ -83,3 +87,41 @@ def _rewrite(func: relax.Function, names, formats, kernel, bb) -> relax.Function
     # a dataflow block: LiftTransformParams lifts from dataflow blocks only
     body = relax.SeqExpr([relax.DataflowBlock(bindings), *bound.body.blocks], bound.body.body)
     return relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantView:
+    """A dequantized weight ``[..., N, K]`` whose blocks are ``data`` (uint8, rows of
+    ``row_bytes(K)``, leading dims flattened or not) in format ``fmt``."""
+
+    data: relax.Expr
+    fmt: str
+
+    def blocks(self, shape) -> relax.Expr:
+        """The blocks shaped ``[*shape[:-1], row_bytes(shape[-1])]`` (a reshape when needed)."""
+        rb = FORMATS[self.fmt].row_bytes(int(shape[-1]))
+        want = [int(s) for s in shape[:-1]] + [rb]
+        have = [int(s) for s in self.data.ty.shape]
+        return self.data if have == want else R.reshape(self.data, want)
+
+
+def quantized_views(mod: tvm.IRModule, func: relax.Function) -> dict:
+    """Var -> :class:`QuantView` for each dequantized weight of ``func`` (the ``call_tir`` of a
+    kernel marked ``weight_format``, and reshapes of it)."""
+    views: dict = {}
+    for block in func.body.blocks:
+        for b in block.bindings:
+            if not isinstance(b, relax.VarBinding) or not isinstance(b.value, relax.Call):
+                continue
+            call = b.value
+            if call.op.same_as(tvm.ir.Op.get("relax.call_tir")):
+                callee = mod[call.args[0]] if isinstance(call.args[0], relax.GlobalVar) else None
+                fmt = callee.attrs.get("weight_format") if callee and callee.attrs else None
+                if fmt is not None:
+                    views[b.var] = QuantView(call.args[1].fields[0], str(fmt))
+            elif call.op.same_as(tvm.ir.Op.get("relax.reshape")) and call.args[0] in views:
+                src = views[call.args[0]]
+                k_in, k_out = int(call.args[0].ty.shape[-1]), int(b.var.ty.shape[-1])
+                if k_in == k_out:  # rows regrouped, each row whole: the same blocks
+                    views[b.var] = src
+    return views

@@ -27,7 +27,9 @@ from tvm_ffi import structural_equal
 
 from mla_compiler import kernel_configs, kernels
 from mla_compiler.kernel_configs import KernelChoice
+from mla_compiler.passes.dequantize_weights import quantized_views
 from mla_compiler.schedules import gemm as G
+from mla_compiler.schedules import quant_gemv as QG
 from mla_compiler.schedules.target import is_gpu
 
 DTYPES = ("float16", "bfloat16")
@@ -57,12 +59,15 @@ def _static(v) -> int | None:
 
 
 class _Analysis:
-    """Bindings, use counts and weight-derived vars of one function (before rewriting)."""
+    """Bindings, use counts and weight-derived vars of one function (before rewriting);
+    ``views``: the dequantized weights (``DequantizeWeights``) and their blocks."""
 
-    def __init__(self, func: relax.Function):
+    def __init__(self, func: relax.Function, mod: tvm.IRModule):
         self.value = relax.analysis.get_var2val(func)
         n_in = int(func.attrs["num_input"]) if func.attrs and "num_input" in func.attrs else 0
         self.weights = {p for p in func.params[n_in:]} if n_in else set()
+        self.views = quantized_views(mod, func)
+        self.weights |= set(self.views)
         self.uses: dict = {}
         analysis = self
 
@@ -178,14 +183,15 @@ def _silu_arg(a: _Analysis, expr):
 class _Lower(relax.PyExprMutator):
     def __init__(self, mod, target, choice: KernelChoice):
         super().__init__(mod)
-        self.target, self.choice = target, choice
+        self.mod, self.target, self.choice = mod, target, choice
         self.kernels: dict[tuple, relax.GlobalVar] = {}
         self.plan: dict = {}  # original call -> (kind, data)
 
     # ----------------------------------------------------------------------------- planning
 
     def analyse(self, func: relax.Function) -> None:
-        a = _Analysis(func)
+        a = _Analysis(func, self.mod)
+        self.views = a.views
         self.plan, self.fused = {}, []
         for block in func.body.blocks:
             for b in block.bindings:
@@ -247,7 +253,8 @@ class _Lower(relax.PyExprMutator):
     def _kernel(self, m, n, k, **kw) -> relax.GlobalVar:
         key = (m, n, k, tuple(sorted(kw.items())))
         if key not in self.kernels:
-            if kw.get("batch") is None:  # sm_90a prompt chunks: wgmma, tuned where recorded
+            plain = kw.get("batch") is None and kw.get("weight_format") is None
+            if plain:  # sm_90a prompt chunks: wgmma, tuned where recorded
                 wg = kernel_configs.dense_gemm_config(
                     self.choice,
                     m,
@@ -266,13 +273,50 @@ class _Lower(relax.PyExprMutator):
                 epilogue=kw.get("epilogue"),
                 out_dtype=kw.get("out_dtype"),
                 batch=kw.get("batch"),
+                weight_format=kw.get("weight_format"),
             )
             self.kernels[key] = self.builder_.add_func(kernels.mark_scheduled(func), name)
         return self.kernels[key]
 
-    def _call(self, p: _Product, *, epilogue=None, w=None, residual=None, n=None):
+    def _add(self, key, make) -> relax.GlobalVar:
+        """A kernel built by ``make()`` once per ``key``, named by its global symbol."""
+        if key not in self.kernels:
+            func = make()
+            name = str(func.attrs["global_symbol"])
+            self.kernels[key] = self.builder_.add_func(kernels.mark_scheduled(func), name)
+        return self.kernels[key]
+
+    def _blocks(self, w):
+        """(blocks, format) of a weight the kernels read quantized (a view of
+        DequantizeWeights), else None: its blocks ``[N, row_bytes(K)]`` replace the values."""
+        view = self.views.get(w)
+        if view is None:
+            return None
+        blocks = view.blocks(_shape(w))
+        return (blocks if isinstance(blocks, relax.Var) else self._emit(blocks)), view.fmt
+
+    def _quant_decode(self, x, wq, fmt, *, m, n, k, epilogue, residual):
+        """<= 8 tokens: ``quant_gemv`` over the blocks, then the epilogue as its own kernel."""
+        dtype, nc = _dtype(x), G.weight_layout(n, k, epilogue=epilogue)[0]
+        gv = self._add(
+            ("quant_gemv", fmt, m, nc, k, dtype),
+            lambda: QG.quant_gemv(m, nc, k, target=self.target, weight_format=fmt, dtype=dtype),
+        )
+        acc = relax.call_tir(gv, [x, wq], out_ty=relax.TensorType([m, nc], dtype))
+        if epilogue is None:
+            return acc
+        epi = self._add(
+            ("epilogue", epilogue, m, n, dtype),
+            lambda: G.gemm_epilogue(m, n, epilogue=epilogue, dtype=dtype, target=self.target),
+        )
+        args = [self._emit(acc)] + ([residual] if residual is not None else [])
+        return relax.call_tir(epi, args, out_ty=relax.TensorType([m, n], dtype))
+
+    def _call(self, p: _Product, *, epilogue=None, w=None, fmt=None, residual=None, n=None):
         x = self.visit_expr(p.x)
-        w = self.visit_expr(p.w) if w is None else w
+        if w is None:
+            quant = None if p.heads or p.out_dtype else self._blocks(p.w)
+            w, fmt = quant if quant is not None else (self.visit_expr(p.w), None)
         dtype = _dtype(x)
         shape = _shape(x)
         k = int(shape[-1])
@@ -298,28 +342,39 @@ class _Lower(relax.PyExprMutator):
         m_expr = x.ty.shape[0]
         m = _static(m_expr)
         out_dtype = p.out_dtype
-        gv = self._kernel(
-            m if m is not None and m <= G.GEMV_MAX_M else None,
-            n,
-            k,
-            dtype=dtype,
-            epilogue=epilogue,
-            out_dtype=out_dtype,
-        )
-        args = [x, w] + ([residual] if residual is not None else [])
-        y = relax.call_tir(gv, args, out_ty=relax.TensorType([m_expr, n], out_dtype or dtype))
+        if fmt is not None and m is not None and m <= QG.MAX_TOKENS:
+            y = self._quant_decode(x, w, fmt, m=m, n=n, k=k, epilogue=epilogue, residual=residual)
+        else:
+            quant = {} if fmt is None else {"weight_format": fmt}
+            gv = self._kernel(
+                m if m is not None and m <= G.GEMV_MAX_M else None,
+                n,
+                k,
+                dtype=dtype,
+                epilogue=epilogue,
+                out_dtype=out_dtype,
+                **quant,
+            )
+            args = [x, w] + ([residual] if residual is not None else [])
+            y = relax.call_tir(gv, args, out_ty=relax.TensorType([m_expr, n], out_dtype or dtype))
         if len(lead) != 1:
             y = R.reshape(self._emit(y), [*lead, n])
         return y
 
     def _silu_weight(self, pg: _Product, pu: _Product):
-        """[Wg; Wu] with gate/up rows interleaved in SWIGLU_GROUP groups (gemm.transform_weight
-        in Relax ops, so LiftTransformParams runs it at load time)."""
-        wg, wu = self.visit_expr(pg.w), self.visit_expr(pu.w)
-        n, k = (int(v) for v in _shape(wg))
-        g = G.SWIGLU_GROUP
-        w = R.reshape(R.concat([wg, wu], axis=0), [2, n // g, g, k])
-        return self._emit(R.reshape(R.permute_dims(w, [1, 0, 2, 3]), [2 * n, k])), n
+        """([Wg; Wu] with gate/up rows interleaved in SWIGLU_GROUP groups, n, format): Relax
+        ops (gemm.transform_weight) that LiftTransformParams runs at load time. Quantized gate
+        and up of one format interleave as blocks (whole rows: lossless), else as values."""
+        n, k = (int(v) for v in _shape(pg.w))
+        qg, qu = self._blocks(pg.w), self._blocks(pu.w)
+        fmt = None
+        if qg is not None and qu is not None and qg[1] == qu[1]:
+            (wg, fmt), (wu, _) = qg, qu
+        else:
+            wg, wu = self.visit_expr(pg.w), self.visit_expr(pu.w)
+        g, cols = G.SWIGLU_GROUP, int(_shape(wg)[1])
+        w = R.reshape(R.concat([wg, wu], axis=0), [2, n // g, g, cols])
+        return self._emit(R.reshape(R.permute_dims(w, [1, 0, 2, 3]), [2 * n, cols])), n, fmt
 
     def visit_call_(self, op):
         kind, data = self.plan.get(op, (None, None))
@@ -332,8 +387,8 @@ class _Lower(relax.PyExprMutator):
             return self._call(p, epilogue="residual", residual=self.visit_expr(r))
         if kind == "silu_mul":
             pg, pu = data
-            w, n = self._silu_weight(pg, pu)
-            return self._call(pg, epilogue="silu_mul", w=w, n=n)
+            w, n, fmt = self._silu_weight(pg, pu)
+            return self._call(pg, epilogue="silu_mul", w=w, fmt=fmt, n=n)
         return super().visit_call_(op)
 
 
