@@ -5,7 +5,8 @@
 2. phases     ``main`` becomes ``prefill`` and ``decode`` (same signature)
 3. mla        RewriteMLAAttention: the MLA form of each phase for the chosen mode
 3b. dequant   DequantizeWeights: weights stored in GGUF block formats enter as their bytes,
-              seen by the function as decoded views of them
+              seen by the function as decoded views of them; LowerQuantizedTake: embedding
+              lookups decode only the rows they read
 4. moe        LowerMoE
 5. kernels    LowerMLAKernels: call_tir to the target's attention / cache kernels
 5b. gemm      LowerDenseGemm: dense products with weights -> ``gemm_*`` kernels (GPU f16/bf16);
@@ -44,6 +45,7 @@ from mla_compiler.passes.lift_phase_weight_transforms import LiftPhaseWeightTran
 from mla_compiler.passes.lower_dense_gemm import LowerDenseGemm
 from mla_compiler.passes.lower_mla_kernels import LowerMLAKernels
 from mla_compiler.passes.lower_moe import LowerMoE
+from mla_compiler.passes.lower_quantized_take import LowerQuantizedTake
 from mla_compiler.passes.rewrite_mla_attention import RewriteMLAAttention
 from mla_compiler.schedules.target import is_gpu
 
@@ -160,6 +162,7 @@ def lower_to_kernels(
         phases.done("TVM tensor intrinsics")
     if weight_formats:  # views of the blocks; the lowerings below read them quantized
         mod = DequantizeWeights(weight_formats, param_names, target=target)(mod)
+        mod = LowerQuantizedTake(target=target)(mod)
         dump("dequantize", mod)
         phases.done(f"{len(weight_formats)} quantized weights", mod)
     mod = LowerMoE(target=target, choice=choice)(mod)

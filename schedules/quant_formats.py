@@ -275,3 +275,44 @@ def dequantize_func(
     else:
         sch.parallel(rows)
     return sch.mod["main"]
+
+
+def take_rows_func(
+    fmt: WeightFormat,
+    n: int,
+    k: int,
+    *,
+    index_dtype: str = "int32",
+    out_dtype: str = "float16",
+    target: tvm.target.Target | None = None,
+) -> tirx.PrimFunc:
+    """(wq [n, row_bytes(k)] u8, ids [t] index_dtype, y [t, k] out_dtype): ``y[i] = row
+    ids[i]`` of the decoded weight (an embedding lookup straight from its blocks; ids are
+    clamped into [0, n), as ``take``'s fast mode assumes them in range)."""
+    rb = fmt.row_bytes(k)
+    n, k, rb = (tirx.IntImm("int64", v) for v in (n, k, rb))
+    t = tirx.Var("t", "int64")
+
+    @T.prim_func(s_tir=True)
+    def take_rows(
+        wq: T.Buffer((n, rb), "uint8"),
+        ids: T.Buffer((t,), index_dtype),
+        y: T.Buffer((t, k), out_dtype),
+    ):
+        T.func_attr({"tirx.noalias": True, "global_symbol": f"take_rows_{fmt.name}"})
+        for i, c in T.grid(t, k):
+            with T.sblock("take_rows"):
+                vi, vc = T.axis.remap("SS", [i, c])
+                y[vi, vc] = fmt.value(
+                    wq, T.max(T.min(T.Cast("int64", ids[vi]), n - 1), 0), vc, out_dtype
+                )
+
+    sch = s_tir.Schedule(take_rows)
+    rows, cols = sch.get_loops(sch.get_sblock("take_rows"))
+    if target is not None and is_gpu(target):
+        bx, tx = sch.split(sch.fuse(rows, cols), factors=[None, 256])
+        sch.bind(bx, "blockIdx.x")
+        sch.bind(tx, "threadIdx.x")
+    else:
+        sch.parallel(rows)
+    return sch.mod["main"]

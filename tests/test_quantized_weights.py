@@ -135,16 +135,20 @@ def test_memory_plan_counts_the_stored_blocks_and_what_the_kernels_read(tmp_path
     stored = meta["weight_bytes"]["stored"]
     q8 = sum(np.prod(s) for s in _shapes(meta, "q8_0"))
     assert stored["q8_0"] == q8 // 32 * 34  # 34 B a block of 32
-    # decoded at load (for now): the kernels read float32; kv_b also in the absorbed forms
-    # decode and prefill take (W_UK / W_UV per head), nothing else twice
+    # on the CPU the products' weights are decoded at load (float32; kv_b also in the
+    # absorbed forms decode and prefill take: W_UK / W_UV per head, nothing else twice); the
+    # embedding stays blocks (its lookups decode the rows they read)
     n = sum(np.prod(s) for s in _shapes(meta, None))
     kv_b = sum(np.prod(s) for s in _shapes(meta, None, "kv_b_proj"))
+    embed = np.prod(_shapes(meta, "q8_0", "embed_tokens")[0])
     device = meta["weight_bytes"]["device"]
-    assert 4 * n < device <= 4 * (n + 2 * kv_b)
+    decoded = 4 * (n - embed) + embed // 32 * 34
+    assert decoded <= device <= decoded + 4 * 2 * kv_b
     plan = memory_plan.plan(meta, max_context=1024)
-    # norms and the router pass through transform_params: loading allocates the rest
+    # norms, the router and the embedding's blocks pass through transform_params: loading
+    # allocates the rest
     new = meta["weight_bytes"]["device_new"]
-    assert 0 < device - new < 4 * (n - q8)
+    assert embed // 32 * 34 < device - new <= 4 * (n - q8) + embed // 32 * 34
     assert plan["load_peak"] == sum(stored.values()) + new
     cache = 3 * 1024 * meta["kv_cache_width"] * 2
     assert dict(plan["parts"])["KV cache (1024 x 1)"] == cache

@@ -99,8 +99,8 @@ class QuantView:
 
     def blocks(self, shape) -> relax.Expr:
         """The blocks shaped ``[*shape[:-1], row_bytes(shape[-1])]`` (a reshape when needed)."""
-        rb = FORMATS[self.fmt].row_bytes(int(shape[-1]))
-        want = [int(s) for s in shape[:-1]] + [rb]
+        shape = [int(s) for s in shape]
+        want = [*shape[:-1], FORMATS[self.fmt].row_bytes(shape[-1])]
         have = [int(s) for s in self.data.ty.shape]
         return self.data if have == want else R.reshape(self.data, want)
 
