@@ -125,6 +125,23 @@ def test_dequantize_f16_output(fmt):
     assert np.array_equal(got.view(np.uint16), want.view(np.uint16))
 
 
+@pytest.mark.parametrize("index_dtype", ["int32", "int64"])
+@pytest.mark.parametrize("fmt", QUANTIZED, ids=lambda f: f.name)
+def test_take_rows_bit_exact(fmt, index_dtype):
+    """Embedding lookups from blocks: repeated, first and last rows; out-of-range ids clamp."""
+    n, k = _shapes(fmt)[2]
+    data = make_weight(fmt, n, k, seed=2)
+    ref = reference(fmt, data, n, k)
+    lib = tvm.compile(
+        QF.take_rows_func(fmt, n, k, index_dtype=index_dtype, out_dtype="float32"), target=CPU
+    )
+    ids = np.array([5, n - 1, 0, 5, n + 3, -2], dtype=index_dtype)
+    out = tvm.runtime.tensor(np.full((len(ids), k), np.nan, np.float32))
+    lib(tvm.runtime.tensor(data), tvm.runtime.tensor(ids), out)
+    want = ref[np.clip(ids, 0, n - 1)]
+    assert np.array_equal(out.numpy().view(np.uint32), want.view(np.uint32))
+
+
 @pytest.mark.parametrize("arch", ["sm_89", "sm_90a"])
 def test_dequantize_cuda_static(arch):
     """Every decoder builds for CUDA (nvcc, both output dtypes): no spills, no local memory
