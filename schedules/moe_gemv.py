@@ -55,17 +55,58 @@ def _gemv_check(k_dim: int, cfg: MoeGemvConfig) -> None:
         raise ValueError(f"expert GEMV needs K % {cfg.vec} == 0, got {k_dim}")
 
 
-def _fma_setup(target, config, weight_format, default: MoeGemvConfig, rows: int, k_dim: int):
-    """(config, expert-weight shape, its dtype, value fn) of an FMA expert GEMV. A GGUF
-    ``weight_format`` sets the lane chunk ``vec`` (see the module docstring) and makes the
-    weight bytes, ``value(w, e, row, k)`` the float32 decode of element (e, row, k)."""
+class _RegisterBytes:
+    """A lane's staged block (``words`` of ``width`` bytes, a local array) as the byte buffer of
+    ``fmt.value``: byte ``off`` is a shift and mask of its word. The value loop is unrolled,
+    so after lowering every index and shift is a constant and the words stay registers."""
+
+    def __init__(self, words, width: int):
+        self.words, self.width = words, width
+
+    def __getitem__(self, idx):
+        off, dt = idx[-1], self.words.dtype
+        shift = (off % self.width * 8).astype(dt)
+        return (self.words[off // self.width] >> shift) & tirx.const(0xFF, dt)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ExpertWeight:
+    """An FMA expert GEMV's weight operand: ``shape`` / ``dtype`` per expert, ``value(w, e, r,
+    k)`` element (e, r, k) in float32 read from memory. With ``staged``, a lane's chunk is one
+    whole GGUF block: ``block_bytes // align`` loads of ``align`` bytes (``lanes`` words of
+    ``word`` dtype) from the weight's word view copy it into registers, and ``in_block(wb, j)``
+    decodes value j from them (nvcc splits byte-vector copies of a byte array into byte loads;
+    word arrays it keeps)."""
+
+    cfg: MoeGemvConfig
+    shape: tuple
+    dtype: str | None  # None: the kernel's dtype
+    value: object
+    staged: bool = False
+    block_bytes: int = 1
+    align: int = 1
+    word: str = "uint8"
+    in_block: object = None
+
+    @property
+    def width(self) -> int:  # bytes per word
+        return tvm.DataType(self.word).bits // 8
+
+    @property
+    def lanes(self) -> int:  # words per load
+        return max(self.align // self.width, 1)
+
+
+def _fma_setup(config, weight_format, default: MoeGemvConfig, rows: int, k_dim: int):
+    """The weight operand (:class:`_ExpertWeight`) of an FMA expert GEMV; a GGUF
+    ``weight_format`` also sets the lane chunk ``vec`` (see the module docstring)."""
     if isinstance(config, gemv_mma.GemvMmaConfig):
         raise ValueError("GemvMmaConfig has no quantized-weight form: use MoeGemvConfig")
     cfg = config or default
     if weight_format is None:
         _gemv_check(k_dim, cfg)
-        shape = (_i64(rows), _i64(k_dim))
-        return cfg, shape, None, lambda w, e, r, k: T.Cast("float32", w[e, r, k])
+        value = lambda w, e, r, k: T.Cast("float32", w[e, r, k])  # noqa: E731
+        return _ExpertWeight(cfg, (_i64(rows), _i64(k_dim)), None, value)
     fmt = FORMATS[weight_format]
     rb = fmt.row_bytes(k_dim)  # raises unless K is a multiple of the block
     vec = max(fmt.block, 8)
@@ -73,7 +114,26 @@ def _fma_setup(target, config, weight_format, default: MoeGemvConfig, rows: int,
         vec //= 2
     cfg = dataclasses.replace(cfg, vec=vec)
     _gemv_check(k_dim, cfg)
-    return cfg, (_i64(rows), _i64(rb)), "uint8", lambda w, e, r, k: fmt.value(w, (e, r), k)
+    align = 1  # blocks start at multiples of block_bytes: the widest load that divides it
+    while align < 16 and fmt.block_bytes % (2 * align) == 0:
+        align *= 2
+    word = {1: "uint8", 2: "uint16"}.get(align, "uint32")
+    width = tvm.DataType(word).bits // 8
+    return _ExpertWeight(
+        cfg, (_i64(rows), _i64(rb)), "uint8", lambda w, e, r, k: fmt.value(w, (e, r), k),
+        staged=vec == fmt.block and fmt.block > 1, block_bytes=fmt.block_bytes, align=align,
+        word=word, in_block=lambda wb, j: fmt.value(_RegisterBytes(wb, width), 0, j),
+    )  # fmt: skip
+
+
+@T.macro
+def _stage(wb, ww, e, row, word0, n_ld, lanes):
+    """wb = the lane's block: ``ww[e, row, word0 :]`` by ``n_ld`` loads of ``lanes`` words."""
+    for u in T.unroll(n_ld):
+        if lanes == 1:
+            wb[u] = ww[e, row, word0 + u]
+        else:
+            wb[T.ramp(u * lanes, 1, lanes)] = ww[e, row, T.ramp(word0 + u * lanes, 1, lanes)]
 
 
 def moe_gate_up_gemv(
@@ -102,9 +162,8 @@ def moe_gate_up_gemv(
             config=config,
         )  # fmt: skip
     d, n_out, k_top, g = hidden, inter, top_k, G.SWIGLU_GROUP
-    cfg, w_shape, w_dtype, w_val = _fma_setup(
-        target, config, weight_format, GEMV_GATE_UP, 2 * n_out, d
-    )
+    wt = _fma_setup(config, weight_format, GEMV_GATE_UP, 2 * n_out, d)
+    cfg, w_shape, w_dtype, w_val, blk = wt.cfg, wt.shape, wt.dtype, wt.value, wt.in_block
     if n_out % g:
         raise ValueError(f"moe_gate_up_gemv needs I % {g} == 0, got {n_out}")
     par = _par(is_gpu(target))
@@ -114,7 +173,9 @@ def moe_gate_up_gemv(
     t_num = tirx.Var("t", "int64")
     ws, cols, vec = cfg.warps, cfg.cols, cfg.vec
     ld = min(vec, 8)  # x loads: 16-byte vectors
-    quant = weight_format is not None
+    quant, staged = weight_format is not None, wt.staged
+    n_ld, lanes, wd = wt.block_bytes // wt.align, wt.lanes, wt.width  # staging loads
+    ww_shape = (_i64(num_experts), w_shape[0], w_shape[1] // wd)  # the weight as words
 
     @T.prim_func
     def gate_up(
@@ -124,6 +185,7 @@ def moe_gate_up_gemv(
         h: T.Buffer((t_num * k_top, n_out), dtype),
     ):
         T.func_attr({"tirx.noalias": True})
+        ww = T.decl_buffer(ww_shape, wt.word, data=w.data)
         for ent in par(t_num * k_top, "blockIdx.y"):
             for bx in par(n_blk, "blockIdx.x"):
                 part = T.alloc_buffer((ws, cols, 2, 32), "float32", scope="shared")
@@ -132,6 +194,7 @@ def moe_gate_up_gemv(
                         xv = T.alloc_buffer((ld,), dtype, scope="local")
                         xs = T.alloc_buffer((kv_n * vec,), "float32", scope="local")  # x in f32
                         wv = T.alloc_buffer((2 * cols * vec,), dtype, scope="local")
+                        wb = T.alloc_buffer((n_ld * lanes,), wt.word, scope="local")  # staged block
                         acc = T.alloc_buffer((2 * cols,), "float32", scope="local")
                         e = T.meta_var(ids[ent // k_top, ent % k_top])
                         for q in T.unroll(2 * cols):
@@ -155,7 +218,19 @@ def moe_gate_up_gemv(
                                             2 * n_out - 1,
                                         )
                                     )
-                                    if quant:  # decoded in the reduction: no f16 copy
+                                    if staged:  # the lane's block: registers, then decode
+                                        _stage(
+                                            wb,
+                                            ww,
+                                            e,
+                                            row,
+                                            (kv * 32 + tx) * n_ld * lanes,
+                                            n_ld,
+                                            lanes,
+                                        )
+                                        for v in T.unroll(vec):
+                                            acc[q] = acc[q] + xs[kv * vec + v] * blk(wb, v)
+                                    elif quant:  # decoded in the reduction: no f16 copy
                                         for v in T.unroll(vec):
                                             acc[q] = acc[q] + xs[kv * vec + v] * w_val(
                                                 w, e, row, (kv * 32 + tx) * vec + v
@@ -208,7 +283,8 @@ def moe_down_gemv(
             config=config,
         )  # fmt: skip
     d, n_in, k_top = hidden, inter, top_k
-    cfg, w_shape, w_dtype, w_val = _fma_setup(target, config, weight_format, GEMV_DOWN, d, n_in)
+    wt = _fma_setup(config, weight_format, GEMV_DOWN, d, n_in)
+    cfg, w_shape, w_dtype, w_val, blk = wt.cfg, wt.shape, wt.dtype, wt.value, wt.in_block
     par = _par(is_gpu(target))
     kv_n = (n_in + 32 * cfg.vec - 1) // (32 * cfg.vec)
     per_blk = cfg.warps * cfg.cols
@@ -216,7 +292,9 @@ def moe_down_gemv(
     t_num = tirx.Var("t", "int64")
     ws, cols, vec = cfg.warps, cfg.cols, cfg.vec
     ld = min(vec, 8)  # h loads: 16-byte vectors
-    quant = weight_format is not None
+    quant, staged = weight_format is not None, wt.staged
+    n_ld, lanes, wd = wt.block_bytes // wt.align, wt.lanes, wt.width  # staging loads
+    ww_shape = (_i64(num_experts), w_shape[0], w_shape[1] // wd)  # the weight as words
 
     @T.prim_func
     def down(
@@ -227,6 +305,7 @@ def moe_down_gemv(
         out: T.Buffer((t_num, d), dtype),
     ):
         T.func_attr({"tirx.noalias": True})
+        ww = T.decl_buffer(ww_shape, wt.word, data=w.data)
         for t in par(t_num, "blockIdx.y"):
             for bx in par(n_blk, "blockIdx.x"):
                 part = T.alloc_buffer((ws, cols, 32), "float32", scope="shared")
@@ -234,6 +313,7 @@ def moe_down_gemv(
                     for tx in par(32, "threadIdx.x"):
                         hs = T.alloc_buffer((kv_n * vec,), dtype, scope="local")
                         wv = T.alloc_buffer((cols * vec,), dtype, scope="local")
+                        wb = T.alloc_buffer((n_ld * lanes,), wt.word, scope="local")  # staged block
                         acc = T.alloc_buffer((cols,), "float32", scope="local")
                         dot = T.alloc_buffer((cols,), "float32", scope="local")
                         for c in T.unroll(cols):
@@ -252,15 +332,22 @@ def moe_down_gemv(
                                 if (kv * 32 + tx) * vec < n_in:
                                     if quant:  # decoded in the reduction: no f16 copy
                                         for c in T.unroll(cols):
+                                            row = T.meta_var(
+                                                T.min((bx * ws + ty) * cols + c, d - 1)
+                                            )
+                                            if staged:  # the lane's block: registers first
+                                                _stage(
+                                                    wb, ww, ids[t, j], row,
+                                                    (kv * 32 + tx) * n_ld * lanes, n_ld, lanes,
+                                                )  # fmt: skip
                                             for v in T.unroll(vec):
-                                                dot[c] = dot[c] + T.Cast(
-                                                    "float32", hs[kv * vec + v]
-                                                ) * w_val(
-                                                    w,
-                                                    ids[t, j],
-                                                    T.min((bx * ws + ty) * cols + c, d - 1),
-                                                    (kv * 32 + tx) * vec + v,
-                                                )
+                                                hv = T.meta_var(T.Cast("float32", hs[kv * vec + v]))
+                                                if staged:
+                                                    dot[c] = dot[c] + hv * blk(wb, v)
+                                                else:
+                                                    dot[c] = dot[c] + hv * w_val(
+                                                        w, ids[t, j], row, (kv * 32 + tx) * vec + v
+                                                    )
                                     else:
                                         for c in T.unroll(cols):
                                             wv[T.ramp(c * vec, 1, vec)] = w[

@@ -10,6 +10,8 @@ CUDA device is present. (Kept apart from test_moe_kernels.py, which is near the 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -121,31 +123,37 @@ def _cpu_build(f):
 
 @pytest.mark.parametrize("fmts", CPU_FORMATS, ids="-".join)
 def test_moe_quant_cpu(fmts):
-    """Grouped path (T = 37 over 8 experts: partial row blocks, padding rows) and the decode
-    GEMVs (T = 5), gate_up and down in different formats, against the same reference."""
+    """Grouped path (T = 37 over 8 experts: partial row blocks, padding rows; T = 21 with one
+    expert in every token) and the decode GEMVs (T = 5), gate_up and down in different formats,
+    against the same kind of reference."""
     d = inter = 256
     libs = _grouped_libs(d, inter, fmts, CPU, _cpu_build)
     for t, skewed in ((37, False), (21, True)):
         x, wts, ids, gq, dq, ref = _case(t, d, inter, fmts, seed=t, skewed=skewed)
         _close(_run_grouped(libs, x, wts, ids, gq, dq, dev=tvm.cpu(), dtype="float32"), ref, 1e-5)
+    _check_gemv_cpu(1024, 1024, fmts)  # K = 1024: 32 blocks of 32 per row, whole ones staged
+
+
+def _check_gemv_cpu(d, inter, fmts, t=5):
     kw = dict(num_experts=E, top_k=K, dtype="float32", target=CPU)
     f_gu = _cpu_build(MG.moe_gate_up_gemv(d, inter, **kw, weight_format=fmts[0]))
     f_dn = _cpu_build(MG.moe_down_gemv(d, inter, **kw, weight_format=fmts[1]))
-    x, wts, ids, gq, dq, ref = _case(5, d, inter, fmts, seed=5)
+    x, wts, ids, gq, dq, ref = _case(t, d, inter, fmts, seed=t)
     _close(_run_gemv(f_gu, f_dn, x, wts, ids, gq, dq, dev=tvm.cpu(), dtype="float32"), ref, 1e-5)
 
 
-def test_moe_gemv_quant_lane_chunks():
-    """A lane's K chunk: a whole 32-value block, a power-of-two part of a 256-value block when
-    K has fewer than 32 blocks (Q4_K at K = 2048: 64), K % block enforced."""
-    kw = dict(num_experts=E, top_k=K, target=tvm_target("sm_89"))
-    assert MG._fma_setup(CPU, None, "q8_0", MG.GEMV_DOWN, 2048, 1408)[0].vec == 32
-    assert MG._fma_setup(CPU, None, "q4_k", MG.GEMV_GATE_UP, 2816, 2048)[0].vec == 64
-    assert MG._fma_setup(CPU, None, "q6_k", MG.GEMV_GATE_UP, 2816, 16384)[0].vec == 256
-    with pytest.raises(ValueError, match="multiple of 256"):
-        MG.moe_down_gemv(2048, 1408, **kw, weight_format="q4_k")
-    with pytest.raises(ValueError, match="no quantized-weight form"):
-        MG.moe_down_gemv(2048, 1408, **kw, config=MG.gemv_mma.GemvMmaConfig(), weight_format="q8_0")
+SUPERBLOCK_CASES = [  # (D, I, formats): K = 8192 is 32 blocks of 256 per row
+    (8192, 32, ("q4_k", "q8_0")),
+    (8192, 32, ("q5_k", "iq4_nl")),
+    (32, 8192, ("q5_0", "q6_k")),
+    (32, 8192, ("q8_0", "iq4_xs")),
+]
+
+
+@pytest.mark.parametrize(("d", "inter", "fmts"), SUPERBLOCK_CASES)
+def test_moe_gemv_quant_cpu_whole_superblocks(d, inter, fmts):
+    """Rows long enough for every lane to stage whole 256-value blocks (gate_up or down)."""
+    _check_gemv_cpu(d, inter, fmts, t=3)
 
 
 # --------------------------------------------------------------------- CUDA static checks
@@ -201,6 +209,26 @@ def test_moe_quant_cuda_static(arch):
         kernel = f.attrs["global_symbol"] + "_kernel"
         for op in opcodes:
             assert ops[kernel].get(op, 0) > 0, (arch, kernel, op, ops[kernel])
+
+
+@pytest.mark.parametrize(("d", "inter"), [(64, 64), (96, 160)])
+def test_moe_quant_partial_tiles_stay_on_device(d, inter):
+    """Partial tiles (N < block_n, K % block_k): the decode and the gathers fold into the
+    shared-memory loads, no root loop nest left for the host (see test_moe_kernels)."""
+    target = tvm_target("sm_90a")
+    kw = dict(num_experts=E, top_k=K, target=target, weight_format="q8_0")
+    funcs = [M.moe_gate_up(d, inter, **kw), M.moe_down(d, inter, **kw)]
+    for f in funcs:
+        assert "gather_a" not in f.script() and "gather_b" not in f.script()
+    mod = tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs})
+    with tvm.transform.PassContext(config=G.PASS_CONFIG):
+        src = tvm.compile(mod, target=target).mod.imports[0].inspect_source()
+    for f in funcs:
+        sym = f.attrs["global_symbol"]
+        (sig,) = set(
+            re.findall(rf"__global__ void __launch_bounds__\(\d+\) {sym}_kernel\(([^)]*)\)", src)
+        )
+        assert sig.count("_ptr") == len(f.params), (sym, sig)
 
 
 # ---------------------------------------------------------------------------------- GPU run
