@@ -225,8 +225,10 @@ def test_lowered_products_read_the_blocks(tmp_path, quant_model, monkeypatch, mi
     blocks (``transform_params`` returns them as uint8), and the f16 logits follow the model
     on the decoded weights for a prompt longer than ``--ubatch`` and decode steps."""
     import mla_compiler.passes.lower_dense_gemm as L
+    import mla_compiler.passes.lower_moe as LM
 
     monkeypatch.setattr(L, "is_gpu", lambda _t: True)
+    monkeypatch.setattr(LM, "is_gpu", lambda _t: True)
     out = compile_model(
         output=tmp_path / mix,
         model_dir=str(quant_model),
@@ -239,14 +241,15 @@ def test_lowered_products_read_the_blocks(tmp_path, quant_model, monkeypatch, mi
     for fmt in fmts:
         assert f"quant_gemv_{fmt}_".encode() in lib, fmt
     assert b"gemm_epilogue_residual" in lib and b"gemm_epilogue_silu_mul" in lib
-    # the dense products' weights stay blocks (q_proj, kv_a, o_proj, MLPs, head: 2 bytes a
-    # value less ~4.5 bits): the device holds less than with every weight decoded
-    dense = [n for n, f in meta["weight_formats"].items() if "kv_b" not in n and "embed" not in n
-             and "experts_" not in n]  # fmt: skip
+    # the products' weights stay blocks (q_proj, kv_a, o_proj, MLPs, routed experts, head:
+    # 2 bytes a value less ~4.5 bits; the embedding is blocks in both builds, kv_b is decoded
+    # for the absorbed forms): the device holds less than with them decoded
+    dense = [n for n in meta["weight_formats"] if "kv_b" not in n and "embed" not in n]
     shapes = _named_shapes(meta)
     saved = sum(np.prod(shapes[n]) * 2 - np.prod(shapes[n][:-1]) * _row_bytes(meta, n, shapes)
                 for n in dense)  # fmt: skip
     monkeypatch.setattr(L, "is_gpu", lambda _t: False)
+    monkeypatch.setattr(LM, "is_gpu", lambda _t: False)
     plain = compile_model(
         output=tmp_path / "decoded",
         model_dir=str(quant_model),

@@ -16,6 +16,8 @@ from tvm.relax import op as R
 from mla_compiler import kernel_configs, kernels
 from mla_compiler.kernel_configs import KernelChoice
 from mla_compiler.passes import pseudo
+from mla_compiler.passes.dequantize_weights import quantized_views
+from mla_compiler.schedules.target import is_gpu
 from mla_compiler.schedules.topk import topk as topk_kernel
 
 
@@ -61,6 +63,7 @@ class _Lower(relax.PyExprMutator):
         super().__init__(mod)
         self.target, self.choice = target, choice
         self.kernels: dict[tuple[int, int], relax.GlobalVar] = {}
+        self.views: dict = {}  # the function's quantized weights (DequantizeWeights)
 
     def _emit(self, expr):
         return self.builder_.emit(expr)
@@ -84,8 +87,10 @@ class _Lower(relax.PyExprMutator):
     def visit_call_(self, op):
         if pseudo.name_of(op) != "moe":
             return super().visit_call_(op)
-        args = [self.visit_expr(a) for a in pseudo.args_of(op)]
+        raw = pseudo.args_of(op)
+        args = [self.visit_expr(a) for a in raw]
         x, router, gate_up, down = args[:4]
+        quant = (self.views.get(raw[2]), self.views.get(raw[3]))  # blocks the kernels can read
         top_k, method, n_group, topk_group, norm, scaling = (pseudo.scalar(a) for a in args[4:])
         routing = dict(
             top_k=int(top_k),
@@ -95,7 +100,7 @@ class _Lower(relax.PyExprMutator):
             norm=bool(norm),
             scaling=float(scaling),
         )
-        fused = self._fused(x, router, gate_up, down, **routing)
+        fused = self._fused(x, router, gate_up, down, quant=quant, **routing)
         if fused is not None:
             return fused
         dense_w = route(x, router, **routing, emit=self._emit, topk=self._topk)
@@ -112,7 +117,7 @@ class _Lower(relax.PyExprMutator):
     def _interleaved(self, gate_up):
         """[E, 2I, D] gate rows then up rows -> rows interleaved in groups of SWIGLU_GROUP for
         the fused SiLU·up epilogues (a weight transform: LiftTransformParams moves it to load
-        time)."""
+        time). Blocks [E, 2I, row bytes] interleave the same way: whole rows move."""
         from mla_compiler.schedules import gemm as G
 
         e, two_i, d = (int(v) for v in gate_up.ty.shape)
@@ -128,18 +133,32 @@ class _Lower(relax.PyExprMutator):
             self.kernels[key] = self.builder_.add_func(func, name)
         return self.kernels[key]
 
+    def _weights(self, gate_up, down, quant):
+        """(gate_up, down, gate_up format, down format): a quantized weight as its blocks
+        (``[E, rows, row bytes]`` uint8) and its format, else the values and None."""
+        out = []
+        for w, view in zip((gate_up, down), quant, strict=True):
+            if view is None:
+                out.append((w, None))
+                continue
+            blocks = view.blocks(w.ty.shape)
+            out.append((blocks if isinstance(blocks, relax.Var) else self._emit(blocks), view.fmt))
+        (gu, gu_fmt), (dn, dn_fmt) = out
+        return gu, dn, gu_fmt, dn_fmt
+
     def _fused(
-        self, x, router, gate_up, down, *, top_k, method, n_group, topk_group, norm, scaling
+        self, x, router, gate_up, down, *, quant, top_k, method, n_group, topk_group, norm, scaling
     ):
         """The fused MoE kernels of ``schedules.moe`` (GPU, f16/bf16): routing, tokens grouped
         by expert on the device, grouped gate+up GEMM with SiLU·up, grouped down GEMM with the
         routing weight, gather-sum back to token order (the grouped GEMMs on wgmma where
-        ``gemm_wgmma.moe_config`` applies: sm_90a). None where they do not apply."""
+        ``gemm_wgmma.moe_config`` applies: sm_90a, weights not quantized). ``quant``: the
+        views of quantized gate_up / down (or None): their kernels read the blocks. None where
+        they do not apply."""
         from mla_compiler.schedules import gemm as G
         from mla_compiler.schedules import gemm_wgmma as W
         from mla_compiler.schedules import moe as M
         from mla_compiler.schedules import moe_gemv as MG
-        from mla_compiler.schedules.target import is_gpu
 
         dtype = x.ty.dtype.dtype
         e, two_i, d = (int(v) for v in gate_up.ty.shape)
@@ -182,12 +201,19 @@ class _Lower(relax.PyExprMutator):
         )
         weights = self._emit(relax.TupleGetItem(routed, 0))
         ids = self._emit(relax.TupleGetItem(routed, 1))
+        gate_up, down, gu_fmt, dn_fmt = self._weights(gate_up, down, quant)
+        key = key + (gu_fmt, dn_fmt)
         if isinstance(t, tvm.tirx.IntImm) and int(t) <= MG.GEMV_MAX_TOKENS:
             # decode: per-(token, slot) expert GEMVs, no grouping pass, the combine folded
-            return self._fused_gemv(x, gate_up, down, weights, ids, key=key, e=e, d=d, inter=inter)
+            return self._fused_gemv(
+                x, gate_up, down, weights, ids, key=key, e=e, d=d, inter=inter,
+                formats=(gu_fmt, dn_fmt),
+            )  # fmt: skip
         # sm_90a: warpgroup MMAs (`compile --tuning-db`: the tile measured fastest, if recorded)
         shape = dict(hidden=d, inter=inter, num_experts=e, top_k=top_k)
-        wg = kernel_configs.moe_config(self.choice, self.target, **shape)
+        wg = None
+        if gu_fmt is None and dn_fmt is None:  # the wgmma kernels read f16/bf16 weights only
+            wg = kernel_configs.moe_config(self.choice, self.target, **shape)
         if wg is not None:
             bm = wg.block_m
             grouped_kw = dict(num_experts=e, top_k=top_k, dtype=dtype, target=self.target)
@@ -201,10 +227,10 @@ class _Lower(relax.PyExprMutator):
             kw = dict(num_experts=e, top_k=top_k, dtype=dtype, target=self.target)
 
             def gate_up_fn():
-                return M.moe_gate_up(d, inter, **kw)
+                return M.moe_gate_up(d, inter, weight_format=gu_fmt, **kw)
 
             def down_fn():
-                return M.moe_down(d, inter, **kw)
+                return M.moe_down(d, inter, weight_format=dn_fmt, **kw)
 
         align_gv = self._add(
             ("align", bm) + key,
@@ -252,20 +278,23 @@ class _Lower(relax.PyExprMutator):
         )
         return relax.call_tir(combine_gv, [y, row_of], out_ty=relax.TensorType([t, d], dtype))
 
-    def _fused_gemv(self, x, gate_up, down, weights, ids, *, key, e, d, inter):
+    def _fused_gemv(self, x, gate_up, down, weights, ids, *, key, e, d, inter, formats):
         """Small static T: gate+up GEMVs per (token, slot), down GEMVs summed per token."""
         from mla_compiler.schedules import moe_gemv as MG
 
         dtype = x.ty.dtype.dtype
         t, top_k = x.ty.shape[0], int(ids.ty.shape[1])
         kw = dict(num_experts=e, top_k=top_k, dtype=dtype, target=self.target)
+        gu_fmt, dn_fmt = formats
         gate_up_gv = self._add(
             ("gate_up_gemv",) + key,
-            lambda: MG.moe_gate_up_gemv(d, inter, **kw),
+            lambda: MG.moe_gate_up_gemv(d, inter, weight_format=gu_fmt, **kw),
             "moe_gate_up_gemv",
         )
         down_gv = self._add(
-            ("down_gemv",) + key, lambda: MG.moe_down_gemv(d, inter, **kw), "moe_down_gemv"
+            ("down_gemv",) + key,
+            lambda: MG.moe_down_gemv(d, inter, weight_format=dn_fmt, **kw),
+            "moe_down_gemv",
         )
         w = self._interleaved(gate_up)
         h = self._emit(
@@ -285,6 +314,7 @@ def LowerMoE(*, target: tvm.target.Target, choice: KernelChoice) -> tvm.transfor
         lower = _Lower(mod, target, choice)
         for gv, func in mod.functions_items():
             if isinstance(func, relax.Function):
+                lower.views = quantized_views(mod, func)
                 body = lower.visit_expr(func.body)
                 new = relax.Function(func.params, body, is_pure=func.is_pure, attrs=func.attrs)
                 lower.builder_.update_func(gv, new)
