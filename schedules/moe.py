@@ -188,13 +188,26 @@ def default_config(target: tvm.target.Target) -> G.GemmConfig:
     return CONFIGS.get(str(target.attrs.get("arch", "")), CONFIGS["sm_89"])
 
 
-def _expert_weight(rows: int, k: int, dtype: str, weight_format: str | None):
+def stacked_row(j, inter):
+    """Row of ``[gate; up]`` (the checkpoint's order) that row ``j`` of the SWIGLU-interleaved
+    layout (``gemm.transform_weight``) holds."""
+    g = G.SWIGLU_GROUP
+    return j // (2 * g) * g + j % g + (j // g) % 2 * inter
+
+
+def _expert_weight(rows: int, k: int, dtype: str, weight_format: str | None, *, stacked=None):
     """(row-buffer shape, dtype, value fn) of an expert weight [E, rows, k]: ``value(w, e, j,
-    kk)`` is element (e, j, kk), a plain load or the GGUF format's decode of its bytes."""
+    kk)`` is element (e, j, kk), a plain load or the GGUF format's decode of its bytes.
+    ``stacked`` (gate_up's I): the blocks keep ``[gate; up]`` order, row ``j`` of the
+    interleaved layout is read from ``stacked_row(j, I)`` (no interleaved copy of them)."""
     if weight_format is None:
         return (rows, k), dtype, lambda w, e, j, kk: w[e, j, kk]
     fmt = FORMATS[weight_format]
-    return (rows, fmt.row_bytes(k)), "uint8", lambda w, e, j, kk: fmt.value(w, (e, j), kk, dtype)
+    row = (lambda j: j) if stacked is None else (lambda j: stacked_row(j, stacked))  # noqa: E731
+    return (
+        (rows, fmt.row_bytes(k)), "uint8",
+        lambda w, e, j, kk: fmt.value(w, (e, row(j)), kk, dtype),
+    )  # fmt: skip
 
 
 def _grouped_workload(
@@ -214,7 +227,9 @@ def _grouped_workload(
     t_num = tirx.Var("t", "int64")
     g = _i64(G.SWIGLU_GROUP)
     rows, k_in = (2 * inter, d) if kind == "gate_up" else (d, inter)
-    (w_rows, w_cols), w_dtype, w_val = _expert_weight(rows, k_in, dtype, weight_format)
+    (w_rows, w_cols), w_dtype, w_val = _expert_weight(
+        rows, k_in, dtype, weight_format, stacked=inter if kind == "gate_up" else None
+    )
     w_shape = (_i64(e_num), _i64(w_rows), _i64(w_cols))
     d, inter, bm = _i64(d), _i64(inter), _i64(bm)
 
@@ -382,8 +397,9 @@ def moe_gate_up(
     """(x [T, D], sorted_rows [NB*BM], block_expert [NB], gate_up [E, 2I, D] interleaved,
     h [NB*BM, I]) -> h = silu(gate) * up per routed row; padding rows hold zeros' image.
 
-    ``weight_format``: gate_up is that GGUF format's bytes ``[E, 2I, row_bytes(D)]`` uint8 (the
-    interleaved rows, each quantized on its own), decoded in the kernel; name suffix ``_fmt``."""
+    ``weight_format``: gate_up is that GGUF format's bytes ``[E, 2I, row_bytes(D)]`` uint8 in
+    the checkpoint's ``[gate; up]`` row order (the decode reads the interleaved layout's rows
+    from there: no interleaved copy at load), decoded in the kernel; name suffix ``_fmt``."""
     return _grouped(
         "gate_up", hidden, inter, num_experts=num_experts, top_k=top_k, dtype=dtype,
         target=target, config=config, weight_format=weight_format,

@@ -154,7 +154,8 @@ def moe_gate_up_gemv(
     Block (column block, entry); a warp owns ``cols`` output columns, i.e. the gate and up
     rows of each; lanes accumulate f32 partials over ``vec``-element K chunks; the 32 partials
     per row are summed through shared memory (a second thread loop: the same code runs on CPU).
-    ``weight_format``: gate_up is ``[E, 2I, row_bytes(D)]`` uint8 (module docstring).
+    ``weight_format``: gate_up is ``[E, 2I, row_bytes(D)]`` uint8 (module docstring) in the
+    checkpoint's ``[gate; up]`` row order (not interleaved).
     """
     if is_gpu(target) and weight_format is None and not isinstance(config, MoeGemvConfig):
         return gemv_mma.moe_gate_up(
@@ -210,11 +211,12 @@ def moe_gate_up_gemv(
                         for kv in T.unroll(kv_n):
                             if (kv * 32 + tx) * vec < d:
                                 for q in T.unroll(2 * cols):  # q = 2 c + (0 gate, 1 up)
-                                    row = T.meta_var(
+                                    col = T.meta_var((bx * ws + ty) * cols + q // 2)
+                                    row = T.meta_var(  # quantized: [gate; up] row order
                                         T.min(
-                                            ((bx * ws + ty) * cols + q // 2) // g * 2 * g
-                                            + q % 2 * g
-                                            + ((bx * ws + ty) * cols + q // 2) % g,
+                                            col + q % 2 * n_out
+                                            if quant
+                                            else col // g * 2 * g + q % 2 * g + col % g,
                                             2 * n_out - 1,
                                         )
                                     )

@@ -49,7 +49,7 @@ def _poison(shape, dtype, dev=None):
 
 
 def _case(t, d, inter, fmts, *, seed, skewed=False):
-    """x, routing weights, ids, quantized (gate_up interleaved, down) and the f64 reference."""
+    """x, routing weights, ids, quantized (gate_up as [gate; up], down), the f64 reference."""
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((t, d)).astype(np.float32)
     if skewed:  # expert 0 takes every token (several row blocks), experts 6, 7 none
@@ -68,8 +68,8 @@ def _case(t, d, inter, fmts, *, seed, skewed=False):
         torch.from_numpy(Q.dequantize(gq, fmts[0]).astype(np.float64)),
         torch.from_numpy(Q.dequantize(dq, fmts[1]).astype(np.float64)),
     ).numpy()
-    # rows are quantized one by one, so the kernel's interleaving permutes whole byte rows
-    return x, wts, ids, G.transform_weight(gq, epilogue="silu_mul"), dq, ref
+    # quantized gate_up stays in [gate; up] row order: the kernels read it interleaved
+    return x, wts, ids, gq, dq, ref
 
 
 def _grouped_libs(d, inter, fmts, target, build):

@@ -261,7 +261,7 @@ class _Lower(relax.PyExprMutator):
         sorted_rows = self._emit(relax.TupleGetItem(grouped, 0))
         block_expert = self._emit(relax.TupleGetItem(grouped, 1))
         row_of = self._emit(relax.TupleGetItem(grouped, 2))
-        w = self._interleaved(gate_up)
+        w = gate_up if gu_fmt else self._interleaved(gate_up)
         h = self._emit(
             relax.call_tir(
                 gate_up_gv,
@@ -296,7 +296,7 @@ class _Lower(relax.PyExprMutator):
             lambda: MG.moe_down_gemv(d, inter, weight_format=dn_fmt, **kw),
             "moe_down_gemv",
         )
-        w = self._interleaved(gate_up)
+        w = gate_up if gu_fmt else self._interleaved(gate_up)
         h = self._emit(
             relax.call_tir(
                 gate_up_gv, [x, ids, w], out_ty=relax.TensorType([t * top_k, inter], dtype)
