@@ -1,7 +1,10 @@
 """Where an artifact's device memory goes: cudaMemGetInfo at each stage of load and a long prompt.
 
     python -m benchmarks.memory_probe ARTIFACT --max-context 32768 --prompt 32704 \
-        [--allocator pooled|naive] --out results.json
+        [--allocator pooled|naive] [--device-gib 16] --out results.json
+
+``--device-gib N``: first hold all but N GiB of the card with one allocation (the squeeze: does
+the model run on an N GiB GPU?); the engine then loads through its memory check as usual.
 
 Stages: the CUDA context, the VM, the weights as loaded, after ``transform_params`` (raw still
 held), after dropping the raw weights, the KV cache, after the prompt's chunks, after a decode
@@ -30,7 +33,9 @@ def nbytes(tensors) -> int:
     return sum(int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize for t in tensors)
 
 
-def probe(path: Path, *, max_context: int, prompt: int, allocator: str) -> dict:
+def probe(
+    path: Path, *, max_context: int, prompt: int, allocator: str, device_gib: float | None = None
+) -> dict:
     import torch
     import tvm
     from tvm.runtime import vm as tvm_vm
@@ -41,10 +46,17 @@ def probe(path: Path, *, max_context: int, prompt: int, allocator: str) -> dict:
 
     torch.cuda.init()
     torch.zeros(1, device="cuda")
-    stages = [("context", used(torch))]
+    total = torch.cuda.mem_get_info()[1]
+    hold = max(0, total - int(device_gib * GiB)) if device_gib else 0
+    held = torch.empty(hold, dtype=torch.uint8, device="cuda") if hold else None  # noqa: F841
+    stages = [("context" + (f" + {hold / GiB:.2f} GiB held" if hold else ""), used(torch))]
     mark = lambda name: stages.append((name, used(torch)))  # noqa: E731
     meta = artifact.read_metadata(path)
     dev = tvm.cuda(0)
+    from mla_compiler.runtime import memory_plan
+
+    need = memory_plan.plan(meta, max_context=max_context)
+    memory_plan.check_fits(need, int(dev.available_global_memory), max_context=max_context)
     vm = tvm_vm.VirtualMachine(loader.load_module(path, dev), dev, memory_cfg=allocator)
     mark("vm")
     raw = E._load_weights(path, meta, dev)
@@ -66,12 +78,19 @@ def probe(path: Path, *, max_context: int, prompt: int, allocator: str) -> dict:
     prefill_s = time.perf_counter() - t0
     assert np.isfinite(logits).all()
     mark(f"prompt {prompt}")
-    eng.decode(int(np.argmax(logits)))
-    mark("decode step")
+    tokens = [int(np.argmax(logits))]
+    for _ in range(16):  # it generates: greedy steps after the long prompt
+        step = eng.decode(tokens[-1])
+        assert np.isfinite(step).all()
+        tokens.append(int(np.argmax(step)))
+    mark("16 decode steps")
     tvm.get_global_func("vm.builtin.memory_manager.clear")()
     mark("pool cleared")
     return {
         "allocator": allocator,
+        "held_bytes": hold,
+        "total_bytes": total,
+        "generated": tokens,
         "device": torch.cuda.get_device_name(),
         "max_context": max_context,
         "prompt": prompt,
@@ -90,11 +109,13 @@ def main() -> None:
     parser.add_argument("--max-context", type=int, default=32768)
     parser.add_argument("--prompt", type=int, default=32704)
     parser.add_argument("--allocator", choices=("pooled", "naive"), default="pooled")
+    parser.add_argument("--device-gib", type=float, help="hold all but this much of the GPU")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     res = probe(
-        args.artifact, max_context=args.max_context, prompt=args.prompt, allocator=args.allocator
-    )
+        args.artifact, max_context=args.max_context, prompt=args.prompt,
+        allocator=args.allocator, device_gib=args.device_gib,
+    )  # fmt: skip
     for s in res["stages"]:
         print(f"{s['stage']:>20}: {s['used_gib']:7.2f} GiB", file=sys.stderr)
     print(json.dumps(res))

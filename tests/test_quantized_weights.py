@@ -6,6 +6,7 @@ decode steps after it."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -282,3 +283,26 @@ def _row_bytes(meta: dict, name: str, shapes: dict) -> int:
     from mla_compiler.model_export.quantize import row_bytes
 
     return row_bytes(shapes[name][-1], meta["weight_formats"][name])
+
+
+def test_quant_logits_script_compares_with_the_decoded_model(tmp_path, monkeypatch):
+    """benchmarks/quant_logits (the GPU check of issue #28) on a CPU artifact of a seeded
+    quantized preset drawn at load: same blocks on both sides, f16 error, same argmax."""
+    import sys
+
+    from mla_compiler import compiler
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1]))
+    from benchmarks import quant_logits
+
+    monkeypatch.setattr(compiler, "MAX_STORED_RANDOM_BYTES", 0)  # drawn at load, as V2-Lite
+    out = compile_model(
+        output=tmp_path / "q",
+        preset_name="tiny",
+        options=CompileOptions(quant="q4_k_m", dtype="float16"),
+        log=lambda _msg: None,
+    )
+    assert "benchmarks" in sys.modules
+    res = quant_logits.compare(out, prompt=40, steps=3)
+    assert res["rows"] == 43 and res["finite"]
+    assert res["rel_err"] < 1e-2 and res["argmax_agreement"] == 1.0, res

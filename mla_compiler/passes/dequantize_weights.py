@@ -109,6 +109,7 @@ def quantized_views(mod: tvm.IRModule, func: relax.Function) -> dict:
     """Var -> :class:`QuantView` for each dequantized weight of ``func`` (the ``call_tir`` of a
     kernel marked ``weight_format``, and reshapes of it)."""
     views: dict = {}
+    reshaped: dict = {}  # var -> what it reshapes (the blocks as the parameter holds them)
     for block in func.body.blocks:
         for b in block.bindings:
             if not isinstance(b, relax.VarBinding) or not isinstance(b.value, relax.Call):
@@ -118,7 +119,10 @@ def quantized_views(mod: tvm.IRModule, func: relax.Function) -> dict:
                 callee = mod[call.args[0]] if isinstance(call.args[0], relax.GlobalVar) else None
                 fmt = callee.attrs.get("weight_format") if callee and callee.attrs else None
                 if fmt is not None:
-                    views[b.var] = QuantView(call.args[1].fields[0], str(fmt))
+                    data = call.args[1].fields[0]
+                    views[b.var] = QuantView(reshaped.get(data, data), str(fmt))
+            elif call.op.same_as(tvm.ir.Op.get("relax.reshape")) and call.args[0] not in views:
+                reshaped[b.var] = reshaped.get(call.args[0], call.args[0])
             elif call.op.same_as(tvm.ir.Op.get("relax.reshape")) and call.args[0] in views:
                 src = views[call.args[0]]
                 k_in, k_out = int(call.args[0].ty.shape[-1]), int(b.var.ty.shape[-1])

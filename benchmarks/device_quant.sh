@@ -1,0 +1,30 @@
+# Quantized weights on the GPU machine (issue #28). Usage: bash benchmarks/device_quant.sh STEP...
+#   tests   GPU tests of the quantized kernels (needs the FULL TVM bundle in .device/tvm)
+#   gemv    decode GEMVs vs the read ceiling, f16 GEMV and cuBLAS (FULL bundle)
+#   e2e     V2-Lite q4_k_m beside f16: mla bench -p 512,2048,8192 -n 128 (runtime bundle is enough;
+#           artifacts .device/art/v2lite90 and .device/art/v2lite90q4km)
+#   memory  cudaMemGetInfo by stage, q4_k_m at --max-context 32768 and a 32K prompt, then the same
+#           with all but 16 GiB of the GPU held (does it fit an RTX 4080?)
+#   sm89    the sm_89 q4_k_m artifact from its PTX: logits and a short bench (.device/art/v2lite89q4km)
+set -o pipefail
+source benchmarks/device_env.sh
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+probe() { python3 -m benchmarks.memory_probe "$@" 2>&1 | grep -v Warning | tail -16; }
+for step in "$@"; do
+  case $step in
+    tests) python3 -m pytest -q -m gpu tests/test_quant_gemm.py tests/test_quant_gemv.py \
+             tests/test_moe_quant.py 2>&1 | tail -25 ;;
+    gemv) python3 -m benchmarks.bench_quant_gemv --out "$OUT/quant_gemv.json" 2>&1 | tail -40 ;;
+    e2e) for a in v2lite90 v2lite90q4km; do
+           TVM_USE_RUNTIME_LIB=1 mla bench .device/art/$a -p 512,2048,8192 -n 128 -r 2 \
+             --json "$OUT/bench_$a.json" 2>&1 | grep -v Warning | tail -12
+         done ;;
+    memory) export TVM_USE_RUNTIME_LIB=1
+            probe .device/art/v2lite90q4km --prompt 32704 --out "$OUT/mem_q4km.json"
+            probe .device/art/v2lite90q4km --prompt 32704 --device-gib 16 \
+              --out "$OUT/mem_q4km_16gib.json" ;;
+    sm89) TVM_USE_RUNTIME_LIB=1 mla bench .device/art/v2lite89q4km -p 512 -n 32 -r 1 \
+            --json "$OUT/bench_v2lite89q4km.json" 2>&1 | grep -v Warning | tail -8 ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
