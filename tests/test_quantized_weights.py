@@ -242,6 +242,8 @@ def test_lowered_products_read_the_blocks(tmp_path, quant_model, monkeypatch, mi
     for fmt in fmts:
         assert f"quant_gemv_{fmt}_".encode() in lib, fmt
     assert b"gemm_epilogue_residual" in lib and b"gemm_epilogue_silu_mul" in lib
+    # routed experts: grouped GEMMs on the blocks for prompts, quant_moe_gemv at decode
+    assert b"quant_moe_gemv_gate_up" in lib and b"moe_weighted_sum" in lib
     # the products' weights stay blocks (q_proj, kv_a, o_proj, MLPs, routed experts, head:
     # 2 bytes a value less ~4.5 bits; the embedding is blocks in both builds, kv_b is decoded
     # for the absorbed forms): the device holds less than with them decoded

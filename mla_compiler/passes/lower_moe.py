@@ -286,6 +286,10 @@ class _Lower(relax.PyExprMutator):
         t, top_k = x.ty.shape[0], int(ids.ty.shape[1])
         kw = dict(num_experts=e, top_k=top_k, dtype=dtype, target=self.target)
         gu_fmt, dn_fmt = formats
+        if gu_fmt is not None and dn_fmt is not None:
+            return self._quant_gemv(
+                x, gate_up, down, weights, ids, key=key, kw=kw, d=d, i=inter, formats=formats
+            )
         gate_up_gv = self._add(
             ("gate_up_gemv",) + key,
             lambda: MG.moe_gate_up_gemv(d, inter, weight_format=gu_fmt, **kw),
@@ -305,6 +309,29 @@ class _Lower(relax.PyExprMutator):
         return relax.call_tir(
             down_gv, [h, ids, down, weights], out_ty=relax.TensorType([t, d], dtype)
         )
+
+    def _quant_gemv(self, x, gate_up, down, weights, ids, *, key, kw, d, i, formats):
+        """Both expert weights quantized, small static T: ``quant_moe_gemv``'s four kernels
+        (gate/up GEMVs per slot on the stacked blocks, SiLU·up, down GEMVs, weighted sum)."""
+        from mla_compiler.schedules import quant_moe_gemv as QM
+
+        t, dtype, top_k = int(x.ty.shape[0]), kw["dtype"], kw["top_k"]
+        s = t * top_k
+        gv = {
+            "gate_up": self._add(("qgemv_gate_up", t) + key, lambda: QM.quant_moe_gemv(
+                t, 2 * i, d, weight_format=formats[0], **kw), "quant_moe_gemv_gate_up"),
+            "down": self._add(("qgemv_down", t) + key, lambda: QM.quant_moe_gemv(
+                t, d, i, weight_format=formats[1], x_per_slot=True, **kw), "quant_moe_gemv_down"),
+            "silu": self._add(("silu_mul", s) + key, lambda: QM.moe_silu_mul(
+                s, i, dtype=dtype, target=self.target), "moe_silu_mul"),
+            "sum": self._add(("weighted_sum", t) + key, lambda: QM.moe_weighted_sum(
+                t, d, top_k=top_k, dtype=dtype, target=self.target), "moe_weighted_sum"),
+        }  # fmt: skip
+        ty = lambda *shape: relax.TensorType(list(shape), dtype)  # noqa: E731
+        g = self._emit(relax.call_tir(gv["gate_up"], [x, gate_up, ids], out_ty=ty(s, 2 * i)))
+        h = self._emit(relax.call_tir(gv["silu"], [g], out_ty=ty(s, i)))
+        y = self._emit(relax.call_tir(gv["down"], [h, down, ids], out_ty=ty(s, d)))
+        return relax.call_tir(gv["sum"], [y, weights], out_ty=ty(t, d))
 
 
 def LowerMoE(*, target: tvm.target.Target, choice: KernelChoice) -> tvm.transform.Pass:  # noqa: N802
