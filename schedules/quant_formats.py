@@ -266,15 +266,7 @@ def dequantize_func(
                 vi, vc = T.axis.remap("SS", [i, c])
                 w[vi, vc] = fmt.value(wq, vi, vc, out_dtype)
 
-    sch = s_tir.Schedule(dequantize)
-    rows, cols = sch.get_loops(sch.get_sblock("dequantize"))
-    if target is not None and is_gpu(target):
-        bx, tx = sch.split(sch.fuse(rows, cols), factors=[None, 256])
-        sch.bind(bx, "blockIdx.x")
-        sch.bind(tx, "threadIdx.x")
-    else:
-        sch.parallel(rows)
-    return sch.mod["main"]
+    return _rows_schedule(dequantize, "dequantize", target)
 
 
 def take_rows_func(
@@ -307,8 +299,13 @@ def take_rows_func(
                     wq, T.max(T.min(T.Cast("int64", ids[vi]), n - 1), 0), vc, out_dtype
                 )
 
-    sch = s_tir.Schedule(take_rows)
-    rows, cols = sch.get_loops(sch.get_sblock("take_rows"))
+    return _rows_schedule(take_rows, "take_rows", target)
+
+
+def _rows_schedule(func: tirx.PrimFunc, block: str, target) -> tirx.PrimFunc:
+    """A [rows, cols] element-wise block: one GPU thread per element, else rows in parallel."""
+    sch = s_tir.Schedule(func)
+    rows, cols = sch.get_loops(sch.get_sblock(block))
     if target is not None and is_gpu(target):
         bx, tx = sch.split(sch.fuse(rows, cols), factors=[None, 256])
         sch.bind(bx, "blockIdx.x")
