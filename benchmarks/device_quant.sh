@@ -1,6 +1,9 @@
 # Quantized weights on the GPU machine (issue #28). Usage: bash benchmarks/device_quant.sh STEP...
 #   tests   GPU tests of the quantized kernels (needs the FULL TVM bundle in .device/tvm)
 #   gemv    decode GEMVs vs the read ceiling, f16 GEMV and cuBLAS (FULL bundle)
+#   gemm    prompt GEMMs / MoE grouped GEMMs at T = 2048, 512 vs our f16 kernels and cuBLAS (FULL
+#           bundle; the table here, per-case lines in $OUT/quant_gemm.log; subsets: --formats,
+#           --shapes, --tokens; --jobs 1 builds the kernels one at a time)
 #   e2e     V2-Lite q4_k_m beside f16: mla bench -p 512,2048,8192 -n 128 (runtime bundle is enough;
 #           artifacts .device/art/v2lite90 and .device/art/v2lite90q4km)
 #   memory  cudaMemGetInfo by stage, q4_k_m at --max-context 32768 and a 32K prompt, then the same
@@ -15,6 +18,8 @@ for step in "$@"; do
     tests) python3 -m pytest -q -m gpu tests/test_quant_gemm.py tests/test_quant_gemv.py \
              tests/test_moe_quant.py 2>&1 | tail -25 ;;
     gemv) python3 -m benchmarks.bench_quant_gemv --out "$OUT/quant_gemv.json" 2>&1 | tail -40 ;;
+    gemm) python3 -m benchmarks.bench_quant_gemm --out "$OUT/quant_gemm.json" \
+            2>"$OUT/quant_gemm.log" | tail -130; tail -4 "$OUT/quant_gemm.log" ;;
     e2e) for a in v2lite90 v2lite90q4km; do
            TVM_USE_RUNTIME_LIB=1 mla bench .device/art/$a -p 512,2048,8192 -n 128 -r 2 \
              --json "$OUT/bench_$a.json" 2>&1 | grep -v Warning | tail -12
