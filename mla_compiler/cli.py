@@ -10,7 +10,12 @@ import json
 import shlex
 import sys
 
-from mla_compiler.defaults import DEFAULT_MAX_CONTEXT, DEFAULT_MAX_NEW_TOKENS, DEFAULT_UBATCH
+from mla_compiler.defaults import (
+    DEFAULT_DEEP_PREFILL_FROM,
+    DEFAULT_MAX_CONTEXT,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_UBATCH,
+)
 from mla_compiler.errors import InputError, MLAError
 from mla_compiler.model_export.quantize import MIXES  # numpy only: --help stays quick
 
@@ -89,6 +94,15 @@ def _add_compile(sub) -> None:
         metavar="N",
         help=f"prompt chunk size: longer prompts run in chunks of N tokens (default "
         f"{DEFAULT_UBATCH})",
+    )
+    p.add_argument(
+        "--deep-prefill-from",
+        type=int,
+        default=DEFAULT_DEEP_PREFILL_FROM,
+        metavar="N",
+        help="--mla 3: prompt chunks whose KV length passes N attend over the latent rows "
+        "(absorbed) instead of decompressing K/V of the whole context, so the workspace stops "
+        f"growing with it (default {DEFAULT_DEEP_PREFILL_FROM}; 0: never)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of preset random weights")
     p.add_argument("--dump-ir", metavar="DIR", help="write the Relax IR after each pipeline phase")
@@ -298,6 +312,7 @@ def cmd_compile(args) -> int:
         mla=args.mla,
         max_context=args.max_context,
         ubatch=args.ubatch,
+        deep_prefill_from=args.deep_prefill_from,
         seed=args.seed,
         dump_ir=args.dump_ir,
         cuda_graph=args.cuda_graph,

@@ -14,14 +14,14 @@ import torch
 import tvm
 
 from mla_compiler import artifact
-from mla_compiler.defaults import DEFAULT_MAX_CONTEXT, DEFAULT_UBATCH
+from mla_compiler.defaults import DEFAULT_DEEP_PREFILL_FROM, DEFAULT_MAX_CONTEXT, DEFAULT_UBATCH
 from mla_compiler.errors import ConfigError, WeightError
 from mla_compiler.kernel_configs import KernelChoice
 from mla_compiler.model_export.config import ModelConfig, load_config, mla_mode, preset
 from mla_compiler.model_export.modeling import DeepseekV2
 from mla_compiler.model_export.quantize import row_bytes
 from mla_compiler.model_export.weights import load_hf_model, random_model, torch_dtype
-from mla_compiler.pipeline import compile_ir
+from mla_compiler.pipeline import DEEP_PREFILL, compile_ir
 from mla_compiler.runtime import memory_plan
 from mla_compiler.schedules.target import gpu_spec, parse_targets, tvm_target
 from mla_compiler.weight_quant import DEVICE_FORMATS, check_quant, quantize_model, weight_types
@@ -51,6 +51,9 @@ class CompileOptions:
     # weights in GGUF block formats: a mix of model_export.quantize.MIXES, "none", or None (a
     # .gguf keeps its own types, other models stay float): see weight_quant
     quant: str | None = None
+    # prompt chunks whose KV length passes this run the mode's deep form (mla 3: absorbed, its
+    # workspace stays that of this context); 0: never
+    deep_prefill_from: int = DEFAULT_DEEP_PREFILL_FROM
 
 
 def resolve_model(
@@ -250,17 +253,29 @@ def build_module(
 
 
 def attention_workspace_bytes(
-    cfg: ModelConfig, *, mla: int, context: int, ubatch: int, itemsize: int = 2
+    cfg: ModelConfig, *, mla: int, context: int, ubatch: int, itemsize: int = 2, deep_from=0
 ) -> dict[str, int]:
     """Estimated peak bytes of attention intermediates of one layer at a KV length ``context``
     (the Relax VM frees them between layers), for a prompt chunk (``ubatch`` tokens) and for a
     decode step. Absorbed attention streams KV tiles: its workspace does not grow with the
-    context; decompressing (mla 3 prompts, mla 0) materialises K/V of the whole context."""
+    context; decompressing (mla 3 prompts, mla 0) materialises K/V of the whole context, up to
+    ``deep_from`` rows where deeper chunks take the mode's deep (absorbed) form."""
+    mode = mla_mode(mla)
+    if deep_from and mode.deep_prefill_form and context > deep_from:
+        deep = dataclasses.replace(mode, prefill_form=mode.deep_prefill_form)
+        shallow = attention_workspace_bytes(
+            cfg, mla=mla, context=deep_from, ubatch=ubatch, itemsize=itemsize
+        )
+        absorbed = _attention_workspace(cfg, deep, context, ubatch, itemsize)
+        return {k: max(shallow[k], absorbed[k]) for k in shallow}
+    return _attention_workspace(cfg, mode, context, ubatch, itemsize)
+
+
+def _attention_workspace(cfg, mode, context: int, ubatch: int, itemsize: int) -> dict[str, int]:
     d = cfg.dims
     t, n = min(ubatch, context), context
     q_absorbed = t * d.heads * (d.latent_dim + d.kv_lora_rank) * itemsize + t * d.heads * 4
     decompressed = n * d.heads * (d.qk_head_dim + d.v_head_dim) * itemsize  # K, V
-    mode = mla_mode(mla)
     latent_k_v = n * (d.latent_dim * 2 + d.heads * (d.qk_nope_head_dim + d.v_head_dim))
     prefill = {  # by the form of prompt attention
         "absorbed": q_absorbed,
@@ -293,6 +308,10 @@ def compile_model(
         raise ConfigError(f"--max-context must be positive, got {options.max_context}")
     if options.ubatch < 1:
         raise ConfigError(f"--ubatch must be positive, got {options.ubatch}")
+    if options.deep_prefill_from < 0:
+        raise ConfigError(
+            f"--deep-prefill-from must be >= 0 (0: never), got {options.deep_prefill_from}"
+        )
     choice = KernelChoice.from_options(options, log=log)  # reads the tuning database once
     inputs = [model_dir] if model_dir is not None else []
     artifact.check_output(output, force=force, inputs=inputs)  # before minutes of work
@@ -336,9 +355,12 @@ def compile_model(
         kv_dtype=options.kv_dtype,
         choice=choice,
         weight_formats=formats,
+        deep_prefill=options.deep_prefill_from > 0,
         log=log,
     )
     mod = add_sampling(ir.mod, tvm_target(codegen))
+    phases = [gv.name_hint for gv in ir.mod.get_global_vars()]
+    deep_from = options.deep_prefill_from if DEEP_PREFILL in phases else 0
     cuda_graph = options.cuda_graph and targets != ["cpu"]
     log(f"[2/3] Relax pipeline done ({time.time() - t0:.1f}s); building for {','.join(targets)}")
     kv_item = torch.tensor([], dtype=torch_dtype(options.kv_dtype)).element_size()
@@ -379,12 +401,19 @@ def compile_model(
             "ubatch": options.ubatch,
             "decode_threshold": options.decode_threshold,
             "cuda_graph": cuda_graph,
-            "functions": ["prefill", "decode", "sample", "transform_params"],
+            "functions": ["prefill", "decode", "sample", "transform_params"]
+            + [DEEP_PREFILL] * (deep_from > 0),
+            "deep_prefill_from": deep_from,
             "kv_cache_bytes_per_token": per_token,
             "attention_workspace_bytes": {
                 str(ctx): attention_workspace_bytes(
-                    cfg, mla=options.mla, context=ctx, ubatch=options.ubatch, itemsize=kv_item
-                )
+                    cfg,
+                    mla=options.mla,
+                    context=ctx,
+                    ubatch=options.ubatch,
+                    itemsize=kv_item,
+                    deep_from=deep_from,
+                )  # fmt: skip
                 for ctx in (4096, 32768, 131072)
             },
             "kv_cache_width": int(ir.mod["prefill"].params[7].ty.shape[2]),

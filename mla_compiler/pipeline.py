@@ -50,6 +50,7 @@ from mla_compiler.passes.rewrite_mla_attention import RewriteMLAAttention
 from mla_compiler.schedules.target import is_gpu
 
 PHASES = ("prefill", "decode")
+DEEP_PREFILL = "prefill_deep"  # prompt chunks deep into the context (MLAMode.deep_prefill_form)
 
 
 # File names of frames no module has: TVMScript's own evaluation, the import machinery.
@@ -114,13 +115,15 @@ class CompiledIR:
     param_names: tuple[str, ...]
 
 
-def split_phases(mod: tvm.IRModule) -> tvm.IRModule:
-    """``main`` becomes ``prefill`` and ``decode``; decode is specialised to one sequence and
-    one new token (T = 1, B = 1, one logits row), so its kernels see static shapes."""
+def split_phases(mod: tvm.IRModule, phases: tuple[str, ...] = PHASES) -> tvm.IRModule:
+    """``main`` becomes ``prefill`` and ``decode`` (and ``prefill_deep``, a prompt-chunk copy
+    for chunks deep into the context, when ``phases`` has it); decode is specialised to one
+    sequence and one new token (T = 1, B = 1, one logits row), so its kernels see static
+    shapes."""
     main = mod["main"]
     funcs = {gv: f for gv, f in mod.functions_items() if gv.name_hint != "main"}
     out = tvm.IRModule(funcs, attrs=mod.attrs)
-    for phase in PHASES:
+    for phase in phases:
         out[phase] = main.with_attr("global_symbol", phase)
     shape = {p.name: p.ty.shape for p in main.params}
     one_token = {
@@ -140,19 +143,24 @@ def lower_to_kernels(
     choice: KernelChoice,
     param_names: tuple[str, ...] = (),
     weight_formats: dict[str, str] | None = None,
+    deep_prefill: bool = False,
     dump: Callable[[str, tvm.IRModule], None] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> tvm.IRModule:
     """``weight_formats``: weight name -> GGUF block format it is stored in (``param_names``
-    orders the weight parameters)."""
+    orders the weight parameters). ``deep_prefill``: also ``prefill_deep`` (the mode's
+    ``deep_prefill_form``) where the mode has one."""
     mode = mla_mode(mla)
     dump = dump or (lambda _name, _mod: None)
     phases = _PhaseLog(log)
+    deep = deep_prefill and mode.deep_prefill_form is not None
     mod = FuseRMSNorm()(mod)
-    mod = split_phases(mod)
+    mod = split_phases(mod, PHASES + (DEEP_PREFILL,) * deep)
     dump("phases", mod)
     phases.done("prefill/decode split")
     forms = {"prefill": mode.prefill_form, "decode": mode.decode_form}
+    if deep:
+        forms[DEEP_PREFILL] = mode.deep_prefill_form
     mod = RewriteMLAAttention(dims=cfg.dims, forms=forms)(mod)
     dump("mla", mod)
     phases.done(f"MLA rewrite (mla={mla})")
@@ -194,6 +202,7 @@ def compile_ir(
     kv_dtype: str = "float16",
     choice: KernelChoice,
     weight_formats: dict[str, str] | None = None,
+    deep_prefill: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> CompiledIR:
     """The model as Relax ``prefill`` / ``decode`` / ``transform_params`` with their kernels,
@@ -229,6 +238,7 @@ def compile_ir(
             choice=choice,
             param_names=exported.param_names,
             weight_formats=weight_formats,
+            deep_prefill=deep_prefill,
             dump=dump,
             log=log,
         )

@@ -49,18 +49,22 @@ class MLADims:
 class MLAMode:
     """One ``--mla`` mode: the attention form of prompt chunks and of decode steps (see
     ``passes.rewrite_mla_attention``) and whether the cache holds latent rows (576 per token
-    and layer) or decompressed per-head K and V."""
+    and layer) or decompressed per-head K and V. ``deep_prefill_form``: the form of prompt
+    chunks whose KV length passes ``--deep-prefill-from`` (None: ``prefill_form`` throughout):
+    mla 3's decompression materialises K/V of the whole context, so deep chunks attend over the
+    latent rows instead and the workspace stops growing with the context."""
 
     number: int
     prefill_form: str
     decode_form: str
     latent_cache: bool
+    deep_prefill_form: str | None = None
 
 
 MLA_MODES = {
     0: MLAMode(0, "decompressed_cache", "decompressed_cache", latent_cache=False),
     2: MLAMode(2, "absorbed", "absorbed", latent_cache=True),
-    3: MLAMode(3, "decompress", "absorbed", latent_cache=True),
+    3: MLAMode(3, "decompress", "absorbed", latent_cache=True, deep_prefill_form="absorbed"),
 }
 
 

@@ -82,6 +82,8 @@ class Engine:
         self.eos_token_id = cfg.get("eos_token_id")
         layers = cfg["num_hidden_layers"]
         self.ubatch = int(meta.get("ubatch", 2048))
+        # prompt chunks with more KV rows than this run prefill_deep (0: no such function)
+        self.deep_from = int(meta.get("deep_prefill_from", 0))
         self.decode_threshold = int(meta.get("decode_threshold", 1))
         self.slots = slots
         shape = (layers, slots * max_context, meta["kv_cache_width"])  # [L, slots x ctx, 576]
@@ -226,16 +228,22 @@ class Engine:
         t0 = time.perf_counter()
         args = self.staging.upload([*inputs, *extra])
         t1 = time.perf_counter()
-        out = self.vm["decode" if single else "prefill"](*args[:7], self.cache, *self.params)
-        deep = max(self.lengths[slot] + toks.size for slot, toks in batch) > self.ubatch
-        if not single and deep and self.device.dlpack_device_type() != 1:
+        kv_len = max(self.lengths[slot] + toks.size for slot, toks in batch)
+        fn = "decode" if single else "prefill"
+        if not single and 0 < self.deep_from < kv_len:
+            fn = "prefill_deep"  # attends over the latent rows: no K/V of the whole context
+        out = self.vm[fn](*args[:7], self.cache, *self.params)
+        deep = fn == "prefill" and kv_len > self.ubatch
+        if deep and self.device.dlpack_device_type() != 1:
             # a chunk past the first decompresses K/V of the whole context: new sizes each
             # time, and TVM's pooled allocator would keep every one (4.9 GiB after a 32K-token
             # prompt on V2-Lite, H100): give them back (short prompts keep their reuse)
             self._release_pool()
         t2 = time.perf_counter()
         if self.step_times is not None:
-            self.step_times.append({"upload": t1 - t0, "call": t2 - t1, "decode": single})
+            self.step_times.append(
+                {"upload": t1 - t0, "call": t2 - t1, "decode": single, "function": fn}
+            )
         for slot, toks in batch:
             self.lengths[slot] += toks.size
         return out[0], args[7:]

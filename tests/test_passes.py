@@ -186,6 +186,41 @@ def test_chunked_prefill_then_decode_equals_one_shot(engines, mla):
     np.testing.assert_allclose(chunked, one_shot, rtol=0, atol=2e-5 * np.abs(one_shot).max() + 1e-6)
 
 
+def test_deep_prompt_chunks_attend_over_the_latent_rows(engines):
+    """mla 3: chunks whose KV length passes ``deep_prefill_from`` run ``prefill_deep`` (the
+    absorbed form over the latent rows), the others decompress; the logits stay the model's."""
+    eng = engines[3]
+    assert "prefill_deep" in eng.meta["functions"] and eng.meta["deep_prefill_from"] == 8192
+    assert "prefill_deep" not in engines[2].meta["functions"]
+    model = random_model(preset("tiny"), seed=3)
+    ids = torch.randint(0, 512, (60,), generator=torch.Generator().manual_seed(4)).tolist()
+    with torch.no_grad():
+        ref, _ = model(
+            **single_sequence_inputs(ids, start=0, logits="all"), cache=model.new_cache(64)
+        )
+    eng.reset()
+    eng.ubatch, eng.deep_from, eng.step_times = 16, 32, []
+    try:
+        got = eng.prefill(ids, all_logits=True)  # KV lengths 16, 32, 48, 60
+        calls = [s["function"] for s in eng.step_times]
+    finally:
+        eng.ubatch, eng.deep_from, eng.step_times = 2048, 8192, None
+    assert calls == ["prefill", "prefill", "prefill_deep", "prefill_deep"]
+    rel = np.linalg.norm(got - ref.numpy()) / np.linalg.norm(ref.numpy())
+    assert rel < 2e-3, rel
+
+
+def test_deep_prefill_bounds_the_prompt_workspace():
+    from mla_compiler.compiler import attention_workspace_bytes
+
+    cfg = preset("deepseek-v2-lite")
+    ws = lambda ctx, deep: attention_workspace_bytes(  # noqa: E731
+        cfg, mla=3, context=ctx, ubatch=2048, deep_from=deep
+    )["prefill"]
+    assert ws(131072, 8192) == ws(32768, 8192) == ws(8192, 8192) < ws(32768, 0) < ws(131072, 0)
+    assert ws(4096, 8192) == ws(4096, 0)  # shallow contexts: unchanged
+
+
 @pytest.mark.parametrize("mla", [2, 3])
 def test_cache_is_latent_f16_row(engines, mla):
     eng = engines[mla]
