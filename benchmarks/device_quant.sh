@@ -14,8 +14,9 @@
 #   sm89    the sm_89 q4_k_m artifact from its PTX: a short bench (.device/art/v2lite89q4km)
 # Two calls (the FULL bundle is ~62 MiB of the 64 MiB carry): (1) FULL bundle, carry
 # [".device/tvm"]: tests gemv gemm; (2) runtime bundle, carry [".device/tvm", ".device/pylib",
-# ".device/art/v2lite90f16", ".device/art/v2lite90q4km", ".device/art/v2lite89q4km",
-# ".device/art/v2lite2l90q4km", ".device/art/v2lite2l89q4km"]: logits e2e memory sm89.
+# ".device/art/v2lite90f16", ".device/art/v2lite90q4km", ".device/art/v2lite2l90q4km",
+# ".device/art/v2lite2l89q4km"] (~51 MiB): logits e2e memory; the 27-layer sm_89 artifact
+# (19 MiB: cubin + PTX) needs a call of its own: sm89.
 set -o pipefail
 source benchmarks/device_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
