@@ -39,19 +39,18 @@ import math
 
 import tvm
 from tvm import tirx
-from tvm.ir.expr import TensorLoad
 from tvm.ir.prim import expr as E
 from tvm.script import tirx as T
 from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as I
 from tvm.sym import Analyzer
 
+from .quant_decode import TWO23, Bytes, decode, fast_value  # noqa: F401  (fast_value: tests)
 from .quant_formats import FORMATS, WeightFormat
 from .target import gpu_spec, is_gpu
 
 MAX_TOKENS = 8
 UNIT_SMEM_BUDGET = 28 * 1024  # staged bytes per warp and step (32 lanes x row_iters units)
-_TWO23 = 0x4B000000  # float32 bits of 2^23: bits(2^23 + q) = 0x4B000000 | q for 0 <= q < 2^23
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,106 +217,6 @@ def default_config(weight_format: str, n: int, k: int, target, m: int = 1) -> Qu
 
 
 # ---------------------------------------------------------------------------------------------
-# Decoding: fmt.value on register bytes, small int -> float32 by the exponent trick
-
-
-def _dt(e) -> str:
-    return str(e.ty)
-
-
-def _bound(e) -> tuple[int, int] | None:
-    """Integer range of an int expression of bytes, masks, shifts, +, -, *; None: unknown."""
-    if isinstance(e, E.IntImm):
-        return int(e.value), int(e.value)
-    if isinstance(e, E.Cast | TensorLoad):
-        src = _dt(e.value if isinstance(e, E.Cast) else e)
-        if src in ("uint8", "uint16"):
-            return 0, (1 << tvm.DataType(src).bits) - 1
-        return _bound(e.value) if isinstance(e, E.Cast) and "int" in src else None
-    if isinstance(e, E.Select):
-        a, b = _bound(e.true_value), _bound(e.false_value)
-        return None if a is None or b is None else (min(a[0], b[0]), max(a[1], b[1]))
-    if not isinstance(e, E.BinaryOpExpr):
-        return None
-    a, b = _bound(e.a), _bound(e.b)
-    if isinstance(e, E.BitwiseAnd):  # x & mask with mask >= 0: 0..mask
-        return next(((0, x[1]) for x in (a, b) if x is not None and x[0] >= 0), None)
-    if a is None or b is None:
-        return None
-    if isinstance(e, E.Add | E.Sub | E.Mul):
-        if isinstance(e, E.Mul):
-            p = [x * y for x in a for y in b]
-            return min(p), max(p)
-        return (a[0] + b[0], a[1] + b[1]) if isinstance(e, E.Add) else (a[0] - b[1], a[1] - b[0])
-    if min(a[0], b[0]) < 0:
-        return None
-    if isinstance(e, E.BitwiseOr | E.BitwiseXor):
-        return 0, (1 << max(a[1], b[1]).bit_length()) - 1
-    if isinstance(e, E.RShift):
-        return a[0] >> b[1], a[1] >> b[0]
-    return (a[0] << b[0], a[1] << b[1]) if isinstance(e, E.LShift) else None
-
-
-def _small(b) -> bool:  # a range the exponent trick covers
-    return b is not None and 0 <= b[0] and b[1] < 1 << 23
-
-
-def _int_to_f32(v, magic):
-    """float32(v) of an int32 v: ``bits(magic | a) - (2^23 - c)`` for v = a + c with a in
-    [0, 2^23) (exact), else a plain cast."""
-    c = 0
-    if isinstance(v, E.Add | E.Sub) and isinstance(v.b, E.IntImm) and _small(_bound(v.a)):
-        v, c = v.a, int(v.b.value) * (1 if isinstance(v, E.Add) else -1)
-    if not _small(_bound(v)):
-        return tirx.Cast("float32", v if c == 0 else v + c)
-    return tirx.reinterpret("float32", v | magic) - tirx.const(float(2**23 - c), "float32")
-
-
-def _fast(e, magic=None):
-    """``e`` with every float32(int32) of small range by the exponent trick; ``magic``: the
-    0x4B000000 to OR in (an expression: on CUDA a register)."""
-    magic = tirx.const(_TWO23, "int32") if magic is None else magic
-    if isinstance(e, E.Cast):
-        if _dt(e) == "float32" and _dt(e.value) == "int32":
-            return _int_to_f32(_fast(e.value, magic), magic)
-        return tirx.Cast(_dt(e), _fast(e.value, magic))
-    if isinstance(e, E.BinaryOpExpr):
-        a, b = _fast(e.a, magic), _fast(e.b, magic)
-        return e if a.same_as(e.a) and b.same_as(e.b) else type(e)(a, b)
-    if isinstance(e, E.Select):
-        parts = (e.condition, e.true_value, e.false_value)
-        return tirx.Select(*(_fast(p, magic) for p in parts))
-    return e
-
-
-def fast_value(fmt: WeightFormat, buf, n, k, dtype: str = "float32"):
-    """``fmt.value(buf, n, k)`` (any index expressions) with the exponent-trick conversions."""
-    v = _fast(fmt.value(buf, n, k, "float32"))
-    return v if dtype == "float32" else v.astype(dtype)
-
-
-class _Bytes:
-    """``buf[n, offset]`` as ``fmt.value`` reads it, on a lane's register copy: block byte
-    ``offset`` (a constant) is ``local[base + offset]``; ``read``: the local offsets read."""
-
-    def __init__(self, local, base: int, limit: int):
-        self.local, self.base, self.limit, self.read = local, base, limit, set()
-
-    def __getitem__(self, idx):
-        off = Analyzer().simplify(idx[1])
-        if not isinstance(off, E.IntImm) or not 0 <= int(off.value) < self.limit:
-            raise ValueError(f"quant_gemv: decoder byte offset {off} is not a block constant")
-        self.read.add(self.base + int(off.value))
-        return self.local[self.base + int(off.value)]
-
-
-def decode(fmt: WeightFormat, byte_buf, j: int, magic=None):
-    """Float32 value of element ``j`` (0 <= j < block) of the block ``byte_buf[0, o]`` reads,
-    int -> float conversions by the exponent trick."""
-    return _fast(Analyzer().simplify(fmt.value(byte_buf, 0, j, "float32")), magic)
-
-
-# ---------------------------------------------------------------------------------------------
 # Kernel emission (IR builder: Python loops are compile-time unrolls)
 
 
@@ -344,6 +243,7 @@ class _Emitter:
 
     def __init__(self, g: _Geometry, gpu: bool, bx, tid=None):
         self.g, self.gpu, self.bx, self.tid = g, gpu, bx, tid
+        self.residual = None
         self.n_acc = g.cfg.row_iters * g.m * g.cfg.chains
         self.magic = None
 
@@ -433,7 +333,7 @@ class _Emitter:
                 for e0 in range(0, fmt.block, gx):
                     self.load_x(xs, xl, xh, xv, u * g.unit_el + b * fmt.block + e0)
                     for rt in range(cfg.row_iters):
-                        src = _Bytes(wl[rt], b * fmt.block_bytes, fmt.block_bytes)
+                        src = Bytes(wl[rt], b * fmt.block_bytes, fmt.block_bytes)
                         vals = [decode(fmt, src, e0 + e, self.magic) for e in range(gx)]
                         base = warp * g.warp_bytes + (rt * g.rows_l + rs) * g.span_pad
                         base += i * g.unit_bytes
@@ -475,7 +375,7 @@ class _Emitter:
                         continue
                     row = self.bx * g.rows_blk + r_blk
                     with _when(row < g.n):
-                        T.buffer_store(y, T.Cast(g.dtype, tot[0]), [t, row])
+                        T.buffer_store(y, self.out(tot[0], t, row), [t, row])
 
     def store_split(self, red, y, tid):
         """K split over warps: y = the sum of the K-warps' partials."""
@@ -489,9 +389,16 @@ class _Emitter:
                 T.buffer_store(tot, red[r_blk * g.m + t], [0])
                 for w in range(1, g.cfg.warps_k):
                     T.buffer_store(tot, tot[0] + red[(w * g.rows_blk + r_blk) * g.m + t], [0])
-                T.buffer_store(y, T.Cast(g.dtype, tot[0]), [t, row])
+                T.buffer_store(y, self.out(tot[0], t, row), [t, row])
 
-    def body(self, x, wq, y):
+    def out(self, total, t, row):
+        """The stored value: the f32 sum (plus the residual's element), in the kernel's dtype."""
+        if self.residual is not None:
+            total = total + T.Cast("float32", self.residual[t, row])
+        return T.Cast(self.g.dtype, total)
+
+    def body(self, x, wq, y, residual=None):
+        self.residual = residual
         g, cfg = self.g, self.g.cfg
         scope = "shared.dyn" if self.gpu else "global"
         xs = T.alloc_buffer((g.m * g.x_stride,), g.x_dtype, scope=scope)
@@ -505,7 +412,7 @@ class _Emitter:
         if self.gpu:  # 0x4B000000 from the grid size read at run time: no compiler folds it
             mreg = T.alloc_buffer((1,), "int32", scope="local")
             grid = T.cuda.mov_sreg(32, "nctaid.x")
-            T.buffer_store(mreg, tirx.const(_TWO23 + g.n_blk, "int32") - grid, [0])
+            T.buffer_store(mreg, tirx.const(TWO23 + g.n_blk, "int32") - grid, [0])
             self.magic = mreg[0]
         with self.lanes() as tid:
             self.stage_x(x, xs, tid)
@@ -532,21 +439,22 @@ def kernel_name(weight_format: str, m: int, n: int, k: int) -> str:
     return f"quant_gemv_{weight_format}_n{n}_k{k}_m{m}"
 
 
-def _scheduled(g: _Geometry, *, gpu: bool, name: str) -> tirx.PrimFunc:
+def _scheduled(g: _Geometry, *, gpu: bool, name: str, residual: bool = False) -> tirx.PrimFunc:
     with IRBuilder() as ib:
         with I.prim_func():
             I.func_name(name)
             I.func_attr({"tirx.noalias": True})
             x = I.arg("x", T.buffer((g.m, g.k), g.dtype))
             wq = I.arg("wq", T.buffer((g.n, g.rb), "uint8"))
+            r = I.arg("r", T.buffer((g.m, g.n), g.dtype)) if residual else None
             y = I.arg("y", T.buffer((g.m, g.n), g.dtype))
             if gpu:
                 with T.launch_thread("blockIdx.x", g.n_blk) as bx:
                     with T.launch_thread("threadIdx.x", g.threads) as tx:
-                        _Emitter(g, True, bx, tx).body(x, wq, y)
+                        _Emitter(g, True, bx, tx).body(x, wq, y, r)
             else:
                 with T.parallel(0, g.n_blk) as bx:
-                    _Emitter(g, False, bx).body(x, wq, y)
+                    _Emitter(g, False, bx).body(x, wq, y, r)
     return ib.get()
 
 
@@ -583,18 +491,19 @@ def quant_gemv(
     config: QuantGemvConfig | None = None,
     dtype: str = "float16",
     emulate: bool = False,
+    residual: bool = False,
 ) -> tirx.PrimFunc:
     """``(x [m, k] dtype, wq [n, row_bytes(k)] uint8, y [m, n] dtype)``: ``y = x @ W^T`` with
     ``W[r, c] = FORMATS[weight_format].value(wq, r, c)``, f32 sums, all m tokens (1..8) in one
     pass over the weight. CUDA: the schedule of ``config`` (default :func:`default_config`);
     CPU: rows in parallel, or with ``emulate=True`` the CUDA schedule's index math run
-    serially (tests). ValueError for shapes or configs that do not fit (:func:`check`)."""
+    serially (tests). ``residual``: ``(x, wq, r, y)``, ``y = x @ W^T + r`` (on the CPU by the
+    emulated schedule). ValueError for shapes or configs that do not fit (:func:`check`)."""
     fmt, gpu = _fmt(weight_format), is_gpu(target)
-    name = kernel_name(weight_format, m, n, k)
-    if not gpu and not emulate:
+    name = kernel_name(weight_format, m, n, k) + ("_residual" if residual else "")
+    if not gpu and not emulate and not residual:
         check(weight_format, m, n, k, config or QuantGemvConfig(unit=1, lanes=1), None, dtype)
         return _cpu_kernel(fmt, m, n, k, dtype, name)
     cfg = config or default_config(weight_format, n, k, target, m)
-    return _scheduled(
-        check(weight_format, m, n, k, cfg, target if gpu else None, dtype), gpu=gpu, name=name
-    )
+    g = check(weight_format, m, n, k, cfg, target if gpu else None, dtype)
+    return _scheduled(g, gpu=gpu, name=name, residual=residual)

@@ -108,6 +108,24 @@ def test_cuda_schedule_emulated(fmt, m, n, k, cfg):
     _close(_run(tvm.compile(func, target=CPU), x, wq, n), ref)
 
 
+@pytest.mark.parametrize("emulate", [False, True], ids=["cpu", "emulated"])
+@pytest.mark.parametrize("fmt", ["q4_k", "q5_0", "q6_k"])
+def test_residual_epilogue(fmt, emulate):
+    """``residual=True``: (x, wq, r, y), y = x W^T + r added to the f32 sum before the store
+    (the CPU build is the emulated schedule either way)."""
+    m, n, k = 2, 48, 512 if QF.FORMATS[fmt].block == 256 else 320
+    cfg = QG.default_config(fmt, n, k, SM90, m) if emulate else None
+    func = QG.quant_gemv(
+        m, n, k, target=CPU, weight_format=fmt, config=cfg, emulate=emulate, residual=True
+    )
+    x, wq, ref = _case(fmt, m, n, k, seed=7)
+    r = np.random.default_rng(8).standard_normal((m, n)).astype(np.float16)
+    y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float16))
+    lib = tvm.compile(func, target=CPU)
+    lib(tvm.runtime.tensor(x), tvm.runtime.tensor(wq), tvm.runtime.tensor(r), y)
+    _close(y.numpy().astype(np.float32), ref + r.astype(np.float64))
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_fast_decode_bit_exact(fmt):
     """The exponent-trick conversions keep every decoded value bit-identical to gguf-py's

@@ -241,7 +241,8 @@ def test_lowered_products_read_the_blocks(tmp_path, quant_model, monkeypatch, mi
     fmts = set(meta["weight_formats"].values())
     for fmt in fmts:
         assert f"quant_gemv_{fmt}_".encode() in lib, fmt
-    assert b"gemm_epilogue_residual" in lib and b"gemm_epilogue_silu_mul" in lib
+    assert b"gemm_epilogue_silu_mul" in lib and b"gemm_epilogue_residual" not in lib
+    assert b"_m1_residual" in lib  # o_proj / down at decode: added in quant_gemv's store
     # routed experts: grouped GEMMs on the blocks for prompts, quant_moe_gemv at decode
     assert b"quant_moe_gemv_gate_up" in lib and b"moe_weighted_sum" in lib
     # the products' weights stay blocks (q_proj, kv_a, o_proj, MLPs, routed experts, head:

@@ -296,21 +296,25 @@ class _Lower(relax.PyExprMutator):
         return (blocks if isinstance(blocks, relax.Var) else self._emit(blocks)), view.fmt
 
     def _quant_decode(self, x, wq, fmt, *, m, n, k, epilogue, residual):
-        """<= 8 tokens: ``quant_gemv`` over the blocks, then the epilogue as its own kernel."""
+        """<= 8 tokens: ``quant_gemv`` over the blocks (the residual added before its store);
+        SiLU·up as its own kernel after it."""
         dtype, nc = _dtype(x), G.weight_layout(n, k, epilogue=epilogue)[0]
+        res = epilogue == "residual"
         gv = self._add(
-            ("quant_gemv", fmt, m, nc, k, dtype),
-            lambda: QG.quant_gemv(m, nc, k, target=self.target, weight_format=fmt, dtype=dtype),
+            ("quant_gemv", fmt, m, nc, k, dtype, res),
+            lambda: QG.quant_gemv(
+                m, nc, k, target=self.target, weight_format=fmt, dtype=dtype, residual=res
+            ),
         )
-        acc = relax.call_tir(gv, [x, wq], out_ty=relax.TensorType([m, nc], dtype))
-        if epilogue is None:
+        args = [x, wq] + ([residual] if res else [])
+        acc = relax.call_tir(gv, args, out_ty=relax.TensorType([m, nc], dtype))
+        if epilogue != "silu_mul":
             return acc
         epi = self._add(
             ("epilogue", epilogue, m, n, dtype),
             lambda: G.gemm_epilogue(m, n, epilogue=epilogue, dtype=dtype, target=self.target),
         )
-        args = [self._emit(acc)] + ([residual] if residual is not None else [])
-        return relax.call_tir(epi, args, out_ty=relax.TensorType([m, n], dtype))
+        return relax.call_tir(epi, [self._emit(acc)], out_ty=relax.TensorType([m, n], dtype))
 
     def _call(self, p: _Product, *, epilogue=None, w=None, fmt=None, residual=None, n=None):
         x = self.visit_expr(p.x)
