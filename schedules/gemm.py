@@ -40,6 +40,7 @@ from .gemm_schedules import (  # noqa: F401  (configs and schedules: re-exported
     schedule_gemv,
     schedule_mma,
 )
+from .quant_decode import fast_value
 from .quant_formats import FORMATS
 from .target import PASS_CONFIG, gpu_spec, is_gpu  # noqa: F401  (PASS_CONFIG: re-exported)
 
@@ -210,8 +211,9 @@ def weight_placeholder(rows: tuple, k, dtype: str, weight_format: str | None):
     fmt = FORMATS[weight_format]
     rb = tirx.IntImm("int64", fmt.row_bytes(int(k)))
     wq = te.placeholder((*rows, rb), "uint8", name="wq")
+    # int -> float of quants and scales by the exponent trick (LOP3 + FADD, not I2F), exact
     values = te.compute(
-        (*rows, k), lambda *i: fmt.value(wq, i[:-1], i[-1], dtype), name="dequantize"
+        (*rows, k), lambda *i: fast_value(fmt, wq, i[:-1], i[-1], dtype), name="dequantize"
     )
     return wq, values
 

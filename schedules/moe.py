@@ -48,6 +48,7 @@ from .moe_route import (  # noqa: F401  (routing lives in moe_route.py: re-expor
     _par,
     moe_route,
 )
+from .quant_decode import fast_value
 from .quant_formats import FORMATS
 from .target import is_gpu
 
@@ -206,7 +207,7 @@ def _expert_weight(rows: int, k: int, dtype: str, weight_format: str | None, *, 
     row = (lambda j: j) if stacked is None else (lambda j: stacked_row(j, stacked))  # noqa: E731
     return (
         (rows, fmt.row_bytes(k)), "uint8",
-        lambda w, e, j, kk: fmt.value(w, (e, row(j)), kk, dtype),
+        lambda w, e, j, kk: fast_value(fmt, w, (e, row(j)), kk, dtype),  # exponent-trick casts
     )  # fmt: skip
 
 
