@@ -342,36 +342,29 @@ def _quant_gemm(m, n, k, *, dtype, target, config, epilogue, out_dtype, batch, w
     return sch.mod["main"].with_attr("global_symbol", name)
 
 
-def gemm_epilogue(
-    m: int, n: int, *, epilogue: str, dtype: str = "float16", target: tvm.target.Target
+def silu_mul_epilogue(
+    m: int, n: int, *, dtype: str = "float16", target: tvm.target.Target
 ) -> tirx.PrimFunc:
-    """``(acc [m, n_w], [residual [m, n],] y [m, n])``: a GEMM's epilogue on its finished
-    products (``acc`` in ``weight_layout`` columns), for GEMV kernels that write plain
-    products (``quant_gemv``)."""
-    if epilogue not in ("residual", "silu_mul"):
-        raise ValueError(f"gemm_epilogue applies 'residual' or 'silu_mul', not {epilogue!r}")
+    """``(acc [m, 2n], y [m, n])``: the SiLU·up epilogue on finished products in the
+    ``transform_weight`` column order (gate/up groups of SWIGLU_GROUP), for GEMV kernels that
+    write plain products (``quant_gemv``)."""
     i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
-    nc, g, f32 = weight_layout(n, 0, epilogue=epilogue)[0], SWIGLU_GROUP, "float32"
-    acc = te.placeholder((i64(m), i64(nc)), dtype, name="acc")
-    r = te.placeholder((i64(m), i64(n)), dtype, name="r")
+    g, f32 = SWIGLU_GROUP, "float32"
+    acc = te.placeholder((i64(m), i64(2 * n)), dtype, name="acc")
 
-    def epi(i, j):
-        if epilogue == "silu_mul":  # output column j pairs gate column jc and up column jc + g
-            jc = j // g * 2 * g + j % g
-            gate, up = acc[i, jc].astype(f32), acc[i, jc + g].astype(f32)
-            return (tirx.sigmoid(gate) * gate * up).astype(dtype)
-        return (acc[i, j].astype(f32) + r[i, j].astype(f32)).astype(dtype)
+    def epi(i, j):  # output column j pairs gate column jc and up column jc + g
+        jc = j // g * 2 * g + j % g
+        gate, up = acc[i, jc].astype(f32), acc[i, jc + g].astype(f32)
+        return (tirx.sigmoid(gate) * gate * up).astype(dtype)
 
     y = te.compute((i64(m), i64(n)), epi, name="epilogue")
-    args = [acc, r, y] if epilogue == "residual" else [acc, y]
-    sch = s_tir.Schedule(te.create_prim_func(args).with_attr("tirx.noalias", True))
+    sch = s_tir.Schedule(te.create_prim_func([acc, y]).with_attr("tirx.noalias", True))
     fused = sch.fuse(*sch.get_loops(sch.get_sblock("epilogue")))
     if is_gpu(target):
         bx, tx = sch.split(fused, [None, 256])
         sch.bind(bx, "blockIdx.x")
         sch.bind(tx, "threadIdx.x")
-    name = f"gemm_epilogue_{epilogue}_n{n}_m{m}"
-    return sch.mod["main"].with_attr("global_symbol", name)
+    return sch.mod["main"].with_attr("global_symbol", f"silu_mul_epilogue_n{n}_m{m}")
 
 
 def wgmma_default(m, n: int, k: int, *, target, epilogue, batch):

@@ -222,7 +222,7 @@ def test_a_quantized_preset_too_large_to_store_is_drawn_and_quantized_at_load(
 def test_lowered_products_read_the_blocks(tmp_path, quant_model, monkeypatch, mix):
     """The GPU lowering on llvm (LowerDenseGemm's GPU gate bypassed; its kernels have CPU
     paths): dense products of quantized weights call kernels that read the blocks (prompt
-    chunks the quantized ``gemm``, decode ``quant_gemv`` + epilogue), the device keeps the
+    chunks the quantized ``gemm``, decode ``quant_gemv``, SiLU·up after it), the device keeps the
     blocks (``transform_params`` returns them as uint8), and the f16 logits follow the model
     on the decoded weights for a prompt longer than ``--ubatch`` and decode steps."""
     import mla_compiler.passes.lower_dense_gemm as L
@@ -241,7 +241,7 @@ def test_lowered_products_read_the_blocks(tmp_path, quant_model, monkeypatch, mi
     fmts = set(meta["weight_formats"].values())
     for fmt in fmts:
         assert f"quant_gemv_{fmt}_".encode() in lib, fmt
-    assert b"gemm_epilogue_silu_mul" in lib and b"gemm_epilogue_residual" not in lib
+    assert b"silu_mul_epilogue" in lib
     assert b"_m1_residual" in lib  # o_proj / down at decode: added in quant_gemv's store
     # routed experts: grouped GEMMs on the blocks for prompts, quant_moe_gemv at decode
     assert b"quant_moe_gemv_gate_up" in lib and b"moe_weighted_sum" in lib

@@ -311,8 +311,8 @@ class _Lower(relax.PyExprMutator):
         if epilogue != "silu_mul":
             return acc
         epi = self._add(
-            ("epilogue", epilogue, m, n, dtype),
-            lambda: G.gemm_epilogue(m, n, epilogue=epilogue, dtype=dtype, target=self.target),
+            ("silu_mul", m, n, dtype),
+            lambda: G.silu_mul_epilogue(m, n, dtype=dtype, target=self.target),
         )
         return relax.call_tir(epi, [self._emit(acc)], out_ty=relax.TensorType([m, n], dtype))
 
