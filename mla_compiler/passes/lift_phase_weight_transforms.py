@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import tvm
 from tvm import relax
+from tvm_ffi import structural_equal, structural_hash
 
 
 def _phases(mod: tvm.IRModule) -> list[tuple[relax.GlobalVar, relax.Function, int]]:
@@ -84,17 +85,28 @@ def LiftPhaseWeightTransforms() -> tvm.transform.Pass:  # noqa: N802
         out_var = tp.body.body
         fields = list(relax.analysis.get_var2val(tp)[out_var].fields)
 
-        # transform_params: the moved bindings of each phase, weights -> its current outputs
+        # transform_params: the moved bindings of each phase, weights -> its current outputs;
+        # a binding another phase already moved (the same value of the same weights: W_UK /
+        # W_UV of decode and prefill_deep) is computed and returned once
         bindings = list(block.bindings)
-        extra_fields, new_params = [], []
+        added: dict = {}  # structural hash -> [(value, var)]
+        extra_fields, index, positions = [], {}, []
         for _gv, func, n, moved, leaves in phases:
             table = dict(zip(func.params[n:], fields, strict=True))
             for b in moved:
-                var = relax.DataflowVar(b.var.name, b.var.ty)
-                bindings.append(relax.VarBinding(var, _Substitute(table).visit_expr(b.value)))
-                table[b.var] = var
-            extra_fields += [table[v] for v in leaves]
-            new_params += [relax.Var(f"{v.name}_lifted", v.ty) for v in leaves]
+                value = _Substitute(table).visit_expr(b.value)
+                same = added.setdefault(structural_hash(value, map_free_vars=False), [])
+                match = next((v for e, v in same if structural_equal(e, value)), None)
+                if match is None:
+                    match = relax.DataflowVar(b.var.name, b.var.ty)
+                    bindings.append(relax.VarBinding(match, value))
+                    same.append((value, match))
+                table[b.var] = match
+            for v in leaves:
+                if table[v] not in index:
+                    index[table[v]] = len(extra_fields)
+                    extra_fields.append(table[v])
+            positions.append([index[table[v]] for v in leaves])
         new_out = relax.Var(out_var.name, relax.TupleType([f.ty for f in fields + extra_fields]))
         bindings.append(relax.VarBinding(new_out, relax.Tuple(fields + extra_fields)))
         new_tp = relax.Function(
@@ -106,11 +118,11 @@ def LiftPhaseWeightTransforms() -> tvm.transform.Pass:  # noqa: N802
 
         out = tvm.IRModule({gv: f for gv, f in mod.functions_items()}, attrs=mod.attrs)
         out[mod.get_global_var("transform_params")] = new_tp
-        start = 0
-        for gv, func, _n, moved, leaves in phases:
-            mine = new_params[start : start + len(leaves)]
-            start += len(leaves)
-            table = dict(zip(leaves, mine, strict=True))
+        for (gv, func, _n, moved, leaves), pos in zip(phases, positions, strict=True):
+            # every phase takes every lifted tensor (one parameter list for all of them), each
+            # as parameters of its own (a Var is the parameter of one function)
+            mine = [relax.Var(f"{v.name}_lifted", v.ty) for v in extra_fields]
+            table = {leaf: mine[i] for leaf, i in zip(leaves, pos, strict=True)}
             drop = {b.var for b in moved}
             blocks = []
             for blk in func.body.blocks:
@@ -124,11 +136,7 @@ def LiftPhaseWeightTransforms() -> tvm.transform.Pass:  # noqa: N802
                 blocks.append(type(blk)(kept))
             body = relax.SeqExpr(blocks, _Substitute(table).visit_expr(func.body.body))
             body = relax.BlockBuilder().normalize(body)
-            # every phase takes every lifted tensor: one parameter list for all of them
-            # (a Var is the parameter of one function: the others get fresh ones)
-            params = list(func.params) + [
-                p if p in mine else relax.Var(p.name, p.ty) for p in new_params
-            ]
+            params = list(func.params) + mine
             out[gv] = relax.Function(params, body, is_pure=func.is_pure, attrs=func.attrs)
         return relax.transform.Normalize()(out)
 
