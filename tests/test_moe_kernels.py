@@ -334,17 +334,17 @@ def test_moe_cuda_static(arch):
     assert len([n for n in res if n.startswith("moe_align")]) == 3, list(res)
 
 
-@pytest.mark.parametrize(("d", "inter"), [(64, 64), (72, 96)])
-def test_grouped_gemm_partial_tiles_stay_on_device(d, inter):
-    """Partial tiles (N < block_n, K % block_k): the row/expert gathers must be folded into
-    the shared-memory loads. Left as a root loop nest they ran on the host against device
-    pointers (an extra global buffer passed to the kernel) - the H100 segfault of
-    test_experts_gpu_f16[random-T1] at D = I = 64."""
+@pytest.mark.parametrize(
+    ("d", "inter", "fmt"), [(64, 64, None), (72, 96, None), (64, 64, "q8_0"), (96, 160, "q8_0")]
+)
+def test_grouped_gemm_partial_tiles_stay_on_device(d, inter, fmt):
+    """Partial tiles (N < block_n, K % block_k): the row/expert gathers (and a quantized
+    weight's decode) must be folded into the shared-memory loads. Left as a root loop nest
+    they ran on the host against device pointers (an extra global buffer passed to the
+    kernel) - the H100 segfault of test_experts_gpu_f16[random-T1] at D = I = 64."""
     target = tvm_target("sm_90a")
-    funcs = [
-        M.moe_gate_up(d, inter, num_experts=E, top_k=K, target=target),
-        M.moe_down(d, inter, num_experts=E, top_k=K, target=target),
-    ]
+    kw = dict(num_experts=E, top_k=K, target=target, weight_format=fmt)
+    funcs = [M.moe_gate_up(d, inter, **kw), M.moe_down(d, inter, **kw)]
     for f in funcs:
         assert "gather_a" not in f.script() and "gather_b" not in f.script()
     mod = tvm.IRModule({f.attrs["global_symbol"]: f for f in funcs})
