@@ -17,6 +17,8 @@
 # ".device/art/v2lite90f16", ".device/art/v2lite90q4km", ".device/art/v2lite2l90q4km",
 # ".device/art/v2lite2l89q4km"] (~51 MiB): logits e2e memory; the 27-layer sm_89 artifact
 # (19 MiB: cubin + PTX) needs a call of its own: sm89.
+# Loading a seeded q4_k_m artifact draws and quantizes 15.7 G values on the CPU (q4_k ~12 M
+# values/s a core here: about a minute on 16 cores); `memory` loads twice.
 set -o pipefail
 source benchmarks/device_env.sh
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
