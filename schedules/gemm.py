@@ -31,6 +31,7 @@ import tvm
 from tvm import s_tir, te, tirx
 
 from . import gemv_mma
+from .elementwise import thread_per_element
 from .gemm_schedules import (  # noqa: F401  (configs and schedules: re-exported)
     FmaGemvConfig,
     GemmConfig,
@@ -251,14 +252,12 @@ def gemm(
     """
     from . import gemm_wgmma as W
 
-    if weight_format is not None:
-        return _quant_gemm(
-            m, n, k, dtype=dtype, target=target, config=config, epilogue=epilogue,
-            out_dtype=out_dtype, batch=batch, weight_format=weight_format,
-        )  # fmt: skip
+    quant = weight_format is not None
+    if quant and isinstance(config, (FmaGemvConfig, gemv_mma.GemvMmaConfig, W.WgmmaConfig)):
+        raise ValueError(f"{type(config).__name__} has no quantized-weight form: use GemmConfig")
     if isinstance(config, W.WgmmaConfig):
         wg = config
-    elif config is None:
+    elif config is None and not quant:
         wg = wgmma_default(m, n, k, target=target, epilogue=epilogue, batch=batch)
     else:
         wg = None
@@ -272,6 +271,7 @@ def gemm(
             "global_symbol", kernel_name(m, n, k, epilogue=epilogue, out_dtype=out_dtype)
         )
     mma_gemv = is_gpu(target) and gemv_mma.applies(m, k, dtype=dtype) and config is None
+    mma_gemv &= not quant  # <= 8 tokens on blocks: quant_gemv, not this kernel
     if mma_gemv or isinstance(config, gemv_mma.GemvMmaConfig):
         # decode, <= 8 tokens: weight rows as the mma's A operand straight from DRAM
         func = gemv_mma.dense(
@@ -285,9 +285,12 @@ def gemm(
     small = isinstance(m, int) and m <= GEMV_MAX_M
     gemv = is_gpu(target) and isinstance(config, FmaGemvConfig)
     # tensor cores pad M to the 16-row tile: the small-M kernel is the symbolic-M kernel
-    # (predicated loads and stores), specialised only by its config
-    wm = None if small and is_gpu(target) and not gemv else m
-    func = gemm_workload(wm, n, k, dtype=dtype, epilogue=epilogue, out_dtype=out_dtype, batch=batch)
+    # (predicated loads and stores), specialised only by its config (so is every quantized one)
+    wm = None if (small or quant) and is_gpu(target) and not gemv else m
+    func = gemm_workload(
+        wm, n, k, dtype=dtype, epilogue=epilogue, out_dtype=out_dtype, batch=batch,
+        weight_format=weight_format,
+    )  # fmt: skip
     sch = s_tir.Schedule(func)
     if not is_gpu(target):
         schedule_cpu(sch, config or GemmCpuConfig())
@@ -306,35 +309,8 @@ def gemm(
         cfg = config or default_config(target, m)
         if not keep(cfg, target):
             raise ValueError(f"config {cfg} does not fit {target}")
-        schedule_mma(sch, cfg, heads=batch is not None, epilogue=epilogue, dtype=dtype)
-    return sch.mod["main"].with_attr(
-        "global_symbol", kernel_name(m, n, k, epilogue=epilogue, out_dtype=out_dtype, batch=batch)
-    )
-
-
-def _quant_gemm(m, n, k, *, dtype, target, config, epilogue, out_dtype, batch, weight_format):
-    """GEMM over GGUF blocks: the workload's ``dequantize`` inlined into the W tile loads."""
-    if isinstance(config, (FmaGemvConfig, gemv_mma.GemvMmaConfig)) or type(config).__name__ == (
-        "WgmmaConfig"
-    ):
-        raise ValueError(f"{type(config).__name__} has no quantized-weight form: use GemmConfig")
-    small = isinstance(m, int) and m <= GEMV_MAX_M
-    wm = None if is_gpu(target) else m  # tensor cores: the symbolic-M kernel, predicated
-    func = gemm_workload(
-        wm, n, k, dtype=dtype, epilogue=epilogue, out_dtype=out_dtype, batch=batch,
-        weight_format=weight_format,
-    )  # fmt: skip
-    sch = s_tir.Schedule(func)
-    if not is_gpu(target):
-        schedule_cpu(sch, config or GemmCpuConfig())
-    else:
-        if dtype not in ("float16", "bfloat16"):
-            raise NotImplementedError(f"tensor-core GEMM supports float16/bfloat16, not {dtype}")
-        cfg = config or default_config(target, m if small else None)
-        if not keep(cfg, target):
-            raise ValueError(f"config {cfg} does not fit {target}")
         schedule_mma(
-            sch, cfg, heads=batch is not None, epilogue=epilogue, dtype=dtype, decoded_weight=True
+            sch, cfg, heads=batch is not None, epilogue=epilogue, dtype=dtype, decoded_weight=quant
         )
     name = kernel_name(
         m, n, k, epilogue=epilogue, out_dtype=out_dtype, batch=batch, weight_format=weight_format
@@ -342,29 +318,37 @@ def _quant_gemm(m, n, k, *, dtype, target, config, epilogue, out_dtype, batch, w
     return sch.mod["main"].with_attr("global_symbol", name)
 
 
+SILU_LAYOUTS = ("interleaved", "stacked")
+
+
 def silu_mul_epilogue(
-    m: int, n: int, *, dtype: str = "float16", target: tvm.target.Target
+    m: int,
+    n: int,
+    *,
+    layout: str = "interleaved",
+    dtype: str = "float16",
+    target: tvm.target.Target,
 ) -> tirx.PrimFunc:
-    """``(acc [m, 2n], y [m, n])``: the SiLU·up epilogue on finished products in the
-    ``transform_weight`` column order (gate/up groups of SWIGLU_GROUP), for GEMV kernels that
-    write plain products (``quant_gemv``)."""
+    """``(acc [m, 2n], y [m, n])``: ``y = silu(gate) * up`` on finished gate/up products, for
+    GEMV kernels that write plain products. ``layout``: the columns of ``acc``, "interleaved"
+    (``transform_weight``'s order, gate/up groups of SWIGLU_GROUP: ``quant_gemv``) or
+    "stacked" (``[gate; up]``: ``quant_moe_gemv`` on checkpoint-ordered expert blocks)."""
+    if layout not in SILU_LAYOUTS:
+        raise ValueError(f"unknown gate/up layout {layout!r}: use one of {SILU_LAYOUTS}")
     i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
     g, f32 = SWIGLU_GROUP, "float32"
     acc = te.placeholder((i64(m), i64(2 * n)), dtype, name="acc")
 
-    def epi(i, j):  # output column j pairs gate column jc and up column jc + g
-        jc = j // g * 2 * g + j % g
-        gate, up = acc[i, jc].astype(f32), acc[i, jc + g].astype(f32)
+    def epi(i, j):  # output column j: gate column jc, up column jc + the gate/up offset
+        jc, up_off = (j // g * 2 * g + j % g, g) if layout == "interleaved" else (j, n)
+        gate, up = acc[i, jc].astype(f32), acc[i, jc + up_off].astype(f32)
         return (tirx.sigmoid(gate) * gate * up).astype(dtype)
 
     y = te.compute((i64(m), i64(n)), epi, name="epilogue")
     sch = s_tir.Schedule(te.create_prim_func([acc, y]).with_attr("tirx.noalias", True))
-    fused = sch.fuse(*sch.get_loops(sch.get_sblock("epilogue")))
-    if is_gpu(target):
-        bx, tx = sch.split(fused, [None, 256])
-        sch.bind(bx, "blockIdx.x")
-        sch.bind(tx, "threadIdx.x")
-    return sch.mod["main"].with_attr("global_symbol", f"silu_mul_epilogue_n{n}_m{m}")
+    thread_per_element(sch, sch.get_sblock("epilogue"), target)
+    tag = "" if layout == "interleaved" else f"_{layout}"
+    return sch.mod["main"].with_attr("global_symbol", f"silu_mul_epilogue{tag}_n{n}_m{m}")
 
 
 def wgmma_default(m, n: int, k: int, *, target, epilogue, batch):

@@ -24,7 +24,7 @@ import tvm
 from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
-from .target import is_gpu
+from .elementwise import thread_per_element
 
 ByteFn = Callable[[object], tirx.Expr]  # offset in the block -> that byte as int32
 Decoder = Callable[[ByteFn, tirx.Expr], tirx.Expr]  # (bytes, j in block) -> float32
@@ -266,7 +266,9 @@ def dequantize_func(
                 vi, vc = T.axis.remap("SS", [i, c])
                 w[vi, vc] = fmt.value(wq, vi, vc, out_dtype)
 
-    return _rows_schedule(dequantize, "dequantize", target)
+    sch = s_tir.Schedule(dequantize)
+    thread_per_element(sch, sch.get_sblock("dequantize"), target)
+    return sch.mod["main"]
 
 
 def take_rows_func(
@@ -299,17 +301,6 @@ def take_rows_func(
                     wq, T.max(T.min(T.Cast("int64", ids[vi]), n - 1), 0), vc, out_dtype
                 )
 
-    return _rows_schedule(take_rows, "take_rows", target)
-
-
-def _rows_schedule(func: tirx.PrimFunc, block: str, target) -> tirx.PrimFunc:
-    """A [rows, cols] element-wise block: one GPU thread per element, else rows in parallel."""
-    sch = s_tir.Schedule(func)
-    rows, cols = sch.get_loops(sch.get_sblock(block))
-    if target is not None and is_gpu(target):
-        bx, tx = sch.split(sch.fuse(rows, cols), factors=[None, 256])
-        sch.bind(bx, "blockIdx.x")
-        sch.bind(tx, "threadIdx.x")
-    else:
-        sch.parallel(rows)
+    sch = s_tir.Schedule(take_rows)
+    thread_per_element(sch, sch.get_sblock("take_rows"), target)
     return sch.mod["main"]

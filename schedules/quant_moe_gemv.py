@@ -5,7 +5,8 @@ quantized experts is four small kernels:
 
 1. :func:`quant_moe_gemv` ``(x [T, D], wq [E, 2I, rb], ids [T, k], g [S, 2I])``: slot s's
    gate and up rows (``[gate; up]`` order, as in the checkpoint) times its token's x;
-2. :func:`moe_silu_mul` ``(g [S, 2I], h [S, I])``: ``h = silu(gate) * up``;
+2. ``gemm.silu_mul_epilogue(S, I, layout="stacked")`` ``(g [S, 2I], h [S, I])``:
+   ``h = silu(gate) * up``;
 3. :func:`quant_moe_gemv` with ``x_per_slot`` ``(h [S, I], wq [E, D, rb], ids, y [S, D])``;
 4. :func:`moe_weighted_sum` ``(y [S, D], weights [T, k] f32, out [T, D])``.
 
@@ -24,6 +25,7 @@ from tvm.script.ir_builder import IRBuilder
 from tvm.script.ir_builder import tirx as I
 
 from . import quant_gemv as QG
+from .elementwise import thread_per_element
 from .target import is_gpu
 
 MAX_TOKENS = QG.MAX_TOKENS
@@ -122,30 +124,6 @@ def _cpu(fmt, x_rows, n, k, num_experts, top_k, slots, x_per_slot, dtype, name):
     return kernel.with_attr("global_symbol", name)
 
 
-def _elementwise(compute, args, target, name: str) -> tirx.PrimFunc:
-    from tvm import s_tir
-
-    sch = s_tir.Schedule(te.create_prim_func([*args, compute]).with_attr("tirx.noalias", True))
-    fused = sch.fuse(*sch.get_loops(sch.get_sblock(compute.op.name)))
-    if is_gpu(target):
-        bx, tx = sch.split(fused, [None, 256])
-        sch.bind(bx, "blockIdx.x")
-        sch.bind(tx, "threadIdx.x")
-    return sch.mod["main"].with_attr("global_symbol", name)
-
-
-def moe_silu_mul(slots: int, inter: int, *, dtype: str = "float16", target) -> tirx.PrimFunc:
-    """``(g [S, 2I], h [S, I])``: ``h = silu(g[:, :I]) * g[:, I:]`` (f32 math)."""
-    g = te.placeholder((slots, 2 * inter), dtype, name="g")
-
-    def f(s, j):
-        gate, up = g[s, j].astype("float32"), g[s, j + inter].astype("float32")
-        return (tirx.sigmoid(gate) * gate * up).astype(dtype)
-
-    h = te.compute((slots, inter), f, name="silu_mul")
-    return _elementwise(h, [g], target, f"moe_silu_mul_s{slots}_i{inter}")
-
-
 def moe_weighted_sum(
     tokens: int, hidden: int, *, top_k: int, dtype: str = "float16", target
 ) -> tirx.PrimFunc:
@@ -164,15 +142,7 @@ def moe_weighted_sum(
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
-    blk = sch.get_sblock("weighted_sum")
-    fused = sch.fuse(*sch.get_loops(blk))
     acc_blk = sch.get_sblock("acc")
-    if is_gpu(target):
-        bx, tx = sch.split(fused, [None, 256])
-        sch.bind(bx, "blockIdx.x")
-        sch.bind(tx, "threadIdx.x")
-        sch.compute_at(acc_blk, tx)
-    else:
-        sch.compute_at(acc_blk, fused)
+    sch.compute_at(acc_blk, thread_per_element(sch, sch.get_sblock("weighted_sum"), target))
     sch.set_scope(acc_blk, 0, "local")
     return sch.mod["main"].with_attr("global_symbol", f"moe_weighted_sum_t{tokens}_d{hidden}")

@@ -11,6 +11,7 @@ import tvm
 from conftest import require_nvcc
 
 from mla_compiler.model_export import quantize as Q
+from mla_compiler.schedules import gemm as G
 from mla_compiler.schedules import quant_gemv as QG
 from mla_compiler.schedules import quant_moe_gemv as QM
 from mla_compiler.schedules.target import PASS_CONFIG, tvm_target
@@ -64,15 +65,24 @@ def test_quant_moe_gemv_cpu(fmt, n, k, per_slot, emulate):
     _close(_run(lib, tvm.cpu(), x, wq, ids, (tokens * TOP_K, n)), ref)
 
 
-def test_silu_mul_and_weighted_sum_cpu():
+@pytest.mark.parametrize("layout", ["stacked", "interleaved"])
+def test_silu_mul_epilogue_cpu(layout):
+    """The SiLU·up epilogue after the GEMVs: [gate; up] columns (experts) or SWIGLU groups."""
     rng = np.random.default_rng(1)
-    slots, inter, tokens, d = 6, 64, 2, 48
+    slots, inter = 6, 64
     g = rng.standard_normal((slots, 2 * inter)).astype(np.float16)
     h = tvm.runtime.tensor(np.full((slots, inter), np.nan, np.float16))
-    lib = tvm.compile(QM.moe_silu_mul(slots, inter, target=tvm_target("cpu")), target="llvm")
-    lib(tvm.runtime.tensor(g), h)
+    func = G.silu_mul_epilogue(slots, inter, layout=layout, target=tvm_target("cpu"))
+    tvm.compile(func, target="llvm")(tvm.runtime.tensor(g), h)
+    if layout == "interleaved":  # back to [gate; up]: groups of SWIGLU_GROUP alternate
+        g = g[:, np.argsort(G.swiglu_row_order(inter))]
     gate, up = g[:, :inter].astype(np.float64), g[:, inter:].astype(np.float64)
     np.testing.assert_allclose(h.numpy(), gate / (1 + np.exp(-gate)) * up, rtol=2e-3, atol=2e-3)
+
+
+def test_weighted_sum_cpu():
+    rng = np.random.default_rng(1)
+    tokens, d = 2, 48
     y = rng.standard_normal((tokens * TOP_K, d)).astype(np.float16)
     w = rng.random((tokens, TOP_K)).astype(np.float32)
     out = tvm.runtime.tensor(np.full((tokens, d), np.nan, np.float16))

@@ -97,12 +97,13 @@ class QuantView:
     data: relax.Expr
     fmt: str
 
-    def blocks(self, shape) -> relax.Expr:
-        """The blocks shaped ``[*shape[:-1], row_bytes(shape[-1])]`` (a reshape when needed)."""
+    def blocks(self, shape, emit) -> relax.Expr:
+        """The blocks shaped ``[*shape[:-1], row_bytes(shape[-1])]``: ``data`` itself, or its
+        reshape bound by ``emit`` (a BlockBuilder's ``emit``)."""
         shape = [int(s) for s in shape]
         want = [*shape[:-1], FORMATS[self.fmt].row_bytes(shape[-1])]
         have = [int(s) for s in self.data.ty.shape]
-        return self.data if have == want else R.reshape(self.data, want)
+        return self.data if have == want else emit(R.reshape(self.data, want))
 
 
 def quantized_views(mod: tvm.IRModule, func: relax.Function) -> dict:
@@ -121,11 +122,10 @@ def quantized_views(mod: tvm.IRModule, func: relax.Function) -> dict:
                 if fmt is not None:
                     data = call.args[1].fields[0]
                     views[b.var] = QuantView(reshaped.get(data, data), str(fmt))
-            elif call.op.same_as(tvm.ir.Op.get("relax.reshape")) and call.args[0] not in views:
-                reshaped[b.var] = reshaped.get(call.args[0], call.args[0])
-            elif call.op.same_as(tvm.ir.Op.get("relax.reshape")) and call.args[0] in views:
-                src = views[call.args[0]]
-                k_in, k_out = int(call.args[0].ty.shape[-1]), int(b.var.ty.shape[-1])
-                if k_in == k_out:  # rows regrouped, each row whole: the same blocks
-                    views[b.var] = src
+            elif call.op.same_as(tvm.ir.Op.get("relax.reshape")):
+                src = call.args[0]
+                if src not in views:
+                    reshaped[b.var] = reshaped.get(src, src)
+                elif int(src.ty.shape[-1]) == int(b.var.ty.shape[-1]):
+                    views[b.var] = views[src]  # rows regrouped, each row whole: the same blocks
     return views

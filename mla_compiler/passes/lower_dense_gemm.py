@@ -292,8 +292,7 @@ class _Lower(relax.PyExprMutator):
         view = self.views.get(w)
         if view is None:
             return None
-        blocks = view.blocks(_shape(w))
-        return (blocks if isinstance(blocks, relax.Var) else self._emit(blocks)), view.fmt
+        return view.blocks(_shape(w), self._emit), view.fmt
 
     def _quant_decode(self, x, wq, fmt, *, m, n, k, epilogue, residual):
         """<= 8 tokens: ``quant_gemv`` over the blocks (the residual added before its store);

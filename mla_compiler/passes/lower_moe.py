@@ -117,7 +117,7 @@ class _Lower(relax.PyExprMutator):
     def _interleaved(self, gate_up):
         """[E, 2I, D] gate rows then up rows -> rows interleaved in groups of SWIGLU_GROUP for
         the fused SiLU·up epilogues (a weight transform: LiftTransformParams moves it to load
-        time). Blocks [E, 2I, row bytes] interleave the same way: whole rows move."""
+        time)."""
         from mla_compiler.schedules import gemm as G
 
         e, two_i, d = (int(v) for v in gate_up.ty.shape)
@@ -134,17 +134,18 @@ class _Lower(relax.PyExprMutator):
         return self.kernels[key]
 
     def _weights(self, gate_up, down, quant):
-        """(gate_up, down, gate_up format, down format): a quantized weight as its blocks
-        (``[E, rows, row bytes]`` uint8) and its format, else the values and None."""
-        out = []
-        for w, view in zip((gate_up, down), quant, strict=True):
-            if view is None:
-                out.append((w, None))
-                continue
-            blocks = view.blocks(w.ty.shape)
-            out.append((blocks if isinstance(blocks, relax.Var) else self._emit(blocks), view.fmt))
-        (gu, gu_fmt), (dn, dn_fmt) = out
-        return gu, dn, gu_fmt, dn_fmt
+        """(gate_up, down, gate_up format, down format) in the layouts the expert kernels read:
+        a quantized weight as its blocks (``[E, rows, row bytes]`` uint8; gate_up in the
+        checkpoint's ``[gate; up]`` row order, the kernels pair the rows) and its format; else
+        the values (gate_up interleaved, :meth:`_interleaved`) and None."""
+        gu_view, dn_view = quant
+        if gu_view is None:
+            gate_up, gu_fmt = self._interleaved(gate_up), None
+        else:
+            gate_up, gu_fmt = gu_view.blocks(gate_up.ty.shape, self._emit), gu_view.fmt
+        if dn_view is None:
+            return gate_up, down, gu_fmt, None
+        return gate_up, dn_view.blocks(down.ty.shape, self._emit), gu_fmt, dn_view.fmt
 
     def _fused(
         self, x, router, gate_up, down, *, quant, top_k, method, n_group, topk_group, norm, scaling
@@ -261,11 +262,10 @@ class _Lower(relax.PyExprMutator):
         sorted_rows = self._emit(relax.TupleGetItem(grouped, 0))
         block_expert = self._emit(relax.TupleGetItem(grouped, 1))
         row_of = self._emit(relax.TupleGetItem(grouped, 2))
-        w = gate_up if gu_fmt else self._interleaved(gate_up)
         h = self._emit(
             relax.call_tir(
                 gate_up_gv,
-                [x, sorted_rows, block_expert, w],
+                [x, sorted_rows, block_expert, gate_up],
                 out_ty=relax.TensorType([nb * bm, inter], dtype),
             )
         )
@@ -300,10 +300,9 @@ class _Lower(relax.PyExprMutator):
             lambda: MG.moe_down_gemv(d, inter, weight_format=dn_fmt, **kw),
             "moe_down_gemv",
         )
-        w = gate_up if gu_fmt else self._interleaved(gate_up)
         h = self._emit(
             relax.call_tir(
-                gate_up_gv, [x, ids, w], out_ty=relax.TensorType([t * top_k, inter], dtype)
+                gate_up_gv, [x, ids, gate_up], out_ty=relax.TensorType([t * top_k, inter], dtype)
             )
         )
         return relax.call_tir(
@@ -313,6 +312,7 @@ class _Lower(relax.PyExprMutator):
     def _quant_gemv(self, x, gate_up, down, weights, ids, *, key, kw, d, i, formats):
         """Both expert weights quantized, small static T: ``quant_moe_gemv``'s four kernels
         (gate/up GEMVs per slot on the stacked blocks, SiLU·up, down GEMVs, weighted sum)."""
+        from mla_compiler.schedules import gemm as G
         from mla_compiler.schedules import quant_moe_gemv as QM
 
         t, dtype, top_k = int(x.ty.shape[0]), kw["dtype"], kw["top_k"]
@@ -322,8 +322,8 @@ class _Lower(relax.PyExprMutator):
                 t, 2 * i, d, weight_format=formats[0], **kw), "quant_moe_gemv_gate_up"),
             "down": self._add(("qgemv_down", t) + key, lambda: QM.quant_moe_gemv(
                 t, d, i, weight_format=formats[1], x_per_slot=True, **kw), "quant_moe_gemv_down"),
-            "silu": self._add(("silu_mul", s) + key, lambda: QM.moe_silu_mul(
-                s, i, dtype=dtype, target=self.target), "moe_silu_mul"),
+            "silu": self._add(("silu_mul", s) + key, lambda: G.silu_mul_epilogue(
+                s, i, layout="stacked", dtype=dtype, target=self.target), "moe_silu_mul"),
             "sum": self._add(("weighted_sum", t) + key, lambda: QM.moe_weighted_sum(
                 t, d, top_k=top_k, dtype=dtype, target=self.target), "moe_weighted_sum"),
         }  # fmt: skip

@@ -40,8 +40,7 @@ class _Lower(relax.PyExprMutator):
             )
             name = f"take_rows_{view.fmt}_n{n}_k{k}"
             self.kernels[key] = self.builder_.add_func(kernels.mark_scheduled(func), name)
-        blocks = view.blocks(w.ty.shape)
-        blocks = blocks if isinstance(blocks, relax.Var) else self.builder_.emit(blocks)
+        blocks = view.blocks(w.ty.shape, self.builder_.emit)
         out = relax.TensorType([ids.ty.shape[0], k], dtype)
         return relax.call_tir(self.kernels[key], [blocks, self.visit_expr(ids)], out_ty=out)
 
