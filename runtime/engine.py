@@ -233,8 +233,8 @@ class Engine:
         if not single and 0 < self.deep_from < kv_len:
             fn = "prefill_deep"  # attends over the latent rows: no K/V of the whole context
         out = self.vm[fn](*args[:7], self.cache, *self.params)
-        deep = fn == "prefill" and kv_len > self.ubatch
-        if deep and self.device.dlpack_device_type() != 1:
+        decompressed_past_first = fn == "prefill" and kv_len > self.ubatch
+        if decompressed_past_first and self.device.dlpack_device_type() != 1:
             # a chunk past the first decompresses K/V of the whole context: new sizes each
             # time, and TVM's pooled allocator would keep every one (4.9 GiB after a 32K-token
             # prompt on V2-Lite, H100): give them back (short prompts keep their reuse)
